@@ -1,0 +1,267 @@
+//! brickd's configuration: a TOML file, then `BRICKFS_*` variables, then flags, each
+//! overriding the one before. Unknown keys are refused; defaults live in [`defaults`]; sizes
+//! accept units (`16MiB`). The result is a validated [`Config`].
+
+use anyhow::{Context, bail};
+use brickfs_proto::{BrickId, Limits};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Defaults, in one place.
+pub mod defaults {
+    pub const LISTEN: &str = "127.0.0.1:24100";
+    pub const DATA_DIR: &str = "/var/lib/brickfs";
+    pub const LOG_FILTER: &str = "info";
+}
+
+/// The command line of `brickd`.
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "brickd",
+    version,
+    about = "brickfs node daemon: serves bricks over the brickfs protocol"
+)]
+pub struct Flags {
+    /// A TOML config file (see docs/operations.md).
+    #[arg(long, env = "BRICKFS_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on; port 0 picks a free port (the chosen one is logged).
+    #[arg(long, env = "BRICKFS_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// A brick folder to serve; repeat for several. Replaces the config file's bricks.
+    #[arg(long = "brick", env = "BRICKFS_BRICKS", value_delimiter = ',')]
+    pub bricks: Vec<PathBuf>,
+    /// The node's own data folder (node id, later the metadata member).
+    #[arg(long, env = "BRICKFS_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Format brick folders that are empty or missing.
+    #[arg(long)]
+    pub init: bool,
+    /// Validate the configuration, print it, and exit.
+    #[arg(long)]
+    pub check_config: bool,
+    /// Log filter directives (default `info`; `BRICKFS_LOG` also works).
+    #[arg(long)]
+    pub log: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    init: Option<bool>,
+    #[serde(default)]
+    brick: Vec<FileBrick>,
+    limits: Option<FileLimits>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileBrick {
+    path: PathBuf,
+    /// The id the brick folder must carry (`b` and 16 hex digits).
+    id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLimits {
+    body_max: Option<String>,
+    data_max: Option<String>,
+    inflight_max: Option<usize>,
+}
+
+/// One brick to serve.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrickConfig {
+    pub path: PathBuf,
+    pub expect_id: Option<BrickId>,
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub bricks: Vec<BrickConfig>,
+    pub init: bool,
+    pub limits: Limits,
+}
+
+/// Parses a size such as `4096`, `64KiB`, `16MiB`, `1GiB` (also `K`, `M`, `G`, `KB`, `MB`,
+/// `GB`, all binary).
+pub fn parse_size(text: &str) -> anyhow::Result<u64> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .with_context(|| format!("size {text:?} does not start with a number"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        other => bail!("unknown size unit {other:?} in {text:?}"),
+    };
+    n.checked_mul(mult)
+        .with_context(|| format!("size {text:?} is too large"))
+}
+
+fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("resolve {}", path.display()))
+}
+
+impl Config {
+    /// Builds the configuration from the config file (if any) and the flags.
+    pub fn load(flags: &Flags) -> anyhow::Result<Config> {
+        let file = match &flags.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("read config file {}", path.display()))?;
+                toml::from_str::<FileConfig>(&text)
+                    .with_context(|| format!("parse config file {}", path.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        Self::merge(file, flags)
+    }
+
+    fn merge(file: FileConfig, flags: &Flags) -> anyhow::Result<Config> {
+        let listen = match (flags.listen, &file.listen) {
+            (Some(addr), _) => addr,
+            (None, Some(text)) => text
+                .parse()
+                .with_context(|| format!("listen address {text:?} is not HOST:PORT"))?,
+            (None, None) => defaults::LISTEN.parse()?,
+        };
+        let data_dir = flags
+            .data_dir
+            .clone()
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from(defaults::DATA_DIR));
+        let bricks: Vec<BrickConfig> = if !flags.bricks.is_empty() {
+            flags
+                .bricks
+                .iter()
+                .map(|p| {
+                    Ok(BrickConfig {
+                        path: absolute(p)?,
+                        expect_id: None,
+                    })
+                })
+                .collect::<anyhow::Result<_>>()?
+        } else {
+            file.brick
+                .iter()
+                .map(|b| {
+                    let expect_id = match &b.id {
+                        Some(text) => Some(BrickId::parse(text).with_context(|| {
+                            format!("brick id {text:?} is not b followed by up to 16 hex digits")
+                        })?),
+                        None => None,
+                    };
+                    Ok(BrickConfig {
+                        path: absolute(&b.path)?,
+                        expect_id,
+                    })
+                })
+                .collect::<anyhow::Result<_>>()?
+        };
+        for (i, b) in bricks.iter().enumerate() {
+            if bricks[..i].iter().any(|o| o.path == b.path) {
+                bail!("brick {} is listed twice", b.path.display());
+            }
+            if b.path.parent().is_none() {
+                bail!("the root folder cannot be a brick");
+            }
+        }
+        let mut limits = Limits::default();
+        if let Some(l) = &file.limits {
+            if let Some(text) = &l.body_max {
+                limits.body_max_bytes = u32::try_from(parse_size(text)?)
+                    .context("limits.body_max must be below 4GiB")?;
+            }
+            if let Some(text) = &l.data_max {
+                limits.data_max_bytes = u32::try_from(parse_size(text)?)
+                    .context("limits.data_max must be below 4GiB")?;
+            }
+            if let Some(n) = l.inflight_max {
+                if n == 0 {
+                    bail!("limits.inflight_max must be at least 1");
+                }
+                limits.inflight_max = n;
+            }
+        }
+        Ok(Config {
+            listen,
+            data_dir: absolute(&data_dir)?,
+            bricks,
+            init: flags.init || file.init.unwrap_or(false),
+            limits,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn flags(args: &[&str]) -> Flags {
+        Flags::try_parse_from(std::iter::once("brickd").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn sizes_accept_units() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("64KiB").unwrap(), 64 << 10);
+        assert_eq!(parse_size("16MiB").unwrap(), 16 << 20);
+        assert_eq!(parse_size("1 G").unwrap(), 1 << 30);
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("MiB").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn file_then_flags_override() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            listen = "127.0.0.1:9000"
+            data_dir = "/tmp/x"
+            [[brick]]
+            path = "/srv/b1"
+            id = "b00000000000000ab"
+            [limits]
+            data_max = "8MiB"
+            "#,
+        )
+        .unwrap();
+        let c = Config::merge(file, &flags(&[])).unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.bricks[0].expect_id, Some(BrickId(0xab)));
+        assert_eq!(c.limits.data_max_bytes, 8 << 20);
+
+        let file: FileConfig = toml::from_str("listen = \"127.0.0.1:9000\"").unwrap();
+        let c = Config::merge(
+            file,
+            &flags(&["--listen", "127.0.0.1:9100", "--brick", "/srv/b2"]),
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 9100);
+        assert_eq!(c.bricks.len(), 1);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        assert!(toml::from_str::<FileConfig>("listne = \"x\"").is_err());
+        assert!(toml::from_str::<FileConfig>("[[brick]]\npath = \"/a\"\nsize = 3").is_err());
+        let file: FileConfig = toml::from_str("listen = \"nowhere\"").unwrap();
+        assert!(Config::merge(file, &flags(&[])).is_err());
+        let dup = flags(&["--brick", "/srv/b", "--brick", "/srv/b"]);
+        assert!(Config::merge(FileConfig::default(), &dup).is_err());
+    }
+}

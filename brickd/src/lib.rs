@@ -1,0 +1,118 @@
+//! brickd: the node daemon. It serves the bricks given in its config over the protocol (and,
+//! with issue 3, a member of the metadata group).
+//!
+//! The `brickd` executable (in the root package, `src/bin/brickd.rs`) only parses flags, starts
+//! tracing, installs the panic hook and calls [`run`]. This crate owns the config ([`config`])
+//! and the daemon's life cycle: open bricks, listen, log readiness, serve, and on SIGTERM or
+//! Ctrl-C stop accepting, finish requests in flight, flush, exit.
+
+pub mod config;
+pub mod telemetry;
+
+use anyhow::Context;
+use brickfs_brick::{BrickService, BrickStore, StoreOptions};
+use brickfs_proto::NodeId;
+use config::Config;
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// Runs the daemon until SIGTERM or Ctrl-C.
+pub fn run(config: Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("brickd")
+        .build()
+        .context("start the async runtime")?;
+    runtime.block_on(serve(config))
+}
+
+/// Reads this node's id from the data folder, creating it on first start.
+fn load_or_create_node_id(data_dir: &Path) -> anyhow::Result<NodeId> {
+    let path = data_dir.join("node.id");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let hex = text.trim().strip_prefix('n').unwrap_or(text.trim());
+            let raw = u64::from_str_radix(hex, 16)
+                .with_context(|| format!("parse node id file {}", path.display()))?;
+            return Ok(NodeId(raw));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+    }
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("create data folder {}", data_dir.display()))?;
+    let id = NodeId(rand::random::<u64>().max(1));
+    let tmp = data_dir.join("node.id.tmp");
+    let mut file =
+        std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
+    writeln!(file, "{id}")?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    std::fs::File::open(data_dir)?.sync_all()?;
+    info!(node = %id, "created node id");
+    Ok(id)
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "failed to install the SIGTERM handler");
+            let _ = tokio::signal::ctrl_c().await;
+            return "ctrl-c";
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = tokio::signal::ctrl_c() => "ctrl-c",
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let node = load_or_create_node_id(&config.data_dir)?;
+    let mut stores = Vec::new();
+    for brick in &config.bricks {
+        let path = brick.path.clone();
+        let opts = StoreOptions {
+            init: config.init,
+            expect_id: brick.expect_id,
+        };
+        let store = tokio::task::spawn_blocking(move || BrickStore::open(&path, opts))
+            .await
+            .context("open brick task")?
+            .with_context(|| format!("open brick {}", brick.path.display()))?;
+        info!(brick = %store.id(), path = %brick.path.display(), "brick online");
+        stores.push(Arc::new(store));
+    }
+    let service = Arc::new(BrickService::new(node, stores));
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    // Tests and scripts wait for this line: keep its wording.
+    info!(%addr, %node, bricks = config.bricks.len(), "brickd listening");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let server = tokio::spawn(brickfs_proto::rpc::serve(
+        listener,
+        service.clone(),
+        config.limits,
+        stop_rx,
+    ));
+    let why = shutdown_signal().await;
+    info!(signal = why, "shutting down");
+    service.begin_shutdown();
+    let _ = stop_tx.send(true);
+    server.await.context("join the server task")?;
+    for brick in service.bricks() {
+        if let Err(e) = brick.flush() {
+            warn!(brick = %brick.id(), error = %e, "failed to flush brick at shutdown");
+        }
+    }
+    info!("brickd stopped");
+    Ok(())
+}

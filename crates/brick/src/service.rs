@@ -1,0 +1,262 @@
+//! The brick service: answers chunk-store requests for the bricks a node serves. Disk work runs
+//! on the blocking pool so the async workers keep moving frames.
+
+use crate::error::StoreError;
+use crate::store::BrickStore;
+use brickfs_proto::msg::{
+    BrickInfo, BrickList, Deleted, ListReply, ListedObject, ObjectState, Pong, ReadData,
+    StatfsReply,
+};
+use brickfs_proto::rpc::Handler;
+use brickfs_proto::{BrickId, ErrorBody, ErrorCode, Message, NodeId};
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// The longest path accepted in a request.
+pub const PATH_MAX_BYTES: usize = 4096;
+
+/// Serves a fixed set of bricks.
+pub struct BrickService {
+    node: NodeId,
+    bricks: HashMap<BrickId, Arc<BrickStore>>,
+    stopping: AtomicBool,
+}
+
+fn state(meta: crate::store::ObjectMeta) -> ObjectState {
+    ObjectState {
+        version: meta.version,
+        len_bytes: meta.len_bytes,
+    }
+}
+
+/// Checks a brick path from the network: absolute, normalized (no `.`, `..` or empty
+/// components), no NUL, bounded length. The path is only ever compared, never joined.
+pub fn validate_brick_path(path: &str) -> Result<(), ErrorBody> {
+    let bad = |why: &str| {
+        Err(ErrorBody::new(
+            ErrorCode::InvalidPath,
+            format!("brick path {path:?}: {why}"),
+        ))
+    };
+    if path.len() > PATH_MAX_BYTES {
+        return bad("too long");
+    }
+    if path.contains('\0') {
+        return bad("contains NUL");
+    }
+    let Some(rest) = path.strip_prefix('/') else {
+        return bad("must be absolute");
+    };
+    if rest.is_empty() {
+        return bad("the root folder cannot be a brick");
+    }
+    for part in rest.split('/') {
+        match part {
+            "" => return bad("empty component (double or trailing slash)"),
+            "." | ".." => return bad("'.' and '..' components are not allowed"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+impl BrickService {
+    pub fn new(node: NodeId, bricks: Vec<Arc<BrickStore>>) -> BrickService {
+        BrickService {
+            node,
+            bricks: bricks.into_iter().map(|b| (b.id(), b)).collect(),
+            stopping: AtomicBool::new(false),
+        }
+    }
+
+    /// Refuses new work from now on (requests already running finish).
+    pub fn begin_shutdown(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    pub fn bricks(&self) -> impl Iterator<Item = &Arc<BrickStore>> {
+        self.bricks.values()
+    }
+
+    fn brick(&self, id: BrickId) -> Result<Arc<BrickStore>, ErrorBody> {
+        self.bricks.get(&id).cloned().ok_or_else(|| {
+            ErrorBody::new(
+                ErrorCode::UnknownBrick,
+                format!("brick {id} is not served by node {}", self.node),
+            )
+        })
+    }
+
+    fn info(brick: &BrickStore) -> BrickInfo {
+        BrickInfo {
+            id: brick.id(),
+            path: brick.root().to_string_lossy().into_owned(),
+        }
+    }
+
+    async fn blocking<T: Send + 'static>(
+        brick: Arc<BrickStore>,
+        op: impl FnOnce(&BrickStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, ErrorBody> {
+        let id = brick.id();
+        match tokio::task::spawn_blocking(move || op(&brick)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                match &e {
+                    StoreError::Io { .. } | StoreError::Db(_) | StoreError::Corrupt(_) => {
+                        tracing::warn!(brick = %id, error = %e, "failed to serve a request");
+                    }
+                    _ => tracing::debug!(brick = %id, error = %e, "request refused"),
+                }
+                Err(e.to_wire())
+            }
+            Err(e) => Err(ErrorBody::new(
+                ErrorCode::Internal,
+                format!("brick task failed: {e}"),
+            )),
+        }
+    }
+
+    async fn dispatch(&self, msg: Message, data: Bytes) -> Result<(Message, Bytes), ErrorBody> {
+        let none = Bytes::new();
+        Ok(match msg {
+            Message::Ping(_) => (Message::Pong(Pong { node: self.node }), none),
+            Message::ListBricks(_) => {
+                let mut bricks: Vec<BrickInfo> =
+                    self.bricks.values().map(|b| Self::info(b)).collect();
+                bricks.sort_by(|a, b| a.path.cmp(&b.path));
+                (Message::BrickList(BrickList { bricks }), none)
+            }
+            Message::OpenBrick(req) => {
+                validate_brick_path(&req.path)?;
+                let found = self
+                    .bricks
+                    .values()
+                    .find(|b| b.root().as_os_str() == req.path.as_str())
+                    .ok_or_else(|| {
+                        ErrorBody::new(
+                            ErrorCode::UnknownBrick,
+                            format!("node {} serves no brick at {}", self.node, req.path),
+                        )
+                    })?;
+                (Message::BrickOpened(Self::info(found)), none)
+            }
+            Message::Write(req) => {
+                let brick = self.brick(req.brick)?;
+                let meta = Self::blocking(brick, move |b| {
+                    b.write(&req.key, req.offset_bytes, &data, req.sync)
+                })
+                .await?;
+                (Message::Written(state(meta)), none)
+            }
+            Message::Read(req) => {
+                let brick = self.brick(req.brick)?;
+                let (meta, bytes) = Self::blocking(brick, move |b| {
+                    b.read(&req.key, req.offset_bytes, u64::from(req.len_bytes))
+                })
+                .await?;
+                (Message::ReadData(ReadData { state: state(meta) }), bytes)
+            }
+            Message::Truncate(req) => {
+                let brick = self.brick(req.brick)?;
+                let meta = Self::blocking(brick, move |b| {
+                    b.truncate(&req.key, req.len_bytes, req.sync)
+                })
+                .await?;
+                (Message::Truncated(state(meta)), none)
+            }
+            Message::Delete(req) => {
+                let brick = self.brick(req.brick)?;
+                let existed = Self::blocking(brick, move |b| b.delete(&req.key)).await?;
+                (Message::Deleted(Deleted { existed }), none)
+            }
+            Message::Fsync(req) => {
+                let brick = self.brick(req.brick)?;
+                let meta = Self::blocking(brick, move |b| b.fsync(&req.key)).await?;
+                (Message::Synced(state(meta)), none)
+            }
+            Message::Stat(req) => {
+                let brick = self.brick(req.brick)?;
+                let meta = Self::blocking(brick, move |b| b.stat(&req.key)).await?;
+                (Message::StatReply(state(meta)), none)
+            }
+            Message::List(req) => {
+                let brick = self.brick(req.brick)?;
+                let (objects, more) =
+                    Self::blocking(brick, move |b| b.list(req.after, req.limit as usize)).await?;
+                let objects = objects
+                    .into_iter()
+                    .map(|(key, meta)| ListedObject {
+                        key,
+                        state: state(meta),
+                    })
+                    .collect();
+                (Message::ListReply(ListReply { objects, more }), none)
+            }
+            Message::Statfs(req) => {
+                let brick = self.brick(req.brick)?;
+                let st = Self::blocking(brick, |b| b.statfs()).await?;
+                (
+                    Message::StatfsReply(StatfsReply {
+                        total_bytes: st.total_bytes,
+                        free_bytes: st.free_bytes,
+                        avail_bytes: st.avail_bytes,
+                        objects: st.objects,
+                    }),
+                    none,
+                )
+            }
+            other => {
+                return Err(ErrorBody::new(
+                    ErrorCode::Malformed,
+                    format!("{} is not a request this node serves", other.name()),
+                ));
+            }
+        })
+    }
+}
+
+impl Handler for BrickService {
+    fn node(&self) -> NodeId {
+        self.node
+    }
+
+    async fn handle(&self, msg: Message, data: Bytes) -> Result<(Message, Bytes), ErrorBody> {
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(ErrorBody::new(
+                ErrorCode::ShuttingDown,
+                "node is shutting down",
+            ));
+        }
+        self.dispatch(msg, data).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn brick_paths_are_validated() {
+        for good in ["/data/b1", "/a", "/srv/brick-1/x_y.z"] {
+            assert!(validate_brick_path(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "data/b1",
+            "/",
+            "/data/../etc",
+            "/data/./b",
+            "/data//b",
+            "/data/b/",
+            "/a\0b",
+            "/..",
+        ] {
+            let err = validate_brick_path(bad).unwrap_err();
+            assert!(err.is(ErrorCode::InvalidPath), "{bad:?}");
+        }
+        assert!(validate_brick_path(&format!("/{}", "a".repeat(5000))).is_err());
+    }
+}

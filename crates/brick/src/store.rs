@@ -1,0 +1,848 @@
+//! The chunk store of one brick.
+//!
+//! An object `(volume, inode, column)` is a plain file under `objects/XX/YY/` (two levels of
+//! directories chosen by a hash of the key). The brick-local RocksDB under `db/` keeps, per
+//! object, a record `(version, length)` and one crc32c per [`BLOCK_BYTES`] block.
+//!
+//! Invariants:
+//! - A read verifies the checksum of every block it touches before any byte leaves: a damaged
+//!   block is a [`StoreError::Checksum`], never returned.
+//! - A block with no checksum record is a hole and must read as zeros; it is verified as such.
+//! - A partial-block write verifies the old block before merging, so a new checksum never
+//!   blesses damaged bytes.
+//! - The version steps by exactly one per mutation.
+//! - Durability is explicit: with `sync`, data is fdatasync'ed before the metadata write is
+//!   synced, so an acknowledged sync means data and metadata are on disk; `fsync` does the same
+//!   for everything written before it.
+//!
+//! Concurrency: a sharded reader-writer lock per object; mutations hold the write side, reads
+//! the read side, so a read never sees data whose checksum is not yet written.
+
+use crate::error::StoreError;
+use crate::ident;
+use brickfs_proto::{BrickId, Ino, ObjectKey, ObjectVersion, VolumeId};
+use bytes::{Bytes, BytesMut};
+use rocksdb::{DB, IteratorMode, Options, WriteBatch, WriteOptions};
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The checksum block: every block of an object has its own crc32c.
+pub const BLOCK_BYTES: u64 = 64 << 10;
+/// The largest object length accepted (1 PiB), so that offsets never overflow.
+pub const OBJECT_MAX_BYTES: u64 = 1 << 50;
+/// The most objects one `list` call returns.
+pub const LIST_MAX: usize = 10_000;
+const LOCK_SHARDS: usize = 256;
+const META_RECORD_FORMAT: u8 = 1;
+
+/// Version and length of an object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ObjectMeta {
+    pub version: ObjectVersion,
+    pub len_bytes: u64,
+}
+
+/// Space on the brick's file system.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreStatfs {
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+    pub avail_bytes: u64,
+    pub objects: u64,
+}
+
+/// How to open a brick.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StoreOptions {
+    /// Format the folder if it is empty or missing.
+    pub init: bool,
+    /// Refuse the brick unless its id file holds this id.
+    pub expect_id: Option<BrickId>,
+}
+
+pub struct BrickStore {
+    id: BrickId,
+    root: PathBuf,
+    objects_dir: PathBuf,
+    db: DB,
+    locks: Vec<RwLock<()>>,
+    object_count: AtomicU64,
+}
+
+fn meta_key(key: &ObjectKey) -> [u8; 21] {
+    let mut out = [0u8; 21];
+    out[0] = b'o';
+    out[1..9].copy_from_slice(&key.volume.0.to_be_bytes());
+    out[9..17].copy_from_slice(&key.ino.0.to_be_bytes());
+    out[17..21].copy_from_slice(&key.column.to_be_bytes());
+    out
+}
+
+fn parse_meta_key(raw: &[u8]) -> Option<ObjectKey> {
+    if raw.len() != 21 || raw[0] != b'o' {
+        return None;
+    }
+    Some(ObjectKey {
+        volume: VolumeId(u64::from_be_bytes(raw[1..9].try_into().ok()?)),
+        ino: Ino(u64::from_be_bytes(raw[9..17].try_into().ok()?)),
+        column: u32::from_be_bytes(raw[17..21].try_into().ok()?),
+    })
+}
+
+fn crc_key(key: &ObjectKey, block: u64) -> [u8; 29] {
+    let mut out = [0u8; 29];
+    out[..21].copy_from_slice(&meta_key(key));
+    out[0] = b'c';
+    out[21..29].copy_from_slice(&block.to_be_bytes());
+    out
+}
+
+fn encode_meta(meta: &ObjectMeta) -> [u8; 17] {
+    let mut out = [0u8; 17];
+    out[0] = META_RECORD_FORMAT;
+    out[1..9].copy_from_slice(&meta.version.0.to_le_bytes());
+    out[9..17].copy_from_slice(&meta.len_bytes.to_le_bytes());
+    out
+}
+
+fn decode_meta(raw: &[u8]) -> Result<ObjectMeta, StoreError> {
+    if raw.len() != 17 || raw[0] != META_RECORD_FORMAT {
+        return Err(StoreError::Corrupt(format!(
+            "object record of {} bytes, format {:?}",
+            raw.len(),
+            raw.first()
+        )));
+    }
+    let version = u64::from_le_bytes(raw[1..9].try_into().unwrap_or_default());
+    let len_bytes = u64::from_le_bytes(raw[9..17].try_into().unwrap_or_default());
+    Ok(ObjectMeta {
+        version: ObjectVersion(version),
+        len_bytes,
+    })
+}
+
+fn decode_crc(raw: &[u8]) -> Result<u32, StoreError> {
+    let arr: [u8; 4] = raw
+        .try_into()
+        .map_err(|_| StoreError::Corrupt(format!("checksum record of {} bytes", raw.len())))?;
+    Ok(u32::from_le_bytes(arr))
+}
+
+/// fsyncs a directory so that entries created or renamed in it are durable.
+pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StoreError::io("sync folder", dir, e))
+}
+
+/// Reads up to `buf.len()` bytes at `offset`, leaving zeros past the end of the file.
+fn read_full_at(file: &File, buf: &mut [u8], offset: u64, path: &Path) -> Result<(), StoreError> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                break;
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(StoreError::io("read object", path, e)),
+        }
+    }
+    Ok(())
+}
+
+impl BrickStore {
+    /// Opens the brick at `root`, checking its id file (see [`ident`]).
+    pub fn open(root: &Path, opts: StoreOptions) -> Result<BrickStore, StoreError> {
+        let id = ident::load_or_format(root, opts.init)?;
+        if let Some(expected) = opts.expect_id
+            && expected != id
+        {
+            return Err(StoreError::WrongBrick {
+                path: root.to_path_buf(),
+                expected,
+                found: id,
+            });
+        }
+        let objects_dir = root.join("objects");
+        fs::create_dir_all(&objects_dir)
+            .map_err(|e| StoreError::io("create objects folder", &objects_dir, e))?;
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.set_max_background_jobs(2);
+        db_opts.set_keep_log_file_num(4);
+        let db_path = root.join("db");
+        let db = DB::open(&db_opts, &db_path)?;
+
+        // The database must belong to this brick: a folder copied from another brick, or a
+        // database restored from elsewhere, is refused rather than served.
+        match db.get(b"i")? {
+            Some(raw) => {
+                let found = BrickId(u64::from_le_bytes(raw.as_slice().try_into().map_err(
+                    |_| StoreError::Corrupt("brick id record has the wrong length".into()),
+                )?));
+                if found != id {
+                    return Err(StoreError::WrongBrick {
+                        path: db_path,
+                        expected: id,
+                        found,
+                    });
+                }
+            }
+            None => {
+                let mut wo = WriteOptions::default();
+                wo.set_sync(true);
+                db.put_opt(b"i", id.0.to_le_bytes(), &wo)?;
+            }
+        }
+
+        let mut count = 0u64;
+        for item in db.iterator(IteratorMode::From(b"o", rocksdb::Direction::Forward)) {
+            let (k, _) = item?;
+            if k.first() != Some(&b'o') {
+                break;
+            }
+            count += 1;
+        }
+        Ok(BrickStore {
+            id,
+            root: root.to_path_buf(),
+            objects_dir,
+            db,
+            locks: (0..LOCK_SHARDS).map(|_| RwLock::new(())).collect(),
+            object_count: AtomicU64::new(count),
+        })
+    }
+
+    pub fn id(&self) -> BrickId {
+        self.id
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn hash(key: &ObjectKey) -> u32 {
+        crc32c::crc32c(&meta_key(key)[1..])
+    }
+
+    fn lock(&self, key: &ObjectKey) -> &RwLock<()> {
+        &self.locks[Self::hash(key) as usize % LOCK_SHARDS]
+    }
+
+    /// The file that holds an object.
+    pub fn object_path(&self, key: &ObjectKey) -> PathBuf {
+        let h = Self::hash(key);
+        self.objects_dir
+            .join(format!("{:02x}", h & 0xff))
+            .join(format!("{:02x}", (h >> 8) & 0xff))
+            .join(format!(
+                "{:016x}-{:016x}-{:08x}",
+                key.volume.0, key.ino.0, key.column
+            ))
+    }
+
+    fn get_meta(&self, key: &ObjectKey) -> Result<Option<ObjectMeta>, StoreError> {
+        self.db
+            .get_pinned(meta_key(key))?
+            .map(|raw| decode_meta(&raw))
+            .transpose()
+    }
+
+    fn open_existing(&self, key: &ObjectKey, write: bool) -> Result<(File, PathBuf), StoreError> {
+        let path = self.object_path(key);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(&path)
+            .map_err(|e| StoreError::io("open object", &path, e))?;
+        Ok((file, path))
+    }
+
+    /// Opens an object's file for writing, creating it (and its folders) when `create`.
+    fn open_for_write(&self, key: &ObjectKey, create: bool) -> Result<(File, PathBuf), StoreError> {
+        if !create {
+            return self.open_existing(key, true);
+        }
+        let path = self.object_path(key);
+        let open = || {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+        };
+        match open() {
+            Ok(f) => Ok((f, path)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let parent = path.parent().unwrap_or(&self.objects_dir).to_path_buf();
+                fs::create_dir_all(&parent)
+                    .map_err(|e| StoreError::io("create object folder", &parent, e))?;
+                if let Some(grand) = parent.parent() {
+                    sync_dir(grand)?;
+                }
+                sync_dir(&self.objects_dir)?;
+                let f = open().map_err(|e| StoreError::io("create object", &path, e))?;
+                Ok((f, path))
+            }
+            Err(e) => Err(StoreError::io("create object", &path, e)),
+        }
+    }
+
+    /// Reads block `block` of an object whose length is `len_bytes` and verifies it against its
+    /// checksum record (or, with none, that it is all zeros).
+    fn read_block_verified(
+        &self,
+        key: &ObjectKey,
+        file: &File,
+        path: &Path,
+        block: u64,
+        len_bytes: u64,
+    ) -> Result<Vec<u8>, StoreError> {
+        let start = block * BLOCK_BYTES;
+        let end = (start + BLOCK_BYTES).min(len_bytes);
+        let mut buf = vec![0u8; end.saturating_sub(start) as usize];
+        read_full_at(file, &mut buf, start, path)?;
+        let stored = self
+            .db
+            .get_pinned(crc_key(key, block))?
+            .map(|raw| decode_crc(&raw))
+            .transpose()?;
+        self.verify_block(key, block, &buf, stored)?;
+        Ok(buf)
+    }
+
+    fn verify_block(
+        &self,
+        key: &ObjectKey,
+        block: u64,
+        bytes: &[u8],
+        stored: Option<u32>,
+    ) -> Result<(), StoreError> {
+        let ok = match stored {
+            Some(crc) => crc32c::crc32c(bytes) == crc,
+            None => bytes.iter().all(|b| *b == 0),
+        };
+        if ok {
+            Ok(())
+        } else {
+            tracing::warn!(brick = %self.id, %key, block, "checksum mismatch");
+            Err(StoreError::Checksum {
+                key: *key,
+                block,
+                offset_bytes: block * BLOCK_BYTES,
+            })
+        }
+    }
+
+    fn check_range(offset_bytes: u64, len_bytes: u64) -> Result<u64, StoreError> {
+        offset_bytes
+            .checked_add(len_bytes)
+            .filter(|end| *end <= OBJECT_MAX_BYTES)
+            .ok_or_else(|| {
+                StoreError::InvalidArgument(format!(
+                    "range {offset_bytes}+{len_bytes} exceeds the object limit of {OBJECT_MAX_BYTES} bytes"
+                ))
+            })
+    }
+
+    fn commit(
+        &self,
+        key: &ObjectKey,
+        mut batch: WriteBatch,
+        meta: ObjectMeta,
+        sync: bool,
+    ) -> Result<(), StoreError> {
+        batch.put(meta_key(key), encode_meta(&meta));
+        let mut wo = WriteOptions::default();
+        wo.set_sync(sync);
+        self.db.write_opt(batch, &wo)?;
+        Ok(())
+    }
+
+    /// Writes `data` at `offset_bytes`, creating the object if needed.
+    pub fn write(
+        &self,
+        key: &ObjectKey,
+        offset_bytes: u64,
+        data: &[u8],
+        sync: bool,
+    ) -> Result<ObjectMeta, StoreError> {
+        let end = Self::check_range(offset_bytes, data.len() as u64)?;
+        let _guard = self.lock(key).write().unwrap_or_else(|p| p.into_inner());
+        let old = self.get_meta(key)?;
+        let old_len = old.map_or(0, |m| m.len_bytes);
+        let new_len = old_len.max(end);
+        let (file, path) = self.open_for_write(key, old.is_none())?;
+        let mut batch = WriteBatch::default();
+
+        if !data.is_empty() {
+            // The old last block, if partial and wholly before the write, now extends with
+            // zeros: its checksum covers more bytes.
+            if old_len % BLOCK_BYTES != 0 && old_len / BLOCK_BYTES < offset_bytes / BLOCK_BYTES {
+                let block = old_len / BLOCK_BYTES;
+                let mut bytes = self.read_block_verified(key, &file, &path, block, old_len)?;
+                bytes.resize(BLOCK_BYTES as usize, 0);
+                batch.put(crc_key(key, block), crc32c::crc32c(&bytes).to_le_bytes());
+            }
+            let first = offset_bytes / BLOCK_BYTES;
+            let last = (end - 1) / BLOCK_BYTES;
+            for block in first..=last {
+                let bs = block * BLOCK_BYTES;
+                let be = (bs + BLOCK_BYTES).min(new_len);
+                let ds = bs.max(offset_bytes);
+                let de = be.min(end);
+                let slice = &data[(ds - offset_bytes) as usize..(de - offset_bytes) as usize];
+                let crc = if ds == bs && de == be {
+                    crc32c::crc32c(slice)
+                } else {
+                    let mut bytes = if bs < old_len {
+                        self.read_block_verified(key, &file, &path, block, old_len)?
+                    } else {
+                        Vec::new()
+                    };
+                    bytes.resize((be - bs) as usize, 0);
+                    bytes[(ds - bs) as usize..(de - bs) as usize].copy_from_slice(slice);
+                    crc32c::crc32c(&bytes)
+                };
+                batch.put(crc_key(key, block), crc.to_le_bytes());
+            }
+            file.write_all_at(data, offset_bytes)
+                .map_err(|e| StoreError::io("write object", &path, e))?;
+        }
+        if sync {
+            file.sync_data()
+                .map_err(|e| StoreError::io("sync object", &path, e))?;
+            if old.is_none()
+                && let Some(parent) = path.parent()
+            {
+                sync_dir(parent)?;
+            }
+        }
+        let meta = ObjectMeta {
+            version: ObjectVersion(old.map_or(0, |m| m.version.0) + 1),
+            len_bytes: new_len,
+        };
+        self.commit(key, batch, meta, sync)?;
+        if old.is_none() {
+            self.object_count.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(meta)
+    }
+
+    /// Reads up to `len_bytes` at `offset_bytes`; the result is short at the end of the object.
+    pub fn read(
+        &self,
+        key: &ObjectKey,
+        offset_bytes: u64,
+        len_bytes: u64,
+    ) -> Result<(ObjectMeta, Bytes), StoreError> {
+        Self::check_range(offset_bytes, len_bytes)?;
+        let _guard = self.lock(key).read().unwrap_or_else(|p| p.into_inner());
+        let meta = self
+            .get_meta(key)?
+            .ok_or(StoreError::NotFound { key: *key })?;
+        if offset_bytes >= meta.len_bytes || len_bytes == 0 {
+            return Ok((meta, Bytes::new()));
+        }
+        let end = (offset_bytes + len_bytes).min(meta.len_bytes);
+        let first = offset_bytes / BLOCK_BYTES;
+        let last = (end - 1) / BLOCK_BYTES;
+        let rs = first * BLOCK_BYTES;
+        let re = ((last + 1) * BLOCK_BYTES).min(meta.len_bytes);
+        let (file, path) = self.open_existing(key, false)?;
+        let mut buf = BytesMut::zeroed((re - rs) as usize);
+        read_full_at(&file, &mut buf, rs, &path)?;
+        let keys: Vec<[u8; 29]> = (first..=last).map(|b| crc_key(key, b)).collect();
+        let crcs = self.db.multi_get(&keys);
+        for (i, crc) in crcs.into_iter().enumerate() {
+            let block = first + i as u64;
+            let stored = crc?.map(|raw| decode_crc(&raw)).transpose()?;
+            let bs = (block - first) * BLOCK_BYTES;
+            let be = (bs + BLOCK_BYTES).min(re - rs);
+            self.verify_block(key, block, &buf[bs as usize..be as usize], stored)?;
+        }
+        let out = buf
+            .freeze()
+            .slice((offset_bytes - rs) as usize..(end - rs) as usize);
+        Ok((meta, out))
+    }
+
+    /// Sets the object's length, creating it if needed; bytes past the old end read as zeros.
+    pub fn truncate(
+        &self,
+        key: &ObjectKey,
+        len_bytes: u64,
+        sync: bool,
+    ) -> Result<ObjectMeta, StoreError> {
+        Self::check_range(len_bytes, 0)?;
+        let _guard = self.lock(key).write().unwrap_or_else(|p| p.into_inner());
+        let old = self.get_meta(key)?;
+        let old_len = old.map_or(0, |m| m.len_bytes);
+        let (file, path) = self.open_for_write(key, old.is_none())?;
+        let mut batch = WriteBatch::default();
+        if len_bytes < old_len {
+            let keep_blocks = len_bytes.div_ceil(BLOCK_BYTES);
+            if len_bytes % BLOCK_BYTES != 0 {
+                let block = len_bytes / BLOCK_BYTES;
+                let mut bytes = self.read_block_verified(key, &file, &path, block, old_len)?;
+                bytes.truncate((len_bytes - block * BLOCK_BYTES) as usize);
+                batch.put(crc_key(key, block), crc32c::crc32c(&bytes).to_le_bytes());
+            }
+            let old_blocks = old_len.div_ceil(BLOCK_BYTES);
+            batch.delete_range(crc_key(key, keep_blocks), crc_key(key, old_blocks));
+        } else if len_bytes > old_len && old_len % BLOCK_BYTES != 0 {
+            let block = old_len / BLOCK_BYTES;
+            let mut bytes = self.read_block_verified(key, &file, &path, block, old_len)?;
+            let block_end = ((block + 1) * BLOCK_BYTES).min(len_bytes);
+            bytes.resize((block_end - block * BLOCK_BYTES) as usize, 0);
+            batch.put(crc_key(key, block), crc32c::crc32c(&bytes).to_le_bytes());
+        }
+        file.set_len(len_bytes)
+            .map_err(|e| StoreError::io("truncate object", &path, e))?;
+        if sync {
+            file.sync_all()
+                .map_err(|e| StoreError::io("sync object", &path, e))?;
+            if old.is_none()
+                && let Some(parent) = path.parent()
+            {
+                sync_dir(parent)?;
+            }
+        }
+        let meta = ObjectMeta {
+            version: ObjectVersion(old.map_or(0, |m| m.version.0) + 1),
+            len_bytes,
+        };
+        self.commit(key, batch, meta, sync)?;
+        if old.is_none() {
+            self.object_count.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(meta)
+    }
+
+    /// Removes an object; returns whether it existed.
+    pub fn delete(&self, key: &ObjectKey) -> Result<bool, StoreError> {
+        let _guard = self.lock(key).write().unwrap_or_else(|p| p.into_inner());
+        let old = self.get_meta(key)?;
+        let path = self.object_path(key);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StoreError::io("remove object", &path, e)),
+        }
+        let mut batch = WriteBatch::default();
+        batch.delete(meta_key(key));
+        batch.delete_range(crc_key(key, 0), crc_key(key, u64::MAX));
+        batch.delete(crc_key(key, u64::MAX));
+        self.db.write(batch)?;
+        if old.is_some() {
+            self.object_count.fetch_sub(1, Ordering::Relaxed);
+        }
+        Ok(old.is_some())
+    }
+
+    /// Makes everything written to the object so far durable: data, its folder entry and the
+    /// metadata records.
+    pub fn fsync(&self, key: &ObjectKey) -> Result<ObjectMeta, StoreError> {
+        let _guard = self.lock(key).read().unwrap_or_else(|p| p.into_inner());
+        let meta = self
+            .get_meta(key)?
+            .ok_or(StoreError::NotFound { key: *key })?;
+        let (file, path) = self.open_existing(key, false)?;
+        file.sync_all()
+            .map_err(|e| StoreError::io("sync object", &path, e))?;
+        if let Some(parent) = path.parent() {
+            sync_dir(parent)?;
+        }
+        self.db.flush_wal(true)?;
+        Ok(meta)
+    }
+
+    pub fn stat(&self, key: &ObjectKey) -> Result<ObjectMeta, StoreError> {
+        self.get_meta(key)?
+            .ok_or(StoreError::NotFound { key: *key })
+    }
+
+    /// Lists objects in key order after `after`, at most `limit` (capped at [`LIST_MAX`]);
+    /// the flag tells whether more follow.
+    pub fn list(
+        &self,
+        after: Option<ObjectKey>,
+        limit: usize,
+    ) -> Result<(Vec<(ObjectKey, ObjectMeta)>, bool), StoreError> {
+        let limit = limit.clamp(1, LIST_MAX);
+        let start: Vec<u8> = match after {
+            Some(k) => {
+                let mut s = meta_key(&k).to_vec();
+                s.push(0);
+                s
+            }
+            None => b"o".to_vec(),
+        };
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator(IteratorMode::From(&start, rocksdb::Direction::Forward))
+        {
+            let (k, v) = item?;
+            if k.first() != Some(&b'o') {
+                break;
+            }
+            let key = parse_meta_key(&k)
+                .ok_or_else(|| StoreError::Corrupt(format!("object key of {} bytes", k.len())))?;
+            if out.len() == limit {
+                return Ok((out, true));
+            }
+            out.push((key, decode_meta(&v)?));
+        }
+        Ok((out, false))
+    }
+
+    pub fn statfs(&self) -> Result<StoreStatfs, StoreError> {
+        let st = nix::sys::statvfs::statvfs(&self.root)
+            .map_err(|e| StoreError::io("statfs", &self.root, e.into()))?;
+        let frsize = st.fragment_size();
+        Ok(StoreStatfs {
+            total_bytes: st.blocks().saturating_mul(frsize),
+            free_bytes: st.blocks_free().saturating_mul(frsize),
+            avail_bytes: st.blocks_available().saturating_mul(frsize),
+            objects: self.object_count.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Flushes the database's write-ahead log to disk (at shutdown).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_wal(true)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn key(ino: u64) -> ObjectKey {
+        ObjectKey {
+            volume: VolumeId(1),
+            ino: Ino(ino),
+            column: 0,
+        }
+    }
+
+    fn must_open(dir: &Path) -> BrickStore {
+        BrickStore::open(
+            dir,
+            StoreOptions {
+                init: true,
+                expect_id: None,
+            },
+        )
+        .expect("open brick")
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Write { offset: u64, len: usize, seed: u8 },
+        Truncate { len: u64 },
+        Read { offset: u64, len: u64 },
+    }
+
+    fn op_strategy() -> impl Strategy<Value = Op> {
+        let edge = prop_oneof![
+            0u64..300_000,
+            (0u64..5).prop_map(|k| k * BLOCK_BYTES),
+            (1u64..5).prop_map(|k| k * BLOCK_BYTES - 1),
+            (0u64..5).prop_map(|k| k * BLOCK_BYTES + 1),
+        ];
+        prop_oneof![
+            (edge.clone(), 0usize..200_000, any::<u8>())
+                .prop_map(|(offset, len, seed)| Op::Write { offset, len, seed }),
+            edge.clone().prop_map(|len| Op::Truncate { len }),
+            (edge, 0u64..300_000).prop_map(|(offset, len)| Op::Read { offset, len }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// The store behaves as a plain byte vector across block boundaries, holes and
+        /// truncates, and the version steps by one per mutation.
+        #[test]
+        fn store_matches_byte_vector_model(ops in proptest::collection::vec(op_strategy(), 1..24)) {
+            let dir = tempfile::tempdir().unwrap();
+            let store = must_open(&dir.path().join("b"));
+            let k = key(1);
+            let mut model: Option<Vec<u8>> = None;
+            let mut version = 0u64;
+            for op in ops {
+                match op {
+                    Op::Write { offset, len, seed } => {
+                        let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+                        let meta = store.write(&k, offset, &data, false).unwrap();
+                        let m = model.get_or_insert_with(Vec::new);
+                        let end = offset as usize + len;
+                        if m.len() < end { m.resize(end, 0); }
+                        m[offset as usize..end].copy_from_slice(&data);
+                        version += 1;
+                        prop_assert_eq!(meta.version.0, version);
+                        prop_assert_eq!(meta.len_bytes, m.len() as u64);
+                    }
+                    Op::Truncate { len } => {
+                        let meta = store.truncate(&k, len, false).unwrap();
+                        model.get_or_insert_with(Vec::new).resize(len as usize, 0);
+                        version += 1;
+                        prop_assert_eq!(meta.version.0, version);
+                    }
+                    Op::Read { offset, len } => match &model {
+                        None => {
+                            let missing = matches!(store.read(&k, offset, len), Err(StoreError::NotFound { .. }));
+                            prop_assert!(missing, "a read before any write must be NotFound");
+                        }
+                        Some(m) => {
+                            let (_, got) = store.read(&k, offset, len).unwrap();
+                            let s = (offset as usize).min(m.len());
+                            let e = (offset as usize + len as usize).min(m.len());
+                            prop_assert_eq!(&got[..], &m[s..e]);
+                        }
+                    },
+                }
+            }
+            if let Some(m) = &model {
+                let (_, all) = store.read(&k, 0, m.len() as u64 + 10).unwrap();
+                prop_assert_eq!(&all[..], &m[..]);
+            }
+        }
+    }
+
+    /// A flipped byte on disk is a checksum error on read and refuses a partial overwrite of
+    /// that block, while a full-block overwrite repairs it.
+    #[test]
+    fn flipped_byte_is_detected_and_never_returned() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = must_open(&dir.path().join("b"));
+        let k = key(5);
+        let data: Vec<u8> = (0..3 * BLOCK_BYTES as usize).map(|i| i as u8).collect();
+        store.write(&k, 0, &data, true).unwrap();
+        let path = store.object_path(&k);
+        let mut raw = fs::read(&path).unwrap();
+        raw[BLOCK_BYTES as usize + 10] ^= 0x01;
+        fs::write(&path, &raw).unwrap();
+
+        let err = store.read(&k, 0, data.len() as u64).unwrap_err();
+        assert!(
+            matches!(err, StoreError::Checksum { block: 1, .. }),
+            "{err}"
+        );
+        // Blocks around the damage still read.
+        let (_, first) = store.read(&k, 0, BLOCK_BYTES).unwrap();
+        assert_eq!(&first[..], &data[..BLOCK_BYTES as usize]);
+        assert!(matches!(
+            store.write(&k, BLOCK_BYTES + 1, b"x", false),
+            Err(StoreError::Checksum { .. })
+        ));
+        store
+            .write(
+                &k,
+                BLOCK_BYTES,
+                &data[BLOCK_BYTES as usize..2 * BLOCK_BYTES as usize],
+                false,
+            )
+            .unwrap();
+        let (_, all) = store.read(&k, 0, data.len() as u64).unwrap();
+        assert_eq!(&all[..], &data[..]);
+    }
+
+    /// Garbage written into a hole (a block with no checksum) is detected too.
+    #[test]
+    fn damaged_hole_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = must_open(&dir.path().join("b"));
+        let k = key(6);
+        store.truncate(&k, 4 * BLOCK_BYTES, false).unwrap();
+        let path = store.object_path(&k);
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(b"junk", BLOCK_BYTES * 2 + 7).unwrap();
+        assert!(matches!(
+            store.read(&k, 0, 4 * BLOCK_BYTES),
+            Err(StoreError::Checksum { block: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn list_pages_through_objects_in_order_and_delete_removes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = must_open(&dir.path().join("b"));
+        for ino in (1..=25).rev() {
+            store.write(&key(ino), 0, b"abc", false).unwrap();
+        }
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let (page, more) = store.list(after, 10).unwrap();
+            seen.extend(page.iter().map(|(k, _)| k.ino.0));
+            after = page.last().map(|(k, _)| *k);
+            if !more {
+                break;
+            }
+        }
+        assert_eq!(seen, (1..=25).collect::<Vec<_>>());
+        assert_eq!(store.statfs().unwrap().objects, 25);
+        assert!(store.delete(&key(3)).unwrap());
+        assert!(!store.delete(&key(3)).unwrap());
+        assert!(matches!(
+            store.stat(&key(3)),
+            Err(StoreError::NotFound { .. })
+        ));
+        assert_eq!(store.statfs().unwrap().objects, 24);
+    }
+
+    #[test]
+    fn reopen_keeps_data_and_refuses_wrong_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("b");
+        let id = {
+            let store = must_open(&root);
+            store.write(&key(9), 100, b"hello", true).unwrap();
+            store.id()
+        };
+        let store = BrickStore::open(
+            &root,
+            StoreOptions {
+                init: false,
+                expect_id: Some(id),
+            },
+        )
+        .unwrap();
+        let (meta, data) = store.read(&key(9), 100, 5).unwrap();
+        assert_eq!(&data[..], b"hello");
+        assert_eq!(meta.len_bytes, 105);
+        drop(store);
+        let wrong = BrickStore::open(
+            &root,
+            StoreOptions {
+                init: false,
+                expect_id: Some(BrickId(id.0 ^ 1)),
+            },
+        );
+        assert!(matches!(wrong, Err(StoreError::WrongBrick { .. })));
+    }
+
+    #[test]
+    fn out_of_range_offsets_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = must_open(&dir.path().join("b"));
+        assert!(matches!(
+            store.write(&key(1), u64::MAX - 1, b"ab", false),
+            Err(StoreError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            store.truncate(&key(1), OBJECT_MAX_BYTES + 1, false),
+            Err(StoreError::InvalidArgument(_))
+        ));
+    }
+}

@@ -1,0 +1,355 @@
+//! Message kinds and their bodies. Kind numbers are explicit and never reused; a retired kind
+//! stays listed in `docs/protocol.md` as reserved.
+//!
+//! Bulk data never goes through bincode: a `Write` request and a `ReadData` reply carry their
+//! bytes in the frame's data section, which the transport hands over as `bytes::Bytes`.
+
+use crate::error::ErrorBody;
+use crate::ids::{BrickId, NodeId, ObjectKey, ObjectVersion};
+use serde::{Deserialize, Serialize};
+
+/// The bincode configuration used for every body. Changing it changes the wire format.
+fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard()
+        .with_little_endian()
+        .with_variable_int_encoding()
+        .with_limit::<{ 1 << 20 }>()
+}
+
+/// Encodes a body with the protocol's bincode configuration.
+pub fn encode_body<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serializing our own plain data types into a Vec cannot fail except by exceeding the
+    // limit, which would be a bug in the caller's sizing.
+    bincode::serde::encode_to_vec(value, bincode_config()).unwrap_or_default()
+}
+
+/// Decodes a body, refusing trailing bytes.
+pub fn decode_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
+    let (value, used) = bincode::serde::decode_from_slice::<T, _>(bytes, bincode_config())
+        .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    if used != bytes.len() {
+        return Err(DecodeError::Malformed(format!(
+            "{} trailing bytes after the body",
+            bytes.len() - used
+        )));
+    }
+    Ok(value)
+}
+
+/// Why a body did not decode.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("unknown message kind {0}")]
+    UnknownKind(u16),
+    #[error("malformed body: {0}")]
+    Malformed(String),
+}
+
+/// The first message on every connection, from the side that connected.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The lowest and highest protocol versions the caller speaks.
+    pub version_min: u16,
+    pub version_max: u16,
+    /// A free-form name for logs ("client", "cli", "brickd n…").
+    pub peer_name: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloOk {
+    pub version: u16,
+    pub node: NodeId,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ping {}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pong {
+    pub node: NodeId,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListBricks {}
+
+/// What a node says about one brick it serves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrickInfo {
+    pub id: BrickId,
+    /// The brick's folder on the node, absolute.
+    pub path: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrickList {
+    pub bricks: Vec<BrickInfo>,
+}
+
+/// Resolve a brick by its folder path on the node (the `HOST:/PATH` of a volume spec).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenBrick {
+    pub path: String,
+}
+
+/// Version and length of an object on one brick.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectState {
+    pub version: ObjectVersion,
+    pub len_bytes: u64,
+}
+
+/// Write the frame's data section at `offset_bytes`. With `sync`, the reply means the data and
+/// its metadata are on disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Write {
+    pub brick: BrickId,
+    pub key: ObjectKey,
+    pub offset_bytes: u64,
+    pub sync: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Read {
+    pub brick: BrickId,
+    pub key: ObjectKey,
+    pub offset_bytes: u64,
+    pub len_bytes: u32,
+}
+
+/// The reply to `Read`: the bytes are in the data section, short at the end of the object.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadData {
+    pub state: ObjectState,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Truncate {
+    pub brick: BrickId,
+    pub key: ObjectKey,
+    pub len_bytes: u64,
+    pub sync: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delete {
+    pub brick: BrickId,
+    pub key: ObjectKey,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deleted {
+    pub existed: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fsync {
+    pub brick: BrickId,
+    pub key: ObjectKey,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stat {
+    pub brick: BrickId,
+    pub key: ObjectKey,
+}
+
+/// List objects in key order, starting after `after`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct List {
+    pub brick: BrickId,
+    pub after: Option<ObjectKey>,
+    pub limit: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListedObject {
+    pub key: ObjectKey,
+    pub state: ObjectState,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListReply {
+    pub objects: Vec<ListedObject>,
+    /// True when more objects follow the last one listed.
+    pub more: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Statfs {
+    pub brick: BrickId,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatfsReply {
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+    pub avail_bytes: u64,
+    pub objects: u64,
+}
+
+macro_rules! messages {
+    ($($num:literal => $variant:ident($body:ty), data: $data:literal;)*) => {
+        /// Every message, by kind number.
+        #[derive(Clone, Debug, PartialEq, Eq)]
+        pub enum Message {
+            $($variant($body),)*
+        }
+
+        impl Message {
+            /// Every kind number in use, for tests and documentation.
+            pub const KINDS: &'static [(u16, &'static str, bool)] = &[
+                $(($num, stringify!($variant), $data),)*
+            ];
+
+            /// The message's kind number.
+            pub fn kind(&self) -> u16 {
+                match self {
+                    $(Message::$variant(_) => $num,)*
+                }
+            }
+
+            /// The message's name, for logs and errors.
+            pub fn name(&self) -> &'static str {
+                match self {
+                    $(Message::$variant(_) => stringify!($variant),)*
+                }
+            }
+
+            /// Whether this kind carries a data section; a frame of any other kind with data
+            /// is malformed.
+            pub fn kind_carries_data(kind: u16) -> bool {
+                match kind {
+                    $($num => $data,)*
+                    _ => false,
+                }
+            }
+
+            /// Encodes the body.
+            pub fn encode_body(&self) -> Vec<u8> {
+                match self {
+                    $(Message::$variant(body) => encode_body(body),)*
+                }
+            }
+
+            /// Decodes a body of the given kind.
+            pub fn decode(kind: u16, body: &[u8]) -> Result<Message, DecodeError> {
+                match kind {
+                    $($num => Ok(Message::$variant(decode_body::<$body>(body)?)),)*
+                    other => Err(DecodeError::UnknownKind(other)),
+                }
+            }
+        }
+    };
+}
+
+messages! {
+    1 => Hello(Hello), data: false;
+    2 => HelloOk(HelloOk), data: false;
+    3 => Error(ErrorBody), data: false;
+    4 => Ping(Ping), data: false;
+    5 => Pong(Pong), data: false;
+    16 => ListBricks(ListBricks), data: false;
+    17 => BrickList(BrickList), data: false;
+    18 => OpenBrick(OpenBrick), data: false;
+    19 => BrickOpened(BrickInfo), data: false;
+    20 => Write(Write), data: true;
+    21 => Written(ObjectState), data: false;
+    22 => Read(Read), data: false;
+    23 => ReadData(ReadData), data: true;
+    24 => Truncate(Truncate), data: false;
+    25 => Truncated(ObjectState), data: false;
+    26 => Delete(Delete), data: false;
+    27 => Deleted(Deleted), data: false;
+    28 => Fsync(Fsync), data: false;
+    29 => Synced(ObjectState), data: false;
+    30 => Stat(Stat), data: false;
+    31 => StatReply(ObjectState), data: false;
+    32 => List(List), data: false;
+    33 => ListReply(ListReply), data: false;
+    34 => Statfs(Statfs), data: false;
+    35 => StatfsReply(StatfsReply), data: false;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{Ino, VolumeId};
+
+    fn key() -> ObjectKey {
+        ObjectKey {
+            volume: VolumeId(3),
+            ino: Ino(77),
+            column: 2,
+        }
+    }
+
+    fn check_round_trip(msg: Message) {
+        let body = msg.encode_body();
+        let back = Message::decode(msg.kind(), &body).expect("decodes");
+        assert_eq!(back, msg);
+    }
+
+    #[test]
+    fn every_kind_round_trips() {
+        let samples = vec![
+            Message::Hello(Hello {
+                version_min: 1,
+                version_max: 1,
+                peer_name: "t".into(),
+            }),
+            Message::Error(ErrorBody::new(crate::ErrorCode::NotFound, "x")),
+            Message::Write(Write {
+                brick: BrickId(9),
+                key: key(),
+                offset_bytes: u64::MAX,
+                sync: true,
+            }),
+            Message::Read(Read {
+                brick: BrickId(9),
+                key: key(),
+                offset_bytes: 1 << 40,
+                len_bytes: 1 << 20,
+            }),
+            Message::List(List {
+                brick: BrickId(1),
+                after: Some(key()),
+                limit: 10,
+            }),
+            Message::ListReply(ListReply {
+                objects: vec![ListedObject {
+                    key: key(),
+                    state: ObjectState {
+                        version: ObjectVersion(4),
+                        len_bytes: 5,
+                    },
+                }],
+                more: true,
+            }),
+        ];
+        for msg in samples {
+            check_round_trip(msg);
+        }
+    }
+
+    #[test]
+    fn kind_numbers_are_unique() {
+        let mut seen = std::collections::HashSet::new();
+        for (num, name, _) in Message::KINDS {
+            assert!(seen.insert(*num), "kind {num} ({name}) used twice");
+        }
+    }
+
+    #[test]
+    fn trailing_and_unknown_are_errors() {
+        let mut body = Message::Ping(Ping {}).encode_body();
+        body.push(0);
+        assert!(matches!(
+            Message::decode(4, &body),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert_eq!(
+            Message::decode(999, &[]),
+            Err(DecodeError::UnknownKind(999))
+        );
+    }
+}

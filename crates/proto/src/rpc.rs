@@ -1,0 +1,690 @@
+//! The multiplexed transport: a client [`Connection`] that keeps many requests in flight on one
+//! TCP stream, a [`Pool`] of connections per peer, and [`serve`], the accept loop that runs a
+//! [`Handler`] for every request.
+//!
+//! Every connection opens with `Hello`/`HelloOk`. Frames are read with their lengths checked
+//! against [`Limits`] before a buffer is allocated. The data section is read into its own
+//! `Bytes` and written straight from the caller's `Bytes`, never copied through bincode.
+
+use crate::error::{ErrorBody, ErrorCode};
+use crate::frame::{FrameError, HEADER_LEN, Header, Limits, PROTOCOL_VERSION};
+use crate::ids::NodeId;
+use crate::msg::{DecodeError, Hello, HelloOk, Message};
+use bytes::{Bytes, BytesMut};
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+
+/// How long a peer may take to send its `Hello`.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for requests already in flight.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+const SOCKET_BUFFER_BYTES: usize = 256 << 10;
+
+/// An error of one call. [`RpcError::outcome`] tells whether the request may have happened.
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    #[error("failed to connect to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("handshake with {addr} failed: {detail}")]
+    Handshake { addr: SocketAddr, detail: String },
+    #[error("connection to {addr} is closed")]
+    Closed { addr: SocketAddr },
+    #[error("connection to {addr} lost with the request in flight: {detail}")]
+    ConnectionLost { addr: SocketAddr, detail: String },
+    #[error("no reply from {addr} within {after:?}")]
+    Timeout { addr: SocketAddr, after: Duration },
+    #[error("{0}")]
+    Remote(ErrorBody),
+    #[error("unexpected reply {got} to {request}")]
+    UnexpectedReply {
+        request: &'static str,
+        got: &'static str,
+    },
+}
+
+/// What a failed call means for the request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Nothing happened: the request was refused or never sent.
+    Rejected,
+    /// It may or may not have happened (lost connection, timeout): never assume either.
+    Unknown,
+}
+
+impl RpcError {
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            RpcError::Connect { .. }
+            | RpcError::Handshake { .. }
+            | RpcError::Closed { .. }
+            | RpcError::Remote(_) => Outcome::Rejected,
+            RpcError::ConnectionLost { .. }
+            | RpcError::Timeout { .. }
+            | RpcError::UnexpectedReply { .. } => Outcome::Unknown,
+        }
+    }
+
+    /// The remote error code, when the peer answered with an error.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            RpcError::Remote(body) => body.kind(),
+            _ => None,
+        }
+    }
+}
+
+/// Options of the calling side.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub limits: Limits,
+    pub peer_name: String,
+    /// Connections a [`Pool`] keeps to each peer.
+    pub conns_per_peer: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(60),
+            limits: Limits::default(),
+            peer_name: "client".to_string(),
+            conns_per_peer: 2,
+        }
+    }
+}
+
+/// One frame to send: the header and body in one buffer, the data beside it.
+struct OutFrame {
+    head: Vec<u8>,
+    data: Bytes,
+}
+
+fn out_frame(request_id: u64, msg: &Message, data: Bytes) -> OutFrame {
+    let body = msg.encode_body();
+    let header = Header {
+        version: PROTOCOL_VERSION,
+        kind: msg.kind(),
+        request_id,
+        body_len: u32::try_from(body.len()).unwrap_or(u32::MAX),
+        data_len: u32::try_from(data.len()).unwrap_or(u32::MAX),
+        data_crc32c: crc32c::crc32c(&data),
+    };
+    let mut head = Vec::with_capacity(HEADER_LEN + body.len());
+    header.encode(&mut head);
+    head.extend_from_slice(&body);
+    OutFrame { head, data }
+}
+
+/// A frame as read from a stream; the data checksum is checked by the reader.
+struct InFrame {
+    header: Header,
+    body: Vec<u8>,
+    data: Bytes,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+}
+
+/// Reads one frame. `Ok(None)` is a clean end of stream between frames.
+async fn read_frame<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    limits: &Limits,
+) -> Result<Option<InFrame>, ReadError> {
+    let mut raw = [0u8; HEADER_LEN];
+    let first = reader.read(&mut raw).await?;
+    if first == 0 {
+        return Ok(None);
+    }
+    reader.read_exact(&mut raw[first..]).await?;
+    let header = Header::decode(&raw, limits)?;
+    let mut body = vec![0u8; header.body_len as usize];
+    reader.read_exact(&mut body).await?;
+    let data_len = header.data_len as usize;
+    let mut data = BytesMut::with_capacity(data_len);
+    while data.len() < data_len {
+        let want = (data_len - data.len()) as u64;
+        let n = (&mut *reader).take(want).read_buf(&mut data).await?;
+        if n == 0 {
+            return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into()));
+        }
+    }
+    Ok(Some(InFrame {
+        header,
+        body,
+        data: data.freeze(),
+    }))
+}
+
+/// Sends frames from a channel, flushing whenever the channel runs dry.
+async fn write_loop<W: AsyncWrite + Unpin>(writer: W, mut rx: mpsc::Receiver<OutFrame>) {
+    let mut writer = BufWriter::with_capacity(SOCKET_BUFFER_BYTES, writer);
+    'outer: while let Some(mut frame) = rx.recv().await {
+        loop {
+            if writer.write_all(&frame.head).await.is_err()
+                || writer.write_all(&frame.data).await.is_err()
+            {
+                break 'outer;
+            }
+            match rx.try_recv() {
+                Ok(next) => frame = next,
+                Err(_) => break,
+            }
+        }
+        if writer.flush().await.is_err() {
+            break;
+        }
+    }
+    let _ = writer.shutdown().await;
+}
+
+type ReplySlot = oneshot::Sender<Result<(Message, Bytes), RpcError>>;
+
+struct Shared {
+    addr: SocketAddr,
+    pending: Mutex<HashMap<u64, ReplySlot>>,
+    closed: AtomicBool,
+}
+
+impl Shared {
+    fn fail_all(&self, detail: &str) {
+        self.closed.store(true, Ordering::SeqCst);
+        let drained: Vec<ReplySlot> = match self.pending.lock() {
+            Ok(mut map) => map.drain().map(|(_, slot)| slot).collect(),
+            Err(_) => Vec::new(),
+        };
+        for slot in drained {
+            let _ = slot.send(Err(RpcError::ConnectionLost {
+                addr: self.addr,
+                detail: detail.to_string(),
+            }));
+        }
+    }
+}
+
+/// A client connection with many requests in flight, matched to replies by request id.
+/// Cloning is cheap; the connection closes when the last clone is dropped.
+#[derive(Clone)]
+pub struct Connection {
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<OutFrame>,
+    next_id: Arc<AtomicU64>,
+    permits: Arc<Semaphore>,
+    opts: Arc<ClientOptions>,
+    server: HelloOk,
+}
+
+impl Connection {
+    /// Connects, performs the handshake and starts the reader and writer tasks.
+    pub async fn connect(addr: SocketAddr, opts: ClientOptions) -> Result<Connection, RpcError> {
+        let stream = tokio::time::timeout(opts.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| RpcError::Connect {
+                addr,
+                source: io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
+            })?
+            .map_err(|source| RpcError::Connect { addr, source })?;
+        let _ = stream.set_nodelay(true);
+        let (read_half, mut write_half) = stream.into_split();
+        let mut reader = BufReader::with_capacity(SOCKET_BUFFER_BYTES, read_half);
+
+        let hello = Message::Hello(Hello {
+            version_min: PROTOCOL_VERSION,
+            version_max: PROTOCOL_VERSION,
+            peer_name: opts.peer_name.clone(),
+        });
+        let frame = out_frame(0, &hello, Bytes::new());
+        let handshake = async {
+            write_half.write_all(&frame.head).await?;
+            write_half.flush().await?;
+            read_frame(&mut reader, &opts.limits).await
+        };
+        let reply = tokio::time::timeout(opts.connect_timeout, handshake)
+            .await
+            .map_err(|_| RpcError::Handshake {
+                addr,
+                detail: "no reply to hello".into(),
+            })?
+            .map_err(|e| RpcError::Handshake {
+                addr,
+                detail: e.to_string(),
+            })?
+            .ok_or_else(|| RpcError::Handshake {
+                addr,
+                detail: "connection closed during handshake".into(),
+            })?;
+        let server = match Message::decode(reply.header.kind, &reply.body) {
+            Ok(Message::HelloOk(ok)) => ok,
+            Ok(Message::Error(body)) => {
+                return Err(RpcError::Handshake {
+                    addr,
+                    detail: body.to_string(),
+                });
+            }
+            Ok(other) => {
+                return Err(RpcError::Handshake {
+                    addr,
+                    detail: format!("expected HelloOk, got {}", other.name()),
+                });
+            }
+            Err(e) => {
+                return Err(RpcError::Handshake {
+                    addr,
+                    detail: e.to_string(),
+                });
+            }
+        };
+
+        let shared = Arc::new(Shared {
+            addr,
+            pending: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
+        });
+        let (tx, rx) = mpsc::channel(opts.limits.inflight_max.max(1));
+        tokio::spawn(write_loop(write_half, rx));
+        tokio::spawn(client_read_loop(reader, shared.clone(), opts.limits));
+        Ok(Connection {
+            shared,
+            tx,
+            next_id: Arc::new(AtomicU64::new(1)),
+            permits: Arc::new(Semaphore::new(opts.limits.inflight_max.max(1))),
+            opts: Arc::new(opts),
+            server,
+        })
+    }
+
+    /// What the server said in its handshake reply.
+    pub fn server(&self) -> &HelloOk {
+        &self.server
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.shared.addr
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::SeqCst) || self.tx.is_closed()
+    }
+
+    /// Sends a request and waits for its reply. An `Error` reply becomes [`RpcError::Remote`].
+    pub async fn call(&self, msg: Message, data: Bytes) -> Result<(Message, Bytes), RpcError> {
+        let addr = self.shared.addr;
+        let timeout = self.opts.request_timeout;
+        if self.is_closed() {
+            return Err(RpcError::Closed { addr });
+        }
+        let _permit = tokio::time::timeout(timeout, self.permits.acquire())
+            .await
+            .map_err(|_| RpcError::Timeout {
+                addr,
+                after: timeout,
+            })?
+            .map_err(|_| RpcError::Closed { addr })?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (slot, reply) = oneshot::channel();
+        match self.shared.pending.lock() {
+            Ok(mut map) => {
+                map.insert(id, slot);
+            }
+            Err(_) => return Err(RpcError::Closed { addr }),
+        }
+        let request = msg.name();
+        if self.tx.send(out_frame(id, &msg, data)).await.is_err() {
+            self.forget(id);
+            return Err(RpcError::Closed { addr });
+        }
+        match tokio::time::timeout(timeout, reply).await {
+            Err(_) => {
+                self.forget(id);
+                Err(RpcError::Timeout {
+                    addr,
+                    after: timeout,
+                })
+            }
+            Ok(Err(_)) => Err(RpcError::ConnectionLost {
+                addr,
+                detail: "reader stopped".into(),
+            }),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Ok(Ok((Message::Error(body), _)))) => Err(RpcError::Remote(body)),
+            Ok(Ok(Ok((Message::HelloOk(_), _)))) => Err(RpcError::UnexpectedReply {
+                request,
+                got: "HelloOk",
+            }),
+            Ok(Ok(Ok(reply))) => Ok(reply),
+        }
+    }
+
+    fn forget(&self, id: u64) {
+        if let Ok(mut map) = self.shared.pending.lock() {
+            map.remove(&id);
+        }
+    }
+}
+
+async fn client_read_loop<R: AsyncRead + Unpin>(
+    mut reader: R,
+    shared: Arc<Shared>,
+    limits: Limits,
+) {
+    loop {
+        let frame = match read_frame(&mut reader, &limits).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => {
+                shared.fail_all("closed by peer");
+                return;
+            }
+            Err(e) => {
+                debug!(addr = %shared.addr, error = %e, "connection failed");
+                shared.fail_all(&e.to_string());
+                return;
+            }
+        };
+        let id = frame.header.request_id;
+        let result = if crc32c::crc32c(&frame.data) != frame.header.data_crc32c {
+            Err(RpcError::Remote(ErrorBody::new(
+                ErrorCode::DataChecksum,
+                "reply data damaged in transit",
+            )))
+        } else {
+            match Message::decode(frame.header.kind, &frame.body) {
+                Ok(msg) => Ok((msg, frame.data)),
+                Err(e) => Err(RpcError::Remote(ErrorBody::new(
+                    ErrorCode::Malformed,
+                    format!("reply did not decode: {e}"),
+                ))),
+            }
+        };
+        let slot = shared.pending.lock().ok().and_then(|mut m| m.remove(&id));
+        match slot {
+            Some(slot) => {
+                let _ = slot.send(result);
+            }
+            // The caller gave up (timeout); the late reply is dropped.
+            None => debug!(addr = %shared.addr, id, "reply for a request no longer waited on"),
+        }
+    }
+}
+
+/// A pool of connections per peer, replacing dead ones on demand.
+pub struct Pool {
+    opts: ClientOptions,
+    peers: tokio::sync::Mutex<HashMap<SocketAddr, Vec<Connection>>>,
+    next: AtomicUsize,
+}
+
+impl Pool {
+    pub fn new(opts: ClientOptions) -> Pool {
+        Pool {
+            opts,
+            peers: tokio::sync::Mutex::new(HashMap::new()),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn options(&self) -> &ClientOptions {
+        &self.opts
+    }
+
+    /// Returns a live connection to `addr`, opening one if the peer has fewer than
+    /// `conns_per_peer`.
+    pub async fn get(&self, addr: SocketAddr) -> Result<Connection, RpcError> {
+        let mut peers = self.peers.lock().await;
+        let conns = peers.entry(addr).or_default();
+        conns.retain(|c| !c.is_closed());
+        if conns.len() < self.opts.conns_per_peer.max(1) {
+            let conn = Connection::connect(addr, self.opts.clone()).await?;
+            conns.push(conn.clone());
+            return Ok(conn);
+        }
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % conns.len();
+        Ok(conns[index].clone())
+    }
+
+    /// Sends one request to `addr` over a pooled connection.
+    pub async fn call(
+        &self,
+        addr: SocketAddr,
+        msg: Message,
+        data: Bytes,
+    ) -> Result<(Message, Bytes), RpcError> {
+        self.get(addr).await?.call(msg, data).await
+    }
+
+    /// Drops every connection to `addr` (after the peer restarted, say).
+    pub async fn forget(&self, addr: SocketAddr) {
+        self.peers.lock().await.remove(&addr);
+    }
+}
+
+/// The serving side's request handler.
+pub trait Handler: Send + Sync + 'static {
+    /// This node's id, sent in the handshake.
+    fn node(&self) -> NodeId;
+
+    /// Handles one request. The reply's data section is the returned `Bytes`.
+    fn handle(
+        &self,
+        msg: Message,
+        data: Bytes,
+    ) -> impl Future<Output = Result<(Message, Bytes), ErrorBody>> + Send;
+}
+
+/// Accepts connections until `shutdown` turns true, then stops reading new requests, waits
+/// (bounded) for those in flight, and returns.
+pub async fn serve<H: Handler>(
+    listener: TcpListener,
+    handler: Arc<H>,
+    limits: Limits,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    tasks.spawn(serve_connection(stream, peer, handler.clone(), limits, shutdown.clone()));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: keep serving the others.
+                    warn!(error = %e, "failed to accept a connection");
+                    tokio::task::yield_now().await;
+                }
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+    drop(listener);
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
+        warn!("requests still in flight after the drain timeout; abandoning them");
+    }
+}
+
+async fn serve_connection<H: Handler>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    handler: Arc<H>,
+    limits: Limits,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let (read_half, write_half) = stream.into_split();
+    let mut reader = BufReader::with_capacity(SOCKET_BUFFER_BYTES, read_half);
+    let (tx, rx) = mpsc::channel::<OutFrame>(limits.inflight_max.max(1));
+    let writer = tokio::spawn(write_loop(write_half, rx));
+
+    let reply_error = |id: u64, code: ErrorCode, detail: String| {
+        out_frame(
+            id,
+            &Message::Error(ErrorBody::new(code, detail)),
+            Bytes::new(),
+        )
+    };
+
+    // The handshake: the first frame must be a Hello with a version in common.
+    let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut reader, &limits)).await;
+    let first = match first {
+        Ok(Ok(Some(frame))) => frame,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            debug!(%peer, error = %e, "bad frame before handshake");
+            let code = match &e {
+                ReadError::Frame(f) => frame_error_code(f),
+                ReadError::Io(_) => ErrorCode::Malformed,
+            };
+            let _ = tx.send(reply_error(0, code, e.to_string())).await;
+            drop(tx);
+            let _ = writer.await;
+            return;
+        }
+        Err(_) => {
+            debug!(%peer, "no hello within the handshake timeout");
+            return;
+        }
+    };
+    let id = first.header.request_id;
+    match Message::decode(first.header.kind, &first.body) {
+        Ok(Message::Hello(hello))
+            if hello.version_min <= PROTOCOL_VERSION && PROTOCOL_VERSION <= hello.version_max =>
+        {
+            debug!(%peer, name = %hello.peer_name, "handshake done");
+            let ok = Message::HelloOk(HelloOk {
+                version: PROTOCOL_VERSION,
+                node: handler.node(),
+            });
+            if tx.send(out_frame(id, &ok, Bytes::new())).await.is_err() {
+                return;
+            }
+        }
+        Ok(Message::Hello(hello)) => {
+            let detail = format!(
+                "peer speaks versions {}..={}, this node speaks {PROTOCOL_VERSION}",
+                hello.version_min, hello.version_max
+            );
+            let _ = tx
+                .send(reply_error(id, ErrorCode::UnsupportedVersion, detail))
+                .await;
+            drop(tx);
+            let _ = writer.await;
+            return;
+        }
+        _ => {
+            let detail = "the first frame must be Hello".to_string();
+            let _ = tx.send(reply_error(id, ErrorCode::Malformed, detail)).await;
+            drop(tx);
+            let _ = writer.await;
+            return;
+        }
+    }
+
+    let permits = Arc::new(Semaphore::new(limits.inflight_max.max(1)));
+    loop {
+        let frame = tokio::select! {
+            _ = shutdown.changed() => break,
+            read = read_frame(&mut reader, &limits) => read,
+        };
+        let frame = match frame {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(ReadError::Io(e)) => {
+                debug!(%peer, error = %e, "connection read failed");
+                break;
+            }
+            Err(ReadError::Frame(e)) => {
+                // The stream position is unknown after a bad header: answer and close.
+                info!(%peer, error = %e, "closing connection after a bad frame");
+                let _ = tx
+                    .send(reply_error(0, frame_error_code(&e), e.to_string()))
+                    .await;
+                break;
+            }
+        };
+        let id = frame.header.request_id;
+        let kind = frame.header.kind;
+        if crc32c::crc32c(&frame.data) != frame.header.data_crc32c {
+            let detail = "request data damaged in transit".to_string();
+            if tx
+                .send(reply_error(id, ErrorCode::DataChecksum, detail))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            continue;
+        }
+        let msg = match Message::decode(kind, &frame.body) {
+            Ok(msg) if !frame.data.is_empty() && !Message::kind_carries_data(kind) => Err((
+                ErrorCode::Malformed,
+                format!("{} carries no data section", msg.name()),
+            )),
+            Ok(msg) => Ok(msg),
+            Err(DecodeError::UnknownKind(k)) => {
+                Err((ErrorCode::UnknownKind, format!("unknown message kind {k}")))
+            }
+            Err(DecodeError::Malformed(detail)) => Err((ErrorCode::Malformed, detail)),
+        };
+        let msg = match msg {
+            Ok(msg) => msg,
+            Err((code, detail)) => {
+                debug!(%peer, id, kind, %detail, "refused request");
+                if tx.send(reply_error(id, code, detail)).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+        };
+        // Backpressure: stop reading while the connection has its maximum in flight.
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
+        let handler = handler.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let reply = match handler.handle(msg, frame.data).await {
+                Ok((reply, data)) => out_frame(id, &reply, data),
+                Err(body) => out_frame(id, &Message::Error(body), Bytes::new()),
+            };
+            let _ = tx.send(reply).await;
+            drop(permit);
+        });
+    }
+    // Let requests in flight finish and their replies go out, then close.
+    let _ = tokio::time::timeout(
+        DRAIN_TIMEOUT,
+        permits.acquire_many(limits.inflight_max.max(1) as u32),
+    )
+    .await;
+    drop(tx);
+    let _ = writer.await;
+}
+
+fn frame_error_code(e: &FrameError) -> ErrorCode {
+    match e {
+        FrameError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
+        FrameError::BodyTooLarge { .. } | FrameError::DataTooLarge { .. } => ErrorCode::TooLarge,
+        FrameError::DataChecksum { .. } => ErrorCode::DataChecksum,
+        FrameError::BadMagic { .. } | FrameError::HeaderChecksum { .. } => ErrorCode::Malformed,
+    }
+}

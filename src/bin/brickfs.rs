@@ -1,0 +1,5 @@
+//! The `brickfs` admin CLI.
+
+fn main() -> std::process::ExitCode {
+    brickfs_cli::main()
+}
