@@ -1,0 +1,244 @@
+//! Invariant 5: bad input never crashes a daemon. Each malformed conversation below gets a
+//! clear error frame or a closed connection, and the daemon goes on serving a well-behaved
+//! client afterwards.
+
+mod common;
+
+use brickfs_proto::frame::{HEADER_LEN, Header, Limits, PROTOCOL_VERSION, encode_frame};
+use brickfs_proto::msg::{Hello, OpenBrick, Ping};
+use brickfs_proto::{ErrorBody, ErrorCode, Message};
+use common::*;
+use rand::RngCore;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+const IO_TIMEOUT: Duration = Duration::from_secs(20);
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT).unwrap();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    s
+}
+
+fn send(s: &mut TcpStream, id: u64, msg: &Message, data: &[u8]) {
+    s.write_all(&encode_frame(msg.kind(), id, &msg.encode_body(), data))
+        .unwrap();
+}
+
+/// Reads one frame; `None` when the server closed the connection.
+fn recv(s: &mut TcpStream) -> Option<(Header, Message)> {
+    let mut raw = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        match s.read(&mut raw[got..]) {
+            Ok(0) => return None,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+            Err(e) => panic!("read failed (the server neither answered nor closed): {e}"),
+        }
+    }
+    let header = Header::decode(&raw, &Limits::default()).expect("server frame header");
+    let mut payload = vec![0u8; header.payload_len()];
+    s.read_exact(&mut payload).unwrap();
+    let msg = Message::decode(header.kind, &payload[..header.body_len as usize]).unwrap();
+    Some((header, msg))
+}
+
+fn expect_error(reply: Option<(Header, Message)>, code: ErrorCode) -> (Header, ErrorBody) {
+    match reply {
+        Some((h, Message::Error(body))) if body.is(code) => (h, body),
+        other => panic!("expected error {code:?}, got {other:?}"),
+    }
+}
+
+/// Reads until the server closes; fails if it keeps the connection open.
+fn expect_closed(s: &mut TcpStream) {
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+            Err(e) => panic!("connection not closed: {e}"),
+        }
+    }
+}
+
+fn handshake(s: &mut TcpStream) {
+    let hello = Message::Hello(Hello {
+        version_min: PROTOCOL_VERSION,
+        version_max: PROTOCOL_VERSION,
+        peer_name: "raw".into(),
+    });
+    send(s, 0, &hello, &[]);
+    match recv(s) {
+        Some((_, Message::HelloOk(_))) => {}
+        other => panic!("expected HelloOk, got {other:?}"),
+    }
+}
+
+async fn must_still_serve(addr: SocketAddr) {
+    let c = client();
+    c.ping(addr)
+        .await
+        .expect("daemon still serves a good client");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_get_errors_and_the_daemon_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, _brick) = must_start_single(dir.path()).await;
+    let addr = node.addr();
+
+    // A request before the handshake is refused and the connection closed.
+    let mut s = connect(addr);
+    send(&mut s, 1, &Message::Ping(Ping {}), &[]);
+    expect_error(recv(&mut s), ErrorCode::Malformed);
+    expect_closed(&mut s);
+    must_still_serve(addr).await;
+
+    // A Hello for versions this node does not speak.
+    let mut s = connect(addr);
+    let hello = Message::Hello(Hello {
+        version_min: 7,
+        version_max: 9,
+        peer_name: "future".into(),
+    });
+    send(&mut s, 0, &hello, &[]);
+    expect_error(recv(&mut s), ErrorCode::UnsupportedVersion);
+    expect_closed(&mut s);
+
+    // An unknown kind is answered, and the connection stays usable.
+    let mut s = connect(addr);
+    handshake(&mut s);
+    s.write_all(&encode_frame(999, 5, b"whatever", &[]))
+        .unwrap();
+    let (h, _) = expect_error(recv(&mut s), ErrorCode::UnknownKind);
+    assert_eq!(h.request_id, 5);
+    send(&mut s, 6, &Message::Ping(Ping {}), &[]);
+    match recv(&mut s) {
+        Some((h, Message::Pong(_))) => assert_eq!(h.request_id, 6),
+        other => panic!("expected Pong, got {other:?}"),
+    }
+
+    // A body that does not decode, a data section where none belongs, and data damaged in
+    // transit: each is answered on the same connection.
+    s.write_all(&encode_frame(18, 7, &[0xff; 3], &[])).unwrap();
+    expect_error(recv(&mut s), ErrorCode::Malformed);
+    send(&mut s, 8, &Message::Ping(Ping {}), b"unexpected data");
+    expect_error(recv(&mut s), ErrorCode::Malformed);
+    let mut damaged = encode_frame(4, 9, &Message::Ping(Ping {}).encode_body(), b"abc");
+    let last = damaged.len() - 1;
+    damaged[last] ^= 1;
+    s.write_all(&damaged).unwrap();
+    expect_error(recv(&mut s), ErrorCode::DataChecksum);
+
+    // A brick path with `..`, a relative one, and one that is not served.
+    for (path, code) in [
+        ("/srv/../etc", ErrorCode::InvalidPath),
+        ("brick0", ErrorCode::InvalidPath),
+        ("/no/such/brick", ErrorCode::UnknownBrick),
+    ] {
+        let open = Message::OpenBrick(OpenBrick { path: path.into() });
+        send(&mut s, 10, &open, &[]);
+        let (_, body) = expect_error(recv(&mut s), code);
+        assert!(!body.detail.is_empty());
+    }
+    // A reply kind sent as a request.
+    send(
+        &mut s,
+        11,
+        &Message::Pong(brickfs_proto::msg::Pong {
+            node: brickfs_proto::NodeId(1),
+        }),
+        &[],
+    );
+    expect_error(recv(&mut s), ErrorCode::Malformed);
+
+    // An oversized length: refused before anything is allocated, then closed.
+    let huge = Header {
+        version: PROTOCOL_VERSION,
+        kind: 20,
+        request_id: 12,
+        body_len: 16,
+        data_len: 1 << 30,
+        data_crc32c: 0,
+    };
+    let mut raw = Vec::new();
+    huge.encode(&mut raw);
+    s.write_all(&raw).unwrap();
+    expect_error(recv(&mut s), ErrorCode::TooLarge);
+    expect_closed(&mut s);
+    must_still_serve(addr).await;
+
+    // A truncated frame, then the client goes away.
+    let mut s = connect(addr);
+    handshake(&mut s);
+    let frame = encode_frame(4, 13, &Message::Ping(Ping {}).encode_body(), &[]);
+    s.write_all(&frame[..HEADER_LEN / 2]).unwrap();
+    drop(s);
+    let mut s = connect(addr);
+    handshake(&mut s);
+    let frame = encode_frame(22, 14, &[0u8; 40], &[]);
+    s.write_all(&frame[..HEADER_LEN + 10]).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    expect_closed(&mut s);
+    must_still_serve(addr).await;
+
+    // Random garbage, before and after a handshake.
+    let mut rng = rand::rng();
+    for round in 0..20 {
+        let mut garbage = vec![0u8; 1 + (rng.next_u32() as usize % 8192)];
+        rng.fill_bytes(&mut garbage);
+        let mut s = connect(addr);
+        if round % 2 == 1 {
+            handshake(&mut s);
+        }
+        // The server may close while we are still writing: that is a fine answer too.
+        let _ = s.write_all(&garbage);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        expect_closed(&mut s);
+    }
+    must_still_serve(addr).await;
+    assert_eq!(node.error_lines(), 0, "{}", node.log_tail(30));
+}
+
+/// Many requests in flight on one connection are matched to their replies by request id,
+/// whatever order the replies come back in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_match_requests_with_many_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, brick) = must_start_single(dir.path()).await;
+    let addr = node.addr();
+    let conn = brickfs_proto::rpc::Connection::connect(addr, Default::default())
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..64u64 {
+        let conn = conn.clone();
+        tasks.push(tokio::spawn(async move {
+            let k = key(1000 + i, 0);
+            let len = 1 + (i as usize * 7919) % 300_000;
+            let msg = Message::Write(brickfs_proto::msg::Write {
+                brick,
+                key: k,
+                offset_bytes: 0,
+                sync: false,
+            });
+            conn.call(msg, pattern(i, 0, len)).await.unwrap();
+            let msg = Message::Read(brickfs_proto::msg::Read {
+                brick,
+                key: k,
+                offset_bytes: 0,
+                len_bytes: 1 << 20,
+            });
+            let (_, data) = conn.call(msg, bytes::Bytes::new()).await.unwrap();
+            assert!(data == pattern(i, 0, len), "object {i}");
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
