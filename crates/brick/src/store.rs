@@ -384,7 +384,9 @@ impl BrickStore {
         if !data.is_empty() {
             // The old last block, if partial and wholly before the write, now extends with
             // zeros: its checksum covers more bytes.
-            if old_len % BLOCK_BYTES != 0 && old_len / BLOCK_BYTES < offset_bytes / BLOCK_BYTES {
+            if !old_len.is_multiple_of(BLOCK_BYTES)
+                && old_len / BLOCK_BYTES < offset_bytes / BLOCK_BYTES
+            {
                 let block = old_len / BLOCK_BYTES;
                 let mut bytes = self.read_block_verified(key, &file, &path, block, old_len)?;
                 bytes.resize(BLOCK_BYTES as usize, 0);
@@ -488,7 +490,7 @@ impl BrickStore {
         let mut batch = WriteBatch::default();
         if len_bytes < old_len {
             let keep_blocks = len_bytes.div_ceil(BLOCK_BYTES);
-            if len_bytes % BLOCK_BYTES != 0 {
+            if !len_bytes.is_multiple_of(BLOCK_BYTES) {
                 let block = len_bytes / BLOCK_BYTES;
                 let mut bytes = self.read_block_verified(key, &file, &path, block, old_len)?;
                 bytes.truncate((len_bytes - block * BLOCK_BYTES) as usize);
@@ -496,7 +498,7 @@ impl BrickStore {
             }
             let old_blocks = old_len.div_ceil(BLOCK_BYTES);
             batch.delete_range(crc_key(key, keep_blocks), crc_key(key, old_blocks));
-        } else if len_bytes > old_len && old_len % BLOCK_BYTES != 0 {
+        } else if len_bytes > old_len && !old_len.is_multiple_of(BLOCK_BYTES) {
             let block = old_len / BLOCK_BYTES;
             let mut bytes = self.read_block_verified(key, &file, &path, block, old_len)?;
             let block_end = ((block + 1) * BLOCK_BYTES).min(len_bytes);
