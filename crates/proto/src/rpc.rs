@@ -32,7 +32,7 @@ const SOCKET_BUFFER_BYTES: usize = 256 << 10;
 /// An error of one call. [`RpcError::outcome`] tells whether the request may have happened.
 #[derive(Debug, thiserror::Error)]
 pub enum RpcError {
-    #[error("failed to connect to {addr}: {source}")]
+    #[error("failed to connect to {addr}")]
     Connect {
         addr: SocketAddr,
         #[source]
