@@ -1,4 +1,19 @@
-//! brickfs-meta: the metadata group (openraft on RocksDB) holding the cluster map, volumes,
-//! the namespace, sessions and locks.
+//! brickfs-meta: the metadata group — openraft on RocksDB holding the cluster map, volumes, the
+//! namespace, sessions and (next) locks.
 //!
-//! Not built yet: issue 3 fills this crate. Read `docs/architecture.md` § meta.
+//! - [`types`]: the openraft type configuration and the log's command record.
+//! - [`sm`]: the state machine's deterministic logic (namespace rules, sessions, exactly-once).
+//! - [`kv`]: the key-value view that logic runs on.
+//! - [`store`]: the Raft log and state machine in RocksDB column families.
+//! - [`network`]: Raft RPCs over the brickfs protocol.
+//! - [`node`]: one member: the Raft instance, its service for clients, its housekeeping.
+//!
+//! It must never read the wall clock inside the state machine (the leader stamps commands) and
+//! never acknowledge a log entry before it is durable. Read `sm.rs` next.
+
+pub mod kv;
+pub mod network;
+pub mod node;
+pub mod sm;
+pub mod store;
+pub mod types;

@@ -47,11 +47,31 @@ pub enum ErrorCode {
     PermissionDenied = 19,
     /// Data carried by the frame does not match its checksum (damaged in transit).
     DataChecksum = 20,
+    /// Not a directory (ENOTDIR).
+    NotDir = 21,
+    /// Is a directory (EISDIR).
+    IsDir = 22,
+    /// Directory not empty (ENOTEMPTY).
+    NotEmpty = 23,
+    /// A name longer than 255 bytes (ENAMETOOLONG).
+    NameTooLong = 24,
+    /// Across volumes (EXDEV).
+    CrossDevice = 25,
+    /// A conflicting lock is held (EAGAIN for a non-blocking lock).
+    WouldBlock = 26,
+    /// The session's lease ran out or the session is unknown; open a new one.
+    SessionExpired = 27,
+    /// No such attribute (ENODATA).
+    NoData = 28,
+    /// The request was already answered and its answer forgotten (a retry from too long ago).
+    StaleRequest = 29,
+    /// Too many links (EMLINK).
+    TooManyLinks = 30,
 }
 
 impl ErrorCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 20] = [
+    pub const ALL: [ErrorCode; 30] = [
         ErrorCode::Malformed,
         ErrorCode::UnknownKind,
         ErrorCode::UnsupportedVersion,
@@ -72,6 +92,16 @@ impl ErrorCode {
         ErrorCode::ReadOnly,
         ErrorCode::PermissionDenied,
         ErrorCode::DataChecksum,
+        ErrorCode::NotDir,
+        ErrorCode::IsDir,
+        ErrorCode::NotEmpty,
+        ErrorCode::NameTooLong,
+        ErrorCode::CrossDevice,
+        ErrorCode::WouldBlock,
+        ErrorCode::SessionExpired,
+        ErrorCode::NoData,
+        ErrorCode::StaleRequest,
+        ErrorCode::TooManyLinks,
     ];
 
     /// The code's wire number.
@@ -111,6 +141,16 @@ pub fn errno_for_code(raw: u16) -> i32 {
         ErrorCode::ShuttingDown => libc::ENOTCONN,
         ErrorCode::ReadOnly => libc::EROFS,
         ErrorCode::PermissionDenied => libc::EACCES,
+        ErrorCode::NotDir => libc::ENOTDIR,
+        ErrorCode::IsDir => libc::EISDIR,
+        ErrorCode::NotEmpty => libc::ENOTEMPTY,
+        ErrorCode::NameTooLong => libc::ENAMETOOLONG,
+        ErrorCode::CrossDevice => libc::EXDEV,
+        ErrorCode::WouldBlock => libc::EAGAIN,
+        ErrorCode::SessionExpired => libc::ESTALE,
+        ErrorCode::NoData => libc::ENODATA,
+        ErrorCode::StaleRequest => libc::EIO,
+        ErrorCode::TooManyLinks => libc::EMLINK,
     }
 }
 

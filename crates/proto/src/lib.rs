@@ -13,6 +13,7 @@
 pub mod error;
 pub mod frame;
 pub mod ids;
+pub mod meta;
 pub mod msg;
 pub mod rpc;
 

@@ -268,6 +268,14 @@ messages! {
     33 => ListReply(ListReply), data: false;
     34 => Statfs(Statfs), data: false;
     35 => StatfsReply(StatfsReply), data: false;
+    48 => MetaWrite(crate::meta::MetaWrite), data: false;
+    49 => MetaRead(crate::meta::MetaReadReq), data: false;
+    50 => MetaOk(crate::meta::MetaReply), data: false;
+    51 => MetaRedirect(crate::meta::MetaRedirect), data: false;
+    52 => MetaAdmin(crate::meta::MetaAdmin), data: false;
+    53 => GroupStatus(crate::meta::GroupStatus), data: false;
+    54 => RaftRpc(crate::meta::RaftRpc), data: true;
+    55 => RaftRpcReply(crate::meta::RaftRpcReply), data: true;
 }
 
 #[cfg(test)]

@@ -1,0 +1,985 @@
+//! The state machine's logic: how each command changes the state, and how reads see it.
+//! Deterministic: the same commands on the same state give the same state and answers on every
+//! member, because time comes from the command (stamped by the leader), never from the clock.
+//!
+//! State lives in a key-value space (see [`keys`]); records are bincode with a leading format
+//! enum. Failures are POSIX-shaped `ErrorCode`s.
+
+use crate::kv::{KvRead, Overlay};
+use crate::types::{Command, CommandResult};
+use brickfs_proto::meta::{
+    Attr, BrickRecord, DirEntry, FileKind, MetaOp, MetaRead, MetaReply, NodeRecord, RenameFlags,
+    SessionId, SessionInfo, SetAttr, VolumeRecord,
+};
+use brickfs_proto::{ErrorBody, ErrorCode, Ino, VolumeId};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+/// The longest name in a directory, as on Linux.
+pub const NAME_MAX_BYTES: usize = 255;
+/// The longest symlink target.
+pub const SYMLINK_MAX_BYTES: usize = 4095;
+/// The most entries one `ReadDir` returns.
+pub const READDIR_MAX: usize = 4096;
+/// The most hard links to one inode.
+pub const LINK_MAX: u32 = 65_000;
+pub const XATTR_NAME_MAX_BYTES: usize = 255;
+pub const XATTR_VALUE_MAX_BYTES: usize = 64 << 10;
+/// The root directory's inode number in every volume.
+pub const ROOT_INO: Ino = Ino(1);
+
+/// Key layout of the state column family. One leading byte per table; integers big-endian so
+/// that keys sort numerically.
+pub mod keys {
+    use brickfs_proto::meta::SessionId;
+    use brickfs_proto::{BrickId, Ino, NodeId, VolumeId};
+
+    pub const APPLIED: &[u8] = b"\x00applied";
+    pub const MEMBERSHIP: &[u8] = b"\x00membership";
+
+    pub fn counter(name: &str) -> Vec<u8> {
+        [b"C", name.as_bytes()].concat()
+    }
+    pub fn node(id: NodeId) -> Vec<u8> {
+        [b"N".as_slice(), &id.0.to_be_bytes()].concat()
+    }
+    pub fn brick(id: BrickId) -> Vec<u8> {
+        [b"B".as_slice(), &id.0.to_be_bytes()].concat()
+    }
+    pub fn volume(id: VolumeId) -> Vec<u8> {
+        [b"V".as_slice(), &id.0.to_be_bytes()].concat()
+    }
+    pub fn volume_name(name: &str) -> Vec<u8> {
+        [b"W", name.as_bytes()].concat()
+    }
+    pub fn inode(v: VolumeId, ino: Ino) -> Vec<u8> {
+        [b"I".as_slice(), &v.0.to_be_bytes(), &ino.0.to_be_bytes()].concat()
+    }
+    pub fn dir_prefix(v: VolumeId, dir: Ino) -> Vec<u8> {
+        [b"D".as_slice(), &v.0.to_be_bytes(), &dir.0.to_be_bytes()].concat()
+    }
+    pub fn dentry(v: VolumeId, dir: Ino, name: &str) -> Vec<u8> {
+        [dir_prefix(v, dir).as_slice(), name.as_bytes()].concat()
+    }
+    pub fn xattr_prefix(v: VolumeId, ino: Ino) -> Vec<u8> {
+        [b"X".as_slice(), &v.0.to_be_bytes(), &ino.0.to_be_bytes()].concat()
+    }
+    pub fn xattr(v: VolumeId, ino: Ino, name: &str) -> Vec<u8> {
+        [xattr_prefix(v, ino).as_slice(), name.as_bytes()].concat()
+    }
+    pub fn session(id: SessionId) -> Vec<u8> {
+        [b"S".as_slice(), &id.0.to_be_bytes()].concat()
+    }
+    pub fn reply_prefix(id: SessionId) -> Vec<u8> {
+        [b"R".as_slice(), &id.0.to_be_bytes()].concat()
+    }
+    pub fn reply(id: SessionId, seq: u64) -> Vec<u8> {
+        [reply_prefix(id).as_slice(), &seq.to_be_bytes()].concat()
+    }
+    pub fn gc(v: VolumeId, ino: Ino) -> Vec<u8> {
+        [b"G".as_slice(), &v.0.to_be_bytes(), &ino.0.to_be_bytes()].concat()
+    }
+}
+
+/// An inode as stored: attributes plus what only the metadata group needs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InodeV1 {
+    pub attr: Attr,
+    /// For a directory: its parent (the root is its own parent).
+    pub parent: Ino,
+    /// For a directory: how many entries it holds.
+    pub entries: u64,
+    /// For a symlink: its target.
+    pub target: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+enum InodeRecord {
+    V1(InodeV1),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct DentryV1 {
+    ino: Ino,
+    kind: FileKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct SessionV1 {
+    client: String,
+    lease_ms: u64,
+    expires_ns: i64,
+    /// Requests below this were answered and their answers dropped.
+    acked_below: u64,
+}
+
+type Res<T> = Result<T, ErrorBody>;
+
+fn err(code: ErrorCode, detail: impl Into<String>) -> ErrorBody {
+    ErrorBody::new(code, detail)
+}
+
+fn internal(e: impl std::fmt::Display) -> ErrorBody {
+    err(ErrorCode::Internal, format!("metadata state: {e}"))
+}
+
+fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    brickfs_proto::msg::encode_body(v)
+}
+
+fn dec<T: DeserializeOwned>(raw: &[u8]) -> Res<T> {
+    brickfs_proto::msg::decode_body(raw).map_err(internal)
+}
+
+fn get<T: DeserializeOwned>(kv: &impl KvRead, key: &[u8]) -> Res<Option<T>> {
+    kv.get(key)
+        .map_err(internal)?
+        .map(|raw| dec(&raw))
+        .transpose()
+}
+
+fn check_name(name: &str) -> Res<()> {
+    if name.len() > NAME_MAX_BYTES {
+        return Err(err(
+            ErrorCode::NameTooLong,
+            format!("name of {} bytes", name.len()),
+        ));
+    }
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
+        return Err(err(
+            ErrorCode::InvalidPath,
+            format!("invalid name {name:?}"),
+        ));
+    }
+    Ok(())
+}
+
+fn load_inode(kv: &impl KvRead, v: VolumeId, ino: Ino) -> Res<InodeV1> {
+    match get::<InodeRecord>(kv, &keys::inode(v, ino))? {
+        Some(InodeRecord::V1(i)) => Ok(i),
+        None => Err(err(
+            ErrorCode::NotFound,
+            format!("inode {ino} of volume {v}"),
+        )),
+    }
+}
+
+fn load_dir(kv: &impl KvRead, v: VolumeId, ino: Ino) -> Res<InodeV1> {
+    let i = load_inode(kv, v, ino)?;
+    if i.attr.kind != FileKind::Dir {
+        return Err(err(
+            ErrorCode::NotDir,
+            format!("inode {ino} is not a directory"),
+        ));
+    }
+    Ok(i)
+}
+
+fn lookup_entry(kv: &impl KvRead, v: VolumeId, dir: Ino, name: &str) -> Res<Option<DentryV1>> {
+    get(kv, &keys::dentry(v, dir, name))
+}
+
+fn check_volume(kv: &impl KvRead, v: VolumeId) -> Res<VolumeRecord> {
+    get::<VolumeRecord>(kv, &keys::volume(v))?
+        .ok_or_else(|| err(ErrorCode::NotFound, format!("volume {v}")))
+}
+
+/// Applies commands to a batch.
+pub struct Applier<'a, 'b, B: KvRead> {
+    kv: &'b mut Overlay<'a, B>,
+    now_ns: i64,
+}
+
+impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
+    fn put_inode(&mut self, v: VolumeId, i: &InodeV1) {
+        self.kv
+            .put(keys::inode(v, i.attr.ino), enc(&InodeRecord::V1(i.clone())));
+    }
+
+    fn next_counter(&mut self, name: &str) -> Res<u64> {
+        let key = keys::counter(name);
+        let next = get::<u64>(self.kv, &key)?.unwrap_or(1);
+        self.kv.put(key, enc(&(next + 1)));
+        Ok(next)
+    }
+
+    fn new_inode(
+        &mut self,
+        v: VolumeId,
+        kind: FileKind,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Res<InodeV1> {
+        let ino = Ino(self.next_counter(&format!("ino/{}", v.0))?);
+        Ok(InodeV1 {
+            attr: Attr {
+                ino,
+                kind,
+                mode: mode & 0o7777,
+                uid,
+                gid,
+                size_bytes: 0,
+                atime_ns: self.now_ns,
+                mtime_ns: self.now_ns,
+                ctime_ns: self.now_ns,
+                nlink: if kind == FileKind::Dir { 2 } else { 1 },
+                rdev: 0,
+            },
+            parent: Ino(0),
+            entries: 0,
+            target: None,
+        })
+    }
+
+    /// Inserts `name → child` into `dir`, updating the directory's counts and times.
+    fn add_entry(&mut self, v: VolumeId, dir: &mut InodeV1, name: &str, child: &InodeV1) {
+        self.kv.put(
+            keys::dentry(v, dir.attr.ino, name),
+            enc(&DentryV1 {
+                ino: child.attr.ino,
+                kind: child.attr.kind,
+            }),
+        );
+        dir.entries += 1;
+        if child.attr.kind == FileKind::Dir {
+            dir.attr.nlink += 1;
+        }
+        dir.attr.mtime_ns = self.now_ns;
+        dir.attr.ctime_ns = self.now_ns;
+    }
+
+    fn remove_entry(&mut self, v: VolumeId, dir: &mut InodeV1, name: &str, kind: FileKind) {
+        self.kv.delete(keys::dentry(v, dir.attr.ino, name));
+        dir.entries = dir.entries.saturating_sub(1);
+        if kind == FileKind::Dir {
+            dir.attr.nlink = dir.attr.nlink.saturating_sub(1);
+        }
+        dir.attr.mtime_ns = self.now_ns;
+        dir.attr.ctime_ns = self.now_ns;
+    }
+
+    /// Drops one link of `child`; when none is left, the inode goes and its data objects are
+    /// queued for removal from the bricks.
+    fn drop_link(&mut self, v: VolumeId, mut child: InodeV1) -> Res<()> {
+        let gone = match child.attr.kind {
+            FileKind::Dir => true,
+            _ => {
+                child.attr.nlink = child.attr.nlink.saturating_sub(1);
+                child.attr.nlink == 0
+            }
+        };
+        if gone {
+            self.kv.delete(keys::inode(v, child.attr.ino));
+            for (k, _) in self
+                .kv
+                .scan(&keys::xattr_prefix(v, child.attr.ino), None, usize::MAX)
+                .map_err(internal)?
+            {
+                self.kv.delete(k);
+            }
+            if child.attr.kind == FileKind::File {
+                self.kv
+                    .put(keys::gc(v, child.attr.ino), enc(&child.attr.size_bytes));
+            }
+        } else {
+            child.attr.ctime_ns = self.now_ns;
+            self.put_inode(v, &child);
+        }
+        Ok(())
+    }
+
+    fn create_node(
+        &mut self,
+        v: VolumeId,
+        parent: Ino,
+        name: &str,
+        mut child: InodeV1,
+    ) -> Res<MetaReply> {
+        check_name(name)?;
+        check_volume(self.kv, v)?;
+        let mut dir = load_dir(self.kv, v, parent)?;
+        if lookup_entry(self.kv, v, parent, name)?.is_some() {
+            return Err(err(ErrorCode::Exists, format!("{name:?} exists")));
+        }
+        if child.attr.kind == FileKind::Dir {
+            child.parent = parent;
+            if dir.attr.nlink >= LINK_MAX {
+                return Err(err(ErrorCode::TooManyLinks, "too many subdirectories"));
+            }
+        }
+        // A directory with the setgid bit passes its group (and, for directories, the bit).
+        if dir.attr.mode & 0o2000 != 0 {
+            child.attr.gid = dir.attr.gid;
+            if child.attr.kind == FileKind::Dir {
+                child.attr.mode |= 0o2000;
+            }
+        }
+        self.add_entry(v, &mut dir, name, &child);
+        self.put_inode(v, &dir);
+        self.put_inode(v, &child);
+        Ok(MetaReply::Attr(child.attr))
+    }
+
+    fn rename(
+        &mut self,
+        v: VolumeId,
+        parent: Ino,
+        name: &str,
+        new_parent: Ino,
+        new_name: &str,
+        flags: RenameFlags,
+    ) -> Res<MetaReply> {
+        check_name(name)?;
+        check_name(new_name)?;
+        if flags.noreplace && flags.exchange {
+            return Err(err(
+                ErrorCode::InvalidArgument,
+                "noreplace and exchange together",
+            ));
+        }
+        load_dir(self.kv, v, parent)?;
+        load_dir(self.kv, v, new_parent)?;
+        let src = lookup_entry(self.kv, v, parent, name)?
+            .ok_or_else(|| err(ErrorCode::NotFound, format!("{name:?}")))?;
+        let dst = lookup_entry(self.kv, v, new_parent, new_name)?;
+        if parent == new_parent && name == new_name {
+            return match (flags.noreplace, flags.exchange) {
+                (true, _) => Err(err(ErrorCode::Exists, format!("{new_name:?} exists"))),
+                _ => Ok(MetaReply::Done),
+            };
+        }
+        // A directory may not move into itself or below itself.
+        let ancestors_of_new = self.ancestors(v, new_parent)?;
+        if src.kind == FileKind::Dir && ancestors_of_new.contains(&src.ino) {
+            return Err(err(
+                ErrorCode::InvalidArgument,
+                "cannot move a directory below itself",
+            ));
+        }
+        if flags.exchange {
+            let dst = dst.ok_or_else(|| err(ErrorCode::NotFound, format!("{new_name:?}")))?;
+            let ancestors_of_old = self.ancestors(v, parent)?;
+            if dst.kind == FileKind::Dir && ancestors_of_old.contains(&dst.ino) {
+                return Err(err(
+                    ErrorCode::InvalidArgument,
+                    "cannot move a directory below itself",
+                ));
+            }
+            self.kv.put(keys::dentry(v, parent, name), enc(&dst));
+            self.kv
+                .put(keys::dentry(v, new_parent, new_name), enc(&src));
+            for (moved, to) in [(&src, new_parent), (&dst, parent)] {
+                let mut i = load_inode(self.kv, v, moved.ino)?;
+                i.attr.ctime_ns = self.now_ns;
+                if moved.kind == FileKind::Dir {
+                    i.parent = to;
+                }
+                self.put_inode(v, &i);
+            }
+            if parent != new_parent && src.kind != dst.kind {
+                let (into_new, into_old) = if src.kind == FileKind::Dir {
+                    (1i64, -1i64)
+                } else {
+                    (-1, 1)
+                };
+                self.adjust_dir(v, new_parent, into_new)?;
+                self.adjust_dir(v, parent, into_old)?;
+            } else {
+                self.adjust_dir(v, parent, 0)?;
+                if parent != new_parent {
+                    self.adjust_dir(v, new_parent, 0)?;
+                }
+            }
+            return Ok(MetaReply::Done);
+        }
+        if let Some(dst) = &dst {
+            if flags.noreplace {
+                return Err(err(ErrorCode::Exists, format!("{new_name:?} exists")));
+            }
+            if dst.ino == src.ino {
+                // Two names of one inode: POSIX says do nothing.
+                return Ok(MetaReply::Done);
+            }
+            let target = load_inode(self.kv, v, dst.ino)?;
+            match (src.kind == FileKind::Dir, dst.kind == FileKind::Dir) {
+                (true, false) => {
+                    return Err(err(
+                        ErrorCode::NotDir,
+                        format!("{new_name:?} is not a directory"),
+                    ));
+                }
+                (false, true) => {
+                    return Err(err(
+                        ErrorCode::IsDir,
+                        format!("{new_name:?} is a directory"),
+                    ));
+                }
+                (true, true) if target.entries > 0 => {
+                    return Err(err(
+                        ErrorCode::NotEmpty,
+                        format!("{new_name:?} is not empty"),
+                    ));
+                }
+                _ => {}
+            }
+            let mut np = load_inode(self.kv, v, new_parent)?;
+            self.remove_entry(v, &mut np, new_name, dst.kind);
+            self.put_inode(v, &np);
+            self.drop_link(v, target)?;
+        }
+        let mut op = load_inode(self.kv, v, parent)?;
+        self.remove_entry(v, &mut op, name, src.kind);
+        self.put_inode(v, &op);
+        let mut np = load_inode(self.kv, v, new_parent)?;
+        let mut moved = load_inode(self.kv, v, src.ino)?;
+        self.add_entry(v, &mut np, new_name, &moved);
+        self.put_inode(v, &np);
+        moved.attr.ctime_ns = self.now_ns;
+        if moved.attr.kind == FileKind::Dir {
+            moved.parent = new_parent;
+        }
+        self.put_inode(v, &moved);
+        Ok(MetaReply::Done)
+    }
+
+    fn adjust_dir(&mut self, v: VolumeId, dir: Ino, nlink_delta: i64) -> Res<()> {
+        let mut d = load_inode(self.kv, v, dir)?;
+        d.attr.nlink = (i64::from(d.attr.nlink) + nlink_delta).max(0) as u32;
+        d.attr.mtime_ns = self.now_ns;
+        d.attr.ctime_ns = self.now_ns;
+        self.put_inode(v, &d);
+        Ok(())
+    }
+
+    /// `dir` and every directory above it, up to the root.
+    fn ancestors(&self, v: VolumeId, dir: Ino) -> Res<Vec<Ino>> {
+        let mut out = vec![dir];
+        let mut cur = dir;
+        while cur != ROOT_INO {
+            let i = load_inode(self.kv, v, cur)?;
+            if out.len() > 100_000 {
+                return Err(internal("directory tree has a cycle"));
+            }
+            cur = i.parent;
+            out.push(cur);
+        }
+        Ok(out)
+    }
+
+    fn op(&mut self, op: &MetaOp, session: SessionId) -> Res<MetaReply> {
+        Ok(match op {
+            MetaOp::OpenSession { client, lease_ms } => {
+                let id = SessionId(self.next_counter("session")?);
+                let s = SessionV1 {
+                    client: client.clone(),
+                    lease_ms: *lease_ms,
+                    expires_ns: self.now_ns.saturating_add(ms_to_ns(*lease_ms)),
+                    acked_below: 0,
+                };
+                self.kv.put(keys::session(id), enc(&s));
+                MetaReply::Session(session_info(id, &s))
+            }
+            MetaOp::KeepAlive => {
+                let s = get::<SessionV1>(self.kv, &keys::session(session))?
+                    .ok_or_else(|| err(ErrorCode::SessionExpired, format!("session {session}")))?;
+                MetaReply::Session(session_info(session, &s))
+            }
+            MetaOp::CloseSession => {
+                self.end_session(session)?;
+                MetaReply::Done
+            }
+            MetaOp::ExpireSessions => {
+                for (k, raw) in self.kv.scan(b"S", None, usize::MAX).map_err(internal)? {
+                    let s: SessionV1 = dec(&raw)?;
+                    if s.expires_ns < self.now_ns {
+                        let id = SessionId(u64::from_be_bytes(
+                            k.get(1..9)
+                                .and_then(|b| b.try_into().ok())
+                                .ok_or_else(|| internal("session key"))?,
+                        ));
+                        tracing::info!(session = %id, client = %s.client, "session lease expired");
+                        self.end_session(id)?;
+                    }
+                }
+                MetaReply::Done
+            }
+            MetaOp::RegisterNode { node } => {
+                self.kv.put(keys::node(node.id), enc(node));
+                MetaReply::Done
+            }
+            MetaOp::RegisterBrick { brick } => {
+                if get::<NodeRecord>(self.kv, &keys::node(brick.node))?.is_none() {
+                    return Err(err(
+                        ErrorCode::NotFound,
+                        format!("node {} is not registered", brick.node),
+                    ));
+                }
+                self.kv.put(keys::brick(brick.id), enc(brick));
+                MetaReply::Done
+            }
+            MetaOp::CreateVolume { name } => {
+                check_name(name)?;
+                if get::<u64>(self.kv, &keys::volume_name(name))?.is_some() {
+                    return Err(err(ErrorCode::Exists, format!("volume {name:?} exists")));
+                }
+                let id = VolumeId(self.next_counter("volume")?);
+                // The root inode takes number 1.
+                let root_no = self.next_counter(&format!("ino/{}", id.0))?;
+                debug_assert_eq!(root_no, ROOT_INO.0);
+                let root = InodeV1 {
+                    attr: Attr {
+                        ino: ROOT_INO,
+                        kind: FileKind::Dir,
+                        mode: 0o755,
+                        uid: 0,
+                        gid: 0,
+                        size_bytes: 0,
+                        atime_ns: self.now_ns,
+                        mtime_ns: self.now_ns,
+                        ctime_ns: self.now_ns,
+                        nlink: 2,
+                        rdev: 0,
+                    },
+                    parent: ROOT_INO,
+                    entries: 0,
+                    target: None,
+                };
+                self.put_inode(id, &root);
+                let rec = VolumeRecord {
+                    id,
+                    name: name.clone(),
+                    root: ROOT_INO,
+                };
+                self.kv.put(keys::volume(id), enc(&rec));
+                self.kv.put(keys::volume_name(name), enc(&id.0));
+                MetaReply::Volume(rec)
+            }
+            MetaOp::Mkdir {
+                volume,
+                parent,
+                name,
+                mode,
+                uid,
+                gid,
+            } => {
+                let child = self.new_inode(*volume, FileKind::Dir, *mode, *uid, *gid)?;
+                self.create_node(*volume, *parent, name, child)?
+            }
+            MetaOp::Create {
+                volume,
+                parent,
+                name,
+                kind,
+                mode,
+                uid,
+                gid,
+                rdev,
+                exclusive,
+            } => {
+                if *kind == FileKind::Dir || *kind == FileKind::Symlink {
+                    return Err(err(ErrorCode::InvalidArgument, "use mkdir or symlink"));
+                }
+                check_name(name)?;
+                if let Some(existing) = lookup_entry(self.kv, *volume, *parent, name)? {
+                    load_dir(self.kv, *volume, *parent)?;
+                    if *exclusive {
+                        return Err(err(ErrorCode::Exists, format!("{name:?} exists")));
+                    }
+                    if existing.kind == FileKind::Dir {
+                        return Err(err(ErrorCode::IsDir, format!("{name:?} is a directory")));
+                    }
+                    return Ok(MetaReply::Attr(
+                        load_inode(self.kv, *volume, existing.ino)?.attr,
+                    ));
+                }
+                let mut child = self.new_inode(*volume, *kind, *mode, *uid, *gid)?;
+                child.attr.rdev = *rdev;
+                self.create_node(*volume, *parent, name, child)?
+            }
+            MetaOp::Symlink {
+                volume,
+                parent,
+                name,
+                target,
+                uid,
+                gid,
+            } => {
+                if target.is_empty() || target.len() > SYMLINK_MAX_BYTES || target.contains('\0') {
+                    return Err(err(
+                        ErrorCode::NameTooLong,
+                        "symlink target empty or too long",
+                    ));
+                }
+                let mut child = self.new_inode(*volume, FileKind::Symlink, 0o777, *uid, *gid)?;
+                child.attr.size_bytes = target.len() as u64;
+                child.target = Some(target.clone());
+                self.create_node(*volume, *parent, name, child)?
+            }
+            MetaOp::Link {
+                volume,
+                ino,
+                new_parent,
+                new_name,
+            } => {
+                check_name(new_name)?;
+                let mut target = load_inode(self.kv, *volume, *ino)?;
+                if target.attr.kind == FileKind::Dir {
+                    return Err(err(
+                        ErrorCode::PermissionDenied,
+                        "hard links to directories are not allowed",
+                    ));
+                }
+                if target.attr.nlink >= LINK_MAX {
+                    return Err(err(ErrorCode::TooManyLinks, format!("inode {ino}")));
+                }
+                let mut dir = load_dir(self.kv, *volume, *new_parent)?;
+                if lookup_entry(self.kv, *volume, *new_parent, new_name)?.is_some() {
+                    return Err(err(ErrorCode::Exists, format!("{new_name:?} exists")));
+                }
+                target.attr.nlink += 1;
+                target.attr.ctime_ns = self.now_ns;
+                self.add_entry(*volume, &mut dir, new_name, &target);
+                self.put_inode(*volume, &dir);
+                self.put_inode(*volume, &target);
+                MetaReply::Attr(target.attr)
+            }
+            MetaOp::Unlink {
+                volume,
+                parent,
+                name,
+            } => {
+                check_name(name)?;
+                let mut dir = load_dir(self.kv, *volume, *parent)?;
+                let e = lookup_entry(self.kv, *volume, *parent, name)?
+                    .ok_or_else(|| err(ErrorCode::NotFound, format!("{name:?}")))?;
+                if e.kind == FileKind::Dir {
+                    return Err(err(ErrorCode::IsDir, format!("{name:?} is a directory")));
+                }
+                let child = load_inode(self.kv, *volume, e.ino)?;
+                self.remove_entry(*volume, &mut dir, name, e.kind);
+                self.put_inode(*volume, &dir);
+                self.drop_link(*volume, child)?;
+                MetaReply::Done
+            }
+            MetaOp::Rmdir {
+                volume,
+                parent,
+                name,
+            } => {
+                check_name(name)?;
+                let mut dir = load_dir(self.kv, *volume, *parent)?;
+                let e = lookup_entry(self.kv, *volume, *parent, name)?
+                    .ok_or_else(|| err(ErrorCode::NotFound, format!("{name:?}")))?;
+                if e.kind != FileKind::Dir {
+                    return Err(err(
+                        ErrorCode::NotDir,
+                        format!("{name:?} is not a directory"),
+                    ));
+                }
+                let child = load_inode(self.kv, *volume, e.ino)?;
+                if child.entries > 0 {
+                    return Err(err(ErrorCode::NotEmpty, format!("{name:?} is not empty")));
+                }
+                self.remove_entry(*volume, &mut dir, name, e.kind);
+                self.put_inode(*volume, &dir);
+                self.drop_link(*volume, child)?;
+                MetaReply::Done
+            }
+            MetaOp::Rename {
+                volume,
+                parent,
+                name,
+                new_parent,
+                new_name,
+                flags,
+            } => self.rename(*volume, *parent, name, *new_parent, new_name, *flags)?,
+            MetaOp::SetAttr { volume, ino, set } => {
+                let mut i = load_inode(self.kv, *volume, *ino)?;
+                apply_setattr(&mut i, set, self.now_ns)?;
+                self.put_inode(*volume, &i);
+                MetaReply::Attr(i.attr)
+            }
+            MetaOp::SetXattr {
+                volume,
+                ino,
+                name,
+                value,
+                create_only,
+                replace_only,
+            } => {
+                if name.is_empty() || name.len() > XATTR_NAME_MAX_BYTES {
+                    return Err(err(ErrorCode::NameTooLong, "xattr name empty or too long"));
+                }
+                if value.len() > XATTR_VALUE_MAX_BYTES {
+                    return Err(err(ErrorCode::TooLarge, "xattr value too large"));
+                }
+                let mut i = load_inode(self.kv, *volume, *ino)?;
+                let key = keys::xattr(*volume, *ino, name);
+                let exists = self.kv.get(&key).map_err(internal)?.is_some();
+                if *create_only && exists {
+                    return Err(err(ErrorCode::Exists, format!("xattr {name:?} exists")));
+                }
+                if *replace_only && !exists {
+                    return Err(err(ErrorCode::NoData, format!("xattr {name:?}")));
+                }
+                self.kv.put(key, value.clone());
+                i.attr.ctime_ns = self.now_ns;
+                self.put_inode(*volume, &i);
+                MetaReply::Done
+            }
+            MetaOp::RemoveXattr { volume, ino, name } => {
+                let mut i = load_inode(self.kv, *volume, *ino)?;
+                let key = keys::xattr(*volume, *ino, name);
+                if self.kv.get(&key).map_err(internal)?.is_none() {
+                    return Err(err(ErrorCode::NoData, format!("xattr {name:?}")));
+                }
+                self.kv.delete(key);
+                i.attr.ctime_ns = self.now_ns;
+                self.put_inode(*volume, &i);
+                MetaReply::Done
+            }
+        })
+    }
+
+    fn end_session(&mut self, id: SessionId) -> Res<()> {
+        self.kv.delete(keys::session(id));
+        for (k, _) in self
+            .kv
+            .scan(&keys::reply_prefix(id), None, usize::MAX)
+            .map_err(internal)?
+        {
+            self.kv.delete(k);
+        }
+        Ok(())
+    }
+}
+
+fn ms_to_ns(ms: u64) -> i64 {
+    i64::try_from(ms.saturating_mul(1_000_000)).unwrap_or(i64::MAX)
+}
+
+fn session_info(id: SessionId, s: &SessionV1) -> SessionInfo {
+    SessionInfo {
+        id,
+        client: s.client.clone(),
+        lease_expires_ms: u64::try_from(s.expires_ns / 1_000_000).unwrap_or(0),
+    }
+}
+
+fn apply_setattr(i: &mut InodeV1, set: &SetAttr, now_ns: i64) -> Res<()> {
+    if (set.size_bytes.is_some() || set.size_at_least_bytes.is_some())
+        && i.attr.kind != FileKind::File
+    {
+        return Err(match i.attr.kind {
+            FileKind::Dir => err(ErrorCode::IsDir, "cannot set the size of a directory"),
+            _ => err(ErrorCode::InvalidArgument, "size applies to regular files"),
+        });
+    }
+    if let Some(m) = set.mode {
+        i.attr.mode = m & 0o7777;
+    }
+    if let Some(u) = set.uid {
+        i.attr.uid = u;
+    }
+    if let Some(g) = set.gid {
+        i.attr.gid = g;
+    }
+    if let Some(s) = set.size_bytes {
+        i.attr.size_bytes = s;
+        i.attr.mtime_ns = now_ns;
+    }
+    if let Some(s) = set.size_at_least_bytes {
+        i.attr.size_bytes = i.attr.size_bytes.max(s);
+    }
+    if let Some(t) = set.atime_ns {
+        i.attr.atime_ns = t;
+    }
+    if let Some(t) = set.mtime_ns {
+        i.attr.mtime_ns = t;
+    }
+    i.attr.ctime_ns = now_ns;
+    Ok(())
+}
+
+/// Applies one command with exactly-once semantics: a (session, sequence) seen before answers
+/// with its first result; a session that does not exist (any more) is refused.
+pub fn apply_command<B: KvRead>(kv: &mut Overlay<'_, B>, cmd: &Command) -> CommandResult {
+    let mut a = Applier {
+        kv,
+        now_ns: cmd.now_ns,
+    };
+    if cmd.session == SessionId(0) {
+        return match &cmd.op {
+            MetaOp::OpenSession { .. }
+            | MetaOp::ExpireSessions
+            | MetaOp::RegisterNode { .. }
+            | MetaOp::RegisterBrick { .. } => a.op(&cmd.op, cmd.session),
+            _ => Err(err(
+                ErrorCode::SessionExpired,
+                "this request needs a session",
+            )),
+        };
+    }
+    let skey = keys::session(cmd.session);
+    let Some(mut session) = get::<SessionV1>(a.kv, &skey)? else {
+        return Err(err(
+            ErrorCode::SessionExpired,
+            format!("session {} is unknown or expired", cmd.session),
+        ));
+    };
+    if let Some(cached) = get::<CommandResult>(a.kv, &keys::reply(cmd.session, cmd.seq))? {
+        return cached;
+    }
+    if cmd.seq < session.acked_below {
+        return Err(err(
+            ErrorCode::StaleRequest,
+            format!(
+                "request {} of session {} was answered long ago",
+                cmd.seq, cmd.session
+            ),
+        ));
+    }
+    // Forget answers the client confirmed it has.
+    if cmd.acked_below > session.acked_below {
+        let prefix = keys::reply_prefix(cmd.session);
+        for (k, _) in a.kv.scan(&prefix, None, usize::MAX).map_err(internal)? {
+            let seq = k
+                .get(9..17)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            if seq >= cmd.acked_below {
+                break;
+            }
+            a.kv.delete(k);
+        }
+        session.acked_below = cmd.acked_below;
+    }
+    session.expires_ns = cmd.now_ns.saturating_add(ms_to_ns(session.lease_ms));
+    let closing = matches!(cmd.op, MetaOp::CloseSession);
+    // A failed command changes nothing but the session bookkeeping: run it on a nested overlay.
+    let result = {
+        let mut inner = Overlay::new(&*a.kv);
+        let r = Applier {
+            kv: &mut inner,
+            now_ns: cmd.now_ns,
+        }
+        .op(&cmd.op, cmd.session);
+        let changes = if r.is_ok() {
+            inner.into_changes()
+        } else {
+            Default::default()
+        };
+        for (k, v) in changes {
+            match v {
+                Some(v) => a.kv.put(k, v),
+                None => a.kv.delete(k),
+            }
+        }
+        r
+    };
+    if !closing {
+        a.kv.put(skey, enc(&session));
+        a.kv.put(keys::reply(cmd.session, cmd.seq), enc(&result));
+    }
+    result
+}
+
+/// Answers a read from committed state.
+pub fn read(kv: &impl KvRead, r: &MetaRead) -> CommandResult {
+    Ok(match r {
+        MetaRead::Lookup {
+            volume,
+            parent,
+            name,
+        } => {
+            check_name(name)?;
+            load_dir(kv, *volume, *parent)?;
+            let e = lookup_entry(kv, *volume, *parent, name)?
+                .ok_or_else(|| err(ErrorCode::NotFound, format!("{name:?}")))?;
+            MetaReply::Attr(load_inode(kv, *volume, e.ino)?.attr)
+        }
+        MetaRead::GetAttr { volume, ino } => MetaReply::Attr(load_inode(kv, *volume, *ino)?.attr),
+        MetaRead::ReadDir {
+            volume,
+            ino,
+            after,
+            limit,
+        } => {
+            load_dir(kv, *volume, *ino)?;
+            let prefix = keys::dir_prefix(*volume, *ino);
+            let after_key = after.as_ref().map(|n| keys::dentry(*volume, *ino, n));
+            let limit = (*limit as usize).clamp(1, READDIR_MAX);
+            let rows = kv
+                .scan(&prefix, after_key.as_deref(), limit + 1)
+                .map_err(internal)?;
+            let more = rows.len() > limit;
+            let mut entries = Vec::new();
+            for (k, v) in rows.into_iter().take(limit) {
+                let d: DentryV1 = dec(&v)?;
+                let name = String::from_utf8(k[prefix.len()..].to_vec()).map_err(internal)?;
+                entries.push(DirEntry {
+                    name,
+                    ino: d.ino,
+                    kind: d.kind,
+                });
+            }
+            MetaReply::Entries { entries, more }
+        }
+        MetaRead::ReadLink { volume, ino } => {
+            let i = load_inode(kv, *volume, *ino)?;
+            MetaReply::Target(
+                i.target
+                    .ok_or_else(|| err(ErrorCode::InvalidArgument, "not a symlink"))?,
+            )
+        }
+        MetaRead::GetXattr { volume, ino, name } => {
+            load_inode(kv, *volume, *ino)?;
+            MetaReply::Value(
+                kv.get(&keys::xattr(*volume, *ino, name))
+                    .map_err(internal)?
+                    .ok_or_else(|| err(ErrorCode::NoData, format!("xattr {name:?}")))?,
+            )
+        }
+        MetaRead::ListXattr { volume, ino } => {
+            load_inode(kv, *volume, *ino)?;
+            let prefix = keys::xattr_prefix(*volume, *ino);
+            let names = kv
+                .scan(&prefix, None, usize::MAX)
+                .map_err(internal)?
+                .into_iter()
+                .map(|(k, _)| String::from_utf8_lossy(&k[prefix.len()..]).into_owned())
+                .collect();
+            MetaReply::Names(names)
+        }
+        MetaRead::ListNodes => MetaReply::Nodes(scan_all(kv, b"N")?),
+        MetaRead::ListBricks => MetaReply::Bricks(scan_all::<BrickRecord>(kv, b"B")?),
+        MetaRead::ListVolumes => MetaReply::Volumes(scan_all(kv, b"V")?),
+        MetaRead::VolumeByName { name } => {
+            let id = get::<u64>(kv, &keys::volume_name(name))?
+                .ok_or_else(|| err(ErrorCode::NotFound, format!("volume {name:?}")))?;
+            MetaReply::Volume(check_volume(kv, VolumeId(id))?)
+        }
+        MetaRead::ListSessions => {
+            let mut out = Vec::new();
+            for (k, v) in kv.scan(b"S", None, usize::MAX).map_err(internal)? {
+                let s: SessionV1 = dec(&v)?;
+                let id = k
+                    .get(1..9)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_be_bytes)
+                    .unwrap_or(0);
+                out.push(session_info(SessionId(id), &s));
+            }
+            MetaReply::Sessions(out)
+        }
+    })
+}
+
+fn scan_all<T: DeserializeOwned>(kv: &impl KvRead, prefix: &[u8]) -> Res<Vec<T>> {
+    kv.scan(prefix, None, usize::MAX)
+        .map_err(internal)?
+        .into_iter()
+        .map(|(_, v)| dec(&v))
+        .collect()
+}

@@ -1,0 +1,344 @@
+//! Bodies of the metadata messages: what clients ask the metadata group, and what it answers.
+//!
+//! A write (`MetaOp`) travels in a `MetaWrite` frame with the client's session and sequence
+//! number, and is also the record stored in the Raft log, so these types are a compatibility
+//! promise twice over: add variants at the end, never reorder or remove them.
+
+use crate::ids::{BrickId, Ino, NodeId, VolumeId};
+use serde::{Deserialize, Serialize};
+
+/// A client session (one per mount or tool), kept alive by a lease.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct SessionId(pub u64);
+
+impl std::fmt::Display for SessionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "s{}", self.0)
+    }
+}
+
+/// The kind of an inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDevice,
+    BlockDevice,
+}
+
+/// The attributes of an inode. Times are nanoseconds since the Unix epoch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attr {
+    pub ino: Ino,
+    pub kind: FileKind,
+    /// Permission bits and set-id/sticky bits (no file-type bits).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size_bytes: u64,
+    pub atime_ns: i64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    pub nlink: u32,
+    pub rdev: u32,
+}
+
+/// One directory entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    pub name: String,
+    pub ino: Ino,
+    pub kind: FileKind,
+}
+
+/// Attribute changes; `None` leaves a field alone.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size_bytes: Option<u64>,
+    pub atime_ns: Option<i64>,
+    pub mtime_ns: Option<i64>,
+    /// Grow only: set the size to the maximum of this and the current size (used when
+    /// writers commit their size, so concurrent writers never shrink a file).
+    pub size_at_least_bytes: Option<u64>,
+}
+
+/// `rename` flags, as in renameat2(2).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenameFlags {
+    pub noreplace: bool,
+    pub exchange: bool,
+}
+
+/// A node of the cluster map.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: NodeId,
+    pub addr: String,
+}
+
+/// A brick of the cluster map.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrickRecord {
+    pub id: BrickId,
+    pub node: NodeId,
+    pub path: String,
+    pub capacity_bytes: u64,
+}
+
+/// A volume (its layout comes with the volume types).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub id: VolumeId,
+    pub name: String,
+    pub root: Ino,
+}
+
+/// A mutation, applied by the metadata group exactly once per (session, sequence).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaOp {
+    /// Opens a session whose lease lasts `lease_ms` past each renewal.
+    OpenSession {
+        client: String,
+        lease_ms: u64,
+    },
+    KeepAlive,
+    CloseSession,
+    RegisterNode {
+        node: NodeRecord,
+    },
+    RegisterBrick {
+        brick: BrickRecord,
+    },
+    CreateVolume {
+        name: String,
+    },
+    Mkdir {
+        volume: VolumeId,
+        parent: Ino,
+        name: String,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    },
+    /// Creates a regular file (or, with `kind`, a special file). `exclusive` fails with
+    /// `Exists` when the name is taken; otherwise an existing file is returned.
+    Create {
+        volume: VolumeId,
+        parent: Ino,
+        name: String,
+        kind: FileKind,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        rdev: u32,
+        exclusive: bool,
+    },
+    Symlink {
+        volume: VolumeId,
+        parent: Ino,
+        name: String,
+        target: String,
+        uid: u32,
+        gid: u32,
+    },
+    Link {
+        volume: VolumeId,
+        ino: Ino,
+        new_parent: Ino,
+        new_name: String,
+    },
+    Unlink {
+        volume: VolumeId,
+        parent: Ino,
+        name: String,
+    },
+    Rmdir {
+        volume: VolumeId,
+        parent: Ino,
+        name: String,
+    },
+    Rename {
+        volume: VolumeId,
+        parent: Ino,
+        name: String,
+        new_parent: Ino,
+        new_name: String,
+        flags: RenameFlags,
+    },
+    SetAttr {
+        volume: VolumeId,
+        ino: Ino,
+        set: SetAttr,
+    },
+    SetXattr {
+        volume: VolumeId,
+        ino: Ino,
+        name: String,
+        value: Vec<u8>,
+        create_only: bool,
+        replace_only: bool,
+    },
+    RemoveXattr {
+        volume: VolumeId,
+        ino: Ino,
+        name: String,
+    },
+    /// Expires sessions whose lease ended before the leader's clock (proposed by the leader).
+    ExpireSessions,
+}
+
+/// A linearizable read, served by the leader after it confirms its leadership.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaRead {
+    Lookup {
+        volume: VolumeId,
+        parent: Ino,
+        name: String,
+    },
+    GetAttr {
+        volume: VolumeId,
+        ino: Ino,
+    },
+    /// Entries in name order after `after`, at most `limit`.
+    ReadDir {
+        volume: VolumeId,
+        ino: Ino,
+        after: Option<String>,
+        limit: u32,
+    },
+    ReadLink {
+        volume: VolumeId,
+        ino: Ino,
+    },
+    GetXattr {
+        volume: VolumeId,
+        ino: Ino,
+        name: String,
+    },
+    ListXattr {
+        volume: VolumeId,
+        ino: Ino,
+    },
+    ListNodes,
+    ListBricks,
+    ListVolumes,
+    VolumeByName {
+        name: String,
+    },
+    ListSessions,
+}
+
+/// A session as the metadata group keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    pub id: SessionId,
+    pub client: String,
+    pub lease_expires_ms: u64,
+}
+
+/// The answer to a write or read.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaReply {
+    Done,
+    Session(SessionInfo),
+    Attr(Attr),
+    Entries { entries: Vec<DirEntry>, more: bool },
+    Target(String),
+    Value(Vec<u8>),
+    Names(Vec<String>),
+    Nodes(Vec<NodeRecord>),
+    Bricks(Vec<BrickRecord>),
+    Volumes(Vec<VolumeRecord>),
+    Volume(VolumeRecord),
+    Sessions(Vec<SessionInfo>),
+}
+
+/// A write to the metadata group. `acked_below` lets the group forget the answers to this
+/// session's requests below it: the client has received them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaWrite {
+    pub session: SessionId,
+    pub seq: u64,
+    pub acked_below: u64,
+    pub op: MetaOp,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaReadReq {
+    pub read: MetaRead,
+}
+
+/// This node cannot answer: ask the leader (when known).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaRedirect {
+    pub leader: Option<NodeId>,
+    pub leader_addr: Option<String>,
+}
+
+/// A member of the metadata group.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    pub id: NodeId,
+    pub addr: String,
+    pub voter: bool,
+}
+
+/// Cluster administration, answered by any member (changes go to the leader).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdminOp {
+    /// Bootstraps a new group with this node as its only voter.
+    Init,
+    /// Adds a member (as a learner first, then as a voter when `voter`), online.
+    AddMember {
+        id: NodeId,
+        addr: String,
+        voter: bool,
+    },
+    /// Removes a member from the group, online.
+    RemoveMember {
+        id: NodeId,
+    },
+    Status,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaAdmin {
+    pub op: AdminOp,
+}
+
+/// What a member knows of the group.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupStatus {
+    pub node: NodeId,
+    pub initialized: bool,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub last_log_index: Option<u64>,
+    pub last_applied_index: Option<u64>,
+    pub members: Vec<MemberInfo>,
+}
+
+/// One Raft RPC between members; the request and reply travel as opaque bytes (bincode of
+/// openraft 0.9 types, see `brickfs-meta`) in the data section.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RaftRpcKind {
+    AppendEntries,
+    Vote,
+    InstallSnapshot,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RaftRpc {
+    pub kind: RaftRpcKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RaftRpcReply {}
