@@ -13,6 +13,7 @@ pub mod defaults {
     pub const LISTEN: &str = "127.0.0.1:24100";
     pub const DATA_DIR: &str = "/var/lib/brickfs";
     pub const LOG_FILTER: &str = "info";
+    pub const META_SNAPSHOT_LOGS: u64 = 10_000;
 }
 
 /// The command line of `brickd`.
@@ -44,6 +45,16 @@ pub struct Flags {
     /// Log filter directives (default `info`; `BRICKFS_LOG` also works).
     #[arg(long)]
     pub log: Option<String>,
+    /// Run a member of the metadata group on this node (state under the data folder).
+    #[arg(long, env = "BRICKFS_META")]
+    pub meta: bool,
+    /// The address other nodes and clients use to reach this node (default: the listen
+    /// address; required when listening on 0.0.0.0).
+    #[arg(long, env = "BRICKFS_ADVERTISE")]
+    pub advertise: Option<SocketAddr>,
+    /// Metadata snapshots (and log compaction) every this many log entries.
+    #[arg(long)]
+    pub meta_snapshot_logs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -55,6 +66,9 @@ struct FileConfig {
     #[serde(default)]
     brick: Vec<FileBrick>,
     limits: Option<FileLimits>,
+    meta: Option<bool>,
+    advertise: Option<String>,
+    meta_snapshot_logs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -88,6 +102,10 @@ pub struct Config {
     pub bricks: Vec<BrickConfig>,
     pub init: bool,
     pub limits: Limits,
+    /// Run a metadata member.
+    pub meta: bool,
+    pub advertise: Option<SocketAddr>,
+    pub meta_snapshot_logs: u64,
 }
 
 /// Parses a size such as `4096`, `64KiB`, `16MiB`, `1GiB` (also `K`, `M`, `G`, `KB`, `MB`,
@@ -196,12 +214,35 @@ impl Config {
                 limits.inflight_max = n;
             }
         }
+        let advertise = match (flags.advertise, &file.advertise) {
+            (Some(a), _) => Some(a),
+            (None, Some(text)) => Some(
+                text.parse()
+                    .with_context(|| format!("advertise address {text:?} is not HOST:PORT"))?,
+            ),
+            (None, None) => None,
+        };
+        if let Some(a) = advertise
+            && a.ip().is_unspecified()
+        {
+            bail!("advertise address {a} must be reachable, not unspecified");
+        }
+        let meta_snapshot_logs = flags
+            .meta_snapshot_logs
+            .or(file.meta_snapshot_logs)
+            .unwrap_or(defaults::META_SNAPSHOT_LOGS);
+        if meta_snapshot_logs == 0 {
+            bail!("meta_snapshot_logs must be at least 1");
+        }
         Ok(Config {
             listen,
             data_dir: absolute(&data_dir)?,
             bricks,
             init: flags.init || file.init.unwrap_or(false),
             limits,
+            meta: flags.meta || file.meta.unwrap_or(false),
+            advertise,
+            meta_snapshot_logs,
         })
     }
 }

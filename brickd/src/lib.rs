@@ -1,5 +1,5 @@
-//! brickd: the node daemon. It serves the bricks given in its config over the protocol (and,
-//! with issue 3, a member of the metadata group).
+//! brickd: the node daemon. It serves the bricks given in its config over the protocol and,
+//! with `--meta`, runs a member of the metadata group; one listener serves both.
 //!
 //! The `brickd` executable (in the root package, `src/bin/brickd.rs`) only parses flags, starts
 //! tracing, installs the panic hook and calls [`run`]. This crate owns the config ([`config`])
@@ -11,7 +11,10 @@ pub mod telemetry;
 
 use anyhow::Context;
 use brickfs_brick::{BrickService, BrickStore, StoreOptions};
-use brickfs_proto::NodeId;
+use brickfs_meta::node::{MetaNode, MetaOptions};
+use brickfs_proto::rpc::Handler;
+use brickfs_proto::{ErrorBody, ErrorCode, Message, NodeId};
+use bytes::Bytes;
 use config::Config;
 use std::io::Write;
 use std::path::Path;
@@ -72,6 +75,35 @@ async fn shutdown_signal() -> &'static str {
     }
 }
 
+/// Routes each request to the brick service or the metadata member.
+struct NodeHandler {
+    node: NodeId,
+    bricks: Arc<BrickService>,
+    meta: Option<Arc<MetaNode>>,
+}
+
+impl Handler for NodeHandler {
+    fn node(&self) -> NodeId {
+        self.node
+    }
+
+    async fn handle(&self, msg: Message, data: Bytes) -> Result<(Message, Bytes), ErrorBody> {
+        match msg {
+            Message::MetaWrite(_)
+            | Message::MetaRead(_)
+            | Message::MetaAdmin(_)
+            | Message::RaftRpc(_) => match &self.meta {
+                Some(meta) => meta.handle(msg, data).await,
+                None => Err(ErrorBody::new(
+                    ErrorCode::NotLeader,
+                    format!("node {} runs no metadata member", self.node),
+                )),
+            },
+            other => self.bricks.handle(other, data).await,
+        }
+    }
+}
+
 async fn serve(config: Config) -> anyhow::Result<()> {
     let node = load_or_create_node_id(&config.data_dir)?;
     let mut stores = Vec::new();
@@ -93,13 +125,32 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
+    let advertise = config.advertise.unwrap_or(addr);
+    let meta = if config.meta {
+        let opts = MetaOptions {
+            snapshot_after_logs: config.meta_snapshot_logs,
+            ..MetaOptions::default()
+        };
+        let member = MetaNode::start(node, advertise.to_string(), &config.data_dir, opts)
+            .await
+            .map_err(|e| anyhow::anyhow!(e))
+            .context("start the metadata member")?;
+        Some(member)
+    } else {
+        None
+    };
+    let handler = Arc::new(NodeHandler {
+        node,
+        bricks: service.clone(),
+        meta: meta.clone(),
+    });
     // Tests and scripts wait for this line: keep its wording.
-    info!(%addr, %node, bricks = config.bricks.len(), "brickd listening");
+    info!(%addr, %node, bricks = config.bricks.len(), meta = config.meta, "brickd listening");
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let server = tokio::spawn(brickfs_proto::rpc::serve(
         listener,
-        service.clone(),
+        handler,
         config.limits,
         stop_rx,
     ));
@@ -108,6 +159,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     service.begin_shutdown();
     let _ = stop_tx.send(true);
     server.await.context("join the server task")?;
+    if let Some(meta) = meta {
+        meta.shutdown().await;
+    }
     for brick in service.bricks() {
         if let Err(e) = brick.flush() {
             warn!(brick = %brick.id(), error = %e, "failed to flush brick at shutdown");

@@ -58,3 +58,24 @@ pub async fn must_start_single(dir: &std::path::Path) -> (Brickd, BrickId) {
     assert_eq!(bricks.len(), 1);
     (node, bricks[0].id)
 }
+
+/// Polls `check` every `every` until it returns `Some`, for at most `limit`; panics naming
+/// `what` when it never does. This is a readiness check with a bound, not a sleep.
+pub async fn must_wait_for<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        tick.tick().await;
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+    }
+}

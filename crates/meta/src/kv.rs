@@ -4,16 +4,14 @@
 
 use std::collections::BTreeMap;
 
+/// Key-value pairs in key order.
+pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Read access to committed state.
 pub trait KvRead {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, String>;
     /// Keys with `prefix` strictly after `after` (or from the start), in order, at most `limit`.
-    fn scan(
-        &self,
-        prefix: &[u8],
-        after: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, String>;
+    fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Pairs, String>;
 }
 
 impl KvRead for BTreeMap<Vec<u8>, Vec<u8>> {
@@ -21,12 +19,7 @@ impl KvRead for BTreeMap<Vec<u8>, Vec<u8>> {
         Ok(BTreeMap::get(self, key).cloned())
     }
 
-    fn scan(
-        &self,
-        prefix: &[u8],
-        after: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, String> {
+    fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Pairs, String> {
         let start = after.unwrap_or(prefix).to_vec();
         Ok(self
             .range(start..)
@@ -74,12 +67,7 @@ impl<B: KvRead> KvRead for Overlay<'_, B> {
         }
     }
 
-    fn scan(
-        &self,
-        prefix: &[u8],
-        after: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, String> {
+    fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Pairs, String> {
         // Read enough of the base to survive deletions in the overlay, then merge.
         let deleted = self
             .changes

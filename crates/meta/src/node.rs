@@ -1,1 +1,360 @@
+//! One member of the metadata group: the Raft instance over the RocksDB store, the answers to
+//! client writes, reads and administration, and the leader's housekeeping (session expiry).
 
+use crate::kv::KvRead;
+use crate::network::Network;
+use crate::sm;
+use crate::store::{self, DbState, LogStore, StateMachine};
+use crate::types::{Command, Raft};
+use brickfs_proto::meta::{
+    AdminOp, GroupStatus, MemberInfo, MetaOp, MetaRedirect, MetaReply, MetaWrite, RaftRpcKind,
+    SessionId,
+};
+use brickfs_proto::rpc::{ClientOptions, Pool};
+use brickfs_proto::{ErrorBody, ErrorCode, Message, NodeId};
+use bytes::Bytes;
+use openraft::error::{ClientWriteError, ForwardToLeader, RaftError};
+use openraft::{BasicNode, ChangeMembers, SnapshotPolicy};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Settings of a member.
+#[derive(Clone, Debug)]
+pub struct MetaOptions {
+    /// Build a snapshot (and compact the log) after this many entries.
+    pub snapshot_after_logs: u64,
+    pub heartbeat: Duration,
+    pub election_timeout_min: Duration,
+    /// How often the leader expires sessions whose lease ran out.
+    pub session_sweep: Duration,
+}
+
+impl Default for MetaOptions {
+    fn default() -> Self {
+        MetaOptions {
+            snapshot_after_logs: 10_000,
+            heartbeat: Duration::from_millis(100),
+            election_timeout_min: Duration::from_millis(600),
+            session_sweep: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A running member.
+pub struct MetaNode {
+    id: NodeId,
+    addr: String,
+    raft: Raft,
+    db: Arc<rocksdb::DB>,
+    stop: watch::Sender<bool>,
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn redirect(f: &ForwardToLeader<u64, BasicNode>) -> Message {
+    Message::MetaRedirect(MetaRedirect {
+        leader: f.leader_id.map(NodeId),
+        leader_addr: f.leader_node.as_ref().map(|n| n.addr.clone()),
+    })
+}
+
+fn fatal(e: impl std::fmt::Display) -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::ShuttingDown,
+        format!("metadata member stopped: {e}"),
+    )
+}
+
+fn encode_reply<T: serde::Serialize>(v: &T) -> (Message, Bytes) {
+    (
+        Message::RaftRpcReply(brickfs_proto::meta::RaftRpcReply {}),
+        Bytes::from(brickfs_proto::msg::encode_body(v)),
+    )
+}
+
+impl MetaNode {
+    /// Opens the member's database under `dir` and starts Raft. A member that was part of a
+    /// group rejoins it from its stored state; a new one waits for `Init` or to be added.
+    pub async fn start(
+        id: NodeId,
+        addr: String,
+        dir: &Path,
+        opts: MetaOptions,
+    ) -> Result<Arc<MetaNode>, String> {
+        let db = store::open_db(&dir.join("meta"))?;
+        let config = openraft::Config {
+            cluster_name: "brickfs".into(),
+            heartbeat_interval: opts.heartbeat.as_millis() as u64,
+            election_timeout_min: opts.election_timeout_min.as_millis() as u64,
+            election_timeout_max: opts.election_timeout_min.as_millis() as u64 * 2,
+            install_snapshot_timeout: 10_000,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(opts.snapshot_after_logs),
+            max_in_snapshot_log_to_keep: opts.snapshot_after_logs.min(1000),
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| format!("raft config: {e}"))?;
+        let pool = Arc::new(Pool::new(ClientOptions {
+            peer_name: format!("meta {id}"),
+            request_timeout: Duration::from_secs(15),
+            connect_timeout: Duration::from_secs(2),
+            conns_per_peer: 1,
+            ..ClientOptions::default()
+        }));
+        let raft = Raft::new(
+            id.0,
+            Arc::new(config),
+            Network::new(pool),
+            LogStore::new(db.clone()),
+            StateMachine::new(db.clone()),
+        )
+        .await
+        .map_err(|e| format!("start raft: {e}"))?;
+        let (stop, stop_rx) = watch::channel(false);
+        let node = Arc::new(MetaNode {
+            id,
+            addr,
+            raft,
+            db,
+            stop,
+        });
+        tokio::spawn(housekeeping(node.clone(), opts.session_sweep, stop_rx));
+        tracing::info!(node = %id, "metadata member started");
+        Ok(node)
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// Stops Raft (at daemon shutdown).
+    pub async fn shutdown(&self) {
+        let _ = self.stop.send(true);
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "failed to stop raft cleanly");
+        }
+    }
+
+    /// Answers one metadata or Raft message.
+    pub async fn handle(&self, msg: Message, data: Bytes) -> Result<(Message, Bytes), ErrorBody> {
+        let none = Bytes::new();
+        match msg {
+            Message::MetaWrite(w) => Ok((self.write(w).await?, none)),
+            Message::MetaRead(r) => {
+                match self.raft.ensure_linearizable().await {
+                    Ok(_) => {}
+                    Err(e) => {
+                        if let Some(f) = e.forward_to_leader() {
+                            return Ok((redirect(f), none));
+                        }
+                        return Err(ErrorBody::new(
+                            ErrorCode::NotLeader,
+                            format!("cannot confirm leadership: {e}"),
+                        ));
+                    }
+                }
+                let db = self.db.clone();
+                let reply =
+                    tokio::task::spawn_blocking(move || sm::read(&DbState::new(&db), &r.read))
+                        .await
+                        .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))??;
+                Ok((Message::MetaOk(reply), none))
+            }
+            Message::MetaAdmin(a) => self.admin(a.op).await.map(|m| (m, none)),
+            Message::RaftRpc(rpc) => self.raft_rpc(rpc.kind, &data).await,
+            other => Err(ErrorBody::new(
+                ErrorCode::Malformed,
+                format!("{} is not a metadata request", other.name()),
+            )),
+        }
+    }
+
+    async fn write(&self, w: MetaWrite) -> Result<Message, ErrorBody> {
+        let cmd = Command {
+            session: w.session,
+            seq: w.seq,
+            acked_below: w.acked_below,
+            now_ns: now_ns(),
+            op: w.op,
+        };
+        match self.raft.client_write(cmd).await {
+            Ok(resp) => Ok(Message::MetaOk(resp.data?)),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Ok(redirect(&f)),
+            Err(RaftError::APIError(e)) => Err(ErrorBody::new(ErrorCode::Busy, e.to_string())),
+            Err(RaftError::Fatal(e)) => Err(fatal(e)),
+        }
+    }
+
+    async fn raft_rpc(
+        &self,
+        kind: RaftRpcKind,
+        data: &[u8],
+    ) -> Result<(Message, Bytes), ErrorBody> {
+        let bad = |e: brickfs_proto::msg::DecodeError| {
+            ErrorBody::new(ErrorCode::Malformed, format!("raft rpc: {e}"))
+        };
+        Ok(match kind {
+            RaftRpcKind::AppendEntries => {
+                let req = brickfs_proto::msg::decode_body(data).map_err(bad)?;
+                encode_reply(&self.raft.append_entries(req).await)
+            }
+            RaftRpcKind::Vote => {
+                let req = brickfs_proto::msg::decode_body(data).map_err(bad)?;
+                encode_reply(&self.raft.vote(req).await)
+            }
+            RaftRpcKind::InstallSnapshot => {
+                let req = brickfs_proto::msg::decode_body(data).map_err(bad)?;
+                encode_reply(&self.raft.install_snapshot(req).await)
+            }
+        })
+    }
+
+    async fn admin(&self, op: AdminOp) -> Result<Message, ErrorBody> {
+        let change_err = |e: RaftError<u64, ClientWriteError<u64, BasicNode>>| match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => Ok(redirect(&f)),
+            RaftError::APIError(e) => {
+                Err(ErrorBody::new(ErrorCode::InvalidArgument, e.to_string()))
+            }
+            RaftError::Fatal(e) => Err(fatal(e)),
+        };
+        match op {
+            AdminOp::Init => {
+                let members = BTreeMap::from([(self.id.0, BasicNode::new(&self.addr))]);
+                match self.raft.initialize(members).await {
+                    Ok(()) => {
+                        tracing::info!(node = %self.id, "initialized a new metadata group");
+                        Ok(Message::MetaOk(MetaReply::Done))
+                    }
+                    Err(RaftError::APIError(e)) => Err(ErrorBody::new(
+                        ErrorCode::Exists,
+                        format!("cannot initialize: {e}"),
+                    )),
+                    Err(RaftError::Fatal(e)) => Err(fatal(e)),
+                }
+            }
+            AdminOp::AddMember { id, addr, voter } => {
+                if let Err(e) = self
+                    .raft
+                    .add_learner(id.0, BasicNode::new(&addr), true)
+                    .await
+                {
+                    return change_err(e);
+                }
+                if voter
+                    && let Err(e) = self
+                        .raft
+                        .change_membership(
+                            ChangeMembers::AddVoterIds(BTreeSet::from([id.0])),
+                            false,
+                        )
+                        .await
+                {
+                    return change_err(e);
+                }
+                tracing::info!(member = %id, %addr, voter, "added a metadata member");
+                Ok(Message::MetaOk(MetaReply::Done))
+            }
+            AdminOp::RemoveMember { id } => {
+                let voters: BTreeSet<u64> = self
+                    .raft
+                    .metrics()
+                    .borrow()
+                    .membership_config
+                    .membership()
+                    .voter_ids()
+                    .collect();
+                let change = if voters.contains(&id.0) {
+                    ChangeMembers::RemoveVoters(BTreeSet::from([id.0]))
+                } else {
+                    ChangeMembers::RemoveNodes(BTreeSet::from([id.0]))
+                };
+                if let Err(e) = self.raft.change_membership(change, false).await {
+                    return change_err(e);
+                }
+                tracing::info!(member = %id, "removed a metadata member");
+                Ok(Message::MetaOk(MetaReply::Done))
+            }
+            AdminOp::Status => Ok(Message::GroupStatus(self.status())),
+        }
+    }
+
+    /// What this member knows of the group.
+    pub fn status(&self) -> GroupStatus {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let members = membership
+            .nodes()
+            .map(|(id, node)| MemberInfo {
+                id: NodeId(*id),
+                addr: node.addr.clone(),
+                voter: voters.contains(id),
+            })
+            .collect::<Vec<_>>();
+        GroupStatus {
+            node: self.id,
+            initialized: !members.is_empty(),
+            leader: m.current_leader.map(NodeId),
+            term: m.current_term,
+            last_log_index: m.last_log_index,
+            last_applied_index: m.last_applied.map(|l| l.index),
+            members,
+        }
+    }
+
+    /// Reads committed state on this member without confirming leadership (for tests and
+    /// diagnostics: may be stale on a follower).
+    pub fn read_local(&self, r: &brickfs_proto::meta::MetaRead) -> Result<MetaReply, ErrorBody> {
+        sm::read(&DbState::new(&self.db), r)
+    }
+
+    /// Whether this member's state holds `key` (diagnostics).
+    pub fn has_state_key(&self, key: &[u8]) -> bool {
+        DbState::new(&self.db).get(key).ok().flatten().is_some()
+    }
+}
+
+async fn housekeeping(node: Arc<MetaNode>, every: Duration, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        let leader = node.raft.metrics().borrow().current_leader;
+        if leader != Some(node.id.0) {
+            continue;
+        }
+        // Propose only when a lease has run out, so an idle group writes nothing.
+        let now = now_ns();
+        let expired = match node.read_local(&brickfs_proto::meta::MetaRead::ListSessions) {
+            Ok(MetaReply::Sessions(list)) => list.iter().any(|s| {
+                i64::try_from(s.lease_expires_ms.saturating_mul(1_000_000)).unwrap_or(i64::MAX)
+                    < now
+            }),
+            _ => false,
+        };
+        if !expired {
+            continue;
+        }
+        let cmd = Command {
+            session: SessionId(0),
+            seq: 0,
+            acked_below: 0,
+            now_ns: now_ns(),
+            op: MetaOp::ExpireSessions,
+        };
+        if let Err(e) = node.raft.client_write(cmd).await {
+            tracing::debug!(error = %e, "session sweep not applied");
+        }
+    }
+}

@@ -11,6 +11,10 @@
 //! Snapshots are a bincode image of the `state` column family taken from a RocksDB snapshot;
 //! installing one replaces the column family in one batch.
 
+// openraft's traits fix the error type (`StorageError`, over 200 bytes); our helpers return it
+// too rather than converting at every call.
+#![allow(clippy::result_large_err)]
+
 use crate::kv::{KvRead, Overlay};
 use crate::sm::{self, keys};
 use crate::types::{CommandResult, LogId, StoredMembership, TypeConfig};
@@ -98,7 +102,7 @@ impl KvRead for DbState<'_> {
         prefix: &[u8],
         after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, String> {
+    ) -> Result<crate::kv::Pairs, String> {
         let start = after.unwrap_or(prefix);
         let mut out = Vec::new();
         for item in self.db.iterator_cf(
