@@ -626,3 +626,100 @@ async fn membership_changes_online_under_load() {
     let c2 = MetaClient::new(g.addrs()[2..].to_vec(), MetaClientOptions::default());
     assert_eq!(names(&c2, v, ROOT).await.len(), 150);
 }
+
+/// Locks through the group: a write lock of one session blocks another session's overlapping
+/// lock; unlocking part of the range splits it; when the holder's lease runs out (it stops
+/// talking), its locks are released and the waiter gets the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locks_conflict_split_and_die_with_their_session() {
+    use brickfs_proto::meta::{LockKind, LockSpec};
+    let g = must_start_group(1, &[]).await;
+    let holder = MetaClient::new(
+        g.addrs(),
+        MetaClientOptions {
+            lease: Duration::from_millis(1500),
+            client_name: "holder".into(),
+            ..MetaClientOptions::default()
+        },
+    );
+    let waiter = g.client(Duration::from_secs(10));
+    let v = must_volume(&waiter, "vol").await;
+    let f = must_attr(&waiter, create(v, ROOT, "f")).await;
+    let lock = |owner: u64, start: u64, end: u64, kind: LockKind| MetaOp::SetLock {
+        volume: v,
+        ino: f.ino,
+        lock: LockSpec {
+            owner,
+            pid: 1,
+            start,
+            end,
+            kind,
+        },
+    };
+    holder
+        .write(lock(1, 0, 100, LockKind::Write))
+        .await
+        .unwrap();
+    let blocked = waiter
+        .write(lock(2, 50, 60, LockKind::Read))
+        .await
+        .unwrap_err();
+    assert_eq!(blocked.code(), Some(ErrorCode::WouldBlock), "{blocked}");
+    // Unlock the middle: the holder keeps 0..40 and 70..100.
+    holder
+        .write(lock(1, 40, 70, LockKind::Unlock))
+        .await
+        .unwrap();
+    waiter.write(lock(2, 50, 60, LockKind::Read)).await.unwrap();
+    assert_eq!(
+        waiter
+            .write(lock(2, 30, 45, LockKind::Read))
+            .await
+            .unwrap_err()
+            .code(),
+        Some(ErrorCode::WouldBlock)
+    );
+    let probe = MetaRead::GetLock {
+        volume: v,
+        ino: f.ino,
+        session: waiter.session_id().unwrap(),
+        lock: LockSpec {
+            owner: 2,
+            pid: 1,
+            start: 75,
+            end: 76,
+            kind: LockKind::Write,
+        },
+    };
+    match waiter.read(probe).await.unwrap() {
+        MetaReply::Lock(Some(held)) => assert_eq!((held.lock.start, held.lock.end), (70, 100)),
+        other => panic!("{other:?}"),
+    }
+    // flock: exclusive against shared.
+    let fl = |owner: u64, kind: LockKind| MetaOp::Flock {
+        volume: v,
+        ino: f.ino,
+        owner,
+        kind,
+    };
+    holder.write(fl(1, LockKind::Read)).await.unwrap();
+    assert_eq!(
+        waiter
+            .write(fl(2, LockKind::Write))
+            .await
+            .unwrap_err()
+            .code(),
+        Some(ErrorCode::WouldBlock)
+    );
+    // The holder goes silent; its lease expires and its locks go with it.
+    drop(holder);
+    must_wait_for(
+        "the expired holder's locks to go",
+        Duration::from_secs(20),
+        || async {
+            waiter.write(lock(2, 0, 100, LockKind::Write)).await.ok()?;
+            waiter.write(fl(2, LockKind::Write)).await.ok()
+        },
+    )
+    .await;
+}

@@ -1,9 +1,10 @@
 //! brickfs-meta: the metadata group — openraft on RocksDB holding the cluster map, volumes, the
-//! namespace, sessions and (next) locks.
+//! namespace, sessions and locks.
 //!
 //! - [`types`]: the openraft type configuration and the log's command record.
 //! - [`sm`]: the state machine's deterministic logic (namespace rules, sessions, exactly-once).
 //! - [`kv`]: the key-value view that logic runs on.
+//! - [`locks`]: POSIX byte-range locks and flock over one file's lock table.
 //! - [`store`]: the Raft log and state machine in RocksDB column families.
 //! - [`network`]: Raft RPCs over the brickfs protocol.
 //! - [`node`]: one member: the Raft instance, its service for clients, its housekeeping.
@@ -12,6 +13,7 @@
 //! never acknowledge a log entry before it is durable. Read `sm.rs` next.
 
 pub mod kv;
+pub mod locks;
 pub mod network;
 pub mod node;
 pub mod sm;

@@ -6,6 +6,7 @@
 //! enum. Failures are POSIX-shaped `ErrorCode`s.
 
 use crate::kv::{KvRead, Overlay};
+use crate::locks::LockTable;
 use crate::types::{Command, CommandResult};
 use brickfs_proto::meta::{
     Attr, BrickRecord, DirEntry, FileKind, MetaOp, MetaRead, MetaReply, NodeRecord, RenameFlags,
@@ -74,6 +75,21 @@ pub mod keys {
     }
     pub fn reply(id: SessionId, seq: u64) -> Vec<u8> {
         [reply_prefix(id).as_slice(), &seq.to_be_bytes()].concat()
+    }
+    pub fn locks(v: VolumeId, ino: Ino) -> Vec<u8> {
+        [b"L".as_slice(), &v.0.to_be_bytes(), &ino.0.to_be_bytes()].concat()
+    }
+    /// Which files a session holds locks on, to release them when it ends.
+    pub fn session_lock_prefix(id: SessionId) -> Vec<u8> {
+        [b"K".as_slice(), &id.0.to_be_bytes()].concat()
+    }
+    pub fn session_lock(id: SessionId, v: VolumeId, ino: Ino) -> Vec<u8> {
+        [
+            session_lock_prefix(id).as_slice(),
+            &v.0.to_be_bytes(),
+            &ino.0.to_be_bytes(),
+        ]
+        .concat()
     }
     pub fn gc(v: VolumeId, ino: Ino) -> Vec<u8> {
         [b"G".as_slice(), &v.0.to_be_bytes(), &ino.0.to_be_bytes()].concat()
@@ -727,6 +743,57 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                 self.put_inode(*volume, &i);
                 MetaReply::Done
             }
+            MetaOp::SetLock { volume, ino, lock } => {
+                load_inode(self.kv, *volume, *ino)?;
+                if lock.start > lock.end {
+                    return Err(err(
+                        ErrorCode::InvalidArgument,
+                        "lock range ends before it starts",
+                    ));
+                }
+                let mut t: LockTable =
+                    get(self.kv, &keys::locks(*volume, *ino))?.unwrap_or_default();
+                if let Err(held) = t.set(session, lock.clone()) {
+                    return Err(err(
+                        ErrorCode::WouldBlock,
+                        format!(
+                            "range {}..{} is locked by session {} owner {} pid {}",
+                            held.lock.start,
+                            held.lock.end,
+                            held.session,
+                            held.lock.owner,
+                            held.lock.pid
+                        ),
+                    ));
+                }
+                self.save_locks(*volume, *ino, session, &t);
+                MetaReply::Done
+            }
+            MetaOp::Flock {
+                volume,
+                ino,
+                owner,
+                kind,
+            } => {
+                load_inode(self.kv, *volume, *ino)?;
+                let mut t: LockTable =
+                    get(self.kv, &keys::locks(*volume, *ino))?.unwrap_or_default();
+                if t.flock(session, *owner, *kind).is_err() {
+                    return Err(err(
+                        ErrorCode::WouldBlock,
+                        format!("inode {ino} is flocked by another owner"),
+                    ));
+                }
+                self.save_locks(*volume, *ino, session, &t);
+                MetaReply::Done
+            }
+            MetaOp::ReleaseLocks { volume, ino, owner } => {
+                let mut t: LockTable =
+                    get(self.kv, &keys::locks(*volume, *ino))?.unwrap_or_default();
+                t.release(session, Some(*owner));
+                self.save_locks(*volume, *ino, session, &t);
+                MetaReply::Done
+            }
             MetaOp::RemoveXattr { volume, ino, name } => {
                 let mut i = load_inode(self.kv, *volume, *ino)?;
                 let key = keys::xattr(*volume, *ino, name);
@@ -741,7 +808,42 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
         })
     }
 
+    fn save_locks(&mut self, v: VolumeId, ino: Ino, session: SessionId, t: &LockTable) {
+        let key = keys::locks(v, ino);
+        if t.is_empty() {
+            self.kv.delete(key);
+        } else {
+            self.kv.put(key, enc(t));
+        }
+        let holds = t.posix.iter().any(|h| h.session == session)
+            || t.flock.iter().any(|(s, _, _)| *s == session);
+        if holds {
+            self.kv.put(keys::session_lock(session, v, ino), Vec::new());
+        } else {
+            self.kv.delete(keys::session_lock(session, v, ino));
+        }
+    }
+
     fn end_session(&mut self, id: SessionId) -> Res<()> {
+        let prefix = keys::session_lock_prefix(id);
+        for (k, _) in self.kv.scan(&prefix, None, usize::MAX).map_err(internal)? {
+            let raw = &k[prefix.len()..];
+            let (Some(v), Some(ino)) = (
+                raw.get(0..8)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_be_bytes),
+                raw.get(8..16)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_be_bytes),
+            ) else {
+                return Err(internal("session lock key"));
+            };
+            let (v, ino) = (VolumeId(v), Ino(ino));
+            let mut t: LockTable = get(self.kv, &keys::locks(v, ino))?.unwrap_or_default();
+            t.release(id, None);
+            self.save_locks(v, ino, id, &t);
+            tracing::debug!(session = %id, volume = %v, %ino, "released locks of an ended session");
+        }
         self.kv.delete(keys::session(id));
         for (k, _) in self
             .kv
@@ -960,6 +1062,16 @@ pub fn read(kv: &impl KvRead, r: &MetaRead) -> CommandResult {
                 .ok_or_else(|| err(ErrorCode::NotFound, format!("volume {name:?}")))?;
             MetaReply::Volume(check_volume(kv, VolumeId(id))?)
         }
+        MetaRead::GetLock {
+            volume,
+            ino,
+            session,
+            lock,
+        } => {
+            load_inode(kv, *volume, *ino)?;
+            let t: LockTable = get(kv, &keys::locks(*volume, *ino))?.unwrap_or_default();
+            MetaReply::Lock(t.conflict(*session, lock).cloned())
+        }
         MetaRead::ListSessions => {
             let mut out = Vec::new();
             for (k, v) in kv.scan(b"S", None, usize::MAX).map_err(internal)? {
@@ -982,4 +1094,359 @@ fn scan_all<T: DeserializeOwned>(kv: &impl KvRead, prefix: &[u8]) -> Res<Vec<T>>
         .into_iter()
         .map(|(_, v)| dec(&v))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::Overlay;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    type Path = Vec<&'static str>;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Mkdir(Path),
+        Create(Path),
+        Unlink(Path),
+        Rmdir(Path),
+        Rename(Path, Path, RenameFlags),
+    }
+
+    /// The namespace as a map from path to kind: the simplest model there is.
+    #[derive(Default)]
+    struct Model {
+        paths: BTreeMap<Path, FileKind>,
+    }
+
+    impl Model {
+        fn kind(&self, p: &Path) -> Option<FileKind> {
+            if p.is_empty() {
+                Some(FileKind::Dir)
+            } else {
+                self.paths.get(p).copied()
+            }
+        }
+        fn children(&self, p: &Path) -> usize {
+            self.paths
+                .keys()
+                .filter(|k| k.len() == p.len() + 1 && k.starts_with(p))
+                .count()
+        }
+        fn move_tree(&mut self, from: &Path, to: &Path) {
+            let moved: Vec<(Path, FileKind)> = self
+                .paths
+                .iter()
+                .filter(|(k, _)| k.starts_with(from))
+                .map(|(k, v)| (k.clone(), *v))
+                .collect();
+            for (k, _) in &moved {
+                self.paths.remove(k);
+            }
+            for (k, v) in moved {
+                let mut n = to.clone();
+                n.extend_from_slice(&k[from.len()..]);
+                self.paths.insert(n, v);
+            }
+        }
+        fn remove_tree(&mut self, p: &Path) {
+            self.paths.retain(|k, _| !k.starts_with(p));
+        }
+        /// Same rules, same order of checks, as `Applier::rename`.
+        fn rename(&mut self, src: &Path, dst: &Path, flags: RenameFlags) -> Result<(), ErrorCode> {
+            if flags.noreplace && flags.exchange {
+                return Err(ErrorCode::InvalidArgument);
+            }
+            let sk = self.kind(src).ok_or(ErrorCode::NotFound)?;
+            if src == dst {
+                return if flags.noreplace {
+                    Err(ErrorCode::Exists)
+                } else {
+                    Ok(())
+                };
+            }
+            let dst_parent = dst[..dst.len() - 1].to_vec();
+            if sk == FileKind::Dir && dst_parent.starts_with(src) {
+                return Err(ErrorCode::InvalidArgument);
+            }
+            let dk = self.kind(dst);
+            if flags.exchange {
+                let dk = dk.ok_or(ErrorCode::NotFound)?;
+                let src_parent = src[..src.len() - 1].to_vec();
+                if dk == FileKind::Dir && src_parent.starts_with(dst) {
+                    return Err(ErrorCode::InvalidArgument);
+                }
+                let tmp = vec!["\u{0}tmp"];
+                self.move_tree(src, &tmp);
+                self.move_tree(dst, src);
+                self.move_tree(&tmp, dst);
+                return Ok(());
+            }
+            if let Some(dk) = dk {
+                if flags.noreplace {
+                    return Err(ErrorCode::Exists);
+                }
+                match (sk == FileKind::Dir, dk == FileKind::Dir) {
+                    (true, false) => return Err(ErrorCode::NotDir),
+                    (false, true) => return Err(ErrorCode::IsDir),
+                    (true, true) if self.children(dst) > 0 => return Err(ErrorCode::NotEmpty),
+                    _ => {}
+                }
+                self.remove_tree(dst);
+            }
+            self.move_tree(src, dst);
+            Ok(())
+        }
+    }
+
+    struct Sm {
+        base: BTreeMap<Vec<u8>, Vec<u8>>,
+        seq: u64,
+        volume: VolumeId,
+    }
+
+    impl Sm {
+        fn new() -> Sm {
+            let mut sm = Sm {
+                base: BTreeMap::new(),
+                seq: 0,
+                volume: VolumeId(0),
+            };
+            sm.apply(
+                SessionId(0),
+                MetaOp::OpenSession {
+                    client: "t".into(),
+                    lease_ms: 1000,
+                },
+            )
+            .unwrap();
+            match sm
+                .apply(SessionId(1), MetaOp::CreateVolume { name: "v".into() })
+                .unwrap()
+            {
+                MetaReply::Volume(v) => sm.volume = v.id,
+                other => panic!("{other:?}"),
+            }
+            sm
+        }
+        fn apply(&mut self, session: SessionId, op: MetaOp) -> CommandResult {
+            self.seq += 1;
+            let cmd = Command {
+                session,
+                seq: self.seq,
+                acked_below: self.seq,
+                now_ns: self.seq as i64,
+                op,
+            };
+            let mut overlay = Overlay::new(&self.base);
+            let r = apply_command(&mut overlay, &cmd);
+            for (k, v) in overlay.into_changes() {
+                match v {
+                    Some(v) => self.base.insert(k, v),
+                    None => self.base.remove(&k),
+                };
+            }
+            r
+        }
+        /// Resolves a path to an inode, as a client would with lookups.
+        fn resolve(&self, p: &[&str]) -> Option<Ino> {
+            let mut ino = ROOT_INO;
+            for name in p {
+                match read(
+                    &self.base,
+                    &MetaRead::Lookup {
+                        volume: self.volume,
+                        parent: ino,
+                        name: name.to_string(),
+                    },
+                ) {
+                    Ok(MetaReply::Attr(a)) => ino = a.ino,
+                    _ => return None,
+                }
+            }
+            Some(ino)
+        }
+        /// Walks the tree, checking each directory's link count on the way.
+        fn walk(&self, dir: Ino, at: &Path, out: &mut BTreeMap<Path, FileKind>) {
+            let Ok(MetaReply::Entries { entries, .. }) = read(
+                &self.base,
+                &MetaRead::ReadDir {
+                    volume: self.volume,
+                    ino: dir,
+                    after: None,
+                    limit: 1000,
+                },
+            ) else {
+                panic!("readdir failed")
+            };
+            let Ok(MetaReply::Attr(attr)) = read(
+                &self.base,
+                &MetaRead::GetAttr {
+                    volume: self.volume,
+                    ino: dir,
+                },
+            ) else {
+                panic!("getattr failed")
+            };
+            let subdirs = entries.iter().filter(|e| e.kind == FileKind::Dir).count() as u32;
+            assert_eq!(attr.nlink, 2 + subdirs, "nlink of {at:?}");
+            for e in entries {
+                let name: &'static str = Box::leak(e.name.clone().into_boxed_str());
+                let mut p = at.clone();
+                p.push(name);
+                out.insert(p.clone(), e.kind);
+                if e.kind == FileKind::Dir {
+                    self.walk(e.ino, &p, out);
+                }
+            }
+        }
+    }
+
+    fn path() -> impl Strategy<Value = Path> {
+        proptest::collection::vec(prop_oneof![Just("a"), Just("b"), Just("c")], 1..4)
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let flags = prop_oneof![
+            3 => Just(RenameFlags::default()),
+            1 => Just(RenameFlags { noreplace: true, exchange: false }),
+            1 => Just(RenameFlags { noreplace: false, exchange: true }),
+        ];
+        prop_oneof![
+            3 => path().prop_map(Op::Mkdir),
+            3 => path().prop_map(Op::Create),
+            1 => path().prop_map(Op::Unlink),
+            1 => path().prop_map(Op::Rmdir),
+            4 => (path(), path(), flags).prop_map(|(a, b, f)| Op::Rename(a, b, f)),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        /// mkdir, create, unlink, rmdir and rename (plain, noreplace, exchange) on the state
+        /// machine give the same answers and the same tree as the path model, and directory
+        /// link counts always equal 2 + subdirectories.
+        #[test]
+        fn namespace_matches_the_path_model(ops in proptest::collection::vec(op(), 1..40)) {
+            let mut sm = Sm::new();
+            let mut model = Model::default();
+            let v = sm.volume;
+            let s = SessionId(1);
+            for op in ops {
+                let parent_of = |p: &Path| p[..p.len() - 1].to_vec();
+                let last = |p: &Path| p[p.len() - 1].to_string();
+                // Only ops whose parents exist as directories in the model reach the state
+                // machine by inode; the others are what a client's path walk would refuse.
+                let dirs_ok = |m: &Model, ps: &[&Path]| ps.iter().all(|p| m.kind(&parent_of(p)) == Some(FileKind::Dir));
+                let (got, want): (Result<(), ErrorCode>, Result<(), ErrorCode>) = match &op {
+                    Op::Mkdir(p) | Op::Create(p) => {
+                        if !dirs_ok(&model, &[p]) { continue; }
+                        let parent = sm.resolve(&parent_of(p)).unwrap();
+                        let kind = if matches!(op, Op::Mkdir(_)) { FileKind::Dir } else { FileKind::File };
+                        let cmd = if kind == FileKind::Dir {
+                            MetaOp::Mkdir { volume: v, parent, name: last(p), mode: 0o755, uid: 0, gid: 0 }
+                        } else {
+                            MetaOp::Create { volume: v, parent, name: last(p), kind, mode: 0o644, uid: 0, gid: 0, rdev: 0, exclusive: true }
+                        };
+                        let want = if model.kind(p).is_some() { Err(ErrorCode::Exists) } else { model.paths.insert(p.clone(), kind); Ok(()) };
+                        (sm.apply(s, cmd).map(|_| ()).map_err(|e| e.kind().unwrap()), want)
+                    }
+                    Op::Unlink(p) | Op::Rmdir(p) => {
+                        if !dirs_ok(&model, &[p]) { continue; }
+                        let parent = sm.resolve(&parent_of(p)).unwrap();
+                        let rmdir = matches!(op, Op::Rmdir(_));
+                        let want = match (model.kind(p), rmdir) {
+                            (None, _) => Err(ErrorCode::NotFound),
+                            (Some(FileKind::Dir), false) => Err(ErrorCode::IsDir),
+                            (Some(k), true) if k != FileKind::Dir => Err(ErrorCode::NotDir),
+                            (Some(_), true) if model.children(p) > 0 => Err(ErrorCode::NotEmpty),
+                            _ => { model.remove_tree(p); Ok(()) }
+                        };
+                        let cmd = if rmdir {
+                            MetaOp::Rmdir { volume: v, parent, name: last(p) }
+                        } else {
+                            MetaOp::Unlink { volume: v, parent, name: last(p) }
+                        };
+                        (sm.apply(s, cmd).map(|_| ()).map_err(|e| e.kind().unwrap()), want)
+                    }
+                    Op::Rename(a, b, flags) => {
+                        if !dirs_ok(&model, &[a, b]) { continue; }
+                        let (pa, pb) = (sm.resolve(&parent_of(a)).unwrap(), sm.resolve(&parent_of(b)).unwrap());
+                        let want = model.rename(a, b, *flags);
+                        let cmd = MetaOp::Rename { volume: v, parent: pa, name: last(a), new_parent: pb, new_name: last(b), flags: *flags };
+                        (sm.apply(s, cmd).map(|_| ()).map_err(|e| e.kind().unwrap()), want)
+                    }
+                };
+                prop_assert_eq!(got, want, "op {:?}", op);
+                let mut tree = BTreeMap::new();
+                sm.walk(ROOT_INO, &Vec::new(), &mut tree);
+                prop_assert_eq!(&tree, &model.paths, "after {:?}", op);
+            }
+        }
+    }
+
+    /// A retried (session, sequence) answers its first result without applying twice; a
+    /// request for an unknown session is refused.
+    #[test]
+    fn retries_are_answered_once() {
+        let mut sm = Sm::new();
+        let v = sm.volume;
+        let op = MetaOp::Create {
+            volume: v,
+            parent: ROOT_INO,
+            name: "f".into(),
+            kind: FileKind::File,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            exclusive: true,
+        };
+        let cmd = Command {
+            session: SessionId(1),
+            seq: 100,
+            acked_below: 100,
+            now_ns: 5,
+            op: op.clone(),
+        };
+        let run = |sm: &mut Sm, cmd: &Command| {
+            let mut overlay = Overlay::new(&sm.base);
+            let r = apply_command(&mut overlay, cmd);
+            for (k, val) in overlay.into_changes() {
+                match val {
+                    Some(val) => sm.base.insert(k, val),
+                    None => sm.base.remove(&k),
+                };
+            }
+            r
+        };
+        let first = run(&mut sm, &cmd).unwrap();
+        assert_eq!(run(&mut sm, &cmd).unwrap(), first);
+        let again = Command {
+            seq: 101,
+            acked_below: 101,
+            ..cmd.clone()
+        };
+        assert_eq!(
+            run(&mut sm, &again).unwrap_err().kind(),
+            Some(ErrorCode::Exists)
+        );
+        let stale = Command {
+            seq: 50,
+            ..cmd.clone()
+        };
+        assert_eq!(
+            run(&mut sm, &stale).unwrap_err().kind(),
+            Some(ErrorCode::StaleRequest)
+        );
+        let stranger = Command {
+            session: SessionId(77),
+            ..cmd
+        };
+        assert_eq!(
+            run(&mut sm, &stranger).unwrap_err().kind(),
+            Some(ErrorCode::SessionExpired)
+        );
+    }
 }

@@ -193,6 +193,52 @@ pub enum MetaOp {
     },
     /// Expires sessions whose lease ended before the leader's clock (proposed by the leader).
     ExpireSessions,
+    /// A POSIX byte-range lock (fcntl F_SETLK) for `owner` (the FUSE lock owner) of this
+    /// session on `[start, end)`; `end == u64::MAX` means to the end of the file. A conflict
+    /// answers `WouldBlock`; blocking waits (F_SETLKW) retry.
+    SetLock {
+        volume: VolumeId,
+        ino: Ino,
+        lock: LockSpec,
+    },
+    /// flock(2) on the whole file.
+    Flock {
+        volume: VolumeId,
+        ino: Ino,
+        owner: u64,
+        kind: LockKind,
+    },
+    /// Releases every lock and flock of `owner` on the file (close of the last descriptor).
+    ReleaseLocks {
+        volume: VolumeId,
+        ino: Ino,
+        owner: u64,
+    },
+}
+
+/// Lock types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum LockKind {
+    Read,
+    Write,
+    Unlock,
+}
+
+/// A byte-range lock request or holding.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockSpec {
+    pub owner: u64,
+    pub pid: u32,
+    pub start: u64,
+    pub end: u64,
+    pub kind: LockKind,
+}
+
+/// A lock held by someone, as `GetLock` reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldLock {
+    pub session: SessionId,
+    pub lock: LockSpec,
 }
 
 /// A linearizable read, served by the leader after it confirms its leadership.
@@ -234,6 +280,13 @@ pub enum MetaRead {
         name: String,
     },
     ListSessions,
+    /// The first lock that would conflict with `lock` taken by `session` (fcntl F_GETLK).
+    GetLock {
+        volume: VolumeId,
+        ino: Ino,
+        session: SessionId,
+        lock: LockSpec,
+    },
 }
 
 /// A session as the metadata group keeps it.
@@ -259,6 +312,7 @@ pub enum MetaReply {
     Volumes(Vec<VolumeRecord>),
     Volume(VolumeRecord),
     Sessions(Vec<SessionInfo>),
+    Lock(Option<HeldLock>),
 }
 
 /// A write to the metadata group. `acked_below` lets the group forget the answers to this
