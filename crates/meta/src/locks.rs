@@ -94,20 +94,20 @@ impl LockTable {
         Ok(())
     }
 
-    /// flock: take, convert or release the owner's whole-file hold.
-    pub fn flock(&mut self, session: SessionId, owner: u64, kind: LockKind) -> Result<(), ()> {
+    /// flock: take, convert or release the owner's whole-file hold; false on a conflict.
+    pub fn flock(&mut self, session: SessionId, owner: u64, kind: LockKind) -> bool {
         if kind != LockKind::Unlock
             && self.flock.iter().any(|(s, o, k)| {
                 (*s, *o) != (session, owner) && (*k == LockKind::Write || kind == LockKind::Write)
             })
         {
-            return Err(());
+            return false;
         }
         self.flock.retain(|(s, o, _)| (*s, *o) != (session, owner));
         if kind != LockKind::Unlock {
             self.flock.push((session, owner, kind));
         }
-        Ok(())
+        true
     }
 
     /// Drops every lock of one owner, or of a whole session (`owner = None`).
@@ -210,7 +210,7 @@ mod tests {
                 let kind = [LockKind::Read, LockKind::Write, LockKind::Unlock][k as usize];
                 let conflict = kind != LockKind::Unlock
                     && m.iter().any(|(o, h)| *o != who && (*h == LockKind::Write || kind == LockKind::Write));
-                prop_assert_eq!(t.flock(SessionId(who), 0, kind).is_err(), conflict);
+                prop_assert_eq!(!t.flock(SessionId(who), 0, kind), conflict);
                 if !conflict {
                     if kind == LockKind::Unlock { m.remove(&who); } else { m.insert(who, kind); }
                 }

@@ -778,7 +778,7 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                 load_inode(self.kv, *volume, *ino)?;
                 let mut t: LockTable =
                     get(self.kv, &keys::locks(*volume, *ino))?.unwrap_or_default();
-                if t.flock(session, *owner, *kind).is_err() {
+                if !t.flock(session, *owner, *kind) {
                     return Err(err(
                         ErrorCode::WouldBlock,
                         format!("inode {ino} is flocked by another owner"),
