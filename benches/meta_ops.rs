@@ -22,7 +22,11 @@ const ROOT: Ino = Ino(1);
 fn client(addrs: &[SocketAddr], name: &str) -> MetaClient {
     MetaClient::new(
         addrs.to_vec(),
-        MetaClientOptions { client_name: name.into(), deadline: Duration::from_secs(60), ..MetaClientOptions::default() },
+        MetaClientOptions {
+            client_name: name.into(),
+            deadline: Duration::from_secs(60),
+            ..MetaClientOptions::default()
+        },
     )
 }
 
@@ -46,17 +50,32 @@ fn local_baselines(dir: &Path, ops: usize) -> (f64, f64) {
     (creates, fsyncs)
 }
 
-async fn run_case(addrs: &[SocketAddr], volume: VolumeId, clients: usize, ops: usize, case: usize) -> (f64, f64, f64) {
+async fn run_case(
+    addrs: &[SocketAddr],
+    volume: VolumeId,
+    clients: usize,
+    ops: usize,
+    case: usize,
+) -> (f64, f64, f64) {
     let admin = client(addrs, "bench-admin");
     let dir = match admin
-        .write(MetaOp::Mkdir { volume, parent: ROOT, name: format!("case{case}"), mode: 0o755, uid: 0, gid: 0 })
+        .write(MetaOp::Mkdir {
+            volume,
+            parent: ROOT,
+            name: format!("case{case}"),
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+        })
         .await
         .unwrap()
     {
         MetaReply::Attr(a) => a.ino,
         other => panic!("{other:?}"),
     };
-    let cs: Vec<MetaClient> = (0..clients).map(|i| client(addrs, &format!("bench{i}"))).collect();
+    let cs: Vec<MetaClient> = (0..clients)
+        .map(|i| client(addrs, &format!("bench{i}")))
+        .collect();
     for c in &cs {
         c.open_session().await.unwrap();
     }
@@ -72,17 +91,40 @@ async fn run_case(addrs: &[SocketAddr], volume: VolumeId, clients: usize, ops: u
                         let name = format!("c{ci}-{i}");
                         match kind {
                             0 => {
-                                c.write(MetaOp::Create { volume, parent: dir, name, kind: FileKind::File, mode: 0o644, uid: 0, gid: 0, rdev: 0, exclusive: true })
-                                    .await
-                                    .unwrap();
+                                c.write(MetaOp::Create {
+                                    volume,
+                                    parent: dir,
+                                    name,
+                                    kind: FileKind::File,
+                                    mode: 0o644,
+                                    uid: 0,
+                                    gid: 0,
+                                    rdev: 0,
+                                    exclusive: true,
+                                })
+                                .await
+                                .unwrap();
                             }
                             1 => {
-                                c.read(MetaRead::Lookup { volume, parent: dir, name }).await.unwrap();
+                                c.read(MetaRead::Lookup {
+                                    volume,
+                                    parent: dir,
+                                    name,
+                                })
+                                .await
+                                .unwrap();
                             }
                             _ => {
-                                c.write(MetaOp::Rename { volume, parent: dir, name: name.clone(), new_parent: dir, new_name: format!("r{name}"), flags: RenameFlags::default() })
-                                    .await
-                                    .unwrap();
+                                c.write(MetaOp::Rename {
+                                    volume,
+                                    parent: dir,
+                                    name: name.clone(),
+                                    new_parent: dir,
+                                    new_name: format!("r{name}"),
+                                    flags: RenameFlags::default(),
+                                })
+                                .await
+                                .unwrap();
                             }
                         }
                     }
@@ -99,33 +141,63 @@ async fn run_case(addrs: &[SocketAddr], volume: VolumeId, clients: usize, ops: u
 }
 
 fn main() {
-    let ops: usize = std::env::var("BRICKFS_BENCH_OPS").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
-    let base = std::env::var_os("BRICKFS_BENCH_DIR").map(std::path::PathBuf::from).unwrap_or_else(std::env::temp_dir);
-    let dir = tempfile::Builder::new().prefix("brickfs-meta-bench-").tempdir_in(&base).unwrap();
+    let ops: usize = std::env::var("BRICKFS_BENCH_OPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let base = std::env::var_os("BRICKFS_BENCH_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = tempfile::Builder::new()
+        .prefix("brickfs-meta-bench-")
+        .tempdir_in(&base)
+        .unwrap();
     let (local_creates, local_fsyncs) = local_baselines(dir.path(), ops);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     println!("metadata ops through the client, {ops} per phase; log fsynced before each commit");
-    println!("baselines: local file creates {local_creates:.0}/s (no fsync), 128-byte append+fdatasync {local_fsyncs:.0}/s");
+    println!(
+        "baselines: local file creates {local_creates:.0}/s (no fsync), 128-byte append+fdatasync {local_fsyncs:.0}/s"
+    );
     println!("| voters | clients | creates/s | ×fsync | stats/s | renames/s | ×fsync |");
     println!("|---:|---:|---:|---:|---:|---:|---:|");
     let bin = Path::new(env!("CARGO_BIN_EXE_brickd"));
     for voters in [1usize, 3] {
         let nodes: Vec<Brickd> = (0..voters)
-            .map(|i| Brickd::start(bin, &dir.path().join(format!("v{voters}n{i}")), &[], &["--meta"]).unwrap())
+            .map(|i| {
+                let d = dir.path().join(format!("v{voters}n{i}"));
+                Brickd::start(bin, &d, &[d.join("brick")], &["--meta"]).unwrap()
+            })
             .collect();
         let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.addr()).collect();
         rt.block_on(async {
-            client(&addrs[..1], "init").admin(AdminOp::Init).await.unwrap();
+            client(&addrs[..1], "init")
+                .admin(AdminOp::Init)
+                .await
+                .unwrap();
             let admin = client(&addrs, "admin");
             let pinger = brickfs_client::BrickClient::new(Default::default());
             for a in &addrs[1..] {
                 let id = pinger.ping(*a).await.unwrap();
-                admin.admin(AdminOp::AddMember { id, addr: a.to_string(), voter: true }).await.unwrap();
+                admin
+                    .admin(AdminOp::AddMember {
+                        id,
+                        addr: a.to_string(),
+                        voter: true,
+                    })
+                    .await
+                    .unwrap();
             }
-            let volume = match admin.write(MetaOp::CreateVolume { name: "bench".into() }).await.unwrap() {
-                MetaReply::Volume(v) => v.id,
-                other => panic!("{other:?}"),
-            };
+            let (node, bricks) = brickfs_client::admin::peer_add(&admin, &pinger, addrs[0])
+                .await
+                .unwrap();
+            let spec = vec![format!("{}:{}", node.addr, bricks[0].path)];
+            let volume = brickfs_client::admin::volume_create(&admin, "bench", &spec)
+                .await
+                .unwrap()
+                .id;
             for (case, clients) in [1usize, 8, 32].into_iter().enumerate() {
                 let (c, s, r) = run_case(&addrs, volume, clients, ops, case).await;
                 println!(

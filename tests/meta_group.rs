@@ -75,8 +75,9 @@ async fn must_start_group(n: usize, extra: &[&str]) -> Group {
     let mut nodes = Vec::new();
     let mut ids = Vec::new();
     for i in 0..n {
+        let node_dir = dir.path().join(format!("n{i}"));
         let node =
-            Brickd::start(&brickd_bin(), &dir.path().join(format!("n{i}")), &[], &args).unwrap();
+            Brickd::start(&brickd_bin(), &node_dir, &[node_dir.join("brick")], &args).unwrap();
         ids.push(client().ping(node.addr()).await.unwrap());
         nodes.push(node);
     }
@@ -103,15 +104,16 @@ async fn must_start_group(n: usize, extra: &[&str]) -> Group {
     g
 }
 
-async fn must_volume(c: &MetaClient, name: &str) -> VolumeId {
-    match c
-        .write(MetaOp::CreateVolume { name: name.into() })
+/// Registers node 0 and creates a one-brick volume on its brick.
+async fn must_volume(g: &Group, c: &MetaClient, name: &str) -> VolumeId {
+    let (node, bricks) = brickfs_client::admin::peer_add(c, &client(), g.nodes[0].addr())
+        .await
+        .unwrap();
+    let spec = vec![format!("{}:{}", node.addr, bricks[0].path)];
+    brickfs_client::admin::volume_create(c, name, &spec)
         .await
         .unwrap()
-    {
-        MetaReply::Volume(v) => v.id,
-        other => panic!("unexpected {other:?}"),
-    }
+        .id
 }
 
 fn create(volume: VolumeId, parent: Ino, name: &str) -> MetaOp {
@@ -170,12 +172,15 @@ fn code(e: &MetaError) -> Option<ErrorCode> {
 async fn one_voter_group_serves_the_namespace() {
     let g = must_start_group(1, &[]).await;
     let c = g.client(Duration::from_secs(20));
-    let v = must_volume(&c, "vol").await;
+    let v = must_volume(&g, &c, "vol").await;
     assert_eq!(
         code(
-            &c.write(MetaOp::CreateVolume { name: "vol".into() })
-                .await
-                .unwrap_err()
+            &c.write(MetaOp::CreateVolume {
+                name: "vol".into(),
+                spec: vec!["127.0.0.1:1:/x".into()]
+            })
+            .await
+            .unwrap_err()
         ),
         Some(ErrorCode::Exists)
     );
@@ -419,7 +424,7 @@ async fn one_voter_group_serves_the_namespace() {
 async fn acked_writes_survive_leader_sigkill_and_apply_once() {
     let mut g = must_start_group(3, &[]).await;
     let c = g.client(Duration::from_secs(60));
-    let v = must_volume(&c, "vol").await;
+    let v = must_volume(&g, &c, "vol").await;
     let target = must_attr(&c, create(v, ROOT, "target")).await;
     let leader = g.must_leader(&[0, 1, 2]).await;
 
@@ -495,7 +500,7 @@ async fn acked_writes_survive_leader_sigkill_and_apply_once() {
 async fn lagging_voter_is_brought_up_by_snapshot() {
     let mut g = must_start_group(3, &["--meta-snapshot-logs", "20"]).await;
     let c = g.client(Duration::from_secs(30));
-    let v = must_volume(&c, "vol").await;
+    let v = must_volume(&g, &c, "vol").await;
     let leader = g.must_leader(&[0, 1, 2]).await;
     let lagging = (leader + 1) % 3;
     g.nodes[lagging].sigkill().unwrap();
@@ -530,7 +535,7 @@ async fn lagging_voter_is_brought_up_by_snapshot() {
 async fn minority_commits_nothing() {
     let g = must_start_group(3, &[]).await;
     let c = g.client(Duration::from_secs(30));
-    let v = must_volume(&c, "vol").await;
+    let v = must_volume(&g, &c, "vol").await;
     let leader = g.must_leader(&[0, 1, 2]).await;
     let alone = (leader + 1) % 3;
     let frozen: Vec<usize> = (0..3).filter(|i| *i != alone).collect();
@@ -545,24 +550,17 @@ async fn minority_commits_nothing() {
             ..MetaClientOptions::default()
         },
     );
-    let r = minority
-        .write(MetaOp::CreateVolume {
-            name: "split".into(),
-        })
-        .await;
+    let r = minority.write(create(v, ROOT, "split")).await;
     assert!(matches!(r, Err(MetaError::Unavailable { .. })), "{r:?}");
     for &i in &frozen {
         g.nodes[i].sigcont().unwrap();
     }
     // The group carries on, and the refused write never happened.
     must_attr(&c, create(v, ROOT, "after")).await;
-    let vols = match c.read(MetaRead::ListVolumes).await.unwrap() {
-        MetaReply::Volumes(v) => v,
-        other => panic!("{other:?}"),
-    };
+    let all = names(&c, v, ROOT).await;
     assert!(
-        vols.iter().all(|v| v.name != "split"),
-        "a minority write was committed: {vols:?}"
+        !all.contains(&"split".to_string()),
+        "a minority write was committed: {all:?}"
     );
 }
 
@@ -572,10 +570,11 @@ async fn membership_changes_online_under_load() {
     let dir = tempfile::tempdir().unwrap();
     let mut g = must_start_group(3, &[]).await;
     for i in 3..5 {
+        let node_dir = dir.path().join(format!("n{i}"));
         let node = Brickd::start(
             &brickd_bin(),
-            &dir.path().join(format!("n{i}")),
-            &[],
+            &node_dir,
+            &[node_dir.join("brick")],
             &["--meta"],
         )
         .unwrap();
@@ -583,7 +582,7 @@ async fn membership_changes_online_under_load() {
         g.nodes.push(node);
     }
     let c = g.client(Duration::from_secs(60));
-    let v = must_volume(&c, "vol").await;
+    let v = must_volume(&g, &c, "vol").await;
     let writer = {
         let c = c.clone();
         tokio::spawn(async move {
@@ -643,7 +642,7 @@ async fn locks_conflict_split_and_die_with_their_session() {
         },
     );
     let waiter = g.client(Duration::from_secs(10));
-    let v = must_volume(&waiter, "vol").await;
+    let v = must_volume(&g, &waiter, "vol").await;
     let f = must_attr(&waiter, create(v, ROOT, "f")).await;
     let lock = |owner: u64, start: u64, end: u64, kind: LockKind| MetaOp::SetLock {
         volume: v,

@@ -108,25 +108,9 @@ pub struct Config {
     pub meta_snapshot_logs: u64,
 }
 
-/// Parses a size such as `4096`, `64KiB`, `16MiB`, `1GiB` (also `K`, `M`, `G`, `KB`, `MB`,
-/// `GB`, all binary).
+/// Parses a size such as `4096`, `64KiB`, `16MiB`, `1GiB` (see `brickfs_layout::parse_size`).
 pub fn parse_size(text: &str) -> anyhow::Result<u64> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (digits, unit) = t.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .with_context(|| format!("size {text:?} does not start with a number"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        "t" | "tb" | "tib" => 1 << 40,
-        other => bail!("unknown size unit {other:?} in {text:?}"),
-    };
-    n.checked_mul(mult)
-        .with_context(|| format!("size {text:?} is too large"))
+    brickfs_layout::parse_size(text).map_err(|e| anyhow::anyhow!(e))
 }
 
 fn absolute(path: &Path) -> anyhow::Result<PathBuf> {

@@ -6,6 +6,7 @@
 //! session, linearizable reads. The volume data path (replicate, stripe, disperse) comes with
 //! issue 4. It must never touch a disk itself.
 
+pub mod admin;
 pub mod brick;
 pub mod meta;
 

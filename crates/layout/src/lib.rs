@@ -10,4 +10,4 @@ pub mod place;
 pub mod spec;
 
 pub use place::{Piece, column_of, split_range};
-pub use spec::{BrickAddr, Redundancy, SpecError, VolumeSpec, VolumeType};
+pub use spec::{BrickAddr, Redundancy, SpecError, VolumeSpec, VolumeType, parse_size};

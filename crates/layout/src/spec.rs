@@ -40,6 +40,27 @@ pub enum SpecError {
     },
 }
 
+/// Parses a size such as `4096`, `64KiB`, `16MiB`, `1GiB` (also `K`, `M`, `G`, `T`, `KB`,
+/// `MB`, ..., all binary).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("size {text:?} does not start with a number"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        other => return Err(format!("unknown size unit {other:?} in {text:?}")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {text:?} is too large"))
+}
+
 /// One brick of a spec: a node's host (and port) and the brick's folder.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BrickAddr {
@@ -66,7 +87,9 @@ impl BrickAddr {
         if rest.is_empty()
             || path.len() > 4096
             || path.contains('\0')
-            || rest.split('/').any(|c| c.is_empty() || c == "." || c == "..")
+            || rest
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..")
         {
             return Err(bad());
         }
@@ -189,15 +212,23 @@ impl VolumeSpec {
         let stripe = match stripe {
             None => 1,
             Some(s) if (2..=STRIPE_MAX).contains(&s) => s,
-            Some(s) => return Err(SpecError::Invalid(format!("stripe count {s} must be 2 to {STRIPE_MAX}"))),
+            Some(s) => {
+                return Err(SpecError::Invalid(format!(
+                    "stripe count {s} must be 2 to {STRIPE_MAX}"
+                )));
+            }
         };
         let redundancy = match (replica, disperse, redundancy) {
             (Some(_), Some(_), _) => {
-                return Err(SpecError::Invalid("replica and disperse cannot be combined".into()));
+                return Err(SpecError::Invalid(
+                    "replica and disperse cannot be combined".into(),
+                ));
             }
             (Some(r), None, None) => {
                 if !(2..=REPLICA_MAX).contains(&r) {
-                    return Err(SpecError::Invalid(format!("replica count {r} must be 2 to {REPLICA_MAX}")));
+                    return Err(SpecError::Invalid(format!(
+                        "replica count {r} must be 2 to {REPLICA_MAX}"
+                    )));
                 }
                 Redundancy::Replica(r)
             }
@@ -206,10 +237,14 @@ impl VolumeSpec {
             }
             (None, Some(n), m) => {
                 if stripe > 1 {
-                    return Err(SpecError::Invalid("stripe and disperse cannot be combined".into()));
+                    return Err(SpecError::Invalid(
+                        "stripe and disperse cannot be combined".into(),
+                    ));
                 }
                 if !(3..=DISPERSE_MAX).contains(&n) {
-                    return Err(SpecError::Invalid(format!("disperse count {n} must be 3 to {DISPERSE_MAX}")));
+                    return Err(SpecError::Invalid(format!(
+                        "disperse count {n} must be 3 to {DISPERSE_MAX}"
+                    )));
                 }
                 // GlusterFS's default redundancy: the largest M with 2M < N.
                 let m = m.unwrap_or((n - 1) / 2);
@@ -343,7 +378,11 @@ mod tests {
             ("stripe 4", 4, VolumeType::Striped),
             ("stripe 2", 4, VolumeType::DistributedStriped),
             ("replica 2", 6, VolumeType::DistributedReplicated),
-            ("stripe 2 replica 2", 8, VolumeType::DistributedStripedReplicated),
+            (
+                "stripe 2 replica 2",
+                8,
+                VolumeType::DistributedStripedReplicated,
+            ),
             ("stripe 2 replica 2", 4, VolumeType::StripedReplicated),
             ("disperse 6 redundancy 2", 6, VolumeType::Dispersed),
             ("disperse 3", 6, VolumeType::DistributedDispersed),
@@ -352,11 +391,18 @@ mod tests {
             let spec = parse(head, n).unwrap_or_else(|e| panic!("{head} x{n}: {e}"));
             assert_eq!(spec.volume_type(), want, "{head} x{n}");
             let words = spec.to_words();
-            let back = VolumeSpec::parse(&words.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+            let back =
+                VolumeSpec::parse(&words.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
             assert_eq!(back, spec);
         }
         let d = parse("disperse 6", 6).unwrap();
-        assert_eq!(d.redundancy, Redundancy::Disperse { data: 4, redundancy: 2 });
+        assert_eq!(
+            d.redundancy,
+            Redundancy::Disperse {
+                data: 4,
+                redundancy: 2
+            }
+        );
     }
 
     #[test]
@@ -379,14 +425,28 @@ mod tests {
             let e = parse(head, n).unwrap_err().to_string();
             assert!(e.contains(want), "{head} x{n}: {e}");
         }
-        for bad in ["h1", "h1:b", "h1:/", ":/b", "h1:/a/../b", "h1:/a//b", "h1:/a/./b"] {
-            assert!(matches!(VolumeSpec::parse(&[bad]), Err(SpecError::BadBrick(_))), "{bad}");
+        for bad in [
+            "h1",
+            "h1:b",
+            "h1:/",
+            ":/b",
+            "h1:/a/../b",
+            "h1:/a//b",
+            "h1:/a/./b",
+        ] {
+            assert!(
+                matches!(VolumeSpec::parse(&[bad]), Err(SpecError::BadBrick(_))),
+                "{bad}"
+            );
         }
         assert!(matches!(
             VolumeSpec::parse(&["h:/a", "h:/a"]),
             Err(SpecError::DuplicateBrick(_))
         ));
         let a = BrickAddr::parse("127.0.0.1:24100:/srv/b1").unwrap();
-        assert_eq!((a.host.as_str(), a.path.as_str()), ("127.0.0.1:24100", "/srv/b1"));
+        assert_eq!(
+            (a.host.as_str(), a.path.as_str()),
+            ("127.0.0.1:24100", "/srv/b1")
+        );
     }
 }

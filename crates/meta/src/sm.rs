@@ -8,11 +8,12 @@
 use crate::kv::{KvRead, Overlay};
 use crate::locks::LockTable;
 use crate::types::{Command, CommandResult};
+use brickfs_layout::{Redundancy, VolumeSpec, parse_size};
 use brickfs_proto::meta::{
     Attr, BrickRecord, DirEntry, FileKind, MetaOp, MetaRead, MetaReply, NodeRecord, RenameFlags,
-    SessionId, SessionInfo, SetAttr, VolumeRecord,
+    SessionId, SessionInfo, SetAttr, SetState, VolumeBrick, VolumeRecord, VolumeStatus,
 };
-use brickfs_proto::{ErrorBody, ErrorCode, Ino, VolumeId};
+use brickfs_proto::{Epoch, ErrorBody, ErrorCode, Ino, VolumeId};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 /// The longest name in a directory, as on Linux.
@@ -533,42 +534,98 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                 self.kv.put(keys::brick(brick.id), enc(brick));
                 MetaReply::Done
             }
-            MetaOp::CreateVolume { name } => {
-                check_name(name)?;
-                if get::<u64>(self.kv, &keys::volume_name(name))?.is_some() {
-                    return Err(err(ErrorCode::Exists, format!("volume {name:?} exists")));
+            MetaOp::CreateVolume { name, spec } => self.create_volume(name, spec)?,
+            MetaOp::StartVolume { name } => {
+                let mut v = volume_by_name(self.kv, name)?;
+                if v.status == VolumeStatus::Started {
+                    return Err(err(
+                        ErrorCode::Exists,
+                        format!("volume {name:?} is already started"),
+                    ));
                 }
-                let id = VolumeId(self.next_counter("volume")?);
-                // The root inode takes number 1.
-                let root_no = self.next_counter(&format!("ino/{}", id.0))?;
-                debug_assert_eq!(root_no, ROOT_INO.0);
-                let root = InodeV1 {
-                    attr: Attr {
-                        ino: ROOT_INO,
-                        kind: FileKind::Dir,
-                        mode: 0o755,
-                        uid: 0,
-                        gid: 0,
-                        size_bytes: 0,
-                        atime_ns: self.now_ns,
-                        mtime_ns: self.now_ns,
-                        ctime_ns: self.now_ns,
-                        nlink: 2,
-                        rdev: 0,
-                    },
-                    parent: ROOT_INO,
-                    entries: 0,
-                    target: None,
-                };
-                self.put_inode(id, &root);
-                let rec = VolumeRecord {
-                    id,
-                    name: name.clone(),
-                    root: ROOT_INO,
-                };
-                self.kv.put(keys::volume(id), enc(&rec));
-                self.kv.put(keys::volume_name(name), enc(&id.0));
-                MetaReply::Volume(rec)
+                v.status = VolumeStatus::Started;
+                self.kv.put(keys::volume(v.id), enc(&v));
+                tracing::info!(volume = %v.id, name = %name, "volume started");
+                MetaReply::Volume(v)
+            }
+            MetaOp::StopVolume { name } => {
+                let mut v = volume_by_name(self.kv, name)?;
+                if v.status != VolumeStatus::Started {
+                    return Err(err(
+                        ErrorCode::InvalidArgument,
+                        format!("volume {name:?} is not started"),
+                    ));
+                }
+                v.status = VolumeStatus::Stopped;
+                self.kv.put(keys::volume(v.id), enc(&v));
+                tracing::info!(volume = %v.id, name = %name, "volume stopped");
+                MetaReply::Volume(v)
+            }
+            MetaOp::DeleteVolume { name } => {
+                let v = volume_by_name(self.kv, name)?;
+                if v.status == VolumeStatus::Started {
+                    return Err(err(
+                        ErrorCode::InvalidArgument,
+                        format!("stop volume {name:?} before deleting it"),
+                    ));
+                }
+                for table in [b'I', b'D', b'X', b'L', b'G'] {
+                    let prefix = [[table].as_slice(), &v.id.0.to_be_bytes()].concat();
+                    for (k, _) in self.kv.scan(&prefix, None, usize::MAX).map_err(internal)? {
+                        self.kv.delete(k);
+                    }
+                }
+                self.kv.delete(keys::counter(&format!("ino/{}", v.id.0)));
+                self.kv.delete(keys::volume(v.id));
+                self.kv.delete(keys::volume_name(name));
+                tracing::info!(volume = %v.id, name = %name, "volume deleted");
+                MetaReply::Done
+            }
+            MetaOp::SetVolumeOption { name, key, value } => {
+                let mut v = volume_by_name(self.kv, name)?;
+                let value = check_option(&v, key, value)?;
+                v.options.retain(|(k, _)| k != key);
+                v.options.push((key.clone(), value));
+                v.options.sort();
+                self.kv.put(keys::volume(v.id), enc(&v));
+                MetaReply::Volume(v)
+            }
+            MetaOp::RemoveNode { node } => {
+                if get::<NodeRecord>(self.kv, &keys::node(*node))?.is_none() {
+                    return Err(err(
+                        ErrorCode::NotFound,
+                        format!("node {node} is not registered"),
+                    ));
+                }
+                let used: Vec<String> = scan_all::<VolumeRecord>(self.kv, b"V")?
+                    .into_iter()
+                    .filter(|v| v.bricks.iter().any(|b| b.node == *node))
+                    .map(|v| v.name)
+                    .collect();
+                if !used.is_empty() {
+                    return Err(err(
+                        ErrorCode::InvalidArgument,
+                        format!("node {node} holds bricks of volumes {used:?}"),
+                    ));
+                }
+                for b in scan_all::<BrickRecord>(self.kv, b"B")? {
+                    if b.node == *node {
+                        self.kv.delete(keys::brick(b.id));
+                    }
+                }
+                self.kv.delete(keys::node(*node));
+                MetaReply::Done
+            }
+            MetaOp::Heartbeat { node } => {
+                let mut n = get::<NodeRecord>(self.kv, &keys::node(*node))?.ok_or_else(|| {
+                    err(
+                        ErrorCode::NotFound,
+                        format!("node {node} is not registered"),
+                    )
+                })?;
+                n.last_heartbeat_ms = u64::try_from(self.now_ns / 1_000_000).unwrap_or(0);
+                self.kv.put(keys::node(*node), enc(&n));
+                MetaReply::Done
             }
             MetaOp::Mkdir {
                 volume,
@@ -824,6 +881,116 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
         }
     }
 
+    fn create_volume(&mut self, name: &str, words: &[String]) -> Res<MetaReply> {
+        check_name(name)?;
+        if get::<u64>(self.kv, &keys::volume_name(name))?.is_some() {
+            return Err(err(ErrorCode::Exists, format!("volume {name:?} exists")));
+        }
+        let spec = VolumeSpec::parse(&words.iter().map(String::as_str).collect::<Vec<_>>())
+            .map_err(|e| err(ErrorCode::InvalidArgument, format!("volume spec: {e}")))?;
+        let nodes: Vec<NodeRecord> = scan_all(self.kv, b"N")?;
+        let bricks: Vec<BrickRecord> = scan_all(self.kv, b"B")?;
+        let volumes: Vec<VolumeRecord> = scan_all(self.kv, b"V")?;
+        let mut resolved = Vec::with_capacity(spec.bricks.len());
+        for b in &spec.bricks {
+            let node = nodes.iter().find(|n| n.addr == b.host).ok_or_else(|| {
+                err(
+                    ErrorCode::NotFound,
+                    format!(
+                        "node {} is not a peer (brickfs peer add {})",
+                        b.host, b.host
+                    ),
+                )
+            })?;
+            let brick = bricks
+                .iter()
+                .find(|r| r.node == node.id && r.path == b.path)
+                .ok_or_else(|| {
+                    err(
+                        ErrorCode::NotFound,
+                        format!("node {} serves no brick at {}", b.host, b.path),
+                    )
+                })?;
+            if let Some(v) = volumes
+                .iter()
+                .find(|v| v.bricks.iter().any(|vb| vb.brick == brick.id))
+            {
+                return Err(err(
+                    ErrorCode::Exists,
+                    format!("brick {b} is already in volume {:?}", v.name),
+                ));
+            }
+            resolved.push(VolumeBrick {
+                brick: brick.id,
+                node: node.id,
+                addr: b.to_string(),
+            });
+        }
+        let sets = (0..spec.sets())
+            .map(|s| {
+                let members: Vec<_> = resolved[spec.set_bricks(s)]
+                    .iter()
+                    .map(|b| b.brick)
+                    .collect();
+                SetState {
+                    primary: members[0],
+                    in_sync: members.clone(),
+                    members,
+                    epoch: Epoch(1),
+                }
+            })
+            .collect();
+        let (replica, data, redundancy) = match spec.redundancy {
+            Redundancy::None => (0, 0, 0),
+            Redundancy::Replica(r) => (r, 0, 0),
+            Redundancy::Disperse { data, redundancy } => (0, data, redundancy),
+        };
+        let id = VolumeId(self.next_counter("volume")?);
+        // The root inode takes number 1.
+        let root_no = self.next_counter(&format!("ino/{}", id.0))?;
+        if root_no != ROOT_INO.0 {
+            return Err(internal(format!("volume {id} already has inodes")));
+        }
+        let root = InodeV1 {
+            attr: Attr {
+                ino: ROOT_INO,
+                kind: FileKind::Dir,
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+                size_bytes: 0,
+                atime_ns: self.now_ns,
+                mtime_ns: self.now_ns,
+                ctime_ns: self.now_ns,
+                nlink: 2,
+                rdev: 0,
+            },
+            parent: ROOT_INO,
+            entries: 0,
+            target: None,
+        };
+        self.put_inode(id, &root);
+        let rec = VolumeRecord {
+            id,
+            name: name.to_string(),
+            root: ROOT_INO,
+            type_name: spec.volume_type().name().to_string(),
+            spec: spec.to_words(),
+            stripe: spec.stripe,
+            replica,
+            disperse_data: data,
+            disperse_redundancy: redundancy,
+            bricks: resolved,
+            sets,
+            status: VolumeStatus::Created,
+            options: Vec::new(),
+        };
+        self.kv.put(keys::volume(id), enc(&rec));
+        self.kv.put(keys::volume_name(name), enc(&id.0));
+        tracing::info!(volume = %id, name = %name, kind = %rec.type_name, "volume created");
+        Ok(MetaReply::Volume(rec))
+    }
+
     fn end_session(&mut self, id: SessionId) -> Res<()> {
         let prefix = keys::session_lock_prefix(id);
         for (k, _) in self.kv.scan(&prefix, None, usize::MAX).map_err(internal)? {
@@ -853,6 +1020,82 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
             self.kv.delete(k);
         }
         Ok(())
+    }
+}
+
+fn volume_by_name(kv: &impl KvRead, name: &str) -> Res<VolumeRecord> {
+    let id = get::<u64>(kv, &keys::volume_name(name))?
+        .ok_or_else(|| err(ErrorCode::NotFound, format!("volume {name:?}")))?;
+    check_volume(kv, VolumeId(id))
+}
+
+/// The volume options `volume set` knows, with their checks; returns the normalized value.
+pub const VOLUME_OPTIONS: [&str; 5] = [
+    "stripe-unit",
+    "quorum",
+    "heal-bandwidth",
+    "cache-ttl-ms",
+    "allow-networks",
+];
+
+fn check_option(v: &VolumeRecord, key: &str, value: &str) -> Res<String> {
+    let bad = |why: String| {
+        err(
+            ErrorCode::InvalidArgument,
+            format!("option {key}={value:?}: {why}"),
+        )
+    };
+    match key {
+        "stripe-unit" => {
+            let n = parse_size(value).map_err(bad)?;
+            if !n.is_power_of_two() || !(4096..=64 << 20).contains(&n) {
+                return Err(bad("must be a power of two from 4KiB to 64MiB".into()));
+            }
+            Ok(n.to_string())
+        }
+        "quorum" => {
+            let width = v.sets.first().map_or(1, |s| s.members.len());
+            let n: usize = value.parse().map_err(|_| bad("not a number".into()))?;
+            if n == 0 || n > width {
+                return Err(bad(format!("must be 1 to the set width {width}")));
+            }
+            Ok(n.to_string())
+        }
+        "heal-bandwidth" => Ok(parse_size(value).map_err(bad)?.to_string()),
+        "cache-ttl-ms" => {
+            let n: u64 = value.parse().map_err(|_| bad("not a number".into()))?;
+            if n > 60_000 {
+                return Err(bad("at most 60000".into()));
+            }
+            Ok(n.to_string())
+        }
+        "allow-networks" => {
+            let mut nets = Vec::new();
+            for net in value.split(',').map(str::trim) {
+                let (ip, prefix) = match net.split_once('/') {
+                    Some((ip, p)) => (ip, Some(p)),
+                    None => (net, None),
+                };
+                let ip: std::net::IpAddr = ip
+                    .parse()
+                    .map_err(|_| bad(format!("{net:?} is not an address")))?;
+                let max: u8 = if ip.is_ipv4() { 32 } else { 128 };
+                let prefix = match prefix {
+                    None => max,
+                    Some(p) => p
+                        .parse::<u8>()
+                        .ok()
+                        .filter(|p| *p <= max)
+                        .ok_or_else(|| bad(format!("{net:?} has a bad prefix length")))?,
+                };
+                nets.push(format!("{ip}/{prefix}"));
+            }
+            Ok(nets.join(","))
+        }
+        _ => Err(bad(format!(
+            "unknown option; known: {}",
+            VOLUME_OPTIONS.join(", ")
+        ))),
     }
 }
 
@@ -1221,15 +1464,39 @@ mod tests {
                 },
             )
             .unwrap();
-            match sm
-                .apply(SessionId(1), MetaOp::CreateVolume { name: "v".into() })
-                .unwrap()
-            {
+            sm.register(1, 3);
+            let create = MetaOp::CreateVolume {
+                name: "v".into(),
+                spec: vec!["h1:/b0".into()],
+            };
+            match sm.apply(SessionId(1), create).unwrap() {
                 MetaReply::Volume(v) => sm.volume = v.id,
                 other => panic!("{other:?}"),
             }
             sm
         }
+        /// Registers node `hN` with bricks `/b0`, `/b1`, ... (ids N*100 + i).
+        fn register(&mut self, node: u64, bricks: u64) {
+            use brickfs_proto::{BrickId, NodeId};
+            let rec = NodeRecord {
+                id: NodeId(node),
+                addr: format!("h{node}"),
+                last_heartbeat_ms: 0,
+            };
+            self.apply(SessionId(0), MetaOp::RegisterNode { node: rec })
+                .unwrap();
+            for i in 0..bricks {
+                let brick = BrickRecord {
+                    id: BrickId(node * 100 + i),
+                    node: NodeId(node),
+                    path: format!("/b{i}"),
+                    capacity_bytes: 1 << 30,
+                };
+                self.apply(SessionId(0), MetaOp::RegisterBrick { brick })
+                    .unwrap();
+            }
+        }
+
         fn apply(&mut self, session: SessionId, op: MetaOp) -> CommandResult {
             self.seq += 1;
             let cmd = Command {
@@ -1384,6 +1651,138 @@ mod tests {
                 prop_assert_eq!(&tree, &model.paths, "after {:?}", op);
             }
         }
+    }
+
+    /// Volumes: a spec resolves to registered bricks and forms sets with epoch 1, the first
+    /// member as primary and every member in sync; bricks serve one volume; start, stop,
+    /// options and delete follow their rules.
+    #[test]
+    fn volumes_form_sets_and_follow_their_rules() {
+        let mut sm = Sm::new();
+        sm.register(2, 3);
+        sm.register(3, 3);
+        let s = SessionId(1);
+        let spec = |words: &str| {
+            words
+                .split_whitespace()
+                .map(String::from)
+                .collect::<Vec<_>>()
+        };
+        let create = |sm: &mut Sm, name: &str, words: &str| {
+            sm.apply(
+                s,
+                MetaOp::CreateVolume {
+                    name: name.into(),
+                    spec: spec(words),
+                },
+            )
+        };
+        let v = match create(
+            &mut sm,
+            "r",
+            "stripe 2 replica 2 h2:/b0 h3:/b0 h2:/b1 h3:/b1",
+        )
+        .unwrap()
+        {
+            MetaReply::Volume(v) => v,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(v.type_name, "striped-replicated");
+        assert_eq!(v.sets.len(), 2);
+        assert_eq!(
+            v.sets[1].members,
+            vec![brickfs_proto::BrickId(201), brickfs_proto::BrickId(301)]
+        );
+        assert_eq!(
+            (v.sets[1].epoch, v.sets[1].primary),
+            (Epoch(1), brickfs_proto::BrickId(201))
+        );
+        assert_eq!(v.sets[1].in_sync, v.sets[1].members);
+        let code = |r: CommandResult| r.unwrap_err().kind();
+        assert_eq!(
+            code(create(&mut sm, "x", "h2:/b0")),
+            Some(ErrorCode::Exists),
+            "brick reuse"
+        );
+        assert_eq!(
+            code(create(&mut sm, "x", "h9:/b0")),
+            Some(ErrorCode::NotFound),
+            "unknown node"
+        );
+        assert_eq!(
+            code(create(&mut sm, "x", "h2:/b7")),
+            Some(ErrorCode::NotFound),
+            "unknown brick"
+        );
+        assert_eq!(
+            code(create(&mut sm, "x", "replica 3 h2:/b2 h3:/b2")),
+            Some(ErrorCode::InvalidArgument)
+        );
+        assert_eq!(
+            code(create(&mut sm, "r", "h2:/b2")),
+            Some(ErrorCode::Exists),
+            "name reuse"
+        );
+        let d = match create(&mut sm, "d", "disperse 3 h1:/b1 h2:/b2 h3:/b2").unwrap() {
+            MetaReply::Volume(v) => v,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            (d.type_name.as_str(), d.disperse_data, d.disperse_redundancy),
+            ("dispersed", 2, 1)
+        );
+
+        let set = |sm: &mut Sm, key: &str, value: &str| {
+            sm.apply(
+                s,
+                MetaOp::SetVolumeOption {
+                    name: "r".into(),
+                    key: key.into(),
+                    value: value.into(),
+                },
+            )
+        };
+        set(&mut sm, "stripe-unit", "256KiB").unwrap();
+        assert_eq!(
+            code(set(&mut sm, "stripe-unit", "100000")),
+            Some(ErrorCode::InvalidArgument)
+        );
+        assert_eq!(
+            code(set(&mut sm, "quorum", "3")),
+            Some(ErrorCode::InvalidArgument)
+        );
+        assert_eq!(
+            code(set(&mut sm, "colour", "blue")),
+            Some(ErrorCode::InvalidArgument)
+        );
+        match set(&mut sm, "allow-networks", "127.0.0.0/8, ::1").unwrap() {
+            MetaReply::Volume(v) => assert!(
+                v.options
+                    .contains(&("allow-networks".into(), "127.0.0.0/8,::1/128".into()))
+            ),
+            other => panic!("{other:?}"),
+        }
+        sm.apply(s, MetaOp::StartVolume { name: "r".into() })
+            .unwrap();
+        assert_eq!(
+            code(sm.apply(s, MetaOp::DeleteVolume { name: "r".into() })),
+            Some(ErrorCode::InvalidArgument)
+        );
+        assert_eq!(
+            code(sm.apply(
+                s,
+                MetaOp::RemoveNode {
+                    node: brickfs_proto::NodeId(2)
+                }
+            )),
+            Some(ErrorCode::InvalidArgument)
+        );
+        sm.apply(s, MetaOp::StopVolume { name: "r".into() })
+            .unwrap();
+        sm.apply(s, MetaOp::DeleteVolume { name: "r".into() })
+            .unwrap();
+        // Its bricks are free again.
+        create(&mut sm, "r2", "h2:/b0").unwrap();
     }
 
     /// A retried (session, sequence) answers its first result without applying twice; a

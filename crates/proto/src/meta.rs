@@ -4,7 +4,7 @@
 //! number, and is also the record stored in the Raft log, so these types are a compatibility
 //! promise twice over: add variants at the end, never reorder or remove them.
 
-use crate::ids::{BrickId, Ino, NodeId, VolumeId};
+use crate::ids::{BrickId, Epoch, Ino, NodeId, VolumeId};
 use serde::{Deserialize, Serialize};
 
 /// A client session (one per mount or tool), kept alive by a lease.
@@ -82,6 +82,8 @@ pub struct RenameFlags {
 pub struct NodeRecord {
     pub id: NodeId,
     pub addr: String,
+    /// The leader's clock at the node's last heartbeat (0: never).
+    pub last_heartbeat_ms: u64,
 }
 
 /// A brick of the cluster map.
@@ -99,6 +101,51 @@ pub struct VolumeRecord {
     pub id: VolumeId,
     pub name: String,
     pub root: Ino,
+    /// One of the nine type names ("dispersed", "distributed-striped-replicated", ...).
+    pub type_name: String,
+    /// The spec in the volume grammar, bricks included.
+    pub spec: Vec<String>,
+    /// S: sets per stripe group.
+    pub stripe: u32,
+    /// R for replicate sets, 0 otherwise.
+    pub replica: u32,
+    /// K and M for disperse sets, 0 otherwise.
+    pub disperse_data: u32,
+    pub disperse_redundancy: u32,
+    /// Bricks in spec order.
+    pub bricks: Vec<VolumeBrick>,
+    /// Sets in order: set s holds bricks `s*width .. (s+1)*width`.
+    pub sets: Vec<SetState>,
+    pub status: VolumeStatus,
+    /// Options set with `volume set`, sorted by key.
+    pub options: Vec<(String, String)>,
+}
+
+/// A brick of a volume, resolved to its node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeBrick {
+    pub brick: BrickId,
+    pub node: NodeId,
+    /// `HOST:PORT:/PATH` as given in the spec.
+    pub addr: String,
+}
+
+/// The configuration of one set (a replica or disperse set, or a single brick).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetState {
+    pub members: Vec<BrickId>,
+    /// Grows with every change of primary or in-sync set; stale requests are fenced by it.
+    pub epoch: Epoch,
+    pub primary: BrickId,
+    /// The members that hold every acknowledged write.
+    pub in_sync: Vec<BrickId>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VolumeStatus {
+    Created,
+    Started,
+    Stopped,
 }
 
 /// A mutation, applied by the metadata group exactly once per (session, sequence).
@@ -117,8 +164,34 @@ pub enum MetaOp {
     RegisterBrick {
         brick: BrickRecord,
     },
+    /// Creates a volume from a spec in the volume grammar; its bricks must be registered and
+    /// in no other volume.
     CreateVolume {
         name: String,
+        spec: Vec<String>,
+    },
+    StartVolume {
+        name: String,
+    },
+    StopVolume {
+        name: String,
+    },
+    /// Deletes a volume that is not started, with its namespace.
+    DeleteVolume {
+        name: String,
+    },
+    SetVolumeOption {
+        name: String,
+        key: String,
+        value: String,
+    },
+    /// Removes a node (and its bricks) that no volume uses.
+    RemoveNode {
+        node: NodeId,
+    },
+    /// A node reports that it is alive.
+    Heartbeat {
+        node: NodeId,
     },
     Mkdir {
         volume: VolumeId,
