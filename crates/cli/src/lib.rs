@@ -9,8 +9,8 @@
 #![allow(clippy::print_stdout)] // A CLI's output is its product.
 
 use anyhow::Context;
-use brickfs_client::{BrickClient, MetaClient, MetaClientOptions};
-use brickfs_proto::meta::AdminOp;
+use brickfs_client::{BrickClient, MetaClient, MetaClientOptions, admin};
+use brickfs_proto::meta::{AdminOp, MetaOp, MetaRead, MetaReply, VolumeRecord};
 use brickfs_proto::rpc::ClientOptions;
 use clap::{Parser, Subcommand};
 use serde::Serialize;
@@ -22,6 +22,9 @@ pub struct Cli {
     /// Print machine-readable JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Members of the metadata group (any one is enough), HOST:PORT[,HOST:PORT...].
+    #[arg(long, global = true, env = "BRICKFS_META", value_delimiter = ',')]
+    pub meta: Vec<SocketAddr>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -37,6 +40,65 @@ pub enum Command {
     Cluster {
         #[command(subcommand)]
         verb: ClusterVerb,
+    },
+    /// Storage nodes in the cluster map.
+    Peer {
+        #[command(subcommand)]
+        verb: PeerVerb,
+    },
+    /// Volumes: create from a spec, start, stop, delete, inspect, set options.
+    Volume {
+        #[command(subcommand)]
+        verb: VolumeVerb,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PeerVerb {
+    /// Add the node at ADDR and every brick it serves to the cluster map.
+    Add { addr: SocketAddr },
+    /// List nodes and their bricks.
+    List,
+    /// Remove the node at ADDR (no volume may use its bricks).
+    Remove { addr: SocketAddr },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeVerb {
+    /// Create a volume: `NAME [stripe S] [replica R | disperse N redundancy M] HOST:PORT:/PATH...`
+    Create {
+        name: String,
+        #[arg(required = true, num_args = 1.., allow_hyphen_values = false)]
+        spec: Vec<String>,
+    },
+    Start {
+        name: String,
+    },
+    Stop {
+        name: String,
+    },
+    Delete {
+        name: String,
+    },
+    /// Show a volume's layout, sets and options.
+    Info {
+        name: String,
+    },
+    /// Show a volume's bricks and whether their nodes answer.
+    Status {
+        name: String,
+    },
+    List,
+    /// Set an option (stripe-unit, quorum, heal-bandwidth, cache-ttl-ms, allow-networks).
+    Set {
+        name: String,
+        key: String,
+        value: String,
+    },
+    /// Show one option, or all.
+    Get {
+        name: String,
+        key: Option<String>,
     },
 }
 
@@ -74,6 +136,11 @@ pub enum NodeVerb {
     },
 }
 
+/// A mistake in how the command was called: exit code 2, like clap's own usage errors.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
 #[derive(Serialize)]
 struct BrickRow {
     id: String,
@@ -100,7 +167,11 @@ pub fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("brickfs: {e:#}");
-            std::process::ExitCode::FAILURE
+            if e.downcast_ref::<UsageError>().is_some() {
+                std::process::ExitCode::from(2)
+            } else {
+                std::process::ExitCode::FAILURE
+            }
         }
     }
 }
@@ -195,9 +266,294 @@ async fn cluster(verb: ClusterVerb, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn group(meta: &[SocketAddr]) -> anyhow::Result<MetaClient> {
+    if meta.is_empty() {
+        return Err(UsageError(
+            "say where the metadata group is: --meta HOST:PORT (or BRICKFS_META)".into(),
+        )
+        .into());
+    }
+    Ok(meta_client(meta.to_vec()))
+}
+
+fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn print_volume(v: &VolumeRecord) {
+    println!("Volume Name: {}", v.name);
+    println!("Volume ID: {}", v.id);
+    println!("Type: {}", v.type_name);
+    println!("Status: {:?}", v.status);
+    let width = v.sets.first().map_or(1, |s| s.members.len());
+    println!(
+        "Number of Bricks: {} x {} = {}",
+        v.sets.len() / v.stripe.max(1) as usize,
+        v.stripe as usize * width,
+        v.bricks.len()
+    );
+    if v.disperse_data > 0 {
+        println!(
+            "Disperse: {} data + {} redundancy",
+            v.disperse_data, v.disperse_redundancy
+        );
+    }
+    println!("Bricks:");
+    for (i, b) in v.bricks.iter().enumerate() {
+        println!("Brick{}: {} ({})", i + 1, b.addr, b.brick);
+    }
+    println!("Sets:");
+    for (i, s) in v.sets.iter().enumerate() {
+        let ids = |l: &[brickfs_proto::BrickId]| {
+            l.iter()
+                .map(|b| b.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        println!(
+            "  set {i}: epoch {} primary {} in-sync [{}]",
+            s.epoch.0,
+            s.primary,
+            ids(&s.in_sync)
+        );
+    }
+    if !v.options.is_empty() {
+        println!("Options Reconfigured:");
+        for (k, val) in &v.options {
+            println!("{k}: {val}");
+        }
+    }
+}
+
+fn expect_volume(reply: MetaReply) -> anyhow::Result<VolumeRecord> {
+    match reply {
+        MetaReply::Volume(v) => Ok(v),
+        other => anyhow::bail!("unexpected answer {other:?}"),
+    }
+}
+
+async fn peer(verb: PeerVerb, meta: &[SocketAddr], json: bool) -> anyhow::Result<()> {
+    let m = group(meta)?;
+    let bricks = BrickClient::new(ClientOptions {
+        peer_name: "brickfs-cli".into(),
+        ..ClientOptions::default()
+    });
+    match verb {
+        PeerVerb::Add { addr } => {
+            let (node, recs) = admin::peer_add(&m, &bricks, addr)
+                .await
+                .with_context(|| format!("add peer {addr}"))?;
+            if json {
+                return print_json(&(node, recs));
+            }
+            println!(
+                "peer add: success: {} ({}) with {} bricks",
+                node.addr,
+                node.id,
+                recs.len()
+            );
+            for b in recs {
+                println!("  {}:{}  {}", node.addr, b.path, b.id);
+            }
+        }
+        PeerVerb::List => {
+            let nodes = match m.read(MetaRead::ListNodes).await? {
+                MetaReply::Nodes(n) => n,
+                other => anyhow::bail!("unexpected answer {other:?}"),
+            };
+            let all = match m.read(MetaRead::ListBricks).await? {
+                MetaReply::Bricks(b) => b,
+                other => anyhow::bail!("unexpected answer {other:?}"),
+            };
+            if json {
+                return print_json(&(nodes, all));
+            }
+            for n in nodes {
+                println!("{}  {}", n.id, n.addr);
+                for b in all.iter().filter(|b| b.node == n.id) {
+                    println!(
+                        "  {}  {}  {:.1} GiB",
+                        b.id,
+                        b.path,
+                        b.capacity_bytes as f64 / f64::from(1u32 << 30)
+                    );
+                }
+            }
+        }
+        PeerVerb::Remove { addr } => {
+            let id = node_id(addr).await?;
+            m.write(MetaOp::RemoveNode { node: id })
+                .await
+                .with_context(|| format!("remove peer {addr}"))?;
+            eprintln!("peer remove: success: {addr} ({id})");
+        }
+    }
+    Ok(())
+}
+
+async fn volume(verb: VolumeVerb, meta: &[SocketAddr], json: bool) -> anyhow::Result<()> {
+    let m = group(meta)?;
+    let show = |v: VolumeRecord| -> anyhow::Result<()> {
+        if json {
+            print_json(&v)
+        } else {
+            print_volume(&v);
+            Ok(())
+        }
+    };
+    match verb {
+        VolumeVerb::Create { name, spec } => {
+            // Check the grammar here too, for an error before any network round trip.
+            let words: Vec<&str> = spec.iter().map(String::as_str).collect();
+            brickfs_layout::VolumeSpec::parse(&words)
+                .map_err(|e| UsageError(format!("invalid volume spec: {e}")))?;
+            let v = admin::volume_create(&m, &name, &spec)
+                .await
+                .with_context(|| format!("create volume {name}"))?;
+            if json {
+                return print_json(&v);
+            }
+            println!("volume create: {name}: success: please start the volume to access data");
+        }
+        VolumeVerb::Start { name } => {
+            m.write(MetaOp::StartVolume { name: name.clone() })
+                .await
+                .with_context(|| format!("start volume {name}"))?;
+            println!("volume start: {name}: success");
+        }
+        VolumeVerb::Stop { name } => {
+            m.write(MetaOp::StopVolume { name: name.clone() })
+                .await
+                .with_context(|| format!("stop volume {name}"))?;
+            println!("volume stop: {name}: success");
+        }
+        VolumeVerb::Delete { name } => {
+            m.write(MetaOp::DeleteVolume { name: name.clone() })
+                .await
+                .with_context(|| format!("delete volume {name}"))?;
+            println!("volume delete: {name}: success");
+        }
+        VolumeVerb::Info { name } => show(
+            admin::volume_info(&m, &name)
+                .await
+                .with_context(|| format!("get volume {name}"))?,
+        )?,
+        VolumeVerb::List => {
+            let vols = match m.read(MetaRead::ListVolumes).await? {
+                MetaReply::Volumes(v) => v,
+                other => anyhow::bail!("unexpected answer {other:?}"),
+            };
+            if json {
+                return print_json(&vols);
+            }
+            if vols.is_empty() {
+                println!("No volumes present in cluster");
+            }
+            for v in vols {
+                println!("{}", v.name);
+            }
+        }
+        VolumeVerb::Status { name } => {
+            let v = admin::volume_info(&m, &name)
+                .await
+                .with_context(|| format!("get volume {name}"))?;
+            let bricks = BrickClient::new(ClientOptions {
+                peer_name: "brickfs-cli".into(),
+                connect_timeout: std::time::Duration::from_secs(2),
+                request_timeout: std::time::Duration::from_secs(5),
+                ..ClientOptions::default()
+            });
+            let mut rows = Vec::new();
+            for b in &v.bricks {
+                let host = b.addr.rsplit_once(":/").map_or(b.addr.as_str(), |(h, _)| h);
+                let online = match host.parse::<SocketAddr>() {
+                    Ok(a) => bricks.statfs(a, b.brick).await.ok(),
+                    Err(_) => None,
+                };
+                rows.push(BrickStatusRow {
+                    brick: b.addr.clone(),
+                    id: b.brick.to_string(),
+                    online: online.is_some(),
+                    total_bytes: online.as_ref().map_or(0, |s| s.total_bytes),
+                    avail_bytes: online.as_ref().map_or(0, |s| s.avail_bytes),
+                });
+            }
+            if json {
+                return print_json(&rows);
+            }
+            println!("Status of volume: {name} ({:?})", v.status);
+            println!(
+                "{:<48} {:<7} {:>10} {:>10}",
+                "Brick", "Online", "Size GiB", "Free GiB"
+            );
+            for r in rows {
+                let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
+                println!(
+                    "{:<48} {:<7} {:>10.1} {:>10.1}",
+                    r.brick,
+                    if r.online { "Y" } else { "N" },
+                    gib(r.total_bytes),
+                    gib(r.avail_bytes)
+                );
+            }
+        }
+        VolumeVerb::Set { name, key, value } => {
+            let v = expect_volume(
+                m.write(MetaOp::SetVolumeOption {
+                    name: name.clone(),
+                    key: key.clone(),
+                    value,
+                })
+                .await
+                .with_context(|| format!("set {key} on volume {name}"))?,
+            )?;
+            let set = v
+                .options
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map_or("", |(_, val)| val.as_str());
+            println!("volume set: {name}: {key} = {set}: success");
+        }
+        VolumeVerb::Get { name, key } => {
+            let v = admin::volume_info(&m, &name)
+                .await
+                .with_context(|| format!("get volume {name}"))?;
+            let opts: Vec<&(String, String)> = v
+                .options
+                .iter()
+                .filter(|(k, _)| key.as_ref().is_none_or(|w| w == k))
+                .collect();
+            if let Some(k) = &key
+                && opts.is_empty()
+            {
+                anyhow::bail!("option {k} is not set on volume {name}");
+            }
+            if json {
+                return print_json(&opts);
+            }
+            for (k, val) in opts {
+                println!("{k} {val}");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct BrickStatusRow {
+    brick: String,
+    id: String,
+    online: bool,
+    total_bytes: u64,
+    avail_bytes: u64,
+}
+
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Cluster { verb } => cluster(verb, cli.json).await,
+        Command::Peer { verb } => peer(verb, &cli.meta, cli.json).await,
+        Command::Volume { verb } => volume(verb, &cli.meta, cli.json).await,
         Command::Node {
             verb: NodeVerb::Bricks { addr },
         } => {

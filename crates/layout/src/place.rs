@@ -61,7 +61,18 @@ pub fn fragment_of(column_offset: u64, data: u64, fragment_bytes: u64) -> (u64, 
 /// Picks the stripe group of a new file: a hash of its inode, spread evenly over the groups
 /// with non-zero weight (free space), proportionally to their weight.
 pub fn pick_group(ino: u64, weights: &[u64]) -> Option<usize> {
-    let total: u128 = weights.iter().map(|w| u128::from(*w)).sum();
+    // Scale the weights down until their sum fits in 64 bits, keeping every non-zero weight
+    // non-zero, so that the product below fits in 128 bits.
+    let raw_total: u128 = weights.iter().map(|w| u128::from(*w)).sum();
+    let shift = (128 - raw_total.leading_zeros()).saturating_sub(63);
+    let scaled: Vec<u128> = weights
+        .iter()
+        .map(|w| match *w {
+            0 => 0,
+            w => (u128::from(w) >> shift).max(1),
+        })
+        .collect();
+    let total: u128 = scaled.iter().sum();
     if total == 0 {
         return None;
     }
@@ -70,10 +81,9 @@ pub fn pick_group(ino: u64, weights: &[u64]) -> Option<usize> {
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     x ^= x >> 31;
-    let mut point = u128::from(x) * total >> 64;
-    for (i, w) in weights.iter().enumerate() {
-        let w = u128::from(*w);
-        if point < w {
+    let mut point = (u128::from(x) * total) >> 64;
+    for (i, w) in scaled.iter().enumerate() {
+        if point < *w {
             return Some(i);
         }
         point -= w;
@@ -140,7 +150,7 @@ mod tests {
 
         /// Groups are picked only among those with room, and every pick is stable.
         #[test]
-        fn pick_group_respects_weights(ino in any::<u64>(), weights in proptest::collection::vec(0u64..1000, 1..8)) {
+        fn pick_group_respects_weights(ino in any::<u64>(), weights in proptest::collection::vec(prop_oneof![0u64..1000, Just(u64::MAX), Just(0)], 1..8)) {
             let got = pick_group(ino, &weights);
             match got {
                 None => prop_assert!(weights.iter().all(|w| *w == 0)),

@@ -272,7 +272,7 @@ impl VolumeSpec {
             bricks,
         };
         let group = spec.group_width();
-        if spec.bricks.len() % group != 0 {
+        if !spec.bricks.len().is_multiple_of(group) {
             return Err(SpecError::NotDivisible {
                 bricks: spec.bricks.len(),
                 group,
