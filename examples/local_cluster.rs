@@ -1,14 +1,18 @@
 //! The embedded default, as far as it exists today: one brickd on loopback serving six bricks
-//! under a data folder, a short benchmark of brick I/O against the local disk, then it stays
-//! up until Ctrl-C (or SIGTERM), which stops brickd cleanly. A second start reuses the data.
+//! and a one-node metadata group, a volume over the six bricks (dispersed 4+2 unless `--spec`
+//! says otherwise), a short benchmark of brick I/O against the local disk; then it stays up
+//! until Ctrl-C (or SIGTERM), which stops brickd cleanly. A second start reuses the data, the
+//! group and the volume.
 //!
-//! `scripts/quickstart` builds and runs it. The metadata group, volumes and the FUSE mount
-//! join this command as issues 3 to 7 land.
+//! `scripts/quickstart` builds and runs it. The data path through volumes and the FUSE mount
+//! join this command as issues 4 to 7 land.
 
 #![allow(clippy::print_stdout)]
 
 use anyhow::Context;
-use brickfs_client::BrickClient;
+use brickfs_client::{BrickClient, MetaClient, MetaClientOptions, admin};
+use brickfs_proto::ErrorCode;
+use brickfs_proto::meta::{AdminOp, MetaOp};
 use brickfs_proto::rpc::ClientOptions;
 use brickfs_proto::{Ino, ObjectKey, VolumeId};
 use brickfs_testkit::Brickd;
@@ -35,6 +39,12 @@ struct Args {
     /// MiB to write and read in the start-up benchmark (0 skips it).
     #[arg(long, default_value_t = 512)]
     bench_mib: u64,
+    /// The volume's layout before its bricks, in the volume grammar.
+    #[arg(long, default_value = "disperse 6 redundancy 2")]
+    spec: String,
+    /// The volume's name.
+    #[arg(long, default_value = "vol0")]
+    volume: String,
 }
 
 const CHUNK: usize = 1 << 20;
@@ -50,8 +60,20 @@ async fn main() -> anyhow::Result<()> {
     let bricks: Vec<PathBuf> = (0..args.bricks)
         .map(|i| node_dir.join(format!("brick{i}")))
         .collect();
-    let mut node = Brickd::start(&args.brickd, &node_dir.join("data"), &bricks, &[])
-        .context("start brickd")?;
+    // The cluster map records the node's address: keep it across restarts.
+    let addr_file = node_dir.join("addr");
+    let known: Option<std::net::SocketAddr> = std::fs::read_to_string(&addr_file)
+        .ok()
+        .and_then(|t| t.trim().parse().ok());
+    let mut node = Brickd::start_at(
+        &args.brickd,
+        &node_dir.join("data"),
+        &bricks,
+        &["--meta"],
+        known,
+    )
+    .context("start brickd")?;
+    std::fs::write(&addr_file, node.addr().to_string()).context("record the node address")?;
     let addr = node.addr();
     let client = BrickClient::new(ClientOptions {
         peer_name: "local-cluster".into(),
@@ -65,6 +87,42 @@ async fn main() -> anyhow::Result<()> {
     for b in &served {
         println!("  {}  {}", b.id, b.path);
     }
+    let meta = MetaClient::new(
+        vec![addr],
+        MetaClientOptions {
+            client_name: "local-cluster".into(),
+            ..MetaClientOptions::default()
+        },
+    );
+    match meta.admin(AdminOp::Init).await {
+        Ok(_) => println!("started a one-node metadata group"),
+        Err(e) if e.code() == Some(ErrorCode::Exists) => println!("rejoined the metadata group"),
+        Err(e) => return Err(e).context("initialize the metadata group"),
+    }
+    admin::peer_add(&meta, &client, addr)
+        .await
+        .context("register the node")?;
+    let volume = match admin::volume_info(&meta, &args.volume).await {
+        Ok(v) => v,
+        Err(_) => {
+            let mut spec: Vec<String> = args.spec.split_whitespace().map(String::from).collect();
+            spec.extend(served.iter().map(|b| format!("{addr}:{}", b.path)));
+            let v = admin::volume_create(&meta, &args.volume, &spec)
+                .await
+                .with_context(|| format!("create volume {}", args.volume))?;
+            meta.write(MetaOp::StartVolume {
+                name: v.name.clone(),
+            })
+            .await?;
+            v
+        }
+    };
+    println!(
+        "volume {} ({}): {}",
+        volume.name,
+        volume.type_name,
+        volume.spec.join(" ")
+    );
 
     if args.bench_mib > 0 {
         let mut chunk = vec![0u8; CHUNK];
@@ -144,6 +202,8 @@ async fn main() -> anyhow::Result<()> {
 
     println!();
     println!("try:   brickfs node bricks {addr}");
+    println!("       brickfs --meta {addr} volume info {}", volume.name);
+    println!("       brickfs cluster status {addr}");
     println!("log:   {}", node.log_path().display());
     println!("data:  {}", args.data.display());
     println!("Ctrl-C stops it.");

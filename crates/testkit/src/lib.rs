@@ -46,6 +46,18 @@ impl Brickd {
         bricks: &[PathBuf],
         extra_args: &[&str],
     ) -> anyhow::Result<Brickd> {
+        Self::start_at(bin, data_dir, bricks, extra_args, None)
+    }
+
+    /// Like [`Brickd::start`], on a given address (a restarted local cluster keeps its
+    /// address, which the cluster map records).
+    pub fn start_at(
+        bin: &Path,
+        data_dir: &Path,
+        bricks: &[PathBuf],
+        extra_args: &[&str],
+        addr: Option<SocketAddr>,
+    ) -> anyhow::Result<Brickd> {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("create {}", data_dir.display()))?;
         let mut node = Brickd {
@@ -53,7 +65,7 @@ impl Brickd {
             data_dir: data_dir.to_path_buf(),
             bricks: bricks.to_vec(),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
-            addr: None,
+            addr,
             child: None,
             log_path: data_dir.join("brickd.log"),
             error_lines: Arc::new(AtomicUsize::new(0)),
