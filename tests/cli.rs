@@ -86,6 +86,18 @@ async fn volume_lifecycle_through_the_cli() {
     must_ok(&with(&["volume", "stop", "v"]));
     must_ok(&with(&["volume", "delete", "v"]));
     assert!(must_ok(&with(&["volume", "list"])).contains("No volumes"));
+    // The node reports heartbeats to its own member once it is a peer.
+    must_wait_for(
+        "a heartbeat",
+        std::time::Duration::from_secs(20),
+        || async {
+            let (code, out, _) = brickfs(&with(&["--json", "peer", "list"]));
+            let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+            (code == 0 && v[0][0]["last_heartbeat_ms"].as_u64()? > 0).then_some(())
+        },
+    )
+    .await;
+    assert!(must_ok(&with(&["peer", "list"])).contains("  up"));
     let status: serde_json::Value =
         serde_json::from_str(&must_ok(&["--json", "cluster", "status", &addr])).unwrap();
     assert_eq!(status["members"].as_array().unwrap().len(), 1);

@@ -55,6 +55,10 @@ pub struct Flags {
     /// Metadata snapshots (and log compaction) every this many log entries.
     #[arg(long)]
     pub meta_snapshot_logs: Option<u64>,
+    /// Members of the metadata group this node reports its heartbeat to (default: itself when
+    /// it runs a member, else none).
+    #[arg(long, env = "BRICKFS_META_PEERS", value_delimiter = ',')]
+    pub meta_peers: Vec<SocketAddr>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -69,6 +73,8 @@ struct FileConfig {
     meta: Option<bool>,
     advertise: Option<String>,
     meta_snapshot_logs: Option<u64>,
+    #[serde(default)]
+    meta_peers: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -106,6 +112,8 @@ pub struct Config {
     pub meta: bool,
     pub advertise: Option<SocketAddr>,
     pub meta_snapshot_logs: u64,
+    /// Where to send heartbeats (empty: nowhere, or this node's own member).
+    pub meta_peers: Vec<SocketAddr>,
 }
 
 /// Parses a size such as `4096`, `64KiB`, `16MiB`, `1GiB` (see `brickfs_layout::parse_size`).
@@ -218,6 +226,17 @@ impl Config {
         if meta_snapshot_logs == 0 {
             bail!("meta_snapshot_logs must be at least 1");
         }
+        let meta_peers = if !flags.meta_peers.is_empty() {
+            flags.meta_peers.clone()
+        } else {
+            file.meta_peers
+                .iter()
+                .map(|t| {
+                    t.parse()
+                        .with_context(|| format!("meta_peers entry {t:?} is not HOST:PORT"))
+                })
+                .collect::<anyhow::Result<_>>()?
+        };
         Ok(Config {
             listen,
             data_dir: absolute(&data_dir)?,
@@ -227,6 +246,7 @@ impl Config {
             meta: flags.meta || file.meta.unwrap_or(false),
             advertise,
             meta_snapshot_logs,
+            meta_peers,
         })
     }
 }

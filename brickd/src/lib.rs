@@ -104,6 +104,55 @@ impl Handler for NodeHandler {
     }
 }
 
+/// How often a node tells the metadata group it is alive.
+const HEARTBEAT_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reports this node alive to the metadata group until shutdown. A node not yet registered
+/// (`peer add`) is skipped quietly; an unreachable group is logged once per outage.
+async fn heartbeat(
+    node: NodeId,
+    peers: Vec<std::net::SocketAddr>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let client = brickfs_client::MetaClient::new(
+        peers,
+        brickfs_client::MetaClientOptions {
+            client_name: format!("brickd {node}"),
+            deadline: HEARTBEAT_EVERY,
+            ..brickfs_client::MetaClientOptions::default()
+        },
+    );
+    let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reachable = true;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        match client
+            .write_unsessioned(brickfs_proto::meta::MetaOp::Heartbeat { node })
+            .await
+        {
+            Ok(_) => {
+                if !reachable {
+                    info!(%node, "metadata group reachable again");
+                }
+                reachable = true;
+            }
+            Err(e) if e.code() == Some(ErrorCode::NotFound) => {
+                tracing::debug!(%node, "not registered yet; heartbeat skipped");
+            }
+            Err(e) => {
+                if reachable {
+                    warn!(%node, error = %e, "failed to send a heartbeat to the metadata group");
+                }
+                reachable = false;
+            }
+        }
+    }
+}
+
 async fn serve(config: Config) -> anyhow::Result<()> {
     let node = load_or_create_node_id(&config.data_dir)?;
     let mut stores = Vec::new();
@@ -148,6 +197,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     info!(%addr, %node, bricks = config.bricks.len(), meta = config.meta, "brickd listening");
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let mut peers = config.meta_peers.clone();
+    if peers.is_empty() && config.meta {
+        peers.push(advertise);
+    }
+    if !peers.is_empty() {
+        tokio::spawn(heartbeat(node, peers, stop_rx.clone()));
+    }
     let server = tokio::spawn(brickfs_proto::rpc::serve(
         listener,
         handler,

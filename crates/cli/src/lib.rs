@@ -369,8 +369,17 @@ async fn peer(verb: PeerVerb, meta: &[SocketAddr], json: bool) -> anyhow::Result
             if json {
                 return print_json(&(nodes, all));
             }
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
             for n in nodes {
-                println!("{}  {}", n.id, n.addr);
+                // Approximate: the leader's clock stamped the heartbeat, ours reads it.
+                let state = match n.last_heartbeat_ms {
+                    0 => "never seen",
+                    t if now_ms.saturating_sub(t) < 10_000 => "up",
+                    _ => "down",
+                };
+                println!("{}  {}  {state}", n.id, n.addr);
                 for b in all.iter().filter(|b| b.node == n.id) {
                     println!(
                         "  {}  {}  {:.1} GiB",

@@ -342,6 +342,19 @@ impl MetaClient {
         self.finish(result?)
     }
 
+    /// A write outside any session (node registration and heartbeats): not deduplicated, so
+    /// only for operations that may safely apply twice.
+    pub async fn write_unsessioned(&self, op: MetaOp) -> Result<MetaReply, MetaError> {
+        let msg = Message::MetaWrite(MetaWrite {
+            session: SessionId(0),
+            seq: 0,
+            acked_below: 0,
+            op,
+        });
+        let r = self.call(msg).await?;
+        self.finish(r)
+    }
+
     /// A linearizable read.
     pub async fn read(&self, read: MetaRead) -> Result<MetaReply, MetaError> {
         let r = self.call(Message::MetaRead(MetaReadReq { read })).await?;

@@ -851,6 +851,10 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                 self.save_locks(*volume, *ino, session, &t);
                 MetaReply::Done
             }
+            MetaOp::GcDone { volume, ino } => {
+                self.kv.delete(keys::gc(*volume, *ino));
+                MetaReply::Done
+            }
             MetaOp::RemoveXattr { volume, ino, name } => {
                 let mut i = load_inode(self.kv, *volume, *ino)?;
                 let key = keys::xattr(*volume, *ino, name);
@@ -1158,7 +1162,8 @@ pub fn apply_command<B: KvRead>(kv: &mut Overlay<'_, B>, cmd: &Command) -> Comma
             MetaOp::OpenSession { .. }
             | MetaOp::ExpireSessions
             | MetaOp::RegisterNode { .. }
-            | MetaOp::RegisterBrick { .. } => a.op(&cmd.op, cmd.session),
+            | MetaOp::RegisterBrick { .. }
+            | MetaOp::Heartbeat { .. } => a.op(&cmd.op, cmd.session),
             _ => Err(err(
                 ErrorCode::SessionExpired,
                 "this request needs a session",
@@ -1314,6 +1319,22 @@ pub fn read(kv: &impl KvRead, r: &MetaRead) -> CommandResult {
             load_inode(kv, *volume, *ino)?;
             let t: LockTable = get(kv, &keys::locks(*volume, *ino))?.unwrap_or_default();
             MetaReply::Lock(t.conflict(*session, lock).cloned())
+        }
+        MetaRead::ListGc { volume, limit } => {
+            let prefix = [b"G".as_slice(), &volume.0.to_be_bytes()].concat();
+            let mut out = Vec::new();
+            for (k, v) in kv
+                .scan(&prefix, None, (*limit as usize).clamp(1, READDIR_MAX))
+                .map_err(internal)?
+            {
+                let ino = k
+                    .get(9..17)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_be_bytes)
+                    .ok_or_else(|| internal("gc key"))?;
+                out.push((Ino(ino), dec::<u64>(&v)?));
+            }
+            MetaReply::Gc(out)
         }
         MetaRead::ListSessions => {
             let mut out = Vec::new();
@@ -1783,6 +1804,111 @@ mod tests {
             .unwrap();
         // Its bricks are free again.
         create(&mut sm, "r2", "h2:/b0").unwrap();
+    }
+
+    /// Deleting the last link of a file queues it for the data path, with its size; a
+    /// directory or a file with links left is not queued; GcDone drops the entry.
+    #[test]
+    fn last_unlink_queues_the_file_for_gc() {
+        let mut sm = Sm::new();
+        let (v, s) = (sm.volume, SessionId(1));
+        let create = |name: &str| MetaOp::Create {
+            volume: v,
+            parent: ROOT_INO,
+            name: name.into(),
+            kind: FileKind::File,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            exclusive: true,
+        };
+        let f = match sm.apply(s, create("f")).unwrap() {
+            MetaReply::Attr(a) => a,
+            o => panic!("{o:?}"),
+        };
+        sm.apply(
+            s,
+            MetaOp::SetAttr {
+                volume: v,
+                ino: f.ino,
+                set: SetAttr {
+                    size_bytes: Some(4096),
+                    ..Default::default()
+                },
+            },
+        )
+        .unwrap();
+        sm.apply(
+            s,
+            MetaOp::Link {
+                volume: v,
+                ino: f.ino,
+                new_parent: ROOT_INO,
+                new_name: "g".into(),
+            },
+        )
+        .unwrap();
+        sm.apply(
+            s,
+            MetaOp::Unlink {
+                volume: v,
+                parent: ROOT_INO,
+                name: "f".into(),
+            },
+        )
+        .unwrap();
+        let gc = |sm: &Sm| {
+            read(
+                &sm.base,
+                &MetaRead::ListGc {
+                    volume: v,
+                    limit: 10,
+                },
+            )
+            .unwrap()
+        };
+        assert_eq!(gc(&sm), MetaReply::Gc(vec![]));
+        sm.apply(
+            s,
+            MetaOp::Unlink {
+                volume: v,
+                parent: ROOT_INO,
+                name: "g".into(),
+            },
+        )
+        .unwrap();
+        assert_eq!(gc(&sm), MetaReply::Gc(vec![(f.ino, 4096)]));
+        sm.apply(
+            s,
+            MetaOp::Mkdir {
+                volume: v,
+                parent: ROOT_INO,
+                name: "d".into(),
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+            },
+        )
+        .unwrap();
+        sm.apply(
+            s,
+            MetaOp::Rmdir {
+                volume: v,
+                parent: ROOT_INO,
+                name: "d".into(),
+            },
+        )
+        .unwrap();
+        sm.apply(
+            s,
+            MetaOp::GcDone {
+                volume: v,
+                ino: f.ino,
+            },
+        )
+        .unwrap();
+        assert_eq!(gc(&sm), MetaReply::Gc(vec![]));
     }
 
     /// A retried (session, sequence) answers its first result without applying twice; a

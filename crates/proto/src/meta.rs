@@ -287,6 +287,11 @@ pub enum MetaOp {
         ino: Ino,
         owner: u64,
     },
+    /// The data path removed the objects of a deleted file: drop it from the GC queue.
+    GcDone {
+        volume: VolumeId,
+        ino: Ino,
+    },
 }
 
 /// Lock types.
@@ -360,6 +365,11 @@ pub enum MetaRead {
         session: SessionId,
         lock: LockSpec,
     },
+    /// Deleted files whose objects the data path must remove, in order, at most `limit`.
+    ListGc {
+        volume: VolumeId,
+        limit: u32,
+    },
 }
 
 /// A session as the metadata group keeps it.
@@ -376,7 +386,10 @@ pub enum MetaReply {
     Done,
     Session(SessionInfo),
     Attr(Attr),
-    Entries { entries: Vec<DirEntry>, more: bool },
+    Entries {
+        entries: Vec<DirEntry>,
+        more: bool,
+    },
     Target(String),
     Value(Vec<u8>),
     Names(Vec<String>),
@@ -386,6 +399,8 @@ pub enum MetaReply {
     Volume(VolumeRecord),
     Sessions(Vec<SessionInfo>),
     Lock(Option<HeldLock>),
+    /// (inode, size in bytes at deletion) of files to remove.
+    Gc(Vec<(Ino, u64)>),
 }
 
 /// A write to the metadata group. `acked_below` lets the group forget the answers to this
