@@ -34,6 +34,19 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    #[error("stale epoch {got} for set {set} of volume {volume}: this brick has seen {have}")]
+    StaleEpoch {
+        volume: u64,
+        set: u32,
+        have: u64,
+        got: u64,
+    },
+    #[error("object {key} is at version {have}, cannot apply version {want}")]
+    VersionGap {
+        key: ObjectKey,
+        have: u64,
+        want: u64,
+    },
     #[error("brick database: {0}")]
     Db(String),
     #[error("brick metadata is damaged: {0}")]
@@ -60,6 +73,8 @@ impl StoreError {
             StoreError::NotFound { .. } => ErrorCode::NotFound,
             StoreError::Checksum { .. } => ErrorCode::ChecksumMismatch,
             StoreError::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            StoreError::StaleEpoch { .. } => ErrorCode::StaleEpoch,
+            StoreError::VersionGap { .. } => ErrorCode::VersionGap,
             StoreError::NoSpace { .. } => ErrorCode::NoSpace,
             StoreError::Io { .. } | StoreError::Db(_) | StoreError::Corrupt(_) => ErrorCode::Io,
         }

@@ -12,4 +12,4 @@ pub mod store;
 
 pub use error::StoreError;
 pub use service::BrickService;
-pub use store::{BLOCK_BYTES, BrickStore, ObjectMeta, StoreOptions};
+pub use store::{BLOCK_BYTES, BrickStore, ObjectMeta, StoreOptions, VersionRule};

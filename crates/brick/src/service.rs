@@ -3,11 +3,12 @@
 
 use crate::error::StoreError;
 use crate::store::BrickStore;
+use crate::store::VersionRule;
 use brickfs_proto::msg::{
-    BrickInfo, BrickList, Deleted, ListReply, ListedObject, ObjectState, Pong, ReadData,
-    StatfsReply,
+    BrickInfo, BrickList, Deleted, ListReply, ListedObject, MemberRef, MemberTruncate, MemberWrite,
+    ObjectState, Pong, ReadData, StatfsReply,
 };
-use brickfs_proto::rpc::Handler;
+use brickfs_proto::rpc::{ClientOptions, Handler, Pool, RpcError, join_all};
 use brickfs_proto::{BrickId, ErrorBody, ErrorCode, Message, NodeId};
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -22,7 +23,14 @@ pub struct BrickService {
     node: NodeId,
     bricks: HashMap<BrickId, Arc<BrickStore>>,
     stopping: AtomicBool,
+    /// Connections to the other members of sets this node is primary for.
+    peers: Pool,
+    /// Orders a primary's mutations per object: held across the local apply and the fan-out,
+    /// so every member sees an object's versions in the same order.
+    ordering: Vec<tokio::sync::Mutex<()>>,
 }
+
+const ORDERING_SHARDS: usize = 1024;
 
 fn state(meta: crate::store::ObjectMeta) -> ObjectState {
     ObjectState {
@@ -68,7 +76,59 @@ impl BrickService {
             node,
             bricks: bricks.into_iter().map(|b| (b.id(), b)).collect(),
             stopping: AtomicBool::new(false),
+            peers: Pool::new(ClientOptions {
+                peer_name: format!("primary {node}"),
+                request_timeout: std::time::Duration::from_secs(30),
+                connect_timeout: std::time::Duration::from_secs(2),
+                ..ClientOptions::default()
+            }),
+            ordering: (0..ORDERING_SHARDS)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
         }
+    }
+
+    fn ordering_lock(&self, key: &brickfs_proto::ObjectKey) -> &tokio::sync::Mutex<()> {
+        let raw = [key.volume.0.to_le_bytes(), key.ino.0.to_le_bytes()].concat();
+        let h = crc32c::crc32c_append(crc32c::crc32c(&raw), &key.column.to_le_bytes());
+        &self.ordering[h as usize % ORDERING_SHARDS]
+    }
+
+    /// Sends one forward to every member at once; the first failure names its member.
+    async fn fan_out(
+        &self,
+        members: &[MemberRef],
+        make: impl Fn(BrickId) -> Message,
+        data: Bytes,
+    ) -> Result<(), ErrorBody> {
+        let calls = members.iter().map(|m| {
+            let msg = make(m.brick);
+            let data = data.clone();
+            async move {
+                let addr: std::net::SocketAddr = m.addr.parse().map_err(|_| {
+                    ErrorBody::new(
+                        ErrorCode::InvalidArgument,
+                        format!("member {} has a bad address {:?}", m.brick, m.addr),
+                    )
+                })?;
+                match self.peers.call(addr, msg, data).await {
+                    Ok(_) => Ok(()),
+                    Err(RpcError::Remote(body)) => Err(ErrorBody::new(
+                        body.kind().unwrap_or(ErrorCode::Io),
+                        format!("member {} at {}: {}", m.brick, m.addr, body.detail),
+                    )),
+                    Err(e) => Err(ErrorBody::new(
+                        ErrorCode::Io,
+                        format!("member {} at {}: {e}", m.brick, m.addr),
+                    )),
+                }
+            }
+        });
+        let results = join_all(calls.collect()).await;
+        results
+            .into_iter()
+            .collect::<Result<Vec<()>, _>>()
+            .map(|_| ())
     }
 
     /// Refuses new work from now on (requests already running finish).
@@ -207,6 +267,84 @@ impl BrickService {
                     }),
                     none,
                 )
+            }
+            Message::SetWrite(req) => {
+                let brick = self.brick(req.brick)?;
+                let set = req.set;
+                let _order = self.ordering_lock(&req.key).lock().await;
+                let key = req.key;
+                let local = data.clone();
+                let meta = Self::blocking(brick, move |b| {
+                    b.fence(set.volume.0, set.set, set.epoch.0)?;
+                    b.write_versioned(&key, req.offset_bytes, &local, req.sync, VersionRule::Next)
+                })
+                .await?;
+                let make = |b| {
+                    Message::MemberWrite(MemberWrite {
+                        brick: b,
+                        set,
+                        key,
+                        offset_bytes: req.offset_bytes,
+                        version: meta.version,
+                        sync: req.sync,
+                    })
+                };
+                self.fan_out(&req.members, make, data).await?;
+                (Message::Written(state(meta)), none)
+            }
+            Message::SetTruncate(req) => {
+                let brick = self.brick(req.brick)?;
+                let set = req.set;
+                let _order = self.ordering_lock(&req.key).lock().await;
+                let key = req.key;
+                let meta = Self::blocking(brick, move |b| {
+                    b.fence(set.volume.0, set.set, set.epoch.0)?;
+                    b.truncate_versioned(&key, req.len_bytes, req.sync, VersionRule::Next)
+                })
+                .await?;
+                let make = |b| {
+                    Message::MemberTruncate(MemberTruncate {
+                        brick: b,
+                        set,
+                        key,
+                        len_bytes: req.len_bytes,
+                        version: meta.version,
+                        sync: req.sync,
+                    })
+                };
+                self.fan_out(&req.members, make, Bytes::new()).await?;
+                (Message::Truncated(state(meta)), none)
+            }
+            Message::MemberWrite(req) => {
+                let brick = self.brick(req.brick)?;
+                let set = req.set;
+                let meta = Self::blocking(brick, move |b| {
+                    b.fence(set.volume.0, set.set, set.epoch.0)?;
+                    b.write_versioned(
+                        &req.key,
+                        req.offset_bytes,
+                        &data,
+                        req.sync,
+                        VersionRule::Exactly(req.version),
+                    )
+                })
+                .await?;
+                (Message::Written(state(meta)), none)
+            }
+            Message::MemberTruncate(req) => {
+                let brick = self.brick(req.brick)?;
+                let set = req.set;
+                let meta = Self::blocking(brick, move |b| {
+                    b.fence(set.volume.0, set.set, set.epoch.0)?;
+                    b.truncate_versioned(
+                        &req.key,
+                        req.len_bytes,
+                        req.sync,
+                        VersionRule::Exactly(req.version),
+                    )
+                })
+                .await?;
+                (Message::Truncated(state(meta)), none)
             }
             other => {
                 return Err(ErrorBody::new(

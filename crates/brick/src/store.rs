@@ -38,6 +38,16 @@ pub const LIST_MAX: usize = 10_000;
 const LOCK_SHARDS: usize = 256;
 const META_RECORD_FORMAT: u8 = 1;
 
+/// Which version a mutation gives the object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VersionRule {
+    /// The next one (a brick used on its own, or a set's primary).
+    Next,
+    /// Exactly this one, which must follow the version held; if the object already holds it,
+    /// the mutation is a retry and is acknowledged without applying it again.
+    Exactly(ObjectVersion),
+}
+
 /// Version and length of an object.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ObjectMeta {
@@ -70,6 +80,7 @@ pub struct BrickStore {
     db: DB,
     locks: Vec<RwLock<()>>,
     object_count: AtomicU64,
+    epoch_lock: std::sync::Mutex<()>,
 }
 
 fn meta_key(key: &ObjectKey) -> [u8; 21] {
@@ -215,6 +226,7 @@ impl BrickStore {
             db,
             locks: (0..LOCK_SHARDS).map(|_| RwLock::new(())).collect(),
             object_count: AtomicU64::new(count),
+            epoch_lock: std::sync::Mutex::new(()),
         })
     }
 
@@ -373,9 +385,44 @@ impl BrickStore {
         data: &[u8],
         sync: bool,
     ) -> Result<ObjectMeta, StoreError> {
+        self.write_versioned(key, offset_bytes, data, sync, VersionRule::Next)
+    }
+
+    /// Checks a mutation's version rule against the version held: `Ok(Some(meta))` means the
+    /// object already holds that version (a retry: acknowledge without applying).
+    fn check_version(
+        key: &ObjectKey,
+        old: Option<ObjectMeta>,
+        rule: VersionRule,
+    ) -> Result<Option<ObjectMeta>, StoreError> {
+        let have = old.map_or(0, |m| m.version.0);
+        match rule {
+            VersionRule::Next => Ok(None),
+            VersionRule::Exactly(v) if v.0 == have && have > 0 => Ok(old),
+            VersionRule::Exactly(v) if v.0 == have + 1 => Ok(None),
+            VersionRule::Exactly(v) => Err(StoreError::VersionGap {
+                key: *key,
+                have,
+                want: v.0,
+            }),
+        }
+    }
+
+    /// [`BrickStore::write`] under a version rule.
+    pub fn write_versioned(
+        &self,
+        key: &ObjectKey,
+        offset_bytes: u64,
+        data: &[u8],
+        sync: bool,
+        rule: VersionRule,
+    ) -> Result<ObjectMeta, StoreError> {
         let end = Self::check_range(offset_bytes, data.len() as u64)?;
         let _guard = self.lock(key).write().unwrap_or_else(|p| p.into_inner());
         let old = self.get_meta(key)?;
+        if let Some(done) = Self::check_version(key, old, rule)? {
+            return Ok(done);
+        }
         let old_len = old.map_or(0, |m| m.len_bytes);
         let new_len = old_len.max(end);
         let (file, path) = self.open_for_write(key, old.is_none())?;
@@ -482,9 +529,23 @@ impl BrickStore {
         len_bytes: u64,
         sync: bool,
     ) -> Result<ObjectMeta, StoreError> {
+        self.truncate_versioned(key, len_bytes, sync, VersionRule::Next)
+    }
+
+    /// [`BrickStore::truncate`] under a version rule.
+    pub fn truncate_versioned(
+        &self,
+        key: &ObjectKey,
+        len_bytes: u64,
+        sync: bool,
+        rule: VersionRule,
+    ) -> Result<ObjectMeta, StoreError> {
         Self::check_range(len_bytes, 0)?;
         let _guard = self.lock(key).write().unwrap_or_else(|p| p.into_inner());
         let old = self.get_meta(key)?;
+        if let Some(done) = Self::check_version(key, old, rule)? {
+            return Ok(done);
+        }
         let old_len = old.map_or(0, |m| m.len_bytes);
         let (file, path) = self.open_for_write(key, old.is_none())?;
         let mut batch = WriteBatch::default();
@@ -615,6 +676,35 @@ impl BrickStore {
             avail_bytes: st.blocks_available().saturating_mul(frsize),
             objects: self.object_count.load(Ordering::Relaxed),
         })
+    }
+
+    /// Fences a set's epoch: refuses an epoch older than the newest this brick has seen for the
+    /// set, and records a newer one durably before anything is applied under it.
+    pub fn fence(&self, volume: u64, set: u32, epoch: u64) -> Result<(), StoreError> {
+        let _guard = self.epoch_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let key = [b"e".as_slice(), &volume.to_be_bytes(), &set.to_be_bytes()].concat();
+        let have = match self.db.get_pinned(&key)? {
+            Some(raw) => u64::from_le_bytes(
+                raw.as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("epoch record".into()))?,
+            ),
+            None => 0,
+        };
+        if epoch < have {
+            return Err(StoreError::StaleEpoch {
+                volume,
+                set,
+                have,
+                got: epoch,
+            });
+        }
+        if epoch > have {
+            let mut wo = WriteOptions::default();
+            wo.set_sync(true);
+            self.db.put_opt(&key, epoch.to_le_bytes(), &wo)?;
+        }
+        Ok(())
     }
 
     /// Flushes the database's write-ahead log to disk (at shutdown).
@@ -832,6 +922,43 @@ mod tests {
             },
         );
         assert!(matches!(wrong, Err(StoreError::WrongBrick { .. })));
+    }
+
+    /// Member writes apply only at the next version; a retry of the version held is
+    /// acknowledged without applying twice; a gap is refused. Older epochs are fenced.
+    #[test]
+    fn versioned_writes_and_epoch_fencing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = must_open(&dir.path().join("b"));
+        let k = key(1);
+        let v = |n| VersionRule::Exactly(ObjectVersion(n));
+        store.write_versioned(&k, 0, b"aaaa", false, v(1)).unwrap();
+        assert!(matches!(
+            store.write_versioned(&k, 0, b"cc", false, v(3)),
+            Err(StoreError::VersionGap {
+                have: 1,
+                want: 3,
+                ..
+            })
+        ));
+        store.write_versioned(&k, 0, b"bb", false, v(2)).unwrap();
+        // A retry of version 2 with other bytes changes nothing.
+        let again = store.write_versioned(&k, 0, b"zz", false, v(2)).unwrap();
+        assert_eq!(again.version.0, 2);
+        assert_eq!(&store.read(&k, 0, 4).unwrap().1[..], b"bbaa");
+        store.truncate_versioned(&k, 1, false, v(3)).unwrap();
+        assert_eq!(store.stat(&k).unwrap().len_bytes, 1);
+        store.fence(7, 0, 2).unwrap();
+        store.fence(7, 0, 2).unwrap();
+        assert!(matches!(
+            store.fence(7, 0, 1),
+            Err(StoreError::StaleEpoch {
+                have: 2,
+                got: 1,
+                ..
+            })
+        ));
+        store.fence(7, 1, 1).unwrap();
     }
 
     #[test]

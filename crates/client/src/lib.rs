@@ -9,6 +9,8 @@
 pub mod admin;
 pub mod brick;
 pub mod meta;
+pub mod volume;
 
 pub use brick::{BrickClient, BrickError};
 pub use meta::{MetaClient, MetaClientOptions, MetaError};
+pub use volume::{FileHandle, VolumeClient, VolumeError};

@@ -17,6 +17,14 @@ pub fn file_offset(column: u64, column_offset: u64, unit_bytes: u64, stripe: u64
     (row * stripe + column) * unit_bytes + column_offset % unit_bytes
 }
 
+/// How many bytes column `column` holds of a file of `file_len` bytes.
+pub fn column_len(file_len: u64, column: u64, unit_bytes: u64, stripe: u64) -> u64 {
+    let row_bytes = unit_bytes * stripe;
+    let rows = file_len / row_bytes;
+    let rem = file_len % row_bytes;
+    rows * unit_bytes + rem.saturating_sub(column * unit_bytes).min(unit_bytes)
+}
+
 /// One contiguous piece of a file range inside one column.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Piece {
@@ -134,6 +142,18 @@ mod tests {
                 next += p.len;
             }
             prop_assert_eq!(next, len);
+        }
+
+        /// Column lengths add up to the file length, and each column ends right after its last
+        /// file byte.
+        #[test]
+        fn column_lengths_match_the_mapping(len in 0u64..100_000, unit in 1u64..5000, stripe in 1u64..6) {
+            let total: u64 = (0..stripe).map(|c| column_len(len, c, unit, stripe)).sum();
+            prop_assert_eq!(total, len);
+            if len > 0 {
+                let (c, co) = column_of(len - 1, unit, stripe);
+                prop_assert_eq!(column_len(len, c, unit, stripe), co + 1);
+            }
         }
 
         /// Every column byte of a disperse set is in exactly one (stripe, fragment, offset).

@@ -26,6 +26,8 @@ pub const READDIR_MAX: usize = 4096;
 pub const LINK_MAX: u32 = 65_000;
 pub const XATTR_NAME_MAX_BYTES: usize = 255;
 pub const XATTR_VALUE_MAX_BYTES: usize = 64 << 10;
+/// The stripe unit of new files when the volume sets none.
+pub const DEFAULT_UNIT_BYTES: u32 = 1 << 20;
 /// The root directory's inode number in every volume.
 pub const ROOT_INO: Ino = Ino(1);
 
@@ -241,6 +243,8 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                 ctime_ns: self.now_ns,
                 nlink: if kind == FileKind::Dir { 2 } else { 1 },
                 rdev: 0,
+                group: 0,
+                unit_bytes: 0,
             },
             parent: Ino(0),
             entries: 0,
@@ -667,6 +671,11 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                 }
                 let mut child = self.new_inode(*volume, *kind, *mode, *uid, *gid)?;
                 child.attr.rdev = *rdev;
+                if *kind == FileKind::File {
+                    let (group, unit) = self.place(*volume, child.attr.ino)?;
+                    child.attr.group = group;
+                    child.attr.unit_bytes = unit;
+                }
                 self.create_node(*volume, *parent, name, child)?
             }
             MetaOp::Symlink {
@@ -885,6 +894,43 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
         }
     }
 
+    /// Chooses a new file's stripe group (by inode hash, weighted by the smallest brick of each
+    /// group) and its stripe unit (the volume's `stripe-unit` option, 1 MiB by default).
+    fn place(&mut self, v: VolumeId, ino: Ino) -> Res<(u32, u32)> {
+        let vol = check_volume(self.kv, v)?;
+        let unit = vol
+            .options
+            .iter()
+            .find(|(k, _)| k == "stripe-unit")
+            .and_then(|(_, val)| val.parse::<u32>().ok())
+            .unwrap_or(DEFAULT_UNIT_BYTES);
+        let stripe = vol.stripe.max(1) as usize;
+        let groups = vol.sets.len() / stripe;
+        if groups <= 1 {
+            return Ok((0, unit));
+        }
+        let bricks: Vec<BrickRecord> = scan_all(self.kv, b"B")?;
+        let capacity = |id| {
+            bricks
+                .iter()
+                .find(|b| b.id == id)
+                .map_or(0, |b| b.capacity_bytes >> 20)
+        };
+        let weights: Vec<u64> = (0..groups)
+            .map(|g| {
+                vol.sets[g * stripe..(g + 1) * stripe]
+                    .iter()
+                    .flat_map(|s| s.members.iter())
+                    .map(|m| capacity(*m))
+                    .min()
+                    .unwrap_or(0)
+                    .max(1)
+            })
+            .collect();
+        let group = brickfs_layout::place::pick_group(ino.0, &weights).unwrap_or(0);
+        Ok((group as u32, unit))
+    }
+
     fn create_volume(&mut self, name: &str, words: &[String]) -> Res<MetaReply> {
         check_name(name)?;
         if get::<u64>(self.kv, &keys::volume_name(name))?.is_some() {
@@ -968,6 +1014,8 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                 ctime_ns: self.now_ns,
                 nlink: 2,
                 rdev: 0,
+                group: 0,
+                unit_bytes: 0,
             },
             parent: ROOT_INO,
             entries: 0,

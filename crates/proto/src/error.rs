@@ -67,11 +67,16 @@ pub enum ErrorCode {
     StaleRequest = 29,
     /// Too many links (EMLINK).
     TooManyLinks = 30,
+    /// A member's copy of an object is not at the version before the one it was sent: it
+    /// missed writes and needs healing.
+    VersionGap = 31,
+    /// Not built (yet) for this kind of volume or request.
+    NotSupported = 32,
 }
 
 impl ErrorCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 30] = [
+    pub const ALL: [ErrorCode; 32] = [
         ErrorCode::Malformed,
         ErrorCode::UnknownKind,
         ErrorCode::UnsupportedVersion,
@@ -102,6 +107,8 @@ impl ErrorCode {
         ErrorCode::NoData,
         ErrorCode::StaleRequest,
         ErrorCode::TooManyLinks,
+        ErrorCode::VersionGap,
+        ErrorCode::NotSupported,
     ];
 
     /// The code's wire number.
@@ -151,6 +158,8 @@ pub fn errno_for_code(raw: u16) -> i32 {
         ErrorCode::NoData => libc::ENODATA,
         ErrorCode::StaleRequest => libc::EIO,
         ErrorCode::TooManyLinks => libc::EMLINK,
+        ErrorCode::VersionGap => libc::EIO,
+        ErrorCode::NotSupported => libc::EOPNOTSUPP,
     }
 }
 

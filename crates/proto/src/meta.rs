@@ -46,6 +46,10 @@ pub struct Attr {
     pub ctime_ns: i64,
     pub nlink: u32,
     pub rdev: u32,
+    /// For a regular file: the stripe group that holds its data (chosen at create).
+    pub group: u32,
+    /// For a regular file: its stripe unit, fixed at create (0 for other kinds).
+    pub unit_bytes: u32,
 }
 
 /// One directory entry.

@@ -187,6 +187,67 @@ pub struct StatfsReply {
     pub objects: u64,
 }
 
+/// Another in-sync member of a set, as the primary forwards to it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRef {
+    pub brick: BrickId,
+    pub addr: String,
+}
+
+/// A write to a set, sent to its primary: the primary orders it, gives it the object's next
+/// version, applies it and forwards it to `members`; the reply means every in-sync member has
+/// applied it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetWrite {
+    pub brick: BrickId,
+    pub set: SetRef,
+    pub key: ObjectKey,
+    pub offset_bytes: u64,
+    pub sync: bool,
+    pub members: Vec<MemberRef>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetTruncate {
+    pub brick: BrickId,
+    pub set: SetRef,
+    pub key: ObjectKey,
+    pub len_bytes: u64,
+    pub sync: bool,
+    pub members: Vec<MemberRef>,
+}
+
+/// Which set, under which epoch: a member refuses an epoch older than the newest it has seen
+/// for the set (fencing a stale primary).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetRef {
+    pub volume: crate::ids::VolumeId,
+    pub set: u32,
+    pub epoch: crate::ids::Epoch,
+}
+
+/// The primary's forward of a write to one member, with the version the primary assigned; the
+/// member applies it only if it holds exactly the version before (or already holds this one).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberWrite {
+    pub brick: BrickId,
+    pub set: SetRef,
+    pub key: ObjectKey,
+    pub offset_bytes: u64,
+    pub version: ObjectVersion,
+    pub sync: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberTruncate {
+    pub brick: BrickId,
+    pub set: SetRef,
+    pub key: ObjectKey,
+    pub len_bytes: u64,
+    pub version: ObjectVersion,
+    pub sync: bool,
+}
+
 macro_rules! messages {
     ($($num:literal => $variant:ident($body:ty), data: $data:literal;)*) => {
         /// Every message, by kind number.
@@ -268,6 +329,10 @@ messages! {
     33 => ListReply(ListReply), data: false;
     34 => Statfs(Statfs), data: false;
     35 => StatfsReply(StatfsReply), data: false;
+    36 => SetWrite(SetWrite), data: true;
+    37 => SetTruncate(SetTruncate), data: false;
+    38 => MemberWrite(MemberWrite), data: true;
+    39 => MemberTruncate(MemberTruncate), data: false;
     48 => MetaWrite(crate::meta::MetaWrite), data: false;
     49 => MetaRead(crate::meta::MetaReadReq), data: false;
     50 => MetaOk(crate::meta::MetaReply), data: false;

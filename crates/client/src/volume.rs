@@ -1,0 +1,432 @@
+//! The data path of a volume through the client library: files are created and found through
+//! the metadata group; their bytes are cut into stripe units across the columns of their
+//! stripe group (`brickfs-layout`), and each column goes to its set — straight to the brick of a
+//! one-brick set, through the primary of a replica set (which orders, versions and fans out).
+//! Reads of a replica set are spread over its in-sync members.
+//!
+//! File size lives in the metadata group: writers commit the highest end they wrote on `fsync`
+//! and `close` (taking the maximum, so concurrent writers never shrink a file). Disperse sets
+//! are not served yet (`NotSupported`).
+
+use crate::brick::BrickClient;
+use crate::meta::{MetaClient, MetaError};
+use brickfs_layout::{column_len, split_range};
+use brickfs_proto::meta::{
+    Attr, FileKind, MetaOp, MetaRead, MetaReply, SetAttr, SetState, VolumeRecord,
+};
+use brickfs_proto::msg::{MemberRef, SetRef, SetTruncate, SetWrite};
+use brickfs_proto::rpc::{RpcError, join_all};
+use brickfs_proto::{BrickId, ErrorBody, ErrorCode, Ino, Message, ObjectKey};
+use bytes::{Bytes, BytesMut};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+/// Why a data-path call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error("{0}")]
+    Meta(#[from] MetaError),
+    #[error("brick {brick}: {source}")]
+    Brick {
+        brick: BrickId,
+        #[source]
+        source: RpcError,
+    },
+    #[error("{0}")]
+    Refused(ErrorBody),
+}
+
+impl VolumeError {
+    /// The POSIX-shaped code, when there is one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            VolumeError::Meta(e) => e.code(),
+            VolumeError::Brick { source, .. } => source.code(),
+            VolumeError::Refused(b) => b.kind(),
+        }
+    }
+}
+
+fn refused(code: ErrorCode, detail: impl Into<String>) -> VolumeError {
+    VolumeError::Refused(ErrorBody::new(code, detail))
+}
+
+/// An open file: its attributes at open and the highest end written since.
+pub struct FileHandle {
+    pub attr: Attr,
+    written_end: AtomicU64,
+    size: AtomicU64,
+}
+
+impl FileHandle {
+    fn new(attr: Attr) -> FileHandle {
+        FileHandle {
+            written_end: AtomicU64::new(0),
+            size: AtomicU64::new(attr.size_bytes),
+            attr,
+        }
+    }
+
+    /// The size this handle knows: at open, grown by its own writes.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::SeqCst)
+    }
+}
+
+/// A volume opened by a client.
+pub struct VolumeClient {
+    meta: MetaClient,
+    bricks: BrickClient,
+    vol: VolumeRecord,
+    addrs: HashMap<BrickId, SocketAddr>,
+    spread: AtomicUsize,
+}
+
+impl VolumeClient {
+    /// Opens volume `name`: reads its record and resolves its bricks' addresses.
+    pub async fn open(
+        meta: MetaClient,
+        bricks: BrickClient,
+        name: &str,
+    ) -> Result<Arc<VolumeClient>, VolumeError> {
+        let vol = crate::admin::volume_info(&meta, name)
+            .await
+            .map_err(|e| match e {
+                crate::admin::AdminError::Meta(m) => VolumeError::Meta(m),
+                other => refused(ErrorCode::Io, other.to_string()),
+            })?;
+        let mut addrs = HashMap::new();
+        for b in &vol.bricks {
+            let host = b.addr.rsplit_once(":/").map_or(b.addr.as_str(), |(h, _)| h);
+            let addr: SocketAddr = host.parse().map_err(|_| {
+                refused(
+                    ErrorCode::InvalidArgument,
+                    format!("brick {} has no HOST:PORT address", b.addr),
+                )
+            })?;
+            addrs.insert(b.brick, addr);
+        }
+        Ok(Arc::new(VolumeClient {
+            meta,
+            bricks,
+            vol,
+            addrs,
+            spread: AtomicUsize::new(0),
+        }))
+    }
+
+    pub fn record(&self) -> &VolumeRecord {
+        &self.vol
+    }
+
+    pub fn meta(&self) -> &MetaClient {
+        &self.meta
+    }
+
+    fn attr(reply: MetaReply) -> Result<Attr, VolumeError> {
+        match reply {
+            MetaReply::Attr(a) => Ok(a),
+            other => Err(refused(
+                ErrorCode::Internal,
+                format!("unexpected answer {other:?}"),
+            )),
+        }
+    }
+
+    /// Creates a regular file (`exclusive`: fail if the name exists) and opens it.
+    pub async fn create(
+        &self,
+        parent: Ino,
+        name: &str,
+        mode: u32,
+        exclusive: bool,
+    ) -> Result<FileHandle, VolumeError> {
+        let op = MetaOp::Create {
+            volume: self.vol.id,
+            parent,
+            name: name.to_string(),
+            kind: FileKind::File,
+            mode,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            exclusive,
+        };
+        Ok(FileHandle::new(Self::attr(self.meta.write(op).await?)?))
+    }
+
+    /// Opens an existing file by name.
+    pub async fn open_file(&self, parent: Ino, name: &str) -> Result<FileHandle, VolumeError> {
+        let read = MetaRead::Lookup {
+            volume: self.vol.id,
+            parent,
+            name: name.to_string(),
+        };
+        let attr = Self::attr(self.meta.read(read).await?)?;
+        if attr.kind != FileKind::File {
+            return Err(refused(
+                ErrorCode::IsDir,
+                format!("{name:?} is not a regular file"),
+            ));
+        }
+        Ok(FileHandle::new(attr))
+    }
+
+    fn geometry(&self, attr: &Attr) -> (u64, u64, usize) {
+        let unit = u64::from(attr.unit_bytes.max(4096));
+        let stripe = u64::from(self.vol.stripe.max(1));
+        let first_set = attr.group as usize * stripe as usize;
+        (unit, stripe, first_set)
+    }
+
+    fn set(&self, index: usize) -> Result<&SetState, VolumeError> {
+        self.vol.sets.get(index).ok_or_else(|| {
+            refused(
+                ErrorCode::Internal,
+                format!("set {index} is not in the volume"),
+            )
+        })
+    }
+
+    fn addr(&self, brick: BrickId) -> Result<SocketAddr, VolumeError> {
+        self.addrs
+            .get(&brick)
+            .copied()
+            .ok_or_else(|| refused(ErrorCode::Internal, format!("brick {brick} has no address")))
+    }
+
+    fn key(&self, attr: &Attr, column: u64) -> ObjectKey {
+        ObjectKey {
+            volume: self.vol.id,
+            ino: attr.ino,
+            column: column as u32,
+        }
+    }
+
+    fn set_ref(&self, index: usize, set: &SetState) -> SetRef {
+        SetRef {
+            volume: self.vol.id,
+            set: index as u32,
+            epoch: set.epoch,
+        }
+    }
+
+    fn others(&self, set: &SetState) -> Result<Vec<MemberRef>, VolumeError> {
+        set.in_sync
+            .iter()
+            .filter(|b| **b != set.primary)
+            .map(|b| {
+                Ok(MemberRef {
+                    brick: *b,
+                    addr: self.addr(*b)?.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    fn check_disperse(&self) -> Result<(), VolumeError> {
+        if self.vol.disperse_data > 0 {
+            return Err(refused(
+                ErrorCode::NotSupported,
+                format!(
+                    "volume {} is dispersed: its data path is not built yet",
+                    self.vol.name
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset`: every stripe-unit piece goes to its set at once.
+    pub async fn write(
+        &self,
+        fh: &FileHandle,
+        offset: u64,
+        data: Bytes,
+    ) -> Result<(), VolumeError> {
+        self.check_disperse()?;
+        let (unit, stripe, first_set) = self.geometry(&fh.attr);
+        let pieces = split_range(offset, data.len() as u64, unit, stripe);
+        let mut tasks = Vec::with_capacity(pieces.len());
+        for p in pieces {
+            let index = first_set + p.column as usize;
+            let set = self.set(index)?;
+            let key = self.key(&fh.attr, p.column);
+            let chunk = data.slice(p.buf_offset as usize..(p.buf_offset + p.len) as usize);
+            let primary = set.primary;
+            let addr = self.addr(primary)?;
+            let msg = Message::SetWrite(SetWrite {
+                brick: primary,
+                set: self.set_ref(index, set),
+                key,
+                offset_bytes: p.column_offset,
+                sync: false,
+                members: self.others(set)?,
+            });
+            let pool = self.bricks.clone();
+            tasks.push(async move {
+                pool.pool()
+                    .call(addr, msg, chunk)
+                    .await
+                    .map_err(|source| VolumeError::Brick {
+                        brick: primary,
+                        source,
+                    })
+            });
+        }
+        for r in join_all(tasks).await {
+            r?;
+        }
+        let end = offset + data.len() as u64;
+        fh.written_end.fetch_max(end, Ordering::SeqCst);
+        fh.size.fetch_max(end, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Reads up to `len` bytes at `offset`, short at the file's end; holes read as zeros.
+    pub async fn read(&self, fh: &FileHandle, offset: u64, len: u64) -> Result<Bytes, VolumeError> {
+        self.check_disperse()?;
+        let size = fh.size();
+        if offset >= size {
+            return Ok(Bytes::new());
+        }
+        let len = len.min(size - offset);
+        let (unit, stripe, first_set) = self.geometry(&fh.attr);
+        let pieces = split_range(offset, len, unit, stripe);
+        let mut tasks = Vec::with_capacity(pieces.len());
+        for p in &pieces {
+            let index = first_set + p.column as usize;
+            let set = self.set(index)?;
+            // Spread reads over the in-sync members.
+            let pick = self.spread.fetch_add(1, Ordering::Relaxed) % set.in_sync.len().max(1);
+            let brick = *set.in_sync.get(pick).unwrap_or(&set.primary);
+            let addr = self.addr(brick)?;
+            let key = self.key(&fh.attr, p.column);
+            let (column_offset, n) = (p.column_offset, p.len);
+            let bricks = self.bricks.clone();
+            tasks.push(async move {
+                match bricks.read(addr, brick, key, column_offset, n as u32).await {
+                    Ok((_, bytes)) => Ok(bytes),
+                    // A column never written is a hole.
+                    Err(e) if e.code() == Some(ErrorCode::NotFound) => Ok(Bytes::new()),
+                    Err(source) => Err(VolumeError::Brick { brick, source }),
+                }
+            });
+        }
+        let mut out = BytesMut::with_capacity(len as usize);
+        for (p, r) in pieces.iter().zip(join_all(tasks).await) {
+            let bytes = r?;
+            let have = bytes.len().min(p.len as usize);
+            out.extend_from_slice(&bytes[..have]);
+            // Short: past the column's end inside the file is a hole.
+            out.resize(out.len() + (p.len as usize - have), 0);
+        }
+        Ok(out.freeze())
+    }
+
+    /// Sets the file's length: every column object is cut (or extended) to its share, then
+    /// the size is committed.
+    pub async fn truncate(&self, fh: &FileHandle, len: u64) -> Result<(), VolumeError> {
+        self.check_disperse()?;
+        let (unit, stripe, first_set) = self.geometry(&fh.attr);
+        let mut tasks = Vec::new();
+        for column in 0..stripe {
+            let index = first_set + column as usize;
+            let set = self.set(index)?;
+            let primary = set.primary;
+            let addr = self.addr(primary)?;
+            let msg = Message::SetTruncate(SetTruncate {
+                brick: primary,
+                set: self.set_ref(index, set),
+                key: self.key(&fh.attr, column),
+                len_bytes: column_len(len, column, unit, stripe),
+                sync: false,
+                members: self.others(set)?,
+            });
+            let pool = self.bricks.clone();
+            tasks.push(async move {
+                pool.pool()
+                    .call(addr, msg, Bytes::new())
+                    .await
+                    .map_err(|source| VolumeError::Brick {
+                        brick: primary,
+                        source,
+                    })
+            });
+        }
+        for r in join_all(tasks).await {
+            r?;
+        }
+        let set = SetAttr {
+            size_bytes: Some(len),
+            ..SetAttr::default()
+        };
+        self.meta
+            .write(MetaOp::SetAttr {
+                volume: self.vol.id,
+                ino: fh.attr.ino,
+                set,
+            })
+            .await?;
+        fh.size.store(len, Ordering::SeqCst);
+        fh.written_end.store(0, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Makes the file's data durable on every in-sync member and commits its size.
+    pub async fn fsync(&self, fh: &FileHandle) -> Result<(), VolumeError> {
+        self.check_disperse()?;
+        let (_, stripe, first_set) = self.geometry(&fh.attr);
+        let mut tasks = Vec::new();
+        for column in 0..stripe {
+            let index = first_set + column as usize;
+            let set = self.set(index)?;
+            for brick in set.in_sync.clone() {
+                let addr = self.addr(brick)?;
+                let key = self.key(&fh.attr, column);
+                let bricks = self.bricks.clone();
+                tasks.push(async move {
+                    match bricks.fsync(addr, brick, key).await {
+                        Ok(_) => Ok(()),
+                        Err(e) if e.code() == Some(ErrorCode::NotFound) => Ok(()),
+                        Err(source) => Err(VolumeError::Brick { brick, source }),
+                    }
+                });
+            }
+        }
+        for r in join_all(tasks).await {
+            r?;
+        }
+        self.commit_size(fh).await
+    }
+
+    /// Commits the highest end written through this handle (grow only).
+    pub async fn commit_size(&self, fh: &FileHandle) -> Result<(), VolumeError> {
+        let end = fh.written_end.load(Ordering::SeqCst);
+        if end == 0 {
+            return Ok(());
+        }
+        let set = SetAttr {
+            size_at_least_bytes: Some(end),
+            ..SetAttr::default()
+        };
+        let attr = Self::attr(
+            self.meta
+                .write(MetaOp::SetAttr {
+                    volume: self.vol.id,
+                    ino: fh.attr.ino,
+                    set,
+                })
+                .await?,
+        )?;
+        fh.size.fetch_max(attr.size_bytes, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Closes a handle: commits its size.
+    pub async fn close(&self, fh: FileHandle) -> Result<(), VolumeError> {
+        self.commit_size(&fh).await
+    }
+}
