@@ -308,3 +308,27 @@ async fn dispersed_volume_says_not_supported() {
         .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::NotSupported), "{err}");
 }
+
+/// kill -9 of R-1 members of a replica 3 set: every acknowledged write reads back from the
+/// survivor; a write meanwhile fails with a clear error (until failure handling moves the set
+/// on), and never leaves wrong bytes behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicated_reads_survive_two_of_three_killed() {
+    let mut c = must_cluster().await;
+    let vol = must_volume(&c, "v", "replica 3", &[(0, 0), (1, 0), (2, 0)]).await;
+    let fh = vol.create(ROOT, "f", 0o644, true).await.unwrap();
+    let data = pattern(9, 0, 40 * UNIT as usize);
+    vol.write(&fh, 0, data.clone()).await.unwrap();
+    vol.fsync(&fh).await.unwrap();
+    // Node 0 runs the metadata group: kill the other two.
+    c.nodes[1].sigkill().unwrap();
+    c.nodes[2].sigkill().unwrap();
+    for _ in 0..3 {
+        let got = vol.read(&fh, 0, data.len() as u64).await.unwrap();
+        assert!(got == data, "acknowledged bytes differ after two members died");
+    }
+    let err = vol.write(&fh, 0, Bytes::from_static(b"new")).await.unwrap_err();
+    assert!(err.code().is_some() || matches!(err, brickfs_client::VolumeError::Brick { .. }), "{err}");
+    let got = vol.read(&fh, 0, 3).await.unwrap();
+    assert!(got[..] == data[..3] || &got[..] == b"new", "wrong bytes after a refused write");
+}

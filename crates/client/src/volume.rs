@@ -299,20 +299,36 @@ impl VolumeClient {
         for p in &pieces {
             let index = first_set + p.column as usize;
             let set = self.set(index)?;
-            // Spread reads over the in-sync members.
-            let pick = self.spread.fetch_add(1, Ordering::Relaxed) % set.in_sync.len().max(1);
-            let brick = *set.in_sync.get(pick).unwrap_or(&set.primary);
-            let addr = self.addr(brick)?;
+            // Spread reads over the in-sync members; on a failure, try the next one.
+            let start = self.spread.fetch_add(1, Ordering::Relaxed);
+            let n_members = set.in_sync.len().max(1);
+            let order: Vec<(BrickId, SocketAddr)> = (0..n_members)
+                .filter_map(|i| set.in_sync.get((start + i) % n_members).copied())
+                .map(|b| Ok((b, self.addr(b)?)))
+                .collect::<Result<_, VolumeError>>()?;
             let key = self.key(&fh.attr, p.column);
             let (column_offset, n) = (p.column_offset, p.len);
             let bricks = self.bricks.clone();
             tasks.push(async move {
-                match bricks.read(addr, brick, key, column_offset, n as u32).await {
-                    Ok((_, bytes)) => Ok(bytes),
-                    // A column never written is a hole.
-                    Err(e) if e.code() == Some(ErrorCode::NotFound) => Ok(Bytes::new()),
-                    Err(source) => Err(VolumeError::Brick { brick, source }),
+                let mut last = None;
+                let mut missing = 0;
+                let members = order.len();
+                for (brick, addr) in order {
+                    match bricks.read(addr, brick, key, column_offset, n as u32).await {
+                        Ok((_, bytes)) => return Ok(bytes),
+                        Err(e) if e.code() == Some(ErrorCode::NotFound) => missing += 1,
+                        Err(source) => {
+                            tracing::debug!(%brick, error = %source, "read failed, trying another member");
+                            last = Some(VolumeError::Brick { brick, source });
+                        }
+                    }
                 }
+                // A column no in-sync member holds was never written: a hole. If some member
+                // could not answer, it may hold the data: say so rather than invent zeros.
+                if missing == members {
+                    return Ok(Bytes::new());
+                }
+                Err(last.unwrap_or_else(|| refused(ErrorCode::Io, "set has no in-sync member")))
             });
         }
         let mut out = BytesMut::with_capacity(len as usize);
