@@ -4,12 +4,15 @@
 use crate::error::StoreError;
 use crate::store::BrickStore;
 use crate::store::VersionRule;
+use brickfs_erasure::{ReedSolomonCodec, decode_stripes, encode_stripes};
 use brickfs_proto::msg::{
     BrickInfo, BrickList, Deleted, ListReply, ListedObject, MemberRef, MemberTruncate, MemberWrite,
     ObjectState, Pong, ReadData, StatfsReply,
 };
+use brickfs_proto::msg::DisperseGeometry;
 use brickfs_proto::rpc::{ClientOptions, Handler, Pool, RpcError, join_all};
 use brickfs_proto::{BrickId, ErrorBody, ErrorCode, Message, NodeId};
+use brickfs_proto::{ObjectKey, ObjectVersion};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -146,6 +149,273 @@ impl BrickService {
                 ErrorCode::UnknownBrick,
                 format!("brick {id} is not served by node {}", self.node),
             )
+        })
+    }
+
+    /// Reads `len` bytes at `offset` of one member's fragment object: `(version, bytes)`,
+    /// `(0, empty)` when the member has no such object, `None` when it cannot answer.
+    async fn read_fragment(
+        &self,
+        m: &MemberRef,
+        key: ObjectKey,
+        offset: u64,
+        len: u64,
+    ) -> Option<(u64, Vec<u8>)> {
+        if let Some(b) = self.bricks.get(&m.brick).cloned() {
+            return match Self::blocking(b, move |b| b.read(&key, offset, len)).await {
+                Ok((meta, bytes)) => Some((meta.version.0, bytes.to_vec())),
+                Err(e) if e.is(ErrorCode::NotFound) => Some((0, Vec::new())),
+                Err(_) => None,
+            };
+        }
+        let addr: std::net::SocketAddr = m.addr.parse().ok()?;
+        let msg = Message::Read(brickfs_proto::msg::Read {
+            brick: m.brick,
+            key,
+            offset_bytes: offset,
+            len_bytes: u32::try_from(len).ok()?,
+        });
+        match self.peers.call(addr, msg, Bytes::new()).await {
+            Ok((Message::ReadData(r), bytes)) => Some((r.state.version.0, bytes.to_vec())),
+            Err(e) if e.code() == Some(ErrorCode::NotFound) => Some((0, Vec::new())),
+            _ => None,
+        }
+    }
+
+    /// Writes fragment bytes to one member at exactly `version`.
+    /// Applies a member write on this node when it serves the member, else forwards it.
+    async fn write_fragment(
+        &self,
+        m: &MemberRef,
+        w: MemberWrite,
+        data: Bytes,
+    ) -> Result<(), ErrorBody> {
+        if let Some(b) = self.bricks.get(&m.brick).cloned() {
+            return Self::blocking(b, move |b| {
+                b.fence(w.set.volume.0, w.set.set, w.set.epoch.0)?;
+                b.write_versioned(
+                    &w.key,
+                    w.offset_bytes,
+                    &data,
+                    w.sync,
+                    VersionRule::Exactly(w.version),
+                )
+            })
+            .await
+            .map(|_| ());
+        }
+        let msg = Message::MemberWrite(w);
+        self.fan_out(std::slice::from_ref(m), |_| msg.clone(), data)
+            .await
+    }
+
+    fn disperse_setup(
+        &self,
+        own: BrickId,
+        g: &DisperseGeometry,
+    ) -> Result<(ReedSolomonCodec, u64), ErrorBody> {
+        let (k, m, f) = (
+            g.data_fragments as usize,
+            g.parity_fragments as usize,
+            u64::from(g.fragment_bytes),
+        );
+        if g.members.len() != k + m || f == 0 || f > 16 << 20 {
+            return Err(ErrorBody::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "bad disperse geometry {k}+{m} x {f} with {} members",
+                    g.members.len()
+                ),
+            ));
+        }
+        if !g.members.iter().any(|x| x.brick == own) {
+            return Err(ErrorBody::new(
+                ErrorCode::InvalidArgument,
+                format!("primary {own} is not a member of the set"),
+            ));
+        }
+        let codec = ReedSolomonCodec::new(k, m)
+            .map_err(|e| ErrorBody::new(ErrorCode::InvalidArgument, e.to_string()))?;
+        Ok((codec, f))
+    }
+
+    /// Reads stripe `j` of the column (all K+M fragments) and decodes it; the version used must
+    /// be the one the primary holds.
+    async fn read_stripe(
+        &self,
+        g: &DisperseGeometry,
+        codec: &ReedSolomonCodec,
+        key: ObjectKey,
+        j: u64,
+        f: u64,
+        have: u64,
+    ) -> Result<Vec<u8>, ErrorBody> {
+        let reads = g
+            .members
+            .iter()
+            .map(|m| self.read_fragment(m, key, j * f, f))
+            .collect();
+        let frags = join_all(reads).await;
+        let (version, bytes) = decode_stripes(codec, &frags, f as usize, 1).map_err(|e| {
+            ErrorBody::new(
+                ErrorCode::Io,
+                format!("stripe {j} of {key} cannot be read back: {e}"),
+            )
+        })?;
+        if version != have {
+            return Err(ErrorBody::new(
+                ErrorCode::VersionGap,
+                format!(
+                    "stripe {j} of {key} decodes at version {version}, the primary holds {have}: the set needs healing"
+                ),
+            ));
+        }
+        Ok(bytes)
+    }
+
+    async fn disperse_write(
+        &self,
+        req: brickfs_proto::msg::DisperseWrite,
+        data: Bytes,
+    ) -> Result<ObjectState, ErrorBody> {
+        let own = self.brick(req.brick)?;
+        let g = &req.geometry;
+        let (codec, f) = self.disperse_setup(req.brick, g)?;
+        let k = u64::from(g.data_fragments);
+        let sb = k * f;
+        let _order = self.ordering_lock(&req.key).lock().await;
+        let key = req.key;
+        let set = req.set;
+        let have = Self::blocking(own.clone(), move |b| {
+            b.fence(set.volume.0, set.set, set.epoch.0)?;
+            match b.stat(&key) {
+                Ok(m) => Ok(m.version.0),
+                Err(StoreError::NotFound { .. }) => Ok(0),
+                Err(e) => Err(e),
+            }
+        })
+        .await?;
+        let off = req.offset_bytes;
+        let end = off
+            .checked_add(data.len() as u64)
+            .ok_or_else(|| ErrorBody::new(ErrorCode::InvalidArgument, "range overflows"))?;
+        if data.is_empty() {
+            return Ok(ObjectState {
+                version: ObjectVersion(have),
+                len_bytes: 0,
+            });
+        }
+        let (first, last) = (off / sb, (end - 1) / sb);
+        let mut buf = vec![0u8; ((last - first + 1) * sb) as usize];
+        // Stripes the write covers only in part are read back first (read-modify-write).
+        let partial = |j: u64| !(off <= j * sb && (j + 1) * sb <= end);
+        let mut need = Vec::new();
+        if partial(first) {
+            need.push(first);
+        }
+        if last != first && partial(last) {
+            need.push(last);
+        }
+        for j in need {
+            let old = self.read_stripe(g, &codec, key, j, f, have).await?;
+            let at = ((j - first) * sb) as usize;
+            buf[at..at + sb as usize].copy_from_slice(&old);
+        }
+        let at = (off - first * sb) as usize;
+        buf[at..at + data.len()].copy_from_slice(&data);
+        let frags = encode_stripes(&codec, &buf, f as usize)
+            .map_err(|e| ErrorBody::new(ErrorCode::Internal, format!("encode: {e}")))?;
+        let version = ObjectVersion(have + 1);
+        let writes = g
+            .members
+            .iter()
+            .zip(frags)
+            .map(|(m, bytes)| {
+                let w = MemberWrite {
+                    brick: m.brick,
+                    set,
+                    key,
+                    offset_bytes: first * f,
+                    version,
+                    sync: req.sync,
+                };
+                self.write_fragment(m, w, Bytes::from(bytes))
+            })
+            .collect();
+        for r in join_all(writes).await {
+            r?;
+        }
+        Ok(ObjectState {
+            version,
+            len_bytes: end,
+        })
+    }
+
+    async fn disperse_truncate(
+        &self,
+        req: brickfs_proto::msg::DisperseTruncate,
+    ) -> Result<ObjectState, ErrorBody> {
+        let g = req.geometry.clone();
+        let (_, f) = self.disperse_setup(req.brick, &g)?;
+        let sb = u64::from(g.data_fragments) * f;
+        let len = req.len_bytes;
+        // Zero the tail of the last stripe, so bytes past the new end read as zeros if the
+        // column grows again, then cut every fragment object to whole stripes.
+        if !len.is_multiple_of(sb) {
+            let tail = sb - len % sb;
+            let zeros = Bytes::from(vec![0u8; tail as usize]);
+            let w = brickfs_proto::msg::DisperseWrite {
+                brick: req.brick,
+                set: req.set,
+                key: req.key,
+                offset_bytes: len,
+                sync: req.sync,
+                geometry: g.clone(),
+            };
+            self.disperse_write(w, zeros).await?;
+        }
+        let own = self.brick(req.brick)?;
+        let key = req.key;
+        let _order = self.ordering_lock(&key).lock().await;
+        let have = Self::blocking(own, move |b| match b.stat(&key) {
+            Ok(m) => Ok(m.version.0),
+            Err(StoreError::NotFound { .. }) => Ok(0),
+            Err(e) => Err(e),
+        })
+        .await?;
+        let version = ObjectVersion(have + 1);
+        let frag_len = len.div_ceil(sb) * f;
+        let (set, sync) = (req.set, req.sync);
+        let mut calls = Vec::new();
+        for m in &g.members {
+            let m = m.clone();
+            calls.push(async move {
+                if let Some(b) = self.bricks.get(&m.brick).cloned() {
+                    return Self::blocking(b, move |b| {
+                        b.fence(set.volume.0, set.set, set.epoch.0)?;
+                        b.truncate_versioned(&key, frag_len, sync, VersionRule::Exactly(version))
+                    })
+                    .await
+                    .map(|_| ());
+                }
+                let msg = Message::MemberTruncate(MemberTruncate {
+                    brick: m.brick,
+                    set,
+                    key,
+                    len_bytes: frag_len,
+                    version,
+                    sync,
+                });
+                self.fan_out(std::slice::from_ref(&m), |_| msg.clone(), Bytes::new())
+                    .await
+            });
+        }
+        for r in join_all(calls).await {
+            r?;
+        }
+        Ok(ObjectState {
+            version,
+            len_bytes: len,
         })
     }
 
@@ -314,6 +584,14 @@ impl BrickService {
                 };
                 self.fan_out(&req.members, make, Bytes::new()).await?;
                 (Message::Truncated(state(meta)), none)
+            }
+            Message::DisperseWrite(req) => {
+                let st = self.disperse_write(req, data).await?;
+                (Message::Written(st), none)
+            }
+            Message::DisperseTruncate(req) => {
+                let st = self.disperse_truncate(req).await?;
+                (Message::Truncated(st), none)
             }
             Message::MemberWrite(req) => {
                 let brick = self.brick(req.brick)?;

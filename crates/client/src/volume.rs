@@ -4,17 +4,25 @@
 //! one-brick set, through the primary of a replica set (which orders, versions and fans out).
 //! Reads of a replica set are spread over its in-sync members.
 //!
+//! A disperse set's column goes to its primary, which reads back partial stripes, encodes and
+//! writes fragment i of each stripe to member i; reads fetch the K data fragments in parallel
+//! and decode (with the parity fragments too when a data fragment is missing or of another
+//! version): only fragments of one version are ever combined.
+//!
 //! File size lives in the metadata group: writers commit the highest end they wrote on `fsync`
-//! and `close` (taking the maximum, so concurrent writers never shrink a file). Disperse sets
-//! are not served yet (`NotSupported`).
+//! and `close` (taking the maximum, so concurrent writers never shrink a file).
 
 use crate::brick::BrickClient;
 use crate::meta::{MetaClient, MetaError};
+use brickfs_erasure::{ReedSolomonCodec, decode_stripes};
+use brickfs_layout::DISPERSE_FRAGMENT_BYTES;
 use brickfs_layout::{column_len, split_range};
 use brickfs_proto::meta::{
     Attr, FileKind, MetaOp, MetaRead, MetaReply, SetAttr, SetState, VolumeRecord,
 };
-use brickfs_proto::msg::{MemberRef, SetRef, SetTruncate, SetWrite};
+use brickfs_proto::msg::{
+    DisperseGeometry, DisperseTruncate, DisperseWrite, MemberRef, SetRef, SetTruncate, SetWrite,
+};
 use brickfs_proto::rpc::{RpcError, join_all};
 use brickfs_proto::{BrickId, ErrorBody, ErrorCode, Ino, Message, ObjectKey};
 use bytes::{Bytes, BytesMut};
@@ -82,6 +90,7 @@ pub struct VolumeClient {
     vol: VolumeRecord,
     addrs: HashMap<BrickId, SocketAddr>,
     spread: AtomicUsize,
+    codec: Option<ReedSolomonCodec>,
 }
 
 impl VolumeClient {
@@ -108,12 +117,21 @@ impl VolumeClient {
             })?;
             addrs.insert(b.brick, addr);
         }
+        let codec = if vol.disperse_data > 0 {
+            Some(
+                ReedSolomonCodec::new(vol.disperse_data as usize, vol.disperse_redundancy as usize)
+                    .map_err(|e| refused(ErrorCode::InvalidArgument, e.to_string()))?,
+            )
+        } else {
+            None
+        };
         Ok(Arc::new(VolumeClient {
             meta,
             bricks,
             vol,
             addrs,
             spread: AtomicUsize::new(0),
+            codec,
         }))
     }
 
@@ -226,17 +244,88 @@ impl VolumeClient {
             .collect()
     }
 
-    fn check_disperse(&self) -> Result<(), VolumeError> {
-        if self.vol.disperse_data > 0 {
-            return Err(refused(
-                ErrorCode::NotSupported,
-                format!(
-                    "volume {} is dispersed: its data path is not built yet",
-                    self.vol.name
-                ),
-            ));
-        }
-        Ok(())
+    fn dispersed(&self) -> bool {
+        self.vol.disperse_data > 0
+    }
+
+    fn disperse_geometry(&self, set: &SetState) -> Result<DisperseGeometry, VolumeError> {
+        Ok(DisperseGeometry {
+            data_fragments: self.vol.disperse_data,
+            parity_fragments: self.vol.disperse_redundancy,
+            fragment_bytes: DISPERSE_FRAGMENT_BYTES,
+            members: set
+                .members
+                .iter()
+                .map(|b| {
+                    Ok(MemberRef {
+                        brick: *b,
+                        addr: self.addr(*b)?.to_string(),
+                    })
+                })
+                .collect::<Result<_, VolumeError>>()?,
+        })
+    }
+
+    fn codec(&self) -> Result<&ReedSolomonCodec, VolumeError> {
+        self.codec
+            .as_ref()
+            .ok_or_else(|| refused(ErrorCode::Internal, "volume is not dispersed"))
+    }
+
+    /// Reads `len` bytes at `column_offset` of a disperse column: the K data fragments first,
+    /// every fragment when that is not enough.
+    async fn read_disperse(
+        &self,
+        set: &SetState,
+        key: ObjectKey,
+        column_offset: u64,
+        len: u64,
+    ) -> Result<Bytes, VolumeError> {
+        let k = self.vol.disperse_data as usize;
+        let f = u64::from(DISPERSE_FRAGMENT_BYTES);
+        let sb = k as u64 * f;
+        let (j0, j1) = (column_offset / sb, (column_offset + len - 1) / sb);
+        let stripes = (j1 - j0 + 1) as usize;
+        let (off, n) = (j0 * f, stripes as u64 * f);
+        let fetch = |brick: BrickId| {
+            let bricks = self.bricks.clone();
+            let addr = self.addr(brick);
+            async move {
+                let addr = addr.ok()?;
+                match bricks.read(addr, brick, key, off, n as u32).await {
+                    Ok((st, bytes)) => Some((st.version.0, bytes.to_vec())),
+                    Err(e) if e.code() == Some(ErrorCode::NotFound) => Some((0, Vec::new())),
+                    Err(e) => {
+                        tracing::debug!(%brick, error = %e, "fragment read failed");
+                        None
+                    }
+                }
+            }
+        };
+        let codec = self.codec()?;
+        let mut frags: Vec<Option<(u64, Vec<u8>)>> =
+            join_all(set.members[..k].iter().map(|b| fetch(*b)).collect()).await;
+        frags.resize(set.members.len(), None);
+        let decoded = match decode_stripes(codec, &frags, f as usize, stripes) {
+            Ok(d) => d,
+            Err(_) => {
+                let parity = join_all(set.members[k..].iter().map(|b| fetch(*b)).collect()).await;
+                for (slot, p) in frags[k..].iter_mut().zip(parity) {
+                    *slot = p;
+                }
+                decode_stripes(codec, &frags, f as usize, stripes).map_err(|e| {
+                    refused(
+                        ErrorCode::Io,
+                        format!(
+                            "column {} of inode {} cannot be decoded: {e}",
+                            key.column, key.ino
+                        ),
+                    )
+                })?
+            }
+        };
+        let at = (column_offset - j0 * sb) as usize;
+        Ok(Bytes::from(decoded.1).slice(at..at + len as usize))
     }
 
     /// Writes `data` at `offset`: every stripe-unit piece goes to its set at once.
@@ -246,7 +335,6 @@ impl VolumeClient {
         offset: u64,
         data: Bytes,
     ) -> Result<(), VolumeError> {
-        self.check_disperse()?;
         let (unit, stripe, first_set) = self.geometry(&fh.attr);
         let pieces = split_range(offset, data.len() as u64, unit, stripe);
         let mut tasks = Vec::with_capacity(pieces.len());
@@ -257,14 +345,25 @@ impl VolumeClient {
             let chunk = data.slice(p.buf_offset as usize..(p.buf_offset + p.len) as usize);
             let primary = set.primary;
             let addr = self.addr(primary)?;
-            let msg = Message::SetWrite(SetWrite {
-                brick: primary,
-                set: self.set_ref(index, set),
-                key,
-                offset_bytes: p.column_offset,
-                sync: false,
-                members: self.others(set)?,
-            });
+            let msg = if self.dispersed() {
+                Message::DisperseWrite(DisperseWrite {
+                    brick: primary,
+                    set: self.set_ref(index, set),
+                    key,
+                    offset_bytes: p.column_offset,
+                    sync: false,
+                    geometry: self.disperse_geometry(set)?,
+                })
+            } else {
+                Message::SetWrite(SetWrite {
+                    brick: primary,
+                    set: self.set_ref(index, set),
+                    key,
+                    offset_bytes: p.column_offset,
+                    sync: false,
+                    members: self.others(set)?,
+                })
+            };
             let pool = self.bricks.clone();
             tasks.push(async move {
                 pool.pool()
@@ -287,7 +386,6 @@ impl VolumeClient {
 
     /// Reads up to `len` bytes at `offset`, short at the file's end; holes read as zeros.
     pub async fn read(&self, fh: &FileHandle, offset: u64, len: u64) -> Result<Bytes, VolumeError> {
-        self.check_disperse()?;
         let size = fh.size();
         if offset >= size {
             return Ok(Bytes::new());
@@ -296,6 +394,23 @@ impl VolumeClient {
         let (unit, stripe, first_set) = self.geometry(&fh.attr);
         let pieces = split_range(offset, len, unit, stripe);
         let mut tasks = Vec::with_capacity(pieces.len());
+        if self.dispersed() {
+            let mut reads = Vec::with_capacity(pieces.len());
+            for p in &pieces {
+                let set = self.set(first_set + p.column as usize)?;
+                reads.push(self.read_disperse(
+                    set,
+                    self.key(&fh.attr, p.column),
+                    p.column_offset,
+                    p.len,
+                ));
+            }
+            let mut out = BytesMut::with_capacity(len as usize);
+            for r in join_all(reads).await {
+                out.extend_from_slice(&r?);
+            }
+            return Ok(out.freeze());
+        }
         for p in &pieces {
             let index = first_set + p.column as usize;
             let set = self.set(index)?;
@@ -345,7 +460,6 @@ impl VolumeClient {
     /// Sets the file's length: every column object is cut (or extended) to its share, then
     /// the size is committed.
     pub async fn truncate(&self, fh: &FileHandle, len: u64) -> Result<(), VolumeError> {
-        self.check_disperse()?;
         let (unit, stripe, first_set) = self.geometry(&fh.attr);
         let mut tasks = Vec::new();
         for column in 0..stripe {
@@ -353,14 +467,25 @@ impl VolumeClient {
             let set = self.set(index)?;
             let primary = set.primary;
             let addr = self.addr(primary)?;
-            let msg = Message::SetTruncate(SetTruncate {
-                brick: primary,
-                set: self.set_ref(index, set),
-                key: self.key(&fh.attr, column),
-                len_bytes: column_len(len, column, unit, stripe),
-                sync: false,
-                members: self.others(set)?,
-            });
+            let msg = if self.dispersed() {
+                Message::DisperseTruncate(DisperseTruncate {
+                    brick: primary,
+                    set: self.set_ref(index, set),
+                    key: self.key(&fh.attr, column),
+                    len_bytes: column_len(len, column, unit, stripe),
+                    sync: false,
+                    geometry: self.disperse_geometry(set)?,
+                })
+            } else {
+                Message::SetTruncate(SetTruncate {
+                    brick: primary,
+                    set: self.set_ref(index, set),
+                    key: self.key(&fh.attr, column),
+                    len_bytes: column_len(len, column, unit, stripe),
+                    sync: false,
+                    members: self.others(set)?,
+                })
+            };
             let pool = self.bricks.clone();
             tasks.push(async move {
                 pool.pool()
@@ -393,7 +518,6 @@ impl VolumeClient {
 
     /// Makes the file's data durable on every in-sync member and commits its size.
     pub async fn fsync(&self, fh: &FileHandle) -> Result<(), VolumeError> {
-        self.check_disperse()?;
         let (_, stripe, first_set) = self.geometry(&fh.attr);
         let mut tasks = Vec::new();
         for column in 0..stripe {

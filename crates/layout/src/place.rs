@@ -17,6 +17,9 @@ pub fn file_offset(column: u64, column_offset: u64, unit_bytes: u64, stripe: u64
     (row * stripe + column) * unit_bytes + column_offset % unit_bytes
 }
 
+/// The fragment size of disperse sets: a stripe holds K fragments of this many bytes.
+pub const DISPERSE_FRAGMENT_BYTES: u32 = 64 << 10;
+
 /// How many bytes column `column` holds of a file of `file_len` bytes.
 pub fn column_len(file_len: u64, column: u64, unit_bytes: u64, stripe: u64) -> u64 {
     let row_bytes = unit_bytes * stripe;

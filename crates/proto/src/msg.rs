@@ -248,6 +248,41 @@ pub struct MemberTruncate {
     pub sync: bool,
 }
 
+/// The geometry of a disperse set: K data and M parity fragments of `fragment_bytes` each per
+/// stripe; `members` lists all K+M members in fragment order (the primary among them).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DisperseGeometry {
+    pub data_fragments: u32,
+    pub parity_fragments: u32,
+    pub fragment_bytes: u32,
+    pub members: Vec<MemberRef>,
+}
+
+/// A write to a column of a disperse set, sent to its primary: the primary reads the old
+/// stripes a partial write touches (read-modify-write), encodes, and writes fragment i of every
+/// touched stripe to member i under the object's next version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DisperseWrite {
+    pub brick: BrickId,
+    pub set: SetRef,
+    pub key: ObjectKey,
+    /// Offset in the column's data (not in a fragment).
+    pub offset_bytes: u64,
+    pub sync: bool,
+    pub geometry: DisperseGeometry,
+}
+
+/// Sets the data length of a column of a disperse set (zeroing the tail of its last stripe).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DisperseTruncate {
+    pub brick: BrickId,
+    pub set: SetRef,
+    pub key: ObjectKey,
+    pub len_bytes: u64,
+    pub sync: bool,
+    pub geometry: DisperseGeometry,
+}
+
 macro_rules! messages {
     ($($num:literal => $variant:ident($body:ty), data: $data:literal;)*) => {
         /// Every message, by kind number.
@@ -333,6 +368,8 @@ messages! {
     37 => SetTruncate(SetTruncate), data: false;
     38 => MemberWrite(MemberWrite), data: true;
     39 => MemberTruncate(MemberTruncate), data: false;
+    40 => DisperseWrite(DisperseWrite), data: true;
+    41 => DisperseTruncate(DisperseTruncate), data: false;
     48 => MetaWrite(crate::meta::MetaWrite), data: false;
     49 => MetaRead(crate::meta::MetaReadReq), data: false;
     50 => MetaOk(crate::meta::MetaReply), data: false;
