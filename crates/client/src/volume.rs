@@ -16,7 +16,10 @@ use crate::brick::BrickClient;
 use crate::meta::{MetaClient, MetaError};
 use brickfs_erasure::{ReedSolomonCodec, decode_stripes};
 use brickfs_layout::DISPERSE_FRAGMENT_BYTES;
-use brickfs_layout::{column_len, split_range};
+use brickfs_layout::{column_len, merge_contiguous, split_range};
+
+/// The largest request one piece of a read or write becomes (below the protocol's data limit).
+const PIECE_MAX_BYTES: u64 = 8 << 20;
 use brickfs_proto::meta::{
     Attr, FileKind, MetaOp, MetaRead, MetaReply, SetAttr, SetState, VolumeRecord,
 };
@@ -336,7 +339,10 @@ impl VolumeClient {
         data: Bytes,
     ) -> Result<(), VolumeError> {
         let (unit, stripe, first_set) = self.geometry(&fh.attr);
-        let pieces = split_range(offset, data.len() as u64, unit, stripe);
+        let pieces = merge_contiguous(
+            split_range(offset, data.len() as u64, unit, stripe),
+            PIECE_MAX_BYTES,
+        );
         let mut tasks = Vec::with_capacity(pieces.len());
         for p in pieces {
             let index = first_set + p.column as usize;
@@ -392,7 +398,7 @@ impl VolumeClient {
         }
         let len = len.min(size - offset);
         let (unit, stripe, first_set) = self.geometry(&fh.attr);
-        let pieces = split_range(offset, len, unit, stripe);
+        let pieces = merge_contiguous(split_range(offset, len, unit, stripe), PIECE_MAX_BYTES);
         let mut tasks = Vec::with_capacity(pieces.len());
         if self.dispersed() {
             let mut reads = Vec::with_capacity(pieces.len());

@@ -9,5 +9,8 @@
 pub mod place;
 pub mod spec;
 
-pub use place::{DISPERSE_FRAGMENT_BYTES, Piece, column_len, column_of, file_offset, split_range};
+pub use place::{
+    DISPERSE_FRAGMENT_BYTES, Piece, column_len, column_of, file_offset, merge_contiguous,
+    split_range,
+};
 pub use spec::{BrickAddr, Redundancy, SpecError, VolumeSpec, VolumeType, parse_size};

@@ -57,6 +57,26 @@ pub fn split_range(offset: u64, len: u64, unit_bytes: u64, stripe: u64) -> Vec<P
     out
 }
 
+/// Joins consecutive pieces that continue each other in the same column and in the buffer
+/// (all of them when the stripe count is 1), up to `max_len` bytes per piece: fewer, larger
+/// requests for unstriped sets.
+pub fn merge_contiguous(pieces: Vec<Piece>, max_len: u64) -> Vec<Piece> {
+    let mut out: Vec<Piece> = Vec::with_capacity(pieces.len());
+    for p in pieces {
+        if let Some(last) = out.last_mut()
+            && last.column == p.column
+            && last.column_offset + last.len == p.column_offset
+            && last.buf_offset + last.len == p.buf_offset
+            && last.len + p.len <= max_len
+        {
+            last.len += p.len;
+            continue;
+        }
+        out.push(p);
+    }
+    out
+}
+
 /// Where byte `column_offset` of a column lives in a K+M disperse set with fragments of
 /// `fragment_bytes`: (stripe index, data fragment index, offset inside the fragment).
 pub fn fragment_of(column_offset: u64, data: u64, fragment_bytes: u64) -> (u64, u64, u64) {
@@ -145,6 +165,24 @@ mod tests {
                 next += p.len;
             }
             prop_assert_eq!(next, len);
+        }
+
+        /// Merged pieces still cover the range exactly and map each byte to its column.
+        #[test]
+        fn merged_pieces_cover_exactly(offset in 0u64..1 << 30, len in 0u64..(1 << 22), unit in 1u64..(1 << 18), stripe in 1u64..4, max in 1u64..(1 << 23)) {
+            let merged = merge_contiguous(split_range(offset, len, unit, stripe), max.max(unit));
+            let mut next = 0;
+            for p in &merged {
+                prop_assert_eq!(p.buf_offset, next);
+                for b in [0, p.len - 1] {
+                    prop_assert_eq!(column_of(offset + p.buf_offset + b, unit, stripe), (p.column, p.column_offset + b));
+                }
+                next += p.len;
+            }
+            prop_assert_eq!(next, len);
+            if stripe == 1 && len > 0 && len <= max.max(unit) {
+                prop_assert_eq!(merged.len(), 1);
+            }
         }
 
         /// Column lengths add up to the file length, and each column ends right after its last
