@@ -480,4 +480,11 @@ async fn replicated_acked_writes_survive_two_of_three_killed() {
             .unwrap();
         must_match_history(&got, &h);
     }
+    // Beyond the tolerance: the last copy gone too, reads fail instead of inventing bytes.
+    c.nodes[0].sigkill().unwrap();
+    let err = vol.read(&fh, 0, 1000).await.unwrap_err();
+    assert!(
+        matches!(err, brickfs_client::VolumeError::Brick { .. }),
+        "{err}"
+    );
 }
