@@ -72,7 +72,8 @@ pub struct FileHandle {
 }
 
 impl FileHandle {
-    fn new(attr: Attr) -> FileHandle {
+    /// A handle for a file whose attributes the caller got from the metadata group.
+    pub fn new(attr: Attr) -> FileHandle {
         FileHandle {
             written_end: AtomicU64::new(0),
             size: AtomicU64::new(attr.size_bytes),
@@ -83,6 +84,12 @@ impl FileHandle {
     /// The size this handle knows: at open, grown by its own writes.
     pub fn size(&self) -> u64 {
         self.size.load(Ordering::SeqCst)
+    }
+
+    /// Records a truncate made through another handle of the same file.
+    pub fn set_size(&self, len: u64) {
+        self.size.store(len, Ordering::SeqCst);
+        self.written_end.fetch_min(len, Ordering::SeqCst);
     }
 }
 

@@ -1,0 +1,876 @@
+//! mountd: mounts a brickfs volume with FUSE (fuser). A thin adapter: every call becomes a
+//! metadata operation or a data-path call of `brickfs-client`, and every failure an errno
+//! through `errno_for_code`, the one mapping.
+//!
+//! What it serves now: lookup, getattr, setattr (mode, owner, size, times), mknod, mkdir,
+//! create, open, read, write, flush, fsync, release, unlink, rmdir, rename (with
+//! RENAME_NOREPLACE and RENAME_EXCHANGE), link, symlink, readlink, readdir, statfs and xattrs,
+//! with 1 MiB writes and several dispatch threads. Not yet: permission checks by the
+//! filesystem (the kernel's `default_permissions` checks mode bits), POSIX ACLs, locks,
+//! readahead and write-behind of its own, cache invalidation across mounts (attribute and
+//! entry TTLs of one second bound staleness).
+
+use brickfs_client::{FileHandle, MetaClient, MetaClientOptions, VolumeClient, VolumeError};
+use brickfs_proto::meta::{
+    Attr, FileKind, MetaOp, MetaRead, MetaReply, RenameFlags as BfRename, SetAttr,
+};
+use brickfs_proto::{Ino, errno_for_code};
+use bytes::Bytes;
+use fuser::{
+    Errno, FileAttr, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How long the kernel may cache attributes and entries.
+const TTL: Duration = Duration::from_secs(1);
+/// The largest write the kernel sends in one request.
+pub const MAX_WRITE_BYTES: u32 = 1 << 20;
+
+/// The mounted filesystem.
+pub struct BrickFs {
+    rt: tokio::runtime::Handle,
+    vol: Arc<VolumeClient>,
+    handles: Mutex<HashMap<u64, Arc<FileHandle>>>,
+    next_fh: AtomicU64,
+}
+
+fn errno_of(e: &VolumeError) -> Errno {
+    match e.code() {
+        Some(code) => Errno::from_i32(errno_for_code(code.as_u16())),
+        None => Errno::EIO,
+    }
+}
+
+fn errno_meta(e: &brickfs_client::MetaError) -> Errno {
+    match e.code() {
+        Some(code) => Errno::from_i32(errno_for_code(code.as_u16())),
+        None => Errno::from_i32(libc::ENOTCONN),
+    }
+}
+
+fn time(ns: i64) -> SystemTime {
+    if ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        UNIX_EPOCH
+    }
+}
+
+fn ns_of(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
+fn kind_of(k: FileKind) -> FileType {
+    match k {
+        FileKind::File => FileType::RegularFile,
+        FileKind::Dir => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+        FileKind::CharDevice => FileType::CharDevice,
+        FileKind::BlockDevice => FileType::BlockDevice,
+    }
+}
+
+fn kind_from_mode(mode: u32) -> FileKind {
+    match mode & libc::S_IFMT {
+        libc::S_IFIFO => FileKind::Fifo,
+        libc::S_IFSOCK => FileKind::Socket,
+        libc::S_IFCHR => FileKind::CharDevice,
+        libc::S_IFBLK => FileKind::BlockDevice,
+        _ => FileKind::File,
+    }
+}
+
+fn fuse_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino.0),
+        size: a.size_bytes,
+        blocks: a.size_bytes.div_ceil(512),
+        atime: time(a.atime_ns),
+        mtime: time(a.mtime_ns),
+        ctime: time(a.ctime_ns),
+        crtime: time(a.ctime_ns),
+        kind: kind_of(a.kind),
+        perm: (a.mode & 0o7777) as u16,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        blksize: 1 << 20,
+        flags: 0,
+    }
+}
+
+fn name_of(name: &OsStr) -> Result<String, Errno> {
+    std::str::from_utf8(name.as_bytes())
+        .map(str::to_string)
+        .map_err(|_| Errno::EINVAL)
+}
+
+impl BrickFs {
+    pub fn new(rt: tokio::runtime::Handle, vol: Arc<VolumeClient>) -> BrickFs {
+        BrickFs {
+            rt,
+            vol,
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+
+    fn meta(&self) -> &MetaClient {
+        self.vol.meta()
+    }
+
+    fn volume(&self) -> brickfs_proto::VolumeId {
+        self.vol.record().id
+    }
+
+    fn write_op(&self, op: MetaOp) -> Result<MetaReply, Errno> {
+        self.rt.block_on(self.meta().write(op)).map_err(|e| {
+            tracing::debug!(error = %e, "metadata write refused");
+            errno_meta(&e)
+        })
+    }
+
+    fn read_op(&self, r: MetaRead) -> Result<MetaReply, Errno> {
+        self.rt.block_on(self.meta().read(r)).map_err(|e| {
+            tracing::debug!(error = %e, "metadata read refused");
+            errno_meta(&e)
+        })
+    }
+
+    fn attr_of(reply: Result<MetaReply, Errno>) -> Result<Attr, Errno> {
+        match reply? {
+            MetaReply::Attr(a) => Ok(a),
+            _ => Err(Errno::EIO),
+        }
+    }
+
+    /// The attributes, with the size grown by writes still open on this mount.
+    fn getattr_ino(&self, ino: u64) -> Result<Attr, Errno> {
+        let mut a = Self::attr_of(self.read_op(MetaRead::GetAttr {
+            volume: self.volume(),
+            ino: Ino(ino),
+        }))?;
+        let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        for h in handles.values().filter(|h| h.attr.ino.0 == ino) {
+            a.size_bytes = a.size_bytes.max(h.size());
+        }
+        Ok(a)
+    }
+
+    fn handle(&self, fh: u64) -> Result<Arc<FileHandle>, Errno> {
+        self.handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&fh)
+            .cloned()
+            .ok_or(Errno::EBADF)
+    }
+
+    fn open_handle(&self, attr: Attr) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(fh, Arc::new(FileHandle::new(attr)));
+        fh
+    }
+
+    fn entry(&self, reply: ReplyEntry, r: Result<MetaReply, Errno>) {
+        match Self::attr_of(r) {
+            Ok(a) => reply.entry(&TTL, &fuse_attr(&a), Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+}
+
+impl Filesystem for BrickFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(MAX_WRITE_BYTES);
+        let _ = config.set_max_readahead(MAX_WRITE_BYTES);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let name = match name_of(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let r = self.read_op(MetaRead::Lookup {
+            volume: self.volume(),
+            parent: Ino(parent.0),
+            name,
+        });
+        match Self::attr_of(r) {
+            Ok(a) => match self.getattr_ino(a.ino.0) {
+                Ok(a) => reply.entry(&TTL, &fuse_attr(&a), Generation(0)),
+                Err(e) => reply.error(e),
+            },
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: Option<fuser::FileHandle>,
+        reply: ReplyAttr,
+    ) {
+        match self.getattr_ino(ino.0) {
+            Ok(a) => reply.attr(&TTL, &fuse_attr(&a)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<fuser::FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let now = ns_of(SystemTime::now());
+        let t = |x: Option<TimeOrNow>| {
+            x.map(|t| match t {
+                TimeOrNow::SpecificTime(s) => ns_of(s),
+                TimeOrNow::Now => now,
+            })
+        };
+        if let Some(len) = size {
+            // Cut or extend the data first, then the size follows in the metadata group.
+            let handle = match fh.map(|f| self.handle(f.0)) {
+                Some(Ok(h)) => h,
+                _ => match self.getattr_ino(ino.0) {
+                    Ok(a) => Arc::new(FileHandle::new(a)),
+                    Err(e) => return reply.error(e),
+                },
+            };
+            if let Err(e) = self.rt.block_on(self.vol.truncate(&handle, len)) {
+                return reply.error(errno_of(&e));
+            }
+            for h in self
+                .handles
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+            {
+                if h.attr.ino.0 == ino.0 {
+                    h.set_size(len);
+                }
+            }
+        }
+        let set = SetAttr {
+            mode,
+            uid,
+            gid,
+            size_bytes: None,
+            atime_ns: t(atime),
+            mtime_ns: t(mtime),
+            size_at_least_bytes: None,
+        };
+        match Self::attr_of(self.write_op(MetaOp::SetAttr {
+            volume: self.volume(),
+            ino: Ino(ino.0),
+            set,
+        })) {
+            Ok(_) => match self.getattr_ino(ino.0) {
+                Ok(a) => reply.attr(&TTL, &fuse_attr(&a)),
+                Err(e) => reply.error(e),
+            },
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.read_op(MetaRead::ReadLink {
+            volume: self.volume(),
+            ino: Ino(ino.0),
+        }) {
+            Ok(MetaReply::Target(t)) => reply.data(t.as_bytes()),
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let name = match name_of(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let op = MetaOp::Create {
+            volume: self.volume(),
+            parent: Ino(parent.0),
+            name,
+            kind: kind_from_mode(mode),
+            mode: mode & !umask & 0o7777,
+            uid: req.uid(),
+            gid: req.gid(),
+            rdev,
+            exclusive: true,
+        };
+        self.entry(reply, self.write_op(op));
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let name = match name_of(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let op = MetaOp::Mkdir {
+            volume: self.volume(),
+            parent: Ino(parent.0),
+            name,
+            mode: mode & !umask & 0o7777,
+            uid: req.uid(),
+            gid: req.gid(),
+        };
+        self.entry(reply, self.write_op(op));
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = match name_of(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        match self.write_op(MetaOp::Unlink {
+            volume: self.volume(),
+            parent: Ino(parent.0),
+            name,
+        }) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = match name_of(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        match self.write_op(MetaOp::Rmdir {
+            volume: self.volume(),
+            parent: Ino(parent.0),
+            name,
+        }) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let (Ok(name), Some(target)) = (name_of(link_name), target.to_str()) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let op = MetaOp::Symlink {
+            volume: self.volume(),
+            parent: Ino(parent.0),
+            name,
+            target: target.to_string(),
+            uid: req.uid(),
+            gid: req.gid(),
+        };
+        self.entry(reply, self.write_op(op));
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let (Ok(name), Ok(new_name)) = (name_of(name), name_of(newname)) else {
+            return reply.error(Errno::EINVAL);
+        };
+        if flags.contains(RenameFlags::RENAME_WHITEOUT) {
+            return reply.error(Errno::EINVAL);
+        }
+        let op = MetaOp::Rename {
+            volume: self.volume(),
+            parent: Ino(parent.0),
+            name,
+            new_parent: Ino(newparent.0),
+            new_name,
+            flags: BfRename {
+                noreplace: flags.contains(RenameFlags::RENAME_NOREPLACE),
+                exchange: flags.contains(RenameFlags::RENAME_EXCHANGE),
+            },
+        };
+        match self.write_op(op) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let name = match name_of(newname) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let op = MetaOp::Link {
+            volume: self.volume(),
+            ino: Ino(ino.0),
+            new_parent: Ino(newparent.0),
+            new_name: name,
+        };
+        match self.write_op(op) {
+            // POSIX says EPERM for a hard link to a directory.
+            Err(e) if e == Errno::EACCES => reply.error(Errno::EPERM),
+            r => self.entry(reply, r),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.getattr_ino(ino.0) {
+            Ok(a) if a.kind == FileKind::Dir => reply.error(Errno::EISDIR),
+            Ok(a) => reply.opened(fuser::FileHandle(self.open_handle(a)), FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let name = match name_of(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let op = MetaOp::Create {
+            volume: self.volume(),
+            parent: Ino(parent.0),
+            name,
+            kind: FileKind::File,
+            mode: mode & !umask & 0o7777,
+            uid: req.uid(),
+            gid: req.gid(),
+            rdev: 0,
+            exclusive: flags & libc::O_EXCL != 0,
+        };
+        match Self::attr_of(self.write_op(op)) {
+            Ok(a) => {
+                let fh = self.open_handle(a.clone());
+                reply.created(
+                    &TTL,
+                    &fuse_attr(&a),
+                    Generation(0),
+                    fuser::FileHandle(fh),
+                    FopenFlags::empty(),
+                );
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: fuser::FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        let h = match self.handle(fh.0) {
+            Ok(h) => h,
+            Err(e) => return reply.error(e),
+        };
+        match self.rt.block_on(self.vol.read(&h, offset, u64::from(size))) {
+            Ok(bytes) => reply.data(&bytes),
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: fuser::FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let h = match self.handle(fh.0) {
+            Ok(h) => h,
+            Err(e) => return reply.error(e),
+        };
+        match self
+            .rt
+            .block_on(self.vol.write(&h, offset, Bytes::copy_from_slice(data)))
+        {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: fuser::FileHandle,
+        _lock_owner: fuser::LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // Close-to-open: the size this handle wrote is committed when it is closed.
+        match self.handle(fh.0) {
+            Ok(h) => match self.rt.block_on(self.vol.commit_size(&h)) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno_of(&e)),
+            },
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: fuser::FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let h = self
+            .handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh.0);
+        match h {
+            Some(h) => match self.rt.block_on(self.vol.commit_size(&h)) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno_of(&e)),
+            },
+            None => reply.ok(),
+        }
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: fuser::FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.handle(fh.0) {
+            Ok(h) => match self.rt.block_on(self.vol.fsync(&h)) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno_of(&e)),
+            },
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: fuser::FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        // Offsets: 1 is ".", 2 is "..", then entry n (from 0) is n + 3. The cursor restarts
+        // from the name of the entry before `offset`, so concurrent changes never repeat names.
+        let mut entries: Vec<(u64, FileType, String)> = vec![
+            (ino.0, FileType::Directory, ".".into()),
+            (ino.0, FileType::Directory, "..".into()),
+        ];
+        let mut after = None;
+        loop {
+            let r = self.read_op(MetaRead::ReadDir {
+                volume: self.volume(),
+                ino: Ino(ino.0),
+                after: after.clone(),
+                limit: 1024,
+            });
+            match r {
+                Ok(MetaReply::Entries {
+                    entries: page,
+                    more,
+                }) => {
+                    after = page.last().map(|e| e.name.clone());
+                    entries.extend(page.into_iter().map(|e| (e.ino.0, kind_of(e.kind), e.name)));
+                    if !more {
+                        break;
+                    }
+                }
+                Ok(_) => return reply.error(Errno::EIO),
+                Err(e) => return reply.error(e),
+            }
+        }
+        for (i, (child, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(child), (i + 1) as u64, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        // Capacity: the sum of the volume's bricks as registered, divided by how many copies
+        // each byte takes.
+        let bricks = match self.read_op(MetaRead::ListBricks) {
+            Ok(MetaReply::Bricks(b)) => b,
+            _ => Vec::new(),
+        };
+        let rec = self.vol.record();
+        let raw: u64 = bricks
+            .iter()
+            .filter(|b| rec.bricks.iter().any(|vb| vb.brick == b.id))
+            .map(|b| b.capacity_bytes)
+            .sum();
+        let usable = match (rec.replica, rec.disperse_data) {
+            (r, _) if r > 0 => raw / u64::from(r),
+            (_, k) if k > 0 => raw / u64::from(k + rec.disperse_redundancy) * u64::from(k),
+            _ => raw,
+        };
+        let bsize = 4096u64;
+        reply.statfs(
+            usable / bsize,
+            usable / bsize,
+            usable / bsize,
+            1 << 32,
+            1 << 32,
+            bsize as u32,
+            255,
+            bsize as u32,
+        );
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let name = match name_of(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let op = MetaOp::SetXattr {
+            volume: self.volume(),
+            ino: Ino(ino.0),
+            name,
+            value: value.to_vec(),
+            create_only: flags & libc::XATTR_CREATE != 0,
+            replace_only: flags & libc::XATTR_REPLACE != 0,
+        };
+        match self.write_op(op) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let name = match name_of(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        match self.read_op(MetaRead::GetXattr {
+            volume: self.volume(),
+            ino: Ino(ino.0),
+            name,
+        }) {
+            Ok(MetaReply::Value(v)) => xattr_reply(reply, size, &v),
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.read_op(MetaRead::ListXattr {
+            volume: self.volume(),
+            ino: Ino(ino.0),
+        }) {
+            Ok(MetaReply::Names(names)) => {
+                let mut buf = Vec::new();
+                for n in names {
+                    buf.extend_from_slice(n.as_bytes());
+                    buf.push(0);
+                }
+                xattr_reply(reply, size, &buf)
+            }
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = match name_of(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        match self.write_op(MetaOp::RemoveXattr {
+            volume: self.volume(),
+            ino: Ino(ino.0),
+            name,
+        }) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+}
+
+fn xattr_reply(reply: ReplyXattr, size: u32, value: &[u8]) {
+    if size == 0 {
+        reply.size(value.len() as u32);
+    } else if value.len() > size as usize {
+        reply.error(Errno::from_i32(libc::ERANGE));
+    } else {
+        reply.data(value);
+    }
+}
+
+/// What to mount: `HOST:PORT[,HOST:PORT...]/VOLUME`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Source {
+    pub members: Vec<std::net::SocketAddr>,
+    pub volume: String,
+}
+
+impl Source {
+    pub fn parse(text: &str) -> anyhow::Result<Source> {
+        let (hosts, volume) = text
+            .rsplit_once('/')
+            .ok_or_else(|| anyhow::anyhow!("{text:?} is not HOST:PORT[,HOST:PORT...]/VOLUME"))?;
+        if volume.is_empty() {
+            anyhow::bail!("{text:?} names no volume");
+        }
+        let members = hosts
+            .split(',')
+            .map(|h| {
+                h.parse()
+                    .map_err(|_| anyhow::anyhow!("{h:?} is not HOST:PORT"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Source {
+            members,
+            volume: volume.to_string(),
+        })
+    }
+}
+
+/// Mounts `source` at `mountpoint` and serves it until the mount goes away or `stop` fires.
+pub fn run(
+    source: Source,
+    mountpoint: &Path,
+    threads: usize,
+    stop: std::sync::mpsc::Receiver<()>,
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .worker_threads(2)
+        .thread_name("mountd-io")
+        .build()?;
+    let meta = MetaClient::new(
+        source.members.clone(),
+        MetaClientOptions {
+            client_name: format!("mountd {}", mountpoint.display()),
+            deadline: Duration::from_secs(20),
+            ..MetaClientOptions::default()
+        },
+    );
+    let bricks = brickfs_client::BrickClient::new(brickfs_proto::rpc::ClientOptions {
+        peer_name: "mountd".into(),
+        request_timeout: Duration::from_secs(30),
+        ..Default::default()
+    });
+    let vol = rt
+        .block_on(VolumeClient::open(meta, bricks, &source.volume))
+        .map_err(|e| anyhow::anyhow!("open volume {}: {e}", source.volume))?;
+    if vol.record().status != brickfs_proto::meta::VolumeStatus::Started {
+        anyhow::bail!(
+            "volume {} is not started (brickfs volume start {})",
+            source.volume,
+            source.volume
+        );
+    }
+    let fs = BrickFs::new(rt.handle().clone(), vol);
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::FSName(format!("brickfs:{}", source.volume)),
+        fuser::MountOption::Subtype("brickfs".into()),
+        fuser::MountOption::DefaultPermissions,
+    ];
+    config.acl = fuser::SessionACL::All;
+    config.n_threads = Some(threads.max(1));
+    let session = fuser::spawn_mount(fs, mountpoint, &config)?;
+    tracing::info!(mountpoint = %mountpoint.display(), volume = %source.volume, "mounted");
+    let _ = stop.recv();
+    tracing::info!(mountpoint = %mountpoint.display(), "unmounting");
+    drop(session);
+    Ok(())
+}

@@ -1,0 +1,203 @@
+//! Real FUSE mounts of a volume through mountd: files written through one mount read back
+//! byte for byte through another (close-to-open), namespace calls give Linux's errnos, and
+//! SIGTERM unmounts. Every mount is undone by a guard, failures included.
+
+mod common;
+
+use brickfs_client::{MetaClient, MetaClientOptions, admin};
+use brickfs_proto::meta::{AdminOp, MetaOp};
+use brickfs_testkit::Brickd;
+use common::*;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A running mountd; dropping it stops it by pid and makes sure nothing stays mounted.
+struct Mount {
+    child: Option<Child>,
+    path: PathBuf,
+}
+
+fn is_mounted(path: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let p = path.to_string_lossy();
+    mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(&*p))
+}
+
+impl Mount {
+    async fn start(source: &str, path: &Path) -> Mount {
+        std::fs::create_dir_all(path).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_mountd"))
+            .arg(source)
+            .arg(path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn mountd");
+        let m = Mount {
+            child: Some(child),
+            path: path.to_path_buf(),
+        };
+        must_wait_for("the mount", Duration::from_secs(30), || async {
+            is_mounted(&m.path).then_some(())
+        })
+        .await;
+        m
+    }
+
+    fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let status = child.wait().ok();
+        if is_mounted(&self.path) {
+            let _ = nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH);
+        }
+        status
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if is_mounted(&self.path) {
+            let _ = nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+fn errno<T: std::fmt::Debug>(r: std::io::Result<T>) -> i32 {
+    r.expect_err("expected an error")
+        .raw_os_error()
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_mounts_share_files_with_posix_errnos() {
+    let dir = tempfile::tempdir().unwrap();
+    let bricks: Vec<_> = (0..3).map(|i| dir.path().join(format!("b{i}"))).collect();
+    let node = Brickd::start(
+        &brickd_bin(),
+        &dir.path().join("node"),
+        &bricks,
+        &["--meta"],
+    )
+    .unwrap();
+    let meta = MetaClient::new(vec![node.addr()], MetaClientOptions::default());
+    meta.admin(AdminOp::Init).await.unwrap();
+    admin::peer_add(&meta, &client(), node.addr())
+        .await
+        .unwrap();
+    let mut spec = vec!["disperse".to_string(), "3".to_string()];
+    spec.extend(
+        bricks
+            .iter()
+            .map(|b| format!("{}:{}", node.addr(), b.display())),
+    );
+    admin::volume_create(&meta, "vol", &spec).await.unwrap();
+    meta.write(MetaOp::StartVolume { name: "vol".into() })
+        .await
+        .unwrap();
+
+    let source = format!("{}/vol", node.addr());
+    let mut a = Mount::start(&source, &dir.path().join("mnt-a")).await;
+    let b = Mount::start(&source, &dir.path().join("mnt-b")).await;
+    let (pa, pb) = (a.path.clone(), b.path.clone());
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    assert!(mounts.contains("brickfs:vol"), "{mounts}");
+
+    // Data written and closed through one mount reads back through the other.
+    let data = pattern(1, 0, 3 << 20);
+    std::fs::write(pa.join("f"), &data).unwrap();
+    assert!(std::fs::read(pb.join("f")).unwrap() == data);
+    // Overwrite in the middle and append, then read both ways.
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(pa.join("f"))
+            .unwrap();
+        f.seek(SeekFrom::Start(100_000)).unwrap();
+        f.write_all(b"middle").unwrap();
+        f.sync_all().unwrap();
+    }
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(pa.join("f"))
+            .unwrap();
+        f.write_all(b"tail").unwrap();
+    }
+    let mut model = data.to_vec();
+    model[100_000..100_006].copy_from_slice(b"middle");
+    model.extend_from_slice(b"tail");
+    let mut got = Vec::new();
+    std::fs::File::open(pb.join("f"))
+        .unwrap()
+        .read_to_end(&mut got)
+        .unwrap();
+    assert!(got == model, "read through the other mount differs");
+
+    // Namespace calls and their errnos.
+    std::fs::create_dir(pa.join("d")).unwrap();
+    std::fs::write(pa.join("d/x"), b"x").unwrap();
+    assert_eq!(errno(std::fs::create_dir(pa.join("d"))), nix::libc::EEXIST);
+    assert_eq!(
+        errno(std::fs::remove_dir(pa.join("d"))),
+        nix::libc::ENOTEMPTY
+    );
+    assert_eq!(errno(std::fs::remove_file(pa.join("d"))), nix::libc::EISDIR);
+    assert_eq!(errno(std::fs::read(pa.join("nope"))), nix::libc::ENOENT);
+    assert_eq!(
+        errno(std::fs::write(pa.join("f/under-a-file"), b"")),
+        nix::libc::ENOTDIR
+    );
+    assert_eq!(
+        errno(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(pa.join("f"))
+        ),
+        nix::libc::EEXIST
+    );
+    std::fs::rename(pa.join("d/x"), pa.join("y")).unwrap();
+    assert!(!pb.join("d/x").exists());
+    assert_eq!(std::fs::read(pb.join("y")).unwrap(), b"x");
+    std::fs::hard_link(pa.join("y"), pa.join("y2")).unwrap();
+    assert_eq!(std::fs::metadata(pa.join("y")).unwrap().nlink(), 2);
+    std::os::unix::fs::symlink("y", pa.join("l")).unwrap();
+    assert_eq!(
+        std::fs::read_link(pb.join("l")).unwrap(),
+        PathBuf::from("y")
+    );
+    std::fs::remove_dir(pa.join("d")).unwrap();
+    std::fs::remove_file(pa.join("y2")).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(pa.join("f"))
+        .unwrap();
+    f.set_len(10).unwrap();
+    drop(f);
+    assert!(std::fs::read(pb.join("f")).unwrap() == model[..10]);
+    let mut names: Vec<String> = std::fs::read_dir(&pb)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["f", "l", "y"]);
+
+    // SIGTERM unmounts cleanly.
+    let status = a.stop().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!is_mounted(&pa));
+    drop(b);
+    assert!(!is_mounted(&pb));
+}
