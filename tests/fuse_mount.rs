@@ -112,7 +112,13 @@ async fn two_mounts_share_files_with_posix_errnos() {
     let b = Mount::start(&source, &dir.path().join("mnt-b")).await;
     let (pa, pb) = (a.path.clone(), b.path.clone());
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
-    assert!(mounts.contains("brickfs:vol"), "{mounts}");
+    assert!(mounts.contains("brickfs:vol "), "{mounts}");
+    assert!(
+        mounts
+            .lines()
+            .any(|l| l.contains(&*pa.to_string_lossy()) && l.contains(" fuse.brickfs ")),
+        "{mounts}"
+    );
 
     // Data written and closed through one mount reads back through the other.
     let data = pattern(1, 0, 3 << 20);

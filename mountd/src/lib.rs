@@ -860,17 +860,47 @@ pub fn run(
     }
     let fs = BrickFs::new(rt.handle().clone(), vol);
     let mut config = fuser::Config::default();
-    config.mount_options = vec![
-        fuser::MountOption::FSName(format!("brickfs:{}", source.volume)),
-        fuser::MountOption::Subtype("brickfs".into()),
-        fuser::MountOption::DefaultPermissions,
-    ];
     config.acl = fuser::SessionACL::All;
     config.n_threads = Some(threads.max(1));
-    let session = fuser::spawn_mount(fs, mountpoint, &config)?;
+    // Mount through mount(2) ourselves, so that the mount shows as type `fuse.brickfs` with
+    // source `brickfs:VOLUME` (fuser would mount it as plain `fuse`).
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .map_err(|e| anyhow::anyhow!("open /dev/fuse: {e} (is the fuse module loaded?)"))?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&dev);
+    let data =
+        format!("fd={fd},rootmode=40000,user_id=0,group_id=0,default_permissions,allow_other");
+    nix::mount::mount(
+        Some(format!("brickfs:{}", source.volume).as_str()),
+        mountpoint,
+        Some("fuse.brickfs"),
+        nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+        Some(data.as_str()),
+    )
+    .map_err(|e| anyhow::anyhow!("mount {}: {e}", mountpoint.display()))?;
+    let session = fuser::Session::from_fd(
+        fs,
+        std::os::fd::OwnedFd::from(dev),
+        fuser::SessionACL::All,
+        config,
+    )
+    .and_then(fuser::Session::spawn);
+    let session = match session {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
+            anyhow::bail!("serve {}: {e}", mountpoint.display());
+        }
+    };
     tracing::info!(mountpoint = %mountpoint.display(), volume = %source.volume, "mounted");
     let _ = stop.recv();
     tracing::info!(mountpoint = %mountpoint.display(), "unmounting");
+    if let Err(e) = nix::mount::umount2(mountpoint, nix::mount::MntFlags::empty()) {
+        tracing::warn!(error = %e, "unmount busy, detaching instead");
+        let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
+    }
     drop(session);
     Ok(())
 }
