@@ -722,3 +722,51 @@ async fn locks_conflict_split_and_die_with_their_session() {
     )
     .await;
 }
+
+/// A client idle past its lease gets a new session on its next write instead of an error;
+/// a client that renews its lease keeps its session (and so its locks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_clients_reopen_their_session_and_keepalive_keeps_it() {
+    let g = must_start_group(1, &[]).await;
+    let short = |name: &str| {
+        MetaClient::new(
+            g.addrs(),
+            MetaClientOptions {
+                lease: Duration::from_millis(1200),
+                client_name: name.into(),
+                ..MetaClientOptions::default()
+            },
+        )
+    };
+    let idle = short("idle");
+    let kept = short("kept");
+    let v = must_volume(&g, &idle, "vol").await;
+    must_attr(&kept, create(v, ROOT, "k0")).await;
+    let _keepalive = kept.spawn_keepalive(Duration::from_millis(300));
+    let first = idle.session_id().unwrap();
+    let kept_id = kept.session_id().unwrap();
+    let observer = g.client(Duration::from_secs(10));
+    must_wait_for(
+        "the idle session to expire",
+        Duration::from_secs(20),
+        || async {
+            match observer.read(MetaRead::ListSessions).await.ok()? {
+                MetaReply::Sessions(list) => (!list.iter().any(|s| s.id == first)).then_some(list),
+                _ => None,
+            }
+        },
+    )
+    .await;
+    must_attr(&idle, create(v, ROOT, "after-idle")).await;
+    assert_ne!(
+        idle.session_id().unwrap(),
+        first,
+        "a new session was opened"
+    );
+    must_attr(&kept, create(v, ROOT, "k1")).await;
+    assert_eq!(
+        kept.session_id().unwrap(),
+        kept_id,
+        "the renewed session was kept"
+    );
+}

@@ -858,6 +858,11 @@ pub fn run(
             source.volume
         );
     }
+    // Keep the mount's session (and its locks) alive while it is idle.
+    let _keepalive = {
+        let _guard = rt.enter();
+        vol.meta().spawn_keepalive(Duration::from_secs(10))
+    };
     let fs = BrickFs::new(rt.handle().clone(), vol);
     let mut config = fuser::Config::default();
     config.acl = fuser::SessionACL::All;

@@ -308,6 +308,48 @@ impl MetaClient {
 
     /// Applies a write exactly once.
     pub async fn write(&self, op: MetaOp) -> Result<MetaReply, MetaError> {
+        match self.write_in_session(op.clone()).await {
+            // The session's lease ran out (the client was idle or cut off): nothing was applied,
+            // so open a new session and try once more. Locks of the old session are gone, as
+            // they are when a lease expires.
+            Err(MetaError::Rejected(body)) if body.is(ErrorCode::SessionExpired) => {
+                tracing::warn!(client = %self.opts.client_name, "session expired; opening a new one");
+                self.lock().session = None;
+                self.write_in_session(op).await
+            }
+            other => other,
+        }
+    }
+
+    /// Renews this client's session every `every` until the client is dropped everywhere else;
+    /// a mount runs it so that its session and locks outlive idle periods.
+    pub fn spawn_keepalive(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(&self.state);
+        let (pool, opts, open) = (
+            self.pool.clone(),
+            self.opts.clone(),
+            self.session_open.clone(),
+        );
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(state) = weak.upgrade() else { return };
+                let client = MetaClient {
+                    pool: pool.clone(),
+                    opts: opts.clone(),
+                    state,
+                    session_open: open.clone(),
+                };
+                if let Err(e) = client.write(MetaOp::KeepAlive).await {
+                    tracing::warn!(error = %e, "failed to renew the session lease");
+                }
+            }
+        })
+    }
+
+    async fn write_in_session(&self, op: MetaOp) -> Result<MetaReply, MetaError> {
         let session = self.session().await?;
         let (seq, acked_below) = {
             let mut s = self.lock();
