@@ -30,10 +30,15 @@ fn is_mounted(path: &Path) -> bool {
 
 impl Mount {
     async fn start(source: &str, path: &Path) -> Mount {
+        Self::start_with(source, path, &[]).await
+    }
+
+    async fn start_with(source: &str, path: &Path, extra: &[&str]) -> Mount {
         std::fs::create_dir_all(path).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_mountd"))
             .arg(source)
             .arg(path)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -72,6 +77,107 @@ impl Drop for Mount {
             let _ = nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH);
         }
     }
+}
+
+/// Starts one node with a metadata member and a started dispersed 2+1 volume "vol" over three
+/// bricks; returns the node and the mount source.
+async fn must_volume(dir: &Path) -> (Brickd, String) {
+    let bricks: Vec<_> = (0..3).map(|i| dir.join(format!("b{i}"))).collect();
+    let node = Brickd::start(&brickd_bin(), &dir.join("node"), &bricks, &["--meta"]).unwrap();
+    let meta = MetaClient::new(vec![node.addr()], MetaClientOptions::default());
+    meta.admin(AdminOp::Init).await.unwrap();
+    admin::peer_add(&meta, &client(), node.addr())
+        .await
+        .unwrap();
+    let mut spec = vec!["disperse".to_string(), "3".to_string()];
+    spec.extend(
+        bricks
+            .iter()
+            .map(|b| format!("{}:{}", node.addr(), b.display())),
+    );
+    admin::volume_create(&meta, "vol", &spec).await.unwrap();
+    meta.write(MetaOp::StartVolume { name: "vol".into() })
+        .await
+        .unwrap();
+    let source = format!("{}/vol", node.addr());
+    (node, source)
+}
+
+fn flock(typ: i32, start: i64, len: i64) -> nix::libc::flock {
+    nix::libc::flock {
+        l_type: typ as i16,
+        l_whence: nix::libc::SEEK_SET as i16,
+        l_start: start,
+        l_len: len,
+        l_pid: 0,
+    }
+}
+
+fn setlk(f: &std::fs::File, typ: i32, start: i64, len: i64) -> nix::Result<nix::libc::c_int> {
+    nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_SETLK(&flock(typ, start, len)))
+}
+
+/// A POSIX lock taken through one mount blocks a conflicting lock through another; F_GETLK
+/// reports it; unlocking lets the other in; and when the holder's mountd dies, its lock goes
+/// with its session's lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posix_locks_hold_across_mounts_and_die_with_their_holder() {
+    use nix::libc::{F_RDLCK, F_UNLCK, F_WRLCK};
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, source) = must_volume(dir.path()).await;
+    let mut a = Mount::start_with(&source, &dir.path().join("mnt-a"), &["--lease-secs", "2"]).await;
+    let b = Mount::start_with(&source, &dir.path().join("mnt-b"), &["--lease-secs", "2"]).await;
+    std::fs::write(a.path.join("f"), b"0123456789").unwrap();
+    let fa = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(a.path.join("f"))
+        .unwrap();
+    let fb = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(b.path.join("f"))
+        .unwrap();
+
+    setlk(&fa, F_WRLCK, 0, 100).unwrap();
+    assert_eq!(setlk(&fb, F_RDLCK, 50, 10), Err(nix::errno::Errno::EAGAIN));
+    let mut probe = flock(F_WRLCK, 60, 1);
+    nix::fcntl::fcntl(&fb, nix::fcntl::FcntlArg::F_GETLK(&mut probe)).unwrap();
+    assert_eq!(
+        (probe.l_type as i32, probe.l_start, probe.l_len),
+        (F_WRLCK, 0, 100)
+    );
+    // Unlock the middle: the rest stays locked.
+    setlk(&fa, F_UNLCK, 40, 30).unwrap();
+    setlk(&fb, F_RDLCK, 50, 10).unwrap();
+    assert_eq!(setlk(&fb, F_WRLCK, 30, 20), Err(nix::errno::Errno::EAGAIN));
+    setlk(&fb, F_UNLCK, 0, 0).unwrap();
+
+    // The holder dies: its lock goes when its lease runs out.
+    setlk(&fa, F_WRLCK, 200, 100).unwrap();
+    assert_eq!(setlk(&fb, F_WRLCK, 250, 1), Err(nix::errno::Errno::EAGAIN));
+    drop(fa);
+    // Closing released a's locks; take one again and then kill its mountd.
+    let fa = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(a.path.join("f"))
+        .unwrap();
+    setlk(&fa, F_WRLCK, 200, 100).unwrap();
+    assert_eq!(setlk(&fb, F_WRLCK, 250, 1), Err(nix::errno::Errno::EAGAIN));
+    if let Some(mut child) = a.child.take() {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    must_wait_for(
+        "the dead holder's lock to go",
+        Duration::from_secs(30),
+        || async { setlk(&fb, F_WRLCK, 250, 1).ok() },
+    )
+    .await;
+    drop(fa);
+    drop(a);
+    drop(b);
 }
 
 fn errno<T: std::fmt::Debug>(r: std::io::Result<T>) -> i32 {

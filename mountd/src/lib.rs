@@ -5,14 +5,16 @@
 //! What it serves now: lookup, getattr, setattr (mode, owner, size, times), mknod, mkdir,
 //! create, open, read, write, flush, fsync, release, unlink, rmdir, rename (with
 //! RENAME_NOREPLACE and RENAME_EXCHANGE), link, symlink, readlink, readdir, statfs and xattrs,
-//! with 1 MiB writes and several dispatch threads. Not yet: permission checks by the
-//! filesystem (the kernel's `default_permissions` checks mode bits), POSIX ACLs, locks,
-//! readahead and write-behind of its own, cache invalidation across mounts (attribute and
-//! entry TTLs of one second bound staleness).
+//! POSIX byte-range locks (getlk, setlk, setlkw) held in the metadata group so they hold across
+//! mounts, with 1 MiB writes and several dispatch threads. Not yet: permission checks by the
+//! filesystem (the kernel's `default_permissions` checks mode bits), POSIX ACLs, flock across
+//! mounts (fuser does not tell flock from fcntl locks), readahead and write-behind of its own,
+//! cache invalidation across mounts (attribute and entry TTLs of one second bound staleness).
 
 use brickfs_client::{FileHandle, MetaClient, MetaClientOptions, VolumeClient, VolumeError};
 use brickfs_proto::meta::{
-    Attr, FileKind, MetaOp, MetaRead, MetaReply, RenameFlags as BfRename, SetAttr,
+    Attr, FileKind, LockKind, LockSpec, MetaOp, MetaRead, MetaReply, RenameFlags as BfRename,
+    SetAttr,
 };
 use brickfs_proto::{Ino, errno_for_code};
 use bytes::Bytes;
@@ -40,6 +42,8 @@ pub struct BrickFs {
     vol: Arc<VolumeClient>,
     handles: Mutex<HashMap<u64, Arc<FileHandle>>>,
     next_fh: AtomicU64,
+    /// Inodes this mount has taken POSIX locks on (closes release them).
+    locked: Mutex<std::collections::HashSet<u64>>,
 }
 
 fn errno_of(e: &VolumeError) -> Errno {
@@ -124,6 +128,7 @@ impl BrickFs {
             vol,
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            locked: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -197,6 +202,7 @@ impl BrickFs {
 
 impl Filesystem for BrickFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_POSIX_LOCKS);
         let _ = config.set_max_write(MAX_WRITE_BYTES);
         let _ = config.set_max_readahead(MAX_WRITE_BYTES);
         Ok(())
@@ -768,6 +774,92 @@ impl Filesystem for BrickFs {
         }
     }
 
+    fn getlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: fuser::FileHandle,
+        lock_owner: fuser::LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        reply: fuser::ReplyLock,
+    ) {
+        let spec = match lock_spec(lock_owner.0, pid, start, end, typ) {
+            Ok(s) => s,
+            Err(e) => return reply.error(e),
+        };
+        let Some(session) = self.meta().session_id() else {
+            // No session yet: this mount holds nothing, so only others' locks can conflict.
+            return match self.write_op(MetaOp::KeepAlive) {
+                Ok(_) => self.getlk(_req, ino, _fh, lock_owner, start, end, typ, pid, reply),
+                Err(e) => reply.error(e),
+            };
+        };
+        let r = self.read_op(MetaRead::GetLock {
+            volume: self.volume(),
+            ino: Ino(ino.0),
+            session,
+            lock: spec,
+        });
+        match r {
+            Ok(MetaReply::Lock(Some(held))) => {
+                let typ = if held.lock.kind == LockKind::Write {
+                    libc::F_WRLCK
+                } else {
+                    libc::F_RDLCK
+                };
+                let end = if held.lock.end == u64::MAX {
+                    i64::MAX as u64
+                } else {
+                    held.lock.end - 1
+                };
+                reply.locked(held.lock.start, end, typ, held.lock.pid)
+            }
+            Ok(MetaReply::Lock(None)) => reply.locked(start, end, libc::F_UNLCK, 0),
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: fuser::FileHandle,
+        lock_owner: fuser::LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        let spec = match lock_spec(lock_owner.0, pid, start, end, typ) {
+            Ok(s) => s,
+            Err(e) => return reply.error(e),
+        };
+        if spec.kind != LockKind::Unlock {
+            self.locked
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(ino.0);
+        }
+        // F_SETLKW waits for the conflicting lock to go, polling with a backoff.
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            match self.lock_once(ino.0, spec.clone()) {
+                Ok(()) => return reply.ok(),
+                Err(e) if e == Errno::EAGAIN && sleep => {
+                    self.rt.block_on(tokio::time::sleep(backoff));
+                    backoff = (backoff * 2).min(Duration::from_millis(200));
+                }
+                Err(e) => return reply.error(e),
+            }
+        }
+    }
+
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = match name_of(name) {
             Ok(n) => n,
@@ -781,6 +873,40 @@ impl Filesystem for BrickFs {
             Ok(_) => reply.ok(),
             Err(e) => reply.error(e),
         }
+    }
+}
+
+/// FUSE lock ranges end inclusively, with `OFFSET_MAX` for "to the end of the file"; brickfs
+/// ranges end exclusively, with `u64::MAX`.
+fn lock_spec(owner: u64, pid: u32, start: u64, end: u64, typ: i32) -> Result<LockSpec, Errno> {
+    let kind = match typ {
+        libc::F_RDLCK => LockKind::Read,
+        libc::F_WRLCK => LockKind::Write,
+        libc::F_UNLCK => LockKind::Unlock,
+        _ => return Err(Errno::EINVAL),
+    };
+    let end = if end >= i64::MAX as u64 {
+        u64::MAX
+    } else {
+        end + 1
+    };
+    Ok(LockSpec {
+        owner,
+        pid,
+        start,
+        end,
+        kind,
+    })
+}
+
+impl BrickFs {
+    fn lock_once(&self, ino: u64, spec: LockSpec) -> Result<(), Errno> {
+        self.write_op(MetaOp::SetLock {
+            volume: self.volume(),
+            ino: Ino(ino),
+            lock: spec,
+        })
+        .map(|_| ())
     }
 }
 
@@ -828,6 +954,7 @@ pub fn run(
     source: Source,
     mountpoint: &Path,
     threads: usize,
+    lease: Duration,
     stop: std::sync::mpsc::Receiver<()>,
 ) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -840,6 +967,7 @@ pub fn run(
         MetaClientOptions {
             client_name: format!("mountd {}", mountpoint.display()),
             deadline: Duration::from_secs(20),
+            lease,
             ..MetaClientOptions::default()
         },
     );
@@ -861,7 +989,7 @@ pub fn run(
     // Keep the mount's session (and its locks) alive while it is idle.
     let _keepalive = {
         let _guard = rt.enter();
-        vol.meta().spawn_keepalive(Duration::from_secs(10))
+        vol.meta().spawn_keepalive(lease / 3)
     };
     let fs = BrickFs::new(rt.handle().clone(), vol);
     let mut config = fuser::Config::default();

@@ -13,6 +13,10 @@ struct Flags {
     /// FUSE dispatch threads.
     #[arg(long, default_value_t = 4)]
     threads: usize,
+    /// Session lease in seconds: after this long without contact the cluster drops this
+    /// mount's locks.
+    #[arg(long, default_value_t = 30)]
+    lease_secs: u64,
     /// Mount options as `mount -o` passes them (accepted for the mount helper; ignored).
     #[arg(short = 'o')]
     options: Option<String>,
@@ -54,7 +58,8 @@ fn main() -> std::process::ExitCode {
         });
         let _ = stop_tx.send(());
     });
-    match mountd::run(source, &flags.mountpoint, flags.threads, stop_rx) {
+    let lease = std::time::Duration::from_secs(flags.lease_secs.max(1));
+    match mountd::run(source, &flags.mountpoint, flags.threads, lease, stop_rx) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("failed to mount: {e:#}");
