@@ -180,6 +180,87 @@ async fn posix_locks_hold_across_mounts_and_die_with_their_holder() {
     drop(b);
 }
 
+/// Runs a shell command as another user (setpriv from util-linux); returns its exit code and
+/// stderr.
+fn as_user(uid: u32, script: &str) -> (i32, String) {
+    let out = Command::new("setpriv")
+        .args([
+            format!("--reuid={uid}"),
+            format!("--regid={uid}"),
+            "--clear-groups".into(),
+            "sh".into(),
+            "-c".into(),
+            script.into(),
+        ])
+        .output()
+        .expect("run setpriv");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Permission checks by uid and gid as non-root users: mode bits on directories and files, the
+/// sticky bit protecting other users' files, chown refused to non-owners, and setgid
+/// directories passing their group on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permissions_hold_for_non_root_users() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, source) = must_volume(dir.path()).await;
+    let m = Mount::start(&source, &dir.path().join("mnt")).await;
+    let p = m.path.clone();
+    let q = |name: &str| p.join(name).display().to_string();
+    std::fs::create_dir(p.join("private")).unwrap();
+    std::fs::set_permissions(p.join("private"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (code, err) = as_user(1000, &format!("touch {}/x", q("private")));
+    assert_ne!(code, 0, "a user wrote into root's 0755 directory");
+    assert!(err.contains("Permission denied"), "{err}");
+
+    std::fs::create_dir(p.join("tmp")).unwrap();
+    std::fs::set_permissions(p.join("tmp"), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let (code, err) = as_user(
+        1000,
+        &format!(
+            "echo mine > {}/mine && chmod 600 {}/mine",
+            q("tmp"),
+            q("tmp")
+        ),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::metadata(p.join("tmp/mine")).unwrap().uid(), 1000);
+    let (code, err) = as_user(1001, &format!("cat {}/mine", q("tmp")));
+    assert_ne!(code, 0, "another user read a 0600 file");
+    assert!(err.contains("Permission denied"), "{err}");
+    let (code, err) = as_user(1001, &format!("rm -f {}/mine", q("tmp")));
+    assert_ne!(
+        code, 0,
+        "the sticky bit did not protect another user's file"
+    );
+    assert!(err.contains("Operation not permitted"), "{err}");
+    let (code, _) = as_user(1001, &format!("chown 1001 {}/mine", q("tmp")));
+    assert_ne!(code, 0, "a non-owner changed a file's owner");
+    let (code, err) = as_user(1000, &format!("rm {}/mine", q("tmp")));
+    assert_eq!(code, 0, "the owner could not remove its file: {err}");
+
+    std::fs::create_dir(p.join("shared")).unwrap();
+    std::os::unix::fs::chown(p.join("shared"), None, Some(4242)).unwrap();
+    std::fs::set_permissions(p.join("shared"), std::fs::Permissions::from_mode(0o2777)).unwrap();
+    let (code, err) = as_user(
+        1000,
+        &format!("touch {}/f && mkdir {}/d", q("shared"), q("shared")),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::metadata(p.join("shared/f")).unwrap().gid(), 4242);
+    let d = std::fs::metadata(p.join("shared/d")).unwrap();
+    assert_eq!(d.gid(), 4242);
+    assert_ne!(
+        d.mode() & 0o2000,
+        0,
+        "setgid not inherited by a subdirectory"
+    );
+}
+
 fn errno<T: std::fmt::Debug>(r: std::io::Result<T>) -> i32 {
     r.expect_err("expected an error")
         .raw_os_error()
