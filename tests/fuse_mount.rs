@@ -270,31 +270,7 @@ fn errno<T: std::fmt::Debug>(r: std::io::Result<T>) -> i32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_mounts_share_files_with_posix_errnos() {
     let dir = tempfile::tempdir().unwrap();
-    let bricks: Vec<_> = (0..3).map(|i| dir.path().join(format!("b{i}"))).collect();
-    let node = Brickd::start(
-        &brickd_bin(),
-        &dir.path().join("node"),
-        &bricks,
-        &["--meta"],
-    )
-    .unwrap();
-    let meta = MetaClient::new(vec![node.addr()], MetaClientOptions::default());
-    meta.admin(AdminOp::Init).await.unwrap();
-    admin::peer_add(&meta, &client(), node.addr())
-        .await
-        .unwrap();
-    let mut spec = vec!["disperse".to_string(), "3".to_string()];
-    spec.extend(
-        bricks
-            .iter()
-            .map(|b| format!("{}:{}", node.addr(), b.display())),
-    );
-    admin::volume_create(&meta, "vol", &spec).await.unwrap();
-    meta.write(MetaOp::StartVolume { name: "vol".into() })
-        .await
-        .unwrap();
-
-    let source = format!("{}/vol", node.addr());
+    let (_node, source) = must_volume(dir.path()).await;
     let mut a = Mount::start(&source, &dir.path().join("mnt-a")).await;
     let b = Mount::start(&source, &dir.path().join("mnt-b")).await;
     let (pa, pb) = (a.path.clone(), b.path.clone());

@@ -115,6 +115,16 @@ fn fuse_attr(a: &Attr) -> FileAttr {
     }
 }
 
+/// The value of a `Result`, or answer the FUSE request with its errno and return.
+macro_rules! or_reply {
+    ($r:expr, $reply:ident) => {
+        match $r {
+            Ok(v) => v,
+            Err(e) => return $reply.error(e),
+        }
+    };
+}
+
 fn name_of(name: &OsStr) -> Result<String, Errno> {
     std::str::from_utf8(name.as_bytes())
         .map(str::to_string)
@@ -209,10 +219,7 @@ impl Filesystem for BrickFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let name = match name_of(name) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
-        };
+        let name = or_reply!(name_of(name), reply);
         let r = self.read_op(MetaRead::Lookup {
             volume: self.volume(),
             parent: Ino(parent.0),
@@ -331,10 +338,7 @@ impl Filesystem for BrickFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let name = match name_of(name) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
-        };
+        let name = or_reply!(name_of(name), reply);
         let op = MetaOp::Create {
             volume: self.volume(),
             parent: Ino(parent.0),
@@ -358,10 +362,7 @@ impl Filesystem for BrickFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let name = match name_of(name) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
-        };
+        let name = or_reply!(name_of(name), reply);
         let op = MetaOp::Mkdir {
             volume: self.volume(),
             parent: Ino(parent.0),
@@ -374,10 +375,7 @@ impl Filesystem for BrickFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let name = match name_of(name) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
-        };
+        let name = or_reply!(name_of(name), reply);
         match self.write_op(MetaOp::Unlink {
             volume: self.volume(),
             parent: Ino(parent.0),
@@ -389,10 +387,7 @@ impl Filesystem for BrickFs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let name = match name_of(name) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
-        };
+        let name = or_reply!(name_of(name), reply);
         match self.write_op(MetaOp::Rmdir {
             volume: self.volume(),
             parent: Ino(parent.0),
@@ -501,10 +496,7 @@ impl Filesystem for BrickFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let name = match name_of(name) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
-        };
+        let name = or_reply!(name_of(name), reply);
         let op = MetaOp::Create {
             volume: self.volume(),
             parent: Ino(parent.0),
@@ -542,10 +534,7 @@ impl Filesystem for BrickFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
-        let h = match self.handle(fh.0) {
-            Ok(h) => h,
-            Err(e) => return reply.error(e),
-        };
+        let h = or_reply!(self.handle(fh.0), reply);
         match self.rt.block_on(self.vol.read(&h, offset, u64::from(size))) {
             Ok(bytes) => reply.data(&bytes),
             Err(e) => reply.error(errno_of(&e)),
@@ -564,10 +553,7 @@ impl Filesystem for BrickFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
-        let h = match self.handle(fh.0) {
-            Ok(h) => h,
-            Err(e) => return reply.error(e),
-        };
+        let h = or_reply!(self.handle(fh.0), reply);
         match self
             .rt
             .block_on(self.vol.write(&h, offset, Bytes::copy_from_slice(data)))
@@ -722,10 +708,7 @@ impl Filesystem for BrickFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let name = match name_of(name) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
-        };
+        let name = or_reply!(name_of(name), reply);
         let op = MetaOp::SetXattr {
             volume: self.volume(),
             ino: Ino(ino.0),
@@ -741,10 +724,7 @@ impl Filesystem for BrickFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let name = match name_of(name) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
-        };
+        let name = or_reply!(name_of(name), reply);
         match self.read_op(MetaRead::GetXattr {
             volume: self.volume(),
             ino: Ino(ino.0),
@@ -786,10 +766,7 @@ impl Filesystem for BrickFs {
         pid: u32,
         reply: fuser::ReplyLock,
     ) {
-        let spec = match lock_spec(lock_owner.0, pid, start, end, typ) {
-            Ok(s) => s,
-            Err(e) => return reply.error(e),
-        };
+        let spec = or_reply!(lock_spec(lock_owner.0, pid, start, end, typ), reply);
         let Some(session) = self.meta().session_id() else {
             // No session yet: this mount holds nothing, so only others' locks can conflict.
             return match self.write_op(MetaOp::KeepAlive) {
@@ -836,10 +813,7 @@ impl Filesystem for BrickFs {
         sleep: bool,
         reply: ReplyEmpty,
     ) {
-        let spec = match lock_spec(lock_owner.0, pid, start, end, typ) {
-            Ok(s) => s,
-            Err(e) => return reply.error(e),
-        };
+        let spec = or_reply!(lock_spec(lock_owner.0, pid, start, end, typ), reply);
         if spec.kind != LockKind::Unlock {
             self.locked
                 .lock()
@@ -861,10 +835,7 @@ impl Filesystem for BrickFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let name = match name_of(name) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
-        };
+        let name = or_reply!(name_of(name), reply);
         match self.write_op(MetaOp::RemoveXattr {
             volume: self.volume(),
             ino: Ino(ino.0),

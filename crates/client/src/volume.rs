@@ -338,6 +338,27 @@ impl VolumeClient {
         Ok(Bytes::from(decoded.1).slice(at..at + len as usize))
     }
 
+    /// Sends one set request to its primary.
+    fn to_primary(
+        &self,
+        primary: BrickId,
+        addr: SocketAddr,
+        msg: Message,
+        data: Bytes,
+    ) -> impl std::future::Future<Output = Result<(Message, Bytes), VolumeError>> + use<> {
+        let bricks = self.bricks.clone();
+        async move {
+            bricks
+                .pool()
+                .call(addr, msg, data)
+                .await
+                .map_err(|source| VolumeError::Brick {
+                    brick: primary,
+                    source,
+                })
+        }
+    }
+
     /// Writes `data` at `offset`: every stripe-unit piece goes to its set at once.
     pub async fn write(
         &self,
@@ -377,16 +398,7 @@ impl VolumeClient {
                     members: self.others(set)?,
                 })
             };
-            let pool = self.bricks.clone();
-            tasks.push(async move {
-                pool.pool()
-                    .call(addr, msg, chunk)
-                    .await
-                    .map_err(|source| VolumeError::Brick {
-                        brick: primary,
-                        source,
-                    })
-            });
+            tasks.push(self.to_primary(primary, addr, msg, chunk));
         }
         for r in join_all(tasks).await {
             r?;
@@ -499,16 +511,7 @@ impl VolumeClient {
                     members: self.others(set)?,
                 })
             };
-            let pool = self.bricks.clone();
-            tasks.push(async move {
-                pool.pool()
-                    .call(addr, msg, Bytes::new())
-                    .await
-                    .map_err(|source| VolumeError::Brick {
-                        brick: primary,
-                        source,
-                    })
-            });
+            tasks.push(self.to_primary(primary, addr, msg, Bytes::new()));
         }
         for r in join_all(tasks).await {
             r?;
