@@ -1,11 +1,10 @@
-//! The embedded default, as far as it exists today: one brickd on loopback serving six bricks
-//! and a one-node metadata group, a volume over the six bricks (dispersed 4+2 unless `--spec`
-//! says otherwise), a short benchmark of brick I/O against the local disk; then it stays up
-//! until Ctrl-C (or SIGTERM), which stops brickd cleanly. A second start reuses the data, the
-//! group and the volume.
+//! The embedded default: one brickd on loopback serving six bricks and a one-node metadata
+//! group, a volume over the six bricks (dispersed 4+2 unless `--spec` says otherwise), mounted
+//! with mountd (when `--mountd` is given), a short benchmark of brick I/O against the local
+//! disk; then it stays up until Ctrl-C (or SIGTERM), which unmounts and stops everything
+//! cleanly. A second start reuses the data, the group and the volume.
 //!
-//! `scripts/quickstart` builds and runs it. The data path through volumes and the FUSE mount
-//! join this command as issues 4 to 7 land.
+//! `scripts/quickstart` builds and runs it. `brickfs bench` through the mount comes with issue 7.
 
 #![allow(clippy::print_stdout)]
 
@@ -45,6 +44,30 @@ struct Args {
     /// The volume's name.
     #[arg(long, default_value = "vol0")]
     volume: String,
+    /// The mountd executable; when given, the volume is mounted with FUSE.
+    #[arg(long)]
+    mountd: Option<PathBuf>,
+    /// Where to mount the volume (default: DATA/mnt).
+    #[arg(long)]
+    mount: Option<PathBuf>,
+}
+
+fn is_mounted(path: &std::path::Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let p = path.to_string_lossy();
+    mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(&*p))
+}
+
+/// Stops a mountd child with SIGTERM and makes sure nothing stays mounted.
+fn unmount(mut child: std::process::Child, path: &std::path::Path) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let _ = child.wait();
+    if is_mounted(path) {
+        let _ = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH);
+    }
 }
 
 const CHUNK: usize = 1 << 20;
@@ -200,7 +223,36 @@ async fn main() -> anyhow::Result<()> {
         println!("  brick read:                      {read:>7.0} MiB/s");
     }
 
+    let mut mounted = None;
+    if let Some(mountd) = &args.mountd {
+        let path = args.mount.clone().unwrap_or_else(|| args.data.join("mnt"));
+        std::fs::create_dir_all(&path).context("create the mount point")?;
+        if is_mounted(&path) {
+            let _ = nix::mount::umount2(&path, nix::mount::MntFlags::MNT_DETACH);
+        }
+        let child = std::process::Command::new(mountd)
+            .arg(format!("{addr}/{}", volume.name))
+            .arg(&path)
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .context("start mountd")?;
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !is_mounted(&path) {
+            if Instant::now() > deadline {
+                unmount(child, &path);
+                anyhow::bail!("mountd did not mount {} within 30 s", path.display());
+            }
+            tick.tick().await;
+        }
+        println!("mounted volume {} at {}", volume.name, path.display());
+        mounted = Some((child, path));
+    }
+
     println!();
+    if let Some((_, path)) = &mounted {
+        println!("use:   ls {0}; cp BIGFILE {0}/; df -h {0}", path.display());
+    }
     println!("try:   brickfs node bricks {addr}");
     println!("       brickfs --meta {addr} volume info {}", volume.name);
     println!("       brickfs cluster status {addr}");
@@ -211,6 +263,10 @@ async fn main() -> anyhow::Result<()> {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+    if let Some((child, path)) = mounted {
+        println!("unmounting {} ...", path.display());
+        unmount(child, &path);
     }
     println!("stopping brickd ...");
     let status = node.sigterm_and_wait(Duration::from_secs(30))?;
