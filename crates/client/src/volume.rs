@@ -68,6 +68,8 @@ fn refused(code: ErrorCode, detail: impl Into<String>) -> VolumeError {
 pub struct FileHandle {
     pub attr: Attr,
     written_end: AtomicU64,
+    /// The highest end already committed to the metadata group by this handle.
+    committed_end: AtomicU64,
     size: AtomicU64,
 }
 
@@ -76,6 +78,7 @@ impl FileHandle {
     pub fn new(attr: Attr) -> FileHandle {
         FileHandle {
             written_end: AtomicU64::new(0),
+            committed_end: AtomicU64::new(0),
             size: AtomicU64::new(attr.size_bytes),
             attr,
         }
@@ -90,6 +93,7 @@ impl FileHandle {
     pub fn set_size(&self, len: u64) {
         self.size.store(len, Ordering::SeqCst);
         self.written_end.fetch_min(len, Ordering::SeqCst);
+        self.committed_end.fetch_min(len, Ordering::SeqCst);
     }
 }
 
@@ -529,6 +533,7 @@ impl VolumeClient {
             .await?;
         fh.size.store(len, Ordering::SeqCst);
         fh.written_end.store(0, Ordering::SeqCst);
+        fh.committed_end.store(0, Ordering::SeqCst);
         Ok(())
     }
 
@@ -561,7 +566,8 @@ impl VolumeClient {
     /// Commits the highest end written through this handle (grow only).
     pub async fn commit_size(&self, fh: &FileHandle) -> Result<(), VolumeError> {
         let end = fh.written_end.load(Ordering::SeqCst);
-        if end == 0 {
+        // Nothing new since the last commit (a close after an fsync, a release after a flush).
+        if end == 0 || end <= fh.committed_end.load(Ordering::SeqCst) {
             return Ok(());
         }
         let set = SetAttr {
@@ -578,6 +584,7 @@ impl VolumeClient {
                 .await?,
         )?;
         fh.size.fetch_max(attr.size_bytes, Ordering::SeqCst);
+        fh.committed_end.fetch_max(end, Ordering::SeqCst);
         Ok(())
     }
 
