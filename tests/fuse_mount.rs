@@ -157,7 +157,9 @@ async fn posix_locks_hold_across_mounts_and_die_with_their_holder() {
     setlk(&fa, F_WRLCK, 200, 100).unwrap();
     assert_eq!(setlk(&fb, F_WRLCK, 250, 1), Err(nix::errno::Errno::EAGAIN));
     drop(fa);
-    // Closing released a's locks; take one again and then kill its mountd.
+    // Closing released a's locks: b gets the range, lets it go, and a takes it again.
+    setlk(&fb, F_WRLCK, 250, 1).unwrap();
+    setlk(&fb, F_UNLCK, 0, 0).unwrap();
     let fa = std::fs::OpenOptions::new()
         .read(true)
         .write(true)

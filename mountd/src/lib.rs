@@ -566,19 +566,30 @@ impl Filesystem for BrickFs {
     fn flush(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: fuser::FileHandle,
-        _lock_owner: fuser::LockOwner,
+        lock_owner: fuser::LockOwner,
         reply: ReplyEmpty,
     ) {
-        // Close-to-open: the size this handle wrote is committed when it is closed.
-        match self.handle(fh.0) {
-            Ok(h) => match self.rt.block_on(self.vol.commit_size(&h)) {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno_of(&e)),
-            },
-            Err(e) => reply.error(e),
+        // A close drops the closing process's POSIX locks on the file (fcntl(2)).
+        if self
+            .locked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&ino.0)
+        {
+            let op = MetaOp::ReleaseLocks {
+                volume: self.volume(),
+                ino: Ino(ino.0),
+                owner: lock_owner.0,
+            };
+            if let Err(e) = self.write_op(op) {
+                return reply.error(e);
+            }
         }
+        // Close-to-open: the size this handle wrote is committed when it is closed.
+        let h = or_reply!(self.handle(fh.0), reply);
+        self.commit_and_reply(&h, reply);
     }
 
     fn release(
@@ -597,10 +608,7 @@ impl Filesystem for BrickFs {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&fh.0);
         match h {
-            Some(h) => match self.rt.block_on(self.vol.commit_size(&h)) {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno_of(&e)),
-            },
+            Some(h) => self.commit_and_reply(&h, reply),
             None => reply.ok(),
         }
     }
@@ -871,6 +879,14 @@ fn lock_spec(owner: u64, pid: u32, start: u64, end: u64, typ: i32) -> Result<Loc
 }
 
 impl BrickFs {
+    /// Commits what a handle wrote (its size) and answers the request.
+    fn commit_and_reply(&self, h: &FileHandle, reply: ReplyEmpty) {
+        match self.rt.block_on(self.vol.commit_size(h)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
     fn lock_once(&self, ino: u64, spec: LockSpec) -> Result<(), Errno> {
         self.write_op(MetaOp::SetLock {
             volume: self.volume(),
