@@ -263,6 +263,63 @@ async fn permissions_hold_for_non_root_users() {
     );
 }
 
+/// `mountd --daemon` returns once the volume is mounted, as mount(8) expects of a helper, and
+/// the daemon it leaves unmounts on SIGTERM; a bad source is a usage error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_mode_returns_once_mounted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, source) = must_volume(dir.path()).await;
+    let path = dir.path().join("mnt");
+    std::fs::create_dir_all(&path).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mountd"))
+        .args(["--daemon", &source, path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Whatever happens next, the daemon and its mount go.
+    let pid: i32 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .strip_prefix("pid ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    struct Stop(i32, PathBuf);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.0),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            if is_mounted(&self.1) {
+                let _ = nix::mount::umount2(&self.1, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+    let _stop = Stop(pid, path.clone());
+    assert!(is_mounted(&path));
+    std::fs::write(path.join("f"), b"daemon").unwrap();
+    assert_eq!(std::fs::read(path.join("f")).unwrap(), b"daemon");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    must_wait_for("the daemon to unmount", Duration::from_secs(30), || async {
+        (!is_mounted(&path)).then_some(())
+    })
+    .await;
+
+    let bad = Command::new(env!("CARGO_BIN_EXE_mountd"))
+        .args(["--daemon", "no-volume-here", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+}
+
 fn errno<T: std::fmt::Debug>(r: std::io::Result<T>) -> i32 {
     r.expect_err("expected an error")
         .raw_os_error()

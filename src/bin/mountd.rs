@@ -23,10 +23,110 @@ struct Flags {
     /// Log filter directives (default `info`; `BRICKFS_LOG` also works).
     #[arg(long)]
     log: Option<String>,
+    /// Run in the background: return once the volume is mounted, printing the daemon's pid.
+    /// Implied when called as `mount.brickfs` or `mount.fuse.brickfs` (by mount(8)).
+    #[arg(long)]
+    daemon: bool,
+}
+
+/// Where a daemonized mountd logs.
+const DAEMON_LOG: &str = "/var/log/brickfs-mountd.log";
+
+fn is_mounted(path: &std::path::Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let p = path.to_string_lossy();
+    mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(&*p))
+}
+
+/// Starts this executable again in the foreground, detached in its own process group, and
+/// waits (at most 30 s) until the mount appears or the child fails.
+fn daemonize(flags: &Flags) -> std::process::ExitCode {
+    let Ok(exe) = std::env::current_exe() else {
+        eprintln!("mountd: cannot find its own executable");
+        return std::process::ExitCode::FAILURE;
+    };
+    let mountpoint = std::path::absolute(&flags.mountpoint).unwrap_or(flags.mountpoint.clone());
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg(&flags.source)
+        .arg(&mountpoint)
+        .arg("--threads")
+        .arg(flags.threads.to_string())
+        .arg("--lease-secs")
+        .arg(flags.lease_secs.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    // The daemon must not hold the caller's output open (mount(8) and scripts wait for EOF):
+    // its log goes to a file.
+    let log_path = std::path::PathBuf::from(DAEMON_LOG);
+    match std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+    {
+        Ok(f) => {
+            cmd.stderr(f);
+        }
+        Err(_) => {
+            cmd.stderr(std::process::Stdio::null());
+        }
+    }
+    if let Some(log) = &flags.log {
+        cmd.arg("--log").arg(log);
+    }
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mountd: failed to start the daemon: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    else {
+        return std::process::ExitCode::FAILURE;
+    };
+    let mounted = rt.block_on(async {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));
+        for _ in 0..600 {
+            tick.tick().await;
+            if is_mounted(&mountpoint) {
+                return true;
+            }
+            if let Ok(Some(_)) = child.try_wait() {
+                return false;
+            }
+        }
+        false
+    });
+    if mounted {
+        println!("pid {}", child.id());
+        std::process::ExitCode::SUCCESS
+    } else {
+        let _ = child.kill();
+        let _ = child.wait();
+        eprintln!(
+            "mountd: {} was not mounted (see {DAEMON_LOG})",
+            mountpoint.display()
+        );
+        std::process::ExitCode::FAILURE
+    }
 }
 
 fn main() -> std::process::ExitCode {
     let flags = Flags::parse();
+    let argv0 = std::env::args().next().unwrap_or_default();
+    let helper = argv0.ends_with("mount.brickfs") || argv0.ends_with("mount.fuse.brickfs");
+    if flags.daemon || helper {
+        if let Err(e) = mountd::Source::parse(&flags.source) {
+            eprintln!("mountd: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+        return daemonize(&flags);
+    }
     brickd::telemetry::init_tracing("info", flags.log.as_deref());
     brickd::telemetry::install_panic_hook();
     let source = match mountd::Source::parse(&flags.source) {
