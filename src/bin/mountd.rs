@@ -1,6 +1,8 @@
 //! The `mountd` executable (also installed as `mount.brickfs` / `mount.fuse.brickfs`): parse
 //! flags, start tracing, mount, and unmount on SIGTERM or Ctrl-C.
 
+#![allow(clippy::print_stdout)] // --daemon prints the daemon's pid for scripts.
+
 use clap::Parser;
 
 #[derive(Parser)]
