@@ -373,6 +373,27 @@ async fn two_mounts_share_files_with_posix_errnos() {
         .unwrap();
     assert!(got == model, "read through the other mount differs");
 
+    // A reader's readahead never hides a write made through the same mount.
+    {
+        let mut r = std::fs::File::open(pa.join("f")).unwrap();
+        let mut head = [0u8; 100];
+        r.read_exact(&mut head).unwrap();
+        let mut w = std::fs::OpenOptions::new()
+            .write(true)
+            .open(pa.join("f"))
+            .unwrap();
+        w.seek(SeekFrom::Start(200)).unwrap();
+        w.write_all(b"ZZ").unwrap();
+        let mut next = [0u8; 102];
+        r.read_exact(&mut next).unwrap();
+        assert_eq!(
+            &next[100..],
+            b"ZZ",
+            "stale readahead after a write through the same mount"
+        );
+        model[200..202].copy_from_slice(b"ZZ");
+    }
+
     // Namespace calls and their errnos.
     std::fs::create_dir(pa.join("d")).unwrap();
     std::fs::write(pa.join("d/x"), b"x").unwrap();

@@ -33,6 +33,17 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How long the kernel may cache attributes and entries.
 const TTL: Duration = Duration::from_secs(1);
+/// How much a sequential reader fetches ahead in one request (the kernel asks 128 KiB at a
+/// time).
+pub const READAHEAD_BYTES: u64 = 4 << 20;
+
+/// Bytes fetched ahead for one open handle, and where its next sequential read would start.
+struct Window {
+    start: u64,
+    bytes: Bytes,
+    next: u64,
+}
+
 /// The largest write the kernel sends in one request.
 pub const MAX_WRITE_BYTES: u32 = 1 << 20;
 
@@ -41,6 +52,8 @@ pub struct BrickFs {
     rt: tokio::runtime::Handle,
     vol: Arc<VolumeClient>,
     handles: Mutex<HashMap<u64, Arc<FileHandle>>>,
+    /// Per open handle: the readahead window of its sequential reads.
+    readahead: Mutex<HashMap<u64, Window>>,
     next_fh: AtomicU64,
     /// Inodes this mount has taken POSIX locks on (closes release them).
     locked: Mutex<std::collections::HashSet<u64>>,
@@ -137,6 +150,7 @@ impl BrickFs {
             rt,
             vol,
             handles: Mutex::new(HashMap::new()),
+            readahead: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             locked: Mutex::new(std::collections::HashSet::new()),
         }
@@ -273,6 +287,7 @@ impl Filesystem for BrickFs {
             })
         };
         if let Some(len) = size {
+            self.drop_readahead(ino.0);
             // Cut or extend the data first, then the size follows in the metadata group.
             let handle = match fh.map(|f| self.handle(f.0)) {
                 Some(Ok(h)) => h,
@@ -535,8 +550,51 @@ impl Filesystem for BrickFs {
         reply: ReplyData,
     ) {
         let h = or_reply!(self.handle(fh.0), reply);
-        match self.rt.block_on(self.vol.read(&h, offset, u64::from(size))) {
-            Ok(bytes) => reply.data(&bytes),
+        let size = u64::from(size);
+        let mut ra = self.readahead.lock().unwrap_or_else(|p| p.into_inner());
+        let window = ra.remove(&fh.0);
+        let sequential = match &window {
+            Some(w) => w.next == offset,
+            None => offset == 0,
+        };
+        if let Some(w) = window {
+            let end = w.start + w.bytes.len() as u64;
+            if offset >= w.start && offset + size <= end {
+                let at = (offset - w.start) as usize;
+                reply.data(&w.bytes[at..at + size as usize]);
+                ra.insert(
+                    fh.0,
+                    Window {
+                        next: offset + size,
+                        ..w
+                    },
+                );
+                return;
+            }
+        }
+        drop(ra);
+        // A sequential reader gets a large window in one request; others read what they ask.
+        let want = if sequential {
+            size.max(READAHEAD_BYTES)
+        } else {
+            size
+        };
+        match self.rt.block_on(self.vol.read(&h, offset, want)) {
+            Ok(bytes) => {
+                let n = (size as usize).min(bytes.len());
+                reply.data(&bytes[..n]);
+                if sequential && bytes.len() > n {
+                    let w = Window {
+                        start: offset,
+                        bytes,
+                        next: offset + n as u64,
+                    };
+                    self.readahead
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(fh.0, w);
+                }
+            }
             Err(e) => reply.error(errno_of(&e)),
         }
     }
@@ -554,6 +612,7 @@ impl Filesystem for BrickFs {
         reply: ReplyWrite,
     ) {
         let h = or_reply!(self.handle(fh.0), reply);
+        self.drop_readahead(h.attr.ino.0);
         match self
             .rt
             .block_on(self.vol.write(&h, offset, Bytes::copy_from_slice(data)))
@@ -604,6 +663,10 @@ impl Filesystem for BrickFs {
     ) {
         let h = self
             .handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh.0);
+        self.readahead
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&fh.0);
@@ -879,6 +942,14 @@ fn lock_spec(owner: u64, pid: u32, start: u64, end: u64, typ: i32) -> Result<Loc
 }
 
 impl BrickFs {
+    /// Forgets the readahead of every handle of `ino` on this mount (after a write or a
+    /// truncate through any of them).
+    fn drop_readahead(&self, ino: u64) {
+        let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ra = self.readahead.lock().unwrap_or_else(|p| p.into_inner());
+        ra.retain(|fh, _| handles.get(fh).is_none_or(|h| h.attr.ino.0 != ino));
+    }
+
     /// Commits what a handle wrote (its size) and answers the request.
     fn commit_and_reply(&self, h: &FileHandle, reply: ReplyEmpty) {
         match self.rt.block_on(self.vol.commit_size(h)) {
