@@ -286,6 +286,14 @@ impl Filesystem for BrickFs {
                 TimeOrNow::Now => now,
             })
         };
+        // A size change that changes nothing (O_TRUNC of an empty file) skips the data path.
+        let size = match size {
+            Some(len) => match self.getattr_ino(ino.0) {
+                Ok(a) if a.size_bytes == len => None,
+                _ => Some(len),
+            },
+            None => None,
+        };
         if let Some(len) = size {
             self.drop_readahead(ino.0);
             // Cut or extend the data first, then the size follows in the metadata group.

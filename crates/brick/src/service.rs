@@ -316,6 +316,11 @@ impl BrickService {
         if last != first && partial(last) {
             need.push(last);
         }
+        // An object the primary has never written holds only zeros (members that disagree
+        // will refuse the version below, so a stale primary cannot overwrite their data).
+        if have == 0 {
+            need.clear();
+        }
         for j in need {
             let old = self.read_stripe(g, &codec, key, j, f, have).await?;
             let at = ((j - first) * sb) as usize;
