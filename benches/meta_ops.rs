@@ -9,7 +9,7 @@
 #![allow(clippy::print_stdout)]
 
 use brickfs_client::{MetaClient, MetaClientOptions};
-use brickfs_proto::meta::{AdminOp, FileKind, MetaOp, MetaRead, MetaReply, RenameFlags};
+use brickfs_proto::meta::{AdminOp, MetaOp, MetaRead, MetaReply, RenameFlags};
 use brickfs_proto::{Ino, VolumeId};
 use brickfs_testkit::Brickd;
 use std::io::Write;
@@ -91,19 +91,9 @@ async fn run_case(
                         let name = format!("c{ci}-{i}");
                         match kind {
                             0 => {
-                                c.write(MetaOp::Create {
-                                    volume,
-                                    parent: dir,
-                                    name,
-                                    kind: FileKind::File,
-                                    mode: 0o644,
-                                    uid: 0,
-                                    gid: 0,
-                                    rdev: 0,
-                                    exclusive: true,
-                                })
-                                .await
-                                .unwrap();
+                                c.write(MetaOp::create_file(volume, dir, &name, 0o644, true))
+                                    .await
+                                    .unwrap();
                             }
                             1 => {
                                 c.read(MetaRead::Lookup {

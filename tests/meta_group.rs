@@ -6,9 +6,7 @@
 mod common;
 
 use brickfs_client::{MetaClient, MetaClientOptions, MetaError};
-use brickfs_proto::meta::{
-    AdminOp, FileKind, GroupStatus, MetaOp, MetaRead, MetaReply, RenameFlags,
-};
+use brickfs_proto::meta::{AdminOp, GroupStatus, MetaOp, MetaRead, MetaReply, RenameFlags};
 use brickfs_proto::{ErrorCode, Ino, NodeId, VolumeId};
 use brickfs_testkit::Brickd;
 use common::*;
@@ -117,17 +115,7 @@ async fn must_volume(g: &Group, c: &MetaClient, name: &str) -> VolumeId {
 }
 
 fn create(volume: VolumeId, parent: Ino, name: &str) -> MetaOp {
-    MetaOp::Create {
-        volume,
-        parent,
-        name: name.into(),
-        kind: FileKind::File,
-        mode: 0o644,
-        uid: 0,
-        gid: 0,
-        rdev: 0,
-        exclusive: true,
-    }
+    MetaOp::create_file(volume, parent, name, 0o644, true)
 }
 
 async fn must_attr(c: &MetaClient, op: MetaOp) -> brickfs_proto::meta::Attr {

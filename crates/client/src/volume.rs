@@ -175,17 +175,7 @@ impl VolumeClient {
         mode: u32,
         exclusive: bool,
     ) -> Result<FileHandle, VolumeError> {
-        let op = MetaOp::Create {
-            volume: self.vol.id,
-            parent,
-            name: name.to_string(),
-            kind: FileKind::File,
-            mode,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-            exclusive,
-        };
+        let op = MetaOp::create_file(self.vol.id, parent, name, mode, exclusive);
         Ok(FileHandle::new(Self::attr(self.meta.write(op).await?)?))
     }
 

@@ -1860,17 +1860,7 @@ mod tests {
     fn last_unlink_queues_the_file_for_gc() {
         let mut sm = Sm::new();
         let (v, s) = (sm.volume, SessionId(1));
-        let create = |name: &str| MetaOp::Create {
-            volume: v,
-            parent: ROOT_INO,
-            name: name.into(),
-            kind: FileKind::File,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-            exclusive: true,
-        };
+        let create = |name: &str| MetaOp::create_file(v, ROOT_INO, name, 0o644, true);
         let f = match sm.apply(s, create("f")).unwrap() {
             MetaReply::Attr(a) => a,
             o => panic!("{o:?}"),
@@ -1965,17 +1955,7 @@ mod tests {
     fn retries_are_answered_once() {
         let mut sm = Sm::new();
         let v = sm.volume;
-        let op = MetaOp::Create {
-            volume: v,
-            parent: ROOT_INO,
-            name: "f".into(),
-            kind: FileKind::File,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-            exclusive: true,
-        };
+        let op = MetaOp::create_file(v, ROOT_INO, "f", 0o644, true);
         let cmd = Command {
             session: SessionId(1),
             seq: 100,

@@ -298,6 +298,29 @@ pub enum MetaOp {
     },
 }
 
+impl MetaOp {
+    /// Creates a regular file (`exclusive`: refuse an existing name).
+    pub fn create_file(
+        volume: VolumeId,
+        parent: Ino,
+        name: &str,
+        mode: u32,
+        exclusive: bool,
+    ) -> MetaOp {
+        MetaOp::Create {
+            volume,
+            parent,
+            name: name.to_string(),
+            kind: FileKind::File,
+            mode,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            exclusive,
+        }
+    }
+}
+
 /// Lock types.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum LockKind {
