@@ -5,7 +5,7 @@ use crate::error::StoreError;
 use crate::store::BrickStore;
 use crate::store::VersionRule;
 use brickfs_erasure::{ReedSolomonCodec, decode_stripes, encode_stripes};
-use brickfs_proto::msg::DisperseGeometry;
+use brickfs_proto::msg::{DisperseGeometry, SetRef};
 use brickfs_proto::msg::{
     BrickInfo, BrickList, Deleted, ListReply, ListedObject, MemberRef, MemberTruncate, MemberWrite,
     ObjectState, Pong, ReadData, StatfsReply,
@@ -34,6 +34,12 @@ pub struct BrickService {
 }
 
 const ORDERING_SHARDS: usize = 1024;
+
+/// A change to one object on one member.
+enum Mutation {
+    Write { offset_bytes: u64, data: Bytes },
+    Truncate { len_bytes: u64 },
+}
 
 fn state(meta: crate::store::ObjectMeta) -> ObjectState {
     ObjectState {
@@ -191,18 +197,13 @@ impl BrickService {
         data: Bytes,
     ) -> Result<(), ErrorBody> {
         if let Some(b) = self.bricks.get(&m.brick).cloned() {
-            return Self::blocking(b, move |b| {
-                b.fence(w.set.volume.0, w.set.set, w.set.epoch.0)?;
-                b.write_versioned(
-                    &w.key,
-                    w.offset_bytes,
-                    &data,
-                    w.sync,
-                    VersionRule::Exactly(w.version),
-                )
-            })
-            .await
-            .map(|_| ());
+            let m = Mutation::Write {
+                offset_bytes: w.offset_bytes,
+                data,
+            };
+            return Self::apply_fenced(b, w.set, w.key, m, w.sync, VersionRule::Exactly(w.version))
+                .await
+                .map(|_| ());
         }
         let msg = Message::MemberWrite(w);
         self.fan_out(std::slice::from_ref(m), |_| msg.clone(), data)
@@ -396,12 +397,12 @@ impl BrickService {
             let m = m.clone();
             calls.push(async move {
                 if let Some(b) = self.bricks.get(&m.brick).cloned() {
-                    return Self::blocking(b, move |b| {
-                        b.fence(set.volume.0, set.set, set.epoch.0)?;
-                        b.truncate_versioned(&key, frag_len, sync, VersionRule::Exactly(version))
-                    })
-                    .await
-                    .map(|_| ());
+                    let m = Mutation::Truncate {
+                        len_bytes: frag_len,
+                    };
+                    return Self::apply_fenced(b, set, key, m, sync, VersionRule::Exactly(version))
+                        .await
+                        .map(|_| ());
                 }
                 let msg = Message::MemberTruncate(MemberTruncate {
                     brick: m.brick,
@@ -422,6 +423,30 @@ impl BrickService {
             version,
             len_bytes: len,
         })
+    }
+
+    /// Applies a mutation to a brick this node serves under a set's epoch: fence first (an
+    /// older epoch is refused, a newer one recorded), then write or truncate under `rule`.
+    async fn apply_fenced(
+        brick: Arc<BrickStore>,
+        set: SetRef,
+        key: ObjectKey,
+        mutation: Mutation,
+        sync: bool,
+        rule: VersionRule,
+    ) -> Result<crate::store::ObjectMeta, ErrorBody> {
+        Self::blocking(brick, move |b| {
+            b.fence(set.volume.0, set.set, set.epoch.0)?;
+            match mutation {
+                Mutation::Write { offset_bytes, data } => {
+                    b.write_versioned(&key, offset_bytes, &data, sync, rule)
+                }
+                Mutation::Truncate { len_bytes } => {
+                    b.truncate_versioned(&key, len_bytes, sync, rule)
+                }
+            }
+        })
+        .await
     }
 
     fn info(brick: &BrickStore) -> BrickInfo {
@@ -548,12 +573,12 @@ impl BrickService {
                 let set = req.set;
                 let _order = self.ordering_lock(&req.key).lock().await;
                 let key = req.key;
-                let local = data.clone();
-                let meta = Self::blocking(brick, move |b| {
-                    b.fence(set.volume.0, set.set, set.epoch.0)?;
-                    b.write_versioned(&key, req.offset_bytes, &local, req.sync, VersionRule::Next)
-                })
-                .await?;
+                let m = Mutation::Write {
+                    offset_bytes: req.offset_bytes,
+                    data: data.clone(),
+                };
+                let meta =
+                    Self::apply_fenced(brick, set, key, m, req.sync, VersionRule::Next).await?;
                 let make = |b| {
                     Message::MemberWrite(MemberWrite {
                         brick: b,
@@ -572,11 +597,11 @@ impl BrickService {
                 let set = req.set;
                 let _order = self.ordering_lock(&req.key).lock().await;
                 let key = req.key;
-                let meta = Self::blocking(brick, move |b| {
-                    b.fence(set.volume.0, set.set, set.epoch.0)?;
-                    b.truncate_versioned(&key, req.len_bytes, req.sync, VersionRule::Next)
-                })
-                .await?;
+                let m = Mutation::Truncate {
+                    len_bytes: req.len_bytes,
+                };
+                let meta =
+                    Self::apply_fenced(brick, set, key, m, req.sync, VersionRule::Next).await?;
                 let make = |b| {
                     Message::MemberTruncate(MemberTruncate {
                         brick: b,
@@ -600,33 +625,21 @@ impl BrickService {
             }
             Message::MemberWrite(req) => {
                 let brick = self.brick(req.brick)?;
-                let set = req.set;
-                let meta = Self::blocking(brick, move |b| {
-                    b.fence(set.volume.0, set.set, set.epoch.0)?;
-                    b.write_versioned(
-                        &req.key,
-                        req.offset_bytes,
-                        &data,
-                        req.sync,
-                        VersionRule::Exactly(req.version),
-                    )
-                })
-                .await?;
+                let m = Mutation::Write {
+                    offset_bytes: req.offset_bytes,
+                    data,
+                };
+                let rule = VersionRule::Exactly(req.version);
+                let meta = Self::apply_fenced(brick, req.set, req.key, m, req.sync, rule).await?;
                 (Message::Written(state(meta)), none)
             }
             Message::MemberTruncate(req) => {
                 let brick = self.brick(req.brick)?;
-                let set = req.set;
-                let meta = Self::blocking(brick, move |b| {
-                    b.fence(set.volume.0, set.set, set.epoch.0)?;
-                    b.truncate_versioned(
-                        &req.key,
-                        req.len_bytes,
-                        req.sync,
-                        VersionRule::Exactly(req.version),
-                    )
-                })
-                .await?;
+                let m = Mutation::Truncate {
+                    len_bytes: req.len_bytes,
+                };
+                let rule = VersionRule::Exactly(req.version);
+                let meta = Self::apply_fenced(brick, req.set, req.key, m, req.sync, rule).await?;
                 (Message::Truncated(state(meta)), none)
             }
             other => {
