@@ -5,11 +5,11 @@ use crate::error::StoreError;
 use crate::store::BrickStore;
 use crate::store::VersionRule;
 use brickfs_erasure::{ReedSolomonCodec, decode_stripes, encode_stripes};
-use brickfs_proto::msg::{DisperseGeometry, SetRef};
 use brickfs_proto::msg::{
     BrickInfo, BrickList, Deleted, ListReply, ListedObject, MemberRef, MemberTruncate, MemberWrite,
     ObjectState, Pong, ReadData, StatfsReply,
 };
+use brickfs_proto::msg::{DisperseGeometry, SetRef};
 use brickfs_proto::rpc::{ClientOptions, Handler, Pool, RpcError, join_all};
 use brickfs_proto::{BrickId, ErrorBody, ErrorCode, Message, NodeId};
 use brickfs_proto::{ObjectKey, ObjectVersion};
