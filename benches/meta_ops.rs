@@ -64,6 +64,7 @@ async fn run_case(
             parent: ROOT,
             name: format!("case{case}"),
             mode: 0o755,
+            umask: 0,
             uid: 0,
             gid: 0,
         })

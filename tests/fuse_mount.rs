@@ -263,6 +263,196 @@ async fn permissions_hold_for_non_root_users() {
     );
 }
 
+/// Runs a command as root and returns its stdout, failing the test with its stderr.
+fn must_run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().expect("run a tool");
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// POSIX ACLs through setfacl/getfacl, enforced for non-root users: a named-user entry lets
+/// one user in and not another; chmod narrows the mask and so the entry; a directory's default
+/// ACL is inherited by new files (the umask then does not apply) and new subdirectories; the
+/// ACLs are seen through a second mount; removing them takes the access away again; malformed
+/// ACLs and default ACLs on files are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posix_acls_are_kept_inherited_and_enforced() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, source) = must_volume(dir.path()).await;
+    let a = Mount::start(&source, &dir.path().join("mnt-a")).await;
+    let b = Mount::start(&source, &dir.path().join("mnt-b")).await;
+    let f = a.path.join("secret");
+    let fs = f.to_str().unwrap();
+    std::fs::write(&f, b"for 1000 only").unwrap();
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let read_as =
+        |uid: u32, path: &Path| as_user(uid, &format!("cat {} >/dev/null", path.display()));
+    assert_ne!(read_as(1000, &f).0, 0, "0640 root file readable by a user");
+
+    must_run("setfacl", &["-m", "u:1000:r", fs]);
+    assert_eq!(read_as(1000, &f), (0, String::new()));
+    let (code, err) = read_as(1001, &f);
+    assert_ne!(code, 0, "a user without an entry read the file");
+    assert!(err.contains("Permission denied"), "{err}");
+    let acl = must_run("getfacl", &["-cpn", fs]);
+    assert!(acl.contains("user:1000:r--"), "{acl}");
+    assert!(acl.contains("mask::r--"), "{acl}");
+    // The mode's group bits show the mask.
+    let mode = std::fs::metadata(&f).unwrap().mode() & 0o777;
+    assert_eq!(mode, 0o640);
+    // Through the other mount too.
+    let other = b.path.join("secret");
+    assert_eq!(read_as(1000, &other), (0, String::new()));
+    assert_ne!(read_as(1001, &other).0, 0);
+
+    // chmod narrows the mask, and the mask limits the named entry.
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let acl = must_run("getfacl", &["-cpn", fs]);
+    assert!(acl.contains("mask::---"), "{acl}");
+    assert_ne!(read_as(1000, &f).0, 0, "the mask did not limit the entry");
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o640)).unwrap();
+    assert_eq!(read_as(1000, &f), (0, String::new()));
+    // Removing the ACL takes the access away.
+    must_run("setfacl", &["-b", fs]);
+    assert_ne!(read_as(1000, &f).0, 0, "access stayed after setfacl -b");
+    assert!(!must_run("getfacl", &["-cpn", fs]).contains("user:1000"));
+
+    // Default ACLs are inherited; the umask does not apply under them.
+    let d = a.path.join("team");
+    let ds = d.to_str().unwrap();
+    std::fs::create_dir(&d).unwrap();
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    must_run(
+        "setfacl",
+        &["-m", "u:1000:rwx", "-d", "-m", "u:1000:rwx", ds],
+    );
+    must_run("setfacl", &["-m", "u:1000:rwx", ds]);
+    let (code, err) = as_user(
+        1000,
+        &format!("umask 077 && echo hi > {ds}/new && mkdir {ds}/sub"),
+    );
+    assert_eq!(code, 0, "{err}");
+    let new = d.join("new");
+    assert_eq!(
+        std::fs::metadata(&new).unwrap().mode() & 0o777,
+        0o664,
+        "the default ACL, not the umask, shapes a new file's mode"
+    );
+    let acl = must_run("getfacl", &["-cpn", new.to_str().unwrap()]);
+    assert!(acl.contains("user:1000:rwx"), "{acl}");
+    assert!(acl.contains("mask::rw-"), "{acl}");
+    assert_eq!(read_as(1001, &new), (0, String::new()));
+    let sub = must_run("getfacl", &["-cpnd", d.join("sub").to_str().unwrap()]);
+    assert!(
+        sub.contains("user:1000:rwx"),
+        "subdirectory lost the default ACL: {sub}"
+    );
+
+    // Bad input: a default ACL on a file, and a malformed ACL value.
+    let out = Command::new("setfacl")
+        .args(["-d", "-m", "u:1000:r", fs])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a default ACL was set on a file");
+    let out = Command::new("setfattr")
+        .args(["-n", "system.posix_acl_access", "-v", "0x020000000100", fs])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Invalid argument"), "{err}");
+    drop(a);
+    drop(b);
+}
+
+/// flock(2) holds across mounts: an exclusive lock through one mount makes a non-blocking
+/// lock through the other fail with EWOULDBLOCK and a blocking one wait; closing lets the
+/// other in; and a holder process that dies (its files closed by the kernel) lets go too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flock_holds_across_mounts_and_dies_with_its_holder() {
+    use nix::fcntl::{Flock, FlockArg};
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, source) = must_volume(dir.path()).await;
+    let a = Mount::start(&source, &dir.path().join("mnt-a")).await;
+    let b = Mount::start(&source, &dir.path().join("mnt-b")).await;
+    std::fs::write(a.path.join("f"), b"x").unwrap();
+    let open = |p: &Path| std::fs::File::open(p.join("f")).unwrap();
+
+    let held = Flock::lock(open(&a.path), FlockArg::LockExclusiveNonblock).unwrap();
+    let (_, e) = Flock::lock(open(&b.path), FlockArg::LockExclusiveNonblock).unwrap_err();
+    assert_eq!(e, nix::errno::Errno::EWOULDBLOCK);
+    let (_, e) = Flock::lock(open(&b.path), FlockArg::LockSharedNonblock).unwrap_err();
+    assert_eq!(e, nix::errno::Errno::EWOULDBLOCK);
+    // Shared locks share; an unlock lets the other mount in.
+    let held = held.unlock().unwrap();
+    let s1 = Flock::lock(held, FlockArg::LockSharedNonblock).unwrap();
+    let s2 = Flock::lock(open(&b.path), FlockArg::LockSharedNonblock).unwrap();
+    let (_, e) = Flock::lock(open(&b.path), FlockArg::LockExclusiveNonblock).unwrap_err();
+    assert_eq!(e, nix::errno::Errno::EWOULDBLOCK);
+    drop(s1);
+    drop(s2);
+
+    // A blocking lock through mount b waits for the holder on mount a to close.
+    let held = Flock::lock(open(&a.path), FlockArg::LockExclusiveNonblock).unwrap();
+    let bp = b.path.clone();
+    let waiter = std::thread::spawn(move || {
+        let f = std::fs::File::open(bp.join("f")).unwrap();
+        Flock::lock(f, FlockArg::LockExclusive)
+            .map(|_| ())
+            .map_err(|(_, e)| e)
+    });
+    assert!(!waiter.is_finished());
+    drop(held);
+    must_wait_for(
+        "the blocked flock to be granted",
+        Duration::from_secs(30),
+        || async { waiter.is_finished().then_some(()) },
+    )
+    .await;
+    waiter.join().unwrap().unwrap();
+
+    // A holder process that dies lets go.
+    let mut holder = Command::new("flock")
+        .args([
+            "-x",
+            "-o",
+            a.path.join("f").to_str().unwrap(),
+            "-c",
+            "echo locked; exec cat",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line, "locked\n");
+    let (_, e) = Flock::lock(open(&b.path), FlockArg::LockExclusiveNonblock).unwrap_err();
+    assert_eq!(e, nix::errno::Errno::EWOULDBLOCK);
+    // Kill flock(1) itself, the only process with the locked file open (-o), then end its
+    // command by closing its input.
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    drop(holder.stdin.take());
+    let got = must_wait_for(
+        "the dead holder's flock to go",
+        Duration::from_secs(30),
+        || async { Flock::lock(open(&b.path), FlockArg::LockExclusiveNonblock).ok() },
+    )
+    .await;
+    drop(got);
+    drop(a);
+    drop(b);
+}
+
 /// `mountd --daemon` returns once the volume is mounted, as mount(8) expects of a helper, and
 /// the daemon it leaves unmounts on SIGTERM; a bad source is a usage error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

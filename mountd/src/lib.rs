@@ -2,14 +2,15 @@
 //! metadata operation or a data-path call of `brickfs-client`, and every failure an errno
 //! through `errno_for_code`, the one mapping.
 //!
-//! What it serves now: lookup, getattr, setattr (mode, owner, size, times), mknod, mkdir,
-//! create, open, read, write, flush, fsync, release, unlink, rmdir, rename (with
-//! RENAME_NOREPLACE and RENAME_EXCHANGE), link, symlink, readlink, readdir, statfs and xattrs,
-//! POSIX byte-range locks (getlk, setlk, setlkw) held in the metadata group so they hold across
-//! mounts, with 1 MiB writes and several dispatch threads. Not yet: permission checks by the
-//! filesystem (the kernel's `default_permissions` checks mode bits), POSIX ACLs, flock across
-//! mounts (fuser does not tell flock from fcntl locks), readahead and write-behind of its own,
-//! cache invalidation across mounts (attribute and entry TTLs of one second bound staleness).
+//! What it serves: lookup, getattr, setattr (mode, owner, size, times), mknod, mkdir, create,
+//! open, read, write, flush, fsync, release, unlink, rmdir, rename (with RENAME_NOREPLACE and
+//! RENAME_EXCHANGE), link, symlink, readlink, readdir, statfs and xattrs; POSIX ACLs (kept and
+//! inherited by the metadata group, enforced by the kernel with `default_permissions`); POSIX
+//! byte-range locks (getlk, setlk, setlkw) and flock(2), both held in the metadata group so
+//! they hold across mounts (flock is emulated as a whole-file lock owned by the open file, as
+//! NFS does, so a flock and an fcntl lock on one file do conflict). 1 MiB writes, several
+//! dispatch threads, readahead per handle. Attribute and entry TTLs of one second bound how
+//! stale another mount's changes can look; opens revalidate (close-to-open).
 
 use brickfs_client::{FileHandle, MetaClient, MetaClientOptions, VolumeClient, VolumeError};
 use brickfs_proto::meta::{
@@ -226,7 +227,19 @@ impl BrickFs {
 
 impl Filesystem for BrickFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let _ = config.add_capabilities(fuser::InitFlags::FUSE_POSIX_LOCKS);
+        // POSIX ACLs: the kernel enforces them (reading them as xattrs) and leaves the umask
+        // to the metadata group, which ignores it under a default ACL. flock(2) arrives as a
+        // whole-file lock owned by the open file, so it holds across mounts too.
+        for flag in [
+            fuser::InitFlags::FUSE_POSIX_LOCKS,
+            fuser::InitFlags::FUSE_FLOCK_LOCKS,
+            fuser::InitFlags::FUSE_POSIX_ACL,
+            fuser::InitFlags::FUSE_DONT_MASK,
+        ] {
+            if let Err(unsupported) = config.add_capabilities(flag) {
+                tracing::warn!(?unsupported, "the kernel lacks a FUSE capability");
+            }
+        }
         let _ = config.set_max_write(MAX_WRITE_BYTES);
         let _ = config.set_max_readahead(MAX_WRITE_BYTES);
         Ok(())
@@ -367,7 +380,8 @@ impl Filesystem for BrickFs {
             parent: Ino(parent.0),
             name,
             kind: kind_from_mode(mode),
-            mode: mode & !umask & 0o7777,
+            mode: mode & 0o7777,
+            umask,
             uid: req.uid(),
             gid: req.gid(),
             rdev,
@@ -390,7 +404,8 @@ impl Filesystem for BrickFs {
             volume: self.volume(),
             parent: Ino(parent.0),
             name,
-            mode: mode & !umask & 0o7777,
+            mode: mode & 0o7777,
+            umask,
             uid: req.uid(),
             gid: req.gid(),
         };
@@ -525,7 +540,8 @@ impl Filesystem for BrickFs {
             parent: Ino(parent.0),
             name,
             kind: FileKind::File,
-            mode: mode & !umask & 0o7777,
+            mode: mode & 0o7777,
+            umask,
             uid: req.uid(),
             gid: req.gid(),
             rdev: 0,
@@ -662,13 +678,25 @@ impl Filesystem for BrickFs {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: fuser::FileHandle,
         _flags: OpenFlags,
-        _lock_owner: Option<fuser::LockOwner>,
+        lock_owner: Option<fuser::LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        // The last close of an open file drops the flock(2) lock it holds (the kernel names
+        // the lock's owner only when there is one).
+        if let Some(owner) = lock_owner {
+            let op = MetaOp::ReleaseLocks {
+                volume: self.volume(),
+                ino: Ino(ino.0),
+                owner: owner.0,
+            };
+            if let Err(e) = self.write_op(op) {
+                tracing::warn!(ino = ino.0, errno = ?e, "releasing a flock on close failed");
+            }
+        }
         let h = self
             .handles
             .lock()

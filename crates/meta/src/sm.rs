@@ -5,6 +5,7 @@
 //! State lives in a key-value space (see [`keys`]); records are bincode with a leading format
 //! enum. Failures are POSIX-shaped `ErrorCode`s.
 
+use crate::acl::{self, Acl};
 use crate::kv::{KvRead, Overlay};
 use crate::locks::LockTable;
 use crate::types::{Command, CommandResult};
@@ -309,18 +310,44 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
         Ok(())
     }
 
+    /// Links a new inode into `parent`. Its mode is the one asked for, restricted by the
+    /// umask or, when the parent has a default ACL, by that ACL, which it then inherits.
     fn create_node(
         &mut self,
         v: VolumeId,
         parent: Ino,
         name: &str,
         mut child: InodeV1,
+        umask: u32,
     ) -> Res<MetaReply> {
         check_name(name)?;
         check_volume(self.kv, v)?;
         let mut dir = load_dir(self.kv, v, parent)?;
         if lookup_entry(self.kv, v, parent, name)?.is_some() {
             return Err(err(ErrorCode::Exists, format!("{name:?} exists")));
+        }
+        let default_acl = match child.attr.kind {
+            FileKind::Symlink => None,
+            _ => self
+                .kv
+                .get(&keys::xattr(v, parent, acl::DEFAULT_XATTR))
+                .map_err(internal)?,
+        };
+        match default_acl.as_deref().map(Acl::parse) {
+            Some(Ok(Some(mut inherited))) => {
+                let ino = child.attr.ino;
+                if child.attr.kind == FileKind::Dir {
+                    self.kv
+                        .put(keys::xattr(v, ino, acl::DEFAULT_XATTR), inherited.encode());
+                }
+                let (mode, extended) = inherited.create_masq(child.attr.mode);
+                child.attr.mode = mode;
+                if extended {
+                    self.kv
+                        .put(keys::xattr(v, ino, acl::ACCESS_XATTR), inherited.encode());
+                }
+            }
+            _ => child.attr.mode &= !(umask & 0o777),
         }
         if child.attr.kind == FileKind::Dir {
             child.parent = parent;
@@ -636,11 +663,12 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                 parent,
                 name,
                 mode,
+                umask,
                 uid,
                 gid,
             } => {
                 let child = self.new_inode(*volume, FileKind::Dir, *mode, *uid, *gid)?;
-                self.create_node(*volume, *parent, name, child)?
+                self.create_node(*volume, *parent, name, child, *umask)?
             }
             MetaOp::Create {
                 volume,
@@ -648,6 +676,7 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                 name,
                 kind,
                 mode,
+                umask,
                 uid,
                 gid,
                 rdev,
@@ -676,7 +705,7 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                     child.attr.group = group;
                     child.attr.unit_bytes = unit;
                 }
-                self.create_node(*volume, *parent, name, child)?
+                self.create_node(*volume, *parent, name, child, *umask)?
             }
             MetaOp::Symlink {
                 volume,
@@ -695,7 +724,7 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                 let mut child = self.new_inode(*volume, FileKind::Symlink, 0o777, *uid, *gid)?;
                 child.attr.size_bytes = target.len() as u64;
                 child.target = Some(target.clone());
-                self.create_node(*volume, *parent, name, child)?
+                self.create_node(*volume, *parent, name, child, 0)?
             }
             MetaOp::Link {
                 volume,
@@ -778,6 +807,9 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
             MetaOp::SetAttr { volume, ino, set } => {
                 let mut i = load_inode(self.kv, *volume, *ino)?;
                 apply_setattr(&mut i, set, self.now_ns)?;
+                if let Some(mode) = set.mode {
+                    self.chmod_acl(*volume, *ino, mode)?;
+                }
                 self.put_inode(*volume, &i);
                 MetaReply::Attr(i.attr)
             }
@@ -804,7 +836,12 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                 if *replace_only && !exists {
                     return Err(err(ErrorCode::NoData, format!("xattr {name:?}")));
                 }
-                self.kv.put(key, value.clone());
+                match name.as_str() {
+                    acl::ACCESS_XATTR | acl::DEFAULT_XATTR => {
+                        self.set_acl(&mut i, name, value, key)?;
+                    }
+                    _ => self.kv.put(key, value.clone()),
+                }
                 i.attr.ctime_ns = self.now_ns;
                 self.put_inode(*volume, &i);
                 MetaReply::Done
@@ -876,6 +913,52 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                 MetaReply::Done
             }
         })
+    }
+
+    /// Stores an ACL set through its xattr. An access ACL sets the mode's permission bits and
+    /// is not kept when it says no more than they do; a default ACL is for directories only;
+    /// an empty ACL removes it.
+    fn set_acl(&mut self, i: &mut InodeV1, name: &str, value: &[u8], key: Vec<u8>) -> Res<()> {
+        let parsed = Acl::parse(value)
+            .map_err(|e| err(ErrorCode::InvalidArgument, format!("{name}: {e}")))?;
+        if name == acl::DEFAULT_XATTR {
+            if i.attr.kind != FileKind::Dir {
+                return Err(err(
+                    ErrorCode::PermissionDenied,
+                    "only directories have a default ACL",
+                ));
+            }
+            match parsed {
+                Some(a) => self.kv.put(key, a.encode()),
+                None => self.kv.delete(key),
+            }
+            return Ok(());
+        }
+        match parsed {
+            Some(a) => {
+                let (bits, equivalent) = a.mode_bits();
+                i.attr.mode = (i.attr.mode & !0o777) | bits;
+                if equivalent {
+                    self.kv.delete(key);
+                } else {
+                    self.kv.put(key, a.encode());
+                }
+            }
+            None => self.kv.delete(key),
+        }
+        Ok(())
+    }
+
+    /// A chmod carries the new permission bits into the access ACL, if there is one.
+    fn chmod_acl(&mut self, v: VolumeId, ino: Ino, mode: u32) -> Res<()> {
+        let key = keys::xattr(v, ino, acl::ACCESS_XATTR);
+        if let Some(raw) = self.kv.get(&key).map_err(internal)? {
+            if let Ok(Some(mut a)) = Acl::parse(&raw) {
+                a.chmod(mode);
+                self.kv.put(key, a.encode());
+            }
+        }
+        Ok(())
     }
 
     fn save_locks(&mut self, v: VolumeId, ino: Ino, session: SessionId, t: &LockTable) {
@@ -1681,9 +1764,9 @@ mod tests {
                         let parent = sm.resolve(&parent_of(p)).unwrap();
                         let kind = if matches!(op, Op::Mkdir(_)) { FileKind::Dir } else { FileKind::File };
                         let cmd = if kind == FileKind::Dir {
-                            MetaOp::Mkdir { volume: v, parent, name: last(p), mode: 0o755, uid: 0, gid: 0 }
+                            MetaOp::Mkdir { volume: v, parent, name: last(p), mode: 0o755, umask: 0, uid: 0, gid: 0 }
                         } else {
-                            MetaOp::Create { volume: v, parent, name: last(p), kind, mode: 0o644, uid: 0, gid: 0, rdev: 0, exclusive: true }
+                            MetaOp::Create { volume: v, parent, name: last(p), kind, mode: 0o644, umask: 0, uid: 0, gid: 0, rdev: 0, exclusive: true }
                         };
                         let want = if model.kind(p).is_some() { Err(ErrorCode::Exists) } else { model.paths.insert(p.clone(), kind); Ok(()) };
                         (sm.apply(s, cmd).map(|_| ()).map_err(|e| e.kind().unwrap()), want)
@@ -1924,6 +2007,7 @@ mod tests {
                 parent: ROOT_INO,
                 name: "d".into(),
                 mode: 0o755,
+                umask: 0,
                 uid: 0,
                 gid: 0,
             },

@@ -197,22 +197,27 @@ pub enum MetaOp {
     Heartbeat {
         node: NodeId,
     },
+    /// Makes a directory. `mode` is the mode asked for; `umask` applies to it unless the
+    /// parent has a default ACL, which the new directory then inherits (POSIX ACL rules).
     Mkdir {
         volume: VolumeId,
         parent: Ino,
         name: String,
         mode: u32,
+        umask: u32,
         uid: u32,
         gid: u32,
     },
     /// Creates a regular file (or, with `kind`, a special file). `exclusive` fails with
-    /// `Exists` when the name is taken; otherwise an existing file is returned.
+    /// `Exists` when the name is taken; otherwise an existing file is returned. `mode` and
+    /// `umask` as for `Mkdir`.
     Create {
         volume: VolumeId,
         parent: Ino,
         name: String,
         kind: FileKind,
         mode: u32,
+        umask: u32,
         uid: u32,
         gid: u32,
         rdev: u32,
@@ -313,6 +318,7 @@ impl MetaOp {
             name: name.to_string(),
             kind: FileKind::File,
             mode,
+            umask: 0,
             uid: 0,
             gid: 0,
             rdev: 0,
