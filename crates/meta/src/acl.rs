@@ -78,7 +78,7 @@ impl Acl {
     /// Parses the xattr value. `Ok(None)` is the empty ACL (a header and no entries), which
     /// means "remove".
     pub fn parse(raw: &[u8]) -> Result<Option<Acl>, AclError> {
-        if raw.len() < HEADER_BYTES || (raw.len() - HEADER_BYTES) % ENTRY_BYTES != 0 {
+        if raw.len() < HEADER_BYTES || !(raw.len() - HEADER_BYTES).is_multiple_of(ENTRY_BYTES) {
             return Err(AclError::Shape(raw.len()));
         }
         let version = u32::from_le_bytes(raw[..4].try_into().expect("4 bytes"));

@@ -952,11 +952,11 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
     /// A chmod carries the new permission bits into the access ACL, if there is one.
     fn chmod_acl(&mut self, v: VolumeId, ino: Ino, mode: u32) -> Res<()> {
         let key = keys::xattr(v, ino, acl::ACCESS_XATTR);
-        if let Some(raw) = self.kv.get(&key).map_err(internal)? {
-            if let Ok(Some(mut a)) = Acl::parse(&raw) {
-                a.chmod(mode);
-                self.kv.put(key, a.encode());
-            }
+        if let Some(raw) = self.kv.get(&key).map_err(internal)?
+            && let Ok(Some(mut a)) = Acl::parse(&raw)
+        {
+            a.chmod(mode);
+            self.kv.put(key, a.encode());
         }
         Ok(())
     }
