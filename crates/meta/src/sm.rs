@@ -827,6 +827,18 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                 if value.len() > XATTR_VALUE_MAX_BYTES {
                     return Err(err(ErrorCode::TooLarge, "xattr value too large"));
                 }
+                // The namespaces Linux filesystems know; others are not supported.
+                let known = ["user.", "trusted.", "security."]
+                    .iter()
+                    .any(|ns| name.starts_with(ns) && name.len() > ns.len())
+                    || name == acl::ACCESS_XATTR
+                    || name == acl::DEFAULT_XATTR;
+                if !known {
+                    return Err(err(
+                        ErrorCode::NotSupported,
+                        format!("xattr namespace of {name:?} is not supported"),
+                    ));
+                }
                 let mut i = load_inode(self.kv, *volume, *ino)?;
                 let key = keys::xattr(*volume, *ino, name);
                 let exists = self.kv.get(&key).map_err(internal)?.is_some();
