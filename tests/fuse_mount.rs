@@ -987,3 +987,48 @@ async fn errnos_match_a_local_filesystem() {
     // The script is not trivially passing: most of its steps fail on the local disk.
     assert!(want.iter().filter(|(_, r)| r.is_err()).count() >= 25);
 }
+
+/// When every server is gone, calls through the mount fail (ENOTCONN for the namespace, EIO
+/// for data) within the mount's timeout instead of hanging; when the servers come back, the
+/// same mount works again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_fail_in_bounded_time_when_servers_are_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut node, source) = must_volume(dir.path()).await;
+    let m = Mount::start_with(&source, &dir.path().join("mnt"), &["--timeout-secs", "2"]).await;
+    std::fs::write(m.path.join("f"), b"before").unwrap();
+    let mut open = std::fs::File::open(m.path.join("f")).unwrap();
+    node.sigkill().unwrap();
+
+    let p = m.path.clone();
+    let calls = std::thread::spawn(move || {
+        let lookup = std::fs::metadata(p.join("never-seen")).map(|_| ());
+        let create = std::fs::write(p.join("new"), b"x");
+        let mut buf = Vec::new();
+        let read = open.read_to_end(&mut buf).map(|_| ());
+        [lookup, create, read].map(|r| r.map_err(|e| e.raw_os_error()))
+    });
+    // Generous against a 2 s timeout; without one, calls hang for good.
+    must_wait_for("calls to fail", Duration::from_secs(60), || async {
+        calls.is_finished().then_some(())
+    })
+    .await;
+    for r in calls.join().unwrap() {
+        let errno = r.expect_err("a call succeeded with every server gone");
+        assert!(
+            errno == Some(nix::libc::ENOTCONN) || errno == Some(nix::libc::EIO),
+            "{errno:?}"
+        );
+    }
+
+    node.restart().unwrap();
+    must_wait_for(
+        "the mount to work again",
+        Duration::from_secs(60),
+        || async { std::fs::read(m.path.join("f")).ok() },
+    )
+    .await;
+    assert_eq!(std::fs::read(m.path.join("f")).unwrap(), b"before");
+    std::fs::write(m.path.join("after"), b"after").unwrap();
+    drop(m);
+}

@@ -1043,14 +1043,25 @@ impl Source {
     }
 }
 
+/// How a mount behaves.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// FUSE dispatch threads.
+    pub threads: usize,
+    /// The session lease: how long the cluster keeps this mount's locks without contact.
+    pub lease: Duration,
+    /// How long one call waits for unreachable servers before it fails.
+    pub timeout: Duration,
+}
+
 /// Mounts `source` at `mountpoint` and serves it until the mount goes away or `stop` fires.
 pub fn run(
     source: Source,
     mountpoint: &Path,
-    threads: usize,
-    lease: Duration,
+    opts: &Options,
     stop: std::sync::mpsc::Receiver<()>,
 ) -> anyhow::Result<()> {
+    let (threads, lease) = (opts.threads, opts.lease);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .worker_threads(2)
@@ -1060,14 +1071,14 @@ pub fn run(
         source.members.clone(),
         MetaClientOptions {
             client_name: format!("mountd {}", mountpoint.display()),
-            deadline: Duration::from_secs(20),
+            deadline: opts.timeout,
             lease,
             ..MetaClientOptions::default()
         },
     );
     let bricks = brickfs_client::BrickClient::new(brickfs_proto::rpc::ClientOptions {
         peer_name: "mountd".into(),
-        request_timeout: Duration::from_secs(30),
+        request_timeout: opts.timeout,
         ..Default::default()
     });
     let vol = rt

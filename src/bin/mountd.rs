@@ -19,6 +19,10 @@ struct Flags {
     /// mount's locks.
     #[arg(long, default_value_t = 30)]
     lease_secs: u64,
+    /// Seconds a call waits for unreachable servers before it fails (ENOTCONN when the
+    /// metadata group is gone, EIO when bricks are).
+    #[arg(long, default_value_t = 20)]
+    timeout_secs: u64,
     /// Mount options as `mount -o` passes them (accepted for the mount helper; ignored).
     #[arg(short = 'o')]
     options: Option<String>,
@@ -57,6 +61,8 @@ fn daemonize(flags: &Flags) -> std::process::ExitCode {
         .arg(flags.threads.to_string())
         .arg("--lease-secs")
         .arg(flags.lease_secs.to_string())
+        .arg("--timeout-secs")
+        .arg(flags.timeout_secs.to_string())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null());
     // The daemon must not hold the caller's output open (mount(8) and scripts wait for EOF):
@@ -160,8 +166,12 @@ fn main() -> std::process::ExitCode {
         });
         let _ = stop_tx.send(());
     });
-    let lease = std::time::Duration::from_secs(flags.lease_secs.max(1));
-    match mountd::run(source, &flags.mountpoint, flags.threads, lease, stop_rx) {
+    let opts = mountd::Options {
+        threads: flags.threads.max(1),
+        lease: std::time::Duration::from_secs(flags.lease_secs.max(1)),
+        timeout: std::time::Duration::from_secs(flags.timeout_secs.max(1)),
+    };
+    match mountd::run(source, &flags.mountpoint, &opts, stop_rx) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("failed to mount: {e:#}");
