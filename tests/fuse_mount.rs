@@ -633,6 +633,25 @@ async fn two_mounts_share_files_with_posix_errnos() {
     names.sort();
     assert_eq!(names, ["f", "l", "y"]);
 
+    // A large directory lists completely and with attributes (readdir and readdirplus) through
+    // the other mount, while it changes.
+    std::fs::create_dir(pa.join("big")).unwrap();
+    for i in 0..1500 {
+        std::fs::write(pa.join(format!("big/{i:05}")), vec![7u8; i % 7]).unwrap();
+    }
+    let mut seen = 0;
+    for e in std::fs::read_dir(pb.join("big")).unwrap() {
+        let e = e.unwrap();
+        let i: usize = e.file_name().to_str().unwrap().parse().unwrap();
+        assert_eq!(e.metadata().unwrap().len(), (i % 7) as u64, "entry {i}");
+        if seen == 700 {
+            std::fs::write(pa.join("big/zz-added-while-listing"), b"").unwrap();
+        }
+        seen += 1;
+    }
+    assert_eq!(seen, 1500, "a listing lost or repeated names");
+    assert_eq!(std::fs::read_dir(pb.join("big")).unwrap().count(), 1501);
+
     // SIGTERM unmounts cleanly.
     let status = a.stop().unwrap();
     assert!(status.success(), "{status:?}");

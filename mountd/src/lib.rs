@@ -58,6 +58,18 @@ pub struct BrickFs {
     next_fh: AtomicU64,
     /// Inodes this mount has taken POSIX locks on (closes release them).
     locked: Mutex<std::collections::HashSet<u64>>,
+    /// Per open directory: the listing read when it was read from the start.
+    dirs: Mutex<HashMap<u64, Arc<Vec<Listed>>>>,
+}
+
+/// One name of a directory listing; offsets into the listing are the kernel's cookies (1 is
+/// ".", 2 is "..", then the entries in name order).
+struct Listed {
+    ino: u64,
+    kind: FileType,
+    name: String,
+    /// With readdirplus.
+    attr: Option<Attr>,
 }
 
 fn errno_of(e: &VolumeError) -> Errno {
@@ -154,6 +166,7 @@ impl BrickFs {
             readahead: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             locked: Mutex::new(std::collections::HashSet::new()),
+            dirs: Mutex::new(HashMap::new()),
         }
     }
 
@@ -192,11 +205,102 @@ impl BrickFs {
             volume: self.volume(),
             ino: Ino(ino),
         }))?;
+        self.merge_open_sizes(&mut a);
+        Ok(a)
+    }
+
+    /// Grows a file's size by what writes still open on this mount have written.
+    fn merge_open_sizes(&self, a: &mut Attr) {
+        if a.kind != FileKind::File {
+            return;
+        }
         let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
-        for h in handles.values().filter(|h| h.attr.ino.0 == ino) {
+        for h in handles.values().filter(|h| h.attr.ino == a.ino) {
             a.size_bytes = a.size_bytes.max(h.size());
         }
-        Ok(a)
+    }
+
+    /// The listing of open directory `fh`: read afresh when read from the start (or when the
+    /// handle has none), else the one read then, so that offsets stay stable.
+    fn listing(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        plus: bool,
+    ) -> Result<Arc<Vec<Listed>>, Errno> {
+        if offset > 0
+            && let Some(l) = self.dirs.lock().unwrap_or_else(|p| p.into_inner()).get(&fh)
+            && (!plus || l.iter().all(|e| e.attr.is_some()))
+        {
+            return Ok(l.clone());
+        }
+        let dir = self.getattr_ino(ino)?;
+        let mut listing = vec![
+            Listed {
+                ino,
+                kind: FileType::Directory,
+                name: ".".into(),
+                attr: Some(dir.clone()),
+            },
+            Listed {
+                ino,
+                kind: FileType::Directory,
+                name: "..".into(),
+                attr: Some(dir),
+            },
+        ];
+        let mut after = None;
+        loop {
+            let (volume, ino, after_name) = (self.volume(), Ino(ino), after.clone());
+            let read = if plus {
+                MetaRead::ReadDirPlus {
+                    volume,
+                    ino,
+                    after: after_name,
+                    limit: 1024,
+                }
+            } else {
+                MetaRead::ReadDir {
+                    volume,
+                    ino,
+                    after: after_name,
+                    limit: 1024,
+                }
+            };
+            let more = match self.read_op(read)? {
+                MetaReply::Entries { entries, more } => {
+                    after = entries.last().map(|e| e.name.clone());
+                    listing.extend(entries.into_iter().map(|e| Listed {
+                        ino: e.ino.0,
+                        kind: kind_of(e.kind),
+                        name: e.name,
+                        attr: None,
+                    }));
+                    more
+                }
+                MetaReply::EntriesPlus { entries, more } => {
+                    after = entries.last().map(|(e, _)| e.name.clone());
+                    listing.extend(entries.into_iter().map(|(e, a)| Listed {
+                        ino: e.ino.0,
+                        kind: kind_of(e.kind),
+                        name: e.name,
+                        attr: Some(a),
+                    }));
+                    more
+                }
+                _ => return Err(Errno::EIO),
+            };
+            if !more {
+                break;
+            }
+        }
+        let listing = Arc::new(listing);
+        self.dirs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(fh, listing.clone());
+        Ok(listing)
     }
 
     fn handle(&self, fh: u64) -> Result<Arc<FileHandle>, Errno> {
@@ -235,6 +339,8 @@ impl Filesystem for BrickFs {
             fuser::InitFlags::FUSE_FLOCK_LOCKS,
             fuser::InitFlags::FUSE_POSIX_ACL,
             fuser::InitFlags::FUSE_DONT_MASK,
+            fuser::InitFlags::FUSE_DO_READDIRPLUS,
+            fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
         ] {
             if let Err(unsupported) = config.add_capabilities(flag) {
                 tracing::warn!(?unsupported, "the kernel lacks a FUSE capability");
@@ -729,48 +835,76 @@ impl Filesystem for BrickFs {
         }
     }
 
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.getattr_ino(ino.0) {
+            Ok(a) if a.kind != FileKind::Dir => reply.error(Errno::ENOTDIR),
+            Ok(_) => {
+                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                reply.opened(fuser::FileHandle(fh), FopenFlags::empty());
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
     fn readdir(
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: fuser::FileHandle,
+        fh: fuser::FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        // Offsets: 1 is ".", 2 is "..", then entry n (from 0) is n + 3. The cursor restarts
-        // from the name of the entry before `offset`, so concurrent changes never repeat names.
-        let mut entries: Vec<(u64, FileType, String)> = vec![
-            (ino.0, FileType::Directory, ".".into()),
-            (ino.0, FileType::Directory, "..".into()),
-        ];
-        let mut after = None;
-        loop {
-            let r = self.read_op(MetaRead::ReadDir {
-                volume: self.volume(),
-                ino: Ino(ino.0),
-                after: after.clone(),
-                limit: 1024,
-            });
-            match r {
-                Ok(MetaReply::Entries {
-                    entries: page,
-                    more,
-                }) => {
-                    after = page.last().map(|e| e.name.clone());
-                    entries.extend(page.into_iter().map(|e| (e.ino.0, kind_of(e.kind), e.name)));
-                    if !more {
-                        break;
-                    }
-                }
-                Ok(_) => return reply.error(Errno::EIO),
-                Err(e) => return reply.error(e),
-            }
-        }
-        for (i, (child, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(child), (i + 1) as u64, kind, name) {
+        let listing = or_reply!(self.listing(ino.0, fh.0, offset, false), reply);
+        for (i, e) in listing.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(e.ino), (i + 1) as u64, e.kind, &e.name) {
                 break;
             }
         }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: fuser::FileHandle,
+        offset: u64,
+        mut reply: fuser::ReplyDirectoryPlus,
+    ) {
+        let listing = or_reply!(self.listing(ino.0, fh.0, offset, true), reply);
+        for (i, e) in listing.iter().enumerate().skip(offset as usize) {
+            let Some(attr) = &e.attr else {
+                return reply.error(Errno::EIO);
+            };
+            let mut attr = attr.clone();
+            self.merge_open_sizes(&mut attr);
+            let full = reply.add(
+                INodeNo(e.ino),
+                (i + 1) as u64,
+                &e.name,
+                &TTL,
+                &fuse_attr(&attr),
+                Generation(0),
+            );
+            if full {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: fuser::FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.dirs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh.0);
         reply.ok();
     }
 

@@ -1399,25 +1399,21 @@ pub fn read(kv: &impl KvRead, r: &MetaRead) -> CommandResult {
             after,
             limit,
         } => {
-            load_dir(kv, *volume, *ino)?;
-            let prefix = keys::dir_prefix(*volume, *ino);
-            let after_key = after.as_ref().map(|n| keys::dentry(*volume, *ino, n));
-            let limit = (*limit as usize).clamp(1, READDIR_MAX);
-            let rows = kv
-                .scan(&prefix, after_key.as_deref(), limit + 1)
-                .map_err(internal)?;
-            let more = rows.len() > limit;
-            let mut entries = Vec::new();
-            for (k, v) in rows.into_iter().take(limit) {
-                let d: DentryV1 = dec(&v)?;
-                let name = String::from_utf8(k[prefix.len()..].to_vec()).map_err(internal)?;
-                entries.push(DirEntry {
-                    name,
-                    ino: d.ino,
-                    kind: d.kind,
-                });
-            }
+            let (entries, more) = read_dir(kv, *volume, *ino, after.as_deref(), *limit)?;
             MetaReply::Entries { entries, more }
+        }
+        MetaRead::ReadDirPlus {
+            volume,
+            ino,
+            after,
+            limit,
+        } => {
+            let (entries, more) = read_dir(kv, *volume, *ino, after.as_deref(), *limit)?;
+            let entries = entries
+                .into_iter()
+                .map(|e| load_inode(kv, *volume, e.ino).map(|i| (e, i.attr)))
+                .collect::<Res<Vec<_>>>()?;
+            MetaReply::EntriesPlus { entries, more }
         }
         MetaRead::ReadLink { volume, ino } => {
             let i = load_inode(kv, *volume, *ino)?;
@@ -1493,6 +1489,35 @@ pub fn read(kv: &impl KvRead, r: &MetaRead) -> CommandResult {
             MetaReply::Sessions(out)
         }
     })
+}
+
+/// A page of a directory's entries in name order after `after`, and whether more follow.
+fn read_dir(
+    kv: &impl KvRead,
+    volume: VolumeId,
+    ino: Ino,
+    after: Option<&str>,
+    limit: u32,
+) -> Res<(Vec<DirEntry>, bool)> {
+    load_dir(kv, volume, ino)?;
+    let prefix = keys::dir_prefix(volume, ino);
+    let after_key = after.map(|n| keys::dentry(volume, ino, n));
+    let limit = (limit as usize).clamp(1, READDIR_MAX);
+    let rows = kv
+        .scan(&prefix, after_key.as_deref(), limit + 1)
+        .map_err(internal)?;
+    let more = rows.len() > limit;
+    let mut entries = Vec::new();
+    for (k, v) in rows.into_iter().take(limit) {
+        let d: DentryV1 = dec(&v)?;
+        let name = String::from_utf8(k[prefix.len()..].to_vec()).map_err(internal)?;
+        entries.push(DirEntry {
+            name,
+            ino: d.ino,
+            kind: d.kind,
+        });
+    }
+    Ok((entries, more))
 }
 
 fn scan_all<T: DeserializeOwned>(kv: &impl KvRead, prefix: &[u8]) -> Res<Vec<T>> {

@@ -403,6 +403,14 @@ pub enum MetaRead {
         volume: VolumeId,
         limit: u32,
     },
+    /// As `ReadDir`, with each entry's attributes (FUSE readdirplus: `ls -l` without a lookup
+    /// per name).
+    ReadDirPlus {
+        volume: VolumeId,
+        ino: Ino,
+        after: Option<String>,
+        limit: u32,
+    },
 }
 
 /// A session as the metadata group keeps it.
@@ -434,6 +442,10 @@ pub enum MetaReply {
     Lock(Option<HeldLock>),
     /// (inode, size in bytes at deletion) of files to remove.
     Gc(Vec<(Ino, u64)>),
+    EntriesPlus {
+        entries: Vec<(DirEntry, Attr)>,
+        more: bool,
+    },
 }
 
 /// A write to the metadata group. `acked_below` lets the group forget the answers to this
