@@ -633,6 +633,38 @@ async fn two_mounts_share_files_with_posix_errnos() {
     names.sort();
     assert_eq!(names, ["f", "l", "y"]);
 
+    // Write-behind keeps the order of overlapping writes: a long sequential run, then
+    // overwrites across it (some overlapping each other and still in flight), then a read
+    // through the same handle's mount and through the other after close.
+    {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let mut model = pattern(9, 0, 20 << 20).to_vec();
+        let mut f = std::fs::File::create(pa.join("wb")).unwrap();
+        f.write_all(&model).unwrap();
+        for i in 0..200u64 {
+            let len = rng.random_range(1..300_000usize);
+            let off = rng.random_range(0..(22 << 20) - len);
+            let data = pattern(100 + i, off as u64, len);
+            f.seek(SeekFrom::Start(off as u64)).unwrap();
+            f.write_all(&data).unwrap();
+            if model.len() < off + len {
+                model.resize(off + len, 0);
+            }
+            model[off..off + len].copy_from_slice(&data);
+        }
+        assert!(
+            std::fs::read(pa.join("wb")).unwrap() == model,
+            "read back through the writer's mount"
+        );
+        drop(f);
+        assert!(
+            std::fs::read(pb.join("wb")).unwrap() == model,
+            "read back through the other mount"
+        );
+        std::fs::remove_file(pa.join("wb")).unwrap();
+    }
+
     // A large directory lists completely and with attributes (readdir and readdirplus) through
     // the other mount, while it changes.
     std::fs::create_dir(pa.join("big")).unwrap();
@@ -1017,15 +1049,21 @@ async fn calls_fail_in_bounded_time_when_servers_are_gone() {
     let m = Mount::start_with(&source, &dir.path().join("mnt"), &["--timeout-secs", "2"]).await;
     std::fs::write(m.path.join("f"), b"before").unwrap();
     let mut open = std::fs::File::open(m.path.join("f")).unwrap();
+    // A write accepted into write-behind fails at fsync or close, never silently.
+    let mut w = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.path.join("f"))
+        .unwrap();
     node.sigkill().unwrap();
 
     let p = m.path.clone();
     let calls = std::thread::spawn(move || {
+        let wrote = w.write_all(&[1u8; 1 << 20]).and_then(|()| w.sync_all());
         let lookup = std::fs::metadata(p.join("never-seen")).map(|_| ());
         let create = std::fs::write(p.join("new"), b"x");
         let mut buf = Vec::new();
         let read = open.read_to_end(&mut buf).map(|_| ());
-        [lookup, create, read].map(|r| r.map_err(|e| e.raw_os_error()))
+        [wrote, lookup, create, read].map(|r| r.map_err(|e| e.raw_os_error()))
     });
     // Generous against a 2 s timeout; without one, calls hang for good.
     must_wait_for("calls to fail", Duration::from_secs(60), || async {

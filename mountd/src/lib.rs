@@ -12,6 +12,9 @@
 //! dispatch threads, readahead per handle. Attribute and entry TTLs of one second bound how
 //! stale another mount's changes can look; opens revalidate (close-to-open).
 
+mod behind;
+
+use behind::Open;
 use brickfs_client::{FileHandle, MetaClient, MetaClientOptions, VolumeClient, VolumeError};
 use brickfs_proto::meta::{
     Attr, FileKind, LockKind, LockSpec, MetaOp, MetaRead, MetaReply, RenameFlags as BfRename,
@@ -52,7 +55,7 @@ pub const MAX_WRITE_BYTES: u32 = 1 << 20;
 pub struct BrickFs {
     rt: tokio::runtime::Handle,
     vol: Arc<VolumeClient>,
-    handles: Mutex<HashMap<u64, Arc<FileHandle>>>,
+    handles: Mutex<HashMap<u64, Arc<Open>>>,
     /// Per open handle: the readahead window of its sequential reads.
     readahead: Mutex<HashMap<u64, Window>>,
     next_fh: AtomicU64,
@@ -215,8 +218,8 @@ impl BrickFs {
             return;
         }
         let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
-        for h in handles.values().filter(|h| h.attr.ino == a.ino) {
-            a.size_bytes = a.size_bytes.max(h.size());
+        for o in handles.values().filter(|o| o.h.attr.ino == a.ino) {
+            a.size_bytes = a.size_bytes.max(o.size());
         }
     }
 
@@ -303,7 +306,7 @@ impl BrickFs {
         Ok(listing)
     }
 
-    fn handle(&self, fh: u64) -> Result<Arc<FileHandle>, Errno> {
+    fn handle(&self, fh: u64) -> Result<Arc<Open>, Errno> {
         self.handles
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -312,13 +315,37 @@ impl BrickFs {
             .ok_or(Errno::EBADF)
     }
 
-    fn open_handle(&self, attr: Attr) -> u64 {
+    /// Opens a handle; `flags` are open(2)'s (O_SYNC and O_DSYNC write through).
+    fn open_handle(&self, attr: Attr, flags: i32) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let sync = flags & (libc::O_SYNC | libc::O_DSYNC) != 0;
+        let stripe = self.vol.stripe_bytes(&attr);
         self.handles
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(fh, Arc::new(FileHandle::new(attr)));
+            .insert(fh, Arc::new(Open::new(FileHandle::new(attr), sync, stripe)));
         fh
+    }
+
+    /// The open handles of `ino` on this mount.
+    fn opens_of(&self, ino: u64) -> Vec<Arc<Open>> {
+        self.handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|o| o.h.attr.ino.0 == ino)
+            .cloned()
+            .collect()
+    }
+
+    /// Sends every write of `ino` still behind on this mount and waits for them.
+    fn drain_ino(&self, ino: u64) -> Result<(), Errno> {
+        for o in self.opens_of(ino) {
+            if o.pending() {
+                o.drain(&self.rt, &self.vol)?;
+            }
+        }
+        Ok(())
     }
 
     fn entry(&self, reply: ReplyEntry, r: Result<MetaReply, Errno>) {
@@ -415,9 +442,10 @@ impl Filesystem for BrickFs {
         };
         if let Some(len) = size {
             self.drop_readahead(ino.0);
+            or_reply!(self.drain_ino(ino.0), reply);
             // Cut or extend the data first, then the size follows in the metadata group.
             let handle = match fh.map(|f| self.handle(f.0)) {
-                Some(Ok(h)) => h,
+                Some(Ok(o)) => o.h.clone(),
                 _ => match self.getattr_ino(ino.0) {
                     Ok(a) => Arc::new(FileHandle::new(a)),
                     Err(e) => return reply.error(e),
@@ -426,15 +454,8 @@ impl Filesystem for BrickFs {
             if let Err(e) = self.rt.block_on(self.vol.truncate(&handle, len)) {
                 return reply.error(errno_of(&e));
             }
-            for h in self
-                .handles
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .values()
-            {
-                if h.attr.ino.0 == ino.0 {
-                    h.set_size(len);
-                }
+            for o in self.opens_of(ino.0) {
+                o.truncated(len);
             }
         }
         let set = SetAttr {
@@ -622,10 +643,13 @@ impl Filesystem for BrickFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.getattr_ino(ino.0) {
             Ok(a) if a.kind == FileKind::Dir => reply.error(Errno::EISDIR),
-            Ok(a) => reply.opened(fuser::FileHandle(self.open_handle(a)), FopenFlags::empty()),
+            Ok(a) => reply.opened(
+                fuser::FileHandle(self.open_handle(a, flags.0)),
+                FopenFlags::empty(),
+            ),
             Err(e) => reply.error(e),
         }
     }
@@ -655,7 +679,7 @@ impl Filesystem for BrickFs {
         };
         match Self::attr_of(self.write_op(op)) {
             Ok(a) => {
-                let fh = self.open_handle(a.clone());
+                let fh = self.open_handle(a.clone(), flags);
                 reply.created(
                     &TTL,
                     &fuse_attr(&a),
@@ -679,7 +703,10 @@ impl Filesystem for BrickFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
-        let h = or_reply!(self.handle(fh.0), reply);
+        let o = or_reply!(self.handle(fh.0), reply);
+        // Read-your-writes: what this mount wrote to the file is sent first.
+        or_reply!(self.drain_ino(o.h.attr.ino.0), reply);
+        let h = o.h.clone();
         let size = u64::from(size);
         let mut ra = self.readahead.lock().unwrap_or_else(|p| p.into_inner());
         let window = ra.remove(&fh.0);
@@ -741,14 +768,11 @@ impl Filesystem for BrickFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
-        let h = or_reply!(self.handle(fh.0), reply);
-        self.drop_readahead(h.attr.ino.0);
-        match self
-            .rt
-            .block_on(self.vol.write(&h, offset, Bytes::copy_from_slice(data)))
-        {
+        let o = or_reply!(self.handle(fh.0), reply);
+        self.drop_readahead(o.h.attr.ino.0);
+        match o.write(&self.rt, &self.vol, offset, data) {
             Ok(()) => reply.written(data.len() as u32),
-            Err(e) => reply.error(errno_of(&e)),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -776,9 +800,10 @@ impl Filesystem for BrickFs {
                 return reply.error(e);
             }
         }
-        // Close-to-open: the size this handle wrote is committed when it is closed.
-        let h = or_reply!(self.handle(fh.0), reply);
-        self.commit_and_reply(&h, reply);
+        // Close-to-open: what this handle wrote, and its size, are committed when it closes.
+        let o = or_reply!(self.handle(fh.0), reply);
+        or_reply!(o.drain(&self.rt, &self.vol), reply);
+        self.commit_and_reply(&o.h, reply);
     }
 
     fn release(
@@ -813,7 +838,10 @@ impl Filesystem for BrickFs {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&fh.0);
         match h {
-            Some(h) => self.commit_and_reply(&h, reply),
+            Some(o) => {
+                or_reply!(o.drain(&self.rt, &self.vol), reply);
+                self.commit_and_reply(&o.h, reply)
+            }
             None => reply.ok(),
         }
     }
@@ -826,12 +854,11 @@ impl Filesystem for BrickFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.handle(fh.0) {
-            Ok(h) => match self.rt.block_on(self.vol.fsync(&h)) {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno_of(&e)),
-            },
-            Err(e) => reply.error(e),
+        let o = or_reply!(self.handle(fh.0), reply);
+        or_reply!(o.drain(&self.rt, &self.vol), reply);
+        match self.rt.block_on(self.vol.fsync(&o.h)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno_of(&e)),
         }
     }
 
@@ -1055,6 +1082,8 @@ impl Filesystem for BrickFs {
         reply: ReplyEmpty,
     ) {
         let spec = or_reply!(lock_spec(lock_owner.0, pid, start, end, typ), reply);
+        // Whoever takes the lock next, on any mount, sees what was written under it.
+        or_reply!(self.drain_ino(ino.0), reply);
         if spec.kind != LockKind::Unlock {
             self.locked
                 .lock()
@@ -1117,7 +1146,7 @@ impl BrickFs {
     fn drop_readahead(&self, ino: u64) {
         let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
         let mut ra = self.readahead.lock().unwrap_or_else(|p| p.into_inner());
-        ra.retain(|fh, _| handles.get(fh).is_none_or(|h| h.attr.ino.0 != ino));
+        ra.retain(|fh, _| handles.get(fh).is_none_or(|o| o.h.attr.ino.0 != ino));
     }
 
     /// Commits what a handle wrote (its size) and answers the request.

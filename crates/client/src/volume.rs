@@ -196,6 +196,25 @@ impl VolumeClient {
         Ok(FileHandle::new(attr))
     }
 
+    /// The bytes of one whole stripe of a file: writes cut at multiples of it (from offset 0)
+    /// fill every column, and every disperse stripe, without a read-modify-write.
+    pub fn stripe_bytes(&self, attr: &Attr) -> u64 {
+        let (unit, stripe, _) = self.geometry(attr);
+        let width = unit * stripe;
+        if self.dispersed() {
+            let k = u64::from(self.vol.disperse_data.max(1)) * u64::from(DISPERSE_FRAGMENT_BYTES);
+            let gcd = |mut a: u64, mut b: u64| {
+                while b != 0 {
+                    (a, b) = (b, a % b);
+                }
+                a
+            };
+            width / gcd(width, k) * k
+        } else {
+            width
+        }
+    }
+
     fn geometry(&self, attr: &Attr) -> (u64, u64, usize) {
         let unit = u64::from(attr.unit_bytes.max(4096));
         let stripe = u64::from(self.vol.stripe.max(1));
