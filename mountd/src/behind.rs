@@ -133,10 +133,7 @@ impl Open {
 
     /// Waits for one sent run and keeps its failure.
     fn reap(rt: &tokio::runtime::Handle, b: &mut Behind, s: Sent) {
-        let r = rt
-            .block_on(s.task)
-            .unwrap_or(Err(Errno::EIO))
-            .err();
+        let r = rt.block_on(s.task).unwrap_or(Err(Errno::EIO)).err();
         if let Some(e) = r {
             tracing::warn!(start = s.start, end = s.end, errno = ?e, "a write-behind run failed");
             b.error.get_or_insert(e);

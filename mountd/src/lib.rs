@@ -41,11 +41,31 @@ const TTL: Duration = Duration::from_secs(1);
 /// time).
 pub const READAHEAD_BYTES: u64 = 4 << 20;
 
-/// Bytes fetched ahead for one open handle, and where its next sequential read would start.
+/// Bytes fetched ahead for one open handle, where its next sequential read would start, and
+/// the fetch of the window after this one, started as soon as this one is in use.
 struct Window {
     start: u64,
     bytes: Bytes,
     next: u64,
+    ahead: Option<(u64, tokio::task::JoinHandle<Result<Bytes, VolumeError>>)>,
+}
+
+impl Window {
+    fn end(&self) -> u64 {
+        self.start + self.bytes.len() as u64
+    }
+
+    fn covers(&self, offset: u64, size: u64) -> bool {
+        offset >= self.start && offset + size <= self.end()
+    }
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        if let Some((_, task)) = self.ahead.take() {
+            task.abort();
+        }
+    }
 }
 
 /// The largest write the kernel sends in one request.
@@ -58,6 +78,9 @@ pub struct BrickFs {
     handles: Mutex<HashMap<u64, Arc<Open>>>,
     /// Per open handle: the readahead window of its sequential reads.
     readahead: Mutex<HashMap<u64, Window>>,
+    /// Bumped whenever windows are dropped (a write or truncate), so that a read racing with
+    /// one does not keep a window fetched before it.
+    ra_epoch: AtomicU64,
     next_fh: AtomicU64,
     /// Inodes this mount has taken POSIX locks on (closes release them).
     locked: Mutex<std::collections::HashSet<u64>>,
@@ -167,6 +190,7 @@ impl BrickFs {
             vol,
             handles: Mutex::new(HashMap::new()),
             readahead: Mutex::new(HashMap::new()),
+            ra_epoch: AtomicU64::new(0),
             next_fh: AtomicU64::new(1),
             locked: Mutex::new(std::collections::HashSet::new()),
             dirs: Mutex::new(HashMap::new()),
@@ -708,51 +732,73 @@ impl Filesystem for BrickFs {
         or_reply!(self.drain_ino(o.h.attr.ino.0), reply);
         let h = o.h.clone();
         let size = u64::from(size);
-        let mut ra = self.readahead.lock().unwrap_or_else(|p| p.into_inner());
-        let window = ra.remove(&fh.0);
+        let epoch = self.ra_epoch.load(Ordering::SeqCst);
+        let window = self
+            .readahead
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh.0);
         let sequential = match &window {
             Some(w) => w.next == offset,
             None => offset == 0,
         };
-        if let Some(w) = window {
-            let end = w.start + w.bytes.len() as u64;
-            if offset >= w.start && offset + size <= end {
-                let at = (offset - w.start) as usize;
-                reply.data(&w.bytes[at..at + size as usize]);
-                ra.insert(
-                    fh.0,
-                    Window {
-                        next: offset + size,
-                        ..w
-                    },
-                );
-                return;
-            }
-        }
-        drop(ra);
-        // A sequential reader gets a large window in one request; others read what they ask.
-        let want = if sequential {
-            size.max(READAHEAD_BYTES)
-        } else {
-            size
-        };
-        match self.rt.block_on(self.vol.read(&h, offset, want)) {
-            Ok(bytes) => {
-                let n = (size as usize).min(bytes.len());
-                reply.data(&bytes[..n]);
-                if sequential && bytes.len() > n {
-                    let w = Window {
-                        start: offset,
+        // A sequential reader that reached the end of its window moves on to the one fetched
+        // ahead.
+        let window = match window {
+            Some(mut w) if sequential && offset >= w.end() && w.ahead.is_some() => {
+                let (start, task) = w.ahead.take().expect("checked");
+                match self.rt.block_on(task) {
+                    Ok(Ok(bytes)) if start == offset && !bytes.is_empty() => Some(Window {
+                        start,
                         bytes,
-                        next: offset + n as u64,
-                    };
-                    self.readahead
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(fh.0, w);
+                        next: offset,
+                        ahead: None,
+                    }),
+                    _ => None,
                 }
             }
-            Err(e) => reply.error(errno_of(&e)),
+            w => w,
+        };
+        let (reply_bytes, window) = match window {
+            Some(w) if w.covers(offset, size) => {
+                let at = (offset - w.start) as usize;
+                (w.bytes.slice(at..at + size as usize), Some(w))
+            }
+            _ => {
+                // A sequential reader gets a large window in one request; others read what
+                // they ask.
+                let want = if sequential {
+                    size.max(READAHEAD_BYTES)
+                } else {
+                    size
+                };
+                let bytes = match self.rt.block_on(self.vol.read(&h, offset, want)) {
+                    Ok(b) => b,
+                    Err(e) => return reply.error(errno_of(&e)),
+                };
+                let n = (size as usize).min(bytes.len());
+                let w = (sequential && bytes.len() > n).then(|| Window {
+                    start: offset,
+                    bytes: bytes.clone(),
+                    next: offset,
+                    ahead: None,
+                });
+                (bytes.slice(..n), w)
+            }
+        };
+        reply.data(&reply_bytes);
+        let Some(mut w) = window else { return };
+        w.next = offset + reply_bytes.len() as u64;
+        if w.ahead.is_none() && w.end() < o.size() {
+            let (vol, h, at) = (self.vol.clone(), h.clone(), w.end());
+            let task = self
+                .rt
+                .spawn(async move { vol.read(&h, at, READAHEAD_BYTES).await });
+            w.ahead = Some((at, task));
+        }
+        let mut ra = self.readahead.lock().unwrap_or_else(|p| p.into_inner());
+        if self.ra_epoch.load(Ordering::SeqCst) == epoch {
+            ra.insert(fh.0, w);
         }
     }
 
@@ -1144,6 +1190,7 @@ impl BrickFs {
     /// Forgets the readahead of every handle of `ino` on this mount (after a write or a
     /// truncate through any of them).
     fn drop_readahead(&self, ino: u64) {
+        self.ra_epoch.fetch_add(1, Ordering::SeqCst);
         let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
         let mut ra = self.readahead.lock().unwrap_or_else(|p| p.into_inner());
         ra.retain(|fh, _| handles.get(fh).is_none_or(|o| o.h.attr.ino.0 != ino));
