@@ -633,6 +633,21 @@ async fn two_mounts_share_files_with_posix_errnos() {
     names.sort();
     assert_eq!(names, ["f", "l", "y"]);
 
+    // Close-to-open: a file that grew and changed through one mount reads whole through the
+    // other right after the close, even while the other holds its old attributes in cache.
+    for round in 1..=5usize {
+        let before = std::fs::metadata(pb.join("c2o")).map_or(0, |m| m.len());
+        assert_eq!(before as usize, (round - 1) * 1000);
+        std::fs::write(pa.join("c2o"), vec![round as u8; round * 1000]).unwrap();
+        let got = std::fs::read(pb.join("c2o")).unwrap();
+        assert!(
+            got == vec![round as u8; round * 1000],
+            "round {round}: read {} bytes of {}",
+            got.len(),
+            round * 1000
+        );
+    }
+
     // Write-behind keeps the order of overlapping writes: a long sequential run, then
     // overwrites across it (some overlapping each other and still in flight), then a read
     // through the same handle's mount and through the other after close.
@@ -1048,11 +1063,14 @@ async fn calls_fail_in_bounded_time_when_servers_are_gone() {
     let (mut node, source) = must_volume(dir.path()).await;
     let m = Mount::start_with(&source, &dir.path().join("mnt"), &["--timeout-secs", "2"]).await;
     std::fs::write(m.path.join("f"), b"before").unwrap();
+    std::fs::write(m.path.join("w"), b"").unwrap();
     let mut open = std::fs::File::open(m.path.join("f")).unwrap();
-    // A write accepted into write-behind fails at fsync or close, never silently.
+    // A write accepted into write-behind fails at fsync or close, never silently. (Another
+    // file than the one read below: the kernel would serve those reads from the pages the
+    // write left in its cache.)
     let mut w = std::fs::OpenOptions::new()
         .write(true)
-        .open(m.path.join("f"))
+        .open(m.path.join("w"))
         .unwrap();
     node.sigkill().unwrap();
 
@@ -1063,18 +1081,24 @@ async fn calls_fail_in_bounded_time_when_servers_are_gone() {
         let create = std::fs::write(p.join("new"), b"x");
         let mut buf = Vec::new();
         let read = open.read_to_end(&mut buf).map(|_| ());
-        [wrote, lookup, create, read].map(|r| r.map_err(|e| e.raw_os_error()))
+        [
+            ("write and fsync", wrote),
+            ("lookup", lookup),
+            ("create", create),
+            ("read", read),
+        ]
+        .map(|(call, r)| (call, r.map_err(|e| e.raw_os_error())))
     });
     // Generous against a 2 s timeout; without one, calls hang for good.
     must_wait_for("calls to fail", Duration::from_secs(60), || async {
         calls.is_finished().then_some(())
     })
     .await;
-    for r in calls.join().unwrap() {
-        let errno = r.expect_err("a call succeeded with every server gone");
+    for (call, r) in calls.join().unwrap() {
+        let errno = r.expect_err(call);
         assert!(
             errno == Some(nix::libc::ENOTCONN) || errno == Some(nix::libc::EIO),
-            "{errno:?}"
+            "{call}: {errno:?}"
         );
     }
 

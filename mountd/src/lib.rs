@@ -86,6 +86,8 @@ pub struct BrickFs {
     locked: Mutex<std::collections::HashSet<u64>>,
     /// Per open directory: the listing read when it was read from the start.
     dirs: Mutex<HashMap<u64, Arc<Vec<Listed>>>>,
+    /// Tells the kernel to drop what it caches (set once the session exists).
+    notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
 }
 
 /// One name of a directory listing; offsets into the listing are the kernel's cookies (1 is
@@ -194,6 +196,7 @@ impl BrickFs {
             next_fh: AtomicU64::new(1),
             locked: Mutex::new(std::collections::HashSet::new()),
             dirs: Mutex::new(HashMap::new()),
+            notifier: Arc::new(std::sync::OnceLock::new()),
         }
     }
 
@@ -362,11 +365,15 @@ impl BrickFs {
             .collect()
     }
 
-    /// Sends every write of `ino` still behind on this mount and waits for them.
+    /// Sends every write of `ino` still behind on this mount and waits for them. A failed
+    /// write stays with its own handle (its next write, fsync or close reports it); other
+    /// callers only need the order.
     fn drain_ino(&self, ino: u64) -> Result<(), Errno> {
         for o in self.opens_of(ino) {
-            if o.pending() {
-                o.drain(&self.rt, &self.vol)?;
+            if o.pending()
+                && let Err(e) = o.drain(&self.rt, &self.vol)
+            {
+                tracing::debug!(ino, errno = ?e, "another handle's write-behind failed");
             }
         }
         Ok(())
@@ -670,10 +677,20 @@ impl Filesystem for BrickFs {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.getattr_ino(ino.0) {
             Ok(a) if a.kind == FileKind::Dir => reply.error(Errno::EISDIR),
-            Ok(a) => reply.opened(
-                fuser::FileHandle(self.open_handle(a, flags.0)),
-                FopenFlags::empty(),
-            ),
+            Ok(a) => {
+                // Close-to-open: the kernel may hold attributes from before another mount's
+                // last close (for up to the TTL); they go, so that the size read next is the
+                // one just fetched. Not opening with FOPEN_KEEP_CACHE drops cached pages.
+                if let Some(n) = self.notifier.get()
+                    && let Err(e) = n.inval_inode(ino, -1, 0)
+                {
+                    tracing::debug!(ino = ino.0, error = %e, "attribute invalidation refused");
+                }
+                reply.opened(
+                    fuser::FileHandle(self.open_handle(a, flags.0)),
+                    FopenFlags::empty(),
+                )
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -1307,6 +1324,7 @@ pub fn run(
         vol.meta().spawn_keepalive(lease / 3)
     };
     let fs = BrickFs::new(rt.handle().clone(), vol);
+    let notifier = fs.notifier.clone();
     let mut config = fuser::Config::default();
     config.acl = fuser::SessionACL::All;
     config.n_threads = Some(threads.max(1));
@@ -1334,7 +1352,10 @@ pub fn run(
         fuser::SessionACL::All,
         config,
     )
-    .and_then(fuser::Session::spawn);
+    .and_then(|s| {
+        let _ = notifier.set(s.notifier());
+        s.spawn()
+    });
     let session = match session {
         Ok(s) => s,
         Err(e) => {
