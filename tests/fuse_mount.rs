@@ -950,6 +950,46 @@ fn conformance_script(root: &Path) -> Vec<(String, Outcome)> {
         )),
     );
 
+    // A file unlinked while open stays usable through its descriptor until closed.
+    let mut tmp = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(p("tmpfile"))
+        .expect("create tmpfile");
+    step("write before unlink", io(tmp.write_all(b"kept "), ok));
+    step("unlink an open file", io(fs::remove_file(p("tmpfile")), ok));
+    step(
+        "lookup after unlink",
+        io(fs::metadata(p("tmpfile")), |_| String::new()),
+    );
+    step("write after unlink", io(tmp.write_all(b"alive"), ok));
+    step("fsync after unlink", io(tmp.sync_all(), ok));
+    step(
+        "fstat after unlink",
+        io(tmp.metadata(), |m| {
+            format!("nlink={} size={}", m.nlink(), m.len())
+        }),
+    );
+    step(
+        "read after unlink",
+        io(
+            tmp.seek(SeekFrom::Start(0)).and_then(|_| {
+                let mut text = String::new();
+                tmp.read_to_string(&mut text).map(|_| text)
+            }),
+            |t| t,
+        ),
+    );
+    drop(tmp);
+    step("recreate the name", io(fs::write(p("tmpfile"), b"new"), ok));
+    step(
+        "read the new file",
+        io(fs::read(p("tmpfile")), |b| {
+            String::from_utf8_lossy(&b).into()
+        }),
+    );
+
     let f = s("d/f");
     let args = |a: &[&str]| a.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     step(

@@ -86,6 +86,8 @@ pub struct BrickFs {
     locked: Mutex<std::collections::HashSet<u64>>,
     /// Per open directory: the listing read when it was read from the start.
     dirs: Mutex<HashMap<u64, Arc<Vec<Listed>>>>,
+    /// Files unlinked while open on this mount: they live until their last close here.
+    orphans: Mutex<std::collections::HashSet<u64>>,
     /// Tells the kernel to drop what it caches (set once the session exists).
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
 }
@@ -196,6 +198,7 @@ impl BrickFs {
             next_fh: AtomicU64::new(1),
             locked: Mutex::new(std::collections::HashSet::new()),
             dirs: Mutex::new(HashMap::new()),
+            orphans: Mutex::new(std::collections::HashSet::new()),
             notifier: Arc::new(std::sync::OnceLock::new()),
         }
     }
@@ -572,12 +575,48 @@ impl Filesystem for BrickFs {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = or_reply!(name_of(name), reply);
-        match self.write_op(MetaOp::Unlink {
-            volume: self.volume(),
-            parent: Ino(parent.0),
-            name,
-        }) {
-            Ok(_) => reply.ok(),
+        // A file open on this mount stays readable and writable after its last name goes
+        // (POSIX): it becomes an orphan of this mount's session until its last close here.
+        let open_here = if self
+            .handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+        {
+            None
+        } else {
+            match self.read_op(MetaRead::Lookup {
+                volume: self.volume(),
+                parent: Ino(parent.0),
+                name: name.clone(),
+            }) {
+                Ok(MetaReply::Attr(a)) if !self.opens_of(a.ino.0).is_empty() => Some(a.ino.0),
+                _ => None,
+            }
+        };
+        let (volume, parent) = (self.volume(), Ino(parent.0));
+        let op = match open_here {
+            Some(_) => MetaOp::UnlinkOpen {
+                volume,
+                parent,
+                name,
+            },
+            None => MetaOp::Unlink {
+                volume,
+                parent,
+                name,
+            },
+        };
+        match self.write_op(op) {
+            Ok(_) => {
+                if let Some(ino) = open_here {
+                    self.orphans
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(ino);
+                }
+                reply.ok()
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -900,12 +939,33 @@ impl Filesystem for BrickFs {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&fh.0);
-        match h {
-            Some(o) => {
-                or_reply!(o.drain(&self.rt, &self.vol), reply);
-                self.commit_and_reply(&o.h, reply)
+        let Some(o) = h else { return reply.ok() };
+        let drained = o.drain(&self.rt, &self.vol);
+        let committed = drained.and_then(|()| {
+            self.rt
+                .block_on(self.vol.commit_size(&o.h))
+                .map_err(|e| errno_of(&e))
+        });
+        // The last close here of a file unlinked while open lets it go.
+        let ino = o.h.attr.ino.0;
+        let orphan_done = self.opens_of(ino).is_empty()
+            && self
+                .orphans
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&ino);
+        if orphan_done {
+            let op = MetaOp::DropOrphan {
+                volume: self.volume(),
+                ino: Ino(ino),
+            };
+            if let Err(e) = self.write_op(op) {
+                tracing::warn!(ino, errno = ?e, "dropping an unlinked file failed");
             }
-            None => reply.ok(),
+        }
+        match committed {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
     }
 

@@ -95,6 +95,18 @@ pub mod keys {
         ]
         .concat()
     }
+    /// Files unlinked while a session had them open, kept until it closes them or ends.
+    pub fn orphan_prefix(id: SessionId) -> Vec<u8> {
+        [b"O".as_slice(), &id.0.to_be_bytes()].concat()
+    }
+    pub fn orphan(id: SessionId, v: VolumeId, ino: Ino) -> Vec<u8> {
+        [
+            orphan_prefix(id).as_slice(),
+            &v.0.to_be_bytes(),
+            &ino.0.to_be_bytes(),
+        ]
+        .concat()
+    }
     pub fn gc(v: VolumeId, ino: Ino) -> Vec<u8> {
         [b"G".as_slice(), &v.0.to_be_bytes(), &ino.0.to_be_bytes()].concat()
     }
@@ -283,6 +295,17 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
     /// Drops one link of `child`; when none is left, the inode goes and its data objects are
     /// queued for removal from the bricks.
     fn drop_link(&mut self, v: VolumeId, mut child: InodeV1) -> Res<()> {
+        self.drop_link_keeping(v, &mut child, None)
+    }
+
+    /// As `drop_link`; with `keep_for`, a file losing its last link stays as that session's
+    /// orphan.
+    fn drop_link_keeping(
+        &mut self,
+        v: VolumeId,
+        child: &mut InodeV1,
+        keep_for: Option<SessionId>,
+    ) -> Res<()> {
         let gone = match child.attr.kind {
             FileKind::Dir => true,
             _ => {
@@ -290,22 +313,46 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                 child.attr.nlink == 0
             }
         };
+        if gone && let Some(session) = keep_for.filter(|_| child.attr.kind == FileKind::File) {
+            child.attr.ctime_ns = self.now_ns;
+            self.put_inode(v, child);
+            self.kv
+                .put(keys::orphan(session, v, child.attr.ino), Vec::new());
+            return Ok(());
+        }
         if gone {
-            self.kv.delete(keys::inode(v, child.attr.ino));
-            for (k, _) in self
-                .kv
-                .scan(&keys::xattr_prefix(v, child.attr.ino), None, usize::MAX)
-                .map_err(internal)?
-            {
-                self.kv.delete(k);
-            }
-            if child.attr.kind == FileKind::File {
-                self.kv
-                    .put(keys::gc(v, child.attr.ino), enc(&child.attr.size_bytes));
-            }
+            self.remove_inode(v, child)
         } else {
             child.attr.ctime_ns = self.now_ns;
-            self.put_inode(v, &child);
+            self.put_inode(v, child);
+            Ok(())
+        }
+    }
+
+    /// Removes an inode without links: its record and xattrs, and queues a file's objects.
+    fn remove_inode(&mut self, v: VolumeId, child: &InodeV1) -> Res<()> {
+        self.kv.delete(keys::inode(v, child.attr.ino));
+        for (k, _) in self
+            .kv
+            .scan(&keys::xattr_prefix(v, child.attr.ino), None, usize::MAX)
+            .map_err(internal)?
+        {
+            self.kv.delete(k);
+        }
+        if child.attr.kind == FileKind::File {
+            self.kv
+                .put(keys::gc(v, child.attr.ino), enc(&child.attr.size_bytes));
+        }
+        Ok(())
+    }
+
+    /// A session closed (or lost) an orphan: it goes unless a link came back.
+    fn drop_orphan(&mut self, session: SessionId, v: VolumeId, ino: Ino) -> Res<()> {
+        self.kv.delete(keys::orphan(session, v, ino));
+        if let Some(InodeRecord::V1(i)) = get::<InodeRecord>(self.kv, &keys::inode(v, ino))?
+            && i.attr.nlink == 0
+        {
+            self.remove_inode(v, &i)?;
         }
         Ok(())
     }
@@ -758,7 +805,13 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                 volume,
                 parent,
                 name,
+            }
+            | MetaOp::UnlinkOpen {
+                volume,
+                parent,
+                name,
             } => {
+                let keep_for = matches!(op, MetaOp::UnlinkOpen { .. }).then_some(session);
                 check_name(name)?;
                 let mut dir = load_dir(self.kv, *volume, *parent)?;
                 let e = lookup_entry(self.kv, *volume, *parent, name)?
@@ -766,10 +819,14 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                 if e.kind == FileKind::Dir {
                     return Err(err(ErrorCode::IsDir, format!("{name:?} is a directory")));
                 }
-                let child = load_inode(self.kv, *volume, e.ino)?;
+                let mut child = load_inode(self.kv, *volume, e.ino)?;
                 self.remove_entry(*volume, &mut dir, name, e.kind);
                 self.put_inode(*volume, &dir);
-                self.drop_link(*volume, child)?;
+                self.drop_link_keeping(*volume, &mut child, keep_for)?;
+                MetaReply::Done
+            }
+            MetaOp::DropOrphan { volume, ino } => {
+                self.drop_orphan(session, *volume, *ino)?;
                 MetaReply::Done
             }
             MetaOp::Rmdir {
@@ -1157,6 +1214,21 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
             t.release(id, None);
             self.save_locks(v, ino, id, &t);
             tracing::debug!(session = %id, volume = %v, %ino, "released locks of an ended session");
+        }
+        let prefix = keys::orphan_prefix(id);
+        for (k, _) in self.kv.scan(&prefix, None, usize::MAX).map_err(internal)? {
+            let raw = &k[prefix.len()..];
+            let (Some(v), Some(ino)) = (
+                raw.get(0..8)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_be_bytes),
+                raw.get(8..16)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_be_bytes),
+            ) else {
+                return Err(internal("orphan key"));
+            };
+            self.drop_orphan(id, VolumeId(v), Ino(ino))?;
         }
         self.kv.delete(keys::session(id));
         for (k, _) in self
@@ -1972,6 +2044,74 @@ mod tests {
             .unwrap();
         // Its bricks are free again.
         create(&mut sm, "r2", "h2:/b0").unwrap();
+    }
+
+    /// A file unlinked while open stays (link count 0, found by inode only, not queued for
+    /// GC) until its session drops it or ends.
+    #[test]
+    fn orphans_live_until_dropped_or_their_session_ends() {
+        let mut sm = Sm::new();
+        let (v, s) = (sm.volume, SessionId(1));
+        let mut inos = Vec::new();
+        for name in ["f", "g"] {
+            let op = MetaOp::create_file(v, ROOT_INO, name, 0o644, true);
+            let MetaReply::Attr(a) = sm.apply(s, op).unwrap() else {
+                panic!("create")
+            };
+            sm.apply(
+                s,
+                MetaOp::UnlinkOpen {
+                    volume: v,
+                    parent: ROOT_INO,
+                    name: name.into(),
+                },
+            )
+            .unwrap();
+            inos.push(a.ino);
+        }
+        let getattr = |sm: &Sm, ino| read(&sm.base, &MetaRead::GetAttr { volume: v, ino });
+        let gc = |sm: &Sm| {
+            read(
+                &sm.base,
+                &MetaRead::ListGc {
+                    volume: v,
+                    limit: 10,
+                },
+            )
+            .unwrap()
+        };
+        let MetaReply::Attr(a) = getattr(&sm, inos[0]).unwrap() else {
+            panic!("getattr")
+        };
+        assert_eq!(a.nlink, 0);
+        let lookup = MetaRead::Lookup {
+            volume: v,
+            parent: ROOT_INO,
+            name: "f".into(),
+        };
+        assert_eq!(
+            read(&sm.base, &lookup).unwrap_err().kind(),
+            Some(ErrorCode::NotFound)
+        );
+        assert_eq!(gc(&sm), MetaReply::Gc(vec![]));
+
+        sm.apply(
+            s,
+            MetaOp::DropOrphan {
+                volume: v,
+                ino: inos[0],
+            },
+        )
+        .unwrap();
+        assert!(getattr(&sm, inos[0]).is_err());
+        assert_eq!(gc(&sm), MetaReply::Gc(vec![(inos[0], 0)]));
+        assert!(getattr(&sm, inos[1]).is_ok());
+        sm.apply(s, MetaOp::CloseSession).unwrap();
+        assert!(
+            getattr(&sm, inos[1]).is_err(),
+            "the session's end dropped its orphan"
+        );
+        assert_eq!(gc(&sm), MetaReply::Gc(vec![(inos[0], 0), (inos[1], 0)]));
     }
 
     /// Deleting the last link of a file queues it for the data path, with its size; a

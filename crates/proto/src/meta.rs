@@ -301,6 +301,19 @@ pub enum MetaOp {
         volume: VolumeId,
         ino: Ino,
     },
+    /// As `Unlink`, for a file the caller still has open: when its last link goes, the inode
+    /// stays (link count 0, still readable and writable by inode) as an orphan of the caller's
+    /// session until `DropOrphan` or the session's end.
+    UnlinkOpen {
+        volume: VolumeId,
+        parent: Ino,
+        name: String,
+    },
+    /// The caller closed an orphan: the inode goes if no link came back.
+    DropOrphan {
+        volume: VolumeId,
+        ino: Ino,
+    },
 }
 
 impl MetaOp {
