@@ -153,6 +153,84 @@ async fn heartbeat(
     }
 }
 
+/// How often the metadata leader's node looks for deleted files to remove from the bricks.
+const GC_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+/// Deleted files removed per volume and round.
+const GC_BATCH: u32 = 256;
+
+/// Removes the objects of deleted files (the metadata group's GC queue) while this node's
+/// metadata member leads; one round every `GC_EVERY`, logged when it removed anything.
+async fn collect_garbage(
+    node: NodeId,
+    member: Arc<MetaNode>,
+    advertise: std::net::SocketAddr,
+    mut stop: watch::Receiver<bool>,
+) {
+    use brickfs_proto::meta::{MetaRead, MetaReply, VolumeStatus};
+    let meta = brickfs_client::MetaClient::new(
+        vec![advertise],
+        brickfs_client::MetaClientOptions {
+            client_name: format!("brickd {node} gc"),
+            deadline: GC_EVERY * 5,
+            ..brickfs_client::MetaClientOptions::default()
+        },
+    );
+    let bricks = brickfs_client::BrickClient::new(brickfs_proto::rpc::ClientOptions {
+        peer_name: format!("brickd {node} gc"),
+        ..Default::default()
+    });
+    let mut tick = tokio::time::interval(GC_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        if member.status().leader != Some(node) {
+            continue;
+        }
+        let Ok(MetaReply::Volumes(volumes)) = meta.read(MetaRead::ListVolumes).await else {
+            continue;
+        };
+        for v in volumes.iter().filter(|v| v.status == VolumeStatus::Started) {
+            let items = match meta
+                .read(MetaRead::ListGc {
+                    volume: v.id,
+                    limit: GC_BATCH,
+                })
+                .await
+            {
+                Ok(MetaReply::Gc(items)) if !items.is_empty() => items,
+                _ => continue,
+            };
+            let vol =
+                match brickfs_client::VolumeClient::open(meta.clone(), bricks.clone(), &v.name)
+                    .await
+                {
+                    Ok(vol) => vol,
+                    Err(e) => {
+                        warn!(volume = %v.name, error = %e, "gc: cannot open the volume");
+                        continue;
+                    }
+                };
+            let (mut removed, mut bytes, mut failed) = (0u64, 0u64, 0u64);
+            for item in &items {
+                match vol.remove_file(item).await {
+                    Ok(()) => {
+                        removed += 1;
+                        bytes += item.size_bytes;
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        tracing::debug!(volume = %v.name, ino = %item.ino, error = %e, "gc: removal failed; retried next round");
+                    }
+                }
+            }
+            info!(volume = %v.name, removed, bytes, failed, "gc: removed the objects of deleted files");
+        }
+    }
+}
+
 async fn serve(config: Config) -> anyhow::Result<()> {
     let node = load_or_create_node_id(&config.data_dir)?;
     let mut stores = Vec::new();
@@ -203,6 +281,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     if !peers.is_empty() {
         tokio::spawn(heartbeat(node, peers, stop_rx.clone()));
+    }
+    if let Some(member) = &meta {
+        tokio::spawn(collect_garbage(
+            node,
+            member.clone(),
+            advertise,
+            stop_rx.clone(),
+        ));
     }
     let server = tokio::spawn(brickfs_proto::rpc::serve(
         listener,

@@ -21,7 +21,7 @@ use brickfs_layout::{column_len, merge_contiguous, split_range};
 /// The largest request one piece of a read or write becomes (below the protocol's data limit).
 const PIECE_MAX_BYTES: u64 = 8 << 20;
 use brickfs_proto::meta::{
-    Attr, FileKind, MetaOp, MetaRead, MetaReply, SetAttr, SetState, VolumeRecord,
+    Attr, FileKind, GcItem, MetaOp, MetaRead, MetaReply, SetAttr, SetState, VolumeRecord,
 };
 use brickfs_proto::msg::{
     DisperseGeometry, DisperseTruncate, DisperseWrite, MemberRef, SetRef, SetTruncate, SetWrite,
@@ -594,6 +594,43 @@ impl VolumeClient {
         )?;
         fh.size.fetch_max(attr.size_bytes, Ordering::SeqCst);
         fh.committed_end.fetch_max(end, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Removes every object of a deleted file (each column on every member of its sets) and
+    /// tells the metadata group (`GcDone`). An object already gone is fine; a brick that cannot
+    /// be reached leaves the file queued for the next round.
+    pub async fn remove_file(&self, item: &GcItem) -> Result<(), VolumeError> {
+        let stripe = u64::from(self.vol.stripe.max(1));
+        let first = item.group as usize * stripe as usize;
+        let mut deletes = Vec::new();
+        for column in 0..stripe {
+            let set = self.set(first + column as usize)?;
+            let key = ObjectKey {
+                volume: self.vol.id,
+                ino: item.ino,
+                column: column as u32,
+            };
+            for &brick in &set.members {
+                let addr = self.addr(brick)?;
+                let bricks = self.bricks.clone();
+                deletes.push(async move {
+                    bricks
+                        .delete(addr, brick, key)
+                        .await
+                        .map_err(|source| VolumeError::Brick { brick, source })
+                });
+            }
+        }
+        for r in join_all(deletes).await {
+            r?;
+        }
+        self.meta
+            .write(MetaOp::GcDone {
+                volume: self.vol.id,
+                ino: item.ino,
+            })
+            .await?;
         Ok(())
     }
 

@@ -11,8 +11,9 @@ use crate::locks::LockTable;
 use crate::types::{Command, CommandResult};
 use brickfs_layout::{Redundancy, VolumeSpec, parse_size};
 use brickfs_proto::meta::{
-    Attr, BrickRecord, DirEntry, FileKind, MetaOp, MetaRead, MetaReply, NodeRecord, RenameFlags,
-    SessionId, SessionInfo, SetAttr, SetState, VolumeBrick, VolumeRecord, VolumeStatus,
+    Attr, BrickRecord, DirEntry, FileKind, GcItem, MetaOp, MetaRead, MetaReply, NodeRecord,
+    RenameFlags, SessionId, SessionInfo, SetAttr, SetState, VolumeBrick, VolumeRecord,
+    VolumeStatus,
 };
 use brickfs_proto::{Epoch, ErrorBody, ErrorCode, Ino, VolumeId};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -127,6 +128,12 @@ pub struct InodeV1 {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 enum InodeRecord {
     V1(InodeV1),
+}
+
+/// A deleted file in the GC queue.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+enum GcRecord {
+    V1 { size_bytes: u64, group: u32 },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -340,8 +347,11 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
             self.kv.delete(k);
         }
         if child.attr.kind == FileKind::File {
-            self.kv
-                .put(keys::gc(v, child.attr.ino), enc(&child.attr.size_bytes));
+            let item = GcRecord::V1 {
+                size_bytes: child.attr.size_bytes,
+                group: child.attr.group,
+            };
+            self.kv.put(keys::gc(v, child.attr.ino), enc(&item));
         }
         Ok(())
     }
@@ -1543,7 +1553,12 @@ pub fn read(kv: &impl KvRead, r: &MetaRead) -> CommandResult {
                     .and_then(|b| b.try_into().ok())
                     .map(u64::from_be_bytes)
                     .ok_or_else(|| internal("gc key"))?;
-                out.push((Ino(ino), dec::<u64>(&v)?));
+                let GcRecord::V1 { size_bytes, group } = dec(&v)?;
+                out.push(GcItem {
+                    ino: Ino(ino),
+                    size_bytes,
+                    group,
+                });
             }
             MetaReply::Gc(out)
         }
@@ -2046,6 +2061,14 @@ mod tests {
         create(&mut sm, "r2", "h2:/b0").unwrap();
     }
 
+    fn gc_item(ino: Ino, size_bytes: u64) -> GcItem {
+        GcItem {
+            ino,
+            size_bytes,
+            group: 0,
+        }
+    }
+
     /// A file unlinked while open stays (link count 0, found by inode only, not queued for
     /// GC) until its session drops it or ends.
     #[test]
@@ -2104,14 +2127,17 @@ mod tests {
         )
         .unwrap();
         assert!(getattr(&sm, inos[0]).is_err());
-        assert_eq!(gc(&sm), MetaReply::Gc(vec![(inos[0], 0)]));
+        assert_eq!(gc(&sm), MetaReply::Gc(vec![gc_item(inos[0], 0)]));
         assert!(getattr(&sm, inos[1]).is_ok());
         sm.apply(s, MetaOp::CloseSession).unwrap();
         assert!(
             getattr(&sm, inos[1]).is_err(),
             "the session's end dropped its orphan"
         );
-        assert_eq!(gc(&sm), MetaReply::Gc(vec![(inos[0], 0), (inos[1], 0)]));
+        assert_eq!(
+            gc(&sm),
+            MetaReply::Gc(vec![gc_item(inos[0], 0), gc_item(inos[1], 0)])
+        );
     }
 
     /// Deleting the last link of a file queues it for the data path, with its size; a
@@ -2176,7 +2202,7 @@ mod tests {
             },
         )
         .unwrap();
-        assert_eq!(gc(&sm), MetaReply::Gc(vec![(f.ino, 4096)]));
+        assert_eq!(gc(&sm), MetaReply::Gc(vec![gc_item(f.ino, 4096)]));
         sm.apply(
             s,
             MetaOp::Mkdir {

@@ -60,6 +60,15 @@ pub struct DirEntry {
     pub kind: FileKind,
 }
 
+/// A deleted file waiting for its objects to be removed from the bricks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcItem {
+    pub ino: Ino,
+    pub size_bytes: u64,
+    /// The stripe group its objects live in (see `Attr::group`).
+    pub group: u32,
+}
+
 /// Attribute changes; `None` leaves a field alone.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SetAttr {
@@ -453,8 +462,8 @@ pub enum MetaReply {
     Volume(VolumeRecord),
     Sessions(Vec<SessionInfo>),
     Lock(Option<HeldLock>),
-    /// (inode, size in bytes at deletion) of files to remove.
-    Gc(Vec<(Ino, u64)>),
+    /// Deleted files whose objects are to be removed.
+    Gc(Vec<GcItem>),
     EntriesPlus {
         entries: Vec<(DirEntry, Attr)>,
         more: bool,
