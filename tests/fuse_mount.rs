@@ -1153,3 +1153,108 @@ async fn calls_fail_in_bounded_time_when_servers_are_gone() {
     std::fs::write(m.path.join("after"), b"after").unwrap();
     drop(m);
 }
+
+/// Whether a process is gone (or a zombie nobody has reaped yet).
+fn process_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
+        Err(_) => true,
+    }
+}
+
+/// mountd run as mount(8) runs a helper for `mount -t fuse.brickfs` and fstab lines
+/// (`mount.fuse.brickfs SOURCE DIR -o OPTIONS -n -t fuse.brickfs`): it returns once mounted,
+/// honours its own -o options and ignores generic ones; umount(8) from outside ends the
+/// daemon; a bad option value is a usage error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mount_helper_runs_as_mount8_calls_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, source) = must_volume(dir.path()).await;
+    let sbin = dir.path().join("sbin");
+    std::fs::create_dir(&sbin).unwrap();
+    let helper = sbin.join("mount.fuse.brickfs");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_mountd"), &helper).unwrap();
+    let path = dir.path().join("mnt");
+    std::fs::create_dir(&path).unwrap();
+    let mnt = path.to_str().unwrap();
+
+    let bad = Command::new(&helper)
+        .args([
+            &source,
+            mnt,
+            "-o",
+            "rw,timeout=soon",
+            "-n",
+            "-t",
+            "fuse.brickfs",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("timeout=soon"));
+    assert!(!is_mounted(&path));
+
+    let out = Command::new(&helper)
+        .args([
+            &source,
+            mnt,
+            "-o",
+            "rw,_netdev,noatime,timeout=5,lease=10",
+            "-n",
+            "-t",
+            "fuse.brickfs",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pid: i32 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .strip_prefix("pid ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    struct Stop(i32, PathBuf);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.0),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            if is_mounted(&self.1) {
+                let _ = nix::mount::umount2(&self.1, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+    let _stop = Stop(pid, path.clone());
+    assert!(is_mounted(&path));
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let after = |flag: &str| args.iter().skip_while(|a| *a != flag).nth(1).cloned();
+    assert_eq!(after("--timeout-secs").as_deref(), Some("5"), "{args:?}");
+    assert_eq!(after("--lease-secs").as_deref(), Some("10"), "{args:?}");
+    std::fs::write(path.join("f"), b"via the helper").unwrap();
+    assert_eq!(std::fs::read(path.join("f")).unwrap(), b"via the helper");
+
+    let umount = Command::new("umount").arg(&path).output().unwrap();
+    assert!(
+        umount.status.success(),
+        "{}",
+        String::from_utf8_lossy(&umount.stderr)
+    );
+    must_wait_for(
+        "the daemon to exit after umount",
+        Duration::from_secs(30),
+        || async { process_gone(pid).then_some(()) },
+    )
+    .await;
+    assert!(!is_mounted(&path));
+}

@@ -1424,7 +1424,19 @@ pub fn run(
         }
     };
     tracing::info!(mountpoint = %mountpoint.display(), volume = %source.volume, "mounted");
-    let _ = stop.recv();
+    // Serve until told to stop, or until someone else unmounts (umount(8)).
+    let mountpoint_abs = std::path::absolute(mountpoint).unwrap_or(mountpoint.to_path_buf());
+    loop {
+        match stop.recv_timeout(Duration::from_secs(1)) {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) if is_mounted(&mountpoint_abs) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                tracing::info!(mountpoint = %mountpoint.display(), "unmounted from outside; exiting");
+                drop(session);
+                return Ok(());
+            }
+            _ => break,
+        }
+    }
     tracing::info!(mountpoint = %mountpoint.display(), "unmounting");
     if let Err(e) = nix::mount::umount2(mountpoint, nix::mount::MntFlags::empty()) {
         tracing::warn!(error = %e, "unmount busy, detaching instead");
@@ -1432,4 +1444,13 @@ pub fn run(
     }
     drop(session);
     Ok(())
+}
+
+/// Whether `path` is a mount point in /proc/mounts (which escapes spaces as `\040`).
+pub fn is_mounted(path: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let p = path.to_string_lossy().replace(' ', "\\040");
+    mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(&*p))
 }

@@ -23,9 +23,23 @@ struct Flags {
     /// metadata group is gone, EIO when bricks are).
     #[arg(long, default_value_t = 20)]
     timeout_secs: u64,
-    /// Mount options as `mount -o` passes them (accepted for the mount helper; ignored).
+    /// Mount options as `mount -o` passes them: `threads=N`, `lease=SECS` and `timeout=SECS`
+    /// set the flags of those names; generic options (rw, defaults, _netdev, noauto, ...) are
+    /// accepted and ignored.
     #[arg(short = 'o')]
     options: Option<String>,
+    /// The filesystem type, as mount(8) passes it to a helper (ignored).
+    #[arg(short = 't', hide = true)]
+    fs_type: Option<String>,
+    /// mount(8)'s helper flags: no mtab, sloppy, fake, verbose (ignored).
+    #[arg(short = 'n', hide = true)]
+    no_mtab: bool,
+    #[arg(short = 's', hide = true)]
+    sloppy: bool,
+    #[arg(short = 'f', hide = true)]
+    fake: bool,
+    #[arg(short = 'v', hide = true)]
+    verbose: bool,
     /// Log filter directives (default `info`; `BRICKFS_LOG` also works).
     #[arg(long)]
     log: Option<String>,
@@ -38,12 +52,30 @@ struct Flags {
 /// Where a daemonized mountd logs.
 const DAEMON_LOG: &str = "/var/log/brickfs-mountd.log";
 
-fn is_mounted(path: &std::path::Path) -> bool {
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    let p = path.to_string_lossy();
-    mounts
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some(&*p))
+use mountd::is_mounted;
+
+/// Applies the `-o` options mountd knows to the flags; refuses a known option with a bad value.
+fn apply_options(flags: &mut Flags) -> Result<(), String> {
+    let Some(options) = flags.options.clone() else {
+        return Ok(());
+    };
+    for opt in options.split(',').filter(|o| !o.is_empty()) {
+        let Some((key, value)) = opt.split_once('=') else {
+            continue;
+        };
+        let number = || {
+            value
+                .parse::<u64>()
+                .map_err(|_| format!("mount option {opt:?}: {value:?} is not a whole number"))
+        };
+        match key {
+            "threads" => flags.threads = number()? as usize,
+            "lease" => flags.lease_secs = number()?,
+            "timeout" => flags.timeout_secs = number()?,
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Starts this executable again in the foreground, detached in its own process group, and
@@ -125,7 +157,11 @@ fn daemonize(flags: &Flags) -> std::process::ExitCode {
 }
 
 fn main() -> std::process::ExitCode {
-    let flags = Flags::parse();
+    let mut flags = Flags::parse();
+    if let Err(e) = apply_options(&mut flags) {
+        eprintln!("mountd: {e}");
+        return std::process::ExitCode::from(2);
+    }
     let argv0 = std::env::args().next().unwrap_or_default();
     let helper = argv0.ends_with("mount.brickfs") || argv0.ends_with("mount.fuse.brickfs");
     if flags.daemon || helper {
