@@ -579,3 +579,119 @@ async fn deleted_files_leave_no_objects_on_the_bricks() {
         assert_eq!(gc, MetaReply::Gc(vec![]));
     }
 }
+
+/// Failure detection and quorum: when a node stops, the metadata leader takes its bricks out
+/// of their sets (new epoch, new primary if needed) within the configured time and writes go
+/// on through the members left, for a replica-3 set and a disperse 2+1 set whose quorum is
+/// set to 2; every acknowledged byte reads back; when a second node stops, the sets fall below
+/// their quorum and writes fail with ReadOnly (EROFS) while reads go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_nodes_leave_their_sets_and_quorum_makes_sets_read_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes: Vec<Brickd> = Vec::new();
+    for n in 0..3 {
+        let node_dir = dir.path().join(format!("n{n}"));
+        let bricks: Vec<_> = (0..2).map(|i| node_dir.join(format!("b{i}"))).collect();
+        let extra: &[&str] = if n == 0 {
+            &["--meta", "--meta-down-after-secs", "3"]
+        } else {
+            &["--meta-peers"]
+        };
+        let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        if n > 0 {
+            args.push(nodes[0usize].addr().to_string());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        nodes.push(Brickd::start(&brickd_bin(), &node_dir, &bricks, &args).unwrap());
+    }
+    let meta = MetaClient::new(vec![nodes[0].addr()], MetaClientOptions::default());
+    meta.admin(AdminOp::Init).await.unwrap();
+    for n in &nodes {
+        admin::peer_add(&meta, &client(), n.addr()).await.unwrap();
+    }
+    let brick =
+        |n: usize, i: usize| format!("{}:{}", nodes[n].addr(), nodes[n].bricks()[i].display());
+    let mut vols = Vec::new();
+    for (name, head, col, quorum) in [
+        ("r3", "replica 3", 0, None),
+        ("d21", "disperse 3 redundancy 1", 1, Some("2")),
+    ] {
+        let mut spec: Vec<String> = head.split_whitespace().map(String::from).collect();
+        spec.extend((0..3).map(|n| brick(n, col)));
+        admin::volume_create(&meta, name, &spec).await.unwrap();
+        if let Some(q) = quorum {
+            meta.write(MetaOp::SetVolumeOption {
+                name: name.into(),
+                key: "quorum".into(),
+                value: q.into(),
+            })
+            .await
+            .unwrap();
+        }
+        meta.write(MetaOp::StartVolume { name: name.into() })
+            .await
+            .unwrap();
+        let vol = VolumeClient::open(meta.clone(), client(), name)
+            .await
+            .unwrap();
+        let fh = vol.create(ROOT, "f", 0o644, true).await.unwrap();
+        vols.push((vol, fh, Vec::<u8>::new()));
+    }
+    let mut seed = 0;
+    let mut write =
+        async |vol: &VolumeClient, fh: &brickfs_client::FileHandle, model: &mut Vec<u8>| {
+            seed += 1;
+            let off = model.len() as u64;
+            let data = pattern(seed, off, 300_000);
+            let r = vol.write(fh, off, data.clone()).await;
+            if r.is_ok() {
+                model.extend_from_slice(&data);
+            }
+            r
+        };
+    for (vol, fh, model) in &mut vols {
+        write(vol, fh, model).await.unwrap();
+    }
+
+    // One node stops: its bricks leave the sets, and writes go on.
+    let gone = nodes[2].bricks().len();
+    assert_eq!(gone, 2);
+    nodes[2].sigkill().unwrap();
+    for (vol, fh, model) in &mut vols {
+        write(vol, fh, model)
+            .await
+            .expect("a write with one node down");
+        let set = vol.sets()[0].clone();
+        assert_eq!(set.in_sync.len(), 2, "{set:?}");
+        assert!(set.epoch.0 >= 2, "{set:?}");
+        vol.fsync(fh).await.unwrap();
+        let got = vol.read(fh, 0, model.len() as u64).await.unwrap();
+        assert!(
+            got == *model,
+            "{} reads back what was acknowledged",
+            vol.record().name
+        );
+    }
+
+    // A second node stops: below quorum, writes are refused as read-only; reads go on.
+    nodes[1].sigkill().unwrap();
+    for (vol, fh, model) in &mut vols {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let err = loop {
+            match write(vol, fh, model).await {
+                Ok(()) => assert!(std::time::Instant::now() < deadline, "writes never stopped"),
+                Err(e) if e.code() == Some(ErrorCode::ReadOnly) => break e,
+                Err(e) => {
+                    // Before the detector acts, a failed fan-out may surface (the write was
+                    // not acknowledged); afterwards only ReadOnly.
+                    assert!(std::time::Instant::now() < deadline, "{e}");
+                }
+            }
+        };
+        assert!(err.to_string().contains("quorum"), "{err}");
+        if vol.record().disperse_data == 0 {
+            let got = vol.read(fh, 0, model.len() as u64).await.unwrap();
+            assert!(got == *model, "reads go on below quorum");
+        }
+    }
+}

@@ -55,6 +55,10 @@ pub struct Flags {
     /// Metadata snapshots (and log compaction) every this many log entries.
     #[arg(long)]
     pub meta_snapshot_logs: Option<u64>,
+    /// Seconds without a heartbeat after which the metadata leader takes a node's bricks out
+    /// of their sets' in-sync members (default 10).
+    #[arg(long)]
+    pub meta_down_after_secs: Option<u64>,
     /// Members of the metadata group this node reports its heartbeat to (default: itself when
     /// it runs a member, else none).
     #[arg(long, env = "BRICKFS_META_PEERS", value_delimiter = ',')]
@@ -73,6 +77,7 @@ struct FileConfig {
     meta: Option<bool>,
     advertise: Option<String>,
     meta_snapshot_logs: Option<u64>,
+    meta_down_after_secs: Option<u64>,
     #[serde(default)]
     meta_peers: Vec<String>,
 }
@@ -112,6 +117,8 @@ pub struct Config {
     pub meta: bool,
     pub advertise: Option<SocketAddr>,
     pub meta_snapshot_logs: u64,
+    /// A node silent this long is down (see `--meta-down-after-secs`).
+    pub meta_down_after: std::time::Duration,
     /// Where to send heartbeats (empty: nowhere, or this node's own member).
     pub meta_peers: Vec<SocketAddr>,
 }
@@ -226,6 +233,15 @@ impl Config {
         if meta_snapshot_logs == 0 {
             bail!("meta_snapshot_logs must be at least 1");
         }
+        let down_after_secs = flags
+            .meta_down_after_secs
+            .or(file.meta_down_after_secs)
+            .unwrap_or(10);
+        if down_after_secs < 3 {
+            bail!(
+                "meta_down_after_secs must be at least 3 (nodes send a heartbeat every 2 s), not {down_after_secs}"
+            );
+        }
         let meta_peers = if !flags.meta_peers.is_empty() {
             flags.meta_peers.clone()
         } else {
@@ -246,6 +262,7 @@ impl Config {
             meta: flags.meta || file.meta.unwrap_or(false),
             advertise,
             meta_snapshot_logs,
+            meta_down_after: std::time::Duration::from_secs(down_after_secs),
             meta_peers,
         })
     }

@@ -256,6 +256,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let meta = if config.meta {
         let opts = MetaOptions {
             snapshot_after_logs: config.meta_snapshot_logs,
+            down_after: config.meta_down_after,
             ..MetaOptions::default()
         };
         let member = MetaNode::start(node, advertise.to_string(), &config.data_dir, opts)

@@ -1371,6 +1371,8 @@ pub fn run(
     let vol = rt
         .block_on(VolumeClient::open(meta, bricks, &source.volume))
         .map_err(|e| anyhow::anyhow!("open volume {}: {e}", source.volume))?;
+    // A write waits for a failed member to leave its set at most as long as any call waits.
+    vol.set_retry_window(opts.timeout);
     if vol.record().status != brickfs_proto::meta::VolumeStatus::Started {
         anyhow::bail!(
             "volume {} is not started (brickfs volume start {})",

@@ -210,6 +210,11 @@ impl BrickService {
             .await
     }
 
+    /// Whether a disperse member takes fragments (it is in sync).
+    fn takes_fragments(g: &DisperseGeometry, brick: BrickId) -> bool {
+        g.in_sync.is_empty() || g.in_sync.contains(&brick)
+    }
+
     fn disperse_setup(
         &self,
         own: BrickId,
@@ -235,6 +240,17 @@ impl BrickService {
                 format!("primary {own} is not a member of the set"),
             ));
         }
+        let in_sync = g
+            .members
+            .iter()
+            .filter(|m| Self::takes_fragments(g, m.brick))
+            .count();
+        if in_sync < k {
+            return Err(ErrorBody::new(
+                ErrorCode::ReadOnly,
+                format!("only {in_sync} members in sync, fewer than the {k} data fragments"),
+            ));
+        }
         let codec = ReedSolomonCodec::new(k, m)
             .map_err(|e| ErrorBody::new(ErrorCode::InvalidArgument, e.to_string()))?;
         Ok((codec, f))
@@ -251,10 +267,17 @@ impl BrickService {
         f: u64,
         have: u64,
     ) -> Result<Vec<u8>, ErrorBody> {
+        // Members out of sync may hold older versions: only in-sync fragments are decoded.
         let reads = g
             .members
             .iter()
-            .map(|m| self.read_fragment(m, key, j * f, f))
+            .map(|m| async move {
+                if Self::takes_fragments(g, m.brick) {
+                    self.read_fragment(m, key, j * f, f).await
+                } else {
+                    None
+                }
+            })
             .collect();
         let frags = join_all(reads).await;
         let (version, bytes) = decode_stripes(codec, &frags, f as usize, 1).map_err(|e| {
@@ -336,6 +359,7 @@ impl BrickService {
             .members
             .iter()
             .zip(frags)
+            .filter(|(m, _)| Self::takes_fragments(g, m.brick))
             .map(|(m, bytes)| {
                 let w = MemberWrite {
                     brick: m.brick,
@@ -393,7 +417,11 @@ impl BrickService {
         let frag_len = len.div_ceil(sb) * f;
         let (set, sync) = (req.set, req.sync);
         let mut calls = Vec::new();
-        for m in &g.members {
+        for m in g
+            .members
+            .iter()
+            .filter(|m| Self::takes_fragments(&g, m.brick))
+        {
             let m = m.clone();
             calls.push(async move {
                 if let Some(b) = self.bricks.get(&m.brick).cloned() {

@@ -33,6 +33,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 /// Why a data-path call failed.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +58,32 @@ impl VolumeError {
             VolumeError::Brick { source, .. } => source.code(),
             VolumeError::Refused(b) => b.kind(),
         }
+    }
+}
+
+/// How long set calls are retried by default: longer than the metadata group takes to notice a
+/// silent node (10 s by default) and change its sets.
+pub const DEFAULT_RETRY_WINDOW: Duration = Duration::from_secs(30);
+
+/// Whether a failed set call may succeed once the sets change: a brick that cannot be reached
+/// or failed, a stale epoch, a primary shutting down.
+fn retryable(e: &VolumeError) -> bool {
+    match e {
+        VolumeError::Meta(_) => false,
+        VolumeError::Brick { source, .. } => !matches!(
+            source.code(),
+            Some(
+                ErrorCode::InvalidArgument
+                    | ErrorCode::NoSpace
+                    | ErrorCode::ReadOnly
+                    | ErrorCode::VersionGap
+                    | ErrorCode::TooLarge
+            )
+        ),
+        VolumeError::Refused(b) => matches!(
+            b.kind(),
+            Some(ErrorCode::Io | ErrorCode::StaleEpoch | ErrorCode::ShuttingDown | ErrorCode::Busy)
+        ),
     }
 }
 
@@ -102,6 +129,10 @@ pub struct VolumeClient {
     meta: MetaClient,
     bricks: BrickClient,
     vol: VolumeRecord,
+    /// The sets as last read from the metadata group (refreshed when a set call fails).
+    sets: std::sync::RwLock<Arc<Vec<SetState>>>,
+    /// How long a failing set call is retried (refreshing the sets) before its error stands.
+    retry_window_ms: std::sync::atomic::AtomicU64,
     addrs: HashMap<BrickId, SocketAddr>,
     spread: AtomicUsize,
     codec: Option<ReedSolomonCodec>,
@@ -142,6 +173,10 @@ impl VolumeClient {
         Ok(Arc::new(VolumeClient {
             meta,
             bricks,
+            sets: std::sync::RwLock::new(Arc::new(vol.sets.clone())),
+            retry_window_ms: std::sync::atomic::AtomicU64::new(
+                DEFAULT_RETRY_WINDOW.as_millis() as u64
+            ),
             vol,
             addrs,
             spread: AtomicUsize::new(0),
@@ -149,8 +184,110 @@ impl VolumeClient {
         }))
     }
 
+    /// The volume as read at open (its sets may have changed since: see `sets`).
     pub fn record(&self) -> &VolumeRecord {
         &self.vol
+    }
+
+    /// The sets as this client last saw them.
+    pub fn sets(&self) -> Arc<Vec<SetState>> {
+        self.sets.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// How long a set call that fails (a member or primary gone) is retried while the
+    /// metadata group changes the set, before its error stands.
+    pub fn set_retry_window(&self, window: Duration) {
+        self.retry_window_ms
+            .store(window.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Reads the volume's sets again.
+    pub async fn refresh(&self) -> Result<(), VolumeError> {
+        let reply = self
+            .meta
+            .read(MetaRead::VolumeByName {
+                name: self.vol.name.clone(),
+            })
+            .await?;
+        let MetaReply::Volume(v) = reply else {
+            return Err(refused(
+                ErrorCode::Internal,
+                "unexpected reply to VolumeByName",
+            ));
+        };
+        if v.id != self.vol.id {
+            return Err(refused(
+                ErrorCode::NotFound,
+                format!("volume {} was deleted and made again", self.vol.name),
+            ));
+        }
+        *self.sets.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(v.sets);
+        Ok(())
+    }
+
+    /// The least in-sync members a set needs to take writes: the `quorum` option, else a
+    /// majority of a replica set, K+1 of a disperse set (at most its width), 1 otherwise.
+    pub fn quorum(&self) -> usize {
+        let width = self.vol.sets.first().map_or(1, |s| s.members.len());
+        if let Some(q) = self
+            .vol
+            .options
+            .iter()
+            .find(|(k, _)| k == "quorum")
+            .and_then(|(_, v)| v.parse::<usize>().ok())
+        {
+            return q.clamp(1, width);
+        }
+        if self.vol.disperse_data > 0 {
+            (self.vol.disperse_data as usize + 1).min(width)
+        } else if self.vol.replica > 1 {
+            self.vol.replica as usize / 2 + 1
+        } else {
+            1
+        }
+    }
+
+    /// Refuses writes to a set below its quorum (EROFS): reads go on.
+    fn check_quorum(&self, index: usize, set: &SetState) -> Result<(), VolumeError> {
+        let q = self.quorum();
+        if set.in_sync.len() < q {
+            return Err(refused(
+                ErrorCode::ReadOnly,
+                format!(
+                    "set {index} of volume {} has {} of {} members in sync, below its quorum of {q}: read-only until they heal",
+                    self.vol.name,
+                    set.in_sync.len(),
+                    set.members.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Runs a set call; when it fails in a way a changed set can cure (a brick gone, a stale
+    /// epoch), reads the sets again and retries with backoff until the retry window closes.
+    async fn retrying<T, F, Fut>(&self, what: &str, call: F) -> Result<T, VolumeError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, VolumeError>>,
+    {
+        let window = Duration::from_millis(self.retry_window_ms.load(Ordering::Relaxed));
+        let start = std::time::Instant::now();
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match call().await {
+                Ok(v) => return Ok(v),
+                Err(e) if retryable(&e) && start.elapsed() + backoff < window => {
+                    tracing::debug!(what, error = %e, "set call failed; re-reading the sets and retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    if let Err(e) = self.refresh().await {
+                        tracing::debug!(error = %e, "could not re-read the volume's sets");
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     pub fn meta(&self) -> &MetaClient {
@@ -222,8 +359,8 @@ impl VolumeClient {
         (unit, stripe, first_set)
     }
 
-    fn set(&self, index: usize) -> Result<&SetState, VolumeError> {
-        self.vol.sets.get(index).ok_or_else(|| {
+    fn set(&self, index: usize) -> Result<SetState, VolumeError> {
+        self.sets().get(index).cloned().ok_or_else(|| {
             refused(
                 ErrorCode::Internal,
                 format!("set {index} is not in the volume"),
@@ -286,6 +423,7 @@ impl VolumeClient {
                     })
                 })
                 .collect::<Result<_, VolumeError>>()?,
+            in_sync: set.in_sync.clone(),
         })
     }
 
@@ -299,7 +437,7 @@ impl VolumeClient {
     /// every fragment when that is not enough.
     async fn read_disperse(
         &self,
-        set: &SetState,
+        set: SetState,
         key: ObjectKey,
         column_offset: u64,
         len: u64,
@@ -310,10 +448,15 @@ impl VolumeClient {
         let (j0, j1) = (column_offset / sb, (column_offset + len - 1) / sb);
         let stripes = (j1 - j0 + 1) as usize;
         let (off, n) = (j0 * f, stripes as u64 * f);
+        // Members out of sync may hold fragments of older versions: never read them.
         let fetch = |brick: BrickId| {
             let bricks = self.bricks.clone();
             let addr = self.addr(brick);
+            let in_sync = set.in_sync.contains(&brick);
             async move {
+                if !in_sync {
+                    return None;
+                }
                 let addr = addr.ok()?;
                 match bricks.read(addr, brick, key, off, n as u32).await {
                     Ok((st, bytes)) => Some((st.version.0, bytes.to_vec())),
@@ -372,8 +515,23 @@ impl VolumeClient {
         }
     }
 
-    /// Writes `data` at `offset`: every stripe-unit piece goes to its set at once.
+    /// Writes `data` at `offset`: every stripe-unit piece goes to its set at once. Retried
+    /// while a set changes under it (see `retrying`); EROFS below a set's quorum.
     pub async fn write(
+        &self,
+        fh: &FileHandle,
+        offset: u64,
+        data: Bytes,
+    ) -> Result<(), VolumeError> {
+        self.retrying("write", || self.write_once(fh, offset, data.clone()))
+            .await?;
+        let end = offset + data.len() as u64;
+        fh.written_end.fetch_max(end, Ordering::SeqCst);
+        fh.size.fetch_max(end, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn write_once(
         &self,
         fh: &FileHandle,
         offset: u64,
@@ -387,7 +545,8 @@ impl VolumeClient {
         let mut tasks = Vec::with_capacity(pieces.len());
         for p in pieces {
             let index = first_set + p.column as usize;
-            let set = self.set(index)?;
+            let set = &self.set(index)?;
+            self.check_quorum(index, set)?;
             let key = self.key(&fh.attr, p.column);
             let chunk = data.slice(p.buf_offset as usize..(p.buf_offset + p.len) as usize);
             let primary = set.primary;
@@ -416,9 +575,6 @@ impl VolumeClient {
         for r in join_all(tasks).await {
             r?;
         }
-        let end = offset + data.len() as u64;
-        fh.written_end.fetch_max(end, Ordering::SeqCst);
-        fh.size.fetch_max(end, Ordering::SeqCst);
         Ok(())
     }
 
@@ -435,9 +591,9 @@ impl VolumeClient {
         if self.dispersed() {
             let mut reads = Vec::with_capacity(pieces.len());
             for p in &pieces {
-                let set = self.set(first_set + p.column as usize)?;
+                let set = &self.set(first_set + p.column as usize)?;
                 reads.push(self.read_disperse(
-                    set,
+                    set.clone(),
                     self.key(&fh.attr, p.column),
                     p.column_offset,
                     p.len,
@@ -451,7 +607,7 @@ impl VolumeClient {
         }
         for p in &pieces {
             let index = first_set + p.column as usize;
-            let set = self.set(index)?;
+            let set = &self.set(index)?;
             // Spread reads over the in-sync members; on a failure, try the next one.
             let start = self.spread.fetch_add(1, Ordering::Relaxed);
             let n_members = set.in_sync.len().max(1);
@@ -498,11 +654,33 @@ impl VolumeClient {
     /// Sets the file's length: every column object is cut (or extended) to its share, then
     /// the size is committed.
     pub async fn truncate(&self, fh: &FileHandle, len: u64) -> Result<(), VolumeError> {
+        self.retrying("truncate", || self.truncate_objects(fh, len))
+            .await?;
+        let set = SetAttr {
+            size_bytes: Some(len),
+            ..SetAttr::default()
+        };
+        self.meta
+            .write(MetaOp::SetAttr {
+                volume: self.vol.id,
+                ino: fh.attr.ino,
+                set,
+            })
+            .await?;
+        fh.size.store(len, Ordering::SeqCst);
+        fh.written_end.store(0, Ordering::SeqCst);
+        fh.committed_end.store(0, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Cuts or extends every column object of the file to its share of `len`.
+    async fn truncate_objects(&self, fh: &FileHandle, len: u64) -> Result<(), VolumeError> {
         let (unit, stripe, first_set) = self.geometry(&fh.attr);
         let mut tasks = Vec::new();
         for column in 0..stripe {
             let index = first_set + column as usize;
-            let set = self.set(index)?;
+            let set = &self.set(index)?;
+            self.check_quorum(index, set)?;
             let primary = set.primary;
             let addr = self.addr(primary)?;
             let msg = if self.dispersed() {
@@ -529,20 +707,6 @@ impl VolumeClient {
         for r in join_all(tasks).await {
             r?;
         }
-        let set = SetAttr {
-            size_bytes: Some(len),
-            ..SetAttr::default()
-        };
-        self.meta
-            .write(MetaOp::SetAttr {
-                volume: self.vol.id,
-                ino: fh.attr.ino,
-                set,
-            })
-            .await?;
-        fh.size.store(len, Ordering::SeqCst);
-        fh.written_end.store(0, Ordering::SeqCst);
-        fh.committed_end.store(0, Ordering::SeqCst);
         Ok(())
     }
 
@@ -552,7 +716,7 @@ impl VolumeClient {
         let mut tasks = Vec::new();
         for column in 0..stripe {
             let index = first_set + column as usize;
-            let set = self.set(index)?;
+            let set = &self.set(index)?;
             for brick in set.in_sync.clone() {
                 let addr = self.addr(brick)?;
                 let key = self.key(&fh.attr, column);
@@ -605,7 +769,7 @@ impl VolumeClient {
         let first = item.group as usize * stripe as usize;
         let mut deletes = Vec::new();
         for column in 0..stripe {
-            let set = self.set(first + column as usize)?;
+            let set = &self.set(first + column as usize)?;
             let key = ObjectKey {
                 volume: self.vol.id,
                 ino: item.ino,

@@ -28,8 +28,10 @@ pub struct MetaOptions {
     pub snapshot_after_logs: u64,
     pub heartbeat: Duration,
     pub election_timeout_min: Duration,
-    /// How often the leader expires sessions whose lease ran out.
+    /// How often the leader expires sessions whose lease ran out and looks for silent nodes.
     pub session_sweep: Duration,
+    /// A node silent (no heartbeat) for this long is down: its bricks leave the in-sync sets.
+    pub down_after: Duration,
 }
 
 impl Default for MetaOptions {
@@ -39,6 +41,7 @@ impl Default for MetaOptions {
             heartbeat: Duration::from_millis(100),
             election_timeout_min: Duration::from_millis(600),
             session_sweep: Duration::from_secs(1),
+            down_after: Duration::from_secs(10),
         }
     }
 }
@@ -126,7 +129,12 @@ impl MetaNode {
             db,
             stop,
         });
-        tokio::spawn(housekeeping(node.clone(), opts.session_sweep, stop_rx));
+        tokio::spawn(housekeeping(
+            node.clone(),
+            opts.session_sweep,
+            opts.down_after,
+            stop_rx,
+        ));
         tracing::info!(node = %id, "metadata member started");
         Ok(node)
     }
@@ -322,9 +330,15 @@ impl MetaNode {
     }
 }
 
-async fn housekeeping(node: Arc<MetaNode>, every: Duration, mut stop: watch::Receiver<bool>) {
+async fn housekeeping(
+    node: Arc<MetaNode>,
+    every: Duration,
+    down_after: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let down_after_ms = down_after.as_millis() as u64;
     loop {
         tokio::select! {
             _ = stop.changed() => return,
@@ -334,7 +348,7 @@ async fn housekeeping(node: Arc<MetaNode>, every: Duration, mut stop: watch::Rec
         if leader != Some(node.id.0) {
             continue;
         }
-        // Propose only when a lease has run out, so an idle group writes nothing.
+        // Propose only when there is something to do, so an idle group writes nothing.
         let now = now_ns();
         let expired = match node.read_local(&brickfs_proto::meta::MetaRead::ListSessions) {
             Ok(MetaReply::Sessions(list)) => list.iter().any(|s| {
@@ -343,18 +357,57 @@ async fn housekeeping(node: Arc<MetaNode>, every: Duration, mut stop: watch::Rec
             }),
             _ => false,
         };
-        if !expired {
-            continue;
+        if expired {
+            node.propose(MetaOp::ExpireSessions).await;
         }
+        if silent_in_sync_member(&node, now, down_after_ms) {
+            node.propose(MetaOp::DetectFailures { down_after_ms }).await;
+        }
+    }
+}
+
+/// Whether some set has more than one in-sync member and one of them is on a node silent for
+/// longer than `down_after_ms`.
+fn silent_in_sync_member(node: &MetaNode, now_ns: i64, down_after_ms: u64) -> bool {
+    use brickfs_proto::meta::MetaRead;
+    let now_ms = u64::try_from(now_ns / 1_000_000).unwrap_or(0);
+    let (Ok(MetaReply::Nodes(nodes)), Ok(MetaReply::Volumes(volumes))) = (
+        node.read_local(&MetaRead::ListNodes),
+        node.read_local(&MetaRead::ListVolumes),
+    ) else {
+        return false;
+    };
+    let silent = |id| {
+        nodes
+            .iter()
+            .find(|n| n.id == id)
+            .is_none_or(|n| n.last_heartbeat_ms.saturating_add(down_after_ms) < now_ms)
+    };
+    volumes.iter().any(|v| {
+        v.sets.iter().any(|set| {
+            set.in_sync.len() > 1
+                && set.in_sync.iter().any(|b| {
+                    v.bricks
+                        .iter()
+                        .find(|x| x.brick == *b)
+                        .is_some_and(|x| silent(x.node))
+                })
+        })
+    })
+}
+
+impl MetaNode {
+    /// Proposes a housekeeping command (outside any session) stamped with this leader's clock.
+    async fn propose(&self, op: MetaOp) {
         let cmd = Command {
             session: SessionId(0),
             seq: 0,
             acked_below: 0,
             now_ns: now_ns(),
-            op: MetaOp::ExpireSessions,
+            op,
         };
-        if let Err(e) = node.raft.client_write(cmd).await {
-            tracing::debug!(error = %e, "session sweep not applied");
+        if let Err(e) = self.raft.client_write(cmd).await {
+            tracing::debug!(error = %e, "housekeeping command not applied");
         }
     }
 }

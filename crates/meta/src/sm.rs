@@ -356,6 +356,73 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
         Ok(())
     }
 
+    /// Drops members on silent nodes from every set's in-sync set (see `DetectFailures`).
+    fn detect_failures(&mut self, down_after_ms: u64) -> Res<()> {
+        let now_ms = u64::try_from(self.now_ns / 1_000_000).unwrap_or(0);
+        let nodes: Vec<NodeRecord> = scan_all(self.kv, b"N")?;
+        let down = |node: brickfs_proto::NodeId| {
+            nodes
+                .iter()
+                .find(|n| n.id == node)
+                .is_none_or(|n| n.last_heartbeat_ms.saturating_add(down_after_ms) < now_ms)
+        };
+        let volumes: Vec<VolumeRecord> = scan_all(self.kv, b"V")?;
+        for mut v in volumes {
+            let node_of =
+                |b: brickfs_proto::BrickId| v.bricks.iter().find(|x| x.brick == b).map(|x| x.node);
+            let mut changed = false;
+            let mut sets = v.sets.clone();
+            for (index, set) in sets.iter_mut().enumerate() {
+                let alive: Vec<_> = set
+                    .in_sync
+                    .iter()
+                    .copied()
+                    .filter(|b| node_of(*b).is_some_and(|n| !down(n)))
+                    .collect();
+                if alive.len() == set.in_sync.len() {
+                    continue;
+                }
+                // Keep the last member standing: it is the one that holds every write.
+                let keep = if alive.is_empty() {
+                    if set.in_sync.len() == 1 {
+                        continue;
+                    }
+                    vec![set.primary]
+                } else {
+                    alive
+                };
+                if keep.len() == set.in_sync.len() {
+                    continue;
+                }
+                let dropped: Vec<_> = set
+                    .in_sync
+                    .iter()
+                    .filter(|b| !keep.contains(b))
+                    .copied()
+                    .collect();
+                if !keep.contains(&set.primary) {
+                    set.primary = keep[0];
+                }
+                set.in_sync = keep;
+                set.epoch = Epoch(set.epoch.0 + 1);
+                changed = true;
+                tracing::warn!(
+                    volume = %v.name,
+                    set = index,
+                    epoch = set.epoch.0,
+                    primary = %set.primary,
+                    dropped = ?dropped,
+                    "members on silent nodes left the in-sync set"
+                );
+            }
+            if changed {
+                v.sets = sets;
+                self.kv.put(keys::volume(v.id), enc(&v));
+            }
+        }
+        Ok(())
+    }
+
     /// A session closed (or lost) an orphan: it goes unless a link came back.
     fn drop_orphan(&mut self, session: SessionId, v: VolumeId, ino: Ino) -> Res<()> {
         self.kv.delete(keys::orphan(session, v, ino));
@@ -609,7 +676,14 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                 MetaReply::Done
             }
             MetaOp::RegisterNode { node } => {
-                self.kv.put(keys::node(node.id), enc(node));
+                // A node counts as alive from its registration (its heartbeats follow).
+                let mut node = node.clone();
+                node.last_heartbeat_ms = u64::try_from(self.now_ns / 1_000_000).unwrap_or(0);
+                self.kv.put(keys::node(node.id), enc(&node));
+                MetaReply::Done
+            }
+            MetaOp::DetectFailures { down_after_ms } => {
+                self.detect_failures(*down_after_ms)?;
                 MetaReply::Done
             }
             MetaOp::RegisterBrick { brick } => {
@@ -1386,6 +1460,7 @@ pub fn apply_command<B: KvRead>(kv: &mut Overlay<'_, B>, cmd: &Command) -> Comma
         return match &cmd.op {
             MetaOp::OpenSession { .. }
             | MetaOp::ExpireSessions
+            | MetaOp::DetectFailures { .. }
             | MetaOp::RegisterNode { .. }
             | MetaOp::RegisterBrick { .. }
             | MetaOp::Heartbeat { .. } => a.op(&cmd.op, cmd.session),

@@ -323,6 +323,12 @@ pub enum MetaOp {
         volume: VolumeId,
         ino: Ino,
     },
+    /// Proposed by the leader: every set drops from its in-sync set the members on nodes
+    /// silent for longer than `down_after_ms` (by the command's time), with a new epoch and,
+    /// when the primary went, a new primary. A set never loses its last in-sync member.
+    DetectFailures {
+        down_after_ms: u64,
+    },
 }
 
 impl MetaOp {

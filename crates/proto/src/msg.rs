@@ -256,6 +256,9 @@ pub struct DisperseGeometry {
     pub parity_fragments: u32,
     pub fragment_bytes: u32,
     pub members: Vec<MemberRef>,
+    /// The members that take fragments (the set's in-sync members); the others are out of
+    /// sync and skipped until healed. Empty means every member.
+    pub in_sync: Vec<BrickId>,
 }
 
 /// A write to a column of a disperse set, sent to its primary: the primary reads the old
