@@ -231,6 +231,86 @@ async fn collect_garbage(
     }
 }
 
+/// How often the metadata leader's node looks for set members to heal.
+const HEAL_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Heals set members that are out of sync but whose nodes are alive again, one at a time,
+/// while this node's metadata member leads (see `brickfs_client::heal`).
+async fn heal_members(
+    node: NodeId,
+    member: Arc<MetaNode>,
+    advertise: std::net::SocketAddr,
+    down_after: std::time::Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    use brickfs_proto::meta::{MetaRead, MetaReply, VolumeStatus};
+    let meta = brickfs_client::MetaClient::new(
+        vec![advertise],
+        brickfs_client::MetaClientOptions {
+            client_name: format!("brickd {node} heal"),
+            deadline: HEAL_EVERY * 5,
+            ..brickfs_client::MetaClientOptions::default()
+        },
+    );
+    let bricks = brickfs_client::BrickClient::new(brickfs_proto::rpc::ClientOptions {
+        peer_name: format!("brickd {node} heal"),
+        ..Default::default()
+    });
+    let mut tick = tokio::time::interval(HEAL_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        if member.status().leader != Some(node) {
+            continue;
+        }
+        let (Ok(MetaReply::Volumes(volumes)), Ok(MetaReply::Nodes(nodes))) = (
+            meta.read(MetaRead::ListVolumes).await,
+            meta.read(MetaRead::ListNodes).await,
+        ) else {
+            continue;
+        };
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let alive = |n: NodeId| {
+            nodes
+                .iter()
+                .any(|x| x.id == n && x.last_heartbeat_ms + down_after.as_millis() as u64 >= now_ms)
+        };
+        for v in volumes.iter().filter(|v| v.status == VolumeStatus::Started) {
+            for (set, target) in brickfs_client::heal::out_of_sync(v) {
+                let on_alive_node = v
+                    .bricks
+                    .iter()
+                    .find(|b| b.brick == target)
+                    .is_some_and(|b| alive(b.node));
+                if !on_alive_node {
+                    continue;
+                }
+                info!(volume = %v.name, set, brick = %target, "healing a member out of sync");
+                let r = brickfs_client::heal::heal_member(&meta, &bricks, v, set, target, |s| {
+                    tracing::debug!(volume = %v.name, set, brick = %target, scanned = s.scanned, copied = s.copied, bytes = s.bytes, "heal progress");
+                })
+                .await;
+                match r {
+                    Ok(s) => info!(
+                        volume = %v.name, set, brick = %target, scanned = s.scanned,
+                        copied = s.copied, bytes = s.bytes, "healed; the member is in sync again"
+                    ),
+                    Err(e) => {
+                        warn!(volume = %v.name, set, brick = %target, error = %e, "heal failed; retried next round")
+                    }
+                }
+                // The sets changed (or may have): read them again before the next heal.
+                break;
+            }
+        }
+    }
+}
+
 async fn serve(config: Config) -> anyhow::Result<()> {
     let node = load_or_create_node_id(&config.data_dir)?;
     let mut stores = Vec::new();
@@ -284,6 +364,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tokio::spawn(heartbeat(node, peers, stop_rx.clone()));
     }
     if let Some(member) = &meta {
+        tokio::spawn(heal_members(
+            node,
+            member.clone(),
+            advertise,
+            config.meta_down_after,
+            stop_rx.clone(),
+        ));
         tokio::spawn(collect_garbage(
             node,
             member.clone(),

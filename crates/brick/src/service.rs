@@ -453,6 +453,180 @@ impl BrickService {
         })
     }
 
+    /// Brings a member out of sync up to date (see `HealObjects`).
+    async fn heal_objects(
+        &self,
+        req: brickfs_proto::msg::HealObjects,
+    ) -> Result<brickfs_proto::msg::Healed, ErrorBody> {
+        let own = self.brick(req.brick)?;
+        let set = req.set;
+        Self::blocking(own.clone(), move |b| {
+            b.fence(set.volume.0, set.set, set.epoch.0)
+        })
+        .await?;
+        let codec = match &req.geometry {
+            Some(g) => Some(self.disperse_setup(req.brick, g)?),
+            None => None,
+        };
+        let target_index = match &req.geometry {
+            Some(g) => Some(
+                g.members
+                    .iter()
+                    .position(|m| m.brick == req.target.brick)
+                    .ok_or_else(|| {
+                        ErrorBody::new(ErrorCode::InvalidArgument, "heal target is not a member")
+                    })?,
+            ),
+            None => None,
+        };
+        let target: std::net::SocketAddr = req.target.addr.parse().map_err(|_| {
+            ErrorBody::new(ErrorCode::InvalidArgument, "heal target has a bad address")
+        })?;
+        // A barrier holds every ordering lock: no write runs on this set meanwhile.
+        let mut barrier = Vec::new();
+        if req.barrier {
+            for shard in &self.ordering {
+                barrier.push(shard.lock().await);
+            }
+        }
+        let mut out = brickfs_proto::msg::Healed {
+            scanned: 0,
+            copied: 0,
+            bytes: 0,
+            last: None,
+            more: false,
+        };
+        let mut after = req.after;
+        loop {
+            let (page, more) = Self::blocking(own.clone(), move |b| b.list(after, 256)).await?;
+            for (key, _) in &page {
+                let key = *key;
+                out.scanned += 1;
+                let _order = if req.barrier {
+                    None
+                } else {
+                    Some(self.ordering_lock(&key).lock().await)
+                };
+                let mine = match Self::blocking(own.clone(), move |b| b.stat(&key)).await {
+                    Ok(m) => m,
+                    Err(e) if e.kind() == Some(ErrorCode::NotFound) => continue,
+                    Err(e) => return Err(e),
+                };
+                let theirs = match self
+                    .peers
+                    .call(
+                        target,
+                        Message::Stat(brickfs_proto::msg::Stat {
+                            brick: req.target.brick,
+                            key,
+                        }),
+                        Bytes::new(),
+                    )
+                    .await
+                {
+                    Ok((Message::StatReply(st), _)) => Some(st),
+                    Err(e) if e.code() == Some(ErrorCode::NotFound) => None,
+                    Ok(_) => None,
+                    Err(e) => {
+                        return Err(ErrorBody::new(
+                            ErrorCode::Io,
+                            format!("heal target {}: {e}", req.target.brick),
+                        ));
+                    }
+                };
+                let expect_len = mine.len_bytes;
+                if theirs.is_some_and(|t| t.version == mine.version && t.len_bytes == expect_len) {
+                    continue;
+                }
+                let bytes = match (&req.geometry, &codec, target_index) {
+                    (Some(g), Some((codec, f)), Some(i)) => {
+                        self.rebuild_fragment(g, codec, *f, key, mine.version.0, mine.len_bytes, i)
+                            .await?
+                    }
+                    _ => {
+                        let (m, b) =
+                            Self::blocking(own.clone(), move |b| b.read(&key, 0, mine.len_bytes))
+                                .await?;
+                        if m.version != mine.version {
+                            return Err(ErrorBody::new(
+                                ErrorCode::Busy,
+                                "object changed during heal",
+                            ));
+                        }
+                        b
+                    }
+                };
+                let msg = Message::MemberReplace(brickfs_proto::msg::MemberReplace {
+                    brick: req.target.brick,
+                    set,
+                    key,
+                    version: mine.version,
+                });
+                out.bytes += bytes.len() as u64;
+                self.peers.call(target, msg, bytes).await.map_err(|e| {
+                    ErrorBody::new(
+                        ErrorCode::Io,
+                        format!("heal target {}: {e}", req.target.brick),
+                    )
+                })?;
+                out.copied += 1;
+            }
+            out.last = page.last().map(|(k, _)| *k).or(out.last);
+            after = out.last;
+            if !more {
+                break;
+            }
+            if !req.barrier && out.scanned >= u64::from(req.limit.max(1)) {
+                out.more = true;
+                break;
+            }
+        }
+        drop(barrier);
+        Ok(out)
+    }
+
+    /// Rebuilds member `index`'s fragment object of a disperse column from the in-sync members
+    /// (all its stripes), at the version the primary holds.
+    #[allow(clippy::too_many_arguments)]
+    async fn rebuild_fragment(
+        &self,
+        g: &DisperseGeometry,
+        codec: &ReedSolomonCodec,
+        f: u64,
+        key: ObjectKey,
+        version: u64,
+        frag_len: u64,
+        index: usize,
+    ) -> Result<Bytes, ErrorBody> {
+        if frag_len == 0 {
+            return Ok(Bytes::new());
+        }
+        let stripes = frag_len.div_ceil(f) as usize;
+        let reads = g
+            .members
+            .iter()
+            .map(|m| async move {
+                if Self::takes_fragments(g, m.brick) {
+                    self.read_fragment(m, key, 0, stripes as u64 * f).await
+                } else {
+                    None
+                }
+            })
+            .collect();
+        let frags = join_all(reads).await;
+        let (v, data) = decode_stripes(codec, &frags, f as usize, stripes)
+            .map_err(|e| ErrorBody::new(ErrorCode::Io, format!("{key} cannot be rebuilt: {e}")))?;
+        if v != version {
+            return Err(ErrorBody::new(
+                ErrorCode::Busy,
+                format!("{key} decodes at version {v}, the primary holds {version}"),
+            ));
+        }
+        let mut frags = encode_stripes(codec, &data, f as usize)
+            .map_err(|e| ErrorBody::new(ErrorCode::Internal, format!("encode: {e}")))?;
+        Ok(Bytes::from(std::mem::take(&mut frags[index])))
+    }
+
     /// Applies a mutation to a brick this node serves under a set's epoch: fence first (an
     /// older epoch is refused, a newer one recorded), then write or truncate under `rule`.
     async fn apply_fenced(
@@ -659,6 +833,17 @@ impl BrickService {
                 };
                 let rule = VersionRule::Exactly(req.version);
                 let meta = Self::apply_fenced(brick, req.set, req.key, m, req.sync, rule).await?;
+                (Message::Written(state(meta)), none)
+            }
+            Message::HealObjects(req) => (Message::HealReply(self.heal_objects(req).await?), none),
+            Message::MemberReplace(req) => {
+                let brick = self.brick(req.brick)?;
+                let set = req.set;
+                let meta = Self::blocking(brick, move |b| {
+                    b.fence(set.volume.0, set.set, set.epoch.0)?;
+                    b.replace(&req.key, &data, req.version)
+                })
+                .await?;
                 (Message::Written(state(meta)), none)
             }
             Message::MemberTruncate(req) => {

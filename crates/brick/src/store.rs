@@ -588,6 +588,25 @@ impl BrickStore {
         Ok(meta)
     }
 
+    /// Replaces the object with `data`, which then holds `version`: a heal's copy from an
+    /// in-sync member. Durable when it returns.
+    pub fn replace(
+        &self,
+        key: &ObjectKey,
+        data: &[u8],
+        version: ObjectVersion,
+    ) -> Result<ObjectMeta, StoreError> {
+        self.delete(key)?;
+        let written = self.write_versioned(key, 0, data, true, VersionRule::Next)?;
+        let _guard = self.lock(key).write().unwrap_or_else(|p| p.into_inner());
+        let meta = ObjectMeta {
+            version,
+            len_bytes: written.len_bytes,
+        };
+        self.commit(key, WriteBatch::default(), meta, true)?;
+        Ok(meta)
+    }
+
     /// Removes an object; returns whether it existed.
     pub fn delete(&self, key: &ObjectKey) -> Result<bool, StoreError> {
         let _guard = self.lock(key).write().unwrap_or_else(|p| p.into_inner());

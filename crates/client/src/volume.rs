@@ -61,6 +61,17 @@ impl VolumeError {
     }
 }
 
+/// The node address of a volume's brick (`HOST:PORT` of its `HOST:PORT:/PATH`).
+pub fn brick_addr(b: &brickfs_proto::meta::VolumeBrick) -> Result<SocketAddr, VolumeError> {
+    let host = b.addr.rsplit_once(":/").map_or(b.addr.as_str(), |(h, _)| h);
+    host.parse().map_err(|_| {
+        refused(
+            ErrorCode::InvalidArgument,
+            format!("brick {} has no HOST:PORT address", b.addr),
+        )
+    })
+}
+
 /// How long set calls are retried by default: longer than the metadata group takes to notice a
 /// silent node (10 s by default) and change its sets.
 pub const DEFAULT_RETRY_WINDOW: Duration = Duration::from_secs(30);
@@ -153,14 +164,7 @@ impl VolumeClient {
             })?;
         let mut addrs = HashMap::new();
         for b in &vol.bricks {
-            let host = b.addr.rsplit_once(":/").map_or(b.addr.as_str(), |(h, _)| h);
-            let addr: SocketAddr = host.parse().map_err(|_| {
-                refused(
-                    ErrorCode::InvalidArgument,
-                    format!("brick {} has no HOST:PORT address", b.addr),
-                )
-            })?;
-            addrs.insert(b.brick, addr);
+            addrs.insert(b.brick, brick_addr(b)?);
         }
         let codec = if vol.disperse_data > 0 {
             Some(

@@ -686,6 +686,56 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                 self.detect_failures(*down_after_ms)?;
                 MetaReply::Done
             }
+            MetaOp::RejoinMember {
+                volume,
+                set,
+                member,
+                epoch,
+            } => {
+                let mut v = check_volume(self.kv, *volume)?;
+                let s = v
+                    .sets
+                    .get_mut(*set as usize)
+                    .ok_or_else(|| err(ErrorCode::InvalidArgument, format!("no set {set}")))?;
+                if !s.members.contains(member) {
+                    return Err(err(
+                        ErrorCode::InvalidArgument,
+                        format!("brick {member} is not a member of set {set}"),
+                    ));
+                }
+                if s.epoch != *epoch {
+                    return Err(err(
+                        ErrorCode::StaleEpoch,
+                        format!("set {set} is at epoch {}, not {}", s.epoch.0, epoch.0),
+                    ));
+                }
+                if !s.in_sync.contains(member) {
+                    let members = s.members.clone();
+                    s.in_sync.push(*member);
+                    s.in_sync
+                        .sort_by_key(|b| members.iter().position(|m| m == b));
+                    s.epoch = Epoch(epoch.0 + 1);
+                    tracing::info!(volume = %v.name, set, %member, epoch = s.epoch.0, "a healed member rejoined its set");
+                    self.kv.put(keys::volume(v.id), enc(&v));
+                }
+                MetaReply::Volume(check_volume(self.kv, *volume)?)
+            }
+            MetaOp::RaiseEpoch {
+                volume,
+                set,
+                at_least,
+            } => {
+                let mut v = check_volume(self.kv, *volume)?;
+                let s = v
+                    .sets
+                    .get_mut(*set as usize)
+                    .ok_or_else(|| err(ErrorCode::InvalidArgument, format!("no set {set}")))?;
+                if s.epoch < *at_least {
+                    s.epoch = *at_least;
+                    self.kv.put(keys::volume(v.id), enc(&v));
+                }
+                MetaReply::Done
+            }
             MetaOp::RegisterBrick { brick } => {
                 if get::<NodeRecord>(self.kv, &keys::node(brick.node))?.is_none() {
                     return Err(err(

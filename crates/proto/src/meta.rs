@@ -329,6 +329,21 @@ pub enum MetaOp {
     DetectFailures {
         down_after_ms: u64,
     },
+    /// A healed member rejoins set `set`'s in-sync members; applies only while the set is at
+    /// `epoch` (the heal fenced the primary at `epoch + 1`, which the set then takes).
+    RejoinMember {
+        volume: VolumeId,
+        set: u32,
+        member: BrickId,
+        epoch: Epoch,
+    },
+    /// Raises a set's epoch to at least `at_least` (after a heal fenced its primary but could
+    /// not finish, so that clients can write again).
+    RaiseEpoch {
+        volume: VolumeId,
+        set: u32,
+        at_least: Epoch,
+    },
 }
 
 impl MetaOp {

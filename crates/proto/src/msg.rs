@@ -286,6 +286,47 @@ pub struct DisperseTruncate {
     pub geometry: DisperseGeometry,
 }
 
+/// Heal, sent to a set's primary: bring `target` (a member out of sync) up to date with the
+/// set, object by object in key order after `after`, at most `limit` objects. Each object is
+/// copied under its ordering lock (a replica: the primary's bytes; disperse: the target's
+/// fragment, rebuilt from the in-sync members) when the target's version or length differs.
+/// With `barrier`, the primary first fences itself at `set.epoch` (so writes under an older
+/// epoch stop) and holds every ordering lock for the whole call, which then covers every
+/// object (`limit` ignored): afterwards the target equals the set.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealObjects {
+    pub brick: BrickId,
+    pub set: SetRef,
+    pub target: MemberRef,
+    /// For a disperse set, its geometry (the target's fragment index is its place in
+    /// `members`); `None` for a replica set.
+    pub geometry: Option<DisperseGeometry>,
+    pub after: Option<ObjectKey>,
+    pub limit: u32,
+    pub barrier: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Healed {
+    /// Objects looked at, and copied.
+    pub scanned: u64,
+    pub copied: u64,
+    pub bytes: u64,
+    /// The last object looked at; more follow when `more`.
+    pub last: Option<ObjectKey>,
+    pub more: bool,
+}
+
+/// A heal's copy of a whole object to a member: its bytes replace the member's object, which
+/// then holds `version` (the set's).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberReplace {
+    pub brick: BrickId,
+    pub set: SetRef,
+    pub key: ObjectKey,
+    pub version: ObjectVersion,
+}
+
 macro_rules! messages {
     ($($num:literal => $variant:ident($body:ty), data: $data:literal;)*) => {
         /// Every message, by kind number.
@@ -373,6 +414,9 @@ messages! {
     39 => MemberTruncate(MemberTruncate), data: false;
     40 => DisperseWrite(DisperseWrite), data: true;
     41 => DisperseTruncate(DisperseTruncate), data: false;
+    42 => HealObjects(HealObjects), data: false;
+    43 => HealReply(Healed), data: false;
+    44 => MemberReplace(MemberReplace), data: true;
     48 => MetaWrite(crate::meta::MetaWrite), data: false;
     49 => MetaRead(crate::meta::MetaReadReq), data: false;
     50 => MetaOk(crate::meta::MetaReply), data: false;

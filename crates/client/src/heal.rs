@@ -1,0 +1,185 @@
+//! Self-heal: bringing a set member that is out of sync (it was down while the set took
+//! writes) back to the set's state, then into its in-sync members.
+//!
+//! One member at a time: bulk passes copy every object whose version or length differs
+//! (replicas from the primary, disperse fragments rebuilt from the in-sync members) while
+//! writes go on; then a barrier pass fences the primary at the next epoch and copies what
+//! changed meanwhile with every write held off; then the metadata group lets the member rejoin
+//! at that epoch. A heal that stops after the fence raises the set's epoch so that writes go on
+//! without the member. Each object is copied under the primary's ordering lock, so a copy
+//! never races a write to that object.
+
+use crate::volume::{VolumeError, brick_addr};
+use crate::{BrickClient, MetaClient};
+use brickfs_proto::meta::{MetaOp, VolumeRecord};
+use brickfs_proto::msg::{DisperseGeometry, HealObjects, Healed, MemberRef, SetRef};
+use brickfs_proto::{BrickId, Epoch, ErrorBody, ErrorCode, Message};
+use bytes::Bytes;
+
+/// What a heal did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HealStats {
+    /// Objects compared, copied, and the bytes copied.
+    pub scanned: u64,
+    pub copied: u64,
+    pub bytes: u64,
+}
+
+impl HealStats {
+    fn add(&mut self, h: &Healed) {
+        self.scanned += h.scanned;
+        self.copied += h.copied;
+        self.bytes += h.bytes;
+    }
+}
+
+/// The (set index, member) pairs of a volume that are out of sync.
+pub fn out_of_sync(rec: &VolumeRecord) -> Vec<(usize, BrickId)> {
+    rec.sets
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| {
+            s.members
+                .iter()
+                .filter(|m| !s.in_sync.contains(m))
+                .map(move |m| (i, *m))
+        })
+        .collect()
+}
+
+fn member_ref(rec: &VolumeRecord, brick: BrickId) -> Result<MemberRef, VolumeError> {
+    let vb = rec
+        .bricks
+        .iter()
+        .find(|b| b.brick == brick)
+        .ok_or_else(|| {
+            VolumeError::Refused(ErrorBody::new(
+                ErrorCode::Internal,
+                format!("brick {brick} is not in the volume"),
+            ))
+        })?;
+    Ok(MemberRef {
+        brick,
+        addr: brick_addr(vb)?.to_string(),
+    })
+}
+
+/// Heals `target` of set `index` of the volume `rec` (as last read) and lets it rejoin;
+/// `progress` sees the running totals after every page.
+pub async fn heal_member(
+    meta: &MetaClient,
+    bricks: &BrickClient,
+    rec: &VolumeRecord,
+    index: usize,
+    target: BrickId,
+    mut progress: impl FnMut(&HealStats),
+) -> Result<HealStats, VolumeError> {
+    let set = rec.sets.get(index).ok_or_else(|| {
+        VolumeError::Refused(ErrorBody::new(
+            ErrorCode::InvalidArgument,
+            format!("no set {index}"),
+        ))
+    })?;
+    if set.in_sync.contains(&target) {
+        return Ok(HealStats::default());
+    }
+    let primary = set.primary;
+    let primary_addr = brick_addr(
+        rec.bricks
+            .iter()
+            .find(|b| b.brick == primary)
+            .ok_or_else(|| {
+                VolumeError::Refused(ErrorBody::new(ErrorCode::Internal, "no primary"))
+            })?,
+    )?;
+    let geometry = if rec.disperse_data > 0 {
+        Some(DisperseGeometry {
+            data_fragments: rec.disperse_data,
+            parity_fragments: rec.disperse_redundancy,
+            fragment_bytes: brickfs_layout::DISPERSE_FRAGMENT_BYTES,
+            members: set
+                .members
+                .iter()
+                .map(|b| member_ref(rec, *b))
+                .collect::<Result<_, _>>()?,
+            in_sync: set.in_sync.clone(),
+        })
+    } else {
+        None
+    };
+    let epoch = set.epoch;
+    let request = |epoch: Epoch, after, barrier| HealObjects {
+        brick: primary,
+        set: SetRef {
+            volume: rec.id,
+            set: index as u32,
+            epoch,
+        },
+        target: member_ref(rec, target).expect("checked above"),
+        geometry: geometry.clone(),
+        after,
+        limit: 256,
+        barrier,
+    };
+    member_ref(rec, target)?;
+    let call = |req: HealObjects| async move {
+        match bricks
+            .pool()
+            .call(primary_addr, Message::HealObjects(req), Bytes::new())
+            .await
+        {
+            Ok((Message::HealReply(h), _)) => Ok(h),
+            Ok((other, _)) => Err(VolumeError::Refused(ErrorBody::new(
+                ErrorCode::Malformed,
+                format!("HealObjects answered with {}", other.name()),
+            ))),
+            Err(source) => Err(VolumeError::Brick {
+                brick: primary,
+                source,
+            }),
+        }
+    };
+    let mut stats = HealStats::default();
+    // Bulk passes while writes go on.
+    let mut after = None;
+    loop {
+        let h = call(request(epoch, after, false)).await?;
+        stats.add(&h);
+        progress(&stats);
+        after = h.last;
+        if !h.more {
+            break;
+        }
+    }
+    // The barrier pass and the rejoin, at the next epoch.
+    let next = Epoch(epoch.0 + 1);
+    let finished = async {
+        let h = call(request(next, None, true)).await?;
+        stats.add(&h);
+        progress(&stats);
+        meta.write(MetaOp::RejoinMember {
+            volume: rec.id,
+            set: index as u32,
+            member: target,
+            epoch,
+        })
+        .await?;
+        Ok::<(), VolumeError>(())
+    }
+    .await;
+    if let Err(e) = finished {
+        // The primary may be fenced at `next` already: let the set catch up so writes go on.
+        let raise = meta
+            .write(MetaOp::RaiseEpoch {
+                volume: rec.id,
+                set: index as u32,
+                at_least: next,
+            })
+            .await;
+        if let Err(r) = raise {
+            tracing::warn!(error = %r, "could not raise the epoch after a failed heal");
+        }
+        return Err(e);
+    }
+    Ok(stats)
+}
