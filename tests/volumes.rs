@@ -735,6 +735,35 @@ async fn a_returning_node_heals_and_rejoins_while_writes_go_on() {
     for (vol, _, _) in &vols {
         assert_eq!(vol.sets()[0].in_sync.len(), 2);
     }
+    // The CLI shows the members out of sync, and what they lack.
+    let meta_addr = nodes[0].addr().to_string();
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_brickfs"))
+            .args(["--meta", &meta_addr])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let info = cli(&["volume", "heal", "r3", "info"]);
+    assert!(info.contains("1 member(s) out of sync"), "{info}");
+    assert!(info.contains("needs heal"), "{info}");
+    let stats = cli(&["--json", "volume", "heal", "r3", "statistics"]);
+    let rows: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    let backlog: u64 = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["in_sync"] == false)
+        .map(|r| r["backlog_objects"].as_u64().unwrap())
+        .sum();
+    assert!(backlog >= 1, "{stats}");
+
     nodes[2].restart().unwrap();
     // Writes go on while the heal runs; it finishes with every member in sync.
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
@@ -762,6 +791,10 @@ async fn a_returning_node_heals_and_rejoins_while_writes_go_on() {
         vol.fsync(fh).await.unwrap();
         must_have_identical_replicas(vol).await;
     }
+    let info = cli(&["volume", "heal", "d21", "info"]);
+    assert!(info.contains("0 member(s) out of sync"), "{info}");
+    let full = cli(&["volume", "heal", "r3", "full"]);
+    assert!(full.contains("every member is in sync"), "{full}");
     // Node 1 goes: what node 2 holds now (healed) serves every acknowledged byte.
     nodes[1].sigkill().unwrap();
     for (vol, fh, model) in &vols {

@@ -100,6 +100,33 @@ pub enum VolumeVerb {
         name: String,
         key: Option<String>,
     },
+    /// Self-heal: `info` (members out of sync), `full` (heal them now, with progress),
+    /// `statistics` (how many objects each one lacks).
+    Heal {
+        name: String,
+        #[command(subcommand)]
+        what: HealVerb,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HealVerb {
+    Info,
+    Full,
+    Statistics,
+}
+
+#[derive(Serialize)]
+struct HealInfoRow {
+    set: usize,
+    epoch: u64,
+    primary: String,
+    brick: String,
+    id: String,
+    in_sync: bool,
+    /// Objects the member lacks or holds at another version (statistics only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backlog_objects: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -543,6 +570,157 @@ async fn volume(verb: VolumeVerb, meta: &[SocketAddr], json: bool) -> anyhow::Re
             }
             for (k, val) in opts {
                 println!("{k} {val}");
+            }
+        }
+        VolumeVerb::Heal { name, what } => heal(&m, &name, what, json).await?,
+    }
+    Ok(())
+}
+
+/// The objects of one brick: key → (version, length).
+async fn brick_objects(
+    bricks: &BrickClient,
+    addr: SocketAddr,
+    brick: brickfs_proto::BrickId,
+) -> anyhow::Result<std::collections::HashMap<brickfs_proto::ObjectKey, (u64, u64)>> {
+    let mut out = std::collections::HashMap::new();
+    let mut after = None;
+    loop {
+        let (page, more) = bricks.list(addr, brick, after, 4096).await?;
+        after = page.last().map(|o| o.key);
+        out.extend(
+            page.into_iter()
+                .map(|o| (o.key, (o.state.version.0, o.state.len_bytes))),
+        );
+        if !more {
+            return Ok(out);
+        }
+    }
+}
+
+async fn heal(m: &MetaClient, name: &str, what: HealVerb, json: bool) -> anyhow::Result<()> {
+    let v = admin::volume_info(m, name)
+        .await
+        .with_context(|| format!("get volume {name}"))?;
+    let bricks = BrickClient::new(ClientOptions {
+        peer_name: "brickfs-cli".into(),
+        connect_timeout: std::time::Duration::from_secs(2),
+        ..ClientOptions::default()
+    });
+    let addr_of = |b: brickfs_proto::BrickId| {
+        v.bricks
+            .iter()
+            .find(|x| x.brick == b)
+            .map(|x| (x.addr.clone(), brickfs_client::volume::brick_addr(x)))
+    };
+    match what {
+        HealVerb::Info | HealVerb::Statistics => {
+            let mut rows = Vec::new();
+            for (i, set) in v.sets.iter().enumerate() {
+                let primary_objects =
+                    match (&what, addr_of(set.primary)) {
+                        (HealVerb::Statistics, Some((_, Ok(a)))) => {
+                            Some(brick_objects(&bricks, a, set.primary).await.with_context(
+                                || format!("list the objects of primary {}", set.primary),
+                            )?)
+                        }
+                        _ => None,
+                    };
+                for b in &set.members {
+                    let in_sync = set.in_sync.contains(b);
+                    let (label, addr) = match addr_of(*b) {
+                        Some((label, addr)) => (label, addr.ok()),
+                        None => (String::new(), None),
+                    };
+                    let backlog_objects = match (&primary_objects, in_sync, addr) {
+                        (Some(_), true, _) => Some(0),
+                        (Some(p), false, Some(a)) => match brick_objects(&bricks, a, *b).await {
+                            Ok(theirs) => Some(
+                                p.iter()
+                                    .filter(|(k, st)| theirs.get(*k) != Some(*st))
+                                    .count() as u64,
+                            ),
+                            // Unreachable: it lacks everything the primary holds.
+                            Err(_) => Some(p.len() as u64),
+                        },
+                        _ => None,
+                    };
+                    rows.push(HealInfoRow {
+                        set: i,
+                        epoch: set.epoch.0,
+                        primary: set.primary.to_string(),
+                        brick: label,
+                        id: b.to_string(),
+                        in_sync,
+                        backlog_objects,
+                    });
+                }
+            }
+            if json {
+                return print_json(&rows);
+            }
+            let pending = rows.iter().filter(|r| !r.in_sync).count();
+            println!("Heal of volume {name}: {pending} member(s) out of sync");
+            for r in rows {
+                let state = if r.in_sync { "in sync" } else { "needs heal" };
+                match r.backlog_objects {
+                    Some(n) => println!(
+                        "set {} (epoch {}): {} [{}] {state}, {n} object(s) to heal",
+                        r.set, r.epoch, r.brick, r.id
+                    ),
+                    None => println!(
+                        "set {} (epoch {}): {} [{}] {state}",
+                        r.set, r.epoch, r.brick, r.id
+                    ),
+                }
+            }
+        }
+        HealVerb::Full => {
+            let mut total = brickfs_client::heal::HealStats::default();
+            let pending = brickfs_client::heal::out_of_sync(&v);
+            if pending.is_empty() {
+                println!("volume heal: {name}: every member is in sync");
+                return Ok(());
+            }
+            let mut failed = 0;
+            for (set, target) in pending {
+                // Read the sets again: an earlier heal changed them.
+                let v = admin::volume_info(m, name).await?;
+                let label = addr_of(target).map(|(l, _)| l).unwrap_or_default();
+                let r = brickfs_client::heal::heal_member(m, &bricks, &v, set, target, |s| {
+                    eprint!(
+                        "\rheal set {set} {label}: {} objects compared, {} copied ({:.1} MiB)   ",
+                        s.scanned,
+                        s.copied,
+                        s.bytes as f64 / f64::from(1u32 << 20)
+                    );
+                })
+                .await;
+                eprintln!();
+                match r {
+                    Ok(s) => {
+                        total.scanned += s.scanned;
+                        total.copied += s.copied;
+                        total.bytes += s.bytes;
+                        println!("set {set} {label}: healed, in sync again");
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        println!("set {set} {label}: not healed: {e}");
+                    }
+                }
+            }
+            if json {
+                return print_json(&serde_json::json!({
+                    "scanned": total.scanned, "copied": total.copied, "bytes": total.bytes, "failed": failed,
+                }));
+            }
+            println!(
+                "volume heal: {name}: {} objects compared, {} copied ({} bytes), {failed} member(s) not healed",
+                total.scanned, total.copied, total.bytes
+            );
+            if failed > 0 {
+                anyhow::bail!("{failed} member(s) of volume {name} could not be healed");
             }
         }
     }
