@@ -207,20 +207,6 @@ async fn flipped_byte_on_disk_returns_checksum_error() {
     assert!(head == data.slice(..600_000));
 }
 
-fn find_object_file(dir: &std::path::Path, suffix: &str) -> Option<std::path::PathBuf> {
-    for entry in std::fs::read_dir(dir).ok()? {
-        let path = entry.ok()?.path();
-        if path.is_dir() {
-            if let Some(found) = find_object_file(&path, suffix) {
-                return Some(found);
-            }
-        } else if path.to_string_lossy().ends_with(suffix) {
-            return Some(path);
-        }
-    }
-    None
-}
-
 /// SIGTERM stops the daemon cleanly: exit status 0 and a final log line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_cleanly() {

@@ -59,6 +59,12 @@ pub struct Flags {
     /// of their sets' in-sync members (default 10).
     #[arg(long)]
     pub meta_down_after_secs: Option<u64>,
+    /// The bitrot scrubber's read rate per node, with units (default 32MiB; 0 turns it off).
+    #[arg(long)]
+    pub scrub_rate: Option<String>,
+    /// Seconds between the starts of scrub passes over every brick (default 86400).
+    #[arg(long)]
+    pub scrub_interval_secs: Option<u64>,
     /// Members of the metadata group this node reports its heartbeat to (default: itself when
     /// it runs a member, else none).
     #[arg(long, env = "BRICKFS_META_PEERS", value_delimiter = ',')]
@@ -78,6 +84,8 @@ struct FileConfig {
     advertise: Option<String>,
     meta_snapshot_logs: Option<u64>,
     meta_down_after_secs: Option<u64>,
+    scrub_rate: Option<String>,
+    scrub_interval_secs: Option<u64>,
     #[serde(default)]
     meta_peers: Vec<String>,
 }
@@ -119,6 +127,10 @@ pub struct Config {
     pub meta_snapshot_logs: u64,
     /// A node silent this long is down (see `--meta-down-after-secs`).
     pub meta_down_after: std::time::Duration,
+    /// Bytes per second the scrubber reads (0: off).
+    pub scrub_rate: u64,
+    /// Time between scrub passes.
+    pub scrub_interval: std::time::Duration,
     /// Where to send heartbeats (empty: nowhere, or this node's own member).
     pub meta_peers: Vec<SocketAddr>,
 }
@@ -242,6 +254,16 @@ impl Config {
                 "meta_down_after_secs must be at least 3 (nodes send a heartbeat every 2 s), not {down_after_secs}"
             );
         }
+        let scrub_rate = match flags.scrub_rate.as_ref().or(file.scrub_rate.as_ref()) {
+            Some(text) => brickfs_layout::parse_size(text)
+                .map_err(|e| anyhow::anyhow!("scrub_rate {text:?}: {e}"))?,
+            None => 32 << 20,
+        };
+        let scrub_interval_secs = flags
+            .scrub_interval_secs
+            .or(file.scrub_interval_secs)
+            .unwrap_or(86_400)
+            .max(1);
         let meta_peers = if !flags.meta_peers.is_empty() {
             flags.meta_peers.clone()
         } else {
@@ -263,6 +285,8 @@ impl Config {
             advertise,
             meta_snapshot_logs,
             meta_down_after: std::time::Duration::from_secs(down_after_secs),
+            scrub_rate,
+            scrub_interval: std::time::Duration::from_secs(scrub_interval_secs),
             meta_peers,
         })
     }

@@ -231,6 +231,132 @@ async fn collect_garbage(
     }
 }
 
+/// Reads every object of every brick of this node at `rate` bytes per second, one pass every
+/// `interval`, verifying every block. A damaged object is reported to the metadata group,
+/// which takes the brick out of its set's in-sync members (unless it is the last one); the
+/// object is then quarantined so that the set heals it from the good copies.
+async fn scrub(
+    node: NodeId,
+    service: Arc<BrickService>,
+    peers: Vec<std::net::SocketAddr>,
+    rate: u64,
+    interval: std::time::Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    use brickfs_proto::meta::{MetaOp, MetaReply};
+    if rate == 0 {
+        info!("scrubber off (scrub_rate 0)");
+        return;
+    }
+    let meta = brickfs_client::MetaClient::new(
+        peers,
+        brickfs_client::MetaClientOptions {
+            client_name: format!("brickd {node} scrub"),
+            ..brickfs_client::MetaClientOptions::default()
+        },
+    );
+    let piece: u64 = 1 << 20;
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        for brick in service.bricks().cloned().collect::<Vec<_>>() {
+            let id = brick.id();
+            service.scrub_report(id, |r| r.rate_bytes_per_sec = rate);
+            let mut after = None;
+            loop {
+                let b = brick.clone();
+                let Ok(Ok((page, more))) =
+                    tokio::task::spawn_blocking(move || b.list(after, 256)).await
+                else {
+                    break;
+                };
+                after = page.last().map(|(k, _)| *k);
+                for (key, m) in page {
+                    let mut off = 0;
+                    while off < m.len_bytes {
+                        let n = (m.len_bytes - off).min(piece);
+                        let b = brick.clone();
+                        let r = tokio::task::spawn_blocking(move || b.read(&key, off, n)).await;
+                        match r {
+                            Ok(Ok(_)) => {}
+                            Ok(Err(brickfs_brick::StoreError::Checksum { .. })) => {
+                                damaged(&meta, &service, &brick, key).await;
+                                break;
+                            }
+                            Ok(Err(e)) => {
+                                tracing::debug!(brick = %id, %key, error = %e, "scrub skipped an object");
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                        off += n;
+                        service.scrub_report(id, |r| r.bytes_scanned += n);
+                        let pause = std::time::Duration::from_secs_f64(n as f64 / rate as f64);
+                        tokio::select! {
+                            _ = stop.changed() => return,
+                            _ = tokio::time::sleep(pause) => {}
+                        }
+                    }
+                    service.scrub_report(id, |r| r.objects_scanned += 1);
+                }
+                if !more {
+                    break;
+                }
+            }
+            service.scrub_report(id, |r| r.passes += 1);
+        }
+    }
+
+    async fn damaged(
+        meta: &brickfs_client::MetaClient,
+        service: &BrickService,
+        brick: &BrickStore,
+        key: brickfs_proto::ObjectKey,
+    ) {
+        let id = brick.id();
+        warn!(brick = %id, %key, "scrub found a damaged object");
+        service.scrub_report(id, |r| {
+            r.damaged_found += 1;
+            r.recent_damaged.push(key);
+            if r.recent_damaged.len() > 16 {
+                r.recent_damaged.remove(0);
+            }
+        });
+        // Quarantine only once the set no longer counts on this brick: the last in-sync copy
+        // keeps its undamaged blocks readable.
+        let out_of_sync = match meta
+            .write_unsessioned(MetaOp::ReportDamage { brick: id, key })
+            .await
+        {
+            Ok(MetaReply::Volume(v)) => v
+                .sets
+                .iter()
+                .any(|s| s.members.contains(&id) && !s.in_sync.contains(&id)),
+            Ok(_) => false,
+            Err(e) => {
+                warn!(brick = %id, %key, error = %e, "could not report a damaged object");
+                false
+            }
+        };
+        if out_of_sync {
+            match brick.quarantine(&key) {
+                Ok(to) => {
+                    info!(brick = %id, %key, to = %to.display(), "damaged object quarantined; the set will heal it")
+                }
+                Err(e) => {
+                    warn!(brick = %id, %key, error = %e, "could not quarantine a damaged object")
+                }
+            }
+        } else {
+            warn!(brick = %id, %key, "damaged object kept: its brick is the set's last in-sync member");
+        }
+    }
+}
+
 /// How often the metadata leader's node looks for set members to heal.
 const HEAL_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -361,7 +487,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         peers.push(advertise);
     }
     if !peers.is_empty() {
-        tokio::spawn(heartbeat(node, peers, stop_rx.clone()));
+        tokio::spawn(heartbeat(node, peers.clone(), stop_rx.clone()));
+    }
+    if !peers.is_empty() {
+        tokio::spawn(scrub(
+            node,
+            service.clone(),
+            peers.clone(),
+            config.scrub_rate,
+            config.scrub_interval,
+            stop_rx.clone(),
+        ));
     }
     if let Some(member) = &meta {
         tokio::spawn(heal_members(

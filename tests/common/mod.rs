@@ -79,3 +79,19 @@ where
         );
     }
 }
+
+/// The file of an object under a brick's `objects` folder, by the end of its name
+/// (`{ino:016x}-{column:08x}`).
+pub fn find_object_file(dir: &std::path::Path, suffix: &str) -> Option<std::path::PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()? {
+        let path = entry.ok()?.path();
+        if path.is_dir() {
+            if let Some(found) = find_object_file(&path, suffix) {
+                return Some(found);
+            }
+        } else if path.to_string_lossy().ends_with(suffix) {
+            return Some(path);
+        }
+    }
+    None
+}

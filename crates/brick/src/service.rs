@@ -31,6 +31,8 @@ pub struct BrickService {
     /// Orders a primary's mutations per object: held across the local apply and the fan-out,
     /// so every member sees an object's versions in the same order.
     ordering: Vec<tokio::sync::Mutex<()>>,
+    /// What the background scrubber found, per brick (filled by brickd's scrub task).
+    scrub: std::sync::Mutex<HashMap<BrickId, brickfs_proto::msg::ScrubReport>>,
 }
 
 const ORDERING_SHARDS: usize = 1024;
@@ -91,6 +93,7 @@ impl BrickService {
                 connect_timeout: std::time::Duration::from_secs(2),
                 ..ClientOptions::default()
             }),
+            scrub: std::sync::Mutex::new(HashMap::new()),
             ordering: (0..ORDERING_SHARDS)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
@@ -138,6 +141,16 @@ impl BrickService {
             .into_iter()
             .collect::<Result<Vec<()>, _>>()
             .map(|_| ())
+    }
+
+    /// Updates the scrub report of a brick.
+    pub fn scrub_report(
+        &self,
+        brick: BrickId,
+        update: impl FnOnce(&mut brickfs_proto::msg::ScrubReport),
+    ) {
+        let mut all = self.scrub.lock().unwrap_or_else(|p| p.into_inner());
+        update(all.entry(brick).or_default());
     }
 
     /// Refuses new work from now on (requests already running finish).
@@ -834,6 +847,17 @@ impl BrickService {
                 let rule = VersionRule::Exactly(req.version);
                 let meta = Self::apply_fenced(brick, req.set, req.key, m, req.sync, rule).await?;
                 (Message::Written(state(meta)), none)
+            }
+            Message::ScrubStatus(req) => {
+                self.brick(req.brick)?;
+                let report = self
+                    .scrub
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&req.brick)
+                    .cloned()
+                    .unwrap_or_default();
+                (Message::ScrubReply(report), none)
             }
             Message::HealObjects(req) => (Message::HealReply(self.heal_objects(req).await?), none),
             Message::MemberReplace(req) => {

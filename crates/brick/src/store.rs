@@ -607,6 +607,33 @@ impl BrickStore {
         Ok(meta)
     }
 
+    /// Takes a damaged object out of service: its file moves to `quarantine/` under the brick
+    /// (kept for inspection) and its records go, so the set sees it missing and heals it.
+    pub fn quarantine(&self, key: &ObjectKey) -> Result<PathBuf, StoreError> {
+        let _guard = self.lock(key).write().unwrap_or_else(|p| p.into_inner());
+        let path = self.object_path(key);
+        let dir = self.root.join("quarantine");
+        fs::create_dir_all(&dir).map_err(|e| StoreError::io("create quarantine", &dir, e))?;
+        let to = dir.join(format!("{}-{}-{}", key.volume.0, key.ino.0, key.column));
+        match fs::rename(&path, &to) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StoreError::io("quarantine object", &path, e)),
+        }
+        let old = self.get_meta(key)?;
+        let mut batch = WriteBatch::default();
+        batch.delete(meta_key(key));
+        batch.delete_range(crc_key(key, 0), crc_key(key, u64::MAX));
+        batch.delete(crc_key(key, u64::MAX));
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(batch, &wo)?;
+        if old.is_some() {
+            self.object_count.fetch_sub(1, Ordering::Relaxed);
+        }
+        Ok(to)
+    }
+
     /// Removes an object; returns whether it existed.
     pub fn delete(&self, key: &ObjectKey) -> Result<bool, StoreError> {
         let _guard = self.lock(key).write().unwrap_or_else(|p| p.into_inner());

@@ -107,6 +107,27 @@ pub enum VolumeVerb {
         #[command(subcommand)]
         what: HealVerb,
     },
+    /// The bitrot scrubber: `status` (passes, bytes read, damaged objects found per brick).
+    Bitrot {
+        name: String,
+        #[command(subcommand)]
+        what: BitrotVerb,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BitrotVerb {
+    /// What each brick's scrubber has read and found.
+    Status,
+}
+
+#[derive(Serialize)]
+struct BitrotRow {
+    brick: String,
+    id: String,
+    online: bool,
+    #[serde(flatten)]
+    report: Option<brickfs_proto::msg::ScrubReport>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -573,6 +594,67 @@ async fn volume(verb: VolumeVerb, meta: &[SocketAddr], json: bool) -> anyhow::Re
             }
         }
         VolumeVerb::Heal { name, what } => heal(&m, &name, what, json).await?,
+        VolumeVerb::Bitrot {
+            name,
+            what: BitrotVerb::Status,
+        } => {
+            let v = admin::volume_info(&m, &name)
+                .await
+                .with_context(|| format!("get volume {name}"))?;
+            let bricks = BrickClient::new(ClientOptions {
+                peer_name: "brickfs-cli".into(),
+                connect_timeout: std::time::Duration::from_secs(2),
+                request_timeout: std::time::Duration::from_secs(5),
+                ..ClientOptions::default()
+            });
+            let mut rows = Vec::new();
+            for b in &v.bricks {
+                let report = match brickfs_client::volume::brick_addr(b) {
+                    Ok(a) => bricks.scrub_status(a, b.brick).await.ok(),
+                    Err(_) => None,
+                };
+                rows.push(BitrotRow {
+                    brick: b.addr.clone(),
+                    id: b.brick.to_string(),
+                    online: report.is_some(),
+                    report,
+                });
+            }
+            if json {
+                return print_json(&rows);
+            }
+            println!("Bitrot scrub of volume {name}");
+            println!(
+                "{:<48} {:>7} {:>10} {:>10} {:>8}  damaged",
+                "Brick", "passes", "objects", "MiB read", "MiB/s"
+            );
+            for r in rows {
+                match r.report {
+                    Some(s) => println!(
+                        "{:<48} {:>7} {:>10} {:>10.1} {:>8.1}  {}{}",
+                        r.brick,
+                        s.passes,
+                        s.objects_scanned,
+                        s.bytes_scanned as f64 / f64::from(1u32 << 20),
+                        s.rate_bytes_per_sec as f64 / f64::from(1u32 << 20),
+                        s.damaged_found,
+                        if s.recent_damaged.is_empty() {
+                            String::new()
+                        } else {
+                            format!(
+                                " (latest {})",
+                                s.recent_damaged
+                                    .iter()
+                                    .map(|k| k.to_string())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            )
+                        }
+                    ),
+                    None => println!("{:<48} offline", r.brick),
+                }
+            }
+        }
     }
     Ok(())
 }

@@ -198,4 +198,15 @@ impl BrickClient {
             .await?;
         Ok(expect!(reply, "Statfs", StatfsReply)?.0)
     }
+
+    /// What the brick's bitrot scrubber has done.
+    pub async fn scrub_status(
+        &self,
+        addr: SocketAddr,
+        brick: BrickId,
+    ) -> Result<brickfs_proto::msg::ScrubReport, RpcError> {
+        let msg = Message::ScrubStatus(brickfs_proto::msg::ScrubStatus { brick });
+        let reply = self.call(addr, msg, Bytes::new()).await?;
+        Ok(expect!(reply, "ScrubStatus", ScrubReply)?.0)
+    }
 }

@@ -720,6 +720,31 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                 }
                 MetaReply::Volume(check_volume(self.kv, *volume)?)
             }
+            MetaOp::ReportDamage { brick, key } => {
+                let mut v = check_volume(self.kv, key.volume)?;
+                let name = v.name.clone();
+                let Some((index, s)) = v
+                    .sets
+                    .iter_mut()
+                    .enumerate()
+                    .find(|(_, s)| s.members.contains(brick))
+                else {
+                    return Err(err(
+                        ErrorCode::NotFound,
+                        format!("brick {brick} is in no set of volume {name}"),
+                    ));
+                };
+                if s.in_sync.contains(brick) && s.in_sync.len() > 1 {
+                    s.in_sync.retain(|b| b != brick);
+                    if s.primary == *brick {
+                        s.primary = s.in_sync[0];
+                    }
+                    s.epoch = Epoch(s.epoch.0 + 1);
+                    tracing::warn!(volume = %name, set = index, %brick, %key, epoch = s.epoch.0, "a damaged object took its brick out of sync until healed");
+                    self.kv.put(keys::volume(v.id), enc(&v));
+                }
+                MetaReply::Volume(v)
+            }
             MetaOp::RaiseEpoch {
                 volume,
                 set,
@@ -1511,6 +1536,7 @@ pub fn apply_command<B: KvRead>(kv: &mut Overlay<'_, B>, cmd: &Command) -> Comma
             MetaOp::OpenSession { .. }
             | MetaOp::ExpireSessions
             | MetaOp::DetectFailures { .. }
+            | MetaOp::ReportDamage { .. }
             | MetaOp::RegisterNode { .. }
             | MetaOp::RegisterBrick { .. }
             | MetaOp::Heartbeat { .. } => a.op(&cmd.op, cmd.session),

@@ -337,6 +337,12 @@ pub enum MetaOp {
         member: BrickId,
         epoch: Epoch,
     },
+    /// A brick's scrubber found (and quarantined) a damaged object: the brick leaves its
+    /// set's in-sync members (unless it is the last), so that the set heals it.
+    ReportDamage {
+        brick: BrickId,
+        key: crate::ids::ObjectKey,
+    },
     /// Raises a set's epoch to at least `at_least` (after a heal fenced its primary but could
     /// not finish, so that clients can write again).
     RaiseEpoch {

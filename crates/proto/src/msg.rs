@@ -327,6 +327,26 @@ pub struct MemberReplace {
     pub version: ObjectVersion,
 }
 
+/// How a brick's background scrubber is doing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrubStatus {
+    pub brick: BrickId,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrubReport {
+    /// Whole passes over the brick finished since the node started.
+    pub passes: u64,
+    pub objects_scanned: u64,
+    pub bytes_scanned: u64,
+    /// Objects found damaged (and quarantined, for their set to heal).
+    pub damaged_found: u64,
+    /// The most recent damaged objects, newest last.
+    pub recent_damaged: Vec<ObjectKey>,
+    /// The rate limit, in bytes per second (0: the scrubber is off).
+    pub rate_bytes_per_sec: u64,
+}
+
 macro_rules! messages {
     ($($num:literal => $variant:ident($body:ty), data: $data:literal;)*) => {
         /// Every message, by kind number.
@@ -417,6 +437,8 @@ messages! {
     42 => HealObjects(HealObjects), data: false;
     43 => HealReply(Healed), data: false;
     44 => MemberReplace(MemberReplace), data: true;
+    45 => ScrubStatus(ScrubStatus), data: false;
+    46 => ScrubReply(ScrubReport), data: false;
     48 => MetaWrite(crate::meta::MetaWrite), data: false;
     49 => MetaRead(crate::meta::MetaReadReq), data: false;
     50 => MetaOk(crate::meta::MetaReply), data: false;
