@@ -113,6 +113,20 @@ impl BrickService {
         make: impl Fn(BrickId) -> Message,
         data: Bytes,
     ) -> Result<(), ErrorBody> {
+        self.fan_out_repairing(members, make, data, None).await
+    }
+
+    /// As `fan_out`; with `repair` (the primary's replica, the set and object, and the version
+    /// just applied), a member that refuses with a version gap — it missed an earlier version,
+    /// say when a fan-out was cut by a failure — gets the primary's whole object at that
+    /// version instead. Runs under the object's ordering lock.
+    async fn fan_out_repairing(
+        &self,
+        members: &[MemberRef],
+        make: impl Fn(BrickId) -> Message,
+        data: Bytes,
+        repair: Option<(&Arc<BrickStore>, SetRef, ObjectKey, ObjectVersion)>,
+    ) -> Result<(), ErrorBody> {
         let calls = members.iter().map(|m| {
             let msg = make(m.brick);
             let data = data.clone();
@@ -125,6 +139,12 @@ impl BrickService {
                 })?;
                 match self.peers.call(addr, msg, data).await {
                     Ok(_) => Ok(()),
+                    Err(RpcError::Remote(body))
+                        if body.kind() == Some(ErrorCode::VersionGap) && repair.is_some() =>
+                    {
+                        let (own, set, key, version) = repair.expect("checked");
+                        self.replace_on(own, set, key, version, m, addr).await
+                    }
                     Err(RpcError::Remote(body)) => Err(ErrorBody::new(
                         body.kind().unwrap_or(ErrorCode::Io),
                         format!("member {} at {}: {}", m.brick, m.addr, body.detail),
@@ -151,6 +171,46 @@ impl BrickService {
     ) {
         let mut all = self.scrub.lock().unwrap_or_else(|p| p.into_inner());
         update(all.entry(brick).or_default());
+    }
+
+    /// Sends the primary's whole object (at `version`) to member `m`, replacing its copy.
+    async fn replace_on(
+        &self,
+        own: &Arc<BrickStore>,
+        set: SetRef,
+        key: ObjectKey,
+        version: ObjectVersion,
+        m: &MemberRef,
+        addr: std::net::SocketAddr,
+    ) -> Result<(), ErrorBody> {
+        let (meta, bytes) = Self::blocking(own.clone(), move |b| {
+            let len = b.stat(&key)?.len_bytes;
+            b.read(&key, 0, len)
+        })
+        .await?;
+        if meta.version != version {
+            return Err(ErrorBody::new(
+                ErrorCode::Busy,
+                format!("{key} moved on from version {} during a repair", version.0),
+            ));
+        }
+        tracing::info!(%key, member = %m.brick, version = version.0, "member missed a version; sending the whole object");
+        let msg = Message::MemberReplace(brickfs_proto::msg::MemberReplace {
+            brick: m.brick,
+            set,
+            key,
+            version,
+        });
+        self.peers
+            .call(addr, msg, bytes)
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                ErrorBody::new(
+                    ErrorCode::Io,
+                    format!("member {} at {}: {e}", m.brick, m.addr),
+                )
+            })
     }
 
     /// Refuses new work from now on (requests already running finish).
@@ -793,7 +853,8 @@ impl BrickService {
                     data: data.clone(),
                 };
                 let meta =
-                    Self::apply_fenced(brick, set, key, m, req.sync, VersionRule::Next).await?;
+                    Self::apply_fenced(brick.clone(), set, key, m, req.sync, VersionRule::Next)
+                        .await?;
                 let make = |b| {
                     Message::MemberWrite(MemberWrite {
                         brick: b,
@@ -804,7 +865,9 @@ impl BrickService {
                         sync: req.sync,
                     })
                 };
-                self.fan_out(&req.members, make, data).await?;
+                let repair = Some((&brick, set, key, meta.version));
+                self.fan_out_repairing(&req.members, make, data, repair)
+                    .await?;
                 (Message::Written(state(meta)), none)
             }
             Message::SetTruncate(req) => {
@@ -816,7 +879,8 @@ impl BrickService {
                     len_bytes: req.len_bytes,
                 };
                 let meta =
-                    Self::apply_fenced(brick, set, key, m, req.sync, VersionRule::Next).await?;
+                    Self::apply_fenced(brick.clone(), set, key, m, req.sync, VersionRule::Next)
+                        .await?;
                 let make = |b| {
                     Message::MemberTruncate(MemberTruncate {
                         brick: b,
@@ -827,7 +891,9 @@ impl BrickService {
                         sync: req.sync,
                     })
                 };
-                self.fan_out(&req.members, make, Bytes::new()).await?;
+                let repair = Some((&brick, set, key, meta.version));
+                self.fan_out_repairing(&req.members, make, Bytes::new(), repair)
+                    .await?;
                 (Message::Truncated(state(meta)), none)
             }
             Message::DisperseWrite(req) => {
