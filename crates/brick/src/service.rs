@@ -445,8 +445,59 @@ impl BrickService {
                 self.write_fragment(m, w, Bytes::from(bytes))
             })
             .collect();
-        for r in join_all(writes).await {
-            r?;
+        let takers: Vec<(usize, &MemberRef)> = g
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| Self::takes_fragments(g, m.brick))
+            .collect();
+        // A member that missed an earlier version (a fan-out cut by a failure) gets its whole
+        // fragment object rebuilt from the others at this version instead.
+        let mut lagging = Vec::new();
+        for ((i, m), r) in takers.into_iter().zip(join_all(writes).await) {
+            match r {
+                Ok(()) => {}
+                Err(e) if e.kind() == Some(ErrorCode::VersionGap) => lagging.push((i, m)),
+                Err(e) => return Err(e),
+            }
+        }
+        if !lagging.is_empty() {
+            let frag_len = Self::blocking(own.clone(), move |b| b.stat(&key))
+                .await?
+                .len_bytes;
+            for (i, m) in lagging {
+                let mut without = g.clone();
+                without.in_sync = g
+                    .members
+                    .iter()
+                    .map(|x| x.brick)
+                    .filter(|b| *b != m.brick && Self::takes_fragments(g, *b))
+                    .collect();
+                let bytes = self
+                    .rebuild_fragment(&without, &codec, f, key, version.0, frag_len, i)
+                    .await?;
+                tracing::info!(%key, member = %m.brick, version = version.0, "member missed a version; sending its whole fragment");
+                let msg = Message::MemberReplace(brickfs_proto::msg::MemberReplace {
+                    brick: m.brick,
+                    set,
+                    key,
+                    version,
+                });
+                if let Some(b) = self.bricks.get(&m.brick).cloned() {
+                    Self::blocking(b, move |b| {
+                        b.fence(set.volume.0, set.set, set.epoch.0)?;
+                        b.replace(&key, &bytes, version)
+                    })
+                    .await?;
+                    continue;
+                }
+                let addr: std::net::SocketAddr = m.addr.parse().map_err(|_| {
+                    ErrorBody::new(ErrorCode::InvalidArgument, "member has a bad address")
+                })?;
+                self.peers.call(addr, msg, bytes).await.map_err(|e| {
+                    ErrorBody::new(ErrorCode::Io, format!("member {}: {e}", m.brick))
+                })?;
+            }
         }
         Ok(ObjectState {
             version,
