@@ -171,8 +171,13 @@ async fn inject(nodes: Arc<Mutex<Vec<Brickd>>>, seed: u64, until: Instant) -> Ve
     let mut rng = StdRng::seed_from_u64(seed ^ 0xFA17);
     let mut log = Vec::new();
     // Blocking testkit calls (wait for exit, for the readiness line) off the async workers.
-    let with = |n: usize, f: &dyn Fn(&mut Brickd)| {
-        tokio::task::block_in_place(|| f(&mut nodes.lock().unwrap()[n]))
+    let with = |n: usize, f: fn(&mut Brickd)| {
+        let nodes = nodes.clone();
+        async move {
+            tokio::task::spawn_blocking(move || f(&mut nodes.lock().unwrap()[n]))
+                .await
+                .unwrap()
+        }
     };
     while Instant::now() < until {
         hold(Duration::from_millis(rng.random_range(500..2000))).await;
@@ -181,16 +186,16 @@ async fn inject(nodes: Arc<Mutex<Vec<Brickd>>>, seed: u64, until: Instant) -> Ve
             0 => {
                 let down = Duration::from_millis(rng.random_range(1000..6000));
                 log.push(format!("kill -9 node {n} for {down:?}"));
-                with(n, &|b| b.sigkill().unwrap());
+                with(n, |b| b.sigkill().unwrap()).await;
                 hold(down).await;
-                with(n, &|b| b.restart().unwrap());
+                with(n, |b| b.restart().unwrap()).await;
             }
             1 => {
                 let frozen = Duration::from_millis(rng.random_range(500..5000));
                 log.push(format!("SIGSTOP node {n} for {frozen:?}"));
-                with(n, &|b| b.sigstop().unwrap());
+                with(n, |b| b.sigstop().unwrap()).await;
                 hold(frozen).await;
-                with(n, &|b| b.sigcont().unwrap());
+                with(n, |b| b.sigcont().unwrap()).await;
             }
             2 => {
                 let bricks = nodes.lock().unwrap()[n].bricks().to_vec();
@@ -204,13 +209,13 @@ async fn inject(nodes: Arc<Mutex<Vec<Brickd>>>, seed: u64, until: Instant) -> Ve
                 log.push(format!(
                     "kill -9 node {n}, restart, kill again during its heal"
                 ));
-                with(n, &|b| b.sigkill().unwrap());
+                with(n, |b| b.sigkill().unwrap()).await;
                 hold(Duration::from_secs(4)).await;
-                with(n, &|b| b.restart().unwrap());
+                with(n, |b| b.restart().unwrap()).await;
                 hold(Duration::from_millis(rng.random_range(200..1500))).await;
-                with(n, &|b| b.sigkill().unwrap());
+                with(n, |b| b.sigkill().unwrap()).await;
                 hold(Duration::from_secs(2)).await;
-                with(n, &|b| b.restart().unwrap());
+                with(n, |b| b.restart().unwrap()).await;
             }
         }
         // Let the cluster settle a moment before the next fault.
