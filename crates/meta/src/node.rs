@@ -228,6 +228,10 @@ impl MetaNode {
     async fn admin(&self, op: AdminOp) -> Result<Message, ErrorBody> {
         let change_err = |e: RaftError<u64, ClientWriteError<u64, BasicNode>>| match e {
             RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => Ok(redirect(&f)),
+            // The previous change is still being committed: the client retries (Busy).
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                openraft::error::ChangeMembershipError::InProgress(e),
+            )) => Err(ErrorBody::new(ErrorCode::Busy, e.to_string())),
             RaftError::APIError(e) => {
                 Err(ErrorBody::new(ErrorCode::InvalidArgument, e.to_string()))
             }
