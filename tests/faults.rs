@@ -1,9 +1,11 @@
 //! Fault injection: three brickd nodes (each a metadata voter with two bricks) serve a
-//! replica-3 volume and a disperse 2+1 volume (quorum 2) while a seeded, randomized workload of
+//! replica-3 volume and a disperse 2+1 volume (default quorums: 2 and 3) while a seeded,
+//! randomized workload of
 //! writes, truncates, renames, fsyncs and reads runs, and a seeded fault schedule kills nodes
 //! with SIGKILL (restarting them, sometimes killing one again in the middle of its heal),
 //! freezes them with SIGSTOP/SIGCONT and flips bytes in object files on disk — one node at a
-//! time, so the cluster always has a majority and every set its quorum.
+//! time, so the cluster always keeps a majority (the disperse set is read-only while one of
+//! its members is out: operations on it wait, retried, until it heals).
 //!
 //! The workload retries each operation until it is acknowledged (operations are idempotent),
 //! so the model of every file is exactly what was acknowledged. The checker proves: every read
@@ -40,6 +42,19 @@ struct Cluster {
     _dir: tempfile::TempDir,
     nodes: Arc<Mutex<Vec<Brickd>>>,
     meta: MetaClient,
+}
+
+impl Drop for Cluster {
+    /// On failure, what each node logged last (its log goes with the temporary folder).
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Ok(nodes) = self.nodes.lock()
+        {
+            for (i, n) in nodes.iter().enumerate() {
+                eprintln!("--- node {i} log tail ---\n{}", n.log_tail(60));
+            }
+        }
+    }
 }
 
 async fn must_cluster() -> Cluster {
@@ -94,14 +109,9 @@ async fn must_cluster() -> Cluster {
                 .iter()
                 .map(|n| format!("{}:{}", n.addr(), n.bricks()[col].display())),
         );
+        // Default quorums: a majority of the replicas; K+1 fragments for disperse, so that a
+        // failure in the middle of a write still leaves K fragments of it to heal from.
         admin::volume_create(&meta, name, &spec).await.unwrap();
-        meta.write(MetaOp::SetVolumeOption {
-            name: name.into(),
-            key: "quorum".into(),
-            value: "2".into(),
-        })
-        .await
-        .unwrap();
         meta.write(MetaOp::StartVolume { name: name.into() })
             .await
             .unwrap();

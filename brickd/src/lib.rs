@@ -422,16 +422,20 @@ async fn heal_members(
                 })
                 .await;
                 match r {
-                    Ok(s) => info!(
-                        volume = %v.name, set, brick = %target, scanned = s.scanned,
-                        copied = s.copied, bytes = s.bytes, "healed; the member is in sync again"
-                    ),
+                    Ok(s) => {
+                        info!(
+                            volume = %v.name, set, brick = %target, scanned = s.scanned,
+                            copied = s.copied, bytes = s.bytes, "healed; the member is in sync again"
+                        );
+                        // The sets changed: read them again before the next heal.
+                        break;
+                    }
+                    // Another member may heal where this one cannot (say, one whose node
+                    // still holds current copies): try it before the next round.
                     Err(e) => {
                         warn!(volume = %v.name, set, brick = %target, error = %e, "heal failed; retried next round")
                     }
                 }
-                // The sets changed (or may have): read them again before the next heal.
-                break;
             }
         }
     }

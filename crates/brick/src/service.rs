@@ -588,7 +588,22 @@ impl BrickService {
             b.fence(set.volume.0, set.set, set.epoch.0)
         })
         .await?;
-        let codec = match &req.geometry {
+        // Fragments are rebuilt from every other member: decoding only ever combines one
+        // version (the newest that K members hold) and must match the primary's, so members
+        // out of sync that still hold the current version of an object help too — which lets
+        // a set that lost more members than its redundancy, one of which still holds current
+        // fragments, heal at all.
+        let sources = req.geometry.as_ref().map(|g| {
+            let mut s = g.clone();
+            s.in_sync = g
+                .members
+                .iter()
+                .map(|m| m.brick)
+                .filter(|b| *b != req.target.brick)
+                .collect();
+            s
+        });
+        let codec = match &sources {
             Some(g) => Some(self.disperse_setup(req.brick, g)?),
             None => None,
         };
@@ -662,7 +677,7 @@ impl BrickService {
                 if theirs.is_some_and(|t| t.version == mine.version && t.len_bytes == expect_len) {
                     continue;
                 }
-                let bytes = match (&req.geometry, &codec, target_index) {
+                let bytes = match (&sources, &codec, target_index) {
                     (Some(g), Some((codec, f)), Some(i)) => {
                         self.rebuild_fragment(g, codec, *f, key, mine.version.0, mine.len_bytes, i)
                             .await?

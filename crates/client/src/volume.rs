@@ -278,9 +278,19 @@ impl VolumeClient {
         let window = Duration::from_millis(self.retry_window_ms.load(Ordering::Relaxed));
         let start = std::time::Instant::now();
         let mut backoff = Duration::from_millis(50);
+        let mut refreshed_for_quorum = false;
         loop {
             match call().await {
                 Ok(v) => return Ok(v),
+                // Read-only by this client's view of the sets, which may be old: look again
+                // once before saying so.
+                Err(e) if e.code() == Some(ErrorCode::ReadOnly) && !refreshed_for_quorum => {
+                    refreshed_for_quorum = true;
+                    if let Err(r) = self.refresh().await {
+                        tracing::debug!(error = %r, "could not re-read the volume's sets");
+                        return Err(e);
+                    }
+                }
                 Err(e) if retryable(&e) && start.elapsed() + backoff < window => {
                     tracing::debug!(what, error = %e, "set call failed; re-reading the sets and retrying");
                     tokio::time::sleep(backoff).await;

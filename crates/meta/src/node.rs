@@ -343,15 +343,27 @@ async fn housekeeping(
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let down_after_ms = down_after.as_millis() as u64;
+    // Heartbeats reach the state machine only through a working leader: a member that just
+    // became leader, or that was itself frozen, sees every node silent. It judges silence only
+    // after leading, awake, for a whole `down_after`.
+    let mut leading_since: Option<std::time::Instant> = None;
+    let mut last_tick = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = stop.changed() => return,
             _ = tick.tick() => {}
         }
+        let paused = last_tick.elapsed() > every * 3;
+        last_tick = std::time::Instant::now();
         let leader = node.raft.metrics().borrow().current_leader;
         if leader != Some(node.id.0) {
+            leading_since = None;
             continue;
         }
+        if paused || leading_since.is_none() {
+            leading_since = Some(std::time::Instant::now());
+        }
+        let judge_silence = leading_since.is_some_and(|t| t.elapsed() >= down_after);
         // Propose only when there is something to do, so an idle group writes nothing.
         let now = now_ns();
         let expired = match node.read_local(&brickfs_proto::meta::MetaRead::ListSessions) {
@@ -364,7 +376,7 @@ async fn housekeeping(
         if expired {
             node.propose(MetaOp::ExpireSessions).await;
         }
-        if silent_in_sync_member(&node, now, down_after_ms) {
+        if judge_silence && silent_in_sync_member(&node, now, down_after_ms) {
             node.propose(MetaOp::DetectFailures { down_after_ms }).await;
         }
     }
