@@ -117,14 +117,18 @@ fn main() {
     let (raw_w, raw_r) = raw_disk(dir.path(), &chunk, total);
 
     let bin = Path::new(env!("CARGO_BIN_EXE_brickd"));
-    let nodes: Vec<Brickd> = (0..3)
-        .map(|n| {
-            let d = dir.path().join(format!("n{n}"));
-            let bricks: Vec<_> = (0..8).map(|i| d.join(format!("b{i}"))).collect();
-            let extra: &[&str] = if n == 0 { &["--meta"] } else { &[] };
-            Brickd::start(bin, &d, &bricks, extra).unwrap()
-        })
-        .collect();
+    let mut nodes: Vec<Brickd> = Vec::new();
+    for n in 0..3 {
+        let d = dir.path().join(format!("n{n}"));
+        let bricks: Vec<_> = (0..8).map(|i| d.join(format!("b{i}"))).collect();
+        // Every node heartbeats to node 0's metadata group.
+        let extra = match nodes.first() {
+            None => vec!["--meta".to_string()],
+            Some(first) => vec!["--meta-peers".to_string(), first.addr().to_string()],
+        };
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        nodes.push(Brickd::start(bin, &d, &bricks, &extra).unwrap());
+    }
     let brick =
         |n: usize, i: usize| format!("{}:{}", nodes[n].addr(), nodes[n].bricks()[i].display());
     let rt = tokio::runtime::Builder::new_multi_thread()

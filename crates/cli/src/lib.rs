@@ -107,6 +107,16 @@ pub enum VolumeVerb {
         #[command(subcommand)]
         what: HealVerb,
     },
+    /// Replace brick OLD with NEW (both HOST:PORT:/PATH; NEW registered and unused): the new
+    /// brick is healed from the rest of its set. `commit force` as in GlusterFS.
+    ReplaceBrick {
+        name: String,
+        old: String,
+        new: String,
+        /// The words `commit force`.
+        #[arg(num_args = 2)]
+        confirm: Vec<String>,
+    },
     /// The bitrot scrubber: `status` (passes, bytes read, damaged objects found per brick).
     Bitrot {
         name: String,
@@ -594,6 +604,34 @@ async fn volume(verb: VolumeVerb, meta: &[SocketAddr], json: bool) -> anyhow::Re
             }
         }
         VolumeVerb::Heal { name, what } => heal(&m, &name, what, json).await?,
+        VolumeVerb::ReplaceBrick {
+            name,
+            old,
+            new,
+            confirm,
+        } => {
+            if confirm != ["commit", "force"] {
+                return Err(UsageError(format!(
+                    "replace-brick needs `commit force` after the bricks, not {confirm:?}"
+                ))
+                .into());
+            }
+            let v = expect_volume(
+                m.write(MetaOp::ReplaceBrick {
+                    name: name.clone(),
+                    old: old.clone(),
+                    new: new.clone(),
+                })
+                .await
+                .with_context(|| format!("replace {old} in volume {name}"))?,
+            )?;
+            if json {
+                return print_json(&v);
+            }
+            println!(
+                "volume replace-brick: {name}: {old} -> {new}: success; the new brick heals in the background (brickfs volume heal {name} info)"
+            );
+        }
         VolumeVerb::Bitrot {
             name,
             what: BitrotVerb::Status,

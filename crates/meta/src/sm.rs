@@ -356,6 +356,101 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
         Ok(())
     }
 
+    /// See `MetaOp::ReplaceBrick`.
+    fn replace_brick(&mut self, name: &str, old: &str, new: &str) -> Res<MetaReply> {
+        let mut v = volume_by_name(self.kv, name)?;
+        let parse = |text: &str| {
+            brickfs_layout::BrickAddr::parse(text)
+                .map_err(|e| err(ErrorCode::InvalidArgument, format!("brick {text:?}: {e}")))
+        };
+        let (old_addr, new_addr) = (parse(old)?, parse(new)?);
+        let at = v
+            .bricks
+            .iter()
+            .position(|b| parse(&b.addr).is_ok_and(|a| a == old_addr))
+            .ok_or_else(|| {
+                err(
+                    ErrorCode::NotFound,
+                    format!("{old} is not a brick of volume {name}"),
+                )
+            })?;
+        let old_id = v.bricks[at].brick;
+        let nodes: Vec<NodeRecord> = scan_all(self.kv, b"N")?;
+        let node = nodes
+            .iter()
+            .find(|n| n.addr == new_addr.host)
+            .ok_or_else(|| {
+                err(
+                    ErrorCode::NotFound,
+                    format!(
+                        "node {} is not a peer (brickfs peer add {})",
+                        new_addr.host, new_addr.host
+                    ),
+                )
+            })?;
+        let bricks: Vec<BrickRecord> = scan_all(self.kv, b"B")?;
+        let brick = bricks
+            .iter()
+            .find(|r| r.node == node.id && r.path == new_addr.path)
+            .ok_or_else(|| {
+                err(
+                    ErrorCode::NotFound,
+                    format!(
+                        "node {} serves no brick at {}",
+                        new_addr.host, new_addr.path
+                    ),
+                )
+            })?;
+        let volumes: Vec<VolumeRecord> = scan_all(self.kv, b"V")?;
+        if let Some(other) = volumes
+            .iter()
+            .find(|x| x.bricks.iter().any(|b| b.brick == brick.id))
+        {
+            return Err(err(
+                ErrorCode::Exists,
+                format!("brick {new} is already in volume {:?}", other.name),
+            ));
+        }
+        let (index, set) = v
+            .sets
+            .iter_mut()
+            .enumerate()
+            .find(|(_, s)| s.members.contains(&old_id))
+            .ok_or_else(|| internal("brick in no set"))?;
+        let others_in_sync: Vec<_> = set
+            .in_sync
+            .iter()
+            .copied()
+            .filter(|b| *b != old_id)
+            .collect();
+        if set.members.len() < 2 || others_in_sync.is_empty() {
+            return Err(err(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "set {index} of volume {name} has no other in-sync copy to rebuild {new} from"
+                ),
+            ));
+        }
+        for m in &mut set.members {
+            if *m == old_id {
+                *m = brick.id;
+            }
+        }
+        set.in_sync = others_in_sync;
+        if set.primary == old_id {
+            set.primary = set.in_sync[0];
+        }
+        set.epoch = Epoch(set.epoch.0 + 1);
+        v.bricks[at] = VolumeBrick {
+            brick: brick.id,
+            node: node.id,
+            addr: new_addr.to_string(),
+        };
+        tracing::info!(volume = %name, set = index, %old, %new, "brick replaced; the new one heals from the set");
+        self.kv.put(keys::volume(v.id), enc(&v));
+        Ok(MetaReply::Volume(v))
+    }
+
     /// Drops members on silent nodes from every set's in-sync set (see `DetectFailures`).
     fn detect_failures(&mut self, down_after_ms: u64) -> Res<()> {
         let now_ms = u64::try_from(self.now_ns / 1_000_000).unwrap_or(0);
@@ -745,6 +840,7 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                 }
                 MetaReply::Volume(v)
             }
+            MetaOp::ReplaceBrick { name, old, new } => self.replace_brick(name, old, new)?,
             MetaOp::RaiseEpoch {
                 volume,
                 set,

@@ -343,6 +343,14 @@ pub enum MetaOp {
         brick: BrickId,
         key: crate::ids::ObjectKey,
     },
+    /// Puts brick `new` (registered, in no volume) in the place of `old` in volume `name`
+    /// (both `HOST:PORT:/PATH`): the new brick joins the old one's set out of sync, to be
+    /// healed from the other members; refused when the set has no other copy to heal from.
+    ReplaceBrick {
+        name: String,
+        old: String,
+        new: String,
+    },
     /// Raises a set's epoch to at least `at_least` (after a heal fenced its primary but could
     /// not finish, so that clients can write again).
     RaiseEpoch {
