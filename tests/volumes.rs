@@ -1004,3 +1004,104 @@ async fn replace_brick_heals_the_new_brick_from_its_set() {
     let got = vol.read(fh, 0, model.len() as u64).await.unwrap();
     assert!(got == model[..]);
 }
+
+/// Unmounts a tmpfs when dropped (failures included).
+struct TmpfsGuard(std::path::PathBuf);
+
+impl Drop for TmpfsGuard {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// A full disk: one replica's brick sits on a small tmpfs. Writes fail with NoSpace (ENOSPC)
+/// once it fills, never losing what was acknowledged; when a deleted file's objects are
+/// removed, writes go on and the copies agree again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_writes_cleanly_and_recovers_when_space_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("n2").join("b0");
+    std::fs::create_dir_all(&small).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &small,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=12m"),
+    )
+    .unwrap();
+    let _tmpfs = TmpfsGuard(small.clone());
+    let mut nodes: Vec<Brickd> = Vec::new();
+    for n in 0..3 {
+        let node_dir = dir.path().join(format!("n{n}"));
+        let extra = match nodes.first() {
+            None => vec!["--meta".to_string()],
+            Some(first) => vec!["--meta-peers".to_string(), first.addr().to_string()],
+        };
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        nodes
+            .push(Brickd::start(&brickd_bin(), &node_dir, &[node_dir.join("b0")], &extra).unwrap());
+    }
+    let meta = MetaClient::new(vec![nodes[0].addr()], MetaClientOptions::default());
+    meta.admin(AdminOp::Init).await.unwrap();
+    for n in &nodes {
+        admin::peer_add(&meta, &client(), n.addr()).await.unwrap();
+    }
+    let mut spec = vec!["replica".to_string(), "3".to_string()];
+    spec.extend(
+        nodes
+            .iter()
+            .map(|n| format!("{}:{}", n.addr(), n.bricks()[0].display())),
+    );
+    admin::volume_create(&meta, "full", &spec).await.unwrap();
+    meta.write(MetaOp::StartVolume {
+        name: "full".into(),
+    })
+    .await
+    .unwrap();
+    let vol = VolumeClient::open(meta.clone(), client(), "full")
+        .await
+        .unwrap();
+    vol.set_retry_window(Duration::from_secs(2));
+
+    let filler = vol.create(ROOT, "filler", 0o644, true).await.unwrap();
+    vol.write(&filler, 0, pattern(1, 0, 6 << 20)).await.unwrap();
+    vol.fsync(&filler).await.unwrap();
+    let fh = vol.create(ROOT, "f", 0o644, true).await.unwrap();
+    let mut model = Vec::new();
+    let err = loop {
+        let off = model.len() as u64;
+        let data = pattern(2, off, 1 << 20);
+        match vol.write(&fh, off, data.clone()).await {
+            Ok(()) => model.extend_from_slice(&data),
+            Err(e) => break e,
+        }
+        assert!(model.len() < 32 << 20, "a 12 MiB disk never filled");
+    };
+    assert_eq!(err.code(), Some(ErrorCode::NoSpace), "{err}");
+    vol.fsync(&fh).await.ok();
+    let got = vol.read(&fh, 0, model.len() as u64).await.unwrap();
+    assert!(got == model[..], "acknowledged bytes survive the full disk");
+
+    // Space returns when the filler's objects are removed; writes go on.
+    meta.write(MetaOp::Unlink {
+        volume: vol.record().id,
+        parent: ROOT,
+        name: "filler".into(),
+    })
+    .await
+    .unwrap();
+    let off = model.len() as u64;
+    let data = pattern(3, off, 1 << 20);
+    must_wait_for(
+        "writes after space returns",
+        Duration::from_secs(60),
+        || async { vol.write(&fh, off, data.clone()).await.ok() },
+    )
+    .await;
+    model.extend_from_slice(&data);
+    vol.fsync(&fh).await.unwrap();
+    let got = vol.read(&fh, 0, model.len() as u64).await.unwrap();
+    assert!(got == model[..]);
+    must_have_identical_replicas(&vol).await;
+}
