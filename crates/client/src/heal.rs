@@ -33,6 +33,25 @@ impl HealStats {
     }
 }
 
+/// How long to wait before going on, so that `bytes` copied since `elapsed` ago stay within
+/// `rate` bytes per second (0: no limit).
+pub fn pace(bytes: u64, rate: u64, elapsed: std::time::Duration) -> std::time::Duration {
+    if rate == 0 {
+        return std::time::Duration::ZERO;
+    }
+    let due = std::time::Duration::from_secs_f64(bytes as f64 / rate as f64);
+    due.saturating_sub(elapsed)
+}
+
+/// The volume's heal bandwidth (`heal-bandwidth`, bytes per second; 0 when unset).
+pub fn bandwidth(rec: &VolumeRecord) -> u64 {
+    rec.options
+        .iter()
+        .find(|(k, _)| k == "heal-bandwidth")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// The (set index, member) pairs of a volume that are out of sync.
 pub fn out_of_sync(rec: &VolumeRecord) -> Vec<(usize, BrickId)> {
     rec.sets
@@ -140,7 +159,8 @@ pub async fn heal_member(
         }
     };
     let mut stats = HealStats::default();
-    // Bulk passes while writes go on.
+    // Bulk passes while writes go on, within the volume's heal bandwidth.
+    let (rate, started) = (bandwidth(rec), std::time::Instant::now());
     let mut after = None;
     loop {
         let h = call(request(epoch, after, false)).await?;
@@ -149,6 +169,10 @@ pub async fn heal_member(
         after = h.last;
         if !h.more {
             break;
+        }
+        let wait = pace(stats.bytes, rate, started.elapsed());
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
         }
     }
     // The barrier pass and the rejoin, at the next epoch.
@@ -182,4 +206,28 @@ pub async fn heal_member(
         return Err(e);
     }
     Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn pacing_keeps_copies_within_the_bandwidth() {
+        assert_eq!(
+            pace(10 << 20, 0, Duration::ZERO),
+            Duration::ZERO,
+            "no limit"
+        );
+        // 4 MiB at 1 MiB/s after 1 s: 3 s to wait; after 5 s: none.
+        assert_eq!(
+            pace(4 << 20, 1 << 20, Duration::from_secs(1)),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            pace(4 << 20, 1 << 20, Duration::from_secs(5)),
+            Duration::ZERO
+        );
+    }
 }
