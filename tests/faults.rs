@@ -63,6 +63,8 @@ async fn must_cluster() -> Cluster {
         "--meta",
         "--meta-down-after-secs",
         "3",
+        "--write-lease-ms",
+        "1500",
         "--scrub-interval-secs",
         "2",
     ];

@@ -622,12 +622,20 @@ async fn must_failure_cluster() -> (
             &[
                 "--scrub-interval-secs",
                 "1",
+                "--write-lease-ms",
+                "1500",
                 "--meta",
                 "--meta-down-after-secs",
                 "3",
             ]
         } else {
-            &["--scrub-interval-secs", "1", "--meta-peers"]
+            &[
+                "--scrub-interval-secs",
+                "1",
+                "--write-lease-ms",
+                "1500",
+                "--meta-peers",
+            ]
         };
         let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         if n > 0 {
@@ -1104,4 +1112,59 @@ async fn a_full_disk_refuses_writes_cleanly_and_recovers_when_space_returns() {
     let got = vol.read(&fh, 0, model.len() as u64).await.unwrap();
     assert!(got == model[..]);
     must_have_identical_replicas(&vol).await;
+}
+
+/// Write leases: nodes cut off from the metadata group (here: the group is frozen) stop taking
+/// set writes once their lease lapses — before the group could give their sets to others —
+/// and take them again once the group acknowledges their heartbeats.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_cut_off_from_the_metadata_group_stop_taking_writes() {
+    let (_dir, nodes, vols) = must_failure_cluster().await;
+    let meta = vols[0].0.meta().clone();
+    // A replica-2 volume on the spare bricks of nodes 1 and 2: its primary is not on node 0.
+    let spec = vec![
+        "replica".to_string(),
+        "2".to_string(),
+        format!("{}:{}", nodes[1].addr(), nodes[1].bricks()[2].display()),
+        format!("{}:{}", nodes[2].addr(), nodes[2].bricks()[2].display()),
+    ];
+    admin::volume_create(&meta, "r2", &spec).await.unwrap();
+    meta.write(MetaOp::StartVolume { name: "r2".into() })
+        .await
+        .unwrap();
+    let quick = MetaClient::new(
+        vec![nodes[0].addr()],
+        MetaClientOptions {
+            deadline: Duration::from_secs(2),
+            ..MetaClientOptions::default()
+        },
+    );
+    let vol = VolumeClient::open(quick, client(), "r2").await.unwrap();
+    vol.set_retry_window(Duration::from_millis(500));
+    let fh = vol.create(ROOT, "f", 0o644, true).await.unwrap();
+    vol.write(&fh, 0, pattern(5, 0, 100_000)).await.unwrap();
+
+    nodes[0].sigstop().unwrap();
+    struct Thaw<'a>(&'a Brickd);
+    impl Drop for Thaw<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.sigcont();
+        }
+    }
+    let thaw = Thaw(&nodes[0]);
+    let err = must_wait_for("the lease to lapse", Duration::from_secs(30), || async {
+        vol.write(&fh, 0, pattern(6, 0, 1000)).await.err()
+    })
+    .await;
+    assert_eq!(err.code(), Some(ErrorCode::Busy), "{err}");
+    assert!(err.to_string().contains("lease"), "{err}");
+    drop(thaw);
+    must_wait_for(
+        "writes after the group is back",
+        Duration::from_secs(30),
+        || async { vol.write(&fh, 0, pattern(7, 0, 1000)).await.ok() },
+    )
+    .await;
+    let got = vol.read(&fh, 0, 1000).await.unwrap();
+    assert!(got == pattern(7, 0, 1000));
 }

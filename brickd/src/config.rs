@@ -59,6 +59,10 @@ pub struct Flags {
     /// of their sets' in-sync members (default 10).
     #[arg(long)]
     pub meta_down_after_secs: Option<u64>,
+    /// Milliseconds this node keeps taking set writes without the metadata group acknowledging
+    /// its heartbeat (default 5000; keep it well under the group's `meta_down_after_secs`).
+    #[arg(long)]
+    pub write_lease_ms: Option<u64>,
     /// The bitrot scrubber's read rate per node, with units (default 32MiB; 0 turns it off).
     #[arg(long)]
     pub scrub_rate: Option<String>,
@@ -86,6 +90,7 @@ struct FileConfig {
     meta_down_after_secs: Option<u64>,
     scrub_rate: Option<String>,
     scrub_interval_secs: Option<u64>,
+    write_lease_ms: Option<u64>,
     #[serde(default)]
     meta_peers: Vec<String>,
 }
@@ -127,6 +132,8 @@ pub struct Config {
     pub meta_snapshot_logs: u64,
     /// A node silent this long is down (see `--meta-down-after-secs`).
     pub meta_down_after: std::time::Duration,
+    /// How long set writes are taken without a heartbeat acknowledged.
+    pub write_lease: std::time::Duration,
     /// Bytes per second the scrubber reads (0: off).
     pub scrub_rate: u64,
     /// Time between scrub passes.
@@ -264,6 +271,17 @@ impl Config {
             .or(file.scrub_interval_secs)
             .unwrap_or(86_400)
             .max(1);
+        let write_lease_ms = flags.write_lease_ms.or(file.write_lease_ms).unwrap_or(5000);
+        if write_lease_ms < 1500 {
+            bail!(
+                "write_lease_ms must be at least 1500 (heartbeats go every second), not {write_lease_ms}"
+            );
+        }
+        if write_lease_ms >= down_after_secs * 1000 {
+            bail!(
+                "write_lease_ms ({write_lease_ms}) must be shorter than meta_down_after_secs ({down_after_secs} s): a node must stop taking writes before the group gives its sets away"
+            );
+        }
         let meta_peers = if !flags.meta_peers.is_empty() {
             flags.meta_peers.clone()
         } else {
@@ -285,6 +303,7 @@ impl Config {
             advertise,
             meta_snapshot_logs,
             meta_down_after: std::time::Duration::from_secs(down_after_secs),
+            write_lease: std::time::Duration::from_millis(write_lease_ms),
             scrub_rate,
             scrub_interval: std::time::Duration::from_secs(scrub_interval_secs),
             meta_peers,

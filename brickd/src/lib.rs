@@ -105,13 +105,14 @@ impl Handler for NodeHandler {
 }
 
 /// How often a node tells the metadata group it is alive.
-const HEARTBEAT_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+const HEARTBEAT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Reports this node alive to the metadata group until shutdown. A node not yet registered
 /// (`peer add`) is skipped quietly; an unreachable group is logged once per outage.
 async fn heartbeat(
     node: NodeId,
     peers: Vec<std::net::SocketAddr>,
+    service: Arc<BrickService>,
     mut stop: watch::Receiver<bool>,
 ) {
     let client = brickfs_client::MetaClient::new(
@@ -135,6 +136,7 @@ async fn heartbeat(
             .await
         {
             Ok(_) => {
+                service.renew_lease();
                 if !reachable {
                     info!(%node, "metadata group reachable again");
                 }
@@ -491,7 +493,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         peers.push(advertise);
     }
     if !peers.is_empty() {
-        tokio::spawn(heartbeat(node, peers.clone(), stop_rx.clone()));
+        service.enable_lease(config.write_lease);
+        tokio::spawn(heartbeat(
+            node,
+            peers.clone(),
+            service.clone(),
+            stop_rx.clone(),
+        ));
     }
     if !peers.is_empty() {
         tokio::spawn(scrub(

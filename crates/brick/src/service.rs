@@ -26,6 +26,10 @@ pub struct BrickService {
     node: NodeId,
     bricks: HashMap<BrickId, Arc<BrickStore>>,
     stopping: AtomicBool,
+    /// The write lease: as a primary, this node orders set mutations only while the metadata
+    /// group acknowledged its heartbeat within it (so a primary cut off from the group stops
+    /// taking writes before the group gives its sets to others). `None`: no lease.
+    lease: std::sync::Mutex<Option<(std::time::Duration, Option<std::time::Instant>)>>,
     /// Connections to the other members of sets this node is primary for.
     peers: Pool,
     /// Orders a primary's mutations per object: held across the local apply and the fan-out,
@@ -87,6 +91,7 @@ impl BrickService {
             node,
             bricks: bricks.into_iter().map(|b| (b.id(), b)).collect(),
             stopping: AtomicBool::new(false),
+            lease: std::sync::Mutex::new(None),
             peers: Pool::new(ClientOptions {
                 peer_name: format!("primary {node}"),
                 request_timeout: std::time::Duration::from_secs(30),
@@ -161,6 +166,38 @@ impl BrickService {
             .into_iter()
             .collect::<Result<Vec<()>, _>>()
             .map(|_| ())
+    }
+
+    /// Turns the write lease on, `length` long (see `lease`).
+    pub fn enable_lease(&self, length: std::time::Duration) {
+        *self.lease.lock().unwrap_or_else(|p| p.into_inner()) = Some((length, None));
+    }
+
+    /// The metadata group acknowledged a heartbeat: the lease runs from now.
+    pub fn renew_lease(&self) {
+        if let Some((_, at)) = self
+            .lease
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            *at = Some(std::time::Instant::now());
+        }
+    }
+
+    /// Refuses a set mutation while the lease has lapsed (`Busy`: clients retry, and find the
+    /// set's new primary once the group has moved it).
+    fn check_lease(&self) -> Result<(), ErrorBody> {
+        match *self.lease.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some((length, at)) if at.is_none_or(|t| t.elapsed() > length) => Err(ErrorBody::new(
+                ErrorCode::Busy,
+                format!(
+                    "node {}'s write lease has lapsed: the metadata group has not acknowledged it for {length:?}",
+                    self.node
+                ),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Updates the scrub report of a brick.
@@ -822,6 +859,19 @@ impl BrickService {
 
     async fn dispatch(&self, msg: Message, data: Bytes) -> Result<(Message, Bytes), ErrorBody> {
         let none = Bytes::new();
+        // Every set mutation goes through a primary: a primary without a lease refuses it
+        // before applying anything. Members do not check (a member refusing while its primary
+        // applied would tear a disperse stripe); a stale primary cannot reach them anyway.
+        if matches!(
+            msg,
+            Message::SetWrite(_)
+                | Message::SetTruncate(_)
+                | Message::DisperseWrite(_)
+                | Message::DisperseTruncate(_)
+                | Message::HealObjects(_)
+        ) {
+            self.check_lease()?;
+        }
         Ok(match msg {
             Message::Ping(_) => (Message::Pong(Pong { node: self.node }), none),
             Message::ListBricks(_) => {
