@@ -62,9 +62,9 @@ async fn must_cluster() -> Cluster {
     let args = [
         "--meta",
         "--meta-down-after-secs",
-        "3",
+        "5",
         "--write-lease-ms",
-        "1500",
+        "3000",
         "--scrub-interval-secs",
         "2",
     ];
@@ -196,7 +196,7 @@ async fn inject(nodes: Arc<Mutex<Vec<Brickd>>>, seed: u64, until: Instant) -> Ve
         let n = rng.random_range(0..3usize);
         match rng.random_range(0..4u32) {
             0 => {
-                let down = Duration::from_millis(rng.random_range(1000..6000));
+                let down = Duration::from_millis(rng.random_range(1000..9000));
                 log.push(format!("kill -9 node {n} for {down:?}"));
                 with(n, |b| b.sigkill().unwrap()).await;
                 hold(down).await;
@@ -222,7 +222,7 @@ async fn inject(nodes: Arc<Mutex<Vec<Brickd>>>, seed: u64, until: Instant) -> Ve
                     "kill -9 node {n}, restart, kill again during its heal"
                 ));
                 with(n, |b| b.sigkill().unwrap()).await;
-                hold(Duration::from_secs(4)).await;
+                hold(Duration::from_secs(7)).await;
                 with(n, |b| b.restart().unwrap()).await;
                 hold(Duration::from_millis(rng.random_range(200..1500))).await;
                 with(n, |b| b.sigkill().unwrap()).await;

@@ -605,7 +605,7 @@ async fn deleted_files_leave_no_objects_on_the_bricks() {
 }
 
 /// Three nodes with three bricks each (node 0 runs the metadata group, which calls a node down
-/// after 3 s of silence), a replica-3 volume "r3" over the first bricks and a disperse 2+1
+/// after 5 s of silence; nodes hold 3 s write leases), a replica-3 volume "r3" over the first bricks and a disperse 2+1
 /// volume "d21" with quorum 2 over the second, each with an empty file "f"; the third bricks
 /// are spares.
 async fn must_failure_cluster() -> (
@@ -623,17 +623,17 @@ async fn must_failure_cluster() -> (
                 "--scrub-interval-secs",
                 "1",
                 "--write-lease-ms",
-                "1500",
+                "3000",
                 "--meta",
                 "--meta-down-after-secs",
-                "3",
+                "5",
             ]
         } else {
             &[
                 "--scrub-interval-secs",
                 "1",
                 "--write-lease-ms",
-                "1500",
+                "3000",
                 "--meta-peers",
             ]
         };
@@ -1140,9 +1140,9 @@ async fn nodes_cut_off_from_the_metadata_group_stop_taking_writes() {
         },
     );
     let vol = VolumeClient::open(quick, client(), "r2").await.unwrap();
-    vol.set_retry_window(Duration::from_millis(500));
     let fh = vol.create(ROOT, "f", 0o644, true).await.unwrap();
     vol.write(&fh, 0, pattern(5, 0, 100_000)).await.unwrap();
+    vol.set_retry_window(Duration::from_millis(500));
 
     nodes[0].sigstop().unwrap();
     struct Thaw<'a>(&'a Brickd);
