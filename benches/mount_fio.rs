@@ -24,13 +24,7 @@ struct Mount {
     path: PathBuf,
 }
 
-fn is_mounted(path: &Path) -> bool {
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    let p = path.to_string_lossy();
-    mounts
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some(&*p))
-}
+use mountd::is_mounted;
 
 impl Drop for Mount {
     fn drop(&mut self) {

@@ -52,13 +52,7 @@ struct Args {
     mount: Option<PathBuf>,
 }
 
-fn is_mounted(path: &std::path::Path) -> bool {
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    let p = path.to_string_lossy();
-    mounts
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some(&*p))
-}
+use mountd::is_mounted;
 
 /// Stops a mountd child with SIGTERM and makes sure nothing stays mounted.
 fn unmount(mut child: std::process::Child, path: &std::path::Path) {

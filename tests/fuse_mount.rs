@@ -20,12 +20,21 @@ struct Mount {
     path: PathBuf,
 }
 
-fn is_mounted(path: &Path) -> bool {
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    let p = path.to_string_lossy();
-    mounts
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some(&*p))
+use mountd::is_mounted;
+
+/// A daemonized mountd (by pid) and its mount point: SIGKILLed and detached when dropped.
+struct DaemonGuard(i32, PathBuf);
+
+impl Drop for DaemonGuard {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        if is_mounted(&self.1) {
+            let _ = nix::mount::umount2(&self.1, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
 }
 
 impl Mount {
@@ -477,19 +486,7 @@ async fn daemon_mode_returns_once_mounted() {
         .unwrap()
         .parse()
         .unwrap();
-    struct Stop(i32, PathBuf);
-    impl Drop for Stop {
-        fn drop(&mut self) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(self.0),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            if is_mounted(&self.1) {
-                let _ = nix::mount::umount2(&self.1, nix::mount::MntFlags::MNT_DETACH);
-            }
-        }
-    }
-    let _stop = Stop(pid, path.clone());
+    let _stop = DaemonGuard(pid, path.clone());
     assert!(is_mounted(&path));
     std::fs::write(path.join("f"), b"daemon").unwrap();
     assert_eq!(std::fs::read(path.join("f")).unwrap(), b"daemon");
@@ -1219,19 +1216,7 @@ async fn mount_helper_runs_as_mount8_calls_it() {
         .unwrap()
         .parse()
         .unwrap();
-    struct Stop(i32, PathBuf);
-    impl Drop for Stop {
-        fn drop(&mut self) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(self.0),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            if is_mounted(&self.1) {
-                let _ = nix::mount::umount2(&self.1, nix::mount::MntFlags::MNT_DETACH);
-            }
-        }
-    }
-    let _stop = Stop(pid, path.clone());
+    let _stop = DaemonGuard(pid, path.clone());
     assert!(is_mounted(&path));
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
     let args: Vec<String> = cmdline

@@ -155,6 +155,47 @@ async fn heartbeat(
     }
 }
 
+/// The clients of a duty the metadata leader's node runs (GC, heal), named after it.
+fn duty_clients(
+    node: NodeId,
+    advertise: std::net::SocketAddr,
+    duty: &str,
+    every: std::time::Duration,
+) -> (brickfs_client::MetaClient, brickfs_client::BrickClient) {
+    let meta = brickfs_client::MetaClient::new(
+        vec![advertise],
+        brickfs_client::MetaClientOptions {
+            client_name: format!("brickd {node} {duty}"),
+            deadline: every * 5,
+            ..brickfs_client::MetaClientOptions::default()
+        },
+    );
+    let bricks = brickfs_client::BrickClient::new(brickfs_proto::rpc::ClientOptions {
+        peer_name: format!("brickd {node} {duty}"),
+        ..Default::default()
+    });
+    (meta, bricks)
+}
+
+/// Waits for the next round of a leader's duty: false once the node stops; rounds while this
+/// node's metadata member does not lead are skipped.
+async fn next_round_as_leader(
+    tick: &mut tokio::time::Interval,
+    stop: &mut watch::Receiver<bool>,
+    member: &MetaNode,
+    node: NodeId,
+) -> bool {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return false,
+            _ = tick.tick() => {}
+        }
+        if member.status().leader == Some(node) {
+            return true;
+        }
+    }
+}
+
 /// How often the metadata leader's node looks for deleted files to remove from the bricks.
 const GC_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 /// Deleted files removed per volume and round.
@@ -169,28 +210,10 @@ async fn collect_garbage(
     mut stop: watch::Receiver<bool>,
 ) {
     use brickfs_proto::meta::{MetaRead, MetaReply, VolumeStatus};
-    let meta = brickfs_client::MetaClient::new(
-        vec![advertise],
-        brickfs_client::MetaClientOptions {
-            client_name: format!("brickd {node} gc"),
-            deadline: GC_EVERY * 5,
-            ..brickfs_client::MetaClientOptions::default()
-        },
-    );
-    let bricks = brickfs_client::BrickClient::new(brickfs_proto::rpc::ClientOptions {
-        peer_name: format!("brickd {node} gc"),
-        ..Default::default()
-    });
+    let (meta, bricks) = duty_clients(node, advertise, "gc", GC_EVERY);
     let mut tick = tokio::time::interval(GC_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return,
-            _ = tick.tick() => {}
-        }
-        if member.status().leader != Some(node) {
-            continue;
-        }
+    while next_round_as_leader(&mut tick, &mut stop, &member, node).await {
         let Ok(MetaReply::Volumes(volumes)) = meta.read(MetaRead::ListVolumes).await else {
             continue;
         };
@@ -372,28 +395,10 @@ async fn heal_members(
     mut stop: watch::Receiver<bool>,
 ) {
     use brickfs_proto::meta::{MetaRead, MetaReply, VolumeStatus};
-    let meta = brickfs_client::MetaClient::new(
-        vec![advertise],
-        brickfs_client::MetaClientOptions {
-            client_name: format!("brickd {node} heal"),
-            deadline: HEAL_EVERY * 5,
-            ..brickfs_client::MetaClientOptions::default()
-        },
-    );
-    let bricks = brickfs_client::BrickClient::new(brickfs_proto::rpc::ClientOptions {
-        peer_name: format!("brickd {node} heal"),
-        ..Default::default()
-    });
+    let (meta, bricks) = duty_clients(node, advertise, "heal", HEAL_EVERY);
     let mut tick = tokio::time::interval(HEAL_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return,
-            _ = tick.tick() => {}
-        }
-        if member.status().leader != Some(node) {
-            continue;
-        }
+    while next_round_as_leader(&mut tick, &mut stop, &member, node).await {
         let (Ok(MetaReply::Volumes(volumes)), Ok(MetaReply::Nodes(nodes))) = (
             meta.read(MetaRead::ListVolumes).await,
             meta.read(MetaRead::ListNodes).await,

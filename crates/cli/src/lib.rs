@@ -525,12 +525,7 @@ async fn volume(verb: VolumeVerb, meta: &[SocketAddr], json: bool) -> anyhow::Re
             let v = admin::volume_info(&m, &name)
                 .await
                 .with_context(|| format!("get volume {name}"))?;
-            let bricks = BrickClient::new(ClientOptions {
-                peer_name: "brickfs-cli".into(),
-                connect_timeout: std::time::Duration::from_secs(2),
-                request_timeout: std::time::Duration::from_secs(5),
-                ..ClientOptions::default()
-            });
+            let bricks = status_bricks();
             let mut rows = Vec::new();
             for b in &v.bricks {
                 let host = b.addr.rsplit_once(":/").map_or(b.addr.as_str(), |(h, _)| h);
@@ -639,12 +634,7 @@ async fn volume(verb: VolumeVerb, meta: &[SocketAddr], json: bool) -> anyhow::Re
             let v = admin::volume_info(&m, &name)
                 .await
                 .with_context(|| format!("get volume {name}"))?;
-            let bricks = BrickClient::new(ClientOptions {
-                peer_name: "brickfs-cli".into(),
-                connect_timeout: std::time::Duration::from_secs(2),
-                request_timeout: std::time::Duration::from_secs(5),
-                ..ClientOptions::default()
-            });
+            let bricks = status_bricks();
             let mut rows = Vec::new();
             for b in &v.bricks {
                 let report = match brickfs_client::volume::brick_addr(b) {
@@ -845,6 +835,16 @@ async fn heal(m: &MetaClient, name: &str, what: HealVerb, json: bool) -> anyhow:
         }
     }
     Ok(())
+}
+
+/// A brick client for status questions: short timeouts, so a dead node shows as offline.
+fn status_bricks() -> BrickClient {
+    BrickClient::new(ClientOptions {
+        peer_name: "brickfs-cli".into(),
+        connect_timeout: std::time::Duration::from_secs(2),
+        request_timeout: std::time::Duration::from_secs(5),
+        ..ClientOptions::default()
+    })
 }
 
 #[derive(Serialize)]
