@@ -25,6 +25,24 @@ use mountd::is_mounted;
 /// A daemonized mountd (by pid) and its mount point: SIGKILLed and detached when dropped.
 struct DaemonGuard(i32, PathBuf);
 
+impl DaemonGuard {
+    /// The guard of the daemon a successful `--daemon` run (or helper run) left, by the pid it
+    /// printed.
+    fn from_output(out: &std::process::Output, path: &Path) -> DaemonGuard {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pid = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .strip_prefix("pid ")
+            .and_then(|p| p.parse().ok())
+            .expect("the daemon's pid");
+        DaemonGuard(pid, path.to_path_buf())
+    }
+}
+
 impl Drop for DaemonGuard {
     fn drop(&mut self) {
         let _ = nix::sys::signal::kill(
@@ -480,13 +498,8 @@ async fn daemon_mode_returns_once_mounted() {
         String::from_utf8_lossy(&out.stderr)
     );
     // Whatever happens next, the daemon and its mount go.
-    let pid: i32 = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .strip_prefix("pid ")
-        .unwrap()
-        .parse()
-        .unwrap();
-    let _stop = DaemonGuard(pid, path.clone());
+    let _stop = DaemonGuard::from_output(&out, &path);
+    let pid = _stop.0;
     assert!(is_mounted(&path));
     std::fs::write(path.join("f"), b"daemon").unwrap();
     assert_eq!(std::fs::read(path.join("f")).unwrap(), b"daemon");
@@ -1210,13 +1223,8 @@ async fn mount_helper_runs_as_mount8_calls_it() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let pid: i32 = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .strip_prefix("pid ")
-        .unwrap()
-        .parse()
-        .unwrap();
-    let _stop = DaemonGuard(pid, path.clone());
+    let _stop = DaemonGuard::from_output(&out, &path);
+    let pid = _stop.0;
     assert!(is_mounted(&path));
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
     let args: Vec<String> = cmdline

@@ -1453,18 +1453,8 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
     fn end_session(&mut self, id: SessionId) -> Res<()> {
         let prefix = keys::session_lock_prefix(id);
         for (k, _) in self.kv.scan(&prefix, None, usize::MAX).map_err(internal)? {
-            let raw = &k[prefix.len()..];
-            let (Some(v), Some(ino)) = (
-                raw.get(0..8)
-                    .and_then(|b| b.try_into().ok())
-                    .map(u64::from_be_bytes),
-                raw.get(8..16)
-                    .and_then(|b| b.try_into().ok())
-                    .map(u64::from_be_bytes),
-            ) else {
-                return Err(internal("session lock key"));
-            };
-            let (v, ino) = (VolumeId(v), Ino(ino));
+            let (v, ino) =
+                volume_ino(&k[prefix.len()..]).ok_or_else(|| internal("session lock key"))?;
             let mut t: LockTable = get(self.kv, &keys::locks(v, ino))?.unwrap_or_default();
             t.release(id, None);
             self.save_locks(v, ino, id, &t);
@@ -1472,18 +1462,8 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
         }
         let prefix = keys::orphan_prefix(id);
         for (k, _) in self.kv.scan(&prefix, None, usize::MAX).map_err(internal)? {
-            let raw = &k[prefix.len()..];
-            let (Some(v), Some(ino)) = (
-                raw.get(0..8)
-                    .and_then(|b| b.try_into().ok())
-                    .map(u64::from_be_bytes),
-                raw.get(8..16)
-                    .and_then(|b| b.try_into().ok())
-                    .map(u64::from_be_bytes),
-            ) else {
-                return Err(internal("orphan key"));
-            };
-            self.drop_orphan(id, VolumeId(v), Ino(ino))?;
+            let (v, ino) = volume_ino(&k[prefix.len()..]).ok_or_else(|| internal("orphan key"))?;
+            self.drop_orphan(id, v, ino)?;
         }
         self.kv.delete(keys::session(id));
         for (k, _) in self
@@ -1495,6 +1475,13 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
         }
         Ok(())
     }
+}
+
+/// The (volume, inode) a key suffix names: two big-endian u64s.
+fn volume_ino(raw: &[u8]) -> Option<(VolumeId, Ino)> {
+    let v = u64::from_be_bytes(raw.get(0..8)?.try_into().ok()?);
+    let ino = u64::from_be_bytes(raw.get(8..16)?.try_into().ok()?);
+    Some((VolumeId(v), Ino(ino)))
 }
 
 fn volume_by_name(kv: &impl KvRead, name: &str) -> Res<VolumeRecord> {
