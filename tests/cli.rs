@@ -6,26 +6,6 @@ mod common;
 
 use brickfs_testkit::Brickd;
 use common::*;
-use std::process::Command;
-
-fn brickfs<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_brickfs"))
-        .args(args)
-        .env_remove("BRICKFS_META")
-        .output()
-        .expect("run brickfs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn must_ok<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> String {
-    let (code, out, err) = brickfs(args);
-    assert_eq!(code, 0, "brickfs {args:?} failed:\n{out}\n{err}");
-    out
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn volume_lifecycle_through_the_cli() {

@@ -421,10 +421,7 @@ async fn must_have_identical_copies(vol: &VolumeClient) {
     let bc = client();
     let sets = vol.sets();
     for set in sets.iter() {
-        let addr = |b| {
-            brickfs_client::volume::brick_addr(rec.bricks.iter().find(|x| x.brick == b).unwrap())
-                .unwrap()
-        };
+        let addr = |b| node_addr(rec, b);
         let mut listings = Vec::new();
         for b in &set.members {
             let (objs, more) = bc.list(addr(*b), *b, None, 10_000).await.unwrap();

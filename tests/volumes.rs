@@ -195,15 +195,7 @@ async fn must_match_model(vol: &VolumeClient, seed: u64) {
 /// every member of a disperse set holds the same objects and versions, and any K decode alike.
 async fn must_have_identical_replicas(vol: &VolumeClient) {
     let rec = vol.record();
-    let addr_of = |b| {
-        let vb = rec.bricks.iter().find(|x| x.brick == b).unwrap();
-        vb.addr
-            .rsplit_once(":/")
-            .unwrap()
-            .0
-            .parse::<std::net::SocketAddr>()
-            .unwrap()
-    };
+    let addr_of = |b| node_addr(rec, b);
     let bc = client();
     for set in &rec.sets {
         let first = set.members[0];
@@ -538,15 +530,7 @@ async fn deleted_files_leave_no_objects_on_the_bricks() {
     let bc = client();
     for vol in &vols {
         let rec = vol.record().clone();
-        let addr_of = |b| {
-            let vb = rec.bricks.iter().find(|x| x.brick == b).unwrap();
-            vb.addr
-                .rsplit_once(":/")
-                .unwrap()
-                .0
-                .parse::<std::net::SocketAddr>()
-                .unwrap()
-        };
+        let addr_of = |b| node_addr(&rec, b);
         let objects = || async {
             let mut all = Vec::new();
             for b in &rec.bricks {
@@ -775,19 +759,7 @@ async fn a_returning_node_heals_and_rejoins_while_writes_go_on() {
     }
     // The CLI shows the members out of sync, and what they lack.
     let meta_addr = nodes[0].addr().to_string();
-    let cli = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_brickfs"))
-            .args(["--meta", &meta_addr])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let cli = |args: &[&str]| must_ok(&[&["--meta", meta_addr.as_str()], args].concat());
     let info = cli(&["volume", "heal", "r3", "info"]);
     assert!(info.contains("1 member(s) out of sync"), "{info}");
     assert!(info.contains("needs heal"), "{info}");
@@ -880,18 +852,10 @@ async fn scrub_finds_flipped_bytes_and_the_set_heals_them() {
     }
     let meta_addr = nodes[0].addr().to_string();
     let status = || {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_brickfs"))
-            .args([
-                "--meta", &meta_addr, "--json", "volume", "bitrot", "r3", "status",
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+        let out = must_ok(&[
+            "--meta", &meta_addr, "--json", "volume", "bitrot", "r3", "status",
+        ]);
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
     };
     let damaged_brick = nodes[1].bricks()[0].display().to_string();
     must_wait_for(
@@ -952,15 +916,17 @@ async fn replace_brick_heals_the_new_brick_from_its_set() {
         |n: usize, i: usize| format!("{}:{}", nodes[n].addr(), nodes[n].bricks()[i].display());
     let meta_addr = nodes[0].addr().to_string();
     let cli = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_brickfs"))
-            .args(["--meta", &meta_addr, "volume", "replace-brick"])
-            .args(args)
-            .output()
-            .unwrap()
+        brickfs(
+            &[
+                &["--meta", meta_addr.as_str(), "volume", "replace-brick"],
+                args,
+            ]
+            .concat(),
+        )
     };
     let (old, new) = (brick(1, 0), brick(1, 2));
     // Without `commit force`, with an unknown brick, with a brick already in a volume.
-    assert_eq!(cli(&["r3", &old, &new]).status.code(), Some(2));
+    assert_eq!(cli(&["r3", &old, &new]).0, 2);
     let out = cli(&[
         "r3",
         &old,
@@ -968,22 +934,12 @@ async fn replace_brick_heals_the_new_brick_from_its_set() {
         "commit",
         "force",
     ]);
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("serves no brick"),
-        "{out:?}"
-    );
+    assert!(out.2.contains("serves no brick"), "{out:?}");
     let out = cli(&["r3", &old, &brick(1, 1), "commit", "force"]);
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("already in volume"),
-        "{out:?}"
-    );
+    assert!(out.2.contains("already in volume"), "{out:?}");
 
     let out = cli(&["r3", &old, &new, "commit", "force"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(out.0, 0, "{}", out.2);
     must_wait_for(
         "the new brick to heal and rejoin",
         Duration::from_secs(60),

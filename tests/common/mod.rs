@@ -95,3 +95,34 @@ pub fn find_object_file(dir: &std::path::Path, suffix: &str) -> Option<std::path
     }
     None
 }
+
+/// The node address serving brick `b` of a volume.
+pub fn node_addr(rec: &brickfs_proto::meta::VolumeRecord, b: BrickId) -> std::net::SocketAddr {
+    let vb = rec
+        .bricks
+        .iter()
+        .find(|x| x.brick == b)
+        .expect("a brick of the volume");
+    brickfs_client::volume::brick_addr(vb).expect("a HOST:PORT brick address")
+}
+
+/// Runs the `brickfs` CLI: exit code, stdout, stderr.
+pub fn brickfs<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_brickfs"))
+        .args(args)
+        .env_remove("BRICKFS_META")
+        .output()
+        .expect("run brickfs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs the `brickfs` CLI and requires success: its stdout.
+pub fn must_ok<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> String {
+    let (code, out, err) = brickfs(args);
+    assert_eq!(code, 0, "brickfs {args:?} failed:\n{out}\n{err}");
+    out
+}

@@ -528,8 +528,7 @@ async fn volume(verb: VolumeVerb, meta: &[SocketAddr], json: bool) -> anyhow::Re
             let bricks = status_bricks();
             let mut rows = Vec::new();
             for b in &v.bricks {
-                let host = b.addr.rsplit_once(":/").map_or(b.addr.as_str(), |(h, _)| h);
-                let online = match host.parse::<SocketAddr>() {
+                let online = match brickfs_client::volume::brick_addr(b) {
                     Ok(a) => bricks.statfs(a, b.brick).await.ok(),
                     Err(_) => None,
                 };

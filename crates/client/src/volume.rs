@@ -144,7 +144,9 @@ pub struct VolumeClient {
     sets: std::sync::RwLock<Arc<Vec<SetState>>>,
     /// How long a failing set call is retried (refreshing the sets) before its error stands.
     retry_window_ms: std::sync::atomic::AtomicU64,
-    addrs: HashMap<BrickId, SocketAddr>,
+    /// Node addresses of every brick the volume has had (a replaced brick's entry stays;
+    /// refreshes add new ones before the sets that name them).
+    addrs: std::sync::RwLock<HashMap<BrickId, SocketAddr>>,
     spread: AtomicUsize,
     codec: Option<ReedSolomonCodec>,
 }
@@ -182,7 +184,7 @@ impl VolumeClient {
                 DEFAULT_RETRY_WINDOW.as_millis() as u64
             ),
             vol,
-            addrs,
+            addrs: std::sync::RwLock::new(addrs),
             spread: AtomicUsize::new(0),
             codec,
         }))
@@ -225,6 +227,15 @@ impl VolumeClient {
                 format!("volume {} was deleted and made again", self.vol.name),
             ));
         }
+        // A replaced brick brings a new address: known before any set names it.
+        let mut known = Vec::with_capacity(v.bricks.len());
+        for b in &v.bricks {
+            known.push((b.brick, brick_addr(b)?));
+        }
+        self.addrs
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(known);
         *self.sets.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(v.sets);
         Ok(())
     }
@@ -384,6 +395,8 @@ impl VolumeClient {
 
     fn addr(&self, brick: BrickId) -> Result<SocketAddr, VolumeError> {
         self.addrs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
             .get(&brick)
             .copied()
             .ok_or_else(|| refused(ErrorCode::Internal, format!("brick {brick} has no address")))

@@ -436,11 +436,7 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                 *m = brick.id;
             }
         }
-        set.in_sync = others_in_sync;
-        if set.primary == old_id {
-            set.primary = set.in_sync[0];
-        }
-        set.epoch = Epoch(set.epoch.0 + 1);
+        narrow_in_sync(set, others_in_sync);
         v.bricks[at] = VolumeBrick {
             brick: brick.id,
             node: node.id,
@@ -495,11 +491,7 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                     .filter(|b| !keep.contains(b))
                     .copied()
                     .collect();
-                if !keep.contains(&set.primary) {
-                    set.primary = keep[0];
-                }
-                set.in_sync = keep;
-                set.epoch = Epoch(set.epoch.0 + 1);
+                narrow_in_sync(set, keep);
                 changed = true;
                 tracing::warn!(
                     volume = %v.name,
@@ -830,11 +822,8 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                     ));
                 };
                 if s.in_sync.contains(brick) && s.in_sync.len() > 1 {
-                    s.in_sync.retain(|b| b != brick);
-                    if s.primary == *brick {
-                        s.primary = s.in_sync[0];
-                    }
-                    s.epoch = Epoch(s.epoch.0 + 1);
+                    let keep = s.in_sync.iter().copied().filter(|b| b != brick).collect();
+                    narrow_in_sync(s, keep);
                     tracing::warn!(volume = %name, set = index, %brick, %key, epoch = s.epoch.0, "a damaged object took its brick out of sync until healed");
                     self.kv.put(keys::volume(v.id), enc(&v));
                 }
@@ -1475,6 +1464,16 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
         }
         Ok(())
     }
+}
+
+/// Narrows a set's in-sync members to `keep` (non-empty): a new primary when the old one
+/// left, and a new epoch.
+fn narrow_in_sync(set: &mut SetState, keep: Vec<brickfs_proto::BrickId>) {
+    if !keep.contains(&set.primary) {
+        set.primary = keep[0];
+    }
+    set.in_sync = keep;
+    set.epoch = Epoch(set.epoch.0 + 1);
 }
 
 /// The (volume, inode) a key suffix names: two big-endian u64s.
