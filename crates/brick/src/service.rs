@@ -16,7 +16,7 @@ use brickfs_proto::{ObjectKey, ObjectVersion};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// The longest path accepted in a request.
 pub const PATH_MAX_BYTES: usize = 4096;
@@ -37,9 +37,15 @@ pub struct BrickService {
     ordering: Vec<tokio::sync::Mutex<()>>,
     /// What the background scrubber found, per brick (filled by brickd's scrub task).
     scrub: std::sync::Mutex<HashMap<BrickId, brickfs_proto::msg::ScrubReport>>,
+    /// Source of the tags this node gives the set mutations it orders as a primary.
+    tags: AtomicU64,
 }
 
 const ORDERING_SHARDS: usize = 1024;
+
+/// What one copy of an object holds: `(version, tag)` (see `ObjectState`); `(0, 0)` is no
+/// object at all.
+type Held = (u64, u64);
 
 /// A change to one object on one member.
 enum Mutation {
@@ -51,6 +57,7 @@ fn state(meta: crate::store::ObjectMeta) -> ObjectState {
     ObjectState {
         version: meta.version,
         len_bytes: meta.len_bytes,
+        tag: meta.tag,
     }
 }
 
@@ -102,7 +109,26 @@ impl BrickService {
             ordering: (0..ORDERING_SHARDS)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
+            tags: AtomicU64::new(
+                node.0
+                    ^ std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_nanos() as u64),
+            ),
         }
+    }
+
+    /// A fresh tag for one set mutation: unique per node and run (a restarted primary must
+    /// not reuse the tag of a write its members applied before it died), and never 0 (the
+    /// tag of objects written outside any set).
+    fn new_tag(&self) -> u64 {
+        let mut z = self
+            .tags
+            .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
+            .wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)).max(1)
     }
 
     fn ordering_lock(&self, key: &brickfs_proto::ObjectKey) -> &tokio::sync::Mutex<()> {
@@ -130,7 +156,12 @@ impl BrickService {
         members: &[MemberRef],
         make: impl Fn(BrickId) -> Message,
         data: Bytes,
-        repair: Option<(&Arc<BrickStore>, SetRef, ObjectKey, ObjectVersion)>,
+        repair: Option<(
+            &Arc<BrickStore>,
+            SetRef,
+            ObjectKey,
+            crate::store::ObjectMeta,
+        )>,
     ) -> Result<(), ErrorBody> {
         let calls = members.iter().map(|m| {
             let msg = make(m.brick);
@@ -147,8 +178,8 @@ impl BrickService {
                     Err(RpcError::Remote(body))
                         if body.kind() == Some(ErrorCode::VersionGap) && repair.is_some() =>
                     {
-                        let (own, set, key, version) = repair.expect("checked");
-                        self.replace_on(own, set, key, version, m, addr).await
+                        let (own, set, key, held) = repair.expect("checked");
+                        self.replace_on(own, set, key, held, m, addr).await
                     }
                     Err(RpcError::Remote(body)) => Err(ErrorBody::new(
                         body.kind().unwrap_or(ErrorCode::Io),
@@ -210,33 +241,37 @@ impl BrickService {
         update(all.entry(brick).or_default());
     }
 
-    /// Sends the primary's whole object (at `version`) to member `m`, replacing its copy.
+    /// Sends the primary's whole object (as `held`: version and tag) to member `m`, replacing
+    /// its copy — whether the member missed versions or holds a version the primary never
+    /// wrote (a write of a deposed primary that was never acknowledged).
     async fn replace_on(
         &self,
         own: &Arc<BrickStore>,
         set: SetRef,
         key: ObjectKey,
-        version: ObjectVersion,
+        held: crate::store::ObjectMeta,
         m: &MemberRef,
         addr: std::net::SocketAddr,
     ) -> Result<(), ErrorBody> {
+        let version = held.version;
         let (meta, bytes) = Self::blocking(own.clone(), move |b| {
             let len = b.stat(&key)?.len_bytes;
             b.read(&key, 0, len)
         })
         .await?;
-        if meta.version != version {
+        if meta.version != version || meta.tag != held.tag {
             return Err(ErrorBody::new(
                 ErrorCode::Busy,
                 format!("{key} moved on from version {} during a repair", version.0),
             ));
         }
-        tracing::info!(%key, member = %m.brick, version = version.0, "member missed a version; sending the whole object");
+        tracing::info!(%key, member = %m.brick, version = version.0, "member missed or forked a version; sending the whole object");
         let msg = Message::MemberReplace(brickfs_proto::msg::MemberReplace {
             brick: m.brick,
             set,
             key,
             version,
+            tag: held.tag,
         });
         self.peers
             .call(addr, msg, bytes)
@@ -268,19 +303,20 @@ impl BrickService {
         })
     }
 
-    /// Reads `len` bytes at `offset` of one member's fragment object: `(version, bytes)`,
-    /// `(0, empty)` when the member has no such object, `None` when it cannot answer.
+    /// Reads `len` bytes at `offset` of one member's fragment object: `((version, tag),
+    /// bytes)`, `((0, 0), empty)` when the member has no such object, `None` when it cannot
+    /// answer.
     async fn read_fragment(
         &self,
         m: &MemberRef,
         key: ObjectKey,
         offset: u64,
         len: u64,
-    ) -> Option<(u64, Vec<u8>)> {
+    ) -> Option<(Held, Vec<u8>)> {
         if let Some(b) = self.bricks.get(&m.brick).cloned() {
             return match Self::blocking(b, move |b| b.read(&key, offset, len)).await {
-                Ok((meta, bytes)) => Some((meta.version.0, bytes.to_vec())),
-                Err(e) if e.is(ErrorCode::NotFound) => Some((0, Vec::new())),
+                Ok((meta, bytes)) => Some(((meta.version.0, meta.tag), bytes.to_vec())),
+                Err(e) if e.is(ErrorCode::NotFound) => Some(((0, 0), Vec::new())),
                 Err(_) => None,
             };
         }
@@ -292,8 +328,10 @@ impl BrickService {
             len_bytes: u32::try_from(len).ok()?,
         });
         match self.peers.call(addr, msg, Bytes::new()).await {
-            Ok((Message::ReadData(r), bytes)) => Some((r.state.version.0, bytes.to_vec())),
-            Err(e) if e.code() == Some(ErrorCode::NotFound) => Some((0, Vec::new())),
+            Ok((Message::ReadData(r), bytes)) => {
+                Some(((r.state.version.0, r.state.tag), bytes.to_vec()))
+            }
+            Err(e) if e.code() == Some(ErrorCode::NotFound) => Some(((0, 0), Vec::new())),
             _ => None,
         }
     }
@@ -311,7 +349,11 @@ impl BrickService {
                 offset_bytes: w.offset_bytes,
                 data,
             };
-            return Self::apply_fenced(b, w.set, w.key, m, w.sync, VersionRule::Exactly(w.version))
+            let rule = VersionRule::Exactly {
+                version: w.version,
+                tag: w.tag,
+            };
+            return Self::apply_fenced(b, w.set, w.key, m, w.sync, rule)
                 .await
                 .map(|_| ());
         }
@@ -366,8 +408,10 @@ impl BrickService {
         Ok((codec, f))
     }
 
-    /// Reads stripe `j` of the column (all K+M fragments) and decodes it; the version used must
-    /// be the one the primary holds.
+    /// Reads stripe `j` of the column (all in-sync fragments) and decodes it; the version used
+    /// must be the one the primary holds, else the copies disagree (`VersionGap`: the caller
+    /// reconciles them).
+    #[allow(clippy::too_many_arguments)]
     async fn read_stripe(
         &self,
         g: &DisperseGeometry,
@@ -375,7 +419,7 @@ impl BrickService {
         key: ObjectKey,
         j: u64,
         f: u64,
-        have: u64,
+        have: Held,
     ) -> Result<Vec<u8>, ErrorBody> {
         // Members out of sync may hold older versions: only in-sync fragments are decoded.
         let reads = g
@@ -392,7 +436,7 @@ impl BrickService {
         let frags = join_all(reads).await;
         let (version, bytes) = decode_stripes(codec, &frags, f as usize, 1).map_err(|e| {
             ErrorBody::new(
-                ErrorCode::Io,
+                ErrorCode::VersionGap,
                 format!("stripe {j} of {key} cannot be read back: {e}"),
             )
         })?;
@@ -400,11 +444,68 @@ impl BrickService {
             return Err(ErrorBody::new(
                 ErrorCode::VersionGap,
                 format!(
-                    "stripe {j} of {key} decodes at version {version}, the primary holds {have}: the set needs healing"
+                    "stripe {j} of {key} decodes at version {}/{:x}, the primary holds {}/{:x}",
+                    version.0, version.1, have.0, have.1
                 ),
             ));
         }
         Ok(bytes)
+    }
+
+    /// The members of a disperse set that take fragments, with their fragment index.
+    fn takers(g: &DisperseGeometry) -> Vec<(usize, &MemberRef)> {
+        g.members
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| Self::takes_fragments(g, m.brick))
+            .collect()
+    }
+
+    /// What a brick this node serves holds of `key` (`(0, 0)` for nothing), checking the
+    /// set's epoch first.
+    async fn held_here(
+        own: &Arc<BrickStore>,
+        set: SetRef,
+        key: ObjectKey,
+    ) -> Result<Held, ErrorBody> {
+        Self::blocking(own.clone(), move |b| {
+            b.fence(set.volume.0, set.set, set.epoch.0)?;
+            match b.stat(&key) {
+                Ok(m) => Ok((m.version.0, m.tag)),
+                Err(StoreError::NotFound { .. }) => Ok((0, 0)),
+                Err(e) => Err(e),
+            }
+        })
+        .await
+    }
+
+    /// Runs a disperse mutation under the object's ordering lock; when the fragments turn out
+    /// to disagree (a write that reached only some members before a failure, on a primary that
+    /// lost its own copy or not), reconciles them and tries again (twice at most).
+    async fn disperse_mutation<'a, Fut>(
+        &'a self,
+        g: &'a DisperseGeometry,
+        codec: &'a ReedSolomonCodec,
+        f: u64,
+        set: SetRef,
+        key: ObjectKey,
+        once: impl Fn() -> Fut,
+    ) -> Result<ObjectState, ErrorBody>
+    where
+        Fut: std::future::Future<Output = Result<ObjectState, ErrorBody>> + 'a,
+    {
+        let _order = self.ordering_lock(&key).lock().await;
+        let mut attempt = 0;
+        loop {
+            match once().await {
+                Err(e) if e.kind() == Some(ErrorCode::VersionGap) && attempt < 2 => {
+                    attempt += 1;
+                    tracing::info!(%key, error = %e.detail, "fragments disagree; reconciling");
+                    self.reconcile(g, codec, f, set, key).await?;
+                }
+                r => return r,
+            }
+        }
     }
 
     async fn disperse_write(
@@ -415,28 +516,35 @@ impl BrickService {
         let own = self.brick(req.brick)?;
         let g = &req.geometry;
         let (codec, f) = self.disperse_setup(req.brick, g)?;
+        self.disperse_mutation(g, &codec, f, req.set, req.key, || {
+            self.disperse_write_once(&own, &req, &codec, f, &data)
+        })
+        .await
+    }
+
+    /// One attempt at a disperse write (under the ordering lock).
+    async fn disperse_write_once(
+        &self,
+        own: &Arc<BrickStore>,
+        req: &brickfs_proto::msg::DisperseWrite,
+        codec: &ReedSolomonCodec,
+        f: u64,
+        data: &Bytes,
+    ) -> Result<ObjectState, ErrorBody> {
+        let g = &req.geometry;
         let k = u64::from(g.data_fragments);
         let sb = k * f;
-        let _order = self.ordering_lock(&req.key).lock().await;
-        let key = req.key;
-        let set = req.set;
-        let have = Self::blocking(own.clone(), move |b| {
-            b.fence(set.volume.0, set.set, set.epoch.0)?;
-            match b.stat(&key) {
-                Ok(m) => Ok(m.version.0),
-                Err(StoreError::NotFound { .. }) => Ok(0),
-                Err(e) => Err(e),
-            }
-        })
-        .await?;
+        let (key, set) = (req.key, req.set);
+        let have = Self::held_here(own, set, key).await?;
         let off = req.offset_bytes;
         let end = off
             .checked_add(data.len() as u64)
             .ok_or_else(|| ErrorBody::new(ErrorCode::InvalidArgument, "range overflows"))?;
         if data.is_empty() {
             return Ok(ObjectState {
-                version: ObjectVersion(have),
+                version: ObjectVersion(have.0),
                 len_bytes: 0,
+                tag: have.1,
             });
         }
         let (first, last) = (off / sb, (end - 1) / sb);
@@ -450,96 +558,252 @@ impl BrickService {
         if last != first && partial(last) {
             need.push(last);
         }
-        // An object the primary has never written holds only zeros (members that disagree
-        // will refuse the version below, so a stale primary cannot overwrite their data).
-        if have == 0 {
+        // An object the primary has never written holds only zeros (members that hold a
+        // version of it refuse the write below, and the fragments are reconciled).
+        if have == (0, 0) {
             need.clear();
         }
         for j in need {
-            let old = self.read_stripe(g, &codec, key, j, f, have).await?;
+            let old = self.read_stripe(g, codec, key, j, f, have).await?;
             let at = ((j - first) * sb) as usize;
             buf[at..at + sb as usize].copy_from_slice(&old);
         }
         let at = (off - first * sb) as usize;
-        buf[at..at + data.len()].copy_from_slice(&data);
-        let frags = encode_stripes(&codec, &buf, f as usize)
+        buf[at..at + data.len()].copy_from_slice(data);
+        let frags = encode_stripes(codec, &buf, f as usize)
             .map_err(|e| ErrorBody::new(ErrorCode::Internal, format!("encode: {e}")))?;
-        let version = ObjectVersion(have + 1);
-        let writes = g
-            .members
+        let version = ObjectVersion(have.0 + 1);
+        let tag = self.new_tag();
+        let takers = Self::takers(g);
+        let writes = takers
             .iter()
-            .zip(frags)
-            .filter(|(m, _)| Self::takes_fragments(g, m.brick))
-            .map(|(m, bytes)| {
+            .map(|(i, m)| {
                 let w = MemberWrite {
                     brick: m.brick,
                     set,
                     key,
                     offset_bytes: first * f,
                     version,
+                    tag,
                     sync: req.sync,
                 };
-                self.write_fragment(m, w, Bytes::from(bytes))
+                self.write_fragment(m, w, Bytes::from(frags[*i].clone()))
             })
             .collect();
-        let takers: Vec<(usize, &MemberRef)> = g
-            .members
-            .iter()
-            .enumerate()
-            .filter(|(_, m)| Self::takes_fragments(g, m.brick))
-            .collect();
-        // A member that missed an earlier version (a fan-out cut by a failure) gets its whole
-        // fragment object rebuilt from the others at this version instead.
-        let mut lagging = Vec::new();
-        for ((i, m), r) in takers.into_iter().zip(join_all(writes).await) {
-            match r {
-                Ok(()) => {}
-                Err(e) if e.kind() == Some(ErrorCode::VersionGap) => lagging.push((i, m)),
-                Err(e) => return Err(e),
-            }
-        }
-        if !lagging.is_empty() {
-            let frag_len = Self::blocking(own.clone(), move |b| b.stat(&key))
-                .await?
-                .len_bytes;
-            for (i, m) in lagging {
-                let mut without = g.clone();
-                without.in_sync = g
-                    .members
-                    .iter()
-                    .map(|x| x.brick)
-                    .filter(|b| *b != m.brick && Self::takes_fragments(g, *b))
-                    .collect();
-                let bytes = self
-                    .rebuild_fragment(&without, &codec, f, key, version.0, frag_len, i)
-                    .await?;
-                tracing::info!(%key, member = %m.brick, version = version.0, "member missed a version; sending its whole fragment");
-                let msg = Message::MemberReplace(brickfs_proto::msg::MemberReplace {
-                    brick: m.brick,
-                    set,
-                    key,
-                    version,
-                });
-                if let Some(b) = self.bricks.get(&m.brick).cloned() {
-                    Self::blocking(b, move |b| {
-                        b.fence(set.volume.0, set.set, set.epoch.0)?;
-                        b.replace(&key, &bytes, version)
-                    })
-                    .await?;
-                    continue;
-                }
-                let addr: std::net::SocketAddr = m.addr.parse().map_err(|_| {
-                    ErrorBody::new(ErrorCode::InvalidArgument, "member has a bad address")
-                })?;
-                self.peers.call(addr, msg, bytes).await.map_err(|e| {
-                    ErrorBody::new(ErrorCode::Io, format!("member {}: {e}", m.brick))
-                })?;
-            }
-        }
+        let results = join_all(writes).await;
+        self.settle(g, codec, f, set, key, (version.0, tag), takers, results)
+            .await?;
         Ok(ObjectState {
             version,
             len_bytes: end,
+            tag,
         })
+    }
+
+    /// Settles a mutation's fan-out to the takers: any failure but a refused version fails
+    /// it; members that refused the version (they missed an earlier one, or hold another
+    /// write's) get their whole fragment object rebuilt at the new version from the members
+    /// that applied it — if at least K did, else the fragments are left to be reconciled
+    /// (`VersionGap`).
+    #[allow(clippy::too_many_arguments)]
+    async fn settle(
+        &self,
+        g: &DisperseGeometry,
+        codec: &ReedSolomonCodec,
+        f: u64,
+        set: SetRef,
+        key: ObjectKey,
+        wrote: Held,
+        takers: Vec<(usize, &MemberRef)>,
+        results: Vec<Result<(), ErrorBody>>,
+    ) -> Result<(), ErrorBody> {
+        let mut applied = Vec::new();
+        let mut refused = Vec::new();
+        for ((i, m), r) in takers.into_iter().zip(results) {
+            match r {
+                Ok(()) => applied.push(m.brick),
+                Err(e) if e.kind() == Some(ErrorCode::VersionGap) => refused.push((i, m)),
+                Err(e) => return Err(e),
+            }
+        }
+        if refused.is_empty() {
+            return Ok(());
+        }
+        if applied.len() < g.data_fragments as usize {
+            return Err(ErrorBody::new(
+                ErrorCode::VersionGap,
+                format!(
+                    "version {} of {key} was applied by {} members, fewer than the {} data fragments",
+                    wrote.0,
+                    applied.len(),
+                    g.data_fragments
+                ),
+            ));
+        }
+        let mut from = g.clone();
+        from.in_sync = applied;
+        let frag_len = match self.held_by(&g.members, from.in_sync[0], key).await {
+            Some((h, len)) if h == wrote => len,
+            _ => {
+                return Err(ErrorBody::new(
+                    ErrorCode::Busy,
+                    format!("{key} moved on from version {} during a repair", wrote.0),
+                ));
+            }
+        };
+        for (i, m) in refused {
+            let bytes = self
+                .rebuild_fragment(&from, codec, f, key, wrote, frag_len, i)
+                .await?;
+            tracing::info!(%key, member = %m.brick, version = wrote.0, "member missed or forked a version; sending its whole fragment");
+            self.install(m, set, key, wrote, bytes).await?;
+        }
+        Ok(())
+    }
+
+    /// What member `brick` (one of `members`) holds of `key` and its length; `None` when it
+    /// cannot answer.
+    async fn held_by(
+        &self,
+        members: &[MemberRef],
+        brick: BrickId,
+        key: ObjectKey,
+    ) -> Option<(Held, u64)> {
+        let m = members.iter().find(|m| m.brick == brick)?;
+        self.stat_member(m, key).await
+    }
+
+    /// What member `m` holds of `key` and its length (`(0, 0)` and 0 for nothing); `None` when
+    /// it cannot answer.
+    async fn stat_member(&self, m: &MemberRef, key: ObjectKey) -> Option<(Held, u64)> {
+        let st = if let Some(b) = self.bricks.get(&m.brick).cloned() {
+            Self::blocking(b, move |b| b.stat(&key)).await.map(state)
+        } else {
+            let addr: std::net::SocketAddr = m.addr.parse().ok()?;
+            let msg = Message::Stat(brickfs_proto::msg::Stat {
+                brick: m.brick,
+                key,
+            });
+            match self.peers.call(addr, msg, Bytes::new()).await {
+                Ok((Message::StatReply(st), _)) => Ok(st),
+                Ok(_) => return None,
+                Err(RpcError::Remote(body)) => Err(body),
+                Err(_) => return None,
+            }
+        };
+        match st {
+            Ok(st) => Some(((st.version.0, st.tag), st.len_bytes)),
+            Err(e) if e.kind() == Some(ErrorCode::NotFound) => Some(((0, 0), 0)),
+            Err(_) => None,
+        }
+    }
+
+    /// Makes member `m`'s copy of `key` exactly `held` with `bytes` (`(0, 0)`: no object).
+    async fn install(
+        &self,
+        m: &MemberRef,
+        set: SetRef,
+        key: ObjectKey,
+        held: Held,
+        bytes: Bytes,
+    ) -> Result<(), ErrorBody> {
+        let (version, tag) = (ObjectVersion(held.0), held.1);
+        if let Some(b) = self.bricks.get(&m.brick).cloned() {
+            return Self::blocking(b, move |b| {
+                b.fence(set.volume.0, set.set, set.epoch.0)?;
+                if held == (0, 0) {
+                    b.delete(&key).map(|_| ())
+                } else {
+                    b.replace(&key, &bytes, version, tag).map(|_| ())
+                }
+            })
+            .await;
+        }
+        let msg = if held == (0, 0) {
+            Message::Delete(brickfs_proto::msg::Delete {
+                brick: m.brick,
+                key,
+            })
+        } else {
+            Message::MemberReplace(brickfs_proto::msg::MemberReplace {
+                brick: m.brick,
+                set,
+                key,
+                version,
+                tag,
+            })
+        };
+        let addr: std::net::SocketAddr = m
+            .addr
+            .parse()
+            .map_err(|_| ErrorBody::new(ErrorCode::InvalidArgument, "member has a bad address"))?;
+        self.peers
+            .call(addr, msg, bytes)
+            .await
+            .map(|_| ())
+            .map_err(|e| ErrorBody::new(ErrorCode::Io, format!("member {}: {e}", m.brick)))
+    }
+
+    /// Makes the in-sync fragments of `key` agree again: the newest version (with its tag)
+    /// that at least K of them hold is what the object is — every write ever acknowledged is
+    /// in it, since an acknowledged write reached every in-sync member — and every other
+    /// in-sync member that answers gets its fragment rebuilt from those K, rolled forward or
+    /// back (what it held instead was never acknowledged). With no version on K members the
+    /// object cannot be decoded and stays read-only until an operator heals it.
+    async fn reconcile(
+        &self,
+        g: &DisperseGeometry,
+        codec: &ReedSolomonCodec,
+        f: u64,
+        set: SetRef,
+        key: ObjectKey,
+    ) -> Result<(), ErrorBody> {
+        let takers = Self::takers(g);
+        let stats = join_all(
+            takers
+                .iter()
+                .map(|(_, m)| self.stat_member(m, key))
+                .collect(),
+        )
+        .await;
+        let mut counts: std::collections::BTreeMap<Held, (usize, u64)> = Default::default();
+        for (h, len) in stats.iter().flatten() {
+            let e = counts.entry(*h).or_default();
+            e.0 += 1;
+            e.1 = e.1.max(*len);
+        }
+        let k = g.data_fragments as usize;
+        let Some((&held, &(_, frag_len))) = counts.iter().rev().find(|(_, (n, _))| *n >= k) else {
+            return Err(ErrorBody::new(
+                ErrorCode::ReadOnly,
+                format!(
+                    "the fragments of {key} disagree and no version is held by {k} members: it cannot be decoded until healed ({counts:?})"
+                ),
+            ));
+        };
+        let mut from = g.clone();
+        from.in_sync = takers
+            .iter()
+            .zip(&stats)
+            .filter(|(_, st)| st.is_some_and(|(h, _)| h == held))
+            .map(|((_, m), _)| m.brick)
+            .collect();
+        for ((i, m), st) in takers.iter().zip(&stats) {
+            match st {
+                Some((h, _)) if *h == held => continue,
+                None => continue,
+                Some(_) => {}
+            }
+            let bytes = if held == (0, 0) {
+                Bytes::new()
+            } else {
+                self.rebuild_fragment(&from, codec, f, key, held, frag_len, *i)
+                    .await?
+            };
+            tracing::warn!(%key, member = %m.brick, was = ?st, now = ?held, "reconciled a fragment the others disagreed with");
+            self.install(m, set, key, held, bytes).await?;
+        }
+        Ok(())
     }
 
     async fn disperse_truncate(
@@ -547,7 +811,7 @@ impl BrickService {
         req: brickfs_proto::msg::DisperseTruncate,
     ) -> Result<ObjectState, ErrorBody> {
         let g = req.geometry.clone();
-        let (_, f) = self.disperse_setup(req.brick, &g)?;
+        let (codec, f) = self.disperse_setup(req.brick, &g)?;
         let sb = u64::from(g.data_fragments) * f;
         let len = req.len_bytes;
         // Zero the tail of the last stripe, so bytes past the new end read as zeros if the
@@ -566,52 +830,51 @@ impl BrickService {
             self.disperse_write(w, zeros).await?;
         }
         let own = self.brick(req.brick)?;
-        let key = req.key;
-        let _order = self.ordering_lock(&key).lock().await;
-        let have = Self::blocking(own, move |b| match b.stat(&key) {
-            Ok(m) => Ok(m.version.0),
-            Err(StoreError::NotFound { .. }) => Ok(0),
-            Err(e) => Err(e),
-        })
-        .await?;
-        let version = ObjectVersion(have + 1);
         let frag_len = len.div_ceil(sb) * f;
-        let (set, sync) = (req.set, req.sync);
-        let mut calls = Vec::new();
-        for m in g
-            .members
-            .iter()
-            .filter(|m| Self::takes_fragments(&g, m.brick))
-        {
-            let m = m.clone();
-            calls.push(async move {
-                if let Some(b) = self.bricks.get(&m.brick).cloned() {
-                    let m = Mutation::Truncate {
-                        len_bytes: frag_len,
-                    };
-                    return Self::apply_fenced(b, set, key, m, sync, VersionRule::Exactly(version))
-                        .await
-                        .map(|_| ());
-                }
-                let msg = Message::MemberTruncate(MemberTruncate {
-                    brick: m.brick,
-                    set,
-                    key,
-                    len_bytes: frag_len,
-                    version,
-                    sync,
-                });
-                self.fan_out(std::slice::from_ref(&m), |_| msg.clone(), Bytes::new())
-                    .await
-            });
-        }
-        for r in join_all(calls).await {
-            r?;
-        }
-        Ok(ObjectState {
-            version,
-            len_bytes: len,
+        self.disperse_mutation(&g, &codec, f, req.set, req.key, || async {
+            let (key, set, sync) = (req.key, req.set, req.sync);
+            let have = Self::held_here(&own, set, key).await?;
+            let version = ObjectVersion(have.0 + 1);
+            let tag = self.new_tag();
+            let takers = Self::takers(&g);
+            let calls = takers
+                .iter()
+                .map(|(_, m)| {
+                    let m = (*m).clone();
+                    async move {
+                        if let Some(b) = self.bricks.get(&m.brick).cloned() {
+                            let m = Mutation::Truncate {
+                                len_bytes: frag_len,
+                            };
+                            let rule = VersionRule::Exactly { version, tag };
+                            return Self::apply_fenced(b, set, key, m, sync, rule)
+                                .await
+                                .map(|_| ());
+                        }
+                        let msg = Message::MemberTruncate(MemberTruncate {
+                            brick: m.brick,
+                            set,
+                            key,
+                            len_bytes: frag_len,
+                            version,
+                            tag,
+                            sync,
+                        });
+                        self.fan_out(std::slice::from_ref(&m), |_| msg.clone(), Bytes::new())
+                            .await
+                    }
+                })
+                .collect();
+            let results = join_all(calls).await;
+            self.settle(&g, &codec, f, set, key, (version.0, tag), takers, results)
+                .await?;
+            Ok(ObjectState {
+                version,
+                len_bytes: len,
+                tag,
+            })
         })
+        .await
     }
 
     /// Brings a member out of sync up to date (see `HealObjects`).
@@ -711,19 +974,22 @@ impl BrickService {
                     }
                 };
                 let expect_len = mine.len_bytes;
-                if theirs.is_some_and(|t| t.version == mine.version && t.len_bytes == expect_len) {
+                if theirs.is_some_and(|t| {
+                    t.version == mine.version && t.tag == mine.tag && t.len_bytes == expect_len
+                }) {
                     continue;
                 }
                 let bytes = match (&sources, &codec, target_index) {
                     (Some(g), Some((codec, f)), Some(i)) => {
-                        self.rebuild_fragment(g, codec, *f, key, mine.version.0, mine.len_bytes, i)
+                        let held = (mine.version.0, mine.tag);
+                        self.rebuild_fragment(g, codec, *f, key, held, mine.len_bytes, i)
                             .await?
                     }
                     _ => {
                         let (m, b) =
                             Self::blocking(own.clone(), move |b| b.read(&key, 0, mine.len_bytes))
                                 .await?;
-                        if m.version != mine.version {
+                        if m.version != mine.version || m.tag != mine.tag {
                             return Err(ErrorBody::new(
                                 ErrorCode::Busy,
                                 "object changed during heal",
@@ -737,6 +1003,7 @@ impl BrickService {
                     set,
                     key,
                     version: mine.version,
+                    tag: mine.tag,
                 });
                 out.bytes += bytes.len() as u64;
                 self.peers.call(target, msg, bytes).await.map_err(|e| {
@@ -770,7 +1037,7 @@ impl BrickService {
         codec: &ReedSolomonCodec,
         f: u64,
         key: ObjectKey,
-        version: u64,
+        version: Held,
         frag_len: u64,
         index: usize,
     ) -> Result<Bytes, ErrorBody> {
@@ -795,7 +1062,10 @@ impl BrickService {
         if v != version {
             return Err(ErrorBody::new(
                 ErrorCode::Busy,
-                format!("{key} decodes at version {v}, the primary holds {version}"),
+                format!(
+                    "{key} decodes at version {}/{:x}, the primary holds {}/{:x}",
+                    v.0, v.1, version.0, version.1
+                ),
             ));
         }
         let mut frags = encode_stripes(codec, &data, f as usize)
@@ -968,9 +1238,10 @@ impl BrickService {
                     offset_bytes: req.offset_bytes,
                     data: data.clone(),
                 };
-                let meta =
-                    Self::apply_fenced(brick.clone(), set, key, m, req.sync, VersionRule::Next)
-                        .await?;
+                let rule = VersionRule::Next {
+                    tag: self.new_tag(),
+                };
+                let meta = Self::apply_fenced(brick.clone(), set, key, m, req.sync, rule).await?;
                 let make = |b| {
                     Message::MemberWrite(MemberWrite {
                         brick: b,
@@ -978,10 +1249,11 @@ impl BrickService {
                         key,
                         offset_bytes: req.offset_bytes,
                         version: meta.version,
+                        tag: meta.tag,
                         sync: req.sync,
                     })
                 };
-                let repair = Some((&brick, set, key, meta.version));
+                let repair = Some((&brick, set, key, meta));
                 self.fan_out_repairing(&req.members, make, data, repair)
                     .await?;
                 (Message::Written(state(meta)), none)
@@ -994,9 +1266,10 @@ impl BrickService {
                 let m = Mutation::Truncate {
                     len_bytes: req.len_bytes,
                 };
-                let meta =
-                    Self::apply_fenced(brick.clone(), set, key, m, req.sync, VersionRule::Next)
-                        .await?;
+                let rule = VersionRule::Next {
+                    tag: self.new_tag(),
+                };
+                let meta = Self::apply_fenced(brick.clone(), set, key, m, req.sync, rule).await?;
                 let make = |b| {
                     Message::MemberTruncate(MemberTruncate {
                         brick: b,
@@ -1004,10 +1277,11 @@ impl BrickService {
                         key,
                         len_bytes: req.len_bytes,
                         version: meta.version,
+                        tag: meta.tag,
                         sync: req.sync,
                     })
                 };
-                let repair = Some((&brick, set, key, meta.version));
+                let repair = Some((&brick, set, key, meta));
                 self.fan_out_repairing(&req.members, make, Bytes::new(), repair)
                     .await?;
                 (Message::Truncated(state(meta)), none)
@@ -1026,7 +1300,10 @@ impl BrickService {
                     offset_bytes: req.offset_bytes,
                     data,
                 };
-                let rule = VersionRule::Exactly(req.version);
+                let rule = VersionRule::Exactly {
+                    version: req.version,
+                    tag: req.tag,
+                };
                 let meta = Self::apply_fenced(brick, req.set, req.key, m, req.sync, rule).await?;
                 (Message::Written(state(meta)), none)
             }
@@ -1047,7 +1324,7 @@ impl BrickService {
                 let set = req.set;
                 let meta = Self::blocking(brick, move |b| {
                     b.fence(set.volume.0, set.set, set.epoch.0)?;
-                    b.replace(&req.key, &data, req.version)
+                    b.replace(&req.key, &data, req.version, req.tag)
                 })
                 .await?;
                 (Message::Written(state(meta)), none)
@@ -1057,7 +1334,10 @@ impl BrickService {
                 let m = Mutation::Truncate {
                     len_bytes: req.len_bytes,
                 };
-                let rule = VersionRule::Exactly(req.version);
+                let rule = VersionRule::Exactly {
+                    version: req.version,
+                    tag: req.tag,
+                };
                 let meta = Self::apply_fenced(brick, req.set, req.key, m, req.sync, rule).await?;
                 (Message::Truncated(state(meta)), none)
             }

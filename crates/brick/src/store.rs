@@ -36,23 +36,29 @@ pub const OBJECT_MAX_BYTES: u64 = 1 << 50;
 /// The most objects one `list` call returns.
 pub const LIST_MAX: usize = 10_000;
 const LOCK_SHARDS: usize = 256;
-const META_RECORD_FORMAT: u8 = 1;
+/// Format 2 records the write's tag; format 1 records (no tag, read as tag 0) are still read.
+const META_RECORD_FORMAT: u8 = 2;
 
 /// Which version a mutation gives the object.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VersionRule {
-    /// The next one (a brick used on its own, or a set's primary).
-    Next,
-    /// Exactly this one, which must follow the version held; if the object already holds it,
-    /// the mutation is a retry and is acknowledged without applying it again.
-    Exactly(ObjectVersion),
+    /// The next one, written by the mutation tagged `tag` (a brick used on its own, or a set's
+    /// primary).
+    Next { tag: u64 },
+    /// Exactly `version`, which must follow the version held; if the object already holds it
+    /// from the same mutation (`tag`), the mutation is a retry and is acknowledged without
+    /// applying it again. The same version from another mutation (a fork: a primary that lost
+    /// its own copy of a write its members applied, or a deposed primary) is refused as a gap.
+    Exactly { version: ObjectVersion, tag: u64 },
 }
 
-/// Version and length of an object.
+/// Version, length and writer of an object. `tag` names the mutation that produced `version`
+/// (chosen by the primary that ordered it): two copies agree only when both match.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ObjectMeta {
     pub version: ObjectVersion,
     pub len_bytes: u64,
+    pub tag: u64,
 }
 
 /// Space on the brick's file system.
@@ -111,16 +117,22 @@ fn crc_key(key: &ObjectKey, block: u64) -> [u8; 29] {
     out
 }
 
-fn encode_meta(meta: &ObjectMeta) -> [u8; 17] {
-    let mut out = [0u8; 17];
+fn encode_meta(meta: &ObjectMeta) -> [u8; 25] {
+    let mut out = [0u8; 25];
     out[0] = META_RECORD_FORMAT;
     out[1..9].copy_from_slice(&meta.version.0.to_le_bytes());
     out[9..17].copy_from_slice(&meta.len_bytes.to_le_bytes());
+    out[17..25].copy_from_slice(&meta.tag.to_le_bytes());
     out
 }
 
 fn decode_meta(raw: &[u8]) -> Result<ObjectMeta, StoreError> {
-    if raw.len() != 17 || raw[0] != META_RECORD_FORMAT {
+    let ok = match raw.first() {
+        Some(1) => raw.len() == 17,
+        Some(&META_RECORD_FORMAT) => raw.len() == 25,
+        _ => false,
+    };
+    if !ok {
         return Err(StoreError::Corrupt(format!(
             "object record of {} bytes, format {:?}",
             raw.len(),
@@ -129,9 +141,13 @@ fn decode_meta(raw: &[u8]) -> Result<ObjectMeta, StoreError> {
     }
     let version = u64::from_le_bytes(raw[1..9].try_into().unwrap_or_default());
     let len_bytes = u64::from_le_bytes(raw[9..17].try_into().unwrap_or_default());
+    let tag = raw
+        .get(17..25)
+        .map_or(0, |t| u64::from_le_bytes(t.try_into().unwrap_or_default()));
     Ok(ObjectMeta {
         version: ObjectVersion(version),
         len_bytes,
+        tag,
     })
 }
 
@@ -385,26 +401,38 @@ impl BrickStore {
         data: &[u8],
         sync: bool,
     ) -> Result<ObjectMeta, StoreError> {
-        self.write_versioned(key, offset_bytes, data, sync, VersionRule::Next)
+        self.write_versioned(key, offset_bytes, data, sync, VersionRule::Next { tag: 0 })
     }
 
     /// Checks a mutation's version rule against the version held: `Ok(Some(meta))` means the
-    /// object already holds that version (a retry: acknowledge without applying).
+    /// object already holds that version from that mutation (a retry: acknowledge without
+    /// applying); `Ok(None)` means apply, giving the returned version and tag.
     fn check_version(
         key: &ObjectKey,
         old: Option<ObjectMeta>,
         rule: VersionRule,
     ) -> Result<Option<ObjectMeta>, StoreError> {
         let have = old.map_or(0, |m| m.version.0);
+        let held_tag = old.map_or(0, |m| m.tag);
         match rule {
-            VersionRule::Next => Ok(None),
-            VersionRule::Exactly(v) if v.0 == have && have > 0 => Ok(old),
-            VersionRule::Exactly(v) if v.0 == have + 1 => Ok(None),
-            VersionRule::Exactly(v) => Err(StoreError::VersionGap {
+            VersionRule::Next { .. } => Ok(None),
+            VersionRule::Exactly { version, tag }
+                if version.0 == have && have > 0 && tag == held_tag =>
+            {
+                Ok(old)
+            }
+            VersionRule::Exactly { version, .. } if version.0 == have + 1 => Ok(None),
+            VersionRule::Exactly { version, .. } => Err(StoreError::VersionGap {
                 key: *key,
                 have,
-                want: v.0,
+                want: version.0,
             }),
+        }
+    }
+
+    fn rule_tag(rule: VersionRule) -> u64 {
+        match rule {
+            VersionRule::Next { tag } | VersionRule::Exactly { tag, .. } => tag,
         }
     }
 
@@ -476,6 +504,7 @@ impl BrickStore {
         let meta = ObjectMeta {
             version: ObjectVersion(old.map_or(0, |m| m.version.0) + 1),
             len_bytes: new_len,
+            tag: Self::rule_tag(rule),
         };
         self.commit(key, batch, meta, sync)?;
         if old.is_none() {
@@ -529,7 +558,7 @@ impl BrickStore {
         len_bytes: u64,
         sync: bool,
     ) -> Result<ObjectMeta, StoreError> {
-        self.truncate_versioned(key, len_bytes, sync, VersionRule::Next)
+        self.truncate_versioned(key, len_bytes, sync, VersionRule::Next { tag: 0 })
     }
 
     /// [`BrickStore::truncate`] under a version rule.
@@ -580,6 +609,7 @@ impl BrickStore {
         let meta = ObjectMeta {
             version: ObjectVersion(old.map_or(0, |m| m.version.0) + 1),
             len_bytes,
+            tag: Self::rule_tag(rule),
         };
         self.commit(key, batch, meta, sync)?;
         if old.is_none() {
@@ -595,13 +625,15 @@ impl BrickStore {
         key: &ObjectKey,
         data: &[u8],
         version: ObjectVersion,
+        tag: u64,
     ) -> Result<ObjectMeta, StoreError> {
         self.delete(key)?;
-        let written = self.write_versioned(key, 0, data, true, VersionRule::Next)?;
+        let written = self.write_versioned(key, 0, data, true, VersionRule::Next { tag })?;
         let _guard = self.lock(key).write().unwrap_or_else(|p| p.into_inner());
         let meta = ObjectMeta {
             version,
             len_bytes: written.len_bytes,
+            tag,
         };
         self.commit(key, WriteBatch::default(), meta, true)?;
         Ok(meta)
@@ -970,14 +1002,18 @@ mod tests {
         assert!(matches!(wrong, Err(StoreError::WrongBrick { .. })));
     }
 
-    /// Member writes apply only at the next version; a retry of the version held is
-    /// acknowledged without applying twice; a gap is refused. Older epochs are fenced.
+    /// Member writes apply only at the next version; a retry of the version held (same tag) is
+    /// acknowledged without applying twice; a gap, or the version held written by another
+    /// mutation (a fork), is refused. Older epochs are fenced.
     #[test]
     fn versioned_writes_and_epoch_fencing() {
         let dir = tempfile::tempdir().unwrap();
         let store = must_open(&dir.path().join("b"));
         let k = key(1);
-        let v = |n| VersionRule::Exactly(ObjectVersion(n));
+        let v = |n| VersionRule::Exactly {
+            version: ObjectVersion(n),
+            tag: 100 + n,
+        };
         store.write_versioned(&k, 0, b"aaaa", false, v(1)).unwrap();
         assert!(matches!(
             store.write_versioned(&k, 0, b"cc", false, v(3)),
@@ -992,8 +1028,27 @@ mod tests {
         let again = store.write_versioned(&k, 0, b"zz", false, v(2)).unwrap();
         assert_eq!(again.version.0, 2);
         assert_eq!(&store.read(&k, 0, 4).unwrap().1[..], b"bbaa");
+        // Version 2 from another mutation is a fork, not a retry.
+        let fork = VersionRule::Exactly {
+            version: ObjectVersion(2),
+            tag: 7,
+        };
+        assert!(matches!(
+            store.write_versioned(&k, 0, b"zz", false, fork),
+            Err(StoreError::VersionGap {
+                have: 2,
+                want: 2,
+                ..
+            })
+        ));
+        assert_eq!(&store.read(&k, 0, 4).unwrap().1[..], b"bbaa");
         store.truncate_versioned(&k, 1, false, v(3)).unwrap();
-        assert_eq!(store.stat(&k).unwrap().len_bytes, 1);
+        let st = store.stat(&k).unwrap();
+        assert_eq!((st.len_bytes, st.tag), (1, 103));
+        // A replace installs another copy's version and tag whatever was held.
+        store.replace(&k, b"qq", ObjectVersion(2), 55).unwrap();
+        let st = store.stat(&k).unwrap();
+        assert_eq!((st.version.0, st.len_bytes, st.tag), (2, 2, 55));
         store.fence(7, 0, 2).unwrap();
         store.fence(7, 0, 2).unwrap();
         assert!(matches!(

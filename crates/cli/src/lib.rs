@@ -691,16 +691,15 @@ async fn brick_objects(
     bricks: &BrickClient,
     addr: SocketAddr,
     brick: brickfs_proto::BrickId,
-) -> anyhow::Result<std::collections::HashMap<brickfs_proto::ObjectKey, (u64, u64)>> {
+) -> anyhow::Result<
+    std::collections::HashMap<brickfs_proto::ObjectKey, brickfs_proto::msg::ObjectState>,
+> {
     let mut out = std::collections::HashMap::new();
     let mut after = None;
     loop {
         let (page, more) = bricks.list(addr, brick, after, 4096).await?;
         after = page.last().map(|o| o.key);
-        out.extend(
-            page.into_iter()
-                .map(|o| (o.key, (o.state.version.0, o.state.len_bytes))),
-        );
+        out.extend(page.into_iter().map(|o| (o.key, o.state)));
         if !more {
             return Ok(out);
         }

@@ -14,7 +14,7 @@
 
 use crate::brick::BrickClient;
 use crate::meta::{MetaClient, MetaError};
-use brickfs_erasure::{ReedSolomonCodec, decode_stripes};
+use brickfs_erasure::{FragmentRead, ReedSolomonCodec, decode_stripes};
 use brickfs_layout::DISPERSE_FRAGMENT_BYTES;
 use brickfs_layout::{column_len, merge_contiguous, split_range};
 
@@ -486,8 +486,8 @@ impl VolumeClient {
                 }
                 let addr = addr.ok()?;
                 match bricks.read(addr, brick, key, off, n as u32).await {
-                    Ok((st, bytes)) => Some((st.version.0, bytes.to_vec())),
-                    Err(e) if e.code() == Some(ErrorCode::NotFound) => Some((0, Vec::new())),
+                    Ok((st, bytes)) => Some(((st.version.0, st.tag), bytes.to_vec())),
+                    Err(e) if e.code() == Some(ErrorCode::NotFound) => Some(((0, 0), Vec::new())),
                     Err(e) => {
                         tracing::debug!(%brick, error = %e, "fragment read failed");
                         None
@@ -496,7 +496,8 @@ impl VolumeClient {
             }
         };
         let codec = self.codec()?;
-        let mut frags: Vec<Option<(u64, Vec<u8>)>> =
+        // A version is (number, tag): two writes that produced one number never combine.
+        let mut frags: Vec<FragmentRead<(u64, u64)>> =
             join_all(set.members[..k].iter().map(|b| fetch(*b)).collect()).await;
         frags.resize(set.members.len(), None);
         let decoded = match decode_stripes(codec, &frags, f as usize, stripes) {

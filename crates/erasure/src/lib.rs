@@ -263,18 +263,24 @@ pub fn encode_stripes(
     Ok(out)
 }
 
+/// What reading one member's fragments gave: `(version, bytes)`, `None` when it could not be
+/// read.
+pub type FragmentRead<V> = Option<(V, Vec<u8>)>;
+
 /// Rebuilds the data of a run of stripes from the fragments read from the members: entry i
 /// is member i's `(object version, bytes)` for the run, or `None` when it could not be read.
-/// Only fragments of one version are ever combined: the version held by at least K fragments
-/// (the newest such, if several) is used; fewer than K of any version is an error, never
-/// mixed bytes. Short fragments are padded with zeros (a fragment object ends early where the
-/// column has a hole). Returns the version used and `stripes × K × F` data bytes.
-pub fn decode_stripes(
+/// A version is anything ordered (brickfs passes `(version, tag)`, so two writes that both
+/// produced one version number never combine). Only fragments of one version are ever
+/// combined: the version held by at least K fragments (the newest such, if several) is used;
+/// fewer than K of any version is an error, never mixed bytes. Short fragments are padded with
+/// zeros (a fragment object ends early where the column has a hole). Returns the version used
+/// and `stripes × K × F` data bytes.
+pub fn decode_stripes<V: Ord + Copy>(
     codec: &dyn Codec,
-    fragments: &[Option<(u64, Vec<u8>)>],
+    fragments: &[FragmentRead<V>],
     fragment_bytes: usize,
     stripes: usize,
-) -> Result<(u64, Vec<u8>), CodecError> {
+) -> Result<(V, Vec<u8>), CodecError> {
     let (k, m) = (codec.data_fragments(), codec.parity_fragments());
     if fragments.len() != k + m {
         return Err(CodecError::FragmentCount {
@@ -283,7 +289,7 @@ pub fn decode_stripes(
         });
     }
     let len = stripes * fragment_bytes;
-    let mut versions: Vec<u64> = fragments.iter().flatten().map(|(v, _)| *v).collect();
+    let mut versions: Vec<V> = fragments.iter().flatten().map(|(v, _)| *v).collect();
     versions.sort_unstable();
     versions.dedup();
     let Some(version) = versions
@@ -369,6 +375,16 @@ mod stripe_tests {
         ));
         let mostly_new = read(&[], &|i| if i == 5 { 9 } else { 10 });
         assert_eq!(decode_stripes(&codec, &mostly_new, f, 3).unwrap().0, 10);
+        // One version number from two writes (tags 1 and 2) is two versions.
+        let forked: Vec<FragmentRead<(u64, u64)>> = read(&[], &|_| 10)
+            .into_iter()
+            .enumerate()
+            .map(|(i, f)| f.map(|(v, b)| ((v, 1 + (i % 2) as u64), b)))
+            .collect();
+        assert!(matches!(
+            decode_stripes(&codec, &forked, f, 3),
+            Err(CodecError::TooFewFragments { .. })
+        ));
         // Short fragments are holes.
         let short: Vec<Option<(u64, Vec<u8>)>> = (0..6).map(|_| Some((1, Vec::new()))).collect();
         assert_eq!(

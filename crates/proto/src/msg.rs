@@ -91,11 +91,13 @@ pub struct OpenBrick {
     pub path: String,
 }
 
-/// Version and length of an object on one brick.
+/// Version and length of an object on one brick; `tag` names the mutation that wrote that
+/// version (two copies at one version agree only if their tags match).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObjectState {
     pub version: ObjectVersion,
     pub len_bytes: u64,
+    pub tag: u64,
 }
 
 /// Write the frame's data section at `offset_bytes`. With `sync`, the reply means the data and
@@ -227,7 +229,8 @@ pub struct SetRef {
 }
 
 /// The primary's forward of a write to one member, with the version the primary assigned; the
-/// member applies it only if it holds exactly the version before (or already holds this one).
+/// member applies it only if it holds exactly the version before (or already holds this one
+/// from the same mutation, `tag`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberWrite {
     pub brick: BrickId,
@@ -235,6 +238,7 @@ pub struct MemberWrite {
     pub key: ObjectKey,
     pub offset_bytes: u64,
     pub version: ObjectVersion,
+    pub tag: u64,
     pub sync: bool,
 }
 
@@ -245,6 +249,7 @@ pub struct MemberTruncate {
     pub key: ObjectKey,
     pub len_bytes: u64,
     pub version: ObjectVersion,
+    pub tag: u64,
     pub sync: bool,
 }
 
@@ -325,6 +330,7 @@ pub struct MemberReplace {
     pub set: SetRef,
     pub key: ObjectKey,
     pub version: ObjectVersion,
+    pub tag: u64,
 }
 
 /// How a brick's background scrubber is doing.
@@ -500,6 +506,7 @@ mod tests {
                     state: ObjectState {
                         version: ObjectVersion(4),
                         len_bytes: 5,
+                        tag: 77,
                     },
                 }],
                 more: true,
