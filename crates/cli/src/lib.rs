@@ -1,12 +1,14 @@
 //! brickfs-cli: the `brickfs` admin and benchmark CLI, noun then verb, `--json` for scripts,
 //! progress on stderr, exit code 2 for usage errors.
 //!
-//! Today it has `brickfs node bricks ADDR` (what a node serves, with capacity) and
-//! `brickfs cluster init|join|leave|status` (the metadata group). Peers, volumes, heal,
-//! rebalance and bench come with issues 4, 6, 7 and 8. It reads and writes only through
+//! `brickfs node bricks ADDR` (what a node serves, with capacity), `brickfs cluster
+//! init|join|leave|status` (the metadata group), `peer`, `volume` (create, start, heal,
+//! replace-brick, bitrot, ...) and `bench` (see `bench.rs`). It reads and writes only through
 //! `brickfs-client`.
 
 #![allow(clippy::print_stdout)] // A CLI's output is its product.
+
+pub mod bench;
 
 use anyhow::Context;
 use brickfs_client::{BrickClient, MetaClient, MetaClientOptions, admin};
@@ -51,6 +53,9 @@ pub enum Command {
         #[command(subcommand)]
         verb: VolumeVerb,
     },
+    /// Benchmark large-file and small-file I/O through a mount or the client library, against
+    /// the raw local disk measured in the same run.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -211,7 +216,7 @@ struct BrickRow {
 /// Parses the command line and runs it; returns the process exit code.
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
@@ -859,6 +864,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cluster { verb } => cluster(verb, cli.json).await,
         Command::Peer { verb } => peer(verb, &cli.meta, cli.json).await,
         Command::Volume { verb } => volume(verb, &cli.meta, cli.json).await,
+        Command::Bench(args) => {
+            let meta = (!cli.meta.is_empty()).then(|| meta_client(cli.meta.clone()));
+            bench::run(args, meta, cli.json).await
+        }
         Command::Node {
             verb: NodeVerb::Bricks { addr },
         } => {

@@ -79,6 +79,9 @@ impl Brickd {
             .addr
             .map_or_else(|| "127.0.0.1:0".to_string(), |a| a.to_string());
         let mut cmd = Command::new(&self.bin);
+        // Its own process group: a Ctrl-C at the terminal goes to whoever started it, which
+        // stops it in order (after unmounting what uses it).
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         cmd.arg("--listen")
             .arg(&listen)
             .arg("--data-dir")
