@@ -896,11 +896,7 @@ pub fn plot_svg(rows: &[Row]) -> String {
     ];
     let seq: Vec<&Row> = rows.iter().filter(|r| r.test.starts_with("seq-")).collect();
     let ymax = seq.iter().map(|r| r.mib_s).fold(1.0, f64::max) * 1.1;
-    let mut out = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n",
-        2.0 * W,
-        H + 120.0
-    );
+    let mut out = String::new();
     let axes = |out: &mut String, x0: f64, title: &str, xlabel: &str, xticks: &[(f64, String)]| {
         out.push_str(&format!(
             "<text x=\"{}\" y=\"18\" font-size=\"13\" text-anchor=\"middle\">{title}</text>\n",
@@ -1052,8 +1048,12 @@ pub fn plot_svg(rows: &[Row]) -> String {
             ));
         }
     }
-    out.push_str("</svg>\n");
-    out
+    // Room for the longer legend (one line per target and direction).
+    let height = H + 60.0 + 14.0 * series.len().max(2) as f64;
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n{out}</svg>\n",
+        2.0 * W
+    )
 }
 
 fn xml_escape(s: &str) -> String {
