@@ -1,11 +1,13 @@
-//! Fault injection: three brickd nodes (each a metadata voter with two bricks) serve a
-//! replica-3 volume and a disperse 2+1 volume (default quorums: 2 and 3) while a seeded,
-//! randomized workload of
-//! writes, truncates, renames, fsyncs and reads runs, and a seeded fault schedule kills nodes
-//! with SIGKILL (restarting them, sometimes killing one again in the middle of its heal),
-//! freezes them with SIGSTOP/SIGCONT and flips bytes in object files on disk — one node at a
-//! time, so the cluster always keeps a majority (the disperse set is read-only while one of
-//! its members is out: operations on it wait, retried, until it heals).
+//! Fault injection: three brickd nodes (each a metadata voter with two bricks, each on its own
+//! test host in a network namespace) serve a replica-3 volume and a disperse 2+1 volume
+//! (default quorums: 2 and 3) while a seeded, randomized workload of writes, truncates,
+//! renames, fsyncs and reads runs from a fourth host, and a seeded fault schedule partitions
+//! nodes from the rest (first of all the metadata leader, which is also the primary of both
+//! sets: leader and primaries cut off together), kills nodes with SIGKILL (restarting them,
+//! sometimes killing one again in the middle of its heal), freezes them with SIGSTOP/SIGCONT
+//! and flips bytes in object files on disk — one node at a time, so the cluster always keeps a
+//! majority (the disperse set is read-only while one of its members is out: operations on it
+//! wait, retried, until it heals).
 //!
 //! The workload retries each operation until it is acknowledged (operations are idempotent),
 //! so the model of every file is exactly what was acknowledged. The checker proves: every read
@@ -15,14 +17,17 @@
 //!
 //! `BRICKFS_FAULT_SEED` reproduces a run (the seed is printed); `BRICKFS_FAULT_SECS` sets how
 //! long faults are injected (default 20, the CI profile; try 600 by hand for the long one).
-//! Partitions through network namespaces and full disks are not injected yet.
+//! Needs root and iproute2 (the test hosts); a full disk is tested on its own in
+//! `tests/volumes.rs`.
 
 mod common;
 
+use brickfs_client::BrickClient;
 use brickfs_client::{FileHandle, MetaClient, MetaClientOptions, VolumeClient, admin};
 use brickfs_proto::Ino;
 use brickfs_proto::meta::{AdminOp, MetaOp, MetaRead, MetaReply};
-use brickfs_testkit::Brickd;
+use brickfs_proto::rpc::ClientOptions;
+use brickfs_testkit::{Brickd, TestNet};
 use common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -42,6 +47,22 @@ struct Cluster {
     _dir: tempfile::TempDir,
     nodes: Arc<Mutex<Vec<Brickd>>>,
     meta: MetaClient,
+    /// The nodes' ids, in node order.
+    ids: Vec<brickfs_proto::NodeId>,
+}
+
+/// The test host the workload runs on (hosts 0..3 are the nodes).
+const CLIENT_HOST: usize = 3;
+
+/// A brick client as a mount would use it: a request to a node that is cut off gives up after
+/// a few seconds (and is retried) instead of the test's usual minute.
+fn fault_client() -> BrickClient {
+    BrickClient::new(ClientOptions {
+        request_timeout: Duration::from_secs(5),
+        connect_timeout: Duration::from_secs(2),
+        peer_name: "faults".into(),
+        ..ClientOptions::default()
+    })
 }
 
 impl Drop for Cluster {
@@ -57,7 +78,7 @@ impl Drop for Cluster {
     }
 }
 
-async fn must_cluster() -> Cluster {
+async fn must_cluster(net: &TestNet) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     let args = [
         "--meta",
@@ -73,7 +94,7 @@ async fn must_cluster() -> Cluster {
     for n in 0..3 {
         let node_dir = dir.path().join(format!("n{n}"));
         let bricks: Vec<_> = (0..2).map(|i| node_dir.join(format!("b{i}"))).collect();
-        let node = Brickd::start(&brickd_bin(), &node_dir, &bricks, &args).unwrap();
+        let node = Brickd::start_in(&brickd_bin(), &node_dir, &bricks, &args, net.host(n)).unwrap();
         ids.push(client().ping(node.addr()).await.unwrap());
         nodes.push(node);
     }
@@ -122,6 +143,7 @@ async fn must_cluster() -> Cluster {
         _dir: dir,
         nodes: Arc::new(Mutex::new(nodes)),
         meta,
+        ids,
     }
 }
 
@@ -178,8 +200,15 @@ fn flip_a_byte(brick: &std::path::Path, rng: &mut StdRng) -> Option<std::path::P
     Some(f)
 }
 
-/// The fault schedule: until `until`, one fault at a time on a random node.
-async fn inject(nodes: Arc<Mutex<Vec<Brickd>>>, seed: u64, until: Instant) -> Vec<String> {
+/// The fault schedule: first a partition of the metadata leader's node (`leader`, also the
+/// primary of both sets), then until `until` one fault at a time on a random node.
+async fn inject(
+    nodes: Arc<Mutex<Vec<Brickd>>>,
+    net: Arc<TestNet>,
+    leader: usize,
+    seed: u64,
+    until: Instant,
+) -> (Vec<String>, (Instant, Instant)) {
     let mut rng = StdRng::seed_from_u64(seed ^ 0xFA17);
     let mut log = Vec::new();
     // Blocking testkit calls (wait for exit, for the readiness line) off the async workers.
@@ -191,10 +220,16 @@ async fn inject(nodes: Arc<Mutex<Vec<Brickd>>>, seed: u64, until: Instant) -> Ve
                 .unwrap()
         }
     };
+    let mut first = true;
+    let mut leader_cut = (Instant::now(), Instant::now());
     while Instant::now() < until {
         hold(Duration::from_millis(rng.random_range(500..2000))).await;
-        let n = rng.random_range(0..3usize);
-        match rng.random_range(0..4u32) {
+        let mut n = rng.random_range(0..3usize);
+        let mut kind = rng.random_range(0..5u32);
+        if first {
+            (n, kind, first) = (leader, 4, false);
+        }
+        match kind {
             0 => {
                 let down = Duration::from_millis(rng.random_range(1000..9000));
                 log.push(format!("kill -9 node {n} for {down:?}"));
@@ -208,6 +243,24 @@ async fn inject(nodes: Arc<Mutex<Vec<Brickd>>>, seed: u64, until: Instant) -> Ve
                 with(n, |b| b.sigstop().unwrap()).await;
                 hold(frozen).await;
                 with(n, |b| b.sigcont().unwrap()).await;
+            }
+            4 => {
+                // Long enough, at times, for the group to move the node's sets and its lease
+                // to lapse; short enough, at others, for neither. The leader's partition is
+                // long enough for the majority side to elect a leader and move the sets.
+                let cut = if log.is_empty() {
+                    Duration::from_secs(15)
+                } else {
+                    Duration::from_millis(rng.random_range(1000..9000))
+                };
+                log.push(format!("partition node {n} from the others for {cut:?}"));
+                let from = Instant::now();
+                net.cut(n).unwrap();
+                hold(cut).await;
+                net.mend(n).unwrap();
+                if log.len() == 1 {
+                    leader_cut = (from, Instant::now());
+                }
             }
             2 => {
                 let bricks = nodes.lock().unwrap()[n].bricks().to_vec();
@@ -233,11 +286,32 @@ async fn inject(nodes: Arc<Mutex<Vec<Brickd>>>, seed: u64, until: Instant) -> Ve
         // Let the cluster settle a moment before the next fault.
         hold(Duration::from_millis(rng.random_range(500..2500))).await;
     }
-    log
+    (log, leader_cut)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn acknowledged_writes_survive_random_faults() {
+#[test]
+fn acknowledged_writes_survive_random_faults() {
+    let net = Arc::new(
+        TestNet::new(4).expect("test hosts in network namespaces (needs root and iproute2)"),
+    );
+    let on_host = net.clone();
+    let run = std::thread::spawn(move || {
+        // This thread, and the runtime's threads it starts, are on the client's test host.
+        on_host.enter(CLIENT_HOST).unwrap();
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(random_faults(on_host))
+    })
+    .join();
+    if let Err(panic) = run {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+async fn random_faults(net: Arc<TestNet>) {
     let seed: u64 = std::env::var("BRICKFS_FAULT_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -247,13 +321,13 @@ async fn acknowledged_writes_survive_random_faults() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
     eprintln!("fault suite: BRICKFS_FAULT_SEED={seed} BRICKFS_FAULT_SECS={secs}");
-    let c = must_cluster().await;
+    let c = must_cluster(&net).await;
     let mut files = Vec::new();
     for vname in ["r3", "d21"] {
-        let vol = VolumeClient::open(c.meta.clone(), client(), vname)
+        let vol = VolumeClient::open(c.meta.clone(), fault_client(), vname)
             .await
             .unwrap();
-        vol.set_retry_window(Duration::from_secs(5));
+        vol.set_retry_window(Duration::from_secs(15));
         for i in 0..2 {
             let name = format!("f{i}");
             let fh = vol.create(ROOT, &name, 0o644, true).await.unwrap();
@@ -265,13 +339,112 @@ async fn acknowledged_writes_survive_random_faults() {
             });
         }
     }
+    let leader_addr = c.nodes.lock().unwrap()[0].addr();
+    let leader_id = c.meta.status_of(leader_addr).await.unwrap().leader;
+    let leader = c
+        .ids
+        .iter()
+        .position(|id| Some(*id) == leader_id)
+        .expect("a leader among the nodes");
     let until = Instant::now() + Duration::from_secs(secs);
-    let injector = tokio::spawn(inject(c.nodes.clone(), seed, until));
+    let injector = tokio::spawn(inject(c.nodes.clone(), net.clone(), leader, seed, until));
 
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let r3_files: Vec<File> = files.drain(..2).collect();
+    let d21_files: Vec<File> = std::mem::take(&mut files);
+    let r3 = tokio::spawn(workload(r3_files, seed, until, done.clone()));
+    let d21 = tokio::spawn(workload(d21_files, seed ^ 0xD21, until, done.clone()));
+    let (log, cut) = injector.await.unwrap();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (r3_files, ops3, reads3, acks) = r3.await.unwrap();
+    let (d21_files, ops21, reads21, _) = d21.await.unwrap();
+    let (ops, reads) = (ops3 + ops21, reads3 + reads21);
+    let files: Vec<File> = r3_files.into_iter().chain(d21_files).collect();
+    eprintln!("fault suite: {ops} operations, {reads} checked reads, faults: {log:#?}");
+    // While the leader and primary was cut off, the replica volume kept taking writes (through
+    // a new primary, once the group on the majority side had moved the set).
+    let (from, to) = cut;
+    let during: Vec<_> = acks
+        .iter()
+        .filter(|t| **t > from + Duration::from_secs(1) && **t < to)
+        .collect();
+    let first = during
+        .first()
+        .map(|t| t.duration_since(from))
+        .unwrap_or_default();
+    eprintln!(
+        "fault suite: {} replica writes acknowledged while the leader was cut off, the first {first:?} after the cut",
+        during.len()
+    );
+    assert!(
+        !during.is_empty(),
+        "seed {seed}: no write acknowledged while the leader and primary were cut off"
+    );
+
+    // Faults over: every node is up; wait until every member of every set is in sync again.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        let mut all = true;
+        for vname in ["r3", "d21"] {
+            let v = admin::volume_info(&c.meta, vname).await.unwrap();
+            all &= v.sets.iter().all(|s| s.in_sync.len() == s.members.len());
+        }
+        if all {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "seed {seed}: the sets never healed"
+        );
+        tick.tick().await;
+    }
+    // Sizes reach the metadata group at fsync or close: close every file.
+    for f in &files {
+        let (vol, fh) = (f.vol.clone(), f.fh.clone());
+        until_acked("close", || {
+            let (vol, fh) = (vol.clone(), fh.clone());
+            async move { vol.commit_size(&fh).await.map_err(|e| e.to_string()) }
+        })
+        .await;
+    }
+    // Every file reads back as acknowledged, under its last name, from a fresh client.
+    for f in &files {
+        let vol = VolumeClient::open(c.meta.clone(), fault_client(), &f.vol.record().name)
+            .await
+            .unwrap();
+        let fh = vol.open_file(ROOT, &f.name).await.unwrap();
+        assert_eq!(
+            fh.attr.size_bytes,
+            f.model.len() as u64,
+            "seed {seed}: {}",
+            f.name
+        );
+        let got = vol.read(&fh, 0, f.model.len() as u64).await.unwrap();
+        assert!(
+            got == f.model[..],
+            "seed {seed}: {} differs from what was acknowledged",
+            f.name
+        );
+        must_have_identical_copies(&vol).await;
+    }
+}
+
+/// One volume's share of the workload: random operations on `files` until the faults are over,
+/// each retried until acknowledged; returns the files with their models, the operation and
+/// checked-read counts, and when each write was acknowledged.
+async fn workload(
+    mut files: Vec<File>,
+    seed: u64,
+    until: Instant,
+    done: Arc<std::sync::atomic::AtomicBool>,
+) -> (Vec<File>, u64, u64, Vec<Instant>) {
     let mut rng = StdRng::seed_from_u64(seed);
     let (mut ops, mut reads) = (0u64, 0u64);
-    while Instant::now() < until || !injector.is_finished() {
-        let f = &mut files[rng.random_range(0..4usize)];
+    let mut acks = Vec::new();
+    while Instant::now() < until || !done.load(std::sync::atomic::Ordering::SeqCst) {
+        let at = rng.random_range(0..files.len());
+        let f = &mut files[at];
         let (vol, fh) = (f.vol.clone(), f.fh.clone());
         match rng.random_range(0..100u32) {
             0..60 => {
@@ -288,6 +461,7 @@ async fn acknowledged_writes_survive_random_faults() {
                     f.model.resize(end, 0);
                 }
                 f.model[off as usize..end].copy_from_slice(&data);
+                acks.push(Instant::now());
             }
             60..68 => {
                 let len = rng.random_range(0..(f.model.len() as u64 + 50_000));
@@ -362,56 +536,7 @@ async fn acknowledged_writes_survive_random_faults() {
         }
         ops += 1;
     }
-    let log = injector.await.unwrap();
-    eprintln!("fault suite: {ops} operations, {reads} checked reads, faults: {log:#?}");
-
-    // Faults over: every node is up; wait until every member of every set is in sync again.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    loop {
-        let mut all = true;
-        for vname in ["r3", "d21"] {
-            let v = admin::volume_info(&c.meta, vname).await.unwrap();
-            all &= v.sets.iter().all(|s| s.in_sync.len() == s.members.len());
-        }
-        if all {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "seed {seed}: the sets never healed"
-        );
-        tick.tick().await;
-    }
-    // Sizes reach the metadata group at fsync or close: close every file.
-    for f in &files {
-        let (vol, fh) = (f.vol.clone(), f.fh.clone());
-        until_acked("close", || {
-            let (vol, fh) = (vol.clone(), fh.clone());
-            async move { vol.commit_size(&fh).await.map_err(|e| e.to_string()) }
-        })
-        .await;
-    }
-    // Every file reads back as acknowledged, under its last name, from a fresh client.
-    for f in &files {
-        let vol = VolumeClient::open(c.meta.clone(), client(), &f.vol.record().name)
-            .await
-            .unwrap();
-        let fh = vol.open_file(ROOT, &f.name).await.unwrap();
-        assert_eq!(
-            fh.attr.size_bytes,
-            f.model.len() as u64,
-            "seed {seed}: {}",
-            f.name
-        );
-        let got = vol.read(&fh, 0, f.model.len() as u64).await.unwrap();
-        assert!(
-            got == f.model[..],
-            "seed {seed}: {} differs from what was acknowledged",
-            f.name
-        );
-        must_have_identical_copies(&vol).await;
-    }
+    (files, ops, reads, acks)
 }
 
 /// No two copies differ: every replica of every object holds the same version and bytes;
@@ -428,7 +553,7 @@ async fn must_have_identical_copies(vol: &VolumeClient) {
             assert!(!more);
             listings.push(
                 objs.into_iter()
-                    .map(|o| (o.key, o.state.version))
+                    .map(|o| (o.key, o.state.version, o.state.tag))
                     .collect::<Vec<_>>(),
             );
         }
@@ -438,11 +563,11 @@ async fn must_have_identical_copies(vol: &VolumeClient) {
                 "members list different objects or versions"
             );
         }
-        for (key, _) in &listings[0] {
+        for (key, _, _) in &listings[0] {
             let mut frags = Vec::new();
             for b in &set.members {
                 let (st, bytes) = bc.read(addr(*b), *b, *key, 0, u32::MAX).await.unwrap();
-                frags.push((st.version.0, bytes.to_vec()));
+                frags.push(((st.version.0, st.tag), bytes.to_vec()));
             }
             if rec.disperse_data == 0 {
                 for f in &frags[1..] {

@@ -30,8 +30,10 @@ pub struct BrickService {
     /// group acknowledged its heartbeat within it (so a primary cut off from the group stops
     /// taking writes before the group gives its sets to others). `None`: no lease.
     lease: std::sync::Mutex<Option<(std::time::Duration, Option<std::time::Instant>)>>,
-    /// Connections to the other members of sets this node is primary for.
+    /// Connections to the other members of sets this node is primary for (forwards, reads).
     peers: Pool,
+    /// The same, for whole-object copies (repairs and heals), which may take long.
+    bulk: Pool,
     /// Orders a primary's mutations per object: held across the local apply and the fan-out,
     /// so every member sees an object's versions in the same order.
     ordering: Vec<tokio::sync::Mutex<()>>,
@@ -101,7 +103,15 @@ impl BrickService {
             lease: std::sync::Mutex::new(None),
             peers: Pool::new(ClientOptions {
                 peer_name: format!("primary {node}"),
-                request_timeout: std::time::Duration::from_secs(30),
+                // A member that cannot take a forward within this is as good as failed: the
+                // write fails and is retried once the group has moved the set on.
+                request_timeout: std::time::Duration::from_secs(10),
+                connect_timeout: std::time::Duration::from_secs(2),
+                ..ClientOptions::default()
+            }),
+            bulk: Pool::new(ClientOptions {
+                peer_name: format!("primary {node} copies"),
+                request_timeout: std::time::Duration::from_secs(300),
                 connect_timeout: std::time::Duration::from_secs(2),
                 ..ClientOptions::default()
             }),
@@ -273,7 +283,7 @@ impl BrickService {
             version,
             tag: held.tag,
         });
-        self.peers
+        self.bulk
             .call(addr, msg, bytes)
             .await
             .map(|_| ())
@@ -327,7 +337,13 @@ impl BrickService {
             offset_bytes: offset,
             len_bytes: u32::try_from(len).ok()?,
         });
-        match self.peers.call(addr, msg, Bytes::new()).await {
+        // Whole fragment objects (rebuilds) may take long; stripes are quick.
+        let pool = if len > 16 << 20 {
+            &self.bulk
+        } else {
+            &self.peers
+        };
+        match pool.call(addr, msg, Bytes::new()).await {
             Ok((Message::ReadData(r), bytes)) => {
                 Some(((r.state.version.0, r.state.tag), bytes.to_vec()))
             }
@@ -737,7 +753,7 @@ impl BrickService {
             .addr
             .parse()
             .map_err(|_| ErrorBody::new(ErrorCode::InvalidArgument, "member has a bad address"))?;
-        self.peers
+        self.bulk
             .call(addr, msg, bytes)
             .await
             .map(|_| ())
@@ -1006,7 +1022,7 @@ impl BrickService {
                     tag: mine.tag,
                 });
                 out.bytes += bytes.len() as u64;
-                self.peers.call(target, msg, bytes).await.map_err(|e| {
+                self.bulk.call(target, msg, bytes).await.map_err(|e| {
                     ErrorBody::new(
                         ErrorCode::Io,
                         format!("heal target {}: {e}", req.target.brick),

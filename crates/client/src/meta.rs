@@ -101,7 +101,10 @@ impl MetaClient {
     pub fn new(members: Vec<SocketAddr>, opts: MetaClientOptions) -> MetaClient {
         let pool = Arc::new(Pool::new(ClientOptions {
             peer_name: opts.client_name.clone(),
-            request_timeout: Duration::from_secs(10),
+            // A member that does not answer within this is tried no longer: the next one is
+            // (a cut-off leader must not hold a client for long; a retried write is
+            // exactly-once through the session).
+            request_timeout: Duration::from_secs(4),
             connect_timeout: Duration::from_secs(2),
             conns_per_peer: 1,
             ..ClientOptions::default()

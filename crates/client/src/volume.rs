@@ -302,7 +302,15 @@ impl VolumeClient {
                         return Err(e);
                     }
                 }
-                Err(e) if retryable(&e) && start.elapsed() + backoff < window => {
+                Err(e) if retryable(&e) && start.elapsed() + backoff >= window => {
+                    // Out of time: look at the sets once more, so that the caller's next try
+                    // goes where they are now (one call may have used the whole window).
+                    if let Err(r) = self.refresh().await {
+                        tracing::debug!(error = %r, "could not re-read the volume's sets");
+                    }
+                    return Err(e);
+                }
+                Err(e) if retryable(&e) => {
                     tracing::debug!(what, error = %e, "set call failed; re-reading the sets and retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));

@@ -334,6 +334,9 @@ impl MetaNode {
     }
 }
 
+/// How long a new or thawed leader leads before it judges nodes silent (see `housekeeping`).
+const LEADER_GRACE: Duration = Duration::from_secs(3);
+
 async fn housekeeping(
     node: Arc<MetaNode>,
     every: Duration,
@@ -345,7 +348,8 @@ async fn housekeeping(
     let down_after_ms = down_after.as_millis() as u64;
     // Heartbeats reach the state machine only through a working leader: a member that just
     // became leader, or that was itself frozen, sees every node silent. It judges silence only
-    // after leading, awake, for a whole `down_after`.
+    // after leading, awake, for `LEADER_GRACE` (or `down_after`, if shorter): by then every
+    // live node's heartbeat (one a second, trying the members in turn) has found it.
     let mut leading_since: Option<std::time::Instant> = None;
     let mut last_tick = std::time::Instant::now();
     loop {
@@ -363,7 +367,8 @@ async fn housekeeping(
         if paused || leading_since.is_none() {
             leading_since = Some(std::time::Instant::now());
         }
-        let judge_silence = leading_since.is_some_and(|t| t.elapsed() >= down_after);
+        let judge_silence =
+            leading_since.is_some_and(|t| t.elapsed() >= down_after.min(LEADER_GRACE));
         // Propose only when there is something to do, so an idle group writes nothing.
         let now = now_ns();
         let expired = match node.read_local(&brickfs_proto::meta::MetaRead::ListSessions) {

@@ -4,8 +4,13 @@
 //! [`Brickd`] spawns one `brickd` on loopback (port 0, the chosen address read from its
 //! readiness log line), tees its log to a file, and offers the faults tests need: SIGKILL,
 //! SIGTERM, SIGSTOP/SIGCONT and restart on the same address. [`Cluster`] starts several.
-//! Every process is stopped by pid when its guard drops, failures included. No waiting here
-//! sleeps: readiness is a log line received over a channel, with a deadline.
+//! [`TestNet`] makes test hosts in network namespaces (for partitions); [`Brickd::start_in`]
+//! runs a brickd on one of them. Every process is stopped by pid when its guard drops, failures
+//! included. No waiting here sleeps: readiness is a log line received over a channel, with a
+//! deadline.
+
+mod net;
+pub use net::{Host, TestNet};
 
 use anyhow::{Context, bail};
 use nix::sys::signal::{Signal, kill};
@@ -35,6 +40,8 @@ pub struct Brickd {
     child: Option<Child>,
     log_path: PathBuf,
     error_lines: Arc<AtomicUsize>,
+    /// The test host it runs on (its network namespace), if not the machine's own network.
+    host: Option<Host>,
 }
 
 impl Brickd {
@@ -69,16 +76,58 @@ impl Brickd {
             child: None,
             log_path: data_dir.join("brickd.log"),
             error_lines: Arc::new(AtomicUsize::new(0)),
+            host: None,
+        };
+        node.spawn()?;
+        Ok(node)
+    }
+
+    /// Like [`Brickd::start`], on test host `host` (inside its network namespace, listening
+    /// on the host's address); restarts stay there.
+    pub fn start_in(
+        bin: &Path,
+        data_dir: &Path,
+        bricks: &[PathBuf],
+        extra_args: &[&str],
+        host: &Host,
+    ) -> anyhow::Result<Brickd> {
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("create {}", data_dir.display()))?;
+        let mut node = Brickd {
+            bin: bin.to_path_buf(),
+            data_dir: data_dir.to_path_buf(),
+            bricks: bricks.to_vec(),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            addr: None,
+            child: None,
+            log_path: data_dir.join("brickd.log"),
+            error_lines: Arc::new(AtomicUsize::new(0)),
+            host: Some(host.clone()),
         };
         node.spawn()?;
         Ok(node)
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
+        let ip = self
+            .host
+            .as_ref()
+            .map_or_else(|| "127.0.0.1".to_string(), |h| h.ip.to_string());
         let listen = self
             .addr
-            .map_or_else(|| "127.0.0.1:0".to_string(), |a| a.to_string());
-        let mut cmd = Command::new(&self.bin);
+            .map_or_else(|| format!("{ip}:0"), |a| a.to_string());
+        // On a test host, nsenter enters its network namespace and then becomes brickd (same
+        // pid: signals reach brickd itself).
+        let mut cmd = match &self.host {
+            Some(h) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", h.netns_path().display()))
+                    .arg("--")
+                    .arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
         // Its own process group: a Ctrl-C at the terminal goes to whoever started it, which
         // stops it in order (after unmounting what uses it).
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
