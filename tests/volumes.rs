@@ -63,6 +63,9 @@ async fn must_cluster() -> Cluster {
     for n in &nodes {
         admin::peer_add(&meta, &client(), n.addr()).await.unwrap();
     }
+    for n in &nodes {
+        must_serve_reads(n.addr()).await;
+    }
     Cluster {
         nodes,
         _dir: dir,
@@ -633,6 +636,9 @@ async fn must_failure_cluster() -> (
     for n in &nodes {
         admin::peer_add(&meta, &client(), n.addr()).await.unwrap();
     }
+    for n in &nodes {
+        must_serve_reads(n.addr()).await;
+    }
     let brick =
         |n: usize, i: usize| format!("{}:{}", nodes[n].addr(), nodes[n].bricks()[i].display());
     let mut vols = Vec::new();
@@ -1070,9 +1076,9 @@ async fn a_full_disk_refuses_writes_cleanly_and_recovers_when_space_returns() {
     must_have_identical_replicas(&vol).await;
 }
 
-/// Write leases: nodes cut off from the metadata group (here: the group is frozen) stop taking
-/// set writes once their lease lapses — before the group could give their sets to others —
-/// and take them again once the group acknowledges their heartbeats.
+/// Leases: nodes cut off from the metadata group (here: the group is frozen) stop taking set
+/// writes, and serving reads, once their lease lapses — before the group could give their
+/// sets to others — and take them again once the group acknowledges their heartbeats.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_cut_off_from_the_metadata_group_stop_taking_writes() {
     let (_dir, nodes, vols) = must_failure_cluster().await;
@@ -1112,6 +1118,10 @@ async fn nodes_cut_off_from_the_metadata_group_stop_taking_writes() {
         vol.write(&fh, 0, pattern(6, 0, 1000)).await.err()
     })
     .await;
+    assert_eq!(err.code(), Some(ErrorCode::Busy), "{err}");
+    assert!(err.to_string().contains("lease"), "{err}");
+    // No member serves a read either (each of the two would be stale once the group moved on).
+    let err = vol.read(&fh, 0, 1000).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::Busy), "{err}");
     assert!(err.to_string().contains("lease"), "{err}");
     drop(thaw);

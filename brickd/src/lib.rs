@@ -123,8 +123,12 @@ async fn heartbeat(
             ..brickfs_client::MetaClientOptions::default()
         },
     );
-    let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+    // Until the group first acknowledges one (the node just started, or is not registered
+    // yet), heartbeats go ten times as often: the lease (which reads and writes need) comes up
+    // right after `peer add`.
+    let mut tick = tokio::time::interval(HEARTBEAT_EVERY / 10);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut acknowledged = false;
     let mut reachable = true;
     loop {
         tokio::select! {
@@ -137,6 +141,12 @@ async fn heartbeat(
         {
             Ok(_) => {
                 service.renew_lease();
+                if !acknowledged {
+                    acknowledged = true;
+                    tick = tokio::time::interval(HEARTBEAT_EVERY);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    tick.reset();
+                }
                 if !reachable {
                     info!(%node, "metadata group reachable again");
                 }

@@ -126,3 +126,27 @@ pub fn must_ok<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> Strin
     assert_eq!(code, 0, "brickfs {args:?} failed:\n{out}\n{err}");
     out
 }
+
+/// Waits (bounded) until the node at `addr` serves reads: a node with a metadata group holds a
+/// lease only once the group acknowledged its heartbeat (just after `peer add`), and refuses
+/// reads (`Busy`) before.
+pub async fn must_serve_reads(addr: std::net::SocketAddr) {
+    let c = client();
+    let bricks = c.list_bricks(addr).await.expect("list bricks");
+    let Some(b) = bricks.first() else { return };
+    let probe = ObjectKey {
+        volume: VolumeId(u64::MAX),
+        ino: Ino(u64::MAX),
+        column: 0,
+    };
+    must_wait_for("the node's lease", Duration::from_secs(30), || {
+        let c = c.clone();
+        async move {
+            match c.read(addr, b.id, probe, 0, 1).await {
+                Err(e) if e.code() == Some(brickfs_proto::ErrorCode::Busy) => None,
+                _ => Some(()),
+            }
+        }
+    })
+    .await;
+}

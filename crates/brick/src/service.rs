@@ -233,7 +233,7 @@ impl BrickService {
             Some((length, at)) if at.is_none_or(|t| t.elapsed() > length) => Err(ErrorBody::new(
                 ErrorCode::Busy,
                 format!(
-                    "node {}'s write lease has lapsed: the metadata group has not acknowledged it for {length:?}",
+                    "node {}'s lease has lapsed: the metadata group has not acknowledged it for {length:?}",
                     self.node
                 ),
             )),
@@ -450,9 +450,17 @@ impl BrickService {
             })
             .collect();
         let frags = join_all(reads).await;
+        let answered = frags.iter().flatten().count();
         let (version, bytes) = decode_stripes(codec, &frags, f as usize, 1).map_err(|e| {
+            // Too few members answered (down, or their lease lapsed): try again later. Enough
+            // answered but disagreeing: the copies need reconciling.
+            let code = if answered < g.data_fragments as usize {
+                ErrorCode::Busy
+            } else {
+                ErrorCode::VersionGap
+            };
             ErrorBody::new(
-                ErrorCode::VersionGap,
+                code,
                 format!("stripe {j} of {key} cannot be read back: {e}"),
             )
         })?;
@@ -1148,6 +1156,9 @@ impl BrickService {
         // Every set mutation goes through a primary: a primary without a lease refuses it
         // before applying anything. Members do not check (a member refusing while its primary
         // applied would tear a disperse stripe); a stale primary cannot reach them anyway.
+        // Reads are leased too: a node cut off from the group stops serving them before the
+        // group can move its sets and the others take writes it would not see (its reads
+        // would be stale). Reads a primary makes of its own bricks do not come through here.
         if matches!(
             msg,
             Message::SetWrite(_)
@@ -1155,6 +1166,7 @@ impl BrickService {
                 | Message::DisperseWrite(_)
                 | Message::DisperseTruncate(_)
                 | Message::HealObjects(_)
+                | Message::Read(_)
         ) {
             self.check_lease()?;
         }
