@@ -5,7 +5,9 @@
 mod common;
 
 use brickfs_erasure::{ReedSolomonCodec, decode_stripes, encode_stripes};
-use brickfs_proto::msg::{DisperseGeometry, DisperseWrite, MemberRef, MemberWrite, SetRef};
+use brickfs_proto::msg::{
+    DisperseGeometry, DisperseWrite, HealObjects, MemberRef, MemberWrite, SetRef, SetWrite,
+};
 use brickfs_proto::rpc::Outcome;
 use brickfs_proto::{Epoch, ErrorCode, Message, ObjectKey, ObjectVersion, VolumeId};
 use bytes::Bytes;
@@ -298,6 +300,7 @@ impl Disperse21 {
                 version: ObjectVersion(version),
                 tag: 0xDEAD_0000 + version,
                 sync: false,
+                degraded: false,
             });
             client()
                 .pool()
@@ -391,4 +394,93 @@ async fn disperse_fragments_that_disagree_are_reconciled() {
     for n in &s.nodes {
         assert_eq!(n.error_lines(), 0, "{}", n.log_tail(20));
     }
+}
+
+/// A replica primary journals what it writes while its set is degraded; a heal in journal
+/// mode compares just those objects (a full heal compares all), copies what the member
+/// missed, and a write with every member in sync forgets the journal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heal_in_journal_mode_compares_only_what_was_written_while_degraded() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, ba) = must_start_single(da.path()).await;
+    let (b, bb) = must_start_single(db.path()).await;
+    let member = MemberRef {
+        brick: bb,
+        addr: b.addr().to_string(),
+    };
+    let set = SetRef {
+        volume: VolumeId(1),
+        set: 0,
+        epoch: Epoch(1),
+    };
+    let c = client();
+    let write = |k: ObjectKey, seed: u64, degraded: bool| {
+        let msg = Message::SetWrite(SetWrite {
+            brick: ba,
+            set,
+            key: k,
+            offset_bytes: 0,
+            sync: false,
+            // Degraded: the member is away, the primary writes alone.
+            members: if degraded {
+                Vec::new()
+            } else {
+                vec![member.clone()]
+            },
+            degraded,
+        });
+        let c = c.clone();
+        let addr = a.addr();
+        async move {
+            c.pool()
+                .call(addr, msg, pattern(seed, 0, 10_000))
+                .await
+                .unwrap()
+        }
+    };
+    let heal = |journal: bool| {
+        let msg = Message::HealObjects(HealObjects {
+            brick: ba,
+            set,
+            target: member.clone(),
+            geometry: None,
+            after: None,
+            limit: 1000,
+            barrier: false,
+            journal,
+        });
+        let c = c.clone();
+        let addr = a.addr();
+        async move {
+            match c.pool().call(addr, msg, Bytes::new()).await.unwrap() {
+                (Message::HealReply(h), _) => (h.scanned, h.copied),
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    for i in 0..5 {
+        write(key(100 + i, 0), i, false).await;
+    }
+    // The member is away: two objects change and one is created.
+    for (i, seed) in [(101, 50), (103, 51), (105, 52)] {
+        write(key(i, 0), seed, true).await;
+    }
+    assert_eq!(
+        heal(true).await,
+        (3, 3),
+        "journal mode: the three written while degraded"
+    );
+    assert_eq!(
+        heal(false).await,
+        (6, 0),
+        "full: every object, all equal now"
+    );
+    for i in 100..106 {
+        let (sa, da) = c.read(a.addr(), ba, key(i, 0), 0, 1 << 20).await.unwrap();
+        let (sb, db) = c.read(b.addr(), bb, key(i, 0), 0, 1 << 20).await.unwrap();
+        assert_eq!((sa, &da), (sb, &db), "object {i}");
+    }
+    // Everyone in sync again: the next write forgets the journal.
+    write(key(100, 0), 60, false).await;
+    assert_eq!(heal(true).await, (0, 0));
 }

@@ -434,7 +434,7 @@ async fn heal_members(
                     continue;
                 }
                 info!(volume = %v.name, set, brick = %target, "healing a member out of sync");
-                let r = brickfs_client::heal::heal_member(&meta, &bricks, v, set, target, |s| {
+                let r = brickfs_client::heal::heal_member(&meta, &bricks, v, set, target, false, |s| {
                     tracing::debug!(volume = %v.name, set, brick = %target, scanned = s.scanned, copied = s.copied, bytes = s.bytes, "heal progress");
                 })
                 .await;

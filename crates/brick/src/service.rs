@@ -369,13 +369,18 @@ impl BrickService {
                 version: w.version,
                 tag: w.tag,
             };
-            return Self::apply_fenced(b, w.set, w.key, m, w.sync, rule)
+            return Self::apply_fenced(b, w.set, w.key, m, w.sync, rule, w.degraded)
                 .await
                 .map(|_| ());
         }
         let msg = Message::MemberWrite(w);
         self.fan_out(std::slice::from_ref(m), |_| msg.clone(), data)
             .await
+    }
+
+    /// Whether a disperse set has members out of sync (its writes are journaled for them).
+    fn degraded(g: &DisperseGeometry) -> bool {
+        !g.in_sync.is_empty() && g.in_sync.len() < g.members.len()
     }
 
     /// Whether a disperse member takes fragments (it is in sync).
@@ -610,6 +615,7 @@ impl BrickService {
                     version,
                     tag,
                     sync: req.sync,
+                    degraded: Self::degraded(g),
                 };
                 self.write_fragment(m, w, Bytes::from(frags[*i].clone()))
             })
@@ -857,6 +863,7 @@ impl BrickService {
         let frag_len = len.div_ceil(sb) * f;
         self.disperse_mutation(&g, &codec, f, req.set, req.key, || async {
             let (key, set, sync) = (req.key, req.set, req.sync);
+            let degraded = Self::degraded(&g);
             let have = Self::held_here(&own, set, key).await?;
             let version = ObjectVersion(have.0 + 1);
             let tag = self.new_tag();
@@ -871,7 +878,7 @@ impl BrickService {
                                 len_bytes: frag_len,
                             };
                             let rule = VersionRule::Exactly { version, tag };
-                            return Self::apply_fenced(b, set, key, m, sync, rule)
+                            return Self::apply_fenced(b, set, key, m, sync, rule, degraded)
                                 .await
                                 .map(|_| ());
                         }
@@ -883,6 +890,7 @@ impl BrickService {
                             version,
                             tag,
                             sync,
+                            degraded,
                         });
                         self.fan_out(std::slice::from_ref(&m), |_| msg.clone(), Bytes::new())
                             .await
@@ -961,8 +969,18 @@ impl BrickService {
         };
         let mut after = req.after;
         loop {
-            let (page, more) = Self::blocking(own.clone(), move |b| b.list(after, 256)).await?;
-            for (key, _) in &page {
+            // A returning member: only what was journaled while it was away; else everything.
+            let (journal, vol, index) = (req.journal, set.volume.0, set.set);
+            let (page, more) = Self::blocking(own.clone(), move |b| {
+                if journal {
+                    b.journal_list(vol, index, after, 256)
+                } else {
+                    b.list(after, 256)
+                        .map(|(p, more)| (p.into_iter().map(|(k, _)| k).collect(), more))
+                }
+            })
+            .await?;
+            for key in &page {
                 let key = *key;
                 out.scanned += 1;
                 let _order = if req.barrier {
@@ -1038,7 +1056,7 @@ impl BrickService {
                 })?;
                 out.copied += 1;
             }
-            out.last = page.last().map(|(k, _)| *k).or(out.last);
+            out.last = page.last().copied().or(out.last);
             after = out.last;
             if !more {
                 break;
@@ -1098,7 +1116,10 @@ impl BrickService {
     }
 
     /// Applies a mutation to a brick this node serves under a set's epoch: fence first (an
-    /// older epoch is refused, a newer one recorded), then write or truncate under `rule`.
+    /// older epoch is refused, a newer one recorded), then journal the object if the set is
+    /// `degraded` (or forget the set's journal: every member is in sync at this epoch), then
+    /// write or truncate under `rule`.
+    #[allow(clippy::too_many_arguments)]
     async fn apply_fenced(
         brick: Arc<BrickStore>,
         set: SetRef,
@@ -1106,9 +1127,15 @@ impl BrickService {
         mutation: Mutation,
         sync: bool,
         rule: VersionRule,
+        degraded: bool,
     ) -> Result<crate::store::ObjectMeta, ErrorBody> {
         Self::blocking(brick, move |b| {
             b.fence(set.volume.0, set.set, set.epoch.0)?;
+            if degraded {
+                b.journal_add(set.volume.0, set.set, &key)?;
+            } else {
+                b.journal_forget(set.volume.0, set.set)?;
+            }
             match mutation {
                 Mutation::Write { offset_bytes, data } => {
                     b.write_versioned(&key, offset_bytes, &data, sync, rule)
@@ -1269,7 +1296,9 @@ impl BrickService {
                 let rule = VersionRule::Next {
                     tag: self.new_tag(),
                 };
-                let meta = Self::apply_fenced(brick.clone(), set, key, m, req.sync, rule).await?;
+                let meta =
+                    Self::apply_fenced(brick.clone(), set, key, m, req.sync, rule, req.degraded)
+                        .await?;
                 let make = |b| {
                     Message::MemberWrite(MemberWrite {
                         brick: b,
@@ -1279,6 +1308,7 @@ impl BrickService {
                         version: meta.version,
                         tag: meta.tag,
                         sync: req.sync,
+                        degraded: req.degraded,
                     })
                 };
                 let repair = Some((&brick, set, key, meta));
@@ -1297,7 +1327,9 @@ impl BrickService {
                 let rule = VersionRule::Next {
                     tag: self.new_tag(),
                 };
-                let meta = Self::apply_fenced(brick.clone(), set, key, m, req.sync, rule).await?;
+                let meta =
+                    Self::apply_fenced(brick.clone(), set, key, m, req.sync, rule, req.degraded)
+                        .await?;
                 let make = |b| {
                     Message::MemberTruncate(MemberTruncate {
                         brick: b,
@@ -1307,6 +1339,7 @@ impl BrickService {
                         version: meta.version,
                         tag: meta.tag,
                         sync: req.sync,
+                        degraded: req.degraded,
                     })
                 };
                 let repair = Some((&brick, set, key, meta));
@@ -1332,7 +1365,9 @@ impl BrickService {
                     version: req.version,
                     tag: req.tag,
                 };
-                let meta = Self::apply_fenced(brick, req.set, req.key, m, req.sync, rule).await?;
+                let meta =
+                    Self::apply_fenced(brick, req.set, req.key, m, req.sync, rule, req.degraded)
+                        .await?;
                 (Message::Written(state(meta)), none)
             }
             Message::ScrubStatus(req) => {
@@ -1366,7 +1401,9 @@ impl BrickService {
                     version: req.version,
                     tag: req.tag,
                 };
-                let meta = Self::apply_fenced(brick, req.set, req.key, m, req.sync, rule).await?;
+                let meta =
+                    Self::apply_fenced(brick, req.set, req.key, m, req.sync, rule, req.degraded)
+                        .await?;
                 (Message::Truncated(state(meta)), none)
             }
             other => {

@@ -87,6 +87,8 @@ pub struct BrickStore {
     locks: Vec<RwLock<()>>,
     object_count: AtomicU64,
     epoch_lock: std::sync::Mutex<()>,
+    /// The sets (volume, set) that may have journal entries (see `journal_add`).
+    journaled: std::sync::Mutex<std::collections::HashSet<(u64, u32)>>,
 }
 
 fn meta_key(key: &ObjectKey) -> [u8; 21] {
@@ -96,6 +98,25 @@ fn meta_key(key: &ObjectKey) -> [u8; 21] {
     out[9..17].copy_from_slice(&key.ino.0.to_be_bytes());
     out[17..21].copy_from_slice(&key.column.to_be_bytes());
     out
+}
+
+/// Journal keys: `j`, volume and set (big-endian), then the object key as in `meta_key`.
+fn journal_prefix(volume: u64, set: u32) -> [u8; 13] {
+    let mut out = [0u8; 13];
+    out[0] = b'j';
+    out[1..9].copy_from_slice(&volume.to_be_bytes());
+    out[9..13].copy_from_slice(&set.to_be_bytes());
+    out
+}
+
+fn parse_journal_set(raw: &[u8]) -> Option<(u64, u32)> {
+    if raw.len() < 13 || raw[0] != b'j' {
+        return None;
+    }
+    Some((
+        u64::from_be_bytes(raw[1..9].try_into().ok()?),
+        u32::from_be_bytes(raw[9..13].try_into().ok()?),
+    ))
 }
 
 fn parse_meta_key(raw: &[u8]) -> Option<ObjectKey> {
@@ -235,6 +256,26 @@ impl BrickStore {
             }
             count += 1;
         }
+        // Which sets have journal entries: one seek per set.
+        let mut journaled = std::collections::HashSet::new();
+        let mut at = b"j".to_vec();
+        loop {
+            let Some(item) = db
+                .iterator(IteratorMode::From(&at, rocksdb::Direction::Forward))
+                .next()
+            else {
+                break;
+            };
+            let (k, _) = item?;
+            let Some((volume, set)) = parse_journal_set(&k) else {
+                break;
+            };
+            journaled.insert((volume, set));
+            match set.checked_add(1) {
+                Some(next) => at = journal_prefix(volume, next).to_vec(),
+                None => at = journal_prefix(volume.saturating_add(1), 0).to_vec(),
+            }
+        }
         Ok(BrickStore {
             id,
             root: root.to_path_buf(),
@@ -243,7 +284,79 @@ impl BrickStore {
             locks: (0..LOCK_SHARDS).map(|_| RwLock::new(())).collect(),
             object_count: AtomicU64::new(count),
             epoch_lock: std::sync::Mutex::new(()),
+            journaled: std::sync::Mutex::new(journaled),
         })
+    }
+
+    /// Journals object `key` as written while set (`volume`, `set`) was degraded, so that the
+    /// heal of the members out of sync compares it (`journal_list`). Called before the write is
+    /// applied: a crash in between leaves an entry for an object that did not change, which a
+    /// heal finds equal, never a change without its entry.
+    pub fn journal_add(&self, volume: u64, set: u32, key: &ObjectKey) -> Result<(), StoreError> {
+        let mut k = journal_prefix(volume, set).to_vec();
+        k.extend_from_slice(&meta_key(key)[1..]);
+        self.db.put(k, [])?;
+        self.journaled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((volume, set));
+        Ok(())
+    }
+
+    /// Forgets the journal of set (`volume`, `set`): a mutation under an epoch at which every
+    /// member is in sync says nobody needs it any more. Costs nothing when there is none.
+    pub fn journal_forget(&self, volume: u64, set: u32) -> Result<(), StoreError> {
+        let mut sets = self.journaled.lock().unwrap_or_else(|p| p.into_inner());
+        if !sets.contains(&(volume, set)) {
+            return Ok(());
+        }
+        let from = journal_prefix(volume, set);
+        let to = match set.checked_add(1) {
+            Some(next) => journal_prefix(volume, next),
+            None => journal_prefix(volume.saturating_add(1), 0),
+        };
+        let mut batch = WriteBatch::default();
+        batch.delete_range(from, to);
+        self.db.write(batch)?;
+        sets.remove(&(volume, set));
+        Ok(())
+    }
+
+    /// The objects journaled for set (`volume`, `set`), in key order after `after`: at most
+    /// `limit`, and whether more follow.
+    pub fn journal_list(
+        &self,
+        volume: u64,
+        set: u32,
+        after: Option<ObjectKey>,
+        limit: usize,
+    ) -> Result<(Vec<ObjectKey>, bool), StoreError> {
+        let limit = limit.clamp(1, LIST_MAX);
+        let prefix = journal_prefix(volume, set);
+        let mut start = prefix.to_vec();
+        if let Some(k) = after {
+            start.extend_from_slice(&meta_key(&k)[1..]);
+            start.push(0);
+        }
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator(IteratorMode::From(&start, rocksdb::Direction::Forward))
+        {
+            let (k, _) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let mut raw = vec![b'o'];
+            raw.extend_from_slice(&k[prefix.len()..]);
+            let key = parse_meta_key(&raw)
+                .ok_or_else(|| StoreError::Corrupt(format!("journal key of {} bytes", k.len())))?;
+            if out.len() == limit {
+                return Ok((out, true));
+            }
+            out.push(key);
+        }
+        Ok((out, false))
     }
 
     pub fn id(&self) -> BrickId {
@@ -1000,6 +1113,31 @@ mod tests {
             },
         );
         assert!(matches!(wrong, Err(StoreError::WrongBrick { .. })));
+    }
+
+    /// The journal lists what was added for one set, in key order, pages with `after`, survives
+    /// a reopen, and goes when forgotten (other sets' entries stay).
+    #[test]
+    fn the_journal_lists_pages_and_forgets_per_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("b");
+        let store = must_open(&root);
+        for i in [5, 1, 3] {
+            store.journal_add(7, 0, &key(i)).unwrap();
+        }
+        store.journal_add(7, 1, &key(9)).unwrap();
+        store.journal_add(7, 0, &key(3)).unwrap();
+        let (page, more) = store.journal_list(7, 0, None, 2).unwrap();
+        assert_eq!((page, more), (vec![key(1), key(3)], true));
+        let (page, more) = store.journal_list(7, 0, Some(key(3)), 2).unwrap();
+        assert_eq!((page, more), (vec![key(5)], false));
+        drop(store);
+        let store = must_open(&root);
+        store.journal_forget(7, 0).unwrap();
+        assert_eq!(store.journal_list(7, 0, None, 10).unwrap().0, vec![]);
+        assert_eq!(store.journal_list(7, 1, None, 10).unwrap().0, vec![key(9)]);
+        store.journal_forget(7, 1).unwrap();
+        assert_eq!(store.journal_list(7, 1, None, 10).unwrap().0, vec![]);
     }
 
     /// Member writes apply only at the next version; a retry of the version held (same tag) is

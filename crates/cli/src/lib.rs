@@ -800,7 +800,8 @@ async fn heal(m: &MetaClient, name: &str, what: HealVerb, json: bool) -> anyhow:
                 // Read the sets again: an earlier heal changed them.
                 let v = admin::volume_info(m, name).await?;
                 let label = addr_of(target).map(|(l, _)| l).unwrap_or_default();
-                let r = brickfs_client::heal::heal_member(m, &bricks, &v, set, target, |s| {
+                // `heal full` crawls every object, as GlusterFS's does.
+                let r = brickfs_client::heal::heal_member(m, &bricks, &v, set, target, true, |s| {
                     eprint!(
                         "\rheal set {set} {label}: {} objects compared, {} copied ({:.1} MiB)   ",
                         s.scanned,

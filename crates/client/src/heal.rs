@@ -1,9 +1,12 @@
 //! Self-heal: bringing a set member that is out of sync (it was down while the set took
 //! writes) back to the set's state, then into its in-sync members.
 //!
-//! One member at a time: bulk passes copy every object whose version or length differs
+//! One member at a time: bulk passes copy every object whose version, tag or length differs
 //! (replicas from the primary, disperse fragments rebuilt from the in-sync members) while
-//! writes go on; then a barrier pass fences the primary at the next epoch and copies what
+//! writes go on — among the objects the in-sync members journaled as written while the set was
+//! degraded, for a member that was only away, or among all objects (`full`, or a member the
+//! group marked for a full heal: a replaced brick, a damaged one); then a barrier pass fences
+//! the primary at the next epoch and copies what
 //! changed meanwhile with every write held off; then the metadata group lets the member rejoin
 //! at that epoch. A heal that stops after the fence raises the set's epoch so that writes go on
 //! without the member. Each object is copied under the primary's ordering lock, so a copy
@@ -91,6 +94,7 @@ pub async fn heal_member(
     rec: &VolumeRecord,
     index: usize,
     target: BrickId,
+    full: bool,
     mut progress: impl FnMut(&HealStats),
 ) -> Result<HealStats, VolumeError> {
     let set = rec.sets.get(index).ok_or_else(|| {
@@ -127,6 +131,9 @@ pub async fn heal_member(
         None
     };
     let epoch = set.epoch;
+    // A member that was only away missed just what the in-sync members journaled meanwhile;
+    // a replaced or damaged one (or a heal asked to crawl) compares every object.
+    let journal = !full && !set.full_heal.contains(&target);
     let request = |epoch: Epoch, after, barrier| HealObjects {
         brick: primary,
         set: SetRef {
@@ -139,6 +146,7 @@ pub async fn heal_member(
         after,
         limit: 256,
         barrier,
+        journal,
     };
     member_ref(rec, target)?;
     let call = |req: HealObjects| async move {

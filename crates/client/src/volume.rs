@@ -604,6 +604,7 @@ impl VolumeClient {
                     offset_bytes: p.column_offset,
                     sync: false,
                     members: self.others(set)?,
+                    degraded: set.in_sync.len() < set.members.len(),
                 })
             };
             tasks.push(self.to_primary(primary, addr, msg, chunk));
@@ -736,6 +737,7 @@ impl VolumeClient {
                     len_bytes: column_len(len, column, unit, stripe),
                     sync: false,
                     members: self.others(set)?,
+                    degraded: set.in_sync.len() < set.members.len(),
                 })
             };
             tasks.push(self.to_primary(primary, addr, msg, Bytes::new()));

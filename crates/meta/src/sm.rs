@@ -437,6 +437,8 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
             }
         }
         narrow_in_sync(set, others_in_sync);
+        set.full_heal.retain(|b| *b != old_id);
+        set.full_heal.push(brick.id);
         v.bricks[at] = VolumeBrick {
             brick: brick.id,
             node: node.id,
@@ -802,6 +804,7 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                     s.in_sync
                         .sort_by_key(|b| members.iter().position(|m| m == b));
                     s.epoch = Epoch(epoch.0 + 1);
+                    s.full_heal.retain(|b| b != member);
                     tracing::info!(volume = %v.name, set, %member, epoch = s.epoch.0, "a healed member rejoined its set");
                     self.kv.put(keys::volume(v.id), enc(&v));
                 }
@@ -824,6 +827,9 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                 if s.in_sync.contains(brick) && s.in_sync.len() > 1 {
                     let keep = s.in_sync.iter().copied().filter(|b| b != brick).collect();
                     narrow_in_sync(s, keep);
+                    if !s.full_heal.contains(brick) {
+                        s.full_heal.push(*brick);
+                    }
                     tracing::warn!(volume = %name, set = index, %brick, %key, epoch = s.epoch.0, "a damaged object took its brick out of sync until healed");
                     self.kv.put(keys::volume(v.id), enc(&v));
                 }
@@ -1383,6 +1389,7 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                     in_sync: members.clone(),
                     members,
                     epoch: Epoch(1),
+                    full_heal: Vec::new(),
                 }
             })
             .collect();

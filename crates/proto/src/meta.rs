@@ -152,6 +152,10 @@ pub struct SetState {
     pub primary: BrickId,
     /// The members that hold every acknowledged write.
     pub in_sync: Vec<BrickId>,
+    /// Members out of sync that must be healed by comparing every object (a replaced brick
+    /// starts empty; a damaged one lost objects no write touched), not just the objects the
+    /// in-sync members journaled as written while the set was degraded.
+    pub full_heal: Vec<BrickId>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -207,6 +207,8 @@ pub struct SetWrite {
     pub offset_bytes: u64,
     pub sync: bool,
     pub members: Vec<MemberRef>,
+    /// Some member of the set is out of sync: the write is journaled for its heal.
+    pub degraded: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -217,6 +219,8 @@ pub struct SetTruncate {
     pub len_bytes: u64,
     pub sync: bool,
     pub members: Vec<MemberRef>,
+    /// As in `SetWrite`.
+    pub degraded: bool,
 }
 
 /// Which set, under which epoch: a member refuses an epoch older than the newest it has seen
@@ -240,6 +244,9 @@ pub struct MemberWrite {
     pub version: ObjectVersion,
     pub tag: u64,
     pub sync: bool,
+    /// The set has members out of sync: the member journals the object for their heal (and
+    /// otherwise forgets what it journaled for the set: everyone is in sync).
+    pub degraded: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -251,6 +258,9 @@ pub struct MemberTruncate {
     pub version: ObjectVersion,
     pub tag: u64,
     pub sync: bool,
+    /// The set has members out of sync: the member journals the object for their heal (and
+    /// otherwise forgets what it journaled for the set: everyone is in sync).
+    pub degraded: bool,
 }
 
 /// The geometry of a disperse set: K data and M parity fragments of `fragment_bytes` each per
@@ -309,6 +319,9 @@ pub struct HealObjects {
     pub after: Option<ObjectKey>,
     pub limit: u32,
     pub barrier: bool,
+    /// Only the objects the primary journaled as written while the set was degraded (a
+    /// returning member), instead of every object (a replaced or damaged one).
+    pub journal: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
