@@ -4,8 +4,9 @@
 //! renames, fsyncs and reads runs from a fourth host, and a seeded fault schedule partitions
 //! nodes from the rest (first of all the metadata leader, which is also the primary of both
 //! sets: leader and primaries cut off together), kills nodes with SIGKILL (restarting them,
-//! sometimes killing one again in the middle of its heal), freezes them with SIGSTOP/SIGCONT
-//! and flips bytes in object files on disk — one node at a time, so the cluster always keeps a
+//! sometimes killing one again in the middle of its heal), freezes them with SIGSTOP/SIGCONT,
+//! fills a node's brick disk (a tmpfs per node) for a few seconds and flips bytes in object
+//! files on disk — one node at a time, so the cluster always keeps a
 //! majority (the disperse set is read-only while one of its members is out: operations on it
 //! wait, retried, until it heals).
 //!
@@ -17,8 +18,7 @@
 //!
 //! `BRICKFS_FAULT_SEED` reproduces a run (the seed is printed); `BRICKFS_FAULT_SECS` sets how
 //! long faults are injected (default 20, the CI profile; try 600 by hand for the long one).
-//! Needs root and iproute2 (the test hosts); a full disk is tested on its own in
-//! `tests/volumes.rs`.
+//! Needs root (network namespaces, tmpfs mounts) and iproute2.
 
 mod common;
 
@@ -44,11 +44,40 @@ async fn hold(d: Duration) {
 }
 
 struct Cluster {
-    _dir: tempfile::TempDir,
     nodes: Arc<Mutex<Vec<Brickd>>>,
     meta: MetaClient,
     /// The nodes' ids, in node order.
     ids: Vec<brickfs_proto::NodeId>,
+    // Dropped after the nodes stop: their brick disks, then the folder.
+    _disks: Vec<TmpfsGuard>,
+    _dir: tempfile::TempDir,
+}
+
+/// Unmounts a node's brick disk (a small tmpfs, so that the suite can fill it) when dropped.
+struct TmpfsGuard(std::path::PathBuf);
+
+impl Drop for TmpfsGuard {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// Fills the file system holding `filler` until it refuses more (ENOSPC).
+fn fill(filler: &std::path::Path) -> u64 {
+    use std::io::Write;
+    let Ok(mut f) = std::fs::File::create(filler) else {
+        return 0;
+    };
+    let chunk = vec![0x5au8; 1 << 20];
+    let mut wrote = 0;
+    // Bounded: the disks are 128 MiB.
+    for _ in 0..1024 {
+        match f.write(&chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => wrote += n as u64,
+        }
+    }
+    wrote
 }
 
 /// The test host the workload runs on (hosts 0..3 are the nodes).
@@ -91,9 +120,22 @@ async fn must_cluster(net: &TestNet) -> Cluster {
     ];
     let mut nodes = Vec::new();
     let mut ids = Vec::new();
+    let mut disks = Vec::new();
     for n in 0..3 {
         let node_dir = dir.path().join(format!("n{n}"));
-        let bricks: Vec<_> = (0..2).map(|i| node_dir.join(format!("b{i}"))).collect();
+        // The node's bricks on a disk of their own (its metadata stays on the machine's).
+        let disk = node_dir.join("disk");
+        std::fs::create_dir_all(&disk).unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            &disk,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=128m"),
+        )
+        .unwrap();
+        disks.push(TmpfsGuard(disk.clone()));
+        let bricks: Vec<_> = (0..2).map(|i| disk.join(format!("b{i}"))).collect();
         let node = Brickd::start_in(&brickd_bin(), &node_dir, &bricks, &args, net.host(n)).unwrap();
         ids.push(client().ping(node.addr()).await.unwrap());
         nodes.push(node);
@@ -140,10 +182,11 @@ async fn must_cluster(net: &TestNet) -> Cluster {
             .unwrap();
     }
     Cluster {
-        _dir: dir,
         nodes: Arc::new(Mutex::new(nodes)),
         meta,
         ids,
+        _disks: disks,
+        _dir: dir,
     }
 }
 
@@ -225,7 +268,7 @@ async fn inject(
     while Instant::now() < until {
         hold(Duration::from_millis(rng.random_range(500..2000))).await;
         let mut n = rng.random_range(0..3usize);
-        let mut kind = rng.random_range(0..5u32);
+        let mut kind = rng.random_range(0..6u32);
         if first {
             (n, kind, first) = (leader, 4, false);
         }
@@ -249,7 +292,7 @@ async fn inject(
                 // to lapse; short enough, at others, for neither. The leader's partition is
                 // long enough for the majority side to elect a leader and move the sets.
                 let cut = if log.is_empty() {
-                    Duration::from_secs(15)
+                    Duration::from_secs(25)
                 } else {
                     Duration::from_millis(rng.random_range(1000..9000))
                 };
@@ -261,6 +304,22 @@ async fn inject(
                 if log.len() == 1 {
                     leader_cut = (from, Instant::now());
                 }
+            }
+            5 => {
+                let full = Duration::from_millis(rng.random_range(1000..4000));
+                let disk = nodes.lock().unwrap()[n].bricks()[0]
+                    .parent()
+                    .expect("the node's disk")
+                    .to_path_buf();
+                let filler = disk.join("filler");
+                let f = filler.clone();
+                let wrote = tokio::task::spawn_blocking(move || fill(&f)).await.unwrap();
+                log.push(format!(
+                    "fill node {n}'s disk ({} MiB) for {full:?}",
+                    wrote >> 20
+                ));
+                hold(full).await;
+                std::fs::remove_file(&filler).unwrap();
             }
             2 => {
                 let bricks = nodes.lock().unwrap()[n].bricks().to_vec();

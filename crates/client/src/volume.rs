@@ -89,6 +89,7 @@ fn retryable(e: &VolumeError) -> bool {
                     | ErrorCode::ReadOnly
                     | ErrorCode::VersionGap
                     | ErrorCode::TooLarge
+                    | ErrorCode::ChecksumMismatch
             )
         ),
         VolumeError::Refused(b) => matches!(
@@ -617,6 +618,18 @@ impl VolumeClient {
 
     /// Reads up to `len` bytes at `offset`, short at the file's end; holes read as zeros.
     pub async fn read(&self, fh: &FileHandle, offset: u64, len: u64) -> Result<Bytes, VolumeError> {
+        // Every member tried failed: the sets may have changed (re-read them) or the members
+        // may be back soon (retry within the window).
+        self.retrying("read", || self.read_once(fh, offset, len))
+            .await
+    }
+
+    async fn read_once(
+        &self,
+        fh: &FileHandle,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes, VolumeError> {
         let size = fh.size();
         if offset >= size {
             return Ok(Bytes::new());
@@ -750,6 +763,13 @@ impl VolumeClient {
 
     /// Makes the file's data durable on every in-sync member and commits its size.
     pub async fn fsync(&self, fh: &FileHandle) -> Result<(), VolumeError> {
+        // A member that cannot answer may have left its set: re-read the sets and try again.
+        self.retrying("fsync", || self.fsync_objects(fh)).await?;
+        self.commit_size(fh).await
+    }
+
+    /// Asks every in-sync member of every column's set to make the column durable.
+    async fn fsync_objects(&self, fh: &FileHandle) -> Result<(), VolumeError> {
         let (_, stripe, first_set) = self.geometry(&fh.attr);
         let mut tasks = Vec::new();
         for column in 0..stripe {
@@ -771,7 +791,7 @@ impl VolumeClient {
         for r in join_all(tasks).await {
             r?;
         }
-        self.commit_size(fh).await
+        Ok(())
     }
 
     /// Commits the highest end written through this handle (grow only).
