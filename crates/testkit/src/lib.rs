@@ -65,21 +65,7 @@ impl Brickd {
         extra_args: &[&str],
         addr: Option<SocketAddr>,
     ) -> anyhow::Result<Brickd> {
-        std::fs::create_dir_all(data_dir)
-            .with_context(|| format!("create {}", data_dir.display()))?;
-        let mut node = Brickd {
-            bin: bin.to_path_buf(),
-            data_dir: data_dir.to_path_buf(),
-            bricks: bricks.to_vec(),
-            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
-            addr,
-            child: None,
-            log_path: data_dir.join("brickd.log"),
-            error_lines: Arc::new(AtomicUsize::new(0)),
-            host: None,
-        };
-        node.spawn()?;
-        Ok(node)
+        Self::launch(bin, data_dir, bricks, extra_args, addr, None)
     }
 
     /// Like [`Brickd::start`], on test host `host` (inside its network namespace, listening
@@ -91,6 +77,17 @@ impl Brickd {
         extra_args: &[&str],
         host: &Host,
     ) -> anyhow::Result<Brickd> {
+        Self::launch(bin, data_dir, bricks, extra_args, None, Some(host.clone()))
+    }
+
+    fn launch(
+        bin: &Path,
+        data_dir: &Path,
+        bricks: &[PathBuf],
+        extra_args: &[&str],
+        addr: Option<SocketAddr>,
+        host: Option<Host>,
+    ) -> anyhow::Result<Brickd> {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("create {}", data_dir.display()))?;
         let mut node = Brickd {
@@ -98,11 +95,11 @@ impl Brickd {
             data_dir: data_dir.to_path_buf(),
             bricks: bricks.to_vec(),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
-            addr: None,
+            addr,
             child: None,
             log_path: data_dir.join("brickd.log"),
             error_lines: Arc::new(AtomicUsize::new(0)),
-            host: Some(host.clone()),
+            host,
         };
         node.spawn()?;
         Ok(node)
