@@ -467,6 +467,8 @@ async fn dispersed_acked_writes_survive_m_lost_fragments() {
     };
     must_match_history(&got, &h);
     c.nodes[2].sigkill().unwrap();
+    // Reads retry within the window in case members come back: keep it short here.
+    vol.set_retry_window(Duration::from_secs(2));
     let err = vol.read(&fh, 0, 1000).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::Io), "{err}");
 }
@@ -501,6 +503,8 @@ async fn replicated_acked_writes_survive_two_of_three_killed() {
     }
     // Beyond the tolerance: the last copy gone too, reads fail instead of inventing bytes.
     c.nodes[0].sigkill().unwrap();
+    // Reads retry within the window in case members come back: keep it short here.
+    vol.set_retry_window(Duration::from_secs(2));
     let err = vol.read(&fh, 0, 1000).await.unwrap_err();
     assert!(
         matches!(err, brickfs_client::VolumeError::Brick { .. }),

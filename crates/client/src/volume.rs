@@ -280,6 +280,16 @@ impl VolumeClient {
         Ok(())
     }
 
+    /// Re-reads the sets, giving up after `limit` (the metadata group may be unreachable too:
+    /// a retry window must not stretch to the group client's own deadline).
+    async fn refresh_within(&self, limit: Duration) {
+        match tokio::time::timeout(limit, self.refresh()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "could not re-read the volume's sets"),
+            Err(_) => tracing::debug!(?limit, "re-reading the volume's sets timed out"),
+        }
+    }
+
     /// Runs a set call; when it fails in a way a changed set can cure (a brick gone, a stale
     /// epoch), reads the sets again and retries with backoff until the retry window closes.
     async fn retrying<T, F, Fut>(&self, what: &str, call: F) -> Result<T, VolumeError>
@@ -304,20 +314,17 @@ impl VolumeClient {
                     }
                 }
                 Err(e) if retryable(&e) && start.elapsed() + backoff >= window => {
-                    // Out of time: look at the sets once more, so that the caller's next try
-                    // goes where they are now (one call may have used the whole window).
-                    if let Err(r) = self.refresh().await {
-                        tracing::debug!(error = %r, "could not re-read the volume's sets");
-                    }
+                    // Out of time: look at the sets once more (briefly), so that the caller's
+                    // next try goes where they are now (one call may have used the window).
+                    self.refresh_within(Duration::from_secs(2)).await;
                     return Err(e);
                 }
                 Err(e) if retryable(&e) => {
                     tracing::debug!(what, error = %e, "set call failed; re-reading the sets and retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
-                    if let Err(e) = self.refresh().await {
-                        tracing::debug!(error = %e, "could not re-read the volume's sets");
-                    }
+                    let left = window.saturating_sub(start.elapsed());
+                    self.refresh_within(left.max(Duration::from_secs(1))).await;
                 }
                 Err(e) => return Err(e),
             }
