@@ -783,6 +783,25 @@ async fn a_returning_node_heals_and_rejoins_while_writes_go_on() {
         .map(|r| r["backlog_objects"].as_u64().unwrap())
         .sum();
     assert!(backlog >= 1, "{stats}");
+    // So does `volume status`: every brick's state, whether its node answers, its backlog.
+    let status = cli(&["--json", "volume", "status", "r3"]);
+    let rows: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 3, "{status}");
+    let states: Vec<&str> = rows.iter().map(|r| r["state"].as_str().unwrap()).collect();
+    assert_eq!(
+        states.iter().filter(|s| **s == "primary").count(),
+        1,
+        "{status}"
+    );
+    let away: Vec<_> = rows.iter().filter(|r| r["state"] == "needs heal").collect();
+    assert_eq!(away.len(), 1, "{status}");
+    assert_eq!(away[0]["online"], false, "{status}");
+    assert!(
+        away[0]["heal_backlog_objects"].as_u64().unwrap() >= 1,
+        "{status}"
+    );
+    assert!(cli(&["volume", "status", "r3"]).contains("needs heal"));
 
     nodes[2].restart().unwrap();
     // Writes go on while the heal runs; it finishes with every member in sync.
@@ -815,6 +834,19 @@ async fn a_returning_node_heals_and_rejoins_while_writes_go_on() {
     assert!(info.contains("0 member(s) out of sync"), "{info}");
     let full = cli(&["volume", "heal", "r3", "full"]);
     assert!(full.contains("every member is in sync"), "{full}");
+    let status = cli(&["--json", "volume", "status", "r3"]);
+    let rows: serde_json::Value = serde_json::from_str(&status).unwrap();
+    for r in rows.as_array().unwrap() {
+        assert!(
+            r["state"] == "primary" || r["state"] == "in sync",
+            "{status}"
+        );
+        assert_eq!(
+            (r["online"].as_bool(), r["heal_backlog_objects"].as_u64()),
+            (Some(true), Some(0)),
+            "{status}"
+        );
+    }
     // Node 1 goes: what node 2 holds now (healed) serves every acknowledged byte.
     nodes[1].sigkill().unwrap();
     for (vol, fh, model) in &vols {

@@ -531,36 +531,71 @@ async fn volume(verb: VolumeVerb, meta: &[SocketAddr], json: bool) -> anyhow::Re
                 .await
                 .with_context(|| format!("get volume {name}"))?;
             let bricks = status_bricks();
+            let addr =
+                |b: &brickfs_proto::meta::VolumeBrick| brickfs_client::volume::brick_addr(b).ok();
             let mut rows = Vec::new();
-            for b in &v.bricks {
-                let online = match brickfs_client::volume::brick_addr(b) {
-                    Ok(a) => bricks.statfs(a, b.brick).await.ok(),
-                    Err(_) => None,
+            for (i, set) in v.sets.iter().enumerate() {
+                // The primary's objects, only when some member needs healing.
+                let primary_objects = match v.bricks.iter().find(|b| b.brick == set.primary) {
+                    Some(p) if set.in_sync.len() < set.members.len() => match addr(p) {
+                        Some(a) => brick_objects(&bricks, a, set.primary).await.ok(),
+                        None => None,
+                    },
+                    _ => None,
                 };
-                rows.push(BrickStatusRow {
-                    brick: b.addr.clone(),
-                    id: b.brick.to_string(),
-                    online: online.is_some(),
-                    total_bytes: online.as_ref().map_or(0, |s| s.total_bytes),
-                    avail_bytes: online.as_ref().map_or(0, |s| s.avail_bytes),
-                });
+                for id in &set.members {
+                    let Some(b) = v.bricks.iter().find(|b| b.brick == *id) else {
+                        continue;
+                    };
+                    let online = match addr(b) {
+                        Some(a) => bricks.statfs(a, b.brick).await.ok(),
+                        None => None,
+                    };
+                    let state = if *id == set.primary {
+                        "primary"
+                    } else if set.in_sync.contains(id) {
+                        "in sync"
+                    } else if set.full_heal.contains(id) {
+                        "needs full heal"
+                    } else {
+                        "needs heal"
+                    };
+                    let heal_backlog_objects = match (&primary_objects, set.in_sync.contains(id)) {
+                        (Some(p), false) => backlog_of(&bricks, p, addr(b), *id).await,
+                        _ => 0,
+                    };
+                    rows.push(BrickStatusRow {
+                        brick: b.addr.clone(),
+                        id: b.brick.to_string(),
+                        set: i,
+                        state,
+                        online: online.is_some(),
+                        total_bytes: online.as_ref().map_or(0, |s| s.total_bytes),
+                        avail_bytes: online.as_ref().map_or(0, |s| s.avail_bytes),
+                        heal_backlog_objects,
+                    });
+                }
             }
             if json {
                 return print_json(&rows);
             }
             println!("Status of volume: {name} ({:?})", v.status);
+            let w = rows.iter().map(|r| r.brick.len()).max().unwrap_or(5).max(5);
             println!(
-                "{:<48} {:<7} {:>10} {:>10}",
-                "Brick", "Online", "Size GiB", "Free GiB"
+                "{:<w$}  {:>3}  {:<15} {:<6} {:>9} {:>9} {:>12}",
+                "Brick", "Set", "State", "Online", "Size GiB", "Free GiB", "Heal backlog"
             );
             for r in rows {
                 let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
                 println!(
-                    "{:<48} {:<7} {:>10.1} {:>10.1}",
+                    "{:<w$}  {:>3}  {:<15} {:<6} {:>9.1} {:>9.1} {:>12}",
                     r.brick,
+                    r.set,
+                    r.state,
                     if r.online { "Y" } else { "N" },
                     gib(r.total_bytes),
-                    gib(r.avail_bytes)
+                    gib(r.avail_bytes),
+                    r.heal_backlog_objects
                 );
             }
         }
@@ -711,6 +746,27 @@ async fn brick_objects(
     }
 }
 
+/// How many of the primary's objects (`primary`) member `brick` at `addr` lacks or holds at
+/// another version: everything when it cannot be reached.
+async fn backlog_of(
+    bricks: &BrickClient,
+    primary: &std::collections::HashMap<brickfs_proto::ObjectKey, brickfs_proto::msg::ObjectState>,
+    addr: Option<SocketAddr>,
+    brick: brickfs_proto::BrickId,
+) -> u64 {
+    let Some(a) = addr else {
+        return primary.len() as u64;
+    };
+    match brick_objects(bricks, a, brick).await {
+        Ok(theirs) => primary
+            .iter()
+            .filter(|(k, st)| theirs.get(*k) != Some(*st))
+            .count() as u64,
+        // Unreachable: it lacks everything the primary holds.
+        Err(_) => primary.len() as u64,
+    }
+}
+
 async fn heal(m: &MetaClient, name: &str, what: HealVerb, json: bool) -> anyhow::Result<()> {
     let v = admin::volume_info(m, name)
         .await
@@ -745,17 +801,9 @@ async fn heal(m: &MetaClient, name: &str, what: HealVerb, json: bool) -> anyhow:
                         Some((label, addr)) => (label, addr.ok()),
                         None => (String::new(), None),
                     };
-                    let backlog_objects = match (&primary_objects, in_sync, addr) {
-                        (Some(_), true, _) => Some(0),
-                        (Some(p), false, Some(a)) => match brick_objects(&bricks, a, *b).await {
-                            Ok(theirs) => Some(
-                                p.iter()
-                                    .filter(|(k, st)| theirs.get(*k) != Some(*st))
-                                    .count() as u64,
-                            ),
-                            // Unreachable: it lacks everything the primary holds.
-                            Err(_) => Some(p.len() as u64),
-                        },
+                    let backlog_objects = match (&primary_objects, in_sync) {
+                        (Some(_), true) => Some(0),
+                        (Some(p), false) => Some(backlog_of(&bricks, p, addr, *b).await),
                         _ => None,
                     };
                     rows.push(HealInfoRow {
@@ -855,9 +903,14 @@ fn status_bricks() -> BrickClient {
 struct BrickStatusRow {
     brick: String,
     id: String,
+    set: usize,
+    /// "primary", "in sync", "needs heal" or "needs full heal" (replaced or damaged).
+    state: &'static str,
     online: bool,
     total_bytes: u64,
     avail_bytes: u64,
+    /// Objects a member out of sync lacks or holds at another version.
+    heal_backlog_objects: u64,
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
