@@ -1251,3 +1251,49 @@ async fn mount_helper_runs_as_mount8_calls_it() {
     .await;
     assert!(!is_mounted(&path));
 }
+
+/// mountd serves Prometheus metrics of its volume calls: writes, reads and fsyncs counted with
+/// their bytes and a latency histogram, over real HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mountd_serves_prometheus_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, source) = must_volume(dir.path()).await;
+    // A free port for the metrics listener.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mnt = dir.path().join("mnt");
+    let _m = Mount::start_with(&source, &mnt, &["--metrics-listen", &port.to_string()]).await;
+    let data = pattern(8, 0, 1 << 20);
+    let f = mnt.join("m.bin");
+    {
+        let mut w = std::fs::File::create(&f).unwrap();
+        w.write_all(&data).unwrap();
+        w.sync_all().unwrap();
+    }
+    assert!(std::fs::read(&f).unwrap() == data);
+    let body = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(port).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).unwrap();
+        raw
+    })
+    .await
+    .unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    let value = |name: &str| -> f64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing:\n{body}"))
+    };
+    assert!(value("mountd_ops_total{op=\"write\"}") >= 1.0);
+    assert!(value("mountd_bytes_in_total{op=\"write\"}") >= f64::from(1u32 << 20));
+    assert!(value("mountd_bytes_out_total{op=\"read\"}") >= f64::from(1u32 << 20));
+    assert!(value("mountd_op_seconds_count{op=\"fsync\"}") >= 1.0);
+    assert_eq!(value("mountd_op_errors_total{op=\"write\"}"), 0.0);
+}

@@ -73,6 +73,9 @@ pub struct Flags {
     /// it runs a member, else none).
     #[arg(long, env = "BRICKFS_META_PEERS", value_delimiter = ',')]
     pub meta_peers: Vec<SocketAddr>,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address (default: off).
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -93,6 +96,7 @@ struct FileConfig {
     write_lease_ms: Option<u64>,
     #[serde(default)]
     meta_peers: Vec<String>,
+    metrics_listen: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -138,6 +142,8 @@ pub struct Config {
     pub scrub_rate: u64,
     /// Time between scrub passes.
     pub scrub_interval: std::time::Duration,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
     /// Where to send heartbeats (empty: nowhere, or this node's own member).
     pub meta_peers: Vec<SocketAddr>,
 }
@@ -293,6 +299,14 @@ impl Config {
                 })
                 .collect::<anyhow::Result<_>>()?
         };
+        let metrics_listen = match (&flags.metrics_listen, &file.metrics_listen) {
+            (Some(a), _) => Some(*a),
+            (None, Some(t)) => Some(
+                t.parse()
+                    .with_context(|| format!("metrics_listen {t:?} is not HOST:PORT"))?,
+            ),
+            (None, None) => None,
+        };
         Ok(Config {
             listen,
             data_dir: absolute(&data_dir)?,
@@ -307,6 +321,7 @@ impl Config {
             scrub_rate,
             scrub_interval: std::time::Duration::from_secs(scrub_interval_secs),
             meta_peers,
+            metrics_listen,
         })
     }
 }

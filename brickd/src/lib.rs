@@ -80,6 +80,7 @@ struct NodeHandler {
     node: NodeId,
     bricks: Arc<BrickService>,
     meta: Option<Arc<MetaNode>>,
+    metrics: Arc<brickfs_proto::metrics::OpMetrics>,
 }
 
 impl Handler for NodeHandler {
@@ -88,6 +89,17 @@ impl Handler for NodeHandler {
     }
 
     async fn handle(&self, msg: Message, data: Bytes) -> Result<(Message, Bytes), ErrorBody> {
+        let (name, bytes_in, start) = (msg.name(), data.len() as u64, std::time::Instant::now());
+        let r = self.route(msg, data).await;
+        let bytes_out = r.as_ref().map_or(0, |(_, d)| d.len() as u64);
+        self.metrics
+            .record(name, start.elapsed(), r.is_ok(), bytes_in, bytes_out);
+        r
+    }
+}
+
+impl NodeHandler {
+    async fn route(&self, msg: Message, data: Bytes) -> Result<(Message, Bytes), ErrorBody> {
         match msg {
             Message::MetaWrite(_)
             | Message::MetaRead(_)
@@ -102,6 +114,102 @@ impl Handler for NodeHandler {
             other => self.bricks.handle(other, data).await,
         }
     }
+}
+
+/// What `GET /metrics` shows: requests served (per message kind: calls, errors, bytes,
+/// latency), each brick's capacity, objects and heal journal, the lease, and the metadata
+/// member's Raft state.
+fn render_metrics(
+    metrics: Arc<brickfs_proto::metrics::OpMetrics>,
+    service: Arc<BrickService>,
+    meta: Option<Arc<MetaNode>>,
+) -> Arc<dyn Fn() -> String + Send + Sync> {
+    use brickfs_proto::metrics::gauge;
+    Arc::new(move || {
+        let mut out = String::new();
+        metrics.render("brickd", &mut out);
+        for b in service.bricks() {
+            let labels = format!("brick=\"{}\"", b.id());
+            if let Ok(st) = b.statfs() {
+                gauge(
+                    &mut out,
+                    "brickd_brick_total_bytes",
+                    "Brick file system size.",
+                    &labels,
+                    st.total_bytes as f64,
+                );
+                gauge(
+                    &mut out,
+                    "brickd_brick_avail_bytes",
+                    "Brick file system space available.",
+                    &labels,
+                    st.avail_bytes as f64,
+                );
+                gauge(
+                    &mut out,
+                    "brickd_brick_objects",
+                    "Objects on the brick.",
+                    &labels,
+                    st.objects as f64,
+                );
+            }
+            if let Ok(n) = b.journal_len(1_000_000) {
+                gauge(
+                    &mut out,
+                    "brickd_heal_journal_objects",
+                    "Objects journaled for the heal of members out of sync (the heal backlog this brick knows of).",
+                    &labels,
+                    n as f64,
+                );
+            }
+        }
+        gauge(
+            &mut out,
+            "brickd_lease_held",
+            "1 while the metadata group acknowledges this node's heartbeats (or it needs none).",
+            "",
+            f64::from(u8::from(service.lease_held())),
+        );
+        if let Some(m) = &meta {
+            let st = m.status();
+            gauge(
+                &mut out,
+                "brickd_raft_term",
+                "The metadata member's Raft term.",
+                "",
+                st.term as f64,
+            );
+            gauge(
+                &mut out,
+                "brickd_raft_commit_index",
+                "The last log index applied.",
+                "",
+                st.last_applied_index.unwrap_or(0) as f64,
+            );
+            gauge(
+                &mut out,
+                "brickd_raft_last_log_index",
+                "The last log index.",
+                "",
+                st.last_log_index.unwrap_or(0) as f64,
+            );
+            gauge(
+                &mut out,
+                "brickd_raft_is_leader",
+                "1 on the leader.",
+                "",
+                f64::from(u8::from(st.leader == Some(st.node))),
+            );
+            gauge(
+                &mut out,
+                "brickd_raft_leader_known",
+                "1 when this member knows a leader.",
+                "",
+                f64::from(u8::from(st.leader.is_some())),
+            );
+        }
+        out
+    })
 }
 
 /// How often a node tells the metadata group it is alive.
@@ -494,11 +602,23 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     } else {
         None
     };
+    let metrics = Arc::new(brickfs_proto::metrics::OpMetrics::default());
     let handler = Arc::new(NodeHandler {
         node,
         bricks: service.clone(),
         meta: meta.clone(),
+        metrics: metrics.clone(),
     });
+    if let Some(at) = config.metrics_listen {
+        let l = tokio::net::TcpListener::bind(at)
+            .await
+            .with_context(|| format!("listen for metrics on {at}"))?;
+        let maddr = l.local_addr()?;
+        let render = render_metrics(metrics, service.clone(), meta.clone());
+        tokio::spawn(brickfs_proto::metrics::serve(l, render));
+        // Tests wait for this line: keep its wording.
+        info!(addr = %maddr, "metrics listening");
+    }
     // Tests and scripts wait for this line: keep its wording.
     info!(%addr, %node, bricks = config.bricks.len(), meta = config.meta, "brickd listening");
 

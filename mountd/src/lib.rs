@@ -1339,6 +1339,8 @@ pub struct Options {
     pub lease: Duration,
     /// How long one call waits for unreachable servers before it fails.
     pub timeout: Duration,
+    /// Serve Prometheus metrics (`GET /metrics`) here.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Mounts `source` at `mountpoint` and serves it until the mount goes away or `stop` fires.
@@ -1373,6 +1375,22 @@ pub fn run(
         .map_err(|e| anyhow::anyhow!("open volume {}: {e}", source.volume))?;
     // A write waits for a failed member to leave its set at most as long as any call waits.
     vol.set_retry_window(opts.timeout);
+    if let Some(at) = opts.metrics_listen {
+        let l = rt
+            .block_on(tokio::net::TcpListener::bind(at))
+            .map_err(|e| anyhow::anyhow!("listen for metrics on {at}: {e}"))?;
+        let maddr = l.local_addr()?;
+        let v = vol.clone();
+        let render: std::sync::Arc<dyn Fn() -> String + Send + Sync> =
+            std::sync::Arc::new(move || {
+                let mut out = String::new();
+                v.metrics().render("mountd", &mut out);
+                out
+            });
+        rt.spawn(brickfs_proto::metrics::serve(l, render));
+        // Tests wait for this line: keep its wording.
+        tracing::info!(addr = %maddr, "metrics listening");
+    }
     if vol.record().status != brickfs_proto::meta::VolumeStatus::Started {
         anyhow::bail!(
             "volume {} is not started (brickfs volume start {})",

@@ -23,8 +23,12 @@ struct Flags {
     /// metadata group is gone, EIO when bricks are).
     #[arg(long, default_value_t = 20)]
     timeout_secs: u64,
-    /// Mount options as `mount -o` passes them: `threads=N`, `lease=SECS` and `timeout=SECS`
-    /// set the flags of those names; generic options (rw, defaults, _netdev, noauto, ...) are
+    /// Serve Prometheus metrics (`GET /metrics`: reads, writes, fsyncs, truncates with bytes
+    /// and latency) on this address.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// Mount options as `mount -o` passes them: `threads=N`, `lease=SECS`, `timeout=SECS` and
+    /// `metrics=HOST:PORT` set the flags of those names; generic options (rw, defaults, _netdev, noauto, ...) are
     /// accepted and ignored.
     #[arg(short = 'o')]
     options: Option<String>,
@@ -72,6 +76,13 @@ fn apply_options(flags: &mut Flags) -> Result<(), String> {
             "threads" => flags.threads = number()? as usize,
             "lease" => flags.lease_secs = number()?,
             "timeout" => flags.timeout_secs = number()?,
+            "metrics" => {
+                flags.metrics_listen = Some(
+                    value
+                        .parse()
+                        .map_err(|_| format!("mount option {opt:?}: {value:?} is not HOST:PORT"))?,
+                )
+            }
             _ => {}
         }
     }
@@ -114,6 +125,9 @@ fn daemonize(flags: &Flags) -> std::process::ExitCode {
     }
     if let Some(log) = &flags.log {
         cmd.arg("--log").arg(log);
+    }
+    if let Some(at) = flags.metrics_listen {
+        cmd.arg("--metrics-listen").arg(at.to_string());
     }
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = match cmd.spawn() {
@@ -206,6 +220,7 @@ fn main() -> std::process::ExitCode {
         threads: flags.threads.max(1),
         lease: std::time::Duration::from_secs(flags.lease_secs.max(1)),
         timeout: std::time::Duration::from_secs(flags.timeout_secs.max(1)),
+        metrics_listen: flags.metrics_listen,
     };
     match mountd::run(source, &flags.mountpoint, &opts, stop_rx) {
         Ok(()) => std::process::ExitCode::SUCCESS,

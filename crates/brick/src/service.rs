@@ -226,6 +226,11 @@ impl BrickService {
         }
     }
 
+    /// Whether the lease (if any) is held now.
+    pub fn lease_held(&self) -> bool {
+        self.check_lease().is_ok()
+    }
+
     /// Refuses a set mutation while the lease has lapsed (`Busy`: clients retry, and find the
     /// set's new primary once the group has moved it).
     fn check_lease(&self) -> Result<(), ErrorBody> {

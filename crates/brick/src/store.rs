@@ -322,6 +322,22 @@ impl BrickStore {
         Ok(())
     }
 
+    /// How many objects are journaled over every set (counting stops at `cap`).
+    pub fn journal_len(&self, cap: u64) -> Result<u64, StoreError> {
+        let mut n = 0;
+        for item in self
+            .db
+            .iterator(IteratorMode::From(b"j", rocksdb::Direction::Forward))
+        {
+            let (k, _) = item?;
+            if k.first() != Some(&b'j') || n >= cap {
+                break;
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// The objects journaled for set (`volume`, `set`), in key order after `after`: at most
     /// `limit`, and whether more follow.
     pub fn journal_list(

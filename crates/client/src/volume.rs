@@ -150,6 +150,8 @@ pub struct VolumeClient {
     addrs: std::sync::RwLock<HashMap<BrickId, SocketAddr>>,
     spread: AtomicUsize,
     codec: Option<ReedSolomonCodec>,
+    /// Calls, errors, bytes and latency of the data operations (see `metrics`).
+    metrics: brickfs_proto::metrics::OpMetrics,
 }
 
 impl VolumeClient {
@@ -188,7 +190,13 @@ impl VolumeClient {
             addrs: std::sync::RwLock::new(addrs),
             spread: AtomicUsize::new(0),
             codec,
+            metrics: Default::default(),
         }))
+    }
+
+    /// What this client's data operations did (read, write, fsync, truncate), for Prometheus.
+    pub fn metrics(&self) -> &brickfs_proto::metrics::OpMetrics {
+        &self.metrics
     }
 
     /// The volume as read at open (its sets may have changed since: see `sets`).
@@ -567,8 +575,14 @@ impl VolumeClient {
         offset: u64,
         data: Bytes,
     ) -> Result<(), VolumeError> {
-        self.retrying("write", || self.write_once(fh, offset, data.clone()))
-            .await?;
+        let start = std::time::Instant::now();
+        let r = self
+            .retrying("write", || self.write_once(fh, offset, data.clone()))
+            .await;
+        let len = data.len() as u64;
+        self.metrics
+            .record("write", start.elapsed(), r.is_ok(), len, 0);
+        r?;
         let end = offset + data.len() as u64;
         fh.written_end.fetch_max(end, Ordering::SeqCst);
         fh.size.fetch_max(end, Ordering::SeqCst);
@@ -627,8 +641,14 @@ impl VolumeClient {
     pub async fn read(&self, fh: &FileHandle, offset: u64, len: u64) -> Result<Bytes, VolumeError> {
         // Every member tried failed: the sets may have changed (re-read them) or the members
         // may be back soon (retry within the window).
-        self.retrying("read", || self.read_once(fh, offset, len))
-            .await
+        let start = std::time::Instant::now();
+        let r = self
+            .retrying("read", || self.read_once(fh, offset, len))
+            .await;
+        let got = r.as_ref().map_or(0, |b| b.len() as u64);
+        self.metrics
+            .record("read", start.elapsed(), r.is_ok(), 0, got);
+        r
     }
 
     async fn read_once(
@@ -711,8 +731,13 @@ impl VolumeClient {
     /// Sets the file's length: every column object is cut (or extended) to its share, then
     /// the size is committed.
     pub async fn truncate(&self, fh: &FileHandle, len: u64) -> Result<(), VolumeError> {
-        self.retrying("truncate", || self.truncate_objects(fh, len))
-            .await?;
+        let start = std::time::Instant::now();
+        let r = self
+            .retrying("truncate", || self.truncate_objects(fh, len))
+            .await;
+        self.metrics
+            .record("truncate", start.elapsed(), r.is_ok(), 0, 0);
+        r?;
         let set = SetAttr {
             size_bytes: Some(len),
             ..SetAttr::default()
@@ -771,8 +796,14 @@ impl VolumeClient {
     /// Makes the file's data durable on every in-sync member and commits its size.
     pub async fn fsync(&self, fh: &FileHandle) -> Result<(), VolumeError> {
         // A member that cannot answer may have left its set: re-read the sets and try again.
-        self.retrying("fsync", || self.fsync_objects(fh)).await?;
-        self.commit_size(fh).await
+        let start = std::time::Instant::now();
+        let r = match self.retrying("fsync", || self.fsync_objects(fh)).await {
+            Ok(()) => self.commit_size(fh).await,
+            Err(e) => Err(e),
+        };
+        self.metrics
+            .record("fsync", start.elapsed(), r.is_ok(), 0, 0);
+        r
     }
 
     /// Asks every in-sync member of every column's set to make the column durable.

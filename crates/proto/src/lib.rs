@@ -14,6 +14,7 @@ pub mod error;
 pub mod frame;
 pub mod ids;
 pub mod meta;
+pub mod metrics;
 pub mod msg;
 pub mod rpc;
 
