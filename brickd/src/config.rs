@@ -76,6 +76,10 @@ pub struct Flags {
     /// Serve Prometheus metrics (`GET /metrics`) on this address (default: off).
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Serve the provisioning API (HTTP/JSON, see docs/operations.md) on this address
+    /// (default: off; needs a metadata member here or `--meta-peers`).
+    #[arg(long)]
+    pub api_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -97,6 +101,7 @@ struct FileConfig {
     #[serde(default)]
     meta_peers: Vec<String>,
     metrics_listen: Option<String>,
+    api_listen: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -144,6 +149,8 @@ pub struct Config {
     pub scrub_interval: std::time::Duration,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where to serve the provisioning API, if anywhere.
+    pub api_listen: Option<SocketAddr>,
     /// Where to send heartbeats (empty: nowhere, or this node's own member).
     pub meta_peers: Vec<SocketAddr>,
 }
@@ -307,6 +314,14 @@ impl Config {
             ),
             (None, None) => None,
         };
+        let api_listen = match (&flags.api_listen, &file.api_listen) {
+            (Some(a), _) => Some(*a),
+            (None, Some(t)) => Some(
+                t.parse()
+                    .with_context(|| format!("api_listen {t:?} is not HOST:PORT"))?,
+            ),
+            (None, None) => None,
+        };
         Ok(Config {
             listen,
             data_dir: absolute(&data_dir)?,
@@ -322,6 +337,7 @@ impl Config {
             scrub_interval: std::time::Duration::from_secs(scrub_interval_secs),
             meta_peers,
             metrics_listen,
+            api_listen,
         })
     }
 }

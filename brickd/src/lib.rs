@@ -6,6 +6,7 @@
 //! and the daemon's life cycle: open bricks, listen, log readiness, serve, and on SIGTERM or
 //! Ctrl-C stop accepting, finish requests in flight, flush, exit.
 
+mod api;
 pub mod config;
 pub mod telemetry;
 
@@ -626,6 +627,26 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let mut peers = config.meta_peers.clone();
     if peers.is_empty() && config.meta {
         peers.push(advertise);
+    }
+    if let Some(at) = config.api_listen {
+        anyhow::ensure!(
+            !peers.is_empty(),
+            "api_listen needs a metadata member on this node (--meta) or --meta-peers"
+        );
+        let l = tokio::net::TcpListener::bind(at)
+            .await
+            .with_context(|| format!("listen for the provisioning API on {at}"))?;
+        let aaddr = l.local_addr()?;
+        let client = brickfs_client::MetaClient::new(
+            peers.clone(),
+            brickfs_client::MetaClientOptions {
+                client_name: format!("brickd {node} api"),
+                ..brickfs_client::MetaClientOptions::default()
+            },
+        );
+        tokio::spawn(api::serve(l, client, peers[0]));
+        // Tests wait for this line: keep its wording.
+        info!(addr = %aaddr, "provisioning API listening");
     }
     if !peers.is_empty() {
         service.enable_lease(config.write_lease);

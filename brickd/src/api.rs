@@ -1,0 +1,382 @@
+//! The provisioning API (`--api-listen`): HTTP/JSON for a Kubernetes provisioner or a CSI
+//! driver to create, list, inspect and delete volumes by size and durability class, and to
+//! learn how to mount them.
+//!
+//! - `GET /v1/volumes`: every volume (name, type, status, bricks).
+//! - `POST /v1/volumes` `{"name": "pvc-1", "size_bytes": 1073741824, "class": "replicate-3"}`:
+//!   picks free registered bricks (spread over nodes, most free space first) for the class —
+//!   `distribute`, `replicate-N` (2–5) or `disperse-K+M` — checks they hold `size_bytes`,
+//!   creates and starts the volume: 201 with the volume and its mount.
+//! - `GET /v1/volumes/NAME`: the volume and its mount; `DELETE /v1/volumes/NAME`: stops and
+//!   deletes it (its data goes).
+//! - `POST /v1/volumes/NAME/expand`: 501 (growing a volume needs add-brick, not built yet).
+//!
+//! Errors are `{"error": "..."}` with 400 (bad request), 404, 409 (exists), 507 (not enough
+//! free bricks or space), 502 (the metadata group failed).
+
+use brickfs_client::{MetaClient, admin};
+use brickfs_proto::ErrorCode;
+use brickfs_proto::meta::{MetaOp, MetaRead, MetaReply, VolumeRecord};
+use serde_json::{Value, json};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Bodies larger than this are refused.
+const BODY_MAX: usize = 64 << 10;
+
+/// Serves the API on `listener` until the task is dropped; `mount_from` names the metadata
+/// members a mount should be given.
+pub async fn serve(listener: tokio::net::TcpListener, meta: MetaClient, mount_from: SocketAddr) {
+    loop {
+        let Ok((conn, peer)) = listener.accept().await else {
+            continue;
+        };
+        let meta = meta.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection(conn, &meta, mount_from).await {
+                tracing::debug!(%peer, error = %e, "provisioning API request failed");
+            }
+        });
+    }
+}
+
+async fn connection(
+    mut conn: tokio::net::TcpStream,
+    meta: &MetaClient,
+    mount_from: SocketAddr,
+) -> std::io::Result<()> {
+    let req = tokio::time::timeout(Duration::from_secs(10), read_request(&mut conn)).await;
+    let (status, body) = match req {
+        Ok(Ok(Some((method, path, body)))) => route(meta, mount_from, &method, &path, &body).await,
+        Ok(Ok(None)) => (400, json!({"error": "malformed HTTP request"})),
+        Ok(Err(e)) => return Err(e),
+        Err(_) => (408, json!({"error": "request not received within 10 s"})),
+    };
+    let text = body.to_string();
+    let reason = match status {
+        200 => "OK",
+        201 => "Created",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        409 => "Conflict",
+        413 => "Payload Too Large",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        _ => "Insufficient Storage",
+    };
+    let reply = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+        text.len()
+    );
+    conn.write_all(reply.as_bytes()).await?;
+    conn.shutdown().await
+}
+
+/// Reads one request: method, path and body (`None` when it is not HTTP or too large).
+async fn read_request(
+    conn: &mut tokio::net::TcpStream,
+) -> std::io::Result<Option<(String, String, Vec<u8>)>> {
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+        if raw.len() > 16 << 10 {
+            return Ok(None);
+        }
+        let n = conn.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        raw.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&raw[..head_end]).into_owned();
+    let mut lines = head.lines();
+    let mut first = lines.next().unwrap_or_default().split_whitespace();
+    let (Some(method), Some(path)) = (first.next(), first.next()) else {
+        return Ok(None);
+    };
+    let len = lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    if len > BODY_MAX {
+        return Ok(None);
+    }
+    let mut body = raw[head_end + 4..].to_vec();
+    while body.len() < len {
+        let n = conn.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        body.extend_from_slice(&buf[..n]);
+    }
+    body.truncate(len);
+    Ok(Some((method.to_string(), path.to_string(), body)))
+}
+
+fn error(status: u16, msg: impl std::fmt::Display) -> (u16, Value) {
+    (status, json!({ "error": msg.to_string() }))
+}
+
+/// An admin error as an HTTP status: what the group refused says why.
+fn from_admin(e: admin::AdminError) -> (u16, Value) {
+    let code = match &e {
+        admin::AdminError::Meta(m) => m.code(),
+        admin::AdminError::Node { .. } => None,
+    };
+    match code {
+        Some(ErrorCode::NotFound) => error(404, e),
+        Some(ErrorCode::Exists) => error(409, e),
+        Some(ErrorCode::InvalidArgument) => error(400, e),
+        _ => error(502, e),
+    }
+}
+
+fn describe(v: &VolumeRecord, mount_from: SocketAddr) -> Value {
+    json!({
+        "name": v.name,
+        "type": v.type_name,
+        "status": format!("{:?}", v.status),
+        "spec": v.spec,
+        "bricks": v.bricks.len(),
+        "mount": {
+            "source": format!("{mount_from}/{}", v.name),
+            "command": format!("mountd {mount_from}/{} /mnt/{}", v.name, v.name),
+            "fstab": format!("{mount_from}/{} /mnt/{} fuse.brickfs _netdev 0 0", v.name, v.name),
+        },
+    })
+}
+
+async fn route(
+    meta: &MetaClient,
+    mount_from: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> (u16, Value) {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (method, parts.as_slice()) {
+        ("GET", ["v1", "volumes"]) => match meta.read(MetaRead::ListVolumes).await {
+            Ok(MetaReply::Volumes(vs)) => (
+                200,
+                Value::Array(vs.iter().map(|v| describe(v, mount_from)).collect()),
+            ),
+            Ok(other) => error(502, format!("unexpected answer {other:?}")),
+            Err(e) => error(502, e),
+        },
+        ("POST", ["v1", "volumes"]) => create(meta, mount_from, body).await,
+        ("GET", ["v1", "volumes", name]) => match admin::volume_info(meta, name).await {
+            Ok(v) => (200, describe(&v, mount_from)),
+            Err(e) => from_admin(e),
+        },
+        ("DELETE", ["v1", "volumes", name]) => {
+            if let Err(e) = admin::volume_info(meta, name).await {
+                return from_admin(e);
+            }
+            // Stopping a stopped volume is refused: only the delete's answer counts.
+            let _ = meta
+                .write(MetaOp::StopVolume {
+                    name: name.to_string(),
+                })
+                .await;
+            match meta
+                .write(MetaOp::DeleteVolume {
+                    name: name.to_string(),
+                })
+                .await
+            {
+                Ok(_) => (200, json!({ "deleted": name })),
+                Err(e) => from_admin(e.into()),
+            }
+        }
+        ("POST", ["v1", "volumes", _, "expand"]) => error(
+            501,
+            "expanding a volume needs add-brick, which brickfs does not have yet",
+        ),
+        (_, ["v1", "volumes", ..]) => error(405, format!("{method} is not allowed on {path}")),
+        _ => error(404, format!("no such resource {path}")),
+    }
+}
+
+/// A durability class: the spec words before the bricks, bricks needed, and what fraction of
+/// the smallest brick's capacity times the brick count holds data.
+fn class(text: &str) -> Result<(Vec<String>, usize, usize), String> {
+    if text == "distribute" {
+        return Ok((Vec::new(), 1, 1));
+    }
+    if let Some(n) = text.strip_prefix("replicate-") {
+        let n: usize = n.parse().map_err(|_| format!("bad class {text:?}"))?;
+        if !(2..=5).contains(&n) {
+            return Err(format!("replicate-N takes N from 2 to 5, not {n}"));
+        }
+        return Ok((vec!["replica".into(), n.to_string()], n, 1));
+    }
+    if let Some(km) = text.strip_prefix("disperse-") {
+        let (k, m) = km
+            .split_once('+')
+            .and_then(|(k, m)| Some((k.parse::<usize>().ok()?, m.parse::<usize>().ok()?)))
+            .ok_or_else(|| format!("bad class {text:?} (disperse-K+M, e.g. disperse-4+2)"))?;
+        if k < 2 || m < 1 || k + m > 20 {
+            return Err(format!(
+                "disperse-K+M takes K ≥ 2, M ≥ 1, K+M ≤ 20, not {k}+{m}"
+            ));
+        }
+        let spec = vec![
+            "disperse".into(),
+            (k + m).to_string(),
+            "redundancy".into(),
+            m.to_string(),
+        ];
+        return Ok((spec, k + m, k));
+    }
+    Err(format!(
+        "unknown class {text:?}: distribute, replicate-N or disperse-K+M"
+    ))
+}
+
+async fn create(meta: &MetaClient, mount_from: SocketAddr, body: &[u8]) -> (u16, Value) {
+    let Ok(req) = serde_json::from_slice::<Value>(body) else {
+        return error(
+            400,
+            "the body must be JSON: {\"name\", \"size_bytes\", \"class\"}",
+        );
+    };
+    let (Some(name), Some(size), Some(cls)) = (
+        req["name"].as_str(),
+        req["size_bytes"].as_u64(),
+        req["class"].as_str(),
+    ) else {
+        return error(
+            400,
+            "name (string), size_bytes (number) and class (string) are required",
+        );
+    };
+    let (mut spec, bricks_needed, data_share) = match class(cls) {
+        Ok(c) => c,
+        Err(e) => return error(400, e),
+    };
+    if admin::volume_info(meta, name).await.is_ok() {
+        return error(409, format!("volume {name:?} exists"));
+    }
+    let (nodes, bricks, volumes) = match (
+        meta.read(MetaRead::ListNodes).await,
+        meta.read(MetaRead::ListBricks).await,
+        meta.read(MetaRead::ListVolumes).await,
+    ) {
+        (Ok(MetaReply::Nodes(n)), Ok(MetaReply::Bricks(b)), Ok(MetaReply::Volumes(v))) => (n, b, v),
+        _ => return error(502, "could not read the cluster map"),
+    };
+    // Free bricks, most capacity first, then taken round-robin over nodes so that copies land
+    // on as many nodes as there are.
+    let mut free: Vec<_> = bricks
+        .into_iter()
+        .filter(|b| {
+            !volumes
+                .iter()
+                .any(|v| v.bricks.iter().any(|x| x.brick == b.id))
+        })
+        .collect();
+    free.sort_by_key(|b| std::cmp::Reverse(b.capacity_bytes));
+    let mut by_node: Vec<Vec<brickfs_proto::meta::BrickRecord>> = Vec::new();
+    for b in free {
+        match by_node.iter_mut().find(|l| l[0].node == b.node) {
+            Some(l) => l.push(b),
+            None => by_node.push(vec![b]),
+        }
+    }
+    let mut picked = Vec::new();
+    'pick: for round in 0.. {
+        let mut any = false;
+        for l in &by_node {
+            if let Some(b) = l.get(round) {
+                any = true;
+                picked.push(b.clone());
+                if picked.len() == bricks_needed {
+                    break 'pick;
+                }
+            }
+        }
+        if !any {
+            break;
+        }
+    }
+    if picked.len() < bricks_needed {
+        return error(
+            507,
+            format!(
+                "class {cls} needs {bricks_needed} free bricks; the cluster has {}",
+                picked.len()
+            ),
+        );
+    }
+    let smallest = picked.iter().map(|b| b.capacity_bytes).min().unwrap_or(0);
+    let usable = smallest.saturating_mul(data_share as u64);
+    if usable < size {
+        return error(
+            507,
+            format!("{size} bytes asked, the free bricks for {cls} hold {usable}"),
+        );
+    }
+    for b in &picked {
+        let Some(n) = nodes.iter().find(|n| n.id == b.node) else {
+            return error(502, format!("brick {} is on an unknown node", b.id));
+        };
+        spec.push(format!("{}:{}", n.addr, b.path));
+    }
+    let v = match admin::volume_create(meta, name, &spec).await {
+        Ok(v) => v,
+        Err(e) => return from_admin(e),
+    };
+    if let Err(e) = meta
+        .write(MetaOp::StartVolume {
+            name: v.name.clone(),
+        })
+        .await
+    {
+        return from_admin(e.into());
+    }
+    tracing::info!(volume = %name, class = cls, size, "volume provisioned");
+    match admin::volume_info(meta, name).await {
+        Ok(v) => {
+            let mut d = describe(&v, mount_from);
+            d["class"] = json!(cls);
+            d["size_bytes"] = json!(size);
+            (201, d)
+        }
+        Err(e) => from_admin(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes_parse_and_refuse_nonsense() {
+        assert_eq!(class("distribute").unwrap().1, 1);
+        let (spec, n, share) = class("replicate-3").unwrap();
+        assert_eq!(
+            (spec, n, share),
+            (vec!["replica".to_string(), "3".into()], 3, 1)
+        );
+        let (spec, n, share) = class("disperse-4+2").unwrap();
+        assert_eq!(spec.join(" "), "disperse 6 redundancy 2");
+        assert_eq!((n, share), (6, 4));
+        for bad in [
+            "",
+            "replicate-1",
+            "replicate-x",
+            "disperse-4",
+            "disperse-1+1",
+            "raid5",
+        ] {
+            assert!(class(bad).is_err(), "{bad}");
+        }
+    }
+}
