@@ -41,13 +41,7 @@ async fn brickd_serves_prometheus_metrics() {
         &["--meta", "--metrics-listen", "127.0.0.1:0"],
     )
     .unwrap();
-    let maddr: std::net::SocketAddr =
-        must_wait_for("the metrics line", Duration::from_secs(30), || async {
-            let log = std::fs::read_to_string(node.log_path()).ok()?;
-            let at = log.split("metrics listening addr=").nth(1)?;
-            at.split_whitespace().next()?.parse().ok()
-        })
-        .await;
+    let maddr = must_log_addr(&node, "metrics listening addr=").await;
     let meta = MetaClient::new(vec![node.addr()], MetaClientOptions::default());
     meta.admin(AdminOp::Init).await.unwrap();
     admin::peer_add(&meta, &client(), node.addr())

@@ -71,13 +71,7 @@ async fn volumes_are_provisioned_mounted_and_deleted_over_http() {
         &["--meta", "--api-listen", "127.0.0.1:0"],
     )
     .unwrap();
-    let at: std::net::SocketAddr =
-        must_wait_for("the API line", Duration::from_secs(30), || async {
-            let log = std::fs::read_to_string(node.log_path()).ok()?;
-            let rest = log.split("provisioning API listening addr=").nth(1)?;
-            rest.split_whitespace().next()?.parse().ok()
-        })
-        .await;
+    let at = must_log_addr(&node, "provisioning API listening addr=").await;
     let meta = MetaClient::new(vec![node.addr()], MetaClientOptions::default());
     meta.admin(AdminOp::Init).await.unwrap();
     admin::peer_add(&meta, &client(), node.addr())

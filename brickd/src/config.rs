@@ -306,22 +306,19 @@ impl Config {
                 })
                 .collect::<anyhow::Result<_>>()?
         };
-        let metrics_listen = match (&flags.metrics_listen, &file.metrics_listen) {
-            (Some(a), _) => Some(*a),
-            (None, Some(t)) => Some(
-                t.parse()
-                    .with_context(|| format!("metrics_listen {t:?} is not HOST:PORT"))?,
-            ),
-            (None, None) => None,
-        };
-        let api_listen = match (&flags.api_listen, &file.api_listen) {
-            (Some(a), _) => Some(*a),
-            (None, Some(t)) => Some(
-                t.parse()
-                    .with_context(|| format!("api_listen {t:?} is not HOST:PORT"))?,
-            ),
-            (None, None) => None,
-        };
+        // An optional address: the flag, else the file's (which must parse).
+        let optional_addr =
+            |flag: Option<SocketAddr>, text: &Option<String>, key: &str| match (flag, text) {
+                (Some(a), _) => Ok(Some(a)),
+                (None, Some(t)) => t
+                    .parse()
+                    .map(Some)
+                    .with_context(|| format!("{key} {t:?} is not HOST:PORT")),
+                (None, None) => Ok(None),
+            };
+        let metrics_listen =
+            optional_addr(flags.metrics_listen, &file.metrics_listen, "metrics_listen")?;
+        let api_listen = optional_addr(flags.api_listen, &file.api_listen, "api_listen")?;
         Ok(Config {
             listen,
             data_dir: absolute(&data_dir)?,

@@ -150,3 +150,14 @@ pub async fn must_serve_reads(addr: std::net::SocketAddr) {
     })
     .await;
 }
+
+/// Waits (bounded) for brickd to log `mark` (e.g. `metrics listening addr=`) and returns the
+/// address that follows it.
+pub async fn must_log_addr(node: &Brickd, mark: &str) -> std::net::SocketAddr {
+    must_wait_for(mark, Duration::from_secs(30), || async {
+        let log = std::fs::read_to_string(node.log_path()).ok()?;
+        let rest = log.split(mark).nth(1)?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+    .await
+}
