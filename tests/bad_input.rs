@@ -71,12 +71,52 @@ fn handshake(s: &mut TcpStream) {
         version_min: PROTOCOL_VERSION,
         version_max: PROTOCOL_VERSION,
         peer_name: "raw".into(),
+        nonce: vec![1; 16],
     });
     send(s, 0, &hello, &[]);
     match recv(s) {
         Some((_, Message::HelloOk(_))) => {}
         other => panic!("expected HelloOk, got {other:?}"),
     }
+}
+
+/// A node with a cluster key refuses a peer whose proof is wrong, or that sends none, with a
+/// `PermissionDenied` error and a closed connection — and goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_or_missing_key_proof_is_refused_by_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, "0123456789abcdef0123456789abcdef").unwrap();
+    let node = brickfs_testkit::Brickd::start(
+        &brickd_bin(),
+        &dir.path().join("n"),
+        &[dir.path().join("b")],
+        &["--cluster-key-file", key.to_str().unwrap()],
+    )
+    .unwrap();
+    for proof in [Some(vec![0u8; 32]), None] {
+        let mut s = connect(node.addr());
+        handshake(&mut s);
+        match &proof {
+            Some(p) => send(
+                &mut s,
+                0,
+                &Message::Auth(brickfs_proto::msg::Auth { proof: p.clone() }),
+                &[],
+            ),
+            None => send(&mut s, 1, &Message::Ping(Ping {}), &[]),
+        }
+        let (_, body) = expect_error(recv(&mut s), ErrorCode::PermissionDenied);
+        assert!(body.detail.contains("key"), "{body:?}");
+        expect_closed(&mut s);
+    }
+    let c = brickfs_client::BrickClient::new(brickfs_proto::rpc::ClientOptions {
+        cluster_key: Some(std::sync::Arc::new(
+            brickfs_proto::rpc::load_cluster_key(&key).unwrap(),
+        )),
+        ..Default::default()
+    });
+    c.ping(node.addr()).await.unwrap();
 }
 
 async fn must_still_serve(addr: SocketAddr) {
@@ -105,6 +145,7 @@ async fn bad_frames_get_errors_and_the_daemon_keeps_serving() {
         version_min: 7,
         version_max: 9,
         peer_name: "future".into(),
+        nonce: Vec::new(),
     });
     send(&mut s, 0, &hello, &[]);
     expect_error(recv(&mut s), ErrorCode::UnsupportedVersion);

@@ -224,7 +224,11 @@ async fn sigterm_stops_cleanly() {
         .unwrap();
     let status = node.sigterm_and_wait(Duration::from_secs(30)).unwrap();
     assert!(status.success(), "{status:?}\n{}", node.log_tail(20));
-    assert!(node.log_tail(5).contains("brickd stopped"));
+    // The log's last lines reach its file through a tee thread: wait for them (bounded).
+    must_wait_for("the final log line", Duration::from_secs(10), || async {
+        node.log_tail(5).contains("brickd stopped").then_some(())
+    })
+    .await;
     assert_eq!(node.error_lines(), 0, "{}", node.log_tail(20));
 }
 

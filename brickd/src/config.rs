@@ -80,6 +80,10 @@ pub struct Flags {
     /// (default: off; needs a metadata member here or `--meta-peers`).
     #[arg(long)]
     pub api_listen: Option<SocketAddr>,
+    /// The cluster key file: every connection made or accepted proves this key, and peers
+    /// without it are refused (default: none, an open cluster).
+    #[arg(long, env = "BRICKFS_CLUSTER_KEY_FILE")]
+    pub cluster_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -102,6 +106,7 @@ struct FileConfig {
     meta_peers: Vec<String>,
     metrics_listen: Option<String>,
     api_listen: Option<String>,
+    cluster_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -151,6 +156,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Where to serve the provisioning API, if anywhere.
     pub api_listen: Option<SocketAddr>,
+    /// The cluster key, if the cluster has one.
+    pub cluster_key: Option<Vec<u8>>,
     /// Where to send heartbeats (empty: nowhere, or this node's own member).
     pub meta_peers: Vec<SocketAddr>,
 }
@@ -319,6 +326,17 @@ impl Config {
         let metrics_listen =
             optional_addr(flags.metrics_listen, &file.metrics_listen, "metrics_listen")?;
         let api_listen = optional_addr(flags.api_listen, &file.api_listen, "api_listen")?;
+        let cluster_key = match flags
+            .cluster_key_file
+            .as_ref()
+            .or(file.cluster_key_file.as_ref())
+        {
+            Some(path) => Some(
+                brickfs_proto::rpc::load_cluster_key(path)
+                    .with_context(|| format!("cluster key file {}", path.display()))?,
+            ),
+            None => None,
+        };
         Ok(Config {
             listen,
             data_dir: absolute(&data_dir)?,
@@ -335,6 +353,7 @@ impl Config {
             meta_peers,
             metrics_listen,
             api_listen,
+            cluster_key,
         })
     }
 }

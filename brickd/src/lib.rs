@@ -568,6 +568,10 @@ async fn heal_members(
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    if let Some(key) = config.cluster_key.clone() {
+        brickfs_proto::rpc::set_cluster_key(key);
+        info!("cluster key loaded: peers must prove it");
+    }
     let node = load_or_create_node_id(&config.data_dir)?;
     let mut stores = Vec::new();
     for brick in &config.bricks {

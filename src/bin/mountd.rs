@@ -27,6 +27,9 @@ struct Flags {
     /// and latency) on this address.
     #[arg(long)]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// The cluster key file, when the cluster has one (also `-o keyfile=PATH`).
+    #[arg(long, env = "BRICKFS_CLUSTER_KEY_FILE")]
+    cluster_key_file: Option<std::path::PathBuf>,
     /// Mount options as `mount -o` passes them: `threads=N`, `lease=SECS`, `timeout=SECS` and
     /// `metrics=HOST:PORT` set the flags of those names; generic options (rw, defaults, _netdev, noauto, ...) are
     /// accepted and ignored.
@@ -76,6 +79,7 @@ fn apply_options(flags: &mut Flags) -> Result<(), String> {
             "threads" => flags.threads = number()? as usize,
             "lease" => flags.lease_secs = number()?,
             "timeout" => flags.timeout_secs = number()?,
+            "keyfile" => flags.cluster_key_file = Some(value.into()),
             "metrics" => {
                 flags.metrics_listen = Some(
                     value
@@ -128,6 +132,9 @@ fn daemonize(flags: &Flags) -> std::process::ExitCode {
     }
     if let Some(at) = flags.metrics_listen {
         cmd.arg("--metrics-listen").arg(at.to_string());
+    }
+    if let Some(k) = &flags.cluster_key_file {
+        cmd.arg("--cluster-key-file").arg(k);
     }
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = match cmd.spawn() {
@@ -216,6 +223,17 @@ fn main() -> std::process::ExitCode {
         });
         let _ = stop_tx.send(());
     });
+    if let Some(path) = &flags.cluster_key_file {
+        match brickfs_proto::rpc::load_cluster_key(path) {
+            Ok(k) => {
+                brickfs_proto::rpc::set_cluster_key(k);
+            }
+            Err(e) => {
+                eprintln!("mountd: cluster key file {}: {e}", path.display());
+                return std::process::ExitCode::from(2);
+            }
+        }
+    }
     let opts = mountd::Options {
         threads: flags.threads.max(1),
         lease: std::time::Duration::from_secs(flags.lease_secs.max(1)),

@@ -111,6 +111,7 @@ pub fn brickfs<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (i32, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_brickfs"))
         .args(args)
         .env_remove("BRICKFS_META")
+        .env_remove("BRICKFS_CLUSTER_KEY_FILE")
         .output()
         .expect("run brickfs");
     (

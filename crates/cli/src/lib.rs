@@ -27,6 +27,9 @@ pub struct Cli {
     /// Members of the metadata group (any one is enough), HOST:PORT[,HOST:PORT...].
     #[arg(long, global = true, env = "BRICKFS_META", value_delimiter = ',')]
     pub meta: Vec<SocketAddr>,
+    /// The cluster key file, when the cluster has one.
+    #[arg(long, global = true, env = "BRICKFS_CLUSTER_KEY_FILE")]
+    pub cluster_key_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -216,6 +219,17 @@ struct BrickRow {
 /// Parses the command line and runs it; returns the process exit code.
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Some(path) = &cli.cluster_key_file {
+        match brickfs_proto::rpc::load_cluster_key(path) {
+            Ok(k) => {
+                brickfs_proto::rpc::set_cluster_key(k);
+            }
+            Err(e) => {
+                eprintln!("brickfs: cluster key file {}: {e}", path.display());
+                return std::process::ExitCode::from(2);
+            }
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

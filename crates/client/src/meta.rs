@@ -181,6 +181,10 @@ impl MetaClient {
                 Attempt::Retry(body.to_string(), Outcome::Rejected)
             }
             Err(RpcError::Remote(body)) => Attempt::Rejected(body),
+            // A cluster key mismatch: no other member will think differently.
+            Err(e @ RpcError::Unauthorized { .. }) => {
+                Attempt::Rejected(ErrorBody::new(ErrorCode::PermissionDenied, e.to_string()))
+            }
             Err(e) => {
                 let outcome = e.outcome();
                 self.pool.forget(addr).await;

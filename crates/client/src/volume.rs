@@ -90,6 +90,7 @@ fn retryable(e: &VolumeError) -> bool {
                     | ErrorCode::VersionGap
                     | ErrorCode::TooLarge
                     | ErrorCode::ChecksumMismatch
+                    | ErrorCode::PermissionDenied
             )
         ),
         VolumeError::Refused(b) => matches!(

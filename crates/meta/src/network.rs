@@ -106,6 +106,7 @@ impl Peer {
             Err(
                 e @ (RpcError::Connect { .. }
                 | RpcError::Handshake { .. }
+                | RpcError::Unauthorized { .. }
                 | RpcError::Closed { .. }),
             ) => {
                 self.pool.forget(addr).await;

@@ -53,13 +53,29 @@ pub struct Hello {
     pub version_max: u16,
     /// A free-form name for logs ("client", "cli", "brickd n…").
     pub peer_name: String,
+    /// Fresh random bytes the server's proof of the cluster key covers.
+    pub nonce: Vec<u8>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HelloOk {
     pub version: u16,
     pub node: NodeId,
+    /// Empty when the node holds no cluster key; else fresh bytes for the client's proof and
+    /// the server's proof: HMAC-SHA256(key, "brickfs-server" ‖ client nonce ‖ this nonce).
+    pub nonce: Vec<u8>,
+    pub proof: Vec<u8>,
 }
+
+/// The client's proof of the cluster key: HMAC-SHA256(key, "brickfs-client" ‖ server nonce ‖
+/// client nonce). Sent right after `HelloOk` when the server holds a key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Auth {
+    pub proof: Vec<u8>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthOk {}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ping {}
@@ -427,6 +443,8 @@ messages! {
     3 => Error(ErrorBody), data: false;
     4 => Ping(Ping), data: false;
     5 => Pong(Pong), data: false;
+    6 => Auth(Auth), data: false;
+    7 => AuthOk(AuthOk), data: false;
     16 => ListBricks(ListBricks), data: false;
     17 => BrickList(BrickList), data: false;
     18 => OpenBrick(OpenBrick), data: false;
@@ -494,6 +512,10 @@ mod tests {
                 version_min: 1,
                 version_max: 1,
                 peer_name: "t".into(),
+                nonce: vec![7; 16],
+            }),
+            Message::Auth(Auth {
+                proof: vec![1, 2, 3],
             }),
             Message::Error(ErrorBody::new(crate::ErrorCode::NotFound, "x")),
             Message::Write(Write {

@@ -2,14 +2,17 @@
 //! TCP stream, a [`Pool`] of connections per peer, and [`serve`], the accept loop that runs a
 //! [`Handler`] for every request.
 //!
-//! Every connection opens with `Hello`/`HelloOk`. Frames are read with their lengths checked
+//! Every connection opens with `Hello`/`HelloOk`; when the server holds the cluster key (see
+//! [`set_cluster_key`]) both sides prove they hold it too (`HelloOk` carries the server's
+//! HMAC over both nonces, `Auth` the client's, `AuthOk` accepts), and a peer without it, or
+//! with another cluster's, is refused with a clear error. Frames are read with their lengths checked
 //! against [`Limits`] before a buffer is allocated. The data section is read into its own
 //! `Bytes` and written straight from the caller's `Bytes`, never copied through bincode.
 
 use crate::error::{ErrorBody, ErrorCode};
 use crate::frame::{FrameError, HEADER_LEN, Header, Limits, PROTOCOL_VERSION};
 use crate::ids::NodeId;
-use crate::msg::{DecodeError, Hello, HelloOk, Message};
+use crate::msg::{Auth, AuthOk, DecodeError, Hello, HelloOk, Message};
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use std::future::Future;
@@ -22,6 +25,66 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, B
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
+
+/// The cluster key of this process (see [`set_cluster_key`]).
+static CLUSTER_KEY: std::sync::OnceLock<Arc<Vec<u8>>> = std::sync::OnceLock::new();
+
+/// Sets the key every connection this process makes or accepts proves it holds (clients whose
+/// `ClientOptions::cluster_key` is unset use it). Once per process: false if already set.
+pub fn set_cluster_key(key: Vec<u8>) -> bool {
+    CLUSTER_KEY.set(Arc::new(key)).is_ok()
+}
+
+/// Reads a cluster key file: its bytes, surrounding whitespace trimmed, at least 16 of them.
+pub fn load_cluster_key(path: &std::path::Path) -> io::Result<Vec<u8>> {
+    let raw = std::fs::read(path)?;
+    let text = raw.trim_ascii().to_vec();
+    if text.len() < 16 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "cluster key file {} holds {} bytes, fewer than 16 (make one with: head -c 32 /dev/urandom | base64 > FILE)",
+                path.display(),
+                text.len()
+            ),
+        ));
+    }
+    Ok(text)
+}
+
+fn process_key() -> Option<Arc<Vec<u8>>> {
+    CLUSTER_KEY.get().cloned()
+}
+
+/// HMAC-SHA256(key, role ‖ a ‖ b).
+fn key_proof(key: &[u8], role: &[u8], a: &[u8], b: &[u8]) -> Vec<u8> {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("HMAC takes any key");
+    mac.update(role);
+    mac.update(a);
+    mac.update(b);
+    mac.finalize().into_bytes().to_vec()
+}
+
+/// Whether `proof` is HMAC-SHA256(key, role ‖ a ‖ b), compared in constant time.
+fn key_proof_ok(key: &[u8], role: &[u8], a: &[u8], b: &[u8], proof: &[u8]) -> bool {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("HMAC takes any key");
+    mac.update(role);
+    mac.update(a);
+    mac.update(b);
+    mac.verify_slice(proof).is_ok()
+}
+
+fn nonce() -> Vec<u8> {
+    use rand::RngCore;
+    let mut n = vec![0u8; 16];
+    rand::rng().fill_bytes(&mut n);
+    n
+}
+
+const SERVER_ROLE: &[u8] = b"brickfs-server";
+const CLIENT_ROLE: &[u8] = b"brickfs-client";
 
 /// How long a peer may take to send its `Hello`.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -40,6 +103,9 @@ pub enum RpcError {
     },
     #[error("handshake with {addr} failed: {detail}")]
     Handshake { addr: SocketAddr, detail: String },
+    /// The cluster key check failed, one way or the other: retrying cannot help.
+    #[error("{addr} refused: {detail}")]
+    Unauthorized { addr: SocketAddr, detail: String },
     #[error("connection to {addr} is closed")]
     Closed { addr: SocketAddr },
     #[error("connection to {addr} lost with the request in flight: {detail}")]
@@ -69,6 +135,7 @@ impl RpcError {
         match self {
             RpcError::Connect { .. }
             | RpcError::Handshake { .. }
+            | RpcError::Unauthorized { .. }
             | RpcError::Closed { .. }
             | RpcError::Remote(_) => Outcome::Rejected,
             RpcError::ConnectionLost { .. }
@@ -81,6 +148,7 @@ impl RpcError {
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
             RpcError::Remote(body) => body.kind(),
+            RpcError::Unauthorized { .. } => Some(ErrorCode::PermissionDenied),
             _ => None,
         }
     }
@@ -95,6 +163,8 @@ pub struct ClientOptions {
     pub peer_name: String,
     /// Connections a [`Pool`] keeps to each peer.
     pub conns_per_peer: usize,
+    /// The cluster key to prove; `None`: the process's (see [`set_cluster_key`]), if any.
+    pub cluster_key: Option<Arc<Vec<u8>>>,
 }
 
 impl Default for ClientOptions {
@@ -105,6 +175,7 @@ impl Default for ClientOptions {
             limits: Limits::default(),
             peer_name: "client".to_string(),
             conns_per_peer: 2,
+            cluster_key: None,
         }
     }
 }
@@ -248,10 +319,12 @@ impl Connection {
         let (read_half, mut write_half) = stream.into_split();
         let mut reader = BufReader::with_capacity(SOCKET_BUFFER_BYTES, read_half);
 
+        let my_nonce = nonce();
         let hello = Message::Hello(Hello {
             version_min: PROTOCOL_VERSION,
             version_max: PROTOCOL_VERSION,
             peer_name: opts.peer_name.clone(),
+            nonce: my_nonce.clone(),
         });
         let frame = out_frame(0, &hello, Bytes::new());
         let handshake = async {
@@ -274,7 +347,11 @@ impl Connection {
                 detail: "connection closed during handshake".into(),
             })?;
         let server = match Message::decode(reply.header.kind, &reply.body) {
-            Ok(Message::HelloOk(ok)) => ok,
+            Ok(Message::HelloOk(ok)) => {
+                Self::authenticate(addr, &opts, &my_nonce, &ok, &mut reader, &mut write_half)
+                    .await?;
+                ok
+            }
             Ok(Message::Error(body)) => {
                 return Err(RpcError::Handshake {
                     addr,
@@ -311,6 +388,59 @@ impl Connection {
             opts: Arc::new(opts),
             server,
         })
+    }
+
+    /// Checks the server's proof of the cluster key and proves ours (both or neither side
+    /// holds one; anything else is refused with the reason).
+    async fn authenticate(
+        addr: SocketAddr,
+        opts: &ClientOptions,
+        my_nonce: &[u8],
+        ok: &HelloOk,
+        reader: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+        writer: &mut tokio::net::tcp::OwnedWriteHalf,
+    ) -> Result<(), RpcError> {
+        let refuse = |detail: String| RpcError::Unauthorized { addr, detail };
+        let key = opts.cluster_key.clone().or_else(process_key);
+        let key = match (key, ok.proof.is_empty()) {
+            (None, true) => return Ok(()),
+            (None, false) => {
+                return Err(refuse(
+                    "the node requires the cluster key: give this program the key file (--cluster-key-file, or BRICKFS_CLUSTER_KEY_FILE)".into(),
+                ));
+            }
+            (Some(_), true) => {
+                return Err(refuse(
+                    "the node holds no cluster key: it is not part of this cluster (or was started without --cluster-key-file)".into(),
+                ));
+            }
+            (Some(k), false) => k,
+        };
+        if !key_proof_ok(&key, SERVER_ROLE, my_nonce, &ok.nonce, &ok.proof) {
+            return Err(refuse(
+                "the node does not hold this cluster's key: it belongs to another cluster".into(),
+            ));
+        }
+        let auth = Message::Auth(Auth {
+            proof: key_proof(&key, CLIENT_ROLE, &ok.nonce, my_nonce),
+        });
+        let frame = out_frame(0, &auth, Bytes::new());
+        let exchange = async {
+            writer.write_all(&frame.head).await?;
+            writer.flush().await?;
+            read_frame(reader, &opts.limits).await
+        };
+        let reply = tokio::time::timeout(opts.connect_timeout, exchange)
+            .await
+            .map_err(|_| refuse("no answer to the key proof".into()))?
+            .map_err(|e| refuse(e.to_string()))?
+            .ok_or_else(|| refuse("connection closed during authentication".into()))?;
+        match Message::decode(reply.header.kind, &reply.body) {
+            Ok(Message::AuthOk(_)) => Ok(()),
+            Ok(Message::Error(body)) => Err(refuse(body.to_string())),
+            Ok(other) => Err(refuse(format!("expected AuthOk, got {}", other.name()))),
+            Err(e) => Err(refuse(e.to_string())),
+        }
     }
 
     /// What the server said in its handshake reply.
@@ -594,14 +724,62 @@ async fn serve_connection<H: Handler>(
         Ok(Message::Hello(hello))
             if hello.version_min <= PROTOCOL_VERSION && PROTOCOL_VERSION <= hello.version_max =>
         {
-            debug!(%peer, name = %hello.peer_name, "handshake done");
+            let key = process_key();
+            let (my_nonce, proof) = match &key {
+                Some(k) => {
+                    let n = nonce();
+                    let p = key_proof(k, SERVER_ROLE, &hello.nonce, &n);
+                    (n, p)
+                }
+                None => (Vec::new(), Vec::new()),
+            };
             let ok = Message::HelloOk(HelloOk {
                 version: PROTOCOL_VERSION,
                 node: handler.node(),
+                nonce: my_nonce.clone(),
+                proof,
             });
             if tx.send(out_frame(id, &ok, Bytes::new())).await.is_err() {
                 return;
             }
+            if let Some(k) = key {
+                // The client proves the key before anything else.
+                let next =
+                    tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut reader, &limits)).await;
+                let refusal = match next {
+                    Ok(Ok(Some(f))) => match Message::decode(f.header.kind, &f.body) {
+                        Ok(Message::Auth(a))
+                            if key_proof_ok(&k, CLIENT_ROLE, &my_nonce, &hello.nonce, &a.proof) =>
+                        {
+                            None
+                        }
+                        Ok(Message::Auth(_)) => {
+                            Some("authentication failed: the peer does not hold this cluster's key")
+                        }
+                        _ => Some(
+                            "this cluster requires its key: the peer sent no proof (start it with --cluster-key-file)",
+                        ),
+                    },
+                    _ => Some("no key proof received"),
+                };
+                if let Some(why) = refusal {
+                    warn!(%peer, name = %hello.peer_name, why, "refused a connection");
+                    let _ = tx
+                        .send(reply_error(0, ErrorCode::PermissionDenied, why.to_string()))
+                        .await;
+                    drop(tx);
+                    let _ = writer.await;
+                    return;
+                }
+                if tx
+                    .send(out_frame(0, &Message::AuthOk(AuthOk {}), Bytes::new()))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            debug!(%peer, name = %hello.peer_name, "handshake done");
         }
         Ok(Message::Hello(hello)) => {
             let detail = format!(

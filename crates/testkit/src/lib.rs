@@ -136,6 +136,7 @@ impl Brickd {
             .args(&self.extra_args)
             .env_remove("BRICKFS_CONFIG")
             .env_remove("BRICKFS_BRICKS")
+            .env_remove("BRICKFS_CLUSTER_KEY_FILE")
             .env("BRICKFS_LOG", "info,brickfs=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
