@@ -223,16 +223,9 @@ fn main() -> std::process::ExitCode {
         });
         let _ = stop_tx.send(());
     });
-    if let Some(path) = &flags.cluster_key_file {
-        match brickfs_proto::rpc::load_cluster_key(path) {
-            Ok(k) => {
-                brickfs_proto::rpc::set_cluster_key(k);
-            }
-            Err(e) => {
-                eprintln!("mountd: cluster key file {}: {e}", path.display());
-                return std::process::ExitCode::from(2);
-            }
-        }
+    if let Err(e) = brickfs_proto::rpc::use_cluster_key_file(flags.cluster_key_file.as_deref()) {
+        eprintln!("mountd: {e}");
+        return std::process::ExitCode::from(2);
     }
     let opts = mountd::Options {
         threads: flags.threads.max(1),

@@ -219,16 +219,9 @@ struct BrickRow {
 /// Parses the command line and runs it; returns the process exit code.
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if let Some(path) = &cli.cluster_key_file {
-        match brickfs_proto::rpc::load_cluster_key(path) {
-            Ok(k) => {
-                brickfs_proto::rpc::set_cluster_key(k);
-            }
-            Err(e) => {
-                eprintln!("brickfs: cluster key file {}: {e}", path.display());
-                return std::process::ExitCode::from(2);
-            }
-        }
+    if let Err(e) = brickfs_proto::rpc::use_cluster_key_file(cli.cluster_key_file.as_deref()) {
+        eprintln!("brickfs: {e}");
+        return std::process::ExitCode::from(2);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

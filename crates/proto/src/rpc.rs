@@ -52,6 +52,16 @@ pub fn load_cluster_key(path: &std::path::Path) -> io::Result<Vec<u8>> {
     Ok(text)
 }
 
+/// Loads the key file (if one is named) and makes it this process's key: the error names the
+/// file, for programs to print before exiting.
+pub fn use_cluster_key_file(path: Option<&std::path::Path>) -> Result<(), String> {
+    let Some(path) = path else { return Ok(()) };
+    let key =
+        load_cluster_key(path).map_err(|e| format!("cluster key file {}: {e}", path.display()))?;
+    set_cluster_key(key);
+    Ok(())
+}
+
 fn process_key() -> Option<Arc<Vec<u8>>> {
     CLUSTER_KEY.get().cloned()
 }
