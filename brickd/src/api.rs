@@ -20,7 +20,7 @@ use brickfs_proto::meta::{MetaOp, MetaRead, MetaReply, VolumeRecord};
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 /// Bodies larger than this are refused.
 const BODY_MAX: usize = 64 << 10;
@@ -46,7 +46,11 @@ async fn connection(
     meta: &MetaClient,
     mount_from: SocketAddr,
 ) -> std::io::Result<()> {
-    let req = tokio::time::timeout(Duration::from_secs(10), read_request(&mut conn)).await;
+    let req = tokio::time::timeout(
+        Duration::from_secs(10),
+        brickfs_proto::metrics::read_http_request(&mut conn, BODY_MAX),
+    )
+    .await;
     let (status, body) = match req {
         Ok(Ok(Some((method, path, body)))) => route(meta, mount_from, &method, &path, &body).await,
         Ok(Ok(None)) => (400, json!({"error": "malformed HTTP request"})),
@@ -73,51 +77,6 @@ async fn connection(
     );
     conn.write_all(reply.as_bytes()).await?;
     conn.shutdown().await
-}
-
-/// Reads one request: method, path and body (`None` when it is not HTTP or too large).
-async fn read_request(
-    conn: &mut tokio::net::TcpStream,
-) -> std::io::Result<Option<(String, String, Vec<u8>)>> {
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 4096];
-    let head_end = loop {
-        if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i;
-        }
-        if raw.len() > 16 << 10 {
-            return Ok(None);
-        }
-        let n = conn.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(None);
-        }
-        raw.extend_from_slice(&buf[..n]);
-    };
-    let head = String::from_utf8_lossy(&raw[..head_end]).into_owned();
-    let mut lines = head.lines();
-    let mut first = lines.next().unwrap_or_default().split_whitespace();
-    let (Some(method), Some(path)) = (first.next(), first.next()) else {
-        return Ok(None);
-    };
-    let len = lines
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
-        .unwrap_or(0);
-    if len > BODY_MAX {
-        return Ok(None);
-    }
-    let mut body = raw[head_end + 4..].to_vec();
-    while body.len() < len {
-        let n = conn.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(None);
-        }
-        body.extend_from_slice(&buf[..n]);
-    }
-    body.truncate(len);
-    Ok(Some((method.to_string(), path.to_string(), body)))
 }
 
 fn error(status: u16, msg: impl std::fmt::Display) -> (u16, Value) {

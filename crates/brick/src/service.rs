@@ -656,7 +656,7 @@ impl BrickService {
         let mut refused = Vec::new();
         for ((i, m), r) in takers.into_iter().zip(results) {
             match r {
-                Ok(()) => applied.push(m.brick),
+                Ok(()) => applied.push(m),
                 Err(e) if e.kind() == Some(ErrorCode::VersionGap) => refused.push((i, m)),
                 Err(e) => return Err(e),
             }
@@ -676,8 +676,8 @@ impl BrickService {
             ));
         }
         let mut from = g.clone();
-        from.in_sync = applied;
-        let frag_len = match self.held_by(&g.members, from.in_sync[0], key).await {
+        from.in_sync = applied.iter().map(|m| m.brick).collect();
+        let frag_len = match self.stat_member(applied[0], key).await {
             Some((h, len)) if h == wrote => len,
             _ => {
                 return Err(ErrorBody::new(
@@ -694,18 +694,6 @@ impl BrickService {
             self.install(m, set, key, wrote, bytes).await?;
         }
         Ok(())
-    }
-
-    /// What member `brick` (one of `members`) holds of `key` and its length; `None` when it
-    /// cannot answer.
-    async fn held_by(
-        &self,
-        members: &[MemberRef],
-        brick: BrickId,
-        key: ObjectKey,
-    ) -> Option<(Held, u64)> {
-        let m = members.iter().find(|m| m.brick == brick)?;
-        self.stat_member(m, key).await
     }
 
     /// What member `m` holds of `key` and its length (`(0, 0)` and 0 for nothing); `None` when
@@ -1153,6 +1141,23 @@ impl BrickService {
         .await
     }
 
+    /// Applies a primary's forward (`MemberWrite`/`MemberTruncate`) to one of this node's
+    /// bricks at exactly the version and tag the primary gave it.
+    #[allow(clippy::too_many_arguments)]
+    async fn apply_forward(
+        &self,
+        brick: BrickId,
+        set: SetRef,
+        key: ObjectKey,
+        mutation: Mutation,
+        sync: bool,
+        (version, tag): (ObjectVersion, u64),
+        degraded: bool,
+    ) -> Result<crate::store::ObjectMeta, ErrorBody> {
+        let rule = VersionRule::Exactly { version, tag };
+        Self::apply_fenced(self.brick(brick)?, set, key, mutation, sync, rule, degraded).await
+    }
+
     fn info(brick: &BrickStore) -> BrickInfo {
         BrickInfo {
             id: brick.id(),
@@ -1361,18 +1366,21 @@ impl BrickService {
                 (Message::Truncated(st), none)
             }
             Message::MemberWrite(req) => {
-                let brick = self.brick(req.brick)?;
                 let m = Mutation::Write {
                     offset_bytes: req.offset_bytes,
                     data,
                 };
-                let rule = VersionRule::Exactly {
-                    version: req.version,
-                    tag: req.tag,
-                };
-                let meta =
-                    Self::apply_fenced(brick, req.set, req.key, m, req.sync, rule, req.degraded)
-                        .await?;
+                let meta = self
+                    .apply_forward(
+                        req.brick,
+                        req.set,
+                        req.key,
+                        m,
+                        req.sync,
+                        (req.version, req.tag),
+                        req.degraded,
+                    )
+                    .await?;
                 (Message::Written(state(meta)), none)
             }
             Message::ScrubStatus(req) => {
@@ -1398,17 +1406,20 @@ impl BrickService {
                 (Message::Written(state(meta)), none)
             }
             Message::MemberTruncate(req) => {
-                let brick = self.brick(req.brick)?;
                 let m = Mutation::Truncate {
                     len_bytes: req.len_bytes,
                 };
-                let rule = VersionRule::Exactly {
-                    version: req.version,
-                    tag: req.tag,
-                };
-                let meta =
-                    Self::apply_fenced(brick, req.set, req.key, m, req.sync, rule, req.degraded)
-                        .await?;
+                let meta = self
+                    .apply_forward(
+                        req.brick,
+                        req.set,
+                        req.key,
+                        m,
+                        req.sync,
+                        (req.version, req.tag),
+                        req.degraded,
+                    )
+                    .await?;
                 (Message::Truncated(state(meta)), none)
             }
             other => {

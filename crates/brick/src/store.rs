@@ -109,6 +109,14 @@ fn journal_prefix(volume: u64, set: u32) -> [u8; 13] {
     out
 }
 
+/// The first journal key past set (`volume`, `set`)'s entries.
+fn journal_end(volume: u64, set: u32) -> [u8; 13] {
+    match set.checked_add(1) {
+        Some(next) => journal_prefix(volume, next),
+        None => journal_prefix(volume.saturating_add(1), 0),
+    }
+}
+
 fn parse_journal_set(raw: &[u8]) -> Option<(u64, u32)> {
     if raw.len() < 13 || raw[0] != b'j' {
         return None;
@@ -271,10 +279,7 @@ impl BrickStore {
                 break;
             };
             journaled.insert((volume, set));
-            match set.checked_add(1) {
-                Some(next) => at = journal_prefix(volume, next).to_vec(),
-                None => at = journal_prefix(volume.saturating_add(1), 0).to_vec(),
-            }
+            at = journal_end(volume, set).to_vec();
         }
         Ok(BrickStore {
             id,
@@ -310,11 +315,7 @@ impl BrickStore {
         if !sets.contains(&(volume, set)) {
             return Ok(());
         }
-        let from = journal_prefix(volume, set);
-        let to = match set.checked_add(1) {
-            Some(next) => journal_prefix(volume, next),
-            None => journal_prefix(volume.saturating_add(1), 0),
-        };
+        let (from, to) = (journal_prefix(volume, set), journal_end(volume, set));
         let mut batch = WriteBatch::default();
         batch.delete_range(from, to);
         self.db.write(batch)?;

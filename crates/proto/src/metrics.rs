@@ -137,8 +137,55 @@ pub fn gauge(out: &mut String, name: &str, help: &str, labels: &str, value: f64)
     }
 }
 
+/// Reads one HTTP/1.1 request: method, path and body (`None` when it is not HTTP, its head is
+/// over 16 KiB or its body over `body_max`).
+pub async fn read_http_request(
+    conn: &mut tokio::net::TcpStream,
+    body_max: usize,
+) -> std::io::Result<Option<(String, String, Vec<u8>)>> {
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+        if raw.len() > 16 << 10 {
+            return Ok(None);
+        }
+        let n = conn.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        raw.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&raw[..head_end]).into_owned();
+    let mut lines = head.lines();
+    let mut first = lines.next().unwrap_or_default().split_whitespace();
+    let (Some(method), Some(path)) = (first.next(), first.next()) else {
+        return Ok(None);
+    };
+    let len = lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    if len > body_max {
+        return Ok(None);
+    }
+    let mut body = raw[head_end + 4..].to_vec();
+    while body.len() < len {
+        let n = conn.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        body.extend_from_slice(&buf[..n]);
+    }
+    body.truncate(len);
+    Ok(Some((method.to_string(), path.to_string(), body)))
+}
+
 /// Serves `GET /metrics` on `listener` with what `render` returns, until the task is dropped.
-/// Anything else gets 404; a request head over 8 KiB or slower than 5 s is dropped.
+/// Anything else gets 404; a request head over 16 KiB or slower than 5 s is dropped.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     render: Arc<dyn Fn() -> String + Send + Sync>,
@@ -149,25 +196,13 @@ pub async fn serve(
         };
         let render = render.clone();
         tokio::spawn(async move {
-            let mut head = Vec::new();
-            let mut buf = [0u8; 1024];
-            let read = async {
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
-                    match conn.read(&mut buf).await {
-                        Ok(0) | Err(_) => return false,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                true
-            };
-            if !matches!(
-                tokio::time::timeout(Duration::from_secs(5), read).await,
-                Ok(true)
-            ) {
+            let read = read_http_request(&mut conn, 0);
+            let Ok(Ok(Some((method, path, _)))) =
+                tokio::time::timeout(Duration::from_secs(5), read).await
+            else {
                 return;
-            }
-            let line = head.split(|b| *b == b'\r').next().unwrap_or_default();
-            let (status, body) = if line.starts_with(b"GET /metrics ") {
+            };
+            let (status, body) = if method == "GET" && path == "/metrics" {
                 ("200 OK", render())
             } else {
                 ("404 Not Found", "not found: try GET /metrics\n".to_string())

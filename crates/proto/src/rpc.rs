@@ -66,24 +66,26 @@ fn process_key() -> Option<Arc<Vec<u8>>> {
     CLUSTER_KEY.get().cloned()
 }
 
-/// HMAC-SHA256(key, role ‖ a ‖ b).
-fn key_proof(key: &[u8], role: &[u8], a: &[u8], b: &[u8]) -> Vec<u8> {
+/// HMAC-SHA256 over role ‖ a ‖ b, not yet finalized.
+fn key_mac(key: &[u8], role: &[u8], a: &[u8], b: &[u8]) -> hmac::Hmac<sha2::Sha256> {
     use hmac::Mac;
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("HMAC takes any key");
     mac.update(role);
     mac.update(a);
     mac.update(b);
-    mac.finalize().into_bytes().to_vec()
+    mac
+}
+
+/// HMAC-SHA256(key, role ‖ a ‖ b).
+fn key_proof(key: &[u8], role: &[u8], a: &[u8], b: &[u8]) -> Vec<u8> {
+    use hmac::Mac;
+    key_mac(key, role, a, b).finalize().into_bytes().to_vec()
 }
 
 /// Whether `proof` is HMAC-SHA256(key, role ‖ a ‖ b), compared in constant time.
 fn key_proof_ok(key: &[u8], role: &[u8], a: &[u8], b: &[u8], proof: &[u8]) -> bool {
     use hmac::Mac;
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("HMAC takes any key");
-    mac.update(role);
-    mac.update(a);
-    mac.update(b);
-    mac.verify_slice(proof).is_ok()
+    key_mac(key, role, a, b).verify_slice(proof).is_ok()
 }
 
 fn nonce() -> Vec<u8> {
