@@ -20,83 +20,13 @@ use std::time::Duration;
 const ROOT: Ino = Ino(1);
 const UNIT: u64 = 16 << 10;
 
-struct Cluster {
-    nodes: Vec<Brickd>,
-    _dir: tempfile::TempDir,
-    meta: MetaClient,
-}
-
-impl Cluster {
-    /// Brick `i` of node `n`, as a spec word.
-    fn brick(&self, n: usize, i: usize) -> String {
-        format!(
-            "{}:{}",
-            self.nodes[n].addr(),
-            self.nodes[n].bricks()[i].display()
-        )
-    }
-}
-
-async fn must_cluster() -> Cluster {
-    let dir = tempfile::tempdir().unwrap();
-    let mut nodes: Vec<Brickd> = Vec::new();
-    for n in 0..3 {
-        let node_dir = dir.path().join(format!("n{n}"));
-        let bricks: Vec<_> = (0..3).map(|i| node_dir.join(format!("b{i}"))).collect();
-        // Every node heartbeats to the metadata group (node 0), or its bricks would be taken
-        // out of their sets as silent.
-        let extra = match nodes.first() {
-            None => vec!["--meta".to_string()],
-            Some(first) => vec!["--meta-peers".to_string(), first.addr().to_string()],
-        };
-        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-        nodes.push(Brickd::start(&brickd_bin(), &node_dir, &bricks, &extra).unwrap());
-    }
-    let meta = MetaClient::new(
-        vec![nodes[0].addr()],
-        MetaClientOptions {
-            client_name: "test".into(),
-            ..MetaClientOptions::default()
-        },
-    );
-    meta.admin(AdminOp::Init).await.unwrap();
-    for n in &nodes {
-        admin::peer_add(&meta, &client(), n.addr()).await.unwrap();
-    }
-    for n in &nodes {
-        must_serve_reads(n.addr()).await;
-    }
-    Cluster {
-        nodes,
-        _dir: dir,
-        meta,
-    }
-}
-
 async fn must_volume(
     c: &Cluster,
     name: &str,
     head: &str,
     bricks: &[(usize, usize)],
 ) -> Arc<VolumeClient> {
-    let mut spec: Vec<String> = head.split_whitespace().map(String::from).collect();
-    spec.extend(bricks.iter().map(|(n, i)| c.brick(*n, *i)));
-    admin::volume_create(&c.meta, name, &spec).await.unwrap();
-    c.meta
-        .write(brickfs_proto::meta::MetaOp::SetVolumeOption {
-            name: name.into(),
-            key: "stripe-unit".into(),
-            value: UNIT.to_string(),
-        })
-        .await
-        .unwrap();
-    c.meta
-        .write(brickfs_proto::meta::MetaOp::StartVolume { name: name.into() })
-        .await
-        .unwrap();
-    VolumeClient::open(c.meta.clone(), client(), name)
-        .await
-        .unwrap()
+    must_volume_with_unit(c, name, head, bricks, UNIT).await
 }
 
 fn apply(model: &mut Vec<u8>, off: usize, data: &[u8]) {

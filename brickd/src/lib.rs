@@ -567,6 +567,50 @@ async fn heal_members(
     }
 }
 
+/// How often the metadata leader's node looks for rebalances to run.
+const REBALANCE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long one rebalance round runs before the volumes are read again.
+const REBALANCE_ROUND: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Runs the volumes' rebalances (`brickfs volume rebalance`, `remove-brick start`) while this
+/// node's metadata member leads; progress goes to the metadata group after every page of
+/// files (see `brickfs_client::rebalance`).
+async fn rebalance_volumes(
+    node: NodeId,
+    member: Arc<MetaNode>,
+    advertise: std::net::SocketAddr,
+    mut stop: watch::Receiver<bool>,
+) {
+    use brickfs_proto::meta::{MetaRead, MetaReply, RebalanceState, VolumeStatus};
+    let (meta, bricks) = duty_clients(node, advertise, "rebalance", REBALANCE_EVERY);
+    let mut tick = tokio::time::interval(REBALANCE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while next_round_as_leader(&mut tick, &mut stop, &member, node).await {
+        let Ok(MetaReply::Volumes(volumes)) = meta.read(MetaRead::ListVolumes).await else {
+            continue;
+        };
+        for v in volumes.iter().filter(|v| {
+            v.status == VolumeStatus::Started
+                && v.rebalance
+                    .as_ref()
+                    .is_some_and(|r| r.state == RebalanceState::Running)
+        }) {
+            let round = brickfs_client::rebalance::rebalance_round(
+                &meta,
+                &bricks,
+                &v.name,
+                REBALANCE_ROUND,
+            );
+            tokio::select! {
+                _ = stop.changed() => return,
+                r = round => if let Err(e) = r {
+                    warn!(volume = %v.name, error = %e, "rebalance round failed; retried next round");
+                },
+            }
+        }
+    }
+}
+
 async fn serve(config: Config) -> anyhow::Result<()> {
     if let Some(key) = config.cluster_key.clone() {
         brickfs_proto::rpc::set_cluster_key(key);
@@ -680,6 +724,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             stop_rx.clone(),
         ));
         tokio::spawn(collect_garbage(
+            node,
+            member.clone(),
+            advertise,
+            stop_rx.clone(),
+        ));
+        tokio::spawn(rebalance_volumes(
             node,
             member.clone(),
             advertise,

@@ -3,12 +3,14 @@
 
 #![allow(dead_code)]
 
-use brickfs_client::BrickClient;
+use brickfs_client::{BrickClient, MetaClient, MetaClientOptions, VolumeClient};
+use brickfs_proto::meta::AdminOp;
 use brickfs_proto::rpc::ClientOptions;
 use brickfs_proto::{BrickId, Ino, ObjectKey, VolumeId};
 use brickfs_testkit::Brickd;
 use bytes::Bytes;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub fn brickd_bin() -> PathBuf {
@@ -161,4 +163,87 @@ pub async fn must_log_addr(node: &Brickd, mark: &str) -> std::net::SocketAddr {
         rest.split_whitespace().next()?.parse().ok()
     })
     .await
+}
+
+/// Three brickd nodes with three bricks each; node 0 runs the metadata group.
+pub struct Cluster {
+    pub nodes: Vec<Brickd>,
+    pub dir: tempfile::TempDir,
+    pub meta: MetaClient,
+}
+
+impl Cluster {
+    /// Brick `i` of node `n`, as a spec word.
+    pub fn brick(&self, n: usize, i: usize) -> String {
+        format!(
+            "{}:{}",
+            self.nodes[n].addr(),
+            self.nodes[n].bricks()[i].display()
+        )
+    }
+}
+
+pub async fn must_cluster() -> Cluster {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes: Vec<Brickd> = Vec::new();
+    for n in 0..3 {
+        let node_dir = dir.path().join(format!("n{n}"));
+        let bricks: Vec<_> = (0..3).map(|i| node_dir.join(format!("b{i}"))).collect();
+        // Every node heartbeats to the metadata group (node 0), or its bricks would be taken
+        // out of their sets as silent.
+        let extra = match nodes.first() {
+            None => vec!["--meta".to_string()],
+            Some(first) => vec!["--meta-peers".to_string(), first.addr().to_string()],
+        };
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        nodes.push(Brickd::start(&brickd_bin(), &node_dir, &bricks, &extra).unwrap());
+    }
+    let meta = MetaClient::new(
+        vec![nodes[0].addr()],
+        MetaClientOptions {
+            client_name: "test".into(),
+            ..MetaClientOptions::default()
+        },
+    );
+    meta.admin(AdminOp::Init).await.unwrap();
+    for n in &nodes {
+        brickfs_client::admin::peer_add(&meta, &client(), n.addr())
+            .await
+            .unwrap();
+    }
+    for n in &nodes {
+        must_serve_reads(n.addr()).await;
+    }
+    Cluster { nodes, dir, meta }
+}
+
+/// Creates and starts volume `name` from `head` (the keywords) and bricks (node, brick index),
+/// with stripe unit `unit`, and opens it.
+pub async fn must_volume_with_unit(
+    c: &Cluster,
+    name: &str,
+    head: &str,
+    bricks: &[(usize, usize)],
+    unit: u64,
+) -> Arc<VolumeClient> {
+    let mut spec: Vec<String> = head.split_whitespace().map(String::from).collect();
+    spec.extend(bricks.iter().map(|(n, i)| c.brick(*n, *i)));
+    brickfs_client::admin::volume_create(&c.meta, name, &spec)
+        .await
+        .unwrap();
+    c.meta
+        .write(brickfs_proto::meta::MetaOp::SetVolumeOption {
+            name: name.into(),
+            key: "stripe-unit".into(),
+            value: unit.to_string(),
+        })
+        .await
+        .unwrap();
+    c.meta
+        .write(brickfs_proto::meta::MetaOp::StartVolume { name: name.into() })
+        .await
+        .unwrap();
+    VolumeClient::open(c.meta.clone(), client(), name)
+        .await
+        .unwrap()
 }

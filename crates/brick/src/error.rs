@@ -47,6 +47,8 @@ pub enum StoreError {
         have: u64,
         want: u64,
     },
+    #[error("object {key} is sealed: its file moved (or is moving) to another stripe group")]
+    Moved { key: ObjectKey },
     #[error("brick database: {0}")]
     Db(String),
     #[error("brick metadata is damaged: {0}")]
@@ -75,6 +77,7 @@ impl StoreError {
             StoreError::InvalidArgument(_) => ErrorCode::InvalidArgument,
             StoreError::StaleEpoch { .. } => ErrorCode::StaleEpoch,
             StoreError::VersionGap { .. } => ErrorCode::VersionGap,
+            StoreError::Moved { .. } => ErrorCode::Moved,
             StoreError::NoSpace { .. } => ErrorCode::NoSpace,
             StoreError::Io { .. } | StoreError::Db(_) | StoreError::Corrupt(_) => ErrorCode::Io,
         }

@@ -1268,6 +1268,12 @@ impl BrickService {
                 let meta = Self::blocking(brick, move |b| b.stat(&req.key)).await?;
                 (Message::StatReply(state(meta)), none)
             }
+            Message::Seal(req) => {
+                let brick = self.brick(req.brick)?;
+                let meta = Self::blocking(brick, move |b| b.seal(&req.key, req.action)).await?;
+                tracing::debug!(brick = %req.brick, key = %req.key, action = ?req.action, "seal");
+                (Message::Sealed(state(meta)), none)
+            }
             Message::List(req) => {
                 let brick = self.brick(req.brick)?;
                 let (objects, more) =

@@ -89,6 +89,24 @@ pub struct BrickStore {
     epoch_lock: std::sync::Mutex<()>,
     /// The sets (volume, set) that may have journal entries (see `journal_add`).
     journaled: std::sync::Mutex<std::collections::HashSet<(u64, u32)>>,
+    /// How many objects carry a seal (see `seal`): none, and no mutation looks them up.
+    seals: AtomicU64,
+}
+
+/// A seal on an object whose file moves to another stripe group (rebalance).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SealState {
+    /// Writes and truncates are refused; reads go on.
+    Frozen,
+    /// The data is gone (the file lives elsewhere): everything is refused.
+    Gone,
+}
+
+/// Seal keys: `s`, then the object key as in `meta_key`.
+fn seal_key(key: &ObjectKey) -> [u8; 21] {
+    let mut out = meta_key(key);
+    out[0] = b's';
+    out
 }
 
 fn meta_key(key: &ObjectKey) -> [u8; 21] {
@@ -281,6 +299,14 @@ impl BrickStore {
             journaled.insert((volume, set));
             at = journal_end(volume, set).to_vec();
         }
+        let mut seals = 0u64;
+        for item in db.iterator(IteratorMode::From(b"s", rocksdb::Direction::Forward)) {
+            let (k, _) = item?;
+            if k.first() != Some(&b's') {
+                break;
+            }
+            seals += 1;
+        }
         Ok(BrickStore {
             id,
             root: root.to_path_buf(),
@@ -290,7 +316,83 @@ impl BrickStore {
             object_count: AtomicU64::new(count),
             epoch_lock: std::sync::Mutex::new(()),
             journaled: std::sync::Mutex::new(journaled),
+            seals: AtomicU64::new(seals),
         })
+    }
+
+    /// The object's seal, if any (one database read, only when some object is sealed).
+    pub fn seal_state(&self, key: &ObjectKey) -> Result<Option<SealState>, StoreError> {
+        if self.seals.load(Ordering::Relaxed) == 0 {
+            return Ok(None);
+        }
+        Ok(match self.db.get(seal_key(key))?.as_deref() {
+            None => None,
+            Some([1]) => Some(SealState::Frozen),
+            Some(_) => Some(SealState::Gone),
+        })
+    }
+
+    /// Refuses a mutation of a sealed object, a read of one whose data went.
+    fn check_seal(&self, key: &ObjectKey, reading: bool) -> Result<(), StoreError> {
+        match self.seal_state(key)? {
+            None => Ok(()),
+            Some(SealState::Frozen) if reading => Ok(()),
+            Some(_) => Err(StoreError::Moved { key: *key }),
+        }
+    }
+
+    fn put_seal(&self, key: &ObjectKey, state: Option<SealState>) -> Result<(), StoreError> {
+        let had = self.db.get(seal_key(key))?.is_some();
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        match state {
+            Some(st) => {
+                let raw = [if st == SealState::Frozen { 1u8 } else { 2 }];
+                self.db.put_opt(seal_key(key), raw, &wo)?;
+                if !had {
+                    self.seals.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            None if had => {
+                self.db.delete_opt(seal_key(key), &wo)?;
+                self.seals.fetch_sub(1, Ordering::Relaxed);
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// Applies a rebalance seal action (see `brickfs_proto::msg::SealAction`) under the
+    /// object's lock, so that it is ordered with the writes this brick applies. Returns the
+    /// object's state after it (version 0 when there is no object).
+    pub fn seal(
+        &self,
+        key: &ObjectKey,
+        action: brickfs_proto::msg::SealAction,
+    ) -> Result<ObjectMeta, StoreError> {
+        use brickfs_proto::msg::SealAction;
+        let _guard = self.lock(key).write().unwrap_or_else(|p| p.into_inner());
+        match action {
+            SealAction::Freeze => self.put_seal(key, Some(SealState::Frozen))?,
+            SealAction::Thaw => {
+                if self.seal_state(key)? == Some(SealState::Frozen) {
+                    self.put_seal(key, None)?;
+                }
+            }
+            SealAction::Drop => {
+                self.put_seal(key, Some(SealState::Gone))?;
+                self.remove_locked(key)?;
+            }
+            SealAction::Clear => {
+                self.remove_locked(key)?;
+                self.put_seal(key, None)?;
+            }
+        }
+        Ok(self.get_meta(key)?.unwrap_or(ObjectMeta {
+            version: ObjectVersion(0),
+            len_bytes: 0,
+            tag: 0,
+        }))
     }
 
     /// Journals object `key` as written while set (`volume`, `set`) was degraded, so that the
@@ -577,6 +679,7 @@ impl BrickStore {
     ) -> Result<ObjectMeta, StoreError> {
         let end = Self::check_range(offset_bytes, data.len() as u64)?;
         let _guard = self.lock(key).write().unwrap_or_else(|p| p.into_inner());
+        self.check_seal(key, false)?;
         let old = self.get_meta(key)?;
         if let Some(done) = Self::check_version(key, old, rule)? {
             return Ok(done);
@@ -652,6 +755,7 @@ impl BrickStore {
     ) -> Result<(ObjectMeta, Bytes), StoreError> {
         Self::check_range(offset_bytes, len_bytes)?;
         let _guard = self.lock(key).read().unwrap_or_else(|p| p.into_inner());
+        self.check_seal(key, true)?;
         let meta = self
             .get_meta(key)?
             .ok_or(StoreError::NotFound { key: *key })?;
@@ -701,6 +805,7 @@ impl BrickStore {
     ) -> Result<ObjectMeta, StoreError> {
         Self::check_range(len_bytes, 0)?;
         let _guard = self.lock(key).write().unwrap_or_else(|p| p.into_inner());
+        self.check_seal(key, false)?;
         let old = self.get_meta(key)?;
         if let Some(done) = Self::check_version(key, old, rule)? {
             return Ok(done);
@@ -757,7 +862,12 @@ impl BrickStore {
         version: ObjectVersion,
         tag: u64,
     ) -> Result<ObjectMeta, StoreError> {
-        self.delete(key)?;
+        // A sealed object is not rebuilt: its file is moving (the mover copies it) or gone.
+        {
+            let _guard = self.lock(key).write().unwrap_or_else(|p| p.into_inner());
+            self.check_seal(key, false)?;
+            self.remove_locked(key)?;
+        }
         let written = self.write_versioned(key, 0, data, true, VersionRule::Next { tag })?;
         let _guard = self.lock(key).write().unwrap_or_else(|p| p.into_inner());
         let meta = ObjectMeta {
@@ -796,9 +906,16 @@ impl BrickStore {
         Ok(to)
     }
 
-    /// Removes an object; returns whether it existed.
+    /// Removes an object and its seal (the file was deleted); returns whether it existed.
     pub fn delete(&self, key: &ObjectKey) -> Result<bool, StoreError> {
         let _guard = self.lock(key).write().unwrap_or_else(|p| p.into_inner());
+        let existed = self.remove_locked(key)?;
+        self.put_seal(key, None)?;
+        Ok(existed)
+    }
+
+    /// Removes an object's data and records (its lock held); returns whether it existed.
+    fn remove_locked(&self, key: &ObjectKey) -> Result<bool, StoreError> {
         let old = self.get_meta(key)?;
         let path = self.object_path(key);
         match fs::remove_file(&path) {
@@ -821,6 +938,7 @@ impl BrickStore {
     /// metadata records.
     pub fn fsync(&self, key: &ObjectKey) -> Result<ObjectMeta, StoreError> {
         let _guard = self.lock(key).read().unwrap_or_else(|p| p.into_inner());
+        self.check_seal(key, true)?;
         let meta = self
             .get_meta(key)?
             .ok_or(StoreError::NotFound { key: *key })?;
@@ -835,6 +953,7 @@ impl BrickStore {
     }
 
     pub fn stat(&self, key: &ObjectKey) -> Result<ObjectMeta, StoreError> {
+        self.check_seal(key, true)?;
         self.get_meta(key)?
             .ok_or(StoreError::NotFound { key: *key })
     }

@@ -9,6 +9,7 @@
 #![allow(clippy::print_stdout)] // A CLI's output is its product.
 
 pub mod bench;
+pub mod elastic;
 
 use anyhow::Context;
 use brickfs_client::{BrickClient, MetaClient, MetaClientOptions, admin};
@@ -124,6 +125,26 @@ pub enum VolumeVerb {
         /// The words `commit force`.
         #[arg(num_args = 2)]
         confirm: Vec<String>,
+    },
+    /// Add whole stripe groups of bricks (HOST:PORT:/PATH, registered and unused); new files
+    /// spread over them at once, `rebalance start` moves existing ones.
+    AddBrick {
+        name: String,
+        #[arg(required = true, num_args = 1..)]
+        bricks: Vec<String>,
+    },
+    /// `BRICK... start` drains whole stripe groups (files move off them online), `status`
+    /// shows progress, `stop` gives up, `commit` takes the drained bricks out.
+    RemoveBrick {
+        name: String,
+        #[arg(required = true, num_args = 1..)]
+        args: Vec<String>,
+    },
+    /// `start` moves files to where the placement puts them now (after add-brick), `status`
+    /// shows progress, `stop` stops.
+    Rebalance {
+        name: String,
+        action: String,
     },
     /// The bitrot scrubber: `status` (passes, bytes read, damaged objects found per brick).
     Bitrot {
@@ -356,13 +377,16 @@ fn print_volume(v: &VolumeRecord) {
     println!("Volume ID: {}", v.id);
     println!("Type: {}", v.type_name);
     println!("Status: {:?}", v.status);
-    let width = v.sets.first().map_or(1, |s| s.members.len());
+    let live = (0..v.groups()).filter(|g| !v.retired(*g)).count();
     println!(
         "Number of Bricks: {} x {} = {}",
-        v.sets.len() / v.stripe.max(1) as usize,
-        v.stripe as usize * width,
+        live,
+        v.group_width() * v.set_width(),
         v.bricks.len()
     );
+    if !v.draining.is_empty() {
+        println!("Draining groups (remove-brick): {:?}", v.draining);
+    }
     if v.disperse_data > 0 {
         println!(
             "Disperse: {} data + {} redundancy",
@@ -375,6 +399,10 @@ fn print_volume(v: &VolumeRecord) {
     }
     println!("Sets:");
     for (i, s) in v.sets.iter().enumerate() {
+        if s.members.is_empty() {
+            println!("  set {i}: removed");
+            continue;
+        }
         let ids = |l: &[brickfs_proto::BrickId]| {
             l.iter()
                 .map(|b| b.to_string())
@@ -672,6 +700,15 @@ async fn volume(verb: VolumeVerb, meta: &[SocketAddr], json: bool) -> anyhow::Re
             println!(
                 "volume replace-brick: {name}: {old} -> {new}: success; the new brick heals in the background (brickfs volume heal {name} info)"
             );
+        }
+        VolumeVerb::AddBrick { name, bricks } => {
+            elastic::add_brick(&m, &name, bricks, json).await?
+        }
+        VolumeVerb::RemoveBrick { name, args } => {
+            elastic::remove_brick(&m, &name, args, json).await?
+        }
+        VolumeVerb::Rebalance { name, action } => {
+            elastic::rebalance(&m, &name, &action, json).await?
         }
         VolumeVerb::Bitrot {
             name,

@@ -145,6 +145,24 @@ impl BrickClient {
         Ok(expect!(reply, "Delete", Deleted)?.0.existed)
     }
 
+    /// Seals, unseals or drops an object for a file moving between stripe groups.
+    pub async fn seal(
+        &self,
+        addr: SocketAddr,
+        brick: BrickId,
+        key: ObjectKey,
+        action: brickfs_proto::msg::SealAction,
+    ) -> Result<ObjectState, RpcError> {
+        let reply = self
+            .call(
+                addr,
+                Message::Seal(brickfs_proto::msg::Seal { brick, key, action }),
+                Bytes::new(),
+            )
+            .await?;
+        Ok(expect!(reply, "Seal", Sealed)?.0)
+    }
+
     pub async fn fsync(
         &self,
         addr: SocketAddr,

@@ -11,6 +11,7 @@ pub mod admin;
 pub mod brick;
 pub mod heal;
 pub mod meta;
+pub mod rebalance;
 pub mod volume;
 
 pub use brick::{BrickClient, BrickError};

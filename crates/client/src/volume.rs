@@ -107,6 +107,8 @@ fn refused(code: ErrorCode, detail: impl Into<String>) -> VolumeError {
 /// An open file: its attributes at open and the highest end written since.
 pub struct FileHandle {
     pub attr: Attr,
+    /// The stripe group holding its data: `attr.group` until a rebalance moves the file.
+    group: std::sync::atomic::AtomicU32,
     written_end: AtomicU64,
     /// The highest end already committed to the metadata group by this handle.
     committed_end: AtomicU64,
@@ -117,11 +119,26 @@ impl FileHandle {
     /// A handle for a file whose attributes the caller got from the metadata group.
     pub fn new(attr: Attr) -> FileHandle {
         FileHandle {
+            group: std::sync::atomic::AtomicU32::new(attr.group),
             written_end: AtomicU64::new(0),
             committed_end: AtomicU64::new(0),
             size: AtomicU64::new(attr.size_bytes),
             attr,
         }
+    }
+
+    /// The stripe group this handle reads and writes.
+    pub fn group(&self) -> u32 {
+        self.group.load(Ordering::SeqCst)
+    }
+
+    /// A handle on the file's data in group `group` (the rebalancer's source or target),
+    /// `size_bytes` long.
+    pub fn in_group(attr: &Attr, group: u32, size_bytes: u64) -> FileHandle {
+        let mut attr = attr.clone();
+        attr.group = group;
+        attr.size_bytes = size_bytes;
+        FileHandle::new(attr)
     }
 
     /// The size this handle knows: at open, grown by its own writes.
@@ -140,7 +157,7 @@ impl FileHandle {
 /// A volume opened by a client.
 pub struct VolumeClient {
     meta: MetaClient,
-    bricks: BrickClient,
+    pub(crate) bricks: BrickClient,
     vol: VolumeRecord,
     /// The sets as last read from the metadata group (refreshed when a set call fails).
     sets: std::sync::RwLock<Arc<Vec<SetState>>>,
@@ -253,7 +270,7 @@ impl VolumeClient {
     /// The least in-sync members a set needs to take writes: the `quorum` option, else a
     /// majority of a replica set, K+1 of a disperse set (at most its width), 1 otherwise.
     pub fn quorum(&self) -> usize {
-        let width = self.vol.sets.first().map_or(1, |s| s.members.len());
+        let width = self.vol.set_width();
         if let Some(q) = self
             .vol
             .options
@@ -301,7 +318,12 @@ impl VolumeClient {
 
     /// Runs a set call; when it fails in a way a changed set can cure (a brick gone, a stale
     /// epoch), reads the sets again and retries with backoff until the retry window closes.
-    async fn retrying<T, F, Fut>(&self, what: &str, call: F) -> Result<T, VolumeError>
+    async fn retrying<T, F, Fut>(
+        &self,
+        what: &str,
+        fh: &FileHandle,
+        call: F,
+    ) -> Result<T, VolumeError>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<T, VolumeError>>,
@@ -320,6 +342,24 @@ impl VolumeClient {
                     if let Err(r) = self.refresh().await {
                         tracing::debug!(error = %r, "could not re-read the volume's sets");
                         return Err(e);
+                    }
+                }
+                // The file moved (or is moving) to another stripe group: follow it.
+                Err(e)
+                    if e.code() == Some(ErrorCode::Moved) && start.elapsed() + backoff < window =>
+                {
+                    match self.follow_move(fh).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::debug!(what, ino = %fh.attr.ino, "file is moving; waiting for it");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_millis(500));
+                        }
+                        Err(r) => {
+                            tracing::debug!(error = %r, "could not read where the file moved");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(1));
+                        }
                     }
                 }
                 Err(e) if retryable(&e) && start.elapsed() + backoff >= window => {
@@ -342,6 +382,23 @@ impl VolumeClient {
 
     pub fn meta(&self) -> &MetaClient {
         &self.meta
+    }
+
+    /// Reads the file's stripe group again (a rebalance moved it): true when it changed.
+    pub async fn follow_move(&self, fh: &FileHandle) -> Result<bool, VolumeError> {
+        let attr = Self::attr(
+            self.meta
+                .read(MetaRead::GetAttr {
+                    volume: self.vol.id,
+                    ino: fh.attr.ino,
+                })
+                .await?,
+        )?;
+        let old = fh.group.swap(attr.group, Ordering::SeqCst);
+        if old != attr.group {
+            tracing::debug!(ino = %fh.attr.ino, from = old, to = attr.group, "file moved to another stripe group");
+        }
+        Ok(old != attr.group)
     }
 
     fn attr(reply: MetaReply) -> Result<Attr, VolumeError> {
@@ -386,7 +443,7 @@ impl VolumeClient {
     /// The bytes of one whole stripe of a file: writes cut at multiples of it (from offset 0)
     /// fill every column, and every disperse stripe, without a read-modify-write.
     pub fn stripe_bytes(&self, attr: &Attr) -> u64 {
-        let (unit, stripe, _) = self.geometry(attr);
+        let (unit, stripe, _) = self.geometry(attr, attr.group);
         let width = unit * stripe;
         if self.dispersed() {
             let k = u64::from(self.vol.disperse_data.max(1)) * u64::from(DISPERSE_FRAGMENT_BYTES);
@@ -402,23 +459,25 @@ impl VolumeClient {
         }
     }
 
-    fn geometry(&self, attr: &Attr) -> (u64, u64, usize) {
+    fn geometry(&self, attr: &Attr, group: u32) -> (u64, u64, usize) {
         let unit = u64::from(attr.unit_bytes.max(4096));
         let stripe = u64::from(self.vol.stripe.max(1));
-        let first_set = attr.group as usize * stripe as usize;
+        let first_set = group as usize * stripe as usize;
         (unit, stripe, first_set)
     }
 
-    fn set(&self, index: usize) -> Result<SetState, VolumeError> {
+    pub(crate) fn set(&self, index: usize) -> Result<SetState, VolumeError> {
+        // A set this client has not seen was added since it read the sets (add-brick): a
+        // stale view, which `retrying` cures by reading them again.
         self.sets().get(index).cloned().ok_or_else(|| {
             refused(
-                ErrorCode::Internal,
-                format!("set {index} is not in the volume"),
+                ErrorCode::StaleEpoch,
+                format!("set {index} is not in the volume as this client last read it"),
             )
         })
     }
 
-    fn addr(&self, brick: BrickId) -> Result<SocketAddr, VolumeError> {
+    pub(crate) fn addr(&self, brick: BrickId) -> Result<SocketAddr, VolumeError> {
         self.addrs
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -501,10 +560,12 @@ impl VolumeClient {
         let stripes = (j1 - j0 + 1) as usize;
         let (off, n) = (j0 * f, stripes as u64 * f);
         // Members out of sync may hold fragments of older versions: never read them.
+        let moved = std::sync::atomic::AtomicBool::new(false);
         let fetch = |brick: BrickId| {
             let bricks = self.bricks.clone();
             let addr = self.addr(brick);
             let in_sync = set.in_sync.contains(&brick);
+            let moved = &moved;
             async move {
                 if !in_sync {
                     return None;
@@ -514,6 +575,9 @@ impl VolumeClient {
                     Ok((st, bytes)) => Some(((st.version.0, st.tag), bytes.to_vec())),
                     Err(e) if e.code() == Some(ErrorCode::NotFound) => Some(((0, 0), Vec::new())),
                     Err(e) => {
+                        if e.code() == Some(ErrorCode::Moved) {
+                            moved.store(true, Ordering::Relaxed);
+                        }
                         tracing::debug!(%brick, error = %e, "fragment read failed");
                         None
                     }
@@ -533,8 +597,13 @@ impl VolumeClient {
                     *slot = p;
                 }
                 decode_stripes(codec, &frags, f as usize, stripes).map_err(|e| {
+                    let code = if moved.load(Ordering::Relaxed) {
+                        ErrorCode::Moved
+                    } else {
+                        ErrorCode::Io
+                    };
                     refused(
-                        ErrorCode::Io,
+                        code,
                         format!(
                             "column {} of inode {} cannot be decoded: {e}",
                             key.column, key.ino
@@ -578,7 +647,7 @@ impl VolumeClient {
     ) -> Result<(), VolumeError> {
         let start = std::time::Instant::now();
         let r = self
-            .retrying("write", || self.write_once(fh, offset, data.clone()))
+            .retrying("write", fh, || self.write_once(fh, offset, data.clone()))
             .await;
         let len = data.len() as u64;
         self.metrics
@@ -596,7 +665,7 @@ impl VolumeClient {
         offset: u64,
         data: Bytes,
     ) -> Result<(), VolumeError> {
-        let (unit, stripe, first_set) = self.geometry(&fh.attr);
+        let (unit, stripe, first_set) = self.geometry(&fh.attr, fh.group());
         let pieces = merge_contiguous(
             split_range(offset, data.len() as u64, unit, stripe),
             PIECE_MAX_BYTES,
@@ -644,7 +713,7 @@ impl VolumeClient {
         // may be back soon (retry within the window).
         let start = std::time::Instant::now();
         let r = self
-            .retrying("read", || self.read_once(fh, offset, len))
+            .retrying("read", fh, || self.read_once(fh, offset, len))
             .await;
         let got = r.as_ref().map_or(0, |b| b.len() as u64);
         self.metrics
@@ -663,7 +732,7 @@ impl VolumeClient {
             return Ok(Bytes::new());
         }
         let len = len.min(size - offset);
-        let (unit, stripe, first_set) = self.geometry(&fh.attr);
+        let (unit, stripe, first_set) = self.geometry(&fh.attr, fh.group());
         let pieces = merge_contiguous(split_range(offset, len, unit, stripe), PIECE_MAX_BYTES);
         let mut tasks = Vec::with_capacity(pieces.len());
         if self.dispersed() {
@@ -734,7 +803,7 @@ impl VolumeClient {
     pub async fn truncate(&self, fh: &FileHandle, len: u64) -> Result<(), VolumeError> {
         let start = std::time::Instant::now();
         let r = self
-            .retrying("truncate", || self.truncate_objects(fh, len))
+            .retrying("truncate", fh, || self.truncate_objects(fh, len))
             .await;
         self.metrics
             .record("truncate", start.elapsed(), r.is_ok(), 0, 0);
@@ -758,7 +827,7 @@ impl VolumeClient {
 
     /// Cuts or extends every column object of the file to its share of `len`.
     async fn truncate_objects(&self, fh: &FileHandle, len: u64) -> Result<(), VolumeError> {
-        let (unit, stripe, first_set) = self.geometry(&fh.attr);
+        let (unit, stripe, first_set) = self.geometry(&fh.attr, fh.group());
         let mut tasks = Vec::new();
         for column in 0..stripe {
             let index = first_set + column as usize;
@@ -798,7 +867,7 @@ impl VolumeClient {
     pub async fn fsync(&self, fh: &FileHandle) -> Result<(), VolumeError> {
         // A member that cannot answer may have left its set: re-read the sets and try again.
         let start = std::time::Instant::now();
-        let r = match self.retrying("fsync", || self.fsync_objects(fh)).await {
+        let r = match self.retrying("fsync", fh, || self.fsync_objects(fh)).await {
             Ok(()) => self.commit_size(fh).await,
             Err(e) => Err(e),
         };
@@ -807,9 +876,14 @@ impl VolumeClient {
         r
     }
 
+    /// Makes the file's objects durable on every in-sync member, without committing a size.
+    pub(crate) async fn sync_objects(&self, fh: &FileHandle) -> Result<(), VolumeError> {
+        self.fsync_objects(fh).await
+    }
+
     /// Asks every in-sync member of every column's set to make the column durable.
     async fn fsync_objects(&self, fh: &FileHandle) -> Result<(), VolumeError> {
-        let (_, stripe, first_set) = self.geometry(&fh.attr);
+        let (_, stripe, first_set) = self.geometry(&fh.attr, fh.group());
         let mut tasks = Vec::new();
         for column in 0..stripe {
             let index = first_set + column as usize;
@@ -863,9 +937,12 @@ impl VolumeClient {
     /// be reached leaves the file queued for the next round.
     pub async fn remove_file(&self, item: &GcItem) -> Result<(), VolumeError> {
         let stripe = u64::from(self.vol.stripe.max(1));
-        let first = item.group as usize * stripe as usize;
         let mut deletes = Vec::new();
-        for column in 0..stripe {
+        // The groups it moved away from hold its seals: they go too.
+        let places = std::iter::once(item.group).chain(item.moved_from.iter().copied());
+        for (first, column) in
+            places.flat_map(|g| (0..stripe).map(move |c| (g as usize * stripe as usize, c)))
+        {
             let set = &self.set(first + column as usize)?;
             let key = ObjectKey {
                 volume: self.vol.id,

@@ -18,6 +18,8 @@ use brickfs_proto::meta::{
 use brickfs_proto::{Epoch, ErrorBody, ErrorCode, Ino, VolumeId};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
+mod elastic;
+
 /// The longest name in a directory, as on Linux.
 pub const NAME_MAX_BYTES: usize = 255;
 /// The longest symlink target.
@@ -133,7 +135,16 @@ enum InodeRecord {
 /// A deleted file in the GC queue.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 enum GcRecord {
-    V1 { size_bytes: u64, group: u32 },
+    V1 {
+        size_bytes: u64,
+        group: u32,
+    },
+    /// With the groups the file moved away from (rebalance), whose bricks keep its seals.
+    V2 {
+        size_bytes: u64,
+        group: u32,
+        moved_from: Vec<u32>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -347,9 +358,13 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
             self.kv.delete(k);
         }
         if child.attr.kind == FileKind::File {
-            let item = GcRecord::V1 {
+            let from_key = elastic::moved_from_key(v, child.attr.ino);
+            let moved_from: Vec<u32> = get(self.kv, &from_key)?.unwrap_or_default();
+            self.kv.delete(from_key);
+            let item = GcRecord::V2 {
                 size_bytes: child.attr.size_bytes,
                 group: child.attr.group,
+                moved_from,
             };
             self.kv.put(keys::gc(v, child.attr.ino), enc(&item));
         }
@@ -836,6 +851,16 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                 MetaReply::Volume(v)
             }
             MetaOp::ReplaceBrick { name, old, new } => self.replace_brick(name, old, new)?,
+            MetaOp::AddBricks { .. }
+            | MetaOp::RemoveBricksStart { .. }
+            | MetaOp::RemoveBricksStop { .. }
+            | MetaOp::RemoveBricksCommit { .. }
+            | MetaOp::RebalanceStart { .. }
+            | MetaOp::RebalanceStop { .. }
+            | MetaOp::RebalanceReport { .. }
+            | MetaOp::BeginMove { .. }
+            | MetaOp::FinishMove { .. }
+            | MetaOp::AbortMove { .. } => self.elastic(op)?,
             MetaOp::RaiseEpoch {
                 volume,
                 set,
@@ -897,7 +922,7 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                         format!("stop volume {name:?} before deleting it"),
                     ));
                 }
-                for table in [b'I', b'D', b'X', b'L', b'G'] {
+                for table in [b'I', b'D', b'X', b'L', b'G', b'M', b'Q'] {
                     let prefix = [[table].as_slice(), &v.id.0.to_be_bytes()].concat();
                     for (k, _) in self.kv.scan(&prefix, None, usize::MAX).map_err(internal)? {
                         self.kv.delete(k);
@@ -1306,30 +1331,22 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
             .find(|(k, _)| k == "stripe-unit")
             .and_then(|(_, val)| val.parse::<u32>().ok())
             .unwrap_or(DEFAULT_UNIT_BYTES);
-        let stripe = vol.stripe.max(1) as usize;
-        let groups = vol.sets.len() / stripe;
-        if groups <= 1 {
+        if vol.groups() <= 1 {
             return Ok((0, unit));
         }
         let bricks: Vec<BrickRecord> = scan_all(self.kv, b"B")?;
-        let capacity = |id| {
+        let weights = vol.placement_weights(|id| {
             bricks
                 .iter()
                 .find(|b| b.id == id)
-                .map_or(0, |b| b.capacity_bytes >> 20)
-        };
-        let weights: Vec<u64> = (0..groups)
-            .map(|g| {
-                vol.sets[g * stripe..(g + 1) * stripe]
-                    .iter()
-                    .flat_map(|s| s.members.iter())
-                    .map(|m| capacity(*m))
-                    .min()
-                    .unwrap_or(0)
-                    .max(1)
-            })
-            .collect();
-        let group = brickfs_layout::place::pick_group(ino.0, &weights).unwrap_or(0);
+                .map_or(0, |b| b.capacity_bytes)
+        });
+        let group = brickfs_layout::place::pick_group(ino.0, &weights).ok_or_else(|| {
+            err(
+                ErrorCode::NoSpace,
+                format!("no stripe group of volume {} takes new files", vol.name),
+            )
+        })?;
         Ok((group as u32, unit))
     }
 
@@ -1340,44 +1357,7 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
         }
         let spec = VolumeSpec::parse(&words.iter().map(String::as_str).collect::<Vec<_>>())
             .map_err(|e| err(ErrorCode::InvalidArgument, format!("volume spec: {e}")))?;
-        let nodes: Vec<NodeRecord> = scan_all(self.kv, b"N")?;
-        let bricks: Vec<BrickRecord> = scan_all(self.kv, b"B")?;
-        let volumes: Vec<VolumeRecord> = scan_all(self.kv, b"V")?;
-        let mut resolved = Vec::with_capacity(spec.bricks.len());
-        for b in &spec.bricks {
-            let node = nodes.iter().find(|n| n.addr == b.host).ok_or_else(|| {
-                err(
-                    ErrorCode::NotFound,
-                    format!(
-                        "node {} is not a peer (brickfs peer add {})",
-                        b.host, b.host
-                    ),
-                )
-            })?;
-            let brick = bricks
-                .iter()
-                .find(|r| r.node == node.id && r.path == b.path)
-                .ok_or_else(|| {
-                    err(
-                        ErrorCode::NotFound,
-                        format!("node {} serves no brick at {}", b.host, b.path),
-                    )
-                })?;
-            if let Some(v) = volumes
-                .iter()
-                .find(|v| v.bricks.iter().any(|vb| vb.brick == brick.id))
-            {
-                return Err(err(
-                    ErrorCode::Exists,
-                    format!("brick {b} is already in volume {:?}", v.name),
-                ));
-            }
-            resolved.push(VolumeBrick {
-                brick: brick.id,
-                node: node.id,
-                addr: b.to_string(),
-            });
-        }
+        let resolved = self.resolve_free_bricks(&spec.bricks)?;
         let sets = (0..spec.sets())
             .map(|s| {
                 let members: Vec<_> = resolved[spec.set_bricks(s)]
@@ -1439,6 +1419,8 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
             sets,
             status: VolumeStatus::Created,
             options: Vec::new(),
+            draining: Vec::new(),
+            rebalance: None,
         };
         self.kv.put(keys::volume(id), enc(&rec));
         self.kv.put(keys::volume_name(name), enc(&id.0));
@@ -1521,7 +1503,7 @@ fn check_option(v: &VolumeRecord, key: &str, value: &str) -> Res<String> {
             Ok(n.to_string())
         }
         "quorum" => {
-            let width = v.sets.first().map_or(1, |s| s.members.len());
+            let width = v.set_width();
             let n: usize = value.parse().map_err(|_| bad("not a number".into()))?;
             if n == 0 || n > width {
                 return Err(bad(format!("must be 1 to the set width {width}")));
@@ -1763,6 +1745,12 @@ pub fn read(kv: &impl KvRead, r: &MetaRead) -> CommandResult {
                 .collect();
             MetaReply::Names(names)
         }
+        MetaRead::Files {
+            volume,
+            after,
+            limit,
+        } => elastic::read_files(kv, *volume, *after, *limit)?,
+        MetaRead::Moves { volume } => elastic::read_moves(kv, *volume)?,
         MetaRead::ListNodes => MetaReply::Nodes(scan_all(kv, b"N")?),
         MetaRead::ListBricks => MetaReply::Bricks(scan_all::<BrickRecord>(kv, b"B")?),
         MetaRead::ListVolumes => MetaReply::Volumes(scan_all(kv, b"V")?),
@@ -1793,11 +1781,12 @@ pub fn read(kv: &impl KvRead, r: &MetaRead) -> CommandResult {
                     .and_then(|b| b.try_into().ok())
                     .map(u64::from_be_bytes)
                     .ok_or_else(|| internal("gc key"))?;
-                let GcRecord::V1 { size_bytes, group } = dec(&v)?;
+                let (size_bytes, group, moved_from) = elastic::dec_gc(&v)?;
                 out.push(GcItem {
                     ino: Ino(ino),
                     size_bytes,
                     group,
+                    moved_from,
                 });
             }
             MetaReply::Gc(out)
@@ -2306,6 +2295,7 @@ mod tests {
             ino,
             size_bytes,
             group: 0,
+            moved_from: Vec::new(),
         }
     }
 
@@ -2527,6 +2517,210 @@ mod tests {
         assert_eq!(
             run(&mut sm, &stranger).unwrap_err().kind(),
             Some(ErrorCode::SessionExpired)
+        );
+    }
+
+    /// Growing a volume by whole groups, draining one (new files avoid it, files move off it
+    /// through BeginMove/FinishMove), refusing to commit while a file lives there, then
+    /// committing: the group's sets keep their numbers without members, the brick is free.
+    #[test]
+    fn volumes_grow_drain_and_shrink() {
+        use brickfs_proto::meta::{FileMove, RebalanceProgress, RebalanceState};
+        let mut sm = Sm::new();
+        sm.register(2, 3);
+        let (v, s) = (sm.volume, SessionId(1));
+        let code = |r: CommandResult| r.unwrap_err().kind();
+        let vol = |sm: &Sm| match read(&sm.base, &MetaRead::VolumeByName { name: "v".into() }) {
+            Ok(MetaReply::Volume(v)) => v,
+            other => panic!("{other:?}"),
+        };
+        let add = |sm: &mut Sm, bricks: &[&str]| {
+            sm.apply(
+                s,
+                MetaOp::AddBricks {
+                    name: "v".into(),
+                    bricks: bricks.iter().map(|b| b.to_string()).collect(),
+                },
+            )
+        };
+        add(&mut sm, &["h2:/b0"]).unwrap();
+        assert_eq!(code(add(&mut sm, &["h2:/b0"])), Some(ErrorCode::Exists));
+        assert_eq!(code(add(&mut sm, &["h9:/b0"])), Some(ErrorCode::NotFound));
+        assert_eq!(
+            code(add(&mut sm, &["h2:/b1", "h2:/b1"])),
+            Some(ErrorCode::InvalidArgument)
+        );
+        assert_eq!(vol(&sm).groups(), 2);
+        let mut files = Vec::new();
+        for i in 0..40 {
+            let op = MetaOp::create_file(v, ROOT_INO, &format!("f{i}"), 0o644, true);
+            match sm.apply(s, op).unwrap() {
+                MetaReply::Attr(a) => files.push(a),
+                o => panic!("{o:?}"),
+            }
+        }
+        assert!(files.iter().any(|f| f.group == 0) && files.iter().any(|f| f.group == 1));
+        let start = MetaOp::RemoveBricksStart {
+            name: "v".into(),
+            bricks: vec!["h1:/b0".into()],
+        };
+        assert_eq!(
+            code(sm.apply(s, start.clone())),
+            Some(ErrorCode::InvalidArgument),
+            "not started"
+        );
+        sm.apply(s, MetaOp::StartVolume { name: "v".into() })
+            .unwrap();
+        sm.apply(s, start).unwrap();
+        let r = vol(&sm).rebalance.unwrap();
+        assert!(r.drain_only && r.state == RebalanceState::Running && r.run == 1);
+        for i in 0..20 {
+            let op = MetaOp::create_file(v, ROOT_INO, &format!("new{i}"), 0o644, true);
+            match sm.apply(s, op).unwrap() {
+                MetaReply::Attr(a) => assert_eq!(a.group, 1, "a draining group takes no file"),
+                o => panic!("{o:?}"),
+            }
+        }
+        let commit = MetaOp::RemoveBricksCommit { name: "v".into() };
+        assert_eq!(code(sm.apply(s, commit.clone())), Some(ErrorCode::NotEmpty));
+        let on0: Vec<_> = files.iter().filter(|f| f.group == 0).collect();
+        for f in &on0 {
+            let file = FileMove {
+                ino: f.ino,
+                from: 0,
+                to: 1,
+            };
+            let back = FileMove {
+                from: 1,
+                to: 0,
+                ..file
+            };
+            sm.apply(s, MetaOp::BeginMove { volume: v, file }).unwrap();
+            assert_eq!(
+                code(sm.apply(s, MetaOp::BeginMove { volume: v, file })),
+                Some(ErrorCode::Busy)
+            );
+            assert_eq!(
+                code(sm.apply(
+                    s,
+                    MetaOp::FinishMove {
+                        volume: v,
+                        file: back
+                    }
+                )),
+                Some(ErrorCode::NotFound)
+            );
+            match sm.apply(s, MetaOp::FinishMove { volume: v, file }).unwrap() {
+                MetaReply::Attr(a) => assert_eq!(a.group, 1),
+                o => panic!("{o:?}"),
+            }
+            // Back to a draining group: refused.
+            assert_eq!(
+                code(sm.apply(
+                    s,
+                    MetaOp::BeginMove {
+                        volume: v,
+                        file: back
+                    }
+                )),
+                Some(ErrorCode::InvalidArgument)
+            );
+        }
+        // A moved file's deletion also clears its seals in the group it left.
+        let moved = on0[0];
+        let name = format!(
+            "f{}",
+            files.iter().position(|f| f.ino == moved.ino).unwrap()
+        );
+        sm.apply(
+            s,
+            MetaOp::Unlink {
+                volume: v,
+                parent: ROOT_INO,
+                name,
+            },
+        )
+        .unwrap();
+        match read(
+            &sm.base,
+            &MetaRead::ListGc {
+                volume: v,
+                limit: 10,
+            },
+        )
+        .unwrap()
+        {
+            MetaReply::Gc(items) => {
+                assert_eq!(items.len(), 1);
+                assert_eq!((items[0].group, items[0].moved_from.clone()), (1, vec![0]));
+            }
+            o => panic!("{o:?}"),
+        }
+        // Progress from another run is ignored; this run's is kept.
+        let report = |run, scanned| MetaOp::RebalanceReport {
+            volume: v,
+            run,
+            progress: RebalanceProgress {
+                scanned,
+                ..Default::default()
+            },
+            done: false,
+        };
+        sm.apply(s, report(7, 99)).unwrap();
+        sm.apply(s, report(1, 40)).unwrap();
+        assert_eq!(vol(&sm).rebalance.unwrap().progress.scanned, 40);
+        match sm.apply(s, commit).unwrap() {
+            MetaReply::Volume(after) => {
+                assert!(after.retired(0) && !after.retired(1));
+                assert!(after.draining.is_empty());
+                assert_eq!(after.bricks.len(), 1);
+                assert_eq!(after.spec, vec!["h2:/b0".to_string()]);
+                assert_eq!(after.rebalance.unwrap().state, RebalanceState::Done);
+            }
+            o => panic!("{o:?}"),
+        }
+        // The brick is free for another volume; files page through in inode order.
+        sm.apply(
+            s,
+            MetaOp::CreateVolume {
+                name: "w".into(),
+                spec: vec!["h1:/b0".into()],
+            },
+        )
+        .unwrap();
+        let mut seen = 0;
+        let mut after = Ino(0);
+        loop {
+            match read(
+                &sm.base,
+                &MetaRead::Files {
+                    volume: v,
+                    after,
+                    limit: 7,
+                },
+            )
+            .unwrap()
+            {
+                MetaReply::Files { files, next } => {
+                    assert!(files.iter().all(|f| f.group == 1 && f.ino > after));
+                    seen += files.len();
+                    match next {
+                        Some(n) => after = n,
+                        None => break,
+                    }
+                }
+                o => panic!("{o:?}"),
+            }
+        }
+        assert_eq!(seen, 59);
+        sm.apply(s, MetaOp::RebalanceStart { name: "v".into() })
+            .unwrap();
+        assert_eq!(vol(&sm).rebalance.unwrap().run, 2);
+        sm.apply(s, MetaOp::RebalanceStop { name: "v".into() })
+            .unwrap();
+        assert_eq!(
+            code(sm.apply(s, MetaOp::RebalanceStop { name: "v".into() })),
+            Some(ErrorCode::InvalidArgument)
         );
     }
 }

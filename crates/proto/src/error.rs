@@ -72,11 +72,14 @@ pub enum ErrorCode {
     VersionGap = 31,
     /// Not built (yet) for this kind of volume or request.
     NotSupported = 32,
+    /// The object was sealed because its file is moving to another stripe group (rebalance):
+    /// read the file's group again and retry there.
+    Moved = 33,
 }
 
 impl ErrorCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 32] = [
+    pub const ALL: [ErrorCode; 33] = [
         ErrorCode::Malformed,
         ErrorCode::UnknownKind,
         ErrorCode::UnsupportedVersion,
@@ -109,6 +112,7 @@ impl ErrorCode {
         ErrorCode::TooManyLinks,
         ErrorCode::VersionGap,
         ErrorCode::NotSupported,
+        ErrorCode::Moved,
     ];
 
     /// The code's wire number.
@@ -160,6 +164,7 @@ pub fn errno_for_code(raw: u16) -> i32 {
         ErrorCode::TooManyLinks => libc::EMLINK,
         ErrorCode::VersionGap => libc::EIO,
         ErrorCode::NotSupported => libc::EOPNOTSUPP,
+        ErrorCode::Moved => libc::ESTALE,
     }
 }
 

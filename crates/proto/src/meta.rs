@@ -61,12 +61,65 @@ pub struct DirEntry {
 }
 
 /// A deleted file waiting for its objects to be removed from the bricks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GcItem {
     pub ino: Ino,
     pub size_bytes: u64,
     /// The stripe group its objects live in (see `Attr::group`).
     pub group: u32,
+    /// Groups it was moved away from (rebalance), whose bricks keep seals for it until now.
+    pub moved_from: Vec<u32>,
+}
+
+/// A regular file as the rebalancer sees it (`MetaRead::Files`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileSpot {
+    pub ino: Ino,
+    pub group: u32,
+    pub size_bytes: u64,
+}
+
+/// A file being moved from one stripe group to another (between `BeginMove` and
+/// `FinishMove` or `AbortMove`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileMove {
+    pub ino: Ino,
+    pub from: u32,
+    pub to: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RebalanceState {
+    Running,
+    Stopped,
+    Done,
+}
+
+/// A volume's rebalance: what it is doing and how far it got. `run` grows with every start,
+/// so that a report from an older run (a node that lost leadership) is ignored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rebalance {
+    pub run: u64,
+    pub state: RebalanceState,
+    /// Only move files off draining groups (started by `remove-brick start`).
+    pub drain_only: bool,
+    pub progress: RebalanceProgress,
+    pub started_ns: i64,
+    pub updated_ns: i64,
+}
+
+/// Counters of one rebalance run; `cursor` is the last inode scanned in the current pass.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebalanceProgress {
+    pub pass: u32,
+    pub cursor: Ino,
+    pub scanned: u64,
+    pub moved: u64,
+    pub moved_bytes: u64,
+    /// Files left where they are this pass (a set not fully in sync, a brick unreachable):
+    /// the next pass tries them again.
+    pub skipped: u64,
+    pub last_error: String,
 }
 
 /// Attribute changes; `None` leaves a field alone.
@@ -132,6 +185,66 @@ pub struct VolumeRecord {
     pub status: VolumeStatus,
     /// Options set with `volume set`, sorted by key.
     pub options: Vec<(String, String)>,
+    /// Stripe groups being emptied for `remove-brick`: no new file goes there.
+    pub draining: Vec<u32>,
+    /// The last rebalance started, if any.
+    pub rebalance: Option<Box<Rebalance>>,
+}
+
+impl VolumeRecord {
+    /// Sets per stripe group.
+    pub fn group_width(&self) -> usize {
+        self.stripe.max(1) as usize
+    }
+
+    /// Stripe groups, retired ones included (their sets have no members).
+    pub fn groups(&self) -> usize {
+        self.sets.len() / self.group_width()
+    }
+
+    /// Whether group `g` was taken out of the volume by `remove-brick commit`.
+    pub fn retired(&self, g: usize) -> bool {
+        self.sets
+            .get(g * self.group_width())
+            .is_none_or(|s| s.members.is_empty())
+    }
+
+    /// Whether new files (and moved ones) may go to group `g`.
+    pub fn takes_files(&self, g: usize) -> bool {
+        !self.retired(g) && !self.draining.contains(&(g as u32))
+    }
+
+    /// Bricks per set: R, K+M or 1.
+    pub fn set_width(&self) -> usize {
+        if self.replica > 0 {
+            self.replica as usize
+        } else if self.disperse_data > 0 {
+            (self.disperse_data + self.disperse_redundancy) as usize
+        } else {
+            1
+        }
+    }
+
+    /// How new files spread over the groups (see `brickfs_layout::place::pick_group`): a
+    /// group's weight is its smallest brick's capacity in MiB (at least 1), 0 for groups that
+    /// take no files. `capacity` gives a brick's capacity in bytes.
+    pub fn placement_weights(&self, capacity: impl Fn(BrickId) -> u64) -> Vec<u64> {
+        let s = self.group_width();
+        (0..self.groups())
+            .map(|g| {
+                if !self.takes_files(g) {
+                    return 0;
+                }
+                self.sets[g * s..(g + 1) * s]
+                    .iter()
+                    .flat_map(|x| x.members.iter())
+                    .map(|m| capacity(*m) >> 20)
+                    .min()
+                    .unwrap_or(0)
+                    .max(1)
+            })
+            .collect()
+    }
 }
 
 /// A brick of a volume, resolved to its node.
@@ -362,6 +475,60 @@ pub enum MetaOp {
         set: u32,
         at_least: Epoch,
     },
+    /// Adds whole stripe groups (`HOST:PORT:/PATH`, registered, in no volume; a multiple of
+    /// stripe × set width) to volume `name`. New files spread over them at once; existing
+    /// ones move with `RebalanceStart`.
+    AddBricks {
+        name: String,
+        bricks: Vec<String>,
+    },
+    /// Starts emptying the stripe groups that hold `bricks` (every brick of each group must be
+    /// named): no new file goes there, and a drain-only rebalance moves their files away.
+    RemoveBricksStart {
+        name: String,
+        bricks: Vec<String>,
+    },
+    /// Stops draining: the groups take files again (files already moved stay moved).
+    RemoveBricksStop {
+        name: String,
+    },
+    /// Takes the drained groups out of the volume (their sets keep their numbers, without
+    /// members; the bricks are free again). Refused while a file lives or moves there.
+    RemoveBricksCommit {
+        name: String,
+    },
+    /// Starts (or restarts from the beginning) moving files to the groups the placement picks
+    /// for them now, and off draining groups.
+    RebalanceStart {
+        name: String,
+    },
+    RebalanceStop {
+        name: String,
+    },
+    /// The rebalancer's progress for run `run`; `done` ends the run. Ignored for another run
+    /// or one that was stopped.
+    RebalanceReport {
+        volume: VolumeId,
+        run: u64,
+        progress: RebalanceProgress,
+        done: bool,
+    },
+    /// Records that a file starts moving (before its objects are sealed). Refused if it is not
+    /// in group `from`, already moving, or `to` takes no files.
+    BeginMove {
+        volume: VolumeId,
+        file: FileMove,
+    },
+    /// The file's objects are in group `to`: it lives there from now on.
+    FinishMove {
+        volume: VolumeId,
+        file: FileMove,
+    },
+    /// The move is abandoned: the file stays in `from` (the mover unseals it after this).
+    AbortMove {
+        volume: VolumeId,
+        file: FileMove,
+    },
 }
 
 impl MetaOp {
@@ -472,6 +639,17 @@ pub enum MetaRead {
         after: Option<String>,
         limit: u32,
     },
+    /// Regular files (linked or orphaned) with inode numbers above `after`, in inode order,
+    /// at most `limit`.
+    Files {
+        volume: VolumeId,
+        after: Ino,
+        limit: u32,
+    },
+    /// Files between `BeginMove` and `FinishMove`/`AbortMove`.
+    Moves {
+        volume: VolumeId,
+    },
 }
 
 /// A session as the metadata group keeps it.
@@ -507,6 +685,12 @@ pub enum MetaReply {
         entries: Vec<(DirEntry, Attr)>,
         more: bool,
     },
+    /// A page of files; `next` is where the next page starts (`None`: this was the last).
+    Files {
+        files: Vec<FileSpot>,
+        next: Option<Ino>,
+    },
+    Moves(Vec<FileMove>),
 }
 
 /// A write to the metadata group. `acked_below` lets the group forget the answers to this

@@ -154,6 +154,27 @@ pub struct Delete {
     pub key: ObjectKey,
 }
 
+/// What `Seal` does to an object of a file that moves to another stripe group (rebalance).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SealAction {
+    /// Refuse writes and truncates (`Moved`); reads go on while the mover copies.
+    Freeze,
+    /// Undo `Freeze` (the move was abandoned): writes go on here.
+    Thaw,
+    /// The file lives elsewhere now: remove the data and refuse reads too (`Moved`).
+    Drop,
+    /// The file is moving here: remove any seal and any leftover data.
+    Clear,
+}
+
+/// Seals (or unseals) an object on one brick, for moving files between stripe groups.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Seal {
+    pub brick: BrickId,
+    pub key: ObjectKey,
+    pub action: SealAction,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Deleted {
     pub existed: bool,
@@ -484,6 +505,8 @@ messages! {
     53 => GroupStatus(crate::meta::GroupStatus), data: false;
     54 => RaftRpc(crate::meta::RaftRpc), data: true;
     55 => RaftRpcReply(crate::meta::RaftRpcReply), data: true;
+    56 => Seal(Seal), data: false;
+    57 => Sealed(ObjectState), data: false;
 }
 
 #[cfg(test)]
@@ -529,6 +552,11 @@ mod tests {
                 key: key(),
                 offset_bytes: 1 << 40,
                 len_bytes: 1 << 20,
+            }),
+            Message::Seal(Seal {
+                brick: BrickId(2),
+                key: key(),
+                action: SealAction::Drop,
             }),
             Message::List(List {
                 brick: BrickId(1),

@@ -1,0 +1,376 @@
+//! Rebalance: moving files between stripe groups while mounts keep working.
+//!
+//! A file lives in one stripe group (`Attr::group`). To move it to group `to`:
+//!
+//! 1. `BeginMove` records the move in the metadata group (a move left behind by a mover that
+//!    died is found there and abandoned by the next round).
+//! 2. Every member of every source set **freezes** the file's objects (`Seal Freeze`): writes
+//!    and truncates answer `Moved`, reads go on. A write acknowledged before the freeze is on
+//!    every in-sync member, so the copy below sees it; one refused by it is retried by its
+//!    client, which reads the file's group again and waits until the move ends.
+//! 3. The target's objects are cleared (leftovers of an earlier, abandoned move), the file's
+//!    bytes are copied up to the furthest byte any member holds (writes not yet committed to
+//!    the metadata group's size included), skipping zeros, and made durable.
+//! 4. `FinishMove` switches the file's group; from then on clients that still write to the
+//!    old group get `Moved` and follow. The source objects are dropped, keeping their seals
+//!    (until the file is deleted), so a client that knew the old group never reads or writes
+//!    there again.
+//!
+//! A failure before `FinishMove` abandons the move: `AbortMove` first (so that it can no longer
+//! finish), then the source is thawed and the target cleared.
+
+use crate::volume::{VolumeClient, VolumeError};
+use crate::{BrickClient, FileHandle, MetaClient};
+use brickfs_layout::place::{file_offset, pick_group};
+use brickfs_proto::meta::{
+    Attr, BrickRecord, FileMove, FileSpot, MetaOp, MetaRead, MetaReply, RebalanceProgress,
+    RebalanceState, VolumeRecord,
+};
+use brickfs_proto::msg::SealAction;
+use brickfs_proto::{ErrorBody, ErrorCode, Ino, ObjectKey};
+use std::time::{Duration, Instant};
+
+/// Files read from the metadata group per page (and per progress report).
+const PAGE: u32 = 64;
+/// Bytes copied per request (rounded up to whole stripes).
+const COPY_BYTES: u64 = 4 << 20;
+
+fn refused(code: ErrorCode, detail: impl Into<String>) -> VolumeError {
+    VolumeError::Refused(ErrorBody::new(code, detail))
+}
+
+/// Where the placement puts file `ino` now: the group a new file with that number would get.
+pub fn home(rec: &VolumeRecord, bricks: &[BrickRecord], ino: Ino) -> Option<u32> {
+    let weights = rec.placement_weights(|id| {
+        bricks
+            .iter()
+            .find(|b| b.id == id)
+            .map_or(0, |b| b.capacity_bytes)
+    });
+    if rec.groups() <= 1 {
+        return rec.takes_files(0).then_some(0);
+    }
+    pick_group(ino.0, &weights).map(|g| g as u32)
+}
+
+/// Where a file should go: off a group that takes no files always, to its home unless only
+/// draining. `None`: it stays.
+pub fn destination(
+    rec: &VolumeRecord,
+    bricks: &[BrickRecord],
+    drain_only: bool,
+    spot: &FileSpot,
+) -> Option<u32> {
+    let draining = !rec.takes_files(spot.group as usize);
+    if drain_only && !draining {
+        return None;
+    }
+    home(rec, bricks, spot.ino).filter(|g| *g != spot.group)
+}
+
+fn key(vol: &VolumeClient, ino: Ino, column: u64) -> ObjectKey {
+    ObjectKey {
+        volume: vol.record().id,
+        ino,
+        column: column as u32,
+    }
+}
+
+/// Applies `action` to the file's objects on every member of every set of `group`.
+async fn seal_group(
+    vol: &VolumeClient,
+    ino: Ino,
+    group: u32,
+    action: SealAction,
+) -> Result<(), VolumeError> {
+    let stripe = u64::from(vol.record().stripe.max(1));
+    let mut calls = Vec::new();
+    for column in 0..stripe {
+        let set = vol.set(group as usize * stripe as usize + column as usize)?;
+        for brick in set.members {
+            let addr = vol.addr(brick)?;
+            let k = key(vol, ino, column);
+            let bricks = vol.bricks.clone();
+            calls.push(async move {
+                bricks
+                    .seal(addr, brick, k, action)
+                    .await
+                    .map_err(|source| VolumeError::Brick { brick, source })
+            });
+        }
+    }
+    for r in brickfs_proto::rpc::join_all(calls).await {
+        r?;
+    }
+    Ok(())
+}
+
+/// Refuses to move through a set that is not wholly in sync: a member out of sync would miss
+/// the seals (and a heal would race the copy).
+fn check_in_sync(vol: &VolumeClient, group: u32) -> Result<(), VolumeError> {
+    let stripe = vol.record().stripe.max(1) as usize;
+    for index in group as usize * stripe..(group as usize + 1) * stripe {
+        let set = vol.set(index)?;
+        if set.members.is_empty() || set.in_sync.len() != set.members.len() {
+            return Err(refused(
+                ErrorCode::Busy,
+                format!(
+                    "set {index} has {} of {} members in sync",
+                    set.in_sync.len(),
+                    set.members.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The furthest file byte any member of the file's source sets holds (+1), at least the size
+/// the metadata group knows: writes not yet committed are copied too.
+async fn extent(vol: &VolumeClient, attr: &Attr, group: u32) -> Result<u64, VolumeError> {
+    let rec = vol.record();
+    let stripe = u64::from(rec.stripe.max(1));
+    let unit = u64::from(attr.unit_bytes.max(4096));
+    let k = u64::from(rec.disperse_data.max(1));
+    let mut end = attr.size_bytes;
+    for column in 0..stripe {
+        let set = vol.set(group as usize * stripe as usize + column as usize)?;
+        for brick in set.in_sync {
+            let addr = vol.addr(brick)?;
+            let st = vol
+                .bricks
+                .stat(addr, brick, key(vol, attr.ino, column))
+                .await
+                .map_err(|source| VolumeError::Brick { brick, source })?;
+            // A disperse member holds one fragment of each stripe: the column is at most K
+            // times longer.
+            let column_len = st.map_or(0, |s| s.len_bytes) * k;
+            if column_len > 0 {
+                end = end.max(file_offset(column, column_len - 1, unit, stripe) + 1);
+            }
+        }
+    }
+    Ok(end)
+}
+
+/// Moves one file to group `to` (see the module's comment); returns the bytes copied.
+pub async fn move_file(vol: &VolumeClient, spot: &FileSpot, to: u32) -> Result<u64, VolumeError> {
+    let file = FileMove {
+        ino: spot.ino,
+        from: spot.group,
+        to,
+    };
+    vol.refresh().await?;
+    check_in_sync(vol, file.from)?;
+    check_in_sync(vol, file.to)?;
+    let volume = vol.record().id;
+    vol.meta().write(MetaOp::BeginMove { volume, file }).await?;
+    match copy(vol, &file).await {
+        Ok(bytes) => {
+            // The file lives in `to` now: drop the source (keeping its seals).
+            if let Err(e) = seal_group(vol, file.ino, file.from, SealAction::Drop).await {
+                tracing::warn!(ino = %file.ino, group = file.from, error = %e, "moved, but could not drop the old copy; it stays frozen until the file is deleted");
+            }
+            Ok(bytes)
+        }
+        Err(e) => {
+            abandon(vol, &file).await;
+            Err(e)
+        }
+    }
+}
+
+/// Freezes, copies and switches: everything between `BeginMove` and the drop.
+async fn copy(vol: &VolumeClient, file: &FileMove) -> Result<u64, VolumeError> {
+    seal_group(vol, file.ino, file.from, SealAction::Freeze).await?;
+    seal_group(vol, file.ino, file.to, SealAction::Clear).await?;
+    let attr = match vol
+        .meta()
+        .read(MetaRead::GetAttr {
+            volume: vol.record().id,
+            ino: file.ino,
+        })
+        .await?
+    {
+        MetaReply::Attr(a) => a,
+        other => {
+            return Err(refused(
+                ErrorCode::Internal,
+                format!("unexpected answer {other:?}"),
+            ));
+        }
+    };
+    let end = extent(vol, &attr, file.from).await?;
+    let src = FileHandle::in_group(&attr, file.from, end);
+    let dst = FileHandle::in_group(&attr, file.to, end);
+    let stripe_bytes = vol.stripe_bytes(&attr);
+    let chunk = COPY_BYTES.div_ceil(stripe_bytes).max(1) * stripe_bytes;
+    let mut copied = 0;
+    let mut at = 0;
+    while at < end {
+        let data = vol.read(&src, at, chunk.min(end - at)).await?;
+        if data.is_empty() {
+            break;
+        }
+        let n = data.len() as u64;
+        if data.iter().any(|b| *b != 0) {
+            vol.write(&dst, at, data).await?;
+            copied += n;
+        }
+        at += n;
+    }
+    vol.sync_objects(&dst).await?;
+    vol.meta()
+        .write(MetaOp::FinishMove {
+            volume: vol.record().id,
+            file: *file,
+        })
+        .await?;
+    tracing::info!(ino = %file.ino, from = file.from, to = file.to, bytes = copied, "file moved");
+    Ok(copied)
+}
+
+/// Gives a move up: it can no longer finish (`AbortMove`), then the source takes writes again
+/// and the target's partial copy goes. If the metadata group says the move is not in
+/// progress, nothing is touched (it finished, or someone else gave it up).
+pub async fn abandon(vol: &VolumeClient, file: &FileMove) {
+    let volume = vol.record().id;
+    match vol
+        .meta()
+        .write(MetaOp::AbortMove {
+            volume,
+            file: *file,
+        })
+        .await
+    {
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(ino = %file.ino, error = %e, "could not abandon the move in the metadata group; left as it is");
+            return;
+        }
+    }
+    if let Err(e) = seal_group(vol, file.ino, file.from, SealAction::Thaw).await {
+        tracing::error!(ino = %file.ino, group = file.from, error = %e, "move abandoned, but a member could not be thawed: writes to the file fail until it is");
+    }
+    if let Err(e) = seal_group(vol, file.ino, file.to, SealAction::Clear).await {
+        tracing::warn!(ino = %file.ino, group = file.to, error = %e, "move abandoned; its partial copy stays until the next move there");
+    }
+    tracing::info!(ino = %file.ino, from = file.from, to = file.to, "move abandoned; the file stays where it was");
+}
+
+/// Abandons the moves the metadata group has in progress for the volume (their mover died:
+/// call only when no mover of this volume runs).
+pub async fn abandon_stale_moves(vol: &VolumeClient) -> Result<usize, VolumeError> {
+    let MetaReply::Moves(moves) = vol
+        .meta()
+        .read(MetaRead::Moves {
+            volume: vol.record().id,
+        })
+        .await?
+    else {
+        return Err(refused(ErrorCode::Internal, "unexpected answer to Moves"));
+    };
+    for m in &moves {
+        abandon(vol, m).await;
+    }
+    Ok(moves.len())
+}
+
+/// Runs volume `rec`'s rebalance for up to `budget`, reporting progress to the metadata group
+/// after every page of files; returns when it is done, stopped, or out of time (the next call
+/// goes on from the cursor). Files that cannot move now are counted as skipped and tried again
+/// in another pass.
+pub async fn rebalance_round(
+    meta: &MetaClient,
+    bricks: &BrickClient,
+    name: &str,
+    budget: Duration,
+) -> Result<(), VolumeError> {
+    let started = Instant::now();
+    let vol = VolumeClient::open(meta.clone(), bricks.clone(), name).await?;
+    let mut rec = vol.record().clone();
+    let Some(run) = rec.rebalance.clone() else {
+        return Ok(());
+    };
+    if run.state != RebalanceState::Running {
+        return Ok(());
+    }
+    let stale = abandon_stale_moves(&vol).await?;
+    if stale > 0 {
+        tracing::info!(volume = %name, moves = stale, "abandoned moves left by an earlier mover");
+    }
+    let mut progress: RebalanceProgress = run.progress.clone();
+    loop {
+        let MetaReply::Bricks(brick_records) = meta.read(MetaRead::ListBricks).await? else {
+            return Err(refused(
+                ErrorCode::Internal,
+                "unexpected answer to ListBricks",
+            ));
+        };
+        let MetaReply::Files { files, next } = meta
+            .read(MetaRead::Files {
+                volume: rec.id,
+                after: progress.cursor,
+                limit: PAGE,
+            })
+            .await?
+        else {
+            return Err(refused(ErrorCode::Internal, "unexpected answer to Files"));
+        };
+        for spot in &files {
+            progress.scanned += 1;
+            let Some(to) = destination(&rec, &brick_records, run.drain_only, spot) else {
+                continue;
+            };
+            match move_file(&vol, spot, to).await {
+                Ok(bytes) => {
+                    progress.moved += 1;
+                    progress.moved_bytes += bytes;
+                }
+                // Deleted or changed meanwhile: nothing to do.
+                Err(e) if e.code() == Some(ErrorCode::StaleRequest) => {}
+                Err(e) => {
+                    tracing::debug!(volume = %name, ino = %spot.ino, error = %e, "file not moved this pass");
+                    progress.skipped += 1;
+                    progress.last_error = format!("inode {}: {e}", spot.ino);
+                }
+            }
+        }
+        let mut done = false;
+        match next {
+            Some(at) => progress.cursor = at,
+            None if progress.skipped == 0 => done = true,
+            None => {
+                tracing::info!(volume = %name, pass = progress.pass, skipped = progress.skipped, "rebalance pass left files behind; another pass follows");
+                progress.pass += 1;
+                progress.cursor = Ino(0);
+                progress.skipped = 0;
+            }
+        }
+        meta.write(MetaOp::RebalanceReport {
+            volume: rec.id,
+            run: run.run,
+            progress: progress.clone(),
+            done,
+        })
+        .await?;
+        if done || next.is_none() || started.elapsed() >= budget {
+            return Ok(());
+        }
+        // Stopped, restarted or changed (a remove-brick) meanwhile: follow the record.
+        vol.refresh().await?;
+        rec = match meta
+            .read(MetaRead::VolumeByName {
+                name: name.to_string(),
+            })
+            .await?
+        {
+            MetaReply::Volume(v) => v,
+            _ => return Err(refused(ErrorCode::Internal, "unexpected answer")),
+        };
+        match &rec.rebalance {
+            Some(r) if r.run == run.run && r.state == RebalanceState::Running => {}
+            _ => return Ok(()),
+        }
+    }
+}
