@@ -11,6 +11,7 @@ use brickfs_client::{FileHandle, VolumeClient};
 use brickfs_proto::meta::{BrickRecord, MetaRead, MetaReply, VolumeRecord};
 use brickfs_proto::{ErrorCode, Ino, ObjectKey};
 use bytes::Bytes;
+use common::mount::Mount;
 use common::*;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -120,6 +121,36 @@ fn spawn_appender(
     })
 }
 
+/// Appends through a FUSE mount (4 KiB and an fdatasync per write) until told to stop;
+/// returns the bytes written. Every write must succeed while files move under the mount.
+fn spawn_mount_appender(
+    path: std::path::PathBuf,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&path)
+            .expect("create through the mount");
+        let mut at = 0u64;
+        // Bounded: at most 3,000 writes.
+        for _ in 0..3_000 {
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            f.write_all(&pattern(77, at, 4096))
+                .expect("write through the mount");
+            f.sync_data().expect("fdatasync through the mount");
+            at += 4096;
+        }
+        drop(f);
+        at
+    })
+}
+
 /// One volume type through grow, rebalance, drain and shrink.
 async fn must_grow_and_shrink(head: &str, per_group: &[&[(usize, usize)]]) {
     let c = must_cluster().await;
@@ -150,6 +181,14 @@ async fn must_grow_and_shrink(head: &str, per_group: &[&[(usize, usize)]]) {
     let stale_reader = vol.open_file(ROOT, "f6").await.unwrap();
     let stale_writer = vol.open_file(ROOT, "f7").await.unwrap();
     let live = Arc::new(vol.create(ROOT, "live", 0o644, true).await.unwrap());
+    // And a mount whose open file is written all along.
+    let mnt = Mount::start(
+        &format!("{}/grow", c.nodes[0].addr()),
+        &c.dir.path().join("mnt"),
+    )
+    .await;
+    let mount_stop = Arc::new(AtomicBool::new(false));
+    let mount_appender = spawn_mount_appender(mnt.path.join("viafuse"), mount_stop.clone());
 
     // Grow by whole groups; a partial group is refused with the reason.
     let partial = words(&per_group[1][..1]);
@@ -257,6 +296,9 @@ async fn must_grow_and_shrink(head: &str, per_group: &[&[(usize, usize)]]) {
     assert_eq!(st["draining_groups"], serde_json::json!([0]), "{st}");
     stop.store(true, Ordering::SeqCst);
     appender.await.unwrap();
+    mount_stop.store(true, Ordering::SeqCst);
+    let via_fuse = mount_appender.join().expect("the mount's writer");
+    assert!(via_fuse > 0);
     let out = must_ok(&cli(&["volume", "remove-brick", "grow", "commit"]));
     assert!(out.contains("the removed bricks are free"), "{out}");
     let rec = must_record(&c, "grow").await;
@@ -281,6 +323,13 @@ async fn must_grow_and_shrink(head: &str, per_group: &[&[(usize, usize)]]) {
     assert!(got.slice(..size_of(7) as usize) == pattern(7, 0, size_of(7) as usize));
     assert!(got.slice(size_of(7) as usize..) == tail);
     must_match(&fresh, "live", 99, written.load(Ordering::SeqCst)).await;
+    must_match(&fresh, "viafuse", 77, via_fuse).await;
+    // The mount still sees every file, and reads a moved one right.
+    let names = std::fs::read_dir(&mnt.path).unwrap().count() as u64;
+    assert_eq!(names, FILES + 2);
+    let f6 = std::fs::read(mnt.path.join("f6")).unwrap();
+    assert!(f6 == pattern(6, 0, size_of(6) as usize));
+    drop(mnt);
 
     // The freed bricks make a new volume.
     let mut spec: Vec<String> = vec!["volume".into(), "create".into(), "again".into()];

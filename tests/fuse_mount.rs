@@ -7,19 +7,15 @@ mod common;
 use brickfs_client::{MetaClient, MetaClientOptions, admin};
 use brickfs_proto::meta::{AdminOp, MetaOp};
 use brickfs_testkit::Brickd;
+use common::mount::Mount;
 use common::*;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 /// A running mountd; dropping it stops it by pid and makes sure nothing stays mounted.
-struct Mount {
-    child: Option<Child>,
-    path: PathBuf,
-}
-
 use mountd::is_mounted;
 
 /// A daemonized mountd (by pid) and its mount point: SIGKILLed and detached when dropped.
@@ -51,57 +47,6 @@ impl Drop for DaemonGuard {
         );
         if is_mounted(&self.1) {
             let _ = nix::mount::umount2(&self.1, nix::mount::MntFlags::MNT_DETACH);
-        }
-    }
-}
-
-impl Mount {
-    async fn start(source: &str, path: &Path) -> Mount {
-        Self::start_with(source, path, &[]).await
-    }
-
-    async fn start_with(source: &str, path: &Path, extra: &[&str]) -> Mount {
-        std::fs::create_dir_all(path).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_mountd"))
-            .arg(source)
-            .arg(path)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn mountd");
-        let m = Mount {
-            child: Some(child),
-            path: path.to_path_buf(),
-        };
-        must_wait_for("the mount", Duration::from_secs(30), || async {
-            is_mounted(&m.path).then_some(())
-        })
-        .await;
-        m
-    }
-
-    fn stop(&mut self) -> Option<std::process::ExitStatus> {
-        let mut child = self.child.take()?;
-        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let status = child.wait().ok();
-        if is_mounted(&self.path) {
-            let _ = nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH);
-        }
-        status
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if is_mounted(&self.path) {
-            let _ = nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH);
         }
     }
 }

@@ -126,8 +126,16 @@ async fn volumes_are_provisioned_mounted_and_deleted_over_http() {
     )
     .await;
     assert_eq!(status, 507, "{v}");
-    let (status, _) = api(at, "POST", "/v1/volumes/pvc-a/expand", Value::Null).await;
-    assert_eq!(status, 501);
+    let (status, v) = api(at, "POST", "/v1/volumes/pvc-a/expand", Value::Null).await;
+    assert_eq!(status, 400, "{v}");
+    let (status, v) = api(
+        at,
+        "POST",
+        "/v1/volumes/nope/expand",
+        json!({"size_bytes": 1}),
+    )
+    .await;
+    assert_eq!(status, 404, "{v}");
     let (status, _) = api(at, "PUT", "/v1/volumes", Value::Null).await;
     assert_eq!(status, 405);
     let (status, _) = api(at, "GET", "/nothing", Value::Null).await;
@@ -178,4 +186,26 @@ async fn volumes_are_provisioned_mounted_and_deleted_over_http() {
     )
     .await;
     assert_eq!(status, 201, "{v}");
+
+    // Expanding: a size it holds adds nothing and says what it holds; one more byte adds a
+    // whole group of free bricks (and starts a rebalance); past the free bricks is 507.
+    let (status, v) = api(
+        at,
+        "POST",
+        "/v1/volumes/pvc-b/expand",
+        json!({"size_bytes": 1}),
+    )
+    .await;
+    assert_eq!((status, v["added_bricks"].as_u64()), (200, Some(0)), "{v}");
+    let holds = v["size_bytes"].as_u64().unwrap();
+    assert!(holds > 0, "{v}");
+    let more = json!({"size_bytes": holds + 1});
+    let (status, v) = api(at, "POST", "/v1/volumes/pvc-b/expand", more).await;
+    assert_eq!((status, v["added_bricks"].as_u64()), (200, Some(2)), "{v}");
+    assert_eq!(v["type"], "distributed-replicated", "{v}");
+    assert_eq!(v["size_bytes"].as_u64(), Some(2 * holds), "{v}");
+    let huge = json!({"size_bytes": 10 * holds});
+    let (status, v) = api(at, "POST", "/v1/volumes/pvc-b/expand", huge).await;
+    assert_eq!(status, 507, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("free bricks"), "{v}");
 }

@@ -9,14 +9,16 @@
 //!   creates and starts the volume: 201 with the volume and its mount.
 //! - `GET /v1/volumes/NAME`: the volume and its mount; `DELETE /v1/volumes/NAME`: stops and
 //!   deletes it (its data goes).
-//! - `POST /v1/volumes/NAME/expand`: 501 (growing a volume needs add-brick, not built yet).
+//! - `POST /v1/volumes/NAME/expand` `{"size_bytes": N}`: grows the volume to hold at least N
+//!   bytes by adding whole stripe groups of free bricks (picked as for create), then starts a
+//!   rebalance: 200 with the volume, its mount and the bricks added.
 //!
 //! Errors are `{"error": "..."}` with 400 (bad request), 404, 409 (exists), 507 (not enough
 //! free bricks or space), 502 (the metadata group failed).
 
 use brickfs_client::{MetaClient, admin};
 use brickfs_proto::ErrorCode;
-use brickfs_proto::meta::{MetaOp, MetaRead, MetaReply, VolumeRecord};
+use brickfs_proto::meta::{BrickRecord, MetaOp, MetaRead, MetaReply, NodeRecord, VolumeRecord};
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -154,10 +156,7 @@ async fn route(
                 Err(e) => from_admin(e.into()),
             }
         }
-        ("POST", ["v1", "volumes", _, "expand"]) => error(
-            501,
-            "expanding a volume needs add-brick, which brickfs does not have yet",
-        ),
+        ("POST", ["v1", "volumes", name, "expand"]) => expand(meta, mount_from, name, body).await,
         (_, ["v1", "volumes", ..]) => error(405, format!("{method} is not allowed on {path}")),
         _ => error(404, format!("no such resource {path}")),
     }
@@ -223,48 +222,11 @@ async fn create(meta: &MetaClient, mount_from: SocketAddr, body: &[u8]) -> (u16,
     if admin::volume_info(meta, name).await.is_ok() {
         return error(409, format!("volume {name:?} exists"));
     }
-    let (nodes, bricks, volumes) = match (
-        meta.read(MetaRead::ListNodes).await,
-        meta.read(MetaRead::ListBricks).await,
-        meta.read(MetaRead::ListVolumes).await,
-    ) {
-        (Ok(MetaReply::Nodes(n)), Ok(MetaReply::Bricks(b)), Ok(MetaReply::Volumes(v))) => (n, b, v),
-        _ => return error(502, "could not read the cluster map"),
+    let (nodes, free) = match free_bricks(meta).await {
+        Ok(f) => f,
+        Err(e) => return e,
     };
-    // Free bricks, most capacity first, then taken round-robin over nodes so that copies land
-    // on as many nodes as there are.
-    let mut free: Vec<_> = bricks
-        .into_iter()
-        .filter(|b| {
-            !volumes
-                .iter()
-                .any(|v| v.bricks.iter().any(|x| x.brick == b.id))
-        })
-        .collect();
-    free.sort_by_key(|b| std::cmp::Reverse(b.capacity_bytes));
-    let mut by_node: Vec<Vec<brickfs_proto::meta::BrickRecord>> = Vec::new();
-    for b in free {
-        match by_node.iter_mut().find(|l| l[0].node == b.node) {
-            Some(l) => l.push(b),
-            None => by_node.push(vec![b]),
-        }
-    }
-    let mut picked = Vec::new();
-    'pick: for round in 0.. {
-        let mut any = false;
-        for l in &by_node {
-            if let Some(b) = l.get(round) {
-                any = true;
-                picked.push(b.clone());
-                if picked.len() == bricks_needed {
-                    break 'pick;
-                }
-            }
-        }
-        if !any {
-            break;
-        }
-    }
+    let picked = spread(free, bricks_needed);
     if picked.len() < bricks_needed {
         return error(
             507,
@@ -282,11 +244,9 @@ async fn create(meta: &MetaClient, mount_from: SocketAddr, body: &[u8]) -> (u16,
             format!("{size} bytes asked, the free bricks for {cls} hold {usable}"),
         );
     }
-    for b in &picked {
-        let Some(n) = nodes.iter().find(|n| n.id == b.node) else {
-            return error(502, format!("brick {} is on an unknown node", b.id));
-        };
-        spec.push(format!("{}:{}", n.addr, b.path));
+    match spec_words(&nodes, &picked) {
+        Ok(words) => spec.extend(words),
+        Err(e) => return e,
     }
     let v = match admin::volume_create(meta, name, &spec).await {
         Ok(v) => v,
@@ -307,6 +267,180 @@ async fn create(meta: &MetaClient, mount_from: SocketAddr, body: &[u8]) -> (u16,
             d["class"] = json!(cls);
             d["size_bytes"] = json!(size);
             (201, d)
+        }
+        Err(e) => from_admin(e),
+    }
+}
+
+type Refusal = (u16, Value);
+
+/// The registered nodes, and the bricks in no volume (most capacity first).
+async fn free_bricks(meta: &MetaClient) -> Result<(Vec<NodeRecord>, Vec<BrickRecord>), Refusal> {
+    let (nodes, bricks, volumes) = match (
+        meta.read(MetaRead::ListNodes).await,
+        meta.read(MetaRead::ListBricks).await,
+        meta.read(MetaRead::ListVolumes).await,
+    ) {
+        (Ok(MetaReply::Nodes(n)), Ok(MetaReply::Bricks(b)), Ok(MetaReply::Volumes(v))) => (n, b, v),
+        _ => return Err(error(502, "could not read the cluster map")),
+    };
+    let mut free: Vec<_> = bricks
+        .into_iter()
+        .filter(|b| {
+            !volumes
+                .iter()
+                .any(|v| v.bricks.iter().any(|x| x.brick == b.id))
+        })
+        .collect();
+    free.sort_by_key(|b| std::cmp::Reverse(b.capacity_bytes));
+    Ok((nodes, free))
+}
+
+/// Up to `n` of `free`, taken round-robin over nodes so that the bricks of a set land on as
+/// many nodes as there are.
+fn spread(free: Vec<BrickRecord>, n: usize) -> Vec<BrickRecord> {
+    let mut by_node: Vec<Vec<BrickRecord>> = Vec::new();
+    for b in free {
+        match by_node.iter_mut().find(|l| l[0].node == b.node) {
+            Some(l) => l.push(b),
+            None => by_node.push(vec![b]),
+        }
+    }
+    let mut picked = Vec::new();
+    for round in 0.. {
+        let mut any = false;
+        for l in &by_node {
+            if let Some(b) = l.get(round) {
+                any = true;
+                if picked.len() < n {
+                    picked.push(b.clone());
+                }
+            }
+        }
+        if !any || picked.len() == n {
+            break;
+        }
+    }
+    picked
+}
+
+/// `HOST:PORT:/PATH` of each brick.
+fn spec_words(nodes: &[NodeRecord], bricks: &[BrickRecord]) -> Result<Vec<String>, Refusal> {
+    bricks
+        .iter()
+        .map(|b| {
+            let n = nodes
+                .iter()
+                .find(|n| n.id == b.node)
+                .ok_or_else(|| error(502, format!("brick {} is on an unknown node", b.id)))?;
+            Ok(format!("{}:{}", n.addr, b.path))
+        })
+        .collect()
+}
+
+/// What one stripe group of `v` made of `bricks` holds: S sets, each the smallest brick's
+/// capacity times its data share (1, or K of a disperse set).
+fn group_capacity(v: &VolumeRecord, smallest: u64) -> u64 {
+    let share = if v.disperse_data > 0 {
+        u64::from(v.disperse_data)
+    } else {
+        1
+    };
+    smallest
+        .saturating_mul(share)
+        .saturating_mul(v.group_width() as u64)
+}
+
+async fn expand(meta: &MetaClient, mount_from: SocketAddr, name: &str, body: &[u8]) -> Refusal {
+    let Some(size) = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|r| r["size_bytes"].as_u64())
+    else {
+        return error(400, "the body must be JSON: {\"size_bytes\": N}");
+    };
+    let v = match admin::volume_info(meta, name).await {
+        Ok(v) => v,
+        Err(e) => return from_admin(e),
+    };
+    let (nodes, free) = match free_bricks(meta).await {
+        Ok(f) => f,
+        Err(e) => return e,
+    };
+    let all: Vec<BrickRecord> = match meta.read(MetaRead::ListBricks).await {
+        Ok(MetaReply::Bricks(b)) => b,
+        _ => return error(502, "could not read the cluster map"),
+    };
+    let capacity = |id| {
+        all.iter()
+            .find(|b| b.id == id)
+            .map_or(0, |b| b.capacity_bytes)
+    };
+    let s = v.group_width();
+    let mut have: u64 = (0..v.groups())
+        .filter(|g| v.takes_files(*g))
+        .map(|g| {
+            let smallest = v.sets[g * s..(g + 1) * s]
+                .iter()
+                .flat_map(|x| x.members.iter())
+                .map(|m| capacity(*m))
+                .min()
+                .unwrap_or(0);
+            group_capacity(&v, smallest)
+        })
+        .sum();
+    let before = have;
+    let group_bricks = s * v.set_width();
+    let mut pool = free;
+    let mut added = Vec::new();
+    while have < size {
+        let picked = spread(pool.clone(), group_bricks);
+        if picked.len() < group_bricks {
+            return error(
+                507,
+                format!(
+                    "{size} bytes asked, volume {name} holds {before}; the free bricks add only {} (groups of {group_bricks})",
+                    have - before
+                ),
+            );
+        }
+        let smallest = picked.iter().map(|b| b.capacity_bytes).min().unwrap_or(0);
+        have = have.saturating_add(group_capacity(&v, smallest));
+        pool.retain(|b| !picked.iter().any(|p| p.id == b.id));
+        added.extend(picked);
+    }
+    if !added.is_empty() {
+        let words = match spec_words(&nodes, &added) {
+            Ok(w) => w,
+            Err(e) => return e,
+        };
+        if let Err(e) = meta
+            .write(MetaOp::AddBricks {
+                name: name.to_string(),
+                bricks: words,
+            })
+            .await
+        {
+            return from_admin(e.into());
+        }
+        match meta
+            .write(MetaOp::RebalanceStart {
+                name: name.to_string(),
+            })
+            .await
+        {
+            Ok(_) => {}
+            // One is running already: it picks the new groups up.
+            Err(e) if e.code() == Some(ErrorCode::Exists) => {}
+            Err(e) => return from_admin(e.into()),
+        }
+        tracing::info!(volume = %name, size, bricks = added.len(), "volume expanded; rebalancing");
+    }
+    match admin::volume_info(meta, name).await {
+        Ok(v) => {
+            let mut d = describe(&v, mount_from);
+            d["size_bytes"] = json!(have);
+            d["added_bricks"] = json!(added.len());
+            (200, d)
         }
         Err(e) => from_admin(e),
     }

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod mount;
+
 use brickfs_client::{BrickClient, MetaClient, MetaClientOptions, VolumeClient};
 use brickfs_proto::meta::AdminOp;
 use brickfs_proto::rpc::ClientOptions;
