@@ -82,3 +82,130 @@ async fn only_holders_of_the_cluster_key_get_in() {
         a.log_tail(50)
     );
 }
+
+/// A client library whose connections come from `from` (another loopback address).
+fn clients_from(
+    node: std::net::SocketAddr,
+    from: &str,
+) -> (brickfs_client::MetaClient, BrickClient) {
+    let ip: std::net::IpAddr = from.parse().unwrap();
+    let meta = brickfs_client::MetaClient::new(
+        vec![node],
+        brickfs_client::MetaClientOptions {
+            client_name: format!("client at {from}"),
+            deadline: std::time::Duration::from_secs(5),
+            local_addr: Some(ip),
+            ..Default::default()
+        },
+    );
+    let bricks = BrickClient::new(ClientOptions {
+        peer_name: format!("client at {from}"),
+        local_addr: Some(ip),
+        ..ClientOptions::default()
+    });
+    (meta, bricks)
+}
+
+/// `allow-networks`: a client outside a volume's networks cannot open it, read its objects on
+/// a brick, or go on writing through a volume it opened before the rule; one inside can; the
+/// nodes themselves always can; other volumes are not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_outside_a_volumes_networks_are_refused() {
+    use brickfs_client::VolumeClient;
+    use brickfs_proto::ErrorCode;
+    use brickfs_proto::meta::{AdminOp, MetaOp};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("n");
+    let node = Brickd::start(
+        &brickd_bin(),
+        &d,
+        &[d.join("b0"), d.join("b1")],
+        &["--meta"],
+    )
+    .unwrap();
+    let (admin, _) = clients_from(node.addr(), "127.0.0.1");
+    admin.admin(AdminOp::Init).await.unwrap();
+    brickfs_client::admin::peer_add(&admin, &client(), node.addr())
+        .await
+        .unwrap();
+    must_serve_reads(node.addr()).await;
+    for (name, brick) in [("guarded", &d.join("b0")), ("open", &d.join("b1"))] {
+        let spec = vec![format!("{}:{}", node.addr(), brick.display())];
+        brickfs_client::admin::volume_create(&admin, name, &spec)
+            .await
+            .unwrap();
+        admin
+            .write(MetaOp::StartVolume { name: name.into() })
+            .await
+            .unwrap();
+    }
+    let set = |value: &str| MetaOp::SetVolumeOption {
+        name: "guarded".into(),
+        key: "allow-networks".into(),
+        value: value.into(),
+    };
+    let root = brickfs_proto::Ino(1);
+
+    // Before the rule: a client at 127.0.0.2 opens the volume and writes a file.
+    let (m2, b2) = clients_from(node.addr(), "127.0.0.2");
+    let early = VolumeClient::open(m2.clone(), b2.clone(), "guarded")
+        .await
+        .unwrap();
+    early.set_retry_window(std::time::Duration::from_secs(2));
+    let fh = early.create(root, "f", 0o644, true).await.unwrap();
+    early.write(&fh, 0, pattern(1, 0, 5000)).await.unwrap();
+    early.fsync(&fh).await.unwrap();
+
+    admin.write(set("127.0.0.3/32, 10.0.0.0/8")).await.unwrap();
+    // Refused once the node has read the rule (it reads it every 2 s).
+    let e = must_wait_for(
+        "the rule to apply",
+        std::time::Duration::from_secs(20),
+        || {
+            let (m2, b2) = (m2.clone(), b2.clone());
+            async move { VolumeClient::open(m2, b2, "guarded").await.err() }
+        },
+    )
+    .await;
+    assert_eq!(e.code(), Some(ErrorCode::PermissionDenied), "{e}");
+    assert!(
+        e.to_string()
+            .contains("not in the allow-networks of volume guarded"),
+        "{e}"
+    );
+    // Data already open is refused too, at once (not retried), and so is a raw brick read.
+    let e = early.write(&fh, 0, pattern(2, 0, 10)).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::PermissionDenied), "{e}");
+    let e = early.read(&fh, 0, 10).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::PermissionDenied), "{e}");
+    let rec = early.record().clone();
+    let b = rec.bricks[0].brick;
+    let key = brickfs_proto::ObjectKey {
+        volume: rec.id,
+        ino: fh.attr.ino,
+        column: 0,
+    };
+    let e = b2.read(node.addr(), b, key, 0, 10).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::PermissionDenied), "{e}");
+    // Another volume is not guarded.
+    VolumeClient::open(m2.clone(), b2.clone(), "open")
+        .await
+        .unwrap();
+
+    // A client inside the networks, and the node's own address, get in.
+    let (m3, b3) = clients_from(node.addr(), "127.0.0.3");
+    let inside = VolumeClient::open(m3, b3, "guarded").await.unwrap();
+    let f = inside.open_file(root, "f").await.unwrap();
+    assert!(inside.read(&f, 0, 5000).await.unwrap() == pattern(1, 0, 5000));
+    let (m1, b1) = clients_from(node.addr(), "127.0.0.1");
+    VolumeClient::open(m1, b1, "guarded").await.unwrap();
+
+    // Widening the rule lets the first client back in.
+    admin.write(set("127.0.0.0/8")).await.unwrap();
+    must_wait_for("the wider rule", std::time::Duration::from_secs(20), || {
+        let (m2, b2) = (m2.clone(), b2.clone());
+        async move { VolumeClient::open(m2, b2, "guarded").await.ok() }
+    })
+    .await;
+    early.write(&fh, 0, pattern(2, 0, 10)).await.unwrap();
+}

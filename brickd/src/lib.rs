@@ -6,6 +6,7 @@
 //! and the daemon's life cycle: open bricks, listen, log readiness, serve, and on SIGTERM or
 //! Ctrl-C stop accepting, finish requests in flight, flush, exit.
 
+mod access;
 mod api;
 pub mod config;
 pub mod telemetry;
@@ -82,11 +83,26 @@ struct NodeHandler {
     bricks: Arc<BrickService>,
     meta: Option<Arc<MetaNode>>,
     metrics: Arc<brickfs_proto::metrics::OpMetrics>,
+    access: Arc<access::Access>,
 }
 
 impl Handler for NodeHandler {
     fn node(&self) -> NodeId {
         self.node
+    }
+
+    async fn handle_from(
+        &self,
+        peer: std::net::SocketAddr,
+        msg: Message,
+        data: Bytes,
+    ) -> Result<(Message, Bytes), ErrorBody> {
+        if let Err(e) = self.access.check(peer.ip(), &msg) {
+            self.metrics
+                .record(msg.name(), std::time::Duration::ZERO, false, 0, 0);
+            return Err(e);
+        }
+        self.handle(msg, data).await
     }
 
     async fn handle(&self, msg: Message, data: Bytes) -> Result<(Message, Bytes), ErrorBody> {
@@ -567,6 +583,35 @@ async fn heal_members(
     }
 }
 
+/// Reads the volumes' `allow-networks` from the metadata group every
+/// `access::REFRESH_EVERY` (see `access`).
+async fn refresh_access(
+    node: NodeId,
+    access: Arc<access::Access>,
+    peers: Vec<std::net::SocketAddr>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let meta = brickfs_client::MetaClient::new(
+        peers,
+        brickfs_client::MetaClientOptions {
+            client_name: format!("brickd {node} access"),
+            deadline: access::REFRESH_EVERY * 5,
+            ..brickfs_client::MetaClientOptions::default()
+        },
+    );
+    let mut tick = tokio::time::interval(access::REFRESH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = access.refresh(&meta).await {
+            tracing::debug!(error = %e, "could not read the volumes' allow-networks");
+        }
+    }
+}
+
 /// How often the metadata leader's node looks for rebalances to run.
 const REBALANCE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 /// How long one rebalance round runs before the volumes are read again.
@@ -652,11 +697,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         None
     };
     let metrics = Arc::new(brickfs_proto::metrics::OpMetrics::default());
+    let access = Arc::new(access::Access::default());
     let handler = Arc::new(NodeHandler {
         node,
         bricks: service.clone(),
         meta: meta.clone(),
         metrics: metrics.clone(),
+        access: access.clone(),
     });
     if let Some(at) = config.metrics_listen {
         let l = tokio::net::TcpListener::bind(at)
@@ -695,6 +742,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tokio::spawn(api::serve(l, client, peers[0]));
         // Tests wait for this line: keep its wording.
         info!(addr = %aaddr, "provisioning API listening");
+    }
+    if !peers.is_empty() {
+        tokio::spawn(refresh_access(node, access, peers.clone(), stop_rx.clone()));
     }
     if !peers.is_empty() {
         service.enable_lease(config.write_lease);

@@ -51,6 +51,8 @@ pub struct MetaClientOptions {
     /// The lease of the session this client opens.
     pub lease: Duration,
     pub client_name: String,
+    /// The local address to connect from (`None`: the system picks).
+    pub local_addr: Option<std::net::IpAddr>,
 }
 
 impl Default for MetaClientOptions {
@@ -61,6 +63,7 @@ impl Default for MetaClientOptions {
             backoff_max: Duration::from_millis(500),
             lease: Duration::from_secs(30),
             client_name: "client".into(),
+            local_addr: None,
         }
     }
 }
@@ -107,6 +110,7 @@ impl MetaClient {
             request_timeout: Duration::from_secs(4),
             connect_timeout: Duration::from_secs(2),
             conns_per_peer: 1,
+            local_addr: opts.local_addr,
             ..ClientOptions::default()
         }));
         MetaClient {

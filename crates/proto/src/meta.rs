@@ -555,6 +555,60 @@ impl MetaOp {
     }
 }
 
+impl MetaOp {
+    /// The volume whose namespace or data this op touches, for access checks (`None`: cluster
+    /// administration, sessions, or a volume named in the op).
+    pub fn volume(&self) -> Option<VolumeId> {
+        use MetaOp::*;
+        match self {
+            Mkdir { volume, .. }
+            | Create { volume, .. }
+            | Symlink { volume, .. }
+            | Link { volume, .. }
+            | Unlink { volume, .. }
+            | Rmdir { volume, .. }
+            | Rename { volume, .. }
+            | SetAttr { volume, .. }
+            | SetXattr { volume, .. }
+            | RemoveXattr { volume, .. }
+            | SetLock { volume, .. }
+            | Flock { volume, .. }
+            | ReleaseLocks { volume, .. }
+            | GcDone { volume, .. }
+            | UnlinkOpen { volume, .. }
+            | DropOrphan { volume, .. }
+            | RejoinMember { volume, .. }
+            | RaiseEpoch { volume, .. }
+            | RebalanceReport { volume, .. }
+            | BeginMove { volume, .. }
+            | FinishMove { volume, .. }
+            | AbortMove { volume, .. } => Some(*volume),
+            _ => None,
+        }
+    }
+}
+
+impl MetaRead {
+    /// The volume this read looks into, by id (see `MetaOp::volume`).
+    pub fn volume(&self) -> Option<VolumeId> {
+        use MetaRead::*;
+        match self {
+            Lookup { volume, .. }
+            | GetAttr { volume, .. }
+            | ReadDir { volume, .. }
+            | ReadLink { volume, .. }
+            | GetXattr { volume, .. }
+            | ListXattr { volume, .. }
+            | GetLock { volume, .. }
+            | ListGc { volume, .. }
+            | ReadDirPlus { volume, .. }
+            | Files { volume, .. }
+            | Moves { volume } => Some(*volume),
+            _ => None,
+        }
+    }
+}
+
 /// Lock types.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum LockKind {

@@ -177,6 +177,8 @@ pub struct ClientOptions {
     pub conns_per_peer: usize,
     /// The cluster key to prove; `None`: the process's (see [`set_cluster_key`]), if any.
     pub cluster_key: Option<Arc<Vec<u8>>>,
+    /// The local address to connect from (`None`: the system picks).
+    pub local_addr: Option<std::net::IpAddr>,
 }
 
 impl Default for ClientOptions {
@@ -188,6 +190,7 @@ impl Default for ClientOptions {
             peer_name: "client".to_string(),
             conns_per_peer: 2,
             cluster_key: None,
+            local_addr: None,
         }
     }
 }
@@ -320,7 +323,21 @@ pub struct Connection {
 impl Connection {
     /// Connects, performs the handshake and starts the reader and writer tasks.
     pub async fn connect(addr: SocketAddr, opts: ClientOptions) -> Result<Connection, RpcError> {
-        let stream = tokio::time::timeout(opts.connect_timeout, TcpStream::connect(addr))
+        let dial = async {
+            match opts.local_addr {
+                None => TcpStream::connect(addr).await,
+                Some(ip) => {
+                    let sock = if addr.is_ipv4() {
+                        tokio::net::TcpSocket::new_v4()?
+                    } else {
+                        tokio::net::TcpSocket::new_v6()?
+                    };
+                    sock.bind(SocketAddr::new(ip, 0))?;
+                    sock.connect(addr).await
+                }
+            }
+        };
+        let stream = tokio::time::timeout(opts.connect_timeout, dial)
             .await
             .map_err(|_| RpcError::Connect {
                 addr,
@@ -655,6 +672,18 @@ pub trait Handler: Send + Sync + 'static {
         msg: Message,
         data: Bytes,
     ) -> impl Future<Output = Result<(Message, Bytes), ErrorBody>> + Send;
+
+    /// Handles one request from `peer` (the connection's remote address); by default as
+    /// `handle`, for handlers that decide by who asks.
+    fn handle_from(
+        &self,
+        peer: SocketAddr,
+        msg: Message,
+        data: Bytes,
+    ) -> impl Future<Output = Result<(Message, Bytes), ErrorBody>> + Send {
+        let _ = peer;
+        self.handle(msg, data)
+    }
 }
 
 /// Accepts connections until `shutdown` turns true, then stops reading new requests, waits
@@ -877,7 +906,7 @@ async fn serve_connection<H: Handler>(
         let handler = handler.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
-            let reply = match handler.handle(msg, frame.data).await {
+            let reply = match handler.handle_from(peer, msg, frame.data).await {
                 Ok((reply, data)) => out_frame(id, &reply, data),
                 Err(body) => out_frame(id, &Message::Error(body), Bytes::new()),
             };
