@@ -1242,3 +1242,96 @@ async fn mountd_serves_prometheus_metrics() {
     assert!(value("mountd_op_seconds_count{op=\"fsync\"}") >= 1.0);
     assert_eq!(value("mountd_op_errors_total{op=\"write\"}"), 0.0);
 }
+
+/// Directory quotas through the CLI and a mount: a limit counts what the tree holds, writing
+/// past it fails with EDQUOT (at the write, or at fsync for a mount that had not seen the
+/// quota yet) and never leaves more than the limit counted; other trees are not limited;
+/// deleting gives room back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn directory_quotas_refuse_writes_past_their_limit() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let (node, source) = must_volume(dir.path()).await;
+    let meta = node.addr().to_string();
+    let cli = |args: &[&str]| {
+        let mut v = vec!["--meta", meta.as_str(), "volume", "quota", "vol"];
+        v.extend_from_slice(args);
+        must_ok(&v)
+    };
+    let used = || -> (u64, u64) {
+        assert!(cli(&["list"]).contains("/q"));
+        let json = must_ok(&[
+            "--json",
+            "--meta",
+            meta.as_str(),
+            "volume",
+            "quota",
+            "vol",
+            "list",
+        ]);
+        let rows: serde_json::Value = serde_json::from_str(&json).unwrap();
+        (
+            rows[0]["used_bytes"].as_u64().unwrap(),
+            rows[0]["limit_bytes"].as_u64().unwrap(),
+        )
+    };
+    let m = Mount::start(&source, &dir.path().join("mnt")).await;
+    std::fs::create_dir(m.path.join("q")).unwrap();
+    std::fs::write(m.path.join("q/small"), pattern(1, 0, 100_000)).unwrap();
+    let (code, _, err) = brickfs(&[
+        "--meta",
+        &meta,
+        "volume",
+        "quota",
+        "vol",
+        "limit-usage",
+        "/nope",
+        "1MiB",
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no such directory"), "{err}");
+    let (code, _, err) = brickfs(&[
+        "--meta",
+        &meta,
+        "volume",
+        "quota",
+        "vol",
+        "limit-usage",
+        "/q",
+        "lots",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    cli(&["limit-usage", "/q", "1MiB"]);
+    assert_eq!(used(), (100_000, 1 << 20));
+
+    // Past the limit: EDQUOT, from this mount (which may not have seen the quota yet) and
+    // from one mounted after it.
+    let b = Mount::start(&source, &dir.path().join("mnt-b")).await;
+    for (i, mnt) in [&m, &b].into_iter().enumerate() {
+        let path = mnt.path.join(format!("q/big{i}"));
+        let mut f = std::fs::File::create(&path).unwrap();
+        let chunk = pattern(2, 0, 128 << 10);
+        let mut failed = None;
+        for _ in 0..16 {
+            if let Err(e) = f.write_all(&chunk) {
+                failed = Some(e);
+                break;
+            }
+        }
+        let failed = failed
+            .or_else(|| f.sync_all().err())
+            .expect("a write past the quota");
+        assert_eq!(failed.raw_os_error(), Some(nix::libc::EDQUOT), "{failed}");
+        drop(f);
+        let (u, limit) = used();
+        assert!(u <= limit, "{u} bytes counted over the limit of {limit}");
+        std::fs::remove_file(&path).unwrap();
+    }
+    assert_eq!(used().0, 100_000, "deleting gives the room back");
+    // Another tree is not limited; within the limit writes go on.
+    std::fs::write(m.path.join("free"), pattern(3, 0, 2 << 20)).unwrap();
+    std::fs::write(b.path.join("q/fits"), pattern(4, 0, 500_000)).unwrap();
+    assert_eq!(used().0, 600_000);
+    cli(&["remove", "/q"]);
+    std::fs::write(b.path.join("q/big"), pattern(5, 0, 2 << 20)).unwrap();
+}

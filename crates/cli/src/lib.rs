@@ -10,6 +10,7 @@
 
 pub mod bench;
 pub mod elastic;
+pub mod quota;
 
 use anyhow::Context;
 use brickfs_client::{BrickClient, MetaClient, MetaClientOptions, admin};
@@ -145,6 +146,12 @@ pub enum VolumeVerb {
     Rebalance {
         name: String,
         action: String,
+    },
+    /// Directory quotas: `limit-usage PATH SIZE` (EDQUOT past it), `remove PATH`, `list`.
+    Quota {
+        name: String,
+        #[arg(required = true, num_args = 1..)]
+        args: Vec<String>,
     },
     /// The bitrot scrubber: `status` (passes, bytes read, damaged objects found per brick).
     Bitrot {
@@ -707,6 +714,7 @@ async fn volume(verb: VolumeVerb, meta: &[SocketAddr], json: bool) -> anyhow::Re
         VolumeVerb::RemoveBrick { name, args } => {
             elastic::remove_brick(&m, &name, args, json).await?
         }
+        VolumeVerb::Quota { name, args } => quota::quota(&m, &name, &args, json).await?,
         VolumeVerb::Rebalance { name, action } => {
             elastic::rebalance(&m, &name, &action, json).await?
         }

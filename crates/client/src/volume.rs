@@ -170,6 +170,18 @@ pub struct VolumeClient {
     codec: Option<ReedSolomonCodec>,
     /// Calls, errors, bytes and latency of the data operations (see `metrics`).
     metrics: brickfs_proto::metrics::OpMetrics,
+    /// Whether the volume has directory quotas (its `quota` option), and when that was read:
+    /// with quotas, a write past a file's end commits the new size first (EDQUOT before any
+    /// byte is written).
+    quota: std::sync::atomic::AtomicBool,
+    quota_read_at: std::sync::Mutex<std::time::Instant>,
+}
+
+/// How long a client trusts what it read of the volume's `quota` option.
+const QUOTA_RECHECK: Duration = Duration::from_secs(5);
+
+fn has_quota(options: &[(String, String)]) -> bool {
+    options.iter().any(|(k, v)| k == "quota" && v == "on")
 }
 
 impl VolumeClient {
@@ -197,6 +209,7 @@ impl VolumeClient {
         } else {
             None
         };
+        let vol_options = vol.options.clone();
         Ok(Arc::new(VolumeClient {
             meta,
             bricks,
@@ -209,6 +222,8 @@ impl VolumeClient {
             spread: AtomicUsize::new(0),
             codec,
             metrics: Default::default(),
+            quota: std::sync::atomic::AtomicBool::new(has_quota(&vol_options)),
+            quota_read_at: std::sync::Mutex::new(std::time::Instant::now()),
         }))
     }
 
@@ -264,7 +279,22 @@ impl VolumeClient {
             .unwrap_or_else(|p| p.into_inner())
             .extend(known);
         *self.sets.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(v.sets);
+        self.quota.store(has_quota(&v.options), Ordering::Relaxed);
+        *self.quota_read_at.lock().unwrap_or_else(|p| p.into_inner()) = std::time::Instant::now();
         Ok(())
+    }
+
+    /// Whether the volume has quotas, read again when the last look is old.
+    async fn quota_on(&self) -> bool {
+        let age = self
+            .quota_read_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed();
+        if age > QUOTA_RECHECK {
+            self.refresh_within(Duration::from_secs(2)).await;
+        }
+        self.quota.load(Ordering::Relaxed)
     }
 
     /// The least in-sync members a set needs to take writes: the `quorum` option, else a
@@ -646,6 +676,16 @@ impl VolumeClient {
         data: Bytes,
     ) -> Result<(), VolumeError> {
         let start = std::time::Instant::now();
+        let end = offset + data.len() as u64;
+        if end > fh.size() && self.quota_on().await {
+            // Quotas count committed sizes: commit the new end before writing, so that a
+            // write past a quota fails (EDQUOT) before any of its bytes lands.
+            if let Err(e) = self.commit_end(fh, end).await {
+                self.metrics
+                    .record("write", start.elapsed(), false, data.len() as u64, 0);
+                return Err(e);
+            }
+        }
         let r = self
             .retrying("write", fh, || self.write_once(fh, offset, data.clone()))
             .await;
@@ -904,6 +944,26 @@ impl VolumeClient {
         for r in join_all(tasks).await {
             r?;
         }
+        Ok(())
+    }
+
+    /// Grows the file's committed size to at least `end` (quotas are checked there).
+    async fn commit_end(&self, fh: &FileHandle, end: u64) -> Result<(), VolumeError> {
+        let set = SetAttr {
+            size_at_least_bytes: Some(end),
+            ..SetAttr::default()
+        };
+        let attr = Self::attr(
+            self.meta
+                .write(MetaOp::SetAttr {
+                    volume: self.vol.id,
+                    ino: fh.attr.ino,
+                    set,
+                })
+                .await?,
+        )?;
+        fh.size.fetch_max(attr.size_bytes, Ordering::SeqCst);
+        fh.committed_end.fetch_max(end, Ordering::SeqCst);
         Ok(())
     }
 

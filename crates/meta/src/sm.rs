@@ -19,6 +19,7 @@ use brickfs_proto::{Epoch, ErrorBody, ErrorCode, Ino, VolumeId};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 mod elastic;
+mod quota;
 
 /// The longest name in a directory, as on Linux.
 pub const NAME_MAX_BYTES: usize = 255;
@@ -358,6 +359,7 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
             self.kv.delete(k);
         }
         if child.attr.kind == FileKind::File {
+            self.charge(v, child.parent, -i128::from(child.attr.size_bytes))?;
             let from_key = elastic::moved_from_key(v, child.attr.ino);
             let moved_from: Vec<u32> = get(self.kv, &from_key)?.unwrap_or_default();
             self.kv.delete(from_key);
@@ -577,11 +579,10 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
             }
             _ => child.attr.mode &= !(umask & 0o777),
         }
-        if child.attr.kind == FileKind::Dir {
-            child.parent = parent;
-            if dir.attr.nlink >= LINK_MAX {
-                return Err(err(ErrorCode::TooManyLinks, "too many subdirectories"));
-            }
+        // A directory's parent; a file's directory, charged for its bytes (quotas).
+        child.parent = parent;
+        if child.attr.kind == FileKind::Dir && dir.attr.nlink >= LINK_MAX {
+            return Err(err(ErrorCode::TooManyLinks, "too many subdirectories"));
         }
         // A directory with the setgid bit passes its group (and, for directories, the bit).
         if dir.attr.mode & 0o2000 != 0 {
@@ -644,10 +645,11 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
             self.kv.put(keys::dentry(v, parent, name), enc(&dst));
             self.kv
                 .put(keys::dentry(v, new_parent, new_name), enc(&src));
-            for (moved, to) in [(&src, new_parent), (&dst, parent)] {
+            for (moved, from, to) in [(&src, parent, new_parent), (&dst, new_parent, parent)] {
                 let mut i = load_inode(self.kv, v, moved.ino)?;
                 i.attr.ctime_ns = self.now_ns;
-                if moved.kind == FileKind::Dir {
+                if moved.kind == FileKind::Dir || i.parent == from {
+                    self.move_charge(v, &i, from, to)?;
                     i.parent = to;
                 }
                 self.put_inode(v, &i);
@@ -711,7 +713,10 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
         self.add_entry(v, &mut np, new_name, &moved);
         self.put_inode(v, &np);
         moved.attr.ctime_ns = self.now_ns;
-        if moved.attr.kind == FileKind::Dir {
+        // A file is charged to the directory it was named in last (a hard link renamed
+        // elsewhere moves the charge only when it is that name).
+        if moved.attr.kind == FileKind::Dir || moved.parent == parent {
+            self.move_charge(v, &moved, parent, new_parent)?;
             moved.parent = new_parent;
         }
         self.put_inode(v, &moved);
@@ -861,6 +866,12 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
             | MetaOp::BeginMove { .. }
             | MetaOp::FinishMove { .. }
             | MetaOp::AbortMove { .. } => self.elastic(op)?,
+            MetaOp::SetQuota {
+                volume,
+                dir,
+                path,
+                limit_bytes,
+            } => self.set_quota(*volume, *dir, path, *limit_bytes)?,
             MetaOp::RaiseEpoch {
                 volume,
                 set,
@@ -922,7 +933,7 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                         format!("stop volume {name:?} before deleting it"),
                     ));
                 }
-                for table in [b'I', b'D', b'X', b'L', b'G', b'M', b'Q'] {
+                for table in [b'I', b'D', b'X', b'L', b'G', b'M', b'Q', b'U'] {
                     let prefix = [[table].as_slice(), &v.id.0.to_be_bytes()].concat();
                     for (k, _) in self.kv.scan(&prefix, None, usize::MAX).map_err(internal)? {
                         self.kv.delete(k);
@@ -1138,7 +1149,10 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
             } => self.rename(*volume, *parent, name, *new_parent, new_name, *flags)?,
             MetaOp::SetAttr { volume, ino, set } => {
                 let mut i = load_inode(self.kv, *volume, *ino)?;
+                let before = i.attr.size_bytes;
                 apply_setattr(&mut i, set, self.now_ns)?;
+                let delta = i128::from(i.attr.size_bytes) - i128::from(before);
+                self.charge(*volume, i.parent, delta)?;
                 if let Some(mode) = set.mode {
                     self.chmod_acl(*volume, *ino, mode)?;
                 }
@@ -1751,6 +1765,7 @@ pub fn read(kv: &impl KvRead, r: &MetaRead) -> CommandResult {
             limit,
         } => elastic::read_files(kv, *volume, *after, *limit)?,
         MetaRead::Moves { volume } => elastic::read_moves(kv, *volume)?,
+        MetaRead::Quotas { volume } => quota::read_quotas(kv, *volume)?,
         MetaRead::ListNodes => MetaReply::Nodes(scan_all(kv, b"N")?),
         MetaRead::ListBricks => MetaReply::Bricks(scan_all::<BrickRecord>(kv, b"B")?),
         MetaRead::ListVolumes => MetaReply::Volumes(scan_all(kv, b"V")?),
@@ -2722,5 +2737,145 @@ mod tests {
             code(sm.apply(s, MetaOp::RebalanceStop { name: "v".into() })),
             Some(ErrorCode::InvalidArgument)
         );
+    }
+
+    /// Directory quotas count file sizes up the tree, refuse growth past a limit (EDQUOT),
+    /// follow renames of files and whole directories, and give bytes back on unlink.
+    #[test]
+    fn quotas_count_refuse_and_follow_renames() {
+        let mut sm = Sm::new();
+        let (v, s) = (sm.volume, SessionId(1));
+        let code = |r: CommandResult| r.unwrap_err().kind();
+        let mkdir = |sm: &mut Sm, parent: Ino, name: &str| -> Ino {
+            let op = MetaOp::Mkdir {
+                volume: v,
+                parent,
+                name: name.into(),
+                mode: 0o755,
+                umask: 0,
+                uid: 0,
+                gid: 0,
+            };
+            match sm.apply(s, op).unwrap() {
+                MetaReply::Attr(a) => a.ino,
+                o => panic!("{o:?}"),
+            }
+        };
+        let file = |sm: &mut Sm, parent: Ino, name: &str| -> Ino {
+            match sm
+                .apply(s, MetaOp::create_file(v, parent, name, 0o644, true))
+                .unwrap()
+            {
+                MetaReply::Attr(a) => a.ino,
+                o => panic!("{o:?}"),
+            }
+        };
+        let size = |ino: Ino, n: u64| MetaOp::SetAttr {
+            volume: v,
+            ino,
+            set: SetAttr {
+                size_bytes: Some(n),
+                ..Default::default()
+            },
+        };
+        let mv = |parent: Ino, name: &str, new_parent: Ino| MetaOp::Rename {
+            volume: v,
+            parent,
+            name: name.into(),
+            new_parent,
+            new_name: name.into(),
+            flags: RenameFlags::default(),
+        };
+        let used = |sm: &Sm| -> Vec<(String, u64)> {
+            match read(&sm.base, &MetaRead::Quotas { volume: v }).unwrap() {
+                MetaReply::Quotas(q) => q.into_iter().map(|q| (q.path, q.used_bytes)).collect(),
+                o => panic!("{o:?}"),
+            }
+        };
+        let q = mkdir(&mut sm, ROOT_INO, "q");
+        let sub = mkdir(&mut sm, q, "sub");
+        let other = mkdir(&mut sm, ROOT_INO, "other");
+        let f = file(&mut sm, sub, "f");
+        sm.apply(s, size(f, 1000)).unwrap();
+        let set = |dir: Ino, path: &str, limit: Option<u64>| MetaOp::SetQuota {
+            volume: v,
+            dir,
+            path: path.into(),
+            limit_bytes: limit,
+        };
+        sm.apply(s, set(q, "/q", Some(4096))).unwrap();
+        assert_eq!(
+            used(&sm),
+            vec![("/q".to_string(), 1000)],
+            "counts what is there"
+        );
+        assert_eq!(
+            code(sm.apply(s, size(f, 5000))),
+            Some(ErrorCode::QuotaExceeded)
+        );
+        sm.apply(s, size(f, 4096)).unwrap();
+        let g = file(&mut sm, q, "g");
+        assert_eq!(
+            code(sm.apply(s, size(g, 1))),
+            Some(ErrorCode::QuotaExceeded)
+        );
+        let h = file(&mut sm, other, "h");
+        sm.apply(s, size(h, 10)).unwrap();
+        assert_eq!(
+            code(sm.apply(s, mv(other, "h", q))),
+            Some(ErrorCode::QuotaExceeded),
+            "a rename into a full tree"
+        );
+        sm.apply(s, mv(sub, "f", other)).unwrap();
+        assert_eq!(used(&sm), vec![("/q".to_string(), 0)]);
+        sm.apply(s, mv(other, "f", sub)).unwrap();
+        sm.apply(s, mv(q, "sub", other)).unwrap();
+        assert_eq!(
+            used(&sm),
+            vec![("/q".to_string(), 0)],
+            "a directory takes its tree"
+        );
+        sm.apply(s, mv(other, "sub", q)).unwrap();
+        assert_eq!(used(&sm), vec![("/q".to_string(), 4096)]);
+        // A nested quota is checked too; raising a limit keeps the count.
+        sm.apply(s, set(q, "/q", Some(10_000))).unwrap();
+        sm.apply(s, set(sub, "/q/sub", Some(5000))).unwrap();
+        sm.apply(s, size(f, 100)).unwrap();
+        let f2 = file(&mut sm, sub, "f2");
+        assert_eq!(
+            code(sm.apply(s, size(f2, 4901))),
+            Some(ErrorCode::QuotaExceeded)
+        );
+        sm.apply(s, size(f2, 4900)).unwrap();
+        assert_eq!(
+            used(&sm),
+            vec![("/q".to_string(), 5000), ("/q/sub".to_string(), 5000)]
+        );
+        sm.apply(
+            s,
+            MetaOp::Unlink {
+                volume: v,
+                parent: sub,
+                name: "f2".into(),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            used(&sm),
+            vec![("/q".to_string(), 100), ("/q/sub".to_string(), 100)]
+        );
+        let opts = |sm: &Sm| match read(&sm.base, &MetaRead::VolumeByName { name: "v".into() }) {
+            Ok(MetaReply::Volume(v)) => v.options,
+            o => panic!("{o:?}"),
+        };
+        assert!(opts(&sm).contains(&("quota".into(), "on".into())));
+        sm.apply(s, set(sub, "/q/sub", None)).unwrap();
+        sm.apply(s, set(q, "/q", None)).unwrap();
+        assert_eq!(
+            code(sm.apply(s, set(q, "/q", None))),
+            Some(ErrorCode::NotFound)
+        );
+        assert!(!opts(&sm).iter().any(|(k, _)| k == "quota"));
+        sm.apply(s, size(g, 1 << 40)).unwrap();
     }
 }

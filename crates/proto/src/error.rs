@@ -75,11 +75,13 @@ pub enum ErrorCode {
     /// The object was sealed because its file is moving to another stripe group (rebalance):
     /// read the file's group again and retry there.
     Moved = 33,
+    /// A directory's quota would be exceeded.
+    QuotaExceeded = 34,
 }
 
 impl ErrorCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 33] = [
+    pub const ALL: [ErrorCode; 34] = [
         ErrorCode::Malformed,
         ErrorCode::UnknownKind,
         ErrorCode::UnsupportedVersion,
@@ -113,6 +115,7 @@ impl ErrorCode {
         ErrorCode::VersionGap,
         ErrorCode::NotSupported,
         ErrorCode::Moved,
+        ErrorCode::QuotaExceeded,
     ];
 
     /// The code's wire number.
@@ -165,6 +168,7 @@ pub fn errno_for_code(raw: u16) -> i32 {
         ErrorCode::VersionGap => libc::EIO,
         ErrorCode::NotSupported => libc::EOPNOTSUPP,
         ErrorCode::Moved => libc::ESTALE,
+        ErrorCode::QuotaExceeded => libc::EDQUOT,
     }
 }
 

@@ -529,6 +529,14 @@ pub enum MetaOp {
         volume: VolumeId,
         file: FileMove,
     },
+    /// Sets directory `dir`'s quota (`path` is how it was named, for listing) to
+    /// `limit_bytes`, or removes it (`None`). A new quota counts what the tree holds now.
+    SetQuota {
+        volume: VolumeId,
+        dir: Ino,
+        path: String,
+        limit_bytes: Option<u64>,
+    },
 }
 
 impl MetaOp {
@@ -582,7 +590,8 @@ impl MetaOp {
             | RebalanceReport { volume, .. }
             | BeginMove { volume, .. }
             | FinishMove { volume, .. }
-            | AbortMove { volume, .. } => Some(*volume),
+            | AbortMove { volume, .. }
+            | SetQuota { volume, .. } => Some(*volume),
             _ => None,
         }
     }
@@ -603,7 +612,8 @@ impl MetaRead {
             | ListGc { volume, .. }
             | ReadDirPlus { volume, .. }
             | Files { volume, .. }
-            | Moves { volume } => Some(*volume),
+            | Moves { volume }
+            | Quotas { volume } => Some(*volume),
             _ => None,
         }
     }
@@ -704,6 +714,10 @@ pub enum MetaRead {
     Moves {
         volume: VolumeId,
     },
+    /// Every directory quota of the volume.
+    Quotas {
+        volume: VolumeId,
+    },
 }
 
 /// A session as the metadata group keeps it.
@@ -745,6 +759,16 @@ pub enum MetaReply {
         next: Option<Ino>,
     },
     Moves(Vec<FileMove>),
+    Quotas(Vec<QuotaInfo>),
+}
+
+/// A directory quota and what its tree holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaInfo {
+    pub dir: Ino,
+    pub path: String,
+    pub limit_bytes: u64,
+    pub used_bytes: u64,
 }
 
 /// A write to the metadata group. `acked_below` lets the group forget the answers to this

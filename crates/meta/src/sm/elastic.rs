@@ -85,7 +85,7 @@ fn files_in_groups(kv: &impl KvRead, v: VolumeId, groups: &[u32]) -> Res<(u64, V
     for (k, raw) in kv.scan(&prefix, None, usize::MAX).map_err(internal)? {
         let (_, group, _) = dec_gc(&raw)?;
         if groups.contains(&group) {
-            note(Ino(volume_ino(&k).map_or(0, |(_, i)| i.0)));
+            note(volume_ino(&k[1..]).map_or(Ino(0), |(_, i)| i));
         }
     }
     Ok((n, some))
