@@ -17,6 +17,7 @@ pub mod meta;
 pub mod metrics;
 pub mod msg;
 pub mod rpc;
+pub mod tls;
 
 pub use error::{ErrorBody, ErrorCode, errno_for_code};
 pub use frame::{FrameError, Header, Limits, PROTOCOL_VERSION};

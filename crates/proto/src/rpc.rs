@@ -95,6 +95,24 @@ fn nonce() -> Vec<u8> {
     n
 }
 
+/// What the client side of the handshake proves with: the key (if any), its nonce and the
+/// TLS channel binding (empty without TLS).
+struct Proving<'a> {
+    addr: SocketAddr,
+    key: Option<Arc<Vec<u8>>>,
+    my_nonce: &'a [u8],
+    binding: &'a [u8],
+}
+
+/// Either half of a connection's stream: plain TCP, or TLS over it.
+type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
+type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+fn plain_halves(stream: TcpStream) -> (BoxRead, BoxWrite) {
+    let (r, w) = stream.into_split();
+    (Box::new(r), Box::new(w))
+}
+
 const SERVER_ROLE: &[u8] = b"brickfs-server";
 const CLIENT_ROLE: &[u8] = b"brickfs-client";
 
@@ -345,7 +363,26 @@ impl Connection {
             })?
             .map_err(|source| RpcError::Connect { addr, source })?;
         let _ = stream.set_nodelay(true);
-        let (read_half, mut write_half) = stream.into_split();
+        // With a cluster key, everything after the TCP connect is encrypted (see `tls`).
+        let key = opts.cluster_key.clone().or_else(process_key);
+        let (read_half, mut write_half, binding) = if key.is_some() {
+            let (tls, binding) =
+                tokio::time::timeout(opts.connect_timeout, crate::tls::connect(stream))
+                    .await
+                    .map_err(|_| RpcError::Handshake {
+                        addr,
+                        detail: "TLS handshake timed out".into(),
+                    })?
+                    .map_err(|detail| RpcError::Handshake {
+                        addr,
+                        detail: format!("{detail} (does the node belong to a cluster with a key?)"),
+                    })?;
+            let (r, w) = tokio::io::split(tls);
+            (Box::new(r) as BoxRead, Box::new(w) as BoxWrite, binding)
+        } else {
+            let (r, w) = plain_halves(stream);
+            (r, w, Vec::new())
+        };
         let mut reader = BufReader::with_capacity(SOCKET_BUFFER_BYTES, read_half);
 
         let my_nonce = nonce();
@@ -377,8 +414,13 @@ impl Connection {
             })?;
         let server = match Message::decode(reply.header.kind, &reply.body) {
             Ok(Message::HelloOk(ok)) => {
-                Self::authenticate(addr, &opts, &my_nonce, &ok, &mut reader, &mut write_half)
-                    .await?;
+                let proving = Proving {
+                    addr,
+                    key: key.clone(),
+                    my_nonce: &my_nonce,
+                    binding: &binding,
+                };
+                Self::authenticate(&opts, proving, &ok, &mut reader, &mut write_half).await?;
                 ok
             }
             Ok(Message::Error(body)) => {
@@ -422,15 +464,19 @@ impl Connection {
     /// Checks the server's proof of the cluster key and proves ours (both or neither side
     /// holds one; anything else is refused with the reason).
     async fn authenticate(
-        addr: SocketAddr,
         opts: &ClientOptions,
-        my_nonce: &[u8],
+        proving: Proving<'_>,
         ok: &HelloOk,
-        reader: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
-        writer: &mut tokio::net::tcp::OwnedWriteHalf,
+        reader: &mut BufReader<BoxRead>,
+        writer: &mut BoxWrite,
     ) -> Result<(), RpcError> {
+        let Proving {
+            addr,
+            key,
+            my_nonce,
+            binding,
+        } = proving;
         let refuse = |detail: String| RpcError::Unauthorized { addr, detail };
-        let key = opts.cluster_key.clone().or_else(process_key);
         let key = match (key, ok.proof.is_empty()) {
             (None, true) => return Ok(()),
             (None, false) => {
@@ -445,13 +491,19 @@ impl Connection {
             }
             (Some(k), false) => k,
         };
-        if !key_proof_ok(&key, SERVER_ROLE, my_nonce, &ok.nonce, &ok.proof) {
+        if !key_proof_ok(
+            &key,
+            SERVER_ROLE,
+            my_nonce,
+            &[&ok.nonce, binding].concat(),
+            &ok.proof,
+        ) {
             return Err(refuse(
                 "the node does not hold this cluster's key: it belongs to another cluster".into(),
             ));
         }
         let auth = Message::Auth(Auth {
-            proof: key_proof(&key, CLIENT_ROLE, &ok.nonce, my_nonce),
+            proof: key_proof(&key, CLIENT_ROLE, &ok.nonce, &[my_nonce, binding].concat()),
         });
         let frame = out_frame(0, &auth, Bytes::new());
         let exchange = async {
@@ -726,7 +778,33 @@ async fn serve_connection<H: Handler>(
     limits: Limits,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let (read_half, write_half) = stream.into_split();
+    // A connection that opens with a TLS handshake gets TLS (clients holding a cluster key);
+    // one that opens with a frame is plain.
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
+        Ok(Ok(1)) => {}
+        _ => return,
+    }
+    let (read_half, write_half, binding) = if first[0] == crate::tls::HANDSHAKE_RECORD {
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, crate::tls::accept(stream)).await {
+            Ok(Ok((tls, binding))) => {
+                let (r, w) = tokio::io::split(tls);
+                (Box::new(r) as BoxRead, Box::new(w) as BoxWrite, binding)
+            }
+            Ok(Err(e)) => {
+                debug!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                debug!(%peer, "no TLS handshake within the handshake timeout");
+                return;
+            }
+        }
+    } else {
+        let (r, w) = plain_halves(stream);
+        (r, w, Vec::new())
+    };
+    let tls_on = !binding.is_empty();
     let mut reader = BufReader::with_capacity(SOCKET_BUFFER_BYTES, read_half);
     let (tx, rx) = mpsc::channel::<OutFrame>(limits.inflight_max.max(1));
     let writer = tokio::spawn(write_loop(write_half, rx));
@@ -769,7 +847,12 @@ async fn serve_connection<H: Handler>(
             let (my_nonce, proof) = match &key {
                 Some(k) => {
                     let n = nonce();
-                    let p = key_proof(k, SERVER_ROLE, &hello.nonce, &n);
+                    let p = key_proof(
+                        k,
+                        SERVER_ROLE,
+                        &hello.nonce,
+                        &[n.as_slice(), &binding].concat(),
+                    );
                     (n, p)
                 }
                 None => (Vec::new(), Vec::new()),
@@ -789,8 +872,17 @@ async fn serve_connection<H: Handler>(
                     tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut reader, &limits)).await;
                 let refusal = match next {
                     Ok(Ok(Some(f))) => match Message::decode(f.header.kind, &f.body) {
+                        Ok(Message::Auth(_)) if !tls_on => Some(
+                            "this cluster encrypts its connections: the peer proved the key without TLS",
+                        ),
                         Ok(Message::Auth(a))
-                            if key_proof_ok(&k, CLIENT_ROLE, &my_nonce, &hello.nonce, &a.proof) =>
+                            if key_proof_ok(
+                                &k,
+                                CLIENT_ROLE,
+                                &my_nonce,
+                                &[hello.nonce.as_slice(), &binding].concat(),
+                                &a.proof,
+                            ) =>
                         {
                             None
                         }
