@@ -295,3 +295,120 @@ async fn a_cluster_with_a_key_encrypts_its_connections() {
         );
     }
 }
+
+/// One HTTP request over TLS (or plain TCP): status, headers (lower case) and body.
+async fn https(
+    at: std::net::SocketAddr,
+    tls: bool,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, Vec<(String, String)>, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(at).await.unwrap();
+    let mut conn: Box<dyn brickfs_proto::http::Stream> = if tls {
+        Box::new(brickfs_proto::tls::connect(tcp).await.unwrap().0)
+    } else {
+        Box::new(tcp)
+    };
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    conn.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    let _ = conn.read_to_end(&mut raw).await;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (status, headers, body.to_string())
+}
+
+/// In a cluster with a key, the metrics endpoint and the provisioning API speak HTTPS only and
+/// want the endpoint's token (from `brickfs cluster token`); each refusal says why; a client
+/// can check that the server holds the key too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_endpoints_of_a_keyed_cluster_want_https_and_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, "c2VjcmV0LWNsdXN0ZXIta2V5LW9uZQ==\n").unwrap();
+    let d = dir.path().join("n");
+    let k = key.to_str().unwrap();
+    let node = Brickd::start(
+        &brickd_bin(),
+        &d,
+        &[d.join("b0")],
+        &[
+            "--meta",
+            "--cluster-key-file",
+            k,
+            "--api-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    )
+    .unwrap();
+    let api = must_log_addr(&node, "provisioning API listening addr=").await;
+    let metrics = must_log_addr(&node, "metrics listening addr=").await;
+    let addr = node.addr().to_string();
+    must_ok(&["--cluster-key-file", k, "cluster", "init", &addr]);
+    let token = |endpoint: &str| {
+        must_ok(&["--cluster-key-file", k, "cluster", "token", endpoint])
+            .trim()
+            .to_string()
+    };
+    let (api_token, metrics_token) = (token("api"), token("metrics"));
+    assert_ne!(api_token, metrics_token);
+    let (code, _, err) = brickfs(&["cluster", "token", "api"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--cluster-key-file"), "{err}");
+
+    for (at, path, right, wrong) in [
+        (api, "/v1/volumes", &api_token, &metrics_token),
+        (metrics, "/metrics", &metrics_token, &api_token),
+    ] {
+        let (status, _, body) = https(at, false, "GET", path, &[], "").await;
+        assert_eq!(status, 426, "{body}");
+        assert!(body.contains("use https"), "{body}");
+        let (status, _, body) = https(at, true, "GET", path, &[], "").await;
+        assert_eq!(status, 401, "{body}");
+        assert!(body.contains("brickfs cluster token"), "{body}");
+        let bad = format!("Bearer {wrong}");
+        let (status, _, body) = https(at, true, "GET", path, &[("Authorization", &bad)], "").await;
+        assert_eq!(status, 401, "{body}");
+        let good = format!("Bearer {right}");
+        let (status, headers, body) = https(
+            at,
+            true,
+            "GET",
+            path,
+            &[("Authorization", &good), ("X-Brickfs-Nonce", "n-123")],
+            "",
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let endpoint = if path == "/metrics" { "metrics" } else { "api" };
+        let want =
+            brickfs_proto::http::server_proof(&load_cluster_key(&key).unwrap(), endpoint, "n-123");
+        assert!(
+            headers.contains(&("x-brickfs-proof".to_string(), want)),
+            "{headers:?}"
+        );
+    }
+}

@@ -22,7 +22,6 @@ use brickfs_proto::meta::{BrickRecord, MetaOp, MetaRead, MetaReply, NodeRecord, 
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
 
 /// Bodies larger than this are refused.
 const BODY_MAX: usize = 64 << 10;
@@ -44,41 +43,44 @@ pub async fn serve(listener: tokio::net::TcpListener, meta: MetaClient, mount_fr
 }
 
 async fn connection(
-    mut conn: tokio::net::TcpStream,
+    conn: tokio::net::TcpStream,
     meta: &MetaClient,
     mount_from: SocketAddr,
 ) -> std::io::Result<()> {
-    let req = tokio::time::timeout(
-        Duration::from_secs(10),
-        brickfs_proto::metrics::read_http_request(&mut conn, BODY_MAX),
-    )
+    use brickfs_proto::http;
+    let req = tokio::time::timeout(Duration::from_secs(10), async {
+        let (mut conn, tls) = http::accept(conn).await?;
+        let req = http::read_request(&mut conn, BODY_MAX).await?;
+        Ok::<_, std::io::Error>((conn, tls, req))
+    })
     .await;
-    let (status, body) = match req {
-        Ok(Ok(Some((method, path, body)))) => route(meta, mount_from, &method, &path, &body).await,
-        Ok(Ok(None)) => (400, json!({"error": "malformed HTTP request"})),
+    let (mut conn, tls, req) = match req {
+        Ok(Ok(got)) => got,
         Ok(Err(e)) => return Err(e),
-        Err(_) => (408, json!({"error": "request not received within 10 s"})),
+        Err(_) => return Ok(()),
     };
-    let text = body.to_string();
-    let reason = match status {
-        200 => "OK",
-        201 => "Created",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        409 => "Conflict",
-        413 => "Payload Too Large",
-        501 => "Not Implemented",
-        502 => "Bad Gateway",
-        _ => "Insufficient Storage",
+    let mut extra = Vec::new();
+    let (status, body) = match req {
+        None => (400, json!({"error": "malformed HTTP request"})),
+        Some(req) => match http::authorize(&req, tls, "api") {
+            Err((status, why)) => {
+                tracing::warn!(status, why = %why, "provisioning API request refused");
+                error(status, why)
+            }
+            Ok(add) => {
+                extra = add;
+                route(meta, mount_from, &req.method, &req.path, &req.body).await
+            }
+        },
     };
-    let reply = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
-        text.len()
-    );
-    conn.write_all(reply.as_bytes()).await?;
-    conn.shutdown().await
+    http::reply(
+        &mut conn,
+        status,
+        "application/json",
+        &extra,
+        &body.to_string(),
+    )
+    .await
 }
 
 fn error(status: u16, msg: impl std::fmt::Display) -> (u16, Value) {

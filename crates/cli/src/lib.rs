@@ -219,6 +219,9 @@ pub enum ClusterVerb {
     },
     /// Show what the member at ADDR knows of the group.
     Status { addr: SocketAddr },
+    /// Print the bearer token of the `api` or `metrics` HTTPS endpoint, derived from the
+    /// cluster key (--cluster-key-file).
+    Token { endpoint: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -331,6 +334,21 @@ async fn cluster(verb: ClusterVerb, json: bool) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("remove {addr} from the group of {member}"))?;
             eprintln!("{addr} ({id}) left the group");
+        }
+        ClusterVerb::Token { endpoint } => {
+            if endpoint != "api" && endpoint != "metrics" {
+                return Err(UsageError(format!(
+                    "token is for the api or metrics endpoint, not {endpoint:?}"
+                ))
+                .into());
+            }
+            let Some(key) = brickfs_proto::rpc::cluster_key() else {
+                return Err(UsageError(
+                    "a token comes from the cluster key: give --cluster-key-file (or BRICKFS_CLUSTER_KEY_FILE)".into(),
+                )
+                .into());
+            };
+            println!("{}", brickfs_proto::http::token(&key, &endpoint));
         }
         ClusterVerb::Status { addr } => {
             let st = meta_client(vec![addr])

@@ -12,6 +12,7 @@
 
 pub mod error;
 pub mod frame;
+pub mod http;
 pub mod ids;
 pub mod meta;
 pub mod metrics;

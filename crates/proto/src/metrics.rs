@@ -8,7 +8,6 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Upper bounds of the latency buckets, in seconds.
 pub const BUCKETS: [f64; 14] = [
@@ -137,82 +136,45 @@ pub fn gauge(out: &mut String, name: &str, help: &str, labels: &str, value: f64)
     }
 }
 
-/// Reads one HTTP/1.1 request: method, path and body (`None` when it is not HTTP, its head is
-/// over 16 KiB or its body over `body_max`).
-pub async fn read_http_request(
-    conn: &mut tokio::net::TcpStream,
-    body_max: usize,
-) -> std::io::Result<Option<(String, String, Vec<u8>)>> {
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 4096];
-    let head_end = loop {
-        if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i;
-        }
-        if raw.len() > 16 << 10 {
-            return Ok(None);
-        }
-        let n = conn.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(None);
-        }
-        raw.extend_from_slice(&buf[..n]);
-    };
-    let head = String::from_utf8_lossy(&raw[..head_end]).into_owned();
-    let mut lines = head.lines();
-    let mut first = lines.next().unwrap_or_default().split_whitespace();
-    let (Some(method), Some(path)) = (first.next(), first.next()) else {
-        return Ok(None);
-    };
-    let len = lines
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
-        .unwrap_or(0);
-    if len > body_max {
-        return Ok(None);
-    }
-    let mut body = raw[head_end + 4..].to_vec();
-    while body.len() < len {
-        let n = conn.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(None);
-        }
-        body.extend_from_slice(&buf[..n]);
-    }
-    body.truncate(len);
-    Ok(Some((method.to_string(), path.to_string(), body)))
-}
-
 /// Serves `GET /metrics` on `listener` with what `render` returns, until the task is dropped.
-/// Anything else gets 404; a request head over 16 KiB or slower than 5 s is dropped.
+/// Anything else gets 404; a request head over 16 KiB or slower than 5 s is dropped. In a
+/// cluster with a key: HTTPS and the `metrics` token (see `crate::http`).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     render: Arc<dyn Fn() -> String + Send + Sync>,
 ) {
+    use crate::http;
     loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
+        let Ok((conn, _)) = listener.accept().await else {
             continue;
         };
         let render = render.clone();
         tokio::spawn(async move {
-            let read = read_http_request(&mut conn, 0);
-            let Ok(Ok(Some((method, path, _)))) =
-                tokio::time::timeout(Duration::from_secs(5), read).await
+            let served = async {
+                let (mut conn, tls) = http::accept(conn).await.ok()?;
+                let req = http::read_request(&mut conn, 0).await.ok()??;
+                Some((conn, tls, req))
+            };
+            let Ok(Some((mut conn, tls, req))) =
+                tokio::time::timeout(Duration::from_secs(5), served).await
             else {
                 return;
             };
-            let (status, body) = if method == "GET" && path == "/metrics" {
-                ("200 OK", render())
-            } else {
-                ("404 Not Found", "not found: try GET /metrics\n".to_string())
+            let (status, extra, body) = match http::authorize(&req, tls, "metrics") {
+                Err((status, why)) => (status, Vec::new(), format!("{why}\n")),
+                Ok(extra) if req.method == "GET" && req.path == "/metrics" => {
+                    (200, extra, render())
+                }
+                Ok(extra) => (404, extra, "not found: try GET /metrics\n".to_string()),
             };
-            let reply = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = conn.write_all(reply.as_bytes()).await;
-            let _ = conn.shutdown().await;
+            let _ = http::reply(
+                &mut conn,
+                status,
+                "text/plain; version=0.0.4",
+                &extra,
+                &body,
+            )
+            .await;
         });
     }
 }

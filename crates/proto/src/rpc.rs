@@ -66,6 +66,11 @@ fn process_key() -> Option<Arc<Vec<u8>>> {
     CLUSTER_KEY.get().cloned()
 }
 
+/// The process's cluster key, if it has one (see [`set_cluster_key`]).
+pub fn cluster_key() -> Option<Arc<Vec<u8>>> {
+    process_key()
+}
+
 /// HMAC-SHA256 over role ‖ a ‖ b, not yet finalized.
 fn key_mac(key: &[u8], role: &[u8], a: &[u8], b: &[u8]) -> hmac::Hmac<sha2::Sha256> {
     use hmac::Mac;
