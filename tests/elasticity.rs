@@ -240,6 +240,16 @@ async fn must_grow_and_shrink(head: &str, per_group: &[&[(usize, usize)]]) {
         "{files:?}"
     );
 
+    // The mover's lines carry the fixed span fields: the node, the volume and the file.
+    let log = std::fs::read_to_string(c.nodes[0].log_path()).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("file moved"))
+        .expect("the leader's node logs each move");
+    for field in ["brickd{node=", "rebalance{volume=grow}", "move{ino="] {
+        assert!(line.contains(field), "{field} missing from {line}");
+    }
+
     // Handles from before the moves follow their files.
     let want6 = pattern(6, 0, size_of(6) as usize);
     assert!(vol.read(&stale_reader, 0, 1 << 20).await.unwrap() == want6);

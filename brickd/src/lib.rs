@@ -22,6 +22,7 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 use tokio::sync::watch;
+use tracing::Instrument;
 use tracing::{info, warn};
 
 /// Runs the daemon until SIGTERM or Ctrl-C.
@@ -375,7 +376,8 @@ async fn collect_garbage(
                 };
             let (mut removed, mut bytes, mut failed) = (0u64, 0u64, 0u64);
             for item in &items {
-                match vol.remove_file(item).await {
+                let span = tracing::debug_span!("gc", volume = %v.name, ino = %item.ino);
+                match vol.remove_file(item).instrument(span).await {
                     Ok(()) => {
                         removed += 1;
                         bytes += item.size_bytes;
@@ -562,6 +564,7 @@ async fn heal_members(
                 let r = brickfs_client::heal::heal_member(&meta, &bricks, v, set, target, false, |s| {
                     tracing::debug!(volume = %v.name, set, brick = %target, scanned = s.scanned, copied = s.copied, bytes = s.bytes, "heal progress");
                 })
+                .instrument(tracing::info_span!("heal", volume = %v.name, brick = %target, set))
                 .await;
                 match r {
                     Ok(s) => {
@@ -645,7 +648,8 @@ async fn rebalance_volumes(
                 &bricks,
                 &v.name,
                 REBALANCE_ROUND,
-            );
+            )
+            .instrument(tracing::info_span!("rebalance", volume = %v.name));
             tokio::select! {
                 _ = stop.changed() => return,
                 r = round => if let Err(e) = r {
@@ -662,6 +666,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         info!("cluster key loaded: peers must prove it");
     }
     let node = load_or_create_node_id(&config.data_dir)?;
+    // Every line this node logs from its tasks carries `node` (style: fixed span fields).
+    let node_span = tracing::info_span!("brickd", node = %node);
     let mut stores = Vec::new();
     for brick in &config.bricks {
         let path = brick.path.clone();
@@ -711,7 +717,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             .with_context(|| format!("listen for metrics on {at}"))?;
         let maddr = l.local_addr()?;
         let render = render_metrics(metrics, service.clone(), meta.clone());
-        tokio::spawn(brickfs_proto::metrics::serve(l, render));
+        tokio::spawn(brickfs_proto::metrics::serve(l, render).instrument(node_span.clone()));
         // Tests wait for this line: keep its wording.
         info!(addr = %maddr, "metrics listening");
     }
@@ -739,59 +745,60 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 ..brickfs_client::MetaClientOptions::default()
             },
         );
-        tokio::spawn(api::serve(l, client, peers[0]));
+        tokio::spawn(api::serve(l, client, peers[0]).instrument(node_span.clone()));
         // Tests wait for this line: keep its wording.
         info!(addr = %aaddr, "provisioning API listening");
     }
     if !peers.is_empty() {
-        tokio::spawn(refresh_access(node, access, peers.clone(), stop_rx.clone()));
+        tokio::spawn(
+            refresh_access(node, access, peers.clone(), stop_rx.clone())
+                .instrument(node_span.clone()),
+        );
     }
     if !peers.is_empty() {
         service.enable_lease(config.write_lease);
-        tokio::spawn(heartbeat(
-            node,
-            peers.clone(),
-            service.clone(),
-            stop_rx.clone(),
-        ));
+        tokio::spawn(
+            heartbeat(node, peers.clone(), service.clone(), stop_rx.clone())
+                .instrument(node_span.clone()),
+        );
     }
     if !peers.is_empty() {
-        tokio::spawn(scrub(
-            node,
-            service.clone(),
-            peers.clone(),
-            config.scrub_rate,
-            config.scrub_interval,
-            stop_rx.clone(),
-        ));
+        tokio::spawn(
+            scrub(
+                node,
+                service.clone(),
+                peers.clone(),
+                config.scrub_rate,
+                config.scrub_interval,
+                stop_rx.clone(),
+            )
+            .instrument(node_span.clone()),
+        );
     }
     if let Some(member) = &meta {
-        tokio::spawn(heal_members(
-            node,
-            member.clone(),
-            advertise,
-            config.meta_down_after,
-            stop_rx.clone(),
-        ));
-        tokio::spawn(collect_garbage(
-            node,
-            member.clone(),
-            advertise,
-            stop_rx.clone(),
-        ));
-        tokio::spawn(rebalance_volumes(
-            node,
-            member.clone(),
-            advertise,
-            stop_rx.clone(),
-        ));
+        tokio::spawn(
+            heal_members(
+                node,
+                member.clone(),
+                advertise,
+                config.meta_down_after,
+                stop_rx.clone(),
+            )
+            .instrument(node_span.clone()),
+        );
+        tokio::spawn(
+            collect_garbage(node, member.clone(), advertise, stop_rx.clone())
+                .instrument(node_span.clone()),
+        );
+        tokio::spawn(
+            rebalance_volumes(node, member.clone(), advertise, stop_rx.clone())
+                .instrument(node_span.clone()),
+        );
     }
-    let server = tokio::spawn(brickfs_proto::rpc::serve(
-        listener,
-        handler,
-        config.limits,
-        stop_rx,
-    ));
+    let server = tokio::spawn(
+        brickfs_proto::rpc::serve(listener, handler, config.limits, stop_rx)
+            .instrument(node_span.clone()),
+    );
     let why = shutdown_signal().await;
     info!(signal = why, "shutting down");
     service.begin_shutdown();

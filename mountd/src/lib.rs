@@ -1350,6 +1350,8 @@ pub fn run(
     opts: &Options,
     stop: std::sync::mpsc::Receiver<()>,
 ) -> anyhow::Result<()> {
+    // The lines this function logs carry the volume (FUSE worker threads log `ino`).
+    let _span = tracing::info_span!("mountd", volume = %source.volume).entered();
     let (threads, lease) = (opts.threads, opts.lease);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -154,6 +154,7 @@ async fn extent(vol: &VolumeClient, attr: &Attr, group: u32) -> Result<u64, Volu
 }
 
 /// Moves one file to group `to` (see the module's comment); returns the bytes copied.
+#[tracing::instrument(level = "info", name = "move", skip_all, fields(ino = %spot.ino, from = spot.group, to))]
 pub async fn move_file(vol: &VolumeClient, spot: &FileSpot, to: u32) -> Result<u64, VolumeError> {
     let file = FileMove {
         ino: spot.ino,

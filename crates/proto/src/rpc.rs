@@ -1002,14 +1002,20 @@ async fn serve_connection<H: Handler>(
         };
         let handler = handler.clone();
         let tx = tx.clone();
-        tokio::spawn(async move {
-            let reply = match handler.handle_from(peer, msg, frame.data).await {
-                Ok((reply, data)) => out_frame(id, &reply, data),
-                Err(body) => out_frame(id, &Message::Error(body), Bytes::new()),
-            };
-            let _ = tx.send(reply).await;
-            drop(permit);
-        });
+        // Per request, at DEBUG: `req` (style: fixed span fields) ties a handler's lines to
+        // the request and its peer.
+        let span = tracing::debug_span!("req", req = id, %peer, kind = msg.name());
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let reply = match handler.handle_from(peer, msg, frame.data).await {
+                    Ok((reply, data)) => out_frame(id, &reply, data),
+                    Err(body) => out_frame(id, &Message::Error(body), Bytes::new()),
+                };
+                let _ = tx.send(reply).await;
+                drop(permit);
+            },
+            span,
+        ));
     }
     // Let requests in flight finish and their replies go out, then close.
     let _ = tokio::time::timeout(
