@@ -34,6 +34,8 @@ use std::time::{Duration, Instant};
 const PAGE: u32 = 64;
 /// Bytes copied per request (rounded up to whole stripes).
 const COPY_BYTES: u64 = 4 << 20;
+/// Copy requests in flight per file.
+const COPY_INFLIGHT: usize = 4;
 
 fn refused(code: ErrorCode, detail: impl Into<String>) -> VolumeError {
     VolumeError::Refused(ErrorBody::new(code, detail))
@@ -206,21 +208,28 @@ async fn copy(vol: &VolumeClient, file: &FileMove) -> Result<u64, VolumeError> {
     let dst = FileHandle::in_group(&attr, file.to, end);
     let stripe_bytes = vol.stripe_bytes(&attr);
     let chunk = COPY_BYTES.div_ceil(stripe_bytes).max(1) * stripe_bytes;
+    // COPY_INFLIGHT chunks at a time: each read, then (unless all zeros) written.
+    let (src, dst) = (&src, &dst);
+    let offsets: Vec<u64> = (0..end.div_ceil(chunk)).map(|i| i * chunk).collect();
     let mut copied = 0;
-    let mut at = 0;
-    while at < end {
-        let data = vol.read(&src, at, chunk.min(end - at)).await?;
-        if data.is_empty() {
-            break;
+    for batch in offsets.chunks(COPY_INFLIGHT) {
+        let tasks = batch
+            .iter()
+            .map(|&at| async move {
+                let data = vol.read(src, at, chunk.min(end - at)).await?;
+                if data.iter().all(|b| *b == 0) {
+                    return Ok::<u64, VolumeError>(0);
+                }
+                let n = data.len() as u64;
+                vol.write(dst, at, data).await?;
+                Ok(n)
+            })
+            .collect();
+        for r in brickfs_proto::rpc::join_all(tasks).await {
+            copied += r?;
         }
-        let n = data.len() as u64;
-        if data.iter().any(|b| *b != 0) {
-            vol.write(&dst, at, data).await?;
-            copied += n;
-        }
-        at += n;
     }
-    vol.sync_objects(&dst).await?;
+    vol.sync_objects(dst).await?;
     vol.meta()
         .write(MetaOp::FinishMove {
             volume: vol.record().id,
