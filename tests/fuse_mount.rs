@@ -1253,11 +1253,12 @@ async fn directory_quotas_refuse_writes_past_their_limit() {
     let dir = tempfile::tempdir().unwrap();
     let (node, source) = must_volume(dir.path()).await;
     let meta = node.addr().to_string();
-    let cli = |args: &[&str]| {
+    let quota_args = |args: &[&str]| -> Vec<String> {
         let mut v = vec!["--meta", meta.as_str(), "volume", "quota", "vol"];
         v.extend_from_slice(args);
-        must_ok(&v)
+        v.into_iter().map(String::from).collect()
     };
+    let cli = |args: &[&str]| must_ok(&quota_args(args));
     let used = || -> (u64, u64) {
         assert!(cli(&["list"]).contains("/q"));
         let json = must_ok(&[
@@ -1278,28 +1279,10 @@ async fn directory_quotas_refuse_writes_past_their_limit() {
     let m = Mount::start(&source, &dir.path().join("mnt")).await;
     std::fs::create_dir(m.path.join("q")).unwrap();
     std::fs::write(m.path.join("q/small"), pattern(1, 0, 100_000)).unwrap();
-    let (code, _, err) = brickfs(&[
-        "--meta",
-        &meta,
-        "volume",
-        "quota",
-        "vol",
-        "limit-usage",
-        "/nope",
-        "1MiB",
-    ]);
+    let (code, _, err) = brickfs(&quota_args(&["limit-usage", "/nope", "1MiB"]));
     assert_ne!(code, 0);
     assert!(err.contains("no such directory"), "{err}");
-    let (code, _, err) = brickfs(&[
-        "--meta",
-        &meta,
-        "volume",
-        "quota",
-        "vol",
-        "limit-usage",
-        "/q",
-        "lots",
-    ]);
+    let (code, _, err) = brickfs(&quota_args(&["limit-usage", "/q", "lots"]));
     assert_eq!(code, 2, "{err}");
     cli(&["limit-usage", "/q", "1MiB"]);
     assert_eq!(used(), (100_000, 1 << 20));

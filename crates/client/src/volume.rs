@@ -974,22 +974,7 @@ impl VolumeClient {
         if end == 0 || end <= fh.committed_end.load(Ordering::SeqCst) {
             return Ok(());
         }
-        let set = SetAttr {
-            size_at_least_bytes: Some(end),
-            ..SetAttr::default()
-        };
-        let attr = Self::attr(
-            self.meta
-                .write(MetaOp::SetAttr {
-                    volume: self.vol.id,
-                    ino: fh.attr.ino,
-                    set,
-                })
-                .await?,
-        )?;
-        fh.size.fetch_max(attr.size_bytes, Ordering::SeqCst);
-        fh.committed_end.fetch_max(end, Ordering::SeqCst);
-        Ok(())
+        self.commit_end(fh, end).await
     }
 
     /// Removes every object of a deleted file (each column on every member of its sets) and
