@@ -377,3 +377,95 @@ async fn striped_volume_grows_rebalances_and_shrinks_online() {
     )
     .await;
 }
+
+/// A mover that died in the middle of a move (recorded, source frozen) leaves nothing stuck:
+/// the leader's node abandons the move, thaws the source and forgets it, and a write that was
+/// waiting on the frozen file goes through, in the file's old place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_move_left_by_a_dead_mover_is_undone() {
+    use brickfs_proto::meta::{FileMove, MetaOp};
+    use brickfs_proto::msg::SealAction;
+    let c = must_cluster().await;
+    let vol = must_volume_with_unit(
+        &c,
+        "stuck",
+        "replica 2",
+        &[(0, 0), (1, 0), (1, 1), (2, 0)],
+        UNIT,
+    )
+    .await;
+    let fh = vol.create(ROOT, "f", 0o644, true).await.unwrap();
+    vol.write(&fh, 0, pattern(8, 0, 50_000)).await.unwrap();
+    vol.fsync(&fh).await.unwrap();
+    let rec = must_record(&c, "stuck").await;
+    let file = FileMove {
+        ino: fh.attr.ino,
+        from: fh.group(),
+        to: 1 - fh.group(),
+    };
+    // What a mover does before it dies: record the move, freeze the source.
+    c.meta
+        .write(MetaOp::BeginMove {
+            volume: rec.id,
+            file,
+        })
+        .await
+        .unwrap();
+    let set = &rec.sets[file.from as usize];
+    let key = ObjectKey {
+        volume: rec.id,
+        ino: file.ino,
+        column: 0,
+    };
+    for b in &set.members {
+        client()
+            .seal(node_addr(&rec, *b), *b, key, SealAction::Freeze)
+            .await
+            .unwrap();
+    }
+    let e = client()
+        .write(
+            node_addr(&rec, set.primary),
+            set.primary,
+            key,
+            0,
+            Bytes::from_static(b"x"),
+            false,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Moved), "{e}");
+    // A client's write waits on the frozen file, then goes through once the move is undone.
+    vol.write(&fh, 50_000, pattern(8, 50_000, 1000))
+        .await
+        .unwrap();
+    vol.close(fh).await.unwrap();
+    must_wait_for(
+        "the move to be forgotten",
+        Duration::from_secs(30),
+        || async {
+            match c
+                .meta
+                .read(MetaRead::Moves { volume: rec.id })
+                .await
+                .unwrap()
+            {
+                MetaReply::Moves { moving, abandoned } => {
+                    (moving.is_empty() && abandoned.is_empty()).then_some(())
+                }
+                other => panic!("{other:?}"),
+            }
+        },
+    )
+    .await;
+    let fresh = VolumeClient::open(c.meta.clone(), client(), "stuck")
+        .await
+        .unwrap();
+    must_match(&fresh, "f", 8, 51_000).await;
+    assert_eq!(fresh.open_file(ROOT, "f").await.unwrap().group(), file.from);
+    let log = std::fs::read_to_string(c.nodes[0].log_path()).unwrap();
+    assert!(
+        log.contains("move abandoned"),
+        "the leader's node says what it undid"
+    );
+}

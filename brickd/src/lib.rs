@@ -637,19 +637,34 @@ async fn rebalance_volumes(
         let Ok(MetaReply::Volumes(volumes)) = meta.read(MetaRead::ListVolumes).await else {
             continue;
         };
-        for v in volumes.iter().filter(|v| {
-            v.status == VolumeStatus::Started
-                && v.rebalance
-                    .as_ref()
-                    .is_some_and(|r| r.state == RebalanceState::Running)
-        }) {
+        for v in volumes.iter().filter(|v| v.status == VolumeStatus::Started) {
+            let running = v
+                .rebalance
+                .as_ref()
+                .is_some_and(|r| r.state == RebalanceState::Running);
+            let span = tracing::info_span!("rebalance", volume = %v.name);
+            if !running {
+                // No mover runs for it: only what dead movers left behind.
+                let clean =
+                    brickfs_client::rebalance::clean_up_moves(&meta, &bricks, &v.name, v.id);
+                match clean.instrument(span).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        info!(volume = %v.name, moves = n, "cleaned up moves left by an earlier mover")
+                    }
+                    Err(e) => {
+                        tracing::debug!(volume = %v.name, error = %e, "could not clean up moves; retried next round")
+                    }
+                }
+                continue;
+            }
             let round = brickfs_client::rebalance::rebalance_round(
                 &meta,
                 &bricks,
                 &v.name,
                 REBALANCE_ROUND,
             )
-            .instrument(tracing::info_span!("rebalance", volume = %v.name));
+            .instrument(span);
             tokio::select! {
                 _ = stop.changed() => return,
                 r = round => if let Err(e) = r {

@@ -17,7 +17,9 @@
 //!    there again.
 //!
 //! A failure before `FinishMove` abandons the move: `AbortMove` first (so that it can no longer
-//! finish), then the source is thawed and the target cleared.
+//! finish; the move stays listed as abandoned and the file cannot move again), then the source
+//! is thawed and the target cleared, and `ForgetMove` ends it. A member that cannot be reached
+//! leaves the abandoned move listed: every round of the leader's node tries the clean-up again.
 
 use crate::volume::{VolumeClient, VolumeError};
 use crate::{BrickClient, FileHandle, MetaClient};
@@ -240,12 +242,12 @@ async fn copy(vol: &VolumeClient, file: &FileMove) -> Result<u64, VolumeError> {
     Ok(copied)
 }
 
-/// Gives a move up: it can no longer finish (`AbortMove`), then the source takes writes again
-/// and the target's partial copy goes. If the metadata group says the move is not in
-/// progress, nothing is touched (it finished, or someone else gave it up).
+/// Gives a move up: it can no longer finish (`AbortMove`; the metadata group keeps it listed
+/// as abandoned), then cleans it up (`clean_up`). If the metadata group says the move is not
+/// in progress, nothing is touched (it finished, or someone else gave it up).
 pub async fn abandon(vol: &VolumeClient, file: &FileMove) {
     let volume = vol.record().id;
-    match vol
+    if let Err(e) = vol
         .meta()
         .write(MetaOp::AbortMove {
             volume,
@@ -253,25 +255,42 @@ pub async fn abandon(vol: &VolumeClient, file: &FileMove) {
         })
         .await
     {
-        Ok(_) => {}
-        Err(e) => {
-            tracing::warn!(ino = %file.ino, error = %e, "could not abandon the move in the metadata group; left as it is");
-            return;
-        }
-    }
-    if let Err(e) = seal_group(vol, file.ino, file.from, SealAction::Thaw).await {
-        tracing::error!(ino = %file.ino, group = file.from, error = %e, "move abandoned, but a member could not be thawed: writes to the file fail until it is");
-    }
-    if let Err(e) = seal_group(vol, file.ino, file.to, SealAction::Clear).await {
-        tracing::warn!(ino = %file.ino, group = file.to, error = %e, "move abandoned; its partial copy stays until the next move there");
+        tracing::warn!(ino = %file.ino, error = %e, "could not abandon the move in the metadata group; left as it is");
+        return;
     }
     tracing::info!(ino = %file.ino, from = file.from, to = file.to, "move abandoned; the file stays where it was");
+    clean_up(vol, file).await;
+}
+
+/// Thaws an abandoned move's source and clears its target, then lets the metadata group forget
+/// it; a member that cannot be reached leaves it listed, for the next round to try again (and
+/// the file cannot move meanwhile).
+async fn clean_up(vol: &VolumeClient, file: &FileMove) {
+    if let Err(e) = seal_group(vol, file.ino, file.from, SealAction::Thaw).await {
+        tracing::warn!(ino = %file.ino, group = file.from, error = %e, "abandoned move: a member could not be thawed yet; writes to the file wait until it is");
+        return;
+    }
+    if let Err(e) = seal_group(vol, file.ino, file.to, SealAction::Clear).await {
+        tracing::warn!(ino = %file.ino, group = file.to, error = %e, "abandoned move: its partial copy could not be cleared yet");
+        return;
+    }
+    let forget = MetaOp::ForgetMove {
+        volume: vol.record().id,
+        file: *file,
+    };
+    match vol.meta().write(forget).await {
+        Ok(_) => tracing::debug!(ino = %file.ino, "abandoned move cleaned up"),
+        Err(e) => {
+            tracing::warn!(ino = %file.ino, error = %e, "abandoned move cleaned up, but the metadata group could not be told; tried again next round")
+        }
+    }
 }
 
 /// Abandons the moves the metadata group has in progress for the volume (their mover died:
-/// call only when no mover of this volume runs).
+/// call only when no mover of this volume runs) and cleans up abandoned ones; returns how many
+/// it found.
 pub async fn abandon_stale_moves(vol: &VolumeClient) -> Result<usize, VolumeError> {
-    let MetaReply::Moves(moves) = vol
+    let MetaReply::Moves { moving, abandoned } = vol
         .meta()
         .read(MetaRead::Moves {
             volume: vol.record().id,
@@ -280,10 +299,31 @@ pub async fn abandon_stale_moves(vol: &VolumeClient) -> Result<usize, VolumeErro
     else {
         return Err(refused(ErrorCode::Internal, "unexpected answer to Moves"));
     };
-    for m in &moves {
+    for m in &moving {
         abandon(vol, m).await;
     }
-    Ok(moves.len())
+    for m in &abandoned {
+        clean_up(vol, m).await;
+    }
+    Ok(moving.len() + abandoned.len())
+}
+
+/// Cleans up after dead movers of a volume with no rebalance running: moves left in progress
+/// are abandoned, abandoned ones cleaned up. One metadata read when there is nothing to do.
+pub async fn clean_up_moves(
+    meta: &MetaClient,
+    bricks: &BrickClient,
+    name: &str,
+    volume: brickfs_proto::VolumeId,
+) -> Result<usize, VolumeError> {
+    match meta.read(MetaRead::Moves { volume }).await? {
+        MetaReply::Moves { moving, abandoned } if moving.is_empty() && abandoned.is_empty() => {
+            return Ok(0);
+        }
+        _ => {}
+    }
+    let vol = VolumeClient::open(meta.clone(), bricks.clone(), name).await?;
+    abandon_stale_moves(&vol).await
 }
 
 /// Runs volume `rec`'s rebalance for up to `budget`, reporting progress to the metadata group

@@ -865,7 +865,8 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
             | MetaOp::RebalanceReport { .. }
             | MetaOp::BeginMove { .. }
             | MetaOp::FinishMove { .. }
-            | MetaOp::AbortMove { .. } => self.elastic(op)?,
+            | MetaOp::AbortMove { .. }
+            | MetaOp::ForgetMove { .. } => self.elastic(op)?,
             MetaOp::SetQuota {
                 volume,
                 dir,
@@ -933,7 +934,7 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                         format!("stop volume {name:?} before deleting it"),
                     ));
                 }
-                for table in [b'I', b'D', b'X', b'L', b'G', b'M', b'Q', b'U'] {
+                for table in [b'I', b'D', b'X', b'L', b'G', b'M', b'Q', b'U', b'A'] {
                     let prefix = [[table].as_slice(), &v.id.0.to_be_bytes()].concat();
                     for (k, _) in self.kv.scan(&prefix, None, usize::MAX).map_err(internal)? {
                         self.kv.delete(k);
@@ -2599,6 +2600,74 @@ mod tests {
         let commit = MetaOp::RemoveBricksCommit { name: "v".into() };
         assert_eq!(code(sm.apply(s, commit.clone())), Some(ErrorCode::NotEmpty));
         let on0: Vec<_> = files.iter().filter(|f| f.group == 0).collect();
+        // A move given up stays listed (and the file cannot move) until its clean-up is done.
+        let first = FileMove {
+            ino: on0[0].ino,
+            from: 0,
+            to: 1,
+        };
+        let moves = |sm: &Sm| match read(&sm.base, &MetaRead::Moves { volume: v }).unwrap() {
+            MetaReply::Moves { moving, abandoned } => (moving, abandoned),
+            o => panic!("{o:?}"),
+        };
+        assert_eq!(
+            code(sm.apply(
+                s,
+                MetaOp::AbortMove {
+                    volume: v,
+                    file: first
+                }
+            )),
+            Some(ErrorCode::NotFound)
+        );
+        sm.apply(
+            s,
+            MetaOp::BeginMove {
+                volume: v,
+                file: first,
+            },
+        )
+        .unwrap();
+        assert_eq!(moves(&sm), (vec![first], vec![]));
+        sm.apply(
+            s,
+            MetaOp::AbortMove {
+                volume: v,
+                file: first,
+            },
+        )
+        .unwrap();
+        assert_eq!(moves(&sm), (vec![], vec![first]));
+        assert_eq!(
+            code(sm.apply(
+                s,
+                MetaOp::BeginMove {
+                    volume: v,
+                    file: first
+                }
+            )),
+            Some(ErrorCode::Busy)
+        );
+        assert_eq!(code(sm.apply(s, commit.clone())), Some(ErrorCode::NotEmpty));
+        sm.apply(
+            s,
+            MetaOp::ForgetMove {
+                volume: v,
+                file: first,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            code(sm.apply(
+                s,
+                MetaOp::ForgetMove {
+                    volume: v,
+                    file: first
+                }
+            )),
+            Some(ErrorCode::NotFound)
+        );
+        assert_eq!(moves(&sm), (vec![], vec![]));
         for f in &on0 {
             let file = FileMove {
                 ino: f.ino,

@@ -524,8 +524,14 @@ pub enum MetaOp {
         volume: VolumeId,
         file: FileMove,
     },
-    /// The move is abandoned: the file stays in `from` (the mover unseals it after this).
+    /// The move is abandoned: the file stays in `from`. The move stays listed as abandoned
+    /// (and the file cannot move again) until `ForgetMove` says its source was thawed.
     AbortMove {
+        volume: VolumeId,
+        file: FileMove,
+    },
+    /// An abandoned move's source objects are thawed and its target cleared: forget it.
+    ForgetMove {
         volume: VolumeId,
         file: FileMove,
     },
@@ -591,7 +597,8 @@ impl MetaOp {
             | BeginMove { volume, .. }
             | FinishMove { volume, .. }
             | AbortMove { volume, .. }
-            | SetQuota { volume, .. } => Some(*volume),
+            | SetQuota { volume, .. }
+            | ForgetMove { volume, .. } => Some(*volume),
             _ => None,
         }
     }
@@ -758,7 +765,11 @@ pub enum MetaReply {
         files: Vec<FileSpot>,
         next: Option<Ino>,
     },
-    Moves(Vec<FileMove>),
+    /// Moves in progress, and moves given up whose source is not yet known to be thawed.
+    Moves {
+        moving: Vec<FileMove>,
+        abandoned: Vec<FileMove>,
+    },
     Quotas(Vec<QuotaInfo>),
 }
 

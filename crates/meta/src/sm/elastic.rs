@@ -10,6 +10,11 @@ pub(super) fn move_key(v: VolumeId, ino: Ino) -> Vec<u8> {
     [b"M".as_slice(), &v.0.to_be_bytes(), &ino.0.to_be_bytes()].concat()
 }
 
+/// Moves given up whose source may still be frozen (`AbortMove` until `ForgetMove`).
+pub(super) fn abandoned_key(v: VolumeId, ino: Ino) -> Vec<u8> {
+    [b"A".as_slice(), &v.0.to_be_bytes(), &ino.0.to_be_bytes()].concat()
+}
+
 pub(super) fn moved_from_key(v: VolumeId, ino: Ino) -> Vec<u8> {
     [b"Q".as_slice(), &v.0.to_be_bytes(), &ino.0.to_be_bytes()].concat()
 }
@@ -74,11 +79,13 @@ fn files_in_groups(kv: &impl KvRead, v: VolumeId, groups: &[u32]) -> Res<(u64, V
             note(i.attr.ino);
         }
     }
-    let prefix = [b"M".as_slice(), &v.0.to_be_bytes()].concat();
-    for (_, raw) in kv.scan(&prefix, None, usize::MAX).map_err(internal)? {
-        let m: FileMove = dec(&raw)?;
-        if groups.contains(&m.from) || groups.contains(&m.to) {
-            note(m.ino);
+    for table in [b"M", b"A"] {
+        let prefix = [table.as_slice(), &v.0.to_be_bytes()].concat();
+        for (_, raw) in kv.scan(&prefix, None, usize::MAX).map_err(internal)? {
+            let m: FileMove = dec(&raw)?;
+            if groups.contains(&m.from) || groups.contains(&m.to) {
+                note(m.ino);
+            }
         }
     }
     let prefix = [b"G".as_slice(), &v.0.to_be_bytes()].concat();
@@ -229,7 +236,21 @@ impl<B: KvRead> Applier<'_, '_, B> {
             }
             MetaOp::AbortMove { volume, file } => {
                 self.take_move(*volume, file)?;
+                self.kv.put(abandoned_key(*volume, file.ino), enc(file));
                 Ok(MetaReply::Done)
+            }
+            MetaOp::ForgetMove { volume, file } => {
+                let key = abandoned_key(*volume, file.ino);
+                match get::<FileMove>(self.kv, &key)? {
+                    Some(m) if m == *file => {
+                        self.kv.delete(key);
+                        Ok(MetaReply::Done)
+                    }
+                    _ => Err(err(
+                        ErrorCode::NotFound,
+                        format!("no abandoned move of inode {}", file.ino),
+                    )),
+                }
             }
             other => Err(internal(format!("not an elasticity op: {other:?}"))),
         }
@@ -467,6 +488,15 @@ impl<B: KvRead> Applier<'_, '_, B> {
                 format!("inode {} is not a file in group {}", file.ino, file.from),
             ));
         }
+        if get::<FileMove>(self.kv, &abandoned_key(volume, file.ino))?.is_some() {
+            return Err(err(
+                ErrorCode::Busy,
+                format!(
+                    "inode {}: an abandoned move is not cleaned up yet",
+                    file.ino
+                ),
+            ));
+        }
         let key = move_key(volume, file.ino);
         if let Some(m) = get::<FileMove>(self.kv, &key)? {
             return Err(err(
@@ -524,12 +554,18 @@ pub(super) fn read_files(kv: &impl KvRead, v: VolumeId, after: Ino, limit: u32) 
     })
 }
 
-/// `MetaRead::Moves`: the moves in progress.
+/// `MetaRead::Moves`: the moves in progress and the abandoned ones not cleaned up.
 pub(super) fn read_moves(kv: &impl KvRead, v: VolumeId) -> Res<MetaReply> {
-    let prefix = [b"M".as_slice(), &v.0.to_be_bytes()].concat();
-    let mut out = Vec::new();
-    for (_, raw) in kv.scan(&prefix, None, usize::MAX).map_err(internal)? {
-        out.push(dec::<FileMove>(&raw)?);
-    }
-    Ok(MetaReply::Moves(out))
+    let list = |table: &[u8]| -> Res<Vec<FileMove>> {
+        let prefix = [table, &v.0.to_be_bytes()].concat();
+        let mut out = Vec::new();
+        for (_, raw) in kv.scan(&prefix, None, usize::MAX).map_err(internal)? {
+            out.push(dec::<FileMove>(&raw)?);
+        }
+        Ok(out)
+    };
+    Ok(MetaReply::Moves {
+        moving: list(b"M")?,
+        abandoned: list(b"A")?,
+    })
 }
