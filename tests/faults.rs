@@ -1,4 +1,4 @@
-//! Fault injection: three brickd nodes (each a metadata voter with two bricks, each on its own
+//! Fault injection: three brickd nodes (each a metadata voter with three bricks, each on its own
 //! test host in a network namespace) serve a replica-3 volume and a disperse 2+1 volume
 //! (default quorums: 2 and 3) while a seeded, randomized workload of writes, truncates,
 //! renames, fsyncs and reads runs from a fourth host, and a seeded fault schedule partitions
@@ -15,6 +15,10 @@
 //! during the run returned exactly the model's bytes (or an error, never wrong bytes); after
 //! the faults stop and every member healed, every file reads back as acknowledged, every name
 //! is where the last acknowledged rename left it, and no two copies of any object differ.
+//!
+//! A third of the way in, the replica volume grows by a stripe group (a third brick on each
+//! node) and a rebalance starts: its files move while the faults and the workload go on (the
+//! workload's handles follow them); after the faults the rebalance must finish.
 //!
 //! `BRICKFS_FAULT_SEED` reproduces a run (the seed is printed); `BRICKFS_FAULT_SECS` sets how
 //! long faults are injected (default 20, the CI profile; try 600 by hand for the long one).
@@ -135,7 +139,8 @@ async fn must_cluster(net: &TestNet) -> Cluster {
         )
         .unwrap();
         disks.push(TmpfsGuard(disk.clone()));
-        let bricks: Vec<_> = (0..2).map(|i| disk.join(format!("b{i}"))).collect();
+        // b0: the replica volume, b1: the disperse volume, b2: the replica volume's growth.
+        let bricks: Vec<_> = (0..3).map(|i| disk.join(format!("b{i}"))).collect();
         let node = Brickd::start_in(&brickd_bin(), &node_dir, &bricks, &args, net.host(n)).unwrap();
         ids.push(client().ping(node.addr()).await.unwrap());
         nodes.push(node);
@@ -411,9 +416,49 @@ async fn random_faults(net: Arc<TestNet>) {
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let r3_files: Vec<File> = files.drain(..2).collect();
     let d21_files: Vec<File> = std::mem::take(&mut files);
+    // A third of the way in: grow the replica volume and rebalance it under the faults.
+    let grow = {
+        let meta = c.meta.clone();
+        let bricks: Vec<String> = c
+            .nodes
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|n| format!("{}:{}", n.addr(), n.bricks()[2].display()))
+            .collect();
+        tokio::spawn(async move {
+            hold(Duration::from_secs(secs / 3)).await;
+            // A retry whose first try took effect is refused as done already.
+            let done_already = |e: brickfs_client::MetaError| match e.code() {
+                Some(brickfs_proto::ErrorCode::Exists) => Ok(()),
+                _ => Err(e.to_string()),
+            };
+            until_acked("add-brick", || {
+                let op = MetaOp::AddBricks {
+                    name: "r3".into(),
+                    bricks: bricks.clone(),
+                };
+                let meta = meta.clone();
+                async move { meta.write(op).await.map(|_| ()).or_else(done_already) }
+            })
+            .await;
+            until_acked("rebalance start", || {
+                let meta = meta.clone();
+                async move {
+                    meta.write(MetaOp::RebalanceStart { name: "r3".into() })
+                        .await
+                        .map(|_| ())
+                        .or_else(done_already)
+                }
+            })
+            .await;
+            eprintln!("fault suite: r3 grew by a group; rebalancing");
+        })
+    };
     let r3 = tokio::spawn(workload(r3_files, seed, until, done.clone()));
     let d21 = tokio::spawn(workload(d21_files, seed ^ 0xD21, until, done.clone()));
     let (log, cut) = injector.await.unwrap();
+    grow.await.unwrap();
     done.store(true, std::sync::atomic::Ordering::SeqCst);
     let (r3_files, ops3, reads3, acks) = r3.await.unwrap();
     let (d21_files, ops21, reads21, _) = d21.await.unwrap();
@@ -458,6 +503,31 @@ async fn random_faults(net: Arc<TestNet>) {
         );
         tick.tick().await;
     }
+    // The rebalance finishes once everything is up, and leaves no move behind.
+    let r3 = admin::volume_info(&c.meta, "r3").await.unwrap();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let (moved, passes) = loop {
+        let v = admin::volume_info(&c.meta, "r3").await.unwrap();
+        let r = v.rebalance.expect("a rebalance was started");
+        let moves = c
+            .meta
+            .read(MetaRead::Moves { volume: r3.id })
+            .await
+            .unwrap();
+        let idle = matches!(&moves, MetaReply::Moves { moving, abandoned } if moving.is_empty() && abandoned.is_empty());
+        if r.state == brickfs_proto::meta::RebalanceState::Done && idle {
+            break (r.progress.moved, r.progress.pass);
+        }
+        assert!(
+            Instant::now() < deadline + Duration::from_secs(120),
+            "seed {seed}: the rebalance never finished: {r:?} {moves:?}"
+        );
+        tick.tick().await;
+    };
+    eprintln!(
+        "fault suite: the rebalance moved {moved} files in {} passes",
+        passes + 1
+    );
     // Sizes reach the metadata group at fsync or close: close every file.
     for f in &files {
         let (vol, fh) = (f.vol.clone(), f.fh.clone());
