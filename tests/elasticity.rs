@@ -220,6 +220,8 @@ async fn must_grow_and_shrink(head: &str, per_group: &[&[(usize, usize)]]) {
     must_ok(&cli(&["volume", "rebalance", "grow", "start"]));
     let st = must_finish(&cli(&["--json", "volume", "rebalance", "grow", "status"])).await;
     assert!(st["moved"].as_u64().unwrap() > 0, "{st}");
+    let status = must_ok(&cli(&["volume", "status", "grow"]));
+    assert!(status.contains("Rebalance: Done"), "{status}");
     let text = must_ok(&cli(&["volume", "rebalance", "grow", "status"]));
     assert!(
         text.contains("rebalance done") && text.contains("100% done"),
@@ -295,6 +297,11 @@ async fn must_grow_and_shrink(head: &str, per_group: &[&[(usize, usize)]]) {
     rm.extend(words(per_group[0]));
     rm.push("start".into());
     must_ok(&cli(&rm.iter().map(String::as_str).collect::<Vec<_>>()));
+    let status = must_ok(&cli(&["volume", "status", "grow"]));
+    assert!(
+        status.contains("Draining groups (remove-brick): [0]"),
+        "{status}"
+    );
     let st = must_finish(&cli(&[
         "--json",
         "volume",

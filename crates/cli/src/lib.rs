@@ -640,6 +640,23 @@ async fn volume(verb: VolumeVerb, meta: &[SocketAddr], json: bool) -> anyhow::Re
                 return print_json(&rows);
             }
             println!("Status of volume: {name} ({:?})", v.status);
+            if let Some(r) = &v.rebalance {
+                let p = &r.progress;
+                println!(
+                    "Rebalance: {:?}{} (pass {}, {} files moved, {} skipped this pass)",
+                    r.state,
+                    if r.drain_only { ", draining only" } else { "" },
+                    p.pass,
+                    p.moved,
+                    p.skipped
+                );
+            }
+            if !v.draining.is_empty() {
+                println!(
+                    "Draining groups (remove-brick): {:?}; see `brickfs volume remove-brick {name} status`",
+                    v.draining
+                );
+            }
             let w = rows.iter().map(|r| r.brick.len()).max().unwrap_or(5).max(5);
             println!(
                 "{:<w$}  {:>3}  {:<15} {:<6} {:>9} {:>9} {:>12}",
