@@ -457,8 +457,12 @@ async fn a_move_left_by_a_dead_mover_is_undone() {
                 .await
                 .unwrap()
             {
-                MetaReply::Moves { moving, abandoned } => {
-                    (moving.is_empty() && abandoned.is_empty()).then_some(())
+                MetaReply::Moves {
+                    moving,
+                    abandoned,
+                    dropping,
+                } => {
+                    (moving.is_empty() && abandoned.is_empty() && dropping.is_empty()).then_some(())
                 }
                 other => panic!("{other:?}"),
             }

@@ -514,7 +514,7 @@ async fn random_faults(net: Arc<TestNet>) {
             .read(MetaRead::Moves { volume: r3.id })
             .await
             .unwrap();
-        let idle = matches!(&moves, MetaReply::Moves { moving, abandoned } if moving.is_empty() && abandoned.is_empty());
+        let idle = matches!(&moves, MetaReply::Moves { moving, abandoned, dropping } if moving.is_empty() && abandoned.is_empty() && dropping.is_empty());
         if r.state == brickfs_proto::meta::RebalanceState::Done && idle {
             break (r.progress.moved, r.progress.pass);
         }

@@ -14,7 +14,8 @@
 //! 4. `FinishMove` switches the file's group; from then on clients that still write to the
 //!    old group get `Moved` and follow. The source objects are dropped, keeping their seals
 //!    (until the file is deleted), so a client that knew the old group never reads or writes
-//!    there again.
+//!    there again; `DroppedMove` ends it (until then the move is listed as dropping, the file
+//!    cannot move, and every round of the leader's node tries the drop again).
 //!
 //! A failure before `FinishMove` abandons the move: `AbortMove` first (so that it can no longer
 //! finish; the move stays listed as abandoned and the file cannot move again), then the source
@@ -175,9 +176,7 @@ pub async fn move_file(vol: &VolumeClient, spot: &FileSpot, to: u32) -> Result<u
     match copy(vol, &file).await {
         Ok(bytes) => {
             // The file lives in `to` now: drop the source (keeping its seals).
-            if let Err(e) = seal_group(vol, file.ino, file.from, SealAction::Drop).await {
-                tracing::warn!(ino = %file.ino, group = file.from, error = %e, "moved, but could not drop the old copy; it stays frozen until the file is deleted");
-            }
+            drop_source(vol, &file).await;
             Ok(bytes)
         }
         Err(e) => {
@@ -288,11 +287,33 @@ async fn clean_up(vol: &VolumeClient, file: &FileMove) {
     }
 }
 
+/// Drops a finished move's source objects (sealed `Gone`, so that clients that knew the old
+/// place follow the file) and tells the metadata group (`DroppedMove`); a member that cannot
+/// be reached leaves the move listed as dropping, for the next round to try again (until then
+/// the old copy is frozen: no writes, and the file cannot move).
+async fn drop_source(vol: &VolumeClient, file: &FileMove) {
+    if let Err(e) = seal_group(vol, file.ino, file.from, SealAction::Drop).await {
+        tracing::warn!(ino = %file.ino, group = file.from, error = %e, "moved, but the old copy could not be dropped yet; tried again next round");
+        return;
+    }
+    let done = MetaOp::DroppedMove {
+        volume: vol.record().id,
+        file: *file,
+    };
+    if let Err(e) = vol.meta().write(done).await {
+        tracing::warn!(ino = %file.ino, error = %e, "old copy dropped, but the metadata group could not be told; tried again next round");
+    }
+}
+
 /// Abandons the moves the metadata group has in progress for the volume (their mover died:
-/// call only when no mover of this volume runs) and cleans up abandoned ones; returns how many
-/// it found.
+/// call only when no mover of this volume runs), cleans up abandoned ones and drops the
+/// sources of finished ones not dropped yet; returns how many it found.
 pub async fn abandon_stale_moves(vol: &VolumeClient) -> Result<usize, VolumeError> {
-    let MetaReply::Moves { moving, abandoned } = vol
+    let MetaReply::Moves {
+        moving,
+        abandoned,
+        dropping,
+    } = vol
         .meta()
         .read(MetaRead::Moves {
             volume: vol.record().id,
@@ -307,7 +328,10 @@ pub async fn abandon_stale_moves(vol: &VolumeClient) -> Result<usize, VolumeErro
     for m in &abandoned {
         clean_up(vol, m).await;
     }
-    Ok(moving.len() + abandoned.len())
+    for m in &dropping {
+        drop_source(vol, m).await;
+    }
+    Ok(moving.len() + abandoned.len() + dropping.len())
 }
 
 /// Cleans up after dead movers of a volume with no rebalance running: moves left in progress
@@ -319,7 +343,11 @@ pub async fn clean_up_moves(
     volume: brickfs_proto::VolumeId,
 ) -> Result<usize, VolumeError> {
     match meta.read(MetaRead::Moves { volume }).await? {
-        MetaReply::Moves { moving, abandoned } if moving.is_empty() && abandoned.is_empty() => {
+        MetaReply::Moves {
+            moving,
+            abandoned,
+            dropping,
+        } if moving.is_empty() && abandoned.is_empty() && dropping.is_empty() => {
             return Ok(0);
         }
         _ => {}

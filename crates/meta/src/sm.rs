@@ -866,7 +866,8 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
             | MetaOp::BeginMove { .. }
             | MetaOp::FinishMove { .. }
             | MetaOp::AbortMove { .. }
-            | MetaOp::ForgetMove { .. } => self.elastic(op)?,
+            | MetaOp::ForgetMove { .. }
+            | MetaOp::DroppedMove { .. } => self.elastic(op)?,
             MetaOp::SetQuota {
                 volume,
                 dir,
@@ -934,7 +935,7 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                         format!("stop volume {name:?} before deleting it"),
                     ));
                 }
-                for table in [b'I', b'D', b'X', b'L', b'G', b'M', b'Q', b'U', b'A'] {
+                for table in [b'I', b'D', b'X', b'L', b'G', b'M', b'Q', b'U', b'A', b'P'] {
                     let prefix = [[table].as_slice(), &v.id.0.to_be_bytes()].concat();
                     for (k, _) in self.kv.scan(&prefix, None, usize::MAX).map_err(internal)? {
                         self.kv.delete(k);
@@ -2607,7 +2608,14 @@ mod tests {
             to: 1,
         };
         let moves = |sm: &Sm| match read(&sm.base, &MetaRead::Moves { volume: v }).unwrap() {
-            MetaReply::Moves { moving, abandoned } => (moving, abandoned),
+            MetaReply::Moves {
+                moving,
+                abandoned,
+                dropping,
+            } => {
+                assert!(dropping.is_empty() || moving.is_empty());
+                (moving, abandoned)
+            }
             o => panic!("{o:?}"),
         };
         assert_eq!(
@@ -2698,6 +2706,23 @@ mod tests {
                 MetaReply::Attr(a) => assert_eq!(a.group, 1),
                 o => panic!("{o:?}"),
             }
+            // Until its source is dropped, the file cannot move again.
+            assert_eq!(
+                code(sm.apply(
+                    s,
+                    MetaOp::BeginMove {
+                        volume: v,
+                        file: FileMove {
+                            from: 1,
+                            to: 2,
+                            ..file
+                        }
+                    }
+                )),
+                Some(ErrorCode::Busy)
+            );
+            sm.apply(s, MetaOp::DroppedMove { volume: v, file })
+                .unwrap();
             // Back to a draining group: refused.
             assert_eq!(
                 code(sm.apply(

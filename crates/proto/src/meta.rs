@@ -519,7 +519,8 @@ pub enum MetaOp {
         volume: VolumeId,
         file: FileMove,
     },
-    /// The file's objects are in group `to`: it lives there from now on.
+    /// The file's objects are in group `to`: it lives there from now on. The move stays
+    /// listed as dropping (and the file cannot move) until `DroppedMove`.
     FinishMove {
         volume: VolumeId,
         file: FileMove,
@@ -532,6 +533,11 @@ pub enum MetaOp {
     },
     /// An abandoned move's source objects are thawed and its target cleared: forget it.
     ForgetMove {
+        volume: VolumeId,
+        file: FileMove,
+    },
+    /// A finished move's source objects are dropped (sealed `Gone`): forget it.
+    DroppedMove {
         volume: VolumeId,
         file: FileMove,
     },
@@ -598,7 +604,8 @@ impl MetaOp {
             | FinishMove { volume, .. }
             | AbortMove { volume, .. }
             | SetQuota { volume, .. }
-            | ForgetMove { volume, .. } => Some(*volume),
+            | ForgetMove { volume, .. }
+            | DroppedMove { volume, .. } => Some(*volume),
             _ => None,
         }
     }
@@ -765,10 +772,12 @@ pub enum MetaReply {
         files: Vec<FileSpot>,
         next: Option<Ino>,
     },
-    /// Moves in progress, and moves given up whose source is not yet known to be thawed.
+    /// Moves in progress, moves given up whose source is not yet known to be thawed, and
+    /// finished moves whose source is not yet known to be dropped.
     Moves {
         moving: Vec<FileMove>,
         abandoned: Vec<FileMove>,
+        dropping: Vec<FileMove>,
     },
     Quotas(Vec<QuotaInfo>),
 }

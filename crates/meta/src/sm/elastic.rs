@@ -15,6 +15,11 @@ pub(super) fn abandoned_key(v: VolumeId, ino: Ino) -> Vec<u8> {
     [b"A".as_slice(), &v.0.to_be_bytes(), &ino.0.to_be_bytes()].concat()
 }
 
+/// Finished moves whose source may still hold data (`FinishMove` until `DroppedMove`).
+pub(super) fn dropping_key(v: VolumeId, ino: Ino) -> Vec<u8> {
+    [b"P".as_slice(), &v.0.to_be_bytes(), &ino.0.to_be_bytes()].concat()
+}
+
 pub(super) fn moved_from_key(v: VolumeId, ino: Ino) -> Vec<u8> {
     [b"Q".as_slice(), &v.0.to_be_bytes(), &ino.0.to_be_bytes()].concat()
 }
@@ -79,7 +84,7 @@ fn files_in_groups(kv: &impl KvRead, v: VolumeId, groups: &[u32]) -> Res<(u64, V
             note(i.attr.ino);
         }
     }
-    for table in [b"M", b"A"] {
+    for table in [b"M", b"A", b"P"] {
         let prefix = [table.as_slice(), &v.0.to_be_bytes()].concat();
         for (_, raw) in kv.scan(&prefix, None, usize::MAX).map_err(internal)? {
             let m: FileMove = dec(&raw)?;
@@ -232,6 +237,7 @@ impl<B: KvRead> Applier<'_, '_, B> {
                 from.retain(|g| *g != file.to && *g != file.from);
                 from.push(file.from);
                 self.kv.put(key, enc(&from));
+                self.kv.put(dropping_key(*volume, file.ino), enc(file));
                 Ok(MetaReply::Attr(i.attr))
             }
             MetaOp::AbortMove { volume, file } => {
@@ -239,8 +245,11 @@ impl<B: KvRead> Applier<'_, '_, B> {
                 self.kv.put(abandoned_key(*volume, file.ino), enc(file));
                 Ok(MetaReply::Done)
             }
-            MetaOp::ForgetMove { volume, file } => {
-                let key = abandoned_key(*volume, file.ino);
+            MetaOp::ForgetMove { volume, file } | MetaOp::DroppedMove { volume, file } => {
+                let key = match op {
+                    MetaOp::ForgetMove { .. } => abandoned_key(*volume, file.ino),
+                    _ => dropping_key(*volume, file.ino),
+                };
                 match get::<FileMove>(self.kv, &key)? {
                     Some(m) if m == *file => {
                         self.kv.delete(key);
@@ -248,7 +257,7 @@ impl<B: KvRead> Applier<'_, '_, B> {
                     }
                     _ => Err(err(
                         ErrorCode::NotFound,
-                        format!("no abandoned move of inode {}", file.ino),
+                        format!("no such move of inode {} to clean up", file.ino),
                     )),
                 }
             }
@@ -468,6 +477,17 @@ impl<B: KvRead> Applier<'_, '_, B> {
     }
 
     fn begin_move(&mut self, volume: VolumeId, file: &FileMove) -> Res<MetaReply> {
+        for key in [
+            abandoned_key(volume, file.ino),
+            dropping_key(volume, file.ino),
+        ] {
+            if get::<FileMove>(self.kv, &key)?.is_some() {
+                return Err(err(
+                    ErrorCode::Busy,
+                    format!("inode {}: its last move is not cleaned up yet", file.ino),
+                ));
+            }
+        }
         let v = check_volume(self.kv, volume)?;
         if file.from == file.to
             || !v.takes_files(file.to as usize)
@@ -486,15 +506,6 @@ impl<B: KvRead> Applier<'_, '_, B> {
             return Err(err(
                 ErrorCode::StaleRequest,
                 format!("inode {} is not a file in group {}", file.ino, file.from),
-            ));
-        }
-        if get::<FileMove>(self.kv, &abandoned_key(volume, file.ino))?.is_some() {
-            return Err(err(
-                ErrorCode::Busy,
-                format!(
-                    "inode {}: an abandoned move is not cleaned up yet",
-                    file.ino
-                ),
             ));
         }
         let key = move_key(volume, file.ino);
@@ -567,5 +578,6 @@ pub(super) fn read_moves(kv: &impl KvRead, v: VolumeId) -> Res<MetaReply> {
     Ok(MetaReply::Moves {
         moving: list(b"M")?,
         abandoned: list(b"A")?,
+        dropping: list(b"P")?,
     })
 }
