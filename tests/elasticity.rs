@@ -6,7 +6,7 @@
 
 mod common;
 
-use brickfs_client::rebalance::destination;
+use brickfs_client::rebalance::Placement;
 use brickfs_client::{FileHandle, VolumeClient};
 use brickfs_proto::meta::{BrickRecord, MetaRead, MetaReply, VolumeRecord};
 use brickfs_proto::{ErrorCode, Ino, ObjectKey};
@@ -230,12 +230,9 @@ async fn must_grow_and_shrink(head: &str, per_group: &[&[(usize, usize)]]) {
     let rec = must_record(&c, "grow").await;
     let bricks = must_bricks(&c).await;
     let files = must_files(&c, &rec).await;
+    let placement = Placement::new(&rec, &bricks);
     for f in &files {
-        assert_eq!(
-            destination(&rec, &bricks, false, f),
-            None,
-            "{f:?} not at home"
-        );
+        assert_eq!(placement.destination(false, f), None, "{f:?} not at home");
     }
     assert!(
         (0..3).all(|g| files.iter().any(|f| f.group == g)),

@@ -224,7 +224,7 @@ async fn create(meta: &MetaClient, mount_from: SocketAddr, body: &[u8]) -> (u16,
     if admin::volume_info(meta, name).await.is_ok() {
         return error(409, format!("volume {name:?} exists"));
     }
-    let (nodes, free) = match free_bricks(meta).await {
+    let Bricks { nodes, free, .. } = match free_bricks(meta).await {
         Ok(f) => f,
         Err(e) => return e,
     };
@@ -276,8 +276,16 @@ async fn create(meta: &MetaClient, mount_from: SocketAddr, body: &[u8]) -> (u16,
 
 type Refusal = (u16, Value);
 
-/// The registered nodes, and the bricks in no volume (most capacity first).
-async fn free_bricks(meta: &MetaClient) -> Result<(Vec<NodeRecord>, Vec<BrickRecord>), Refusal> {
+/// The cluster map's bricks and what is free of them.
+struct Bricks {
+    nodes: Vec<NodeRecord>,
+    all: Vec<BrickRecord>,
+    /// The bricks in no volume, most capacity first.
+    free: Vec<BrickRecord>,
+}
+
+/// Reads the cluster map's nodes and bricks, and which bricks are free.
+async fn free_bricks(meta: &MetaClient) -> Result<Bricks, Refusal> {
     let (nodes, bricks, volumes) = match (
         meta.read(MetaRead::ListNodes).await,
         meta.read(MetaRead::ListBricks).await,
@@ -287,15 +295,20 @@ async fn free_bricks(meta: &MetaClient) -> Result<(Vec<NodeRecord>, Vec<BrickRec
         _ => return Err(error(502, "could not read the cluster map")),
     };
     let mut free: Vec<_> = bricks
-        .into_iter()
+        .iter()
         .filter(|b| {
             !volumes
                 .iter()
                 .any(|v| v.bricks.iter().any(|x| x.brick == b.id))
         })
+        .cloned()
         .collect();
     free.sort_by_key(|b| std::cmp::Reverse(b.capacity_bytes));
-    Ok((nodes, free))
+    Ok(Bricks {
+        nodes,
+        all: bricks,
+        free,
+    })
 }
 
 /// Up to `n` of `free`, taken round-robin over nodes so that the bricks of a set land on as
@@ -364,13 +377,9 @@ async fn expand(meta: &MetaClient, mount_from: SocketAddr, name: &str, body: &[u
         Ok(v) => v,
         Err(e) => return from_admin(e),
     };
-    let (nodes, free) = match free_bricks(meta).await {
+    let Bricks { nodes, all, free } = match free_bricks(meta).await {
         Ok(f) => f,
         Err(e) => return e,
-    };
-    let all: Vec<BrickRecord> = match meta.read(MetaRead::ListBricks).await {
-        Ok(MetaReply::Bricks(b)) => b,
-        _ => return error(502, "could not read the cluster map"),
     };
     let capacity = |id| {
         all.iter()

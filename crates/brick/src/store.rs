@@ -89,8 +89,9 @@ pub struct BrickStore {
     epoch_lock: std::sync::Mutex<()>,
     /// The sets (volume, set) that may have journal entries (see `journal_add`).
     journaled: std::sync::Mutex<std::collections::HashSet<(u64, u32)>>,
-    /// How many objects carry a seal (see `seal`): none, and no mutation looks them up.
-    seals: AtomicU64,
+    /// The sealed objects (see `seal`), as the database holds them: loaded at open and kept
+    /// in step, so that reads and writes check a seal without reading the database.
+    seals: RwLock<std::collections::HashMap<ObjectKey, SealState>>,
 }
 
 /// A seal on an object whose file moves to another stripe group (rebalance).
@@ -100,6 +101,14 @@ pub enum SealState {
     Frozen,
     /// The data is gone (the file lives elsewhere): everything is refused.
     Gone,
+}
+
+fn decode_seal(raw: &[u8]) -> SealState {
+    if raw == [1] {
+        SealState::Frozen
+    } else {
+        SealState::Gone
+    }
 }
 
 /// Seal keys: `s`, then the object key as in `meta_key`.
@@ -299,13 +308,17 @@ impl BrickStore {
             journaled.insert((volume, set));
             at = journal_end(volume, set).to_vec();
         }
-        let mut seals = 0u64;
+        let mut seals = std::collections::HashMap::new();
         for item in db.iterator(IteratorMode::From(b"s", rocksdb::Direction::Forward)) {
-            let (k, _) = item?;
+            let (k, v) = item?;
             if k.first() != Some(&b's') {
                 break;
             }
-            seals += 1;
+            let mut raw = k.to_vec();
+            raw[0] = b'o';
+            let key = parse_meta_key(&raw)
+                .ok_or_else(|| StoreError::Corrupt(format!("seal key of {} bytes", k.len())))?;
+            seals.insert(key, decode_seal(&v));
         }
         Ok(BrickStore {
             id,
@@ -316,48 +329,46 @@ impl BrickStore {
             object_count: AtomicU64::new(count),
             epoch_lock: std::sync::Mutex::new(()),
             journaled: std::sync::Mutex::new(journaled),
-            seals: AtomicU64::new(seals),
+            seals: RwLock::new(seals),
         })
     }
 
-    /// The object's seal, if any (one database read, only when some object is sealed).
-    pub fn seal_state(&self, key: &ObjectKey) -> Result<Option<SealState>, StoreError> {
-        if self.seals.load(Ordering::Relaxed) == 0 {
-            return Ok(None);
-        }
-        Ok(match self.db.get(seal_key(key))?.as_deref() {
-            None => None,
-            Some([1]) => Some(SealState::Frozen),
-            Some(_) => Some(SealState::Gone),
-        })
+    /// The object's seal, if any.
+    pub fn seal_state(&self, key: &ObjectKey) -> Option<SealState> {
+        self.seals
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .copied()
     }
 
     /// Refuses a mutation of a sealed object, a read of one whose data went.
     fn check_seal(&self, key: &ObjectKey, reading: bool) -> Result<(), StoreError> {
-        match self.seal_state(key)? {
+        match self.seal_state(key) {
             None => Ok(()),
             Some(SealState::Frozen) if reading => Ok(()),
             Some(_) => Err(StoreError::Moved { key: *key }),
         }
     }
 
+    /// Sets (or removes) an object's seal, durably, then in memory (called with its lock).
     fn put_seal(&self, key: &ObjectKey, state: Option<SealState>) -> Result<(), StoreError> {
-        let had = self.db.get(seal_key(key))?.is_some();
+        if self.seal_state(key) == state {
+            return Ok(());
+        }
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
+        let mut seals = self.seals.write().unwrap_or_else(|p| p.into_inner());
         match state {
             Some(st) => {
                 let raw = [if st == SealState::Frozen { 1u8 } else { 2 }];
                 self.db.put_opt(seal_key(key), raw, &wo)?;
-                if !had {
-                    self.seals.fetch_add(1, Ordering::Relaxed);
-                }
+                seals.insert(*key, st);
             }
-            None if had => {
+            None => {
                 self.db.delete_opt(seal_key(key), &wo)?;
-                self.seals.fetch_sub(1, Ordering::Relaxed);
+                seals.remove(key);
             }
-            None => {}
         }
         Ok(())
     }
@@ -375,7 +386,7 @@ impl BrickStore {
         match action {
             SealAction::Freeze => self.put_seal(key, Some(SealState::Frozen))?,
             SealAction::Thaw => {
-                if self.seal_state(key)? == Some(SealState::Frozen) {
+                if self.seal_state(key) == Some(SealState::Frozen) {
                     self.put_seal(key, None)?;
                 }
             }
@@ -1348,5 +1359,40 @@ mod tests {
             store.truncate(&key(1), OBJECT_MAX_BYTES + 1, false),
             Err(StoreError::InvalidArgument(_))
         ));
+    }
+
+    /// Seals refuse what they should, and survive a restart (they are kept in the database
+    /// and loaded at open).
+    #[test]
+    fn seals_refuse_and_survive_a_restart() {
+        use brickfs_proto::msg::SealAction;
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (key(1), key(2));
+        {
+            let s = must_open(dir.path());
+            s.write(&a, 0, b"moving", true).unwrap();
+            s.write(&b, 0, b"gone", true).unwrap();
+            s.seal(&a, SealAction::Freeze).unwrap();
+            s.seal(&b, SealAction::Drop).unwrap();
+        }
+        let s = must_open(dir.path());
+        let moved = |r: Result<ObjectMeta, StoreError>| matches!(r, Err(StoreError::Moved { .. }));
+        assert!(
+            moved(s.write(&a, 0, b"x", false)),
+            "a frozen object takes no write"
+        );
+        assert_eq!(&s.read(&a, 0, 6).unwrap().1[..], b"moving", "but is read");
+        assert!(matches!(s.read(&b, 0, 4), Err(StoreError::Moved { .. })));
+        assert!(moved(s.stat(&b)));
+        s.seal(&a, SealAction::Thaw).unwrap();
+        s.write(&a, 0, b"x", false).unwrap();
+        s.delete(&b).unwrap();
+        assert!(
+            matches!(s.stat(&b), Err(StoreError::NotFound { .. })),
+            "deleting unseals"
+        );
+        drop(s);
+        let s = must_open(dir.path());
+        assert_eq!((s.seal_state(&a), s.seal_state(&b)), (None, None));
     }
 }

@@ -84,6 +84,7 @@ pub async fn move_status(m: &MetaClient, name: &str) -> anyhow::Result<MoveStatu
     };
     let drain_only = v.rebalance.as_ref().is_none_or(|r| r.drain_only);
     let (mut files_left, mut bytes_left) = (0, 0);
+    let placement = brickfs_client::rebalance::Placement::new(&v, &bricks);
     let mut after = brickfs_proto::Ino(0);
     loop {
         let MetaReply::Files { files, next } = m
@@ -97,7 +98,7 @@ pub async fn move_status(m: &MetaClient, name: &str) -> anyhow::Result<MoveStatu
             anyhow::bail!("unexpected answer to Files");
         };
         for f in &files {
-            if brickfs_client::rebalance::destination(&v, &bricks, drain_only, f).is_some() {
+            if placement.destination(drain_only, f).is_some() {
                 files_left += 1;
                 bytes_left += f.size_bytes;
             }

@@ -46,33 +46,46 @@ fn refused(code: ErrorCode, detail: impl Into<String>) -> VolumeError {
     VolumeError::Refused(ErrorBody::new(code, detail))
 }
 
-/// Where the placement puts file `ino` now: the group a new file with that number would get.
-pub fn home(rec: &VolumeRecord, bricks: &[BrickRecord], ino: Ino) -> Option<u32> {
-    let weights = rec.placement_weights(|id| {
-        bricks
-            .iter()
-            .find(|b| b.id == id)
-            .map_or(0, |b| b.capacity_bytes)
-    });
-    if rec.groups() <= 1 {
-        return rec.takes_files(0).then_some(0);
-    }
-    pick_group(ino.0, &weights).map(|g| g as u32)
+/// Where files belong in a volume as it is now: the weights new files are placed by,
+/// worked out once for many files.
+pub struct Placement {
+    weights: Vec<u64>,
+    takes: Vec<bool>,
 }
 
-/// Where a file should go: off a group that takes no files always, to its home unless only
-/// draining. `None`: it stays.
-pub fn destination(
-    rec: &VolumeRecord,
-    bricks: &[BrickRecord],
-    drain_only: bool,
-    spot: &FileSpot,
-) -> Option<u32> {
-    let draining = !rec.takes_files(spot.group as usize);
-    if drain_only && !draining {
-        return None;
+impl Placement {
+    pub fn new(rec: &VolumeRecord, bricks: &[BrickRecord]) -> Placement {
+        let weights = rec.placement_weights(|id| {
+            bricks
+                .iter()
+                .find(|b| b.id == id)
+                .map_or(0, |b| b.capacity_bytes)
+        });
+        let takes = (0..rec.groups()).map(|g| rec.takes_files(g)).collect();
+        Placement { weights, takes }
     }
-    home(rec, bricks, spot.ino).filter(|g| *g != spot.group)
+
+    /// The group a new file numbered `ino` would get.
+    pub fn home(&self, ino: Ino) -> Option<u32> {
+        if self.takes.len() <= 1 {
+            return self.takes.first().copied().unwrap_or(false).then_some(0);
+        }
+        pick_group(ino.0, &self.weights).map(|g| g as u32)
+    }
+
+    /// Where a file should go: off a group that takes no files always, to its home unless
+    /// only draining. `None`: it stays.
+    pub fn destination(&self, drain_only: bool, spot: &FileSpot) -> Option<u32> {
+        let draining = !self
+            .takes
+            .get(spot.group as usize)
+            .copied()
+            .unwrap_or(false);
+        if drain_only && !draining {
+            return None;
+        }
+        self.home(spot.ino).filter(|g| *g != spot.group)
+    }
 }
 
 fn key(vol: &VolumeClient, ino: Ino, column: u64) -> ObjectKey {
@@ -398,14 +411,10 @@ pub async fn rebalance_round(
             return Err(refused(ErrorCode::Internal, "unexpected answer to Files"));
         };
         progress.scanned += files.len() as u64;
+        let placement = Placement::new(&rec, &brick_records);
         let to_move: Vec<(FileSpot, u32)> = files
             .iter()
-            .filter_map(|spot| {
-                Some((
-                    *spot,
-                    destination(&rec, &brick_records, run.drain_only, spot)?,
-                ))
-            })
+            .filter_map(|spot| Some((*spot, placement.destination(run.drain_only, spot)?)))
             .collect();
         // MOVES_INFLIGHT files at a time (each frozen for writes only while it is copied).
         for batch in to_move.chunks(MOVES_INFLIGHT) {

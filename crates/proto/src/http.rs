@@ -74,9 +74,7 @@ pub async fn accept(conn: tokio::net::TcpStream) -> std::io::Result<(Box<dyn Str
     if crate::rpc::cluster_key().is_none() {
         return Ok((Box::new(conn), false));
     }
-    let mut first = [0u8; 1];
-    let n = conn.peek(&mut first).await?;
-    if n == 1 && first[0] == crate::tls::HANDSHAKE_RECORD {
+    if crate::tls::opens_with_tls(&conn).await? {
         let (tls, _) = crate::tls::accept(conn)
             .await
             .map_err(std::io::Error::other)?;

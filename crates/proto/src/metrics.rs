@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 /// Upper bounds of the latency buckets, in seconds.
@@ -28,13 +28,17 @@ struct Op {
 /// Counters per operation name.
 #[derive(Default)]
 pub struct OpMetrics {
-    ops: Mutex<BTreeMap<&'static str, Arc<Op>>>,
+    /// Read-locked on every call; written once per new operation name.
+    ops: RwLock<BTreeMap<&'static str, Arc<Op>>>,
 }
 
 impl OpMetrics {
     fn op(&self, name: &'static str) -> Arc<Op> {
+        if let Some(op) = self.ops.read().unwrap_or_else(|p| p.into_inner()).get(name) {
+            return op.clone();
+        }
         self.ops
-            .lock()
+            .write()
             .unwrap_or_else(|p| p.into_inner())
             .entry(name)
             .or_default()
@@ -76,7 +80,7 @@ impl OpMetrics {
     pub fn render(&self, prefix: &str, out: &mut String) {
         let ops: Vec<(&'static str, Arc<Op>)> = self
             .ops
-            .lock()
+            .read()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
             .map(|(k, v)| (*k, v.clone()))

@@ -785,12 +785,12 @@ async fn serve_connection<H: Handler>(
 ) {
     // A connection that opens with a TLS handshake gets TLS (clients holding a cluster key);
     // one that opens with a frame is plain.
-    let mut first = [0u8; 1];
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
-        Ok(Ok(1)) => {}
-        _ => return,
-    }
-    let (read_half, write_half, binding) = if first[0] == crate::tls::HANDSHAKE_RECORD {
+    let tls =
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, crate::tls::opens_with_tls(&stream)).await {
+            Ok(Ok(tls)) => tls,
+            _ => return,
+        };
+    let (read_half, write_half, binding) = if tls {
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, crate::tls::accept(stream)).await {
             Ok(Ok((tls, binding))) => {
                 let (r, w) = tokio::io::split(tls);

@@ -13,7 +13,7 @@ use std::sync::{Arc, OnceLock};
 use tokio::net::TcpStream;
 
 /// The first byte of a TLS handshake record: how a server tells TLS from a plain `Hello`.
-pub const HANDSHAKE_RECORD: u8 = 0x16;
+const HANDSHAKE_RECORD: u8 = 0x16;
 /// The label of the keying material the key proofs cover (RFC 5705 / 8446 exporter).
 const LABEL: &[u8] = b"EXPORTER-brickfs-key-proof";
 /// The name clients ask for (nothing checks it: identity is the key).
@@ -106,6 +106,17 @@ fn server_config() -> Result<Arc<ServerConfig>, String> {
 
 pub type ClientStream = tokio_rustls::client::TlsStream<TcpStream>;
 pub type ServerStream = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// Whether a connection opens with a TLS handshake (rather than a frame or an HTTP request):
+/// looks at its first byte without taking it.
+pub async fn opens_with_tls(conn: &TcpStream) -> std::io::Result<bool> {
+    let mut first = [0u8; 1];
+    let n = conn.peek(&mut first).await?;
+    if n == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(first[0] == HANDSHAKE_RECORD)
+}
 
 /// Runs the client side of the TLS handshake; returns the stream and its channel binding.
 pub async fn connect(tcp: TcpStream) -> Result<(ClientStream, Vec<u8>), String> {
