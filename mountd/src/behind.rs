@@ -47,6 +47,8 @@ pub struct Open {
     write_through: bool,
     /// Runs are cut at multiples of this (a whole stripe of the file's layout).
     stripe_bytes: u64,
+    /// Whether a read through this handle already considered updating atime (relatime).
+    pub atime_checked: std::sync::atomic::AtomicBool,
 }
 
 impl Open {
@@ -57,7 +59,21 @@ impl Open {
             behind: Mutex::new(Behind::default()),
             write_through,
             stripe_bytes: stripe_bytes.max(1),
+            atime_checked: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Takes `committed` as the file's size when this handle has nothing pending (no bytes
+    /// behind, nothing uncommitted): another mount may have cut or grown the file. Whether
+    /// it did.
+    pub fn settle_size(&self, committed: u64) -> bool {
+        let b = self.lock();
+        if b.run.is_some() || !b.sent.is_empty() || self.h.dirty() {
+            return false;
+        }
+        self.h.refresh_size(committed);
+        self.accepted_end.store(committed, Ordering::SeqCst);
+        true
     }
 
     /// The size as this handle knows it, bytes not yet sent included.
@@ -73,12 +89,6 @@ impl Open {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Behind> {
         self.behind.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Whether bytes are waiting or on the wire.
-    pub fn pending(&self) -> bool {
-        let b = self.lock();
-        b.run.is_some() || !b.sent.is_empty()
     }
 
     /// Accepts a write.
@@ -103,6 +113,9 @@ impl Open {
         }
         self.accepted_end
             .fetch_max(offset + data.len() as u64, Ordering::SeqCst);
+        // mtime is the time the write was accepted (it shows at once; the commit at flush,
+        // fsync or close makes it the file's).
+        self.h.modified(brickfs_client::volume::now_ns());
         if self.write_through {
             return self.drain_locked(rt, vol, &mut b);
         }

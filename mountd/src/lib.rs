@@ -13,6 +13,8 @@
 //! stale another mount's changes can look; opens revalidate (close-to-open).
 
 mod behind;
+mod holds;
+mod locks;
 
 use behind::Open;
 use brickfs_client::{FileHandle, MetaClient, MetaClientOptions, VolumeClient, VolumeError};
@@ -75,19 +77,21 @@ pub const MAX_WRITE_BYTES: u32 = 1 << 20;
 pub struct BrickFs {
     rt: tokio::runtime::Handle,
     vol: Arc<VolumeClient>,
-    handles: Mutex<HashMap<u64, Arc<Open>>>,
+    handles: Arc<Mutex<HashMap<u64, Arc<Open>>>>,
     /// Per open handle: the readahead window of its sequential reads.
-    readahead: Mutex<HashMap<u64, Window>>,
-    /// Bumped whenever windows are dropped (a write or truncate), so that a read racing with
-    /// one does not keep a window fetched before it.
-    ra_epoch: AtomicU64,
+    readahead: Arc<Mutex<HashMap<u64, Window>>>,
+    /// Bumped whenever windows are dropped (a write, a truncate, a lock taken), so that a
+    /// read racing with one does not keep a window fetched before it.
+    ra_epoch: Arc<AtomicU64>,
     next_fh: AtomicU64,
     /// Inodes this mount has taken POSIX locks on (closes release them).
     locked: Mutex<std::collections::HashSet<u64>>,
     /// Per open directory: the listing read when it was read from the start.
     dirs: Mutex<HashMap<u64, Arc<Vec<Listed>>>>,
-    /// Files unlinked while open on this mount: they live until their last close here.
-    orphans: Mutex<std::collections::HashSet<u64>>,
+    /// The files this mount holds open in the metadata group.
+    holds: Arc<holds::Holds>,
+    /// Lock requests waiting for a conflicting lock to go.
+    waiters: Arc<locks::Waiters>,
     /// Tells the kernel to drop what it caches (set once the session exists).
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
 }
@@ -192,13 +196,14 @@ impl BrickFs {
         BrickFs {
             rt,
             vol,
-            handles: Mutex::new(HashMap::new()),
-            readahead: Mutex::new(HashMap::new()),
-            ra_epoch: AtomicU64::new(0),
+            handles: Arc::new(Mutex::new(HashMap::new())),
+            readahead: Arc::new(Mutex::new(HashMap::new())),
+            ra_epoch: Arc::new(AtomicU64::new(0)),
             next_fh: AtomicU64::new(1),
             locked: Mutex::new(std::collections::HashSet::new()),
             dirs: Mutex::new(HashMap::new()),
-            orphans: Mutex::new(std::collections::HashSet::new()),
+            holds: Arc::new(holds::Holds::default()),
+            waiters: Arc::new(locks::Waiters::default()),
             notifier: Arc::new(std::sync::OnceLock::new()),
         }
     }
@@ -242,14 +247,23 @@ impl BrickFs {
         Ok(a)
     }
 
-    /// Grows a file's size by what writes still open on this mount have written.
+    /// Merges what open handles of this mount wrote and have not committed: the size grows
+    /// to their furthest byte and mtime/ctime to their last write. Handles with nothing
+    /// pending take the committed size (another mount may have cut or grown the file).
     fn merge_open_sizes(&self, a: &mut Attr) {
         if a.kind != FileKind::File {
             return;
         }
         let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
         for o in handles.values().filter(|o| o.h.attr.ino == a.ino) {
+            if o.settle_size(a.size_bytes) {
+                continue;
+            }
             a.size_bytes = a.size_bytes.max(o.size());
+            if let Some(m) = o.h.modified_at() {
+                a.mtime_ns = a.mtime_ns.max(m);
+                a.ctime_ns = a.ctime_ns.max(m);
+            }
         }
     }
 
@@ -369,17 +383,46 @@ impl BrickFs {
     }
 
     /// Sends every write of `ino` still behind on this mount and waits for them. A failed
-    /// write stays with its own handle (its next write, fsync or close reports it); other
-    /// callers only need the order.
+    /// write stays with its own handle too (its next write, fsync or close reports it).
     fn drain_ino(&self, ino: u64) -> Result<(), Errno> {
+        let mut first = Ok(());
         for o in self.opens_of(ino) {
-            if o.pending()
-                && let Err(e) = o.drain(&self.rt, &self.vol)
-            {
-                tracing::debug!(ino, errno = ?e, "another handle's write-behind failed");
+            if let Err(e) = o.drain(&self.rt, &self.vol) {
+                tracing::debug!(ino, errno = ?e, "a handle's write-behind failed");
+                first = first.and(Err(e));
             }
         }
-        Ok(())
+        first
+    }
+
+    /// Publishes what this mount wrote to `ino`: every handle's write-behind is sent and its
+    /// size and mtime committed, so that another mount that opens the file or takes a lock
+    /// next sees all of it. The first failure, if any.
+    fn publish_ino(&self, ino: u64) -> Result<(), Errno> {
+        let drained = self.drain_ino(ino);
+        let mut first = drained;
+        for o in self.opens_of(ino) {
+            if o.h.dirty()
+                && let Err(e) = self.rt.block_on(self.vol.commit_size(&o.h))
+            {
+                first = first.and(Err(errno_of(&e)));
+            }
+        }
+        first
+    }
+
+    /// After taking a lock (or opening): what this mount cached of `ino` may be older than
+    /// another mount's last writes under the lock, so the kernel's pages and attributes, the
+    /// readahead windows and the handles' sizes go.
+    fn forget_cached(&self, ino: u64) {
+        let size = match self.read_op(MetaRead::GetAttr {
+            volume: self.volume(),
+            ino: Ino(ino),
+        }) {
+            Ok(MetaReply::Attr(a)) => Some(a.size_bytes),
+            _ => None,
+        };
+        self.cache().forget(ino, size);
     }
 
     fn entry(&self, reply: ReplyEntry, r: Result<MetaReply, Errno>) {
@@ -466,7 +509,16 @@ impl Filesystem for BrickFs {
                 TimeOrNow::Now => now,
             })
         };
-        // A size change that changes nothing (O_TRUNC of an empty file) skips the data path.
+        // What this mount wrote goes first: its commit must not land after (and undo) the
+        // times or size set here.
+        if (size.is_some() || atime.is_some() || mtime.is_some())
+            && let Err(e) = self.publish_ino(ino.0)
+        {
+            return reply.error(e);
+        }
+        // A truncate sets mtime and ctime, as ext4 does, even when the size stays (O_TRUNC
+        // of an empty file), which skips the data path.
+        let mtime = mtime.or(size.map(|_| TimeOrNow::Now));
         let size = match size {
             Some(len) => match self.getattr_ino(ino.0) {
                 Ok(a) if a.size_bytes == len => None,
@@ -476,7 +528,6 @@ impl Filesystem for BrickFs {
         };
         if let Some(len) = size {
             self.drop_readahead(ino.0);
-            or_reply!(self.drain_ino(ino.0), reply);
             // Cut or extend the data first, then the size follows in the metadata group.
             let handle = match fh.map(|f| self.handle(f.0)) {
                 Some(Ok(o)) => o.h.clone(),
@@ -575,48 +626,14 @@ impl Filesystem for BrickFs {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = or_reply!(name_of(name), reply);
-        // A file open on this mount stays readable and writable after its last name goes
-        // (POSIX): it becomes an orphan of this mount's session until its last close here.
-        let open_here = if self
-            .handles
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_empty()
-        {
-            None
-        } else {
-            match self.read_op(MetaRead::Lookup {
-                volume: self.volume(),
-                parent: Ino(parent.0),
-                name: name.clone(),
-            }) {
-                Ok(MetaReply::Attr(a)) if !self.opens_of(a.ino.0).is_empty() => Some(a.ino.0),
-                _ => None,
-            }
-        };
-        let (volume, parent) = (self.volume(), Ino(parent.0));
-        let op = match open_here {
-            Some(_) => MetaOp::UnlinkOpen {
-                volume,
-                parent,
-                name,
-            },
-            None => MetaOp::Unlink {
-                volume,
-                parent,
-                name,
-            },
-        };
-        match self.write_op(op) {
-            Ok(_) => {
-                if let Some(ino) = open_here {
-                    self.orphans
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(ino);
-                }
-                reply.ok()
-            }
+        // A file open on any mount stays readable and writable after its last name goes
+        // (POSIX): the metadata group keeps it while a session holds it open (`holds`).
+        match self.write_op(MetaOp::Unlink {
+            volume: self.volume(),
+            parent: Ino(parent.0),
+            name,
+        }) {
+            Ok(_) => reply.ok(),
             Err(e) => reply.error(e),
         }
     }
@@ -714,8 +731,11 @@ impl Filesystem for BrickFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.getattr_ino(ino.0) {
-            Ok(a) if a.kind == FileKind::Dir => reply.error(Errno::EISDIR),
+        match self.hold_open(ino.0) {
+            Ok(a) if a.kind == FileKind::Dir => {
+                self.release_hold(ino.0);
+                reply.error(Errno::EISDIR)
+            }
             Ok(a) => {
                 // Close-to-open: the kernel may hold attributes from before another mount's
                 // last close (for up to the TTL); they go, so that the size read next is the
@@ -745,7 +765,7 @@ impl Filesystem for BrickFs {
         reply: ReplyCreate,
     ) {
         let name = or_reply!(name_of(name), reply);
-        let op = MetaOp::Create {
+        let op = MetaOp::CreateOpen {
             volume: self.volume(),
             parent: Ino(parent.0),
             name,
@@ -757,8 +777,15 @@ impl Filesystem for BrickFs {
             rdev: 0,
             exclusive: flags & libc::O_EXCL != 0,
         };
-        match Self::attr_of(self.write_op(op)) {
+        // The group holds the new file for this session; the count here follows (a file
+        // already held here keeps that hold).
+        let created = {
+            let _gate = self.rt.block_on(self.holds.gate.lock());
+            Self::attr_of(self.write_op(op))
+        };
+        match created {
             Ok(a) => {
+                self.holds.open(a.ino.0);
                 let fh = self.open_handle(a.clone(), flags);
                 reply.created(
                     &TTL,
@@ -784,11 +811,14 @@ impl Filesystem for BrickFs {
         reply: ReplyData,
     ) {
         let o = or_reply!(self.handle(fh.0), reply);
+        // The epoch is read before the drain: a write accepted after this point bumps it, so
+        // a window fetched before that write reached the bricks is not kept.
+        let epoch = self.ra_epoch.load(Ordering::SeqCst);
         // Read-your-writes: what this mount wrote to the file is sent first.
         or_reply!(self.drain_ino(o.h.attr.ino.0), reply);
+        self.touch_atime(&o);
         let h = o.h.clone();
         let size = u64::from(size);
-        let epoch = self.ra_epoch.load(Ordering::SeqCst);
         let window = self
             .readahead
             .lock()
@@ -871,8 +901,11 @@ impl Filesystem for BrickFs {
         reply: ReplyWrite,
     ) {
         let o = or_reply!(self.handle(fh.0), reply);
+        // Accepted first, then the windows go (see `read`): a read that loaded the epoch
+        // before this write either finds the bytes in the drain or loses its window.
+        let r = o.write(&self.rt, &self.vol, offset, data);
         self.drop_readahead(o.h.attr.ino.0);
-        match o.write(&self.rt, &self.vol, offset, data) {
+        match r {
             Ok(()) => reply.written(data.len() as u32),
             Err(e) => reply.error(e),
         }
@@ -886,7 +919,18 @@ impl Filesystem for BrickFs {
         lock_owner: fuser::LockOwner,
         reply: ReplyEmpty,
     ) {
-        // A close drops the closing process's POSIX locks on the file (fcntl(2)).
+        // Close-to-open: what this handle wrote, its size and mtime are committed when it
+        // closes, before its locks go, so the next holder of a lock sees them.
+        let published = match self.handle(fh.0) {
+            Ok(o) => o.drain(&self.rt, &self.vol).and_then(|()| {
+                self.rt
+                    .block_on(self.vol.commit_size(&o.h))
+                    .map_err(|e| errno_of(&e))
+            }),
+            Err(e) => Err(e),
+        };
+        // A close drops the closing process's POSIX locks on the file (fcntl(2)), whatever
+        // became of its writes.
         if self
             .locked
             .lock()
@@ -902,10 +946,10 @@ impl Filesystem for BrickFs {
                 return reply.error(e);
             }
         }
-        // Close-to-open: what this handle wrote, and its size, are committed when it closes.
-        let o = or_reply!(self.handle(fh.0), reply);
-        or_reply!(o.drain(&self.rt, &self.vol), reply);
-        self.commit_and_reply(&o.h, reply);
+        match published {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn release(
@@ -918,6 +962,24 @@ impl Filesystem for BrickFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let h = self
+            .handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh.0);
+        self.readahead
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh.0);
+        // What the handle wrote is published before its flock goes.
+        let committed = match &h {
+            Some(o) => o.drain(&self.rt, &self.vol).and_then(|()| {
+                self.rt
+                    .block_on(self.vol.commit_size(&o.h))
+                    .map_err(|e| errno_of(&e))
+            }),
+            None => Ok(()),
+        };
         // The last close of an open file drops the flock(2) lock it holds (the kernel names
         // the lock's owner only when there is one).
         if let Some(owner) = lock_owner {
@@ -930,38 +992,9 @@ impl Filesystem for BrickFs {
                 tracing::warn!(ino = ino.0, errno = ?e, "releasing a flock on close failed");
             }
         }
-        let h = self
-            .handles
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&fh.0);
-        self.readahead
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&fh.0);
-        let Some(o) = h else { return reply.ok() };
-        let drained = o.drain(&self.rt, &self.vol);
-        let committed = drained.and_then(|()| {
-            self.rt
-                .block_on(self.vol.commit_size(&o.h))
-                .map_err(|e| errno_of(&e))
-        });
-        // The last close here of a file unlinked while open lets it go.
-        let ino = o.h.attr.ino.0;
-        let orphan_done = self.opens_of(ino).is_empty()
-            && self
-                .orphans
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&ino);
-        if orphan_done {
-            let op = MetaOp::DropOrphan {
-                volume: self.volume(),
-                ino: Ino(ino),
-            };
-            if let Err(e) = self.write_op(op) {
-                tracing::warn!(ino, errno = ?e, "dropping an unlinked file failed");
-            }
+        // The last close here releases the hold (in the next batch).
+        if let Some(o) = &h {
+            self.release_hold(o.h.attr.ino.0);
         }
         match committed {
             Ok(()) => reply.ok(),
@@ -978,10 +1011,17 @@ impl Filesystem for BrickFs {
         reply: ReplyEmpty,
     ) {
         let o = or_reply!(self.handle(fh.0), reply);
-        or_reply!(o.drain(&self.rt, &self.vol), reply);
-        match self.rt.block_on(self.vol.fsync(&o.h)) {
+        // Every write any descriptor of this mount accepted for the file is made durable,
+        // not only this one's: send them all, sync the file's objects, commit every handle.
+        let drained = self.drain_ino(o.h.attr.ino.0);
+        let synced = self
+            .rt
+            .block_on(self.vol.fsync(&o.h))
+            .map_err(|e| errno_of(&e));
+        let committed = self.publish_ino(o.h.attr.ino.0);
+        match drained.and(synced).and(committed) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno_of(&e)),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -1059,28 +1099,14 @@ impl Filesystem for BrickFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        // Capacity: the sum of the volume's bricks as registered, divided by how many copies
-        // each byte takes.
-        let bricks = match self.read_op(MetaRead::ListBricks) {
-            Ok(MetaReply::Bricks(b)) => b,
-            _ => Vec::new(),
-        };
-        let rec = self.vol.record();
-        let raw: u64 = bricks
-            .iter()
-            .filter(|b| rec.bricks.iter().any(|vb| vb.brick == b.id))
-            .map(|b| b.capacity_bytes)
-            .sum();
-        let usable = match (rec.replica, rec.disperse_data) {
-            (r, _) if r > 0 => raw / u64::from(r),
-            (_, k) if k > 0 => raw / u64::from(k + rec.disperse_redundancy) * u64::from(k),
-            _ => raw,
-        };
+        // The bricks' real space, as the volume's layout lets files use it (a replica-3 set
+        // holds a third of its members' raw space, a 4+2 set two thirds).
+        let space = self.rt.block_on(self.vol.statfs());
         let bsize = 4096u64;
         reply.statfs(
-            usable / bsize,
-            usable / bsize,
-            usable / bsize,
+            space.total_bytes / bsize,
+            space.avail_bytes / bsize,
+            space.avail_bytes / bsize,
             1 << 32,
             1 << 32,
             bsize as u32,
@@ -1193,7 +1219,7 @@ impl Filesystem for BrickFs {
 
     fn setlk(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: fuser::FileHandle,
         lock_owner: fuser::LockOwner,
@@ -1205,25 +1231,49 @@ impl Filesystem for BrickFs {
         reply: ReplyEmpty,
     ) {
         let spec = or_reply!(lock_spec(lock_owner.0, pid, start, end, typ), reply);
-        // Whoever takes the lock next, on any mount, sees what was written under it.
-        or_reply!(self.drain_ino(ino.0), reply);
-        if spec.kind != LockKind::Unlock {
-            self.locked
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(ino.0);
+        // Whoever takes the lock next, on any mount, sees what was written under it: the
+        // file's writes, size and mtime are published before any lock changes.
+        if let Err(e) = self.publish_ino(ino.0) {
+            tracing::debug!(ino = ino.0, errno = ?e, "publishing before a lock change failed");
         }
-        // F_SETLKW waits for the conflicting lock to go, polling with a backoff.
-        let mut backoff = Duration::from_millis(5);
-        loop {
-            match self.lock_once(ino.0, spec.clone()) {
-                Ok(()) => return reply.ok(),
-                Err(e) if e == Errno::EAGAIN && sleep => {
-                    self.rt.block_on(tokio::time::sleep(backoff));
-                    backoff = (backoff * 2).min(Duration::from_millis(200));
-                }
-                Err(e) => return reply.error(e),
+        if spec.kind == LockKind::Unlock {
+            return match self.lock_once(ino.0, spec) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            };
+        }
+        self.locked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(ino.0);
+        match self.lock_once(ino.0, spec.clone()) {
+            Ok(()) => {
+                self.forget_cached(ino.0);
+                reply.ok()
             }
+            Err(e) if e == Errno::EAGAIN && sleep => self.wait_lock(req, ino.0, spec, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn interrupt(&self, _req: &Request, unique: fuser::RequestId) {
+        self.waiters.interrupt(unique.0);
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: fuser::FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let o = or_reply!(self.handle(fh.0), reply);
+        match self.fallocate_ino(&o, ino.0, offset, length, mode) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -1267,18 +1317,177 @@ impl BrickFs {
     /// Forgets the readahead of every handle of `ino` on this mount (after a write or a
     /// truncate through any of them).
     fn drop_readahead(&self, ino: u64) {
-        self.ra_epoch.fetch_add(1, Ordering::SeqCst);
-        let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
-        let mut ra = self.readahead.lock().unwrap_or_else(|p| p.into_inner());
-        ra.retain(|fh, _| handles.get(fh).is_none_or(|o| o.h.attr.ino.0 != ino));
+        self.cache().drop_readahead(ino);
     }
 
-    /// Commits what a handle wrote (its size) and answers the request.
-    fn commit_and_reply(&self, h: &FileHandle, reply: ReplyEmpty) {
-        match self.rt.block_on(self.vol.commit_size(h)) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno_of(&e)),
+    /// Opens `ino` for this mount: the first descriptor here holds the file in the metadata
+    /// group (which answers its attributes), later ones only read them.
+    fn hold_open(&self, ino: u64) -> Result<Attr, Errno> {
+        let got = if self.holds.open(ino) {
+            let _gate = self.rt.block_on(self.holds.gate.lock());
+            Self::attr_of(self.write_op(MetaOp::OpenFile {
+                volume: self.volume(),
+                ino: Ino(ino),
+            }))
+            .map(|mut a| {
+                self.merge_open_sizes(&mut a);
+                a
+            })
+        } else {
+            self.getattr_ino(ino)
+        };
+        if got.is_err() {
+            self.holds.open_failed(ino);
         }
+        got
+    }
+
+    /// A descriptor of `ino` closed here.
+    fn release_hold(&self, ino: u64) {
+        self.holds.close(ino);
+    }
+
+    /// relatime: the first read through a handle sets atime when it is not newer than mtime
+    /// or ctime, or is a day old. In the background; ctime stays.
+    fn touch_atime(&self, o: &Open) {
+        if o.atime_checked.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let a = &o.h.attr;
+        let now = brickfs_client::volume::now_ns();
+        const DAY_NS: i64 = 24 * 3600 * 1_000_000_000;
+        if a.atime_ns > a.mtime_ns && a.atime_ns > a.ctime_ns && now - a.atime_ns < DAY_NS {
+            return;
+        }
+        let (vol, ino) = (self.vol.clone(), a.ino);
+        self.rt.spawn(async move {
+            let op = MetaOp::TouchAtime {
+                volume: vol.record().id,
+                ino,
+                atime_ns: now,
+            };
+            if let Err(e) = vol.meta().write(op).await {
+                tracing::debug!(ino = ino.0, error = %e, "atime update failed");
+            }
+        });
+    }
+
+    /// F_SETLKW or a blocking flock that conflicts: the wait moves to a task (see `locks`),
+    /// freeing this FUSE worker.
+    fn wait_lock(&self, req: &Request, ino: u64, spec: LockSpec, reply: ReplyEmpty) {
+        let unique = req.unique().0;
+        let Some(interrupted) = self.waiters.register(unique) else {
+            return reply.error(Errno::EINTR);
+        };
+        let (vol, waiters, cache) = (self.vol.clone(), self.waiters.clone(), self.cache());
+        self.rt.spawn(async move {
+            let r = wait_for_lock(&vol, ino, spec, &interrupted).await;
+            waiters.done(unique);
+            match r {
+                Ok(()) => {
+                    let size = match vol
+                        .meta()
+                        .read(MetaRead::GetAttr {
+                            volume: vol.record().id,
+                            ino: Ino(ino),
+                        })
+                        .await
+                    {
+                        Ok(MetaReply::Attr(a)) => Some(a.size_bytes),
+                        _ => None,
+                    };
+                    // The kernel's invalidation can wait on page locks: not on a runtime
+                    // worker.
+                    let forgot = tokio::task::spawn_blocking(move || cache.forget(ino, size));
+                    if forgot.await.is_err() {
+                        tracing::warn!(ino, "dropping caches after a lock wait failed");
+                    }
+                    reply.ok()
+                }
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn cache(&self) -> CacheRefs {
+        CacheRefs {
+            notifier: self.notifier.clone(),
+            readahead: self.readahead.clone(),
+            handles: self.handles.clone(),
+            ra_epoch: self.ra_epoch.clone(),
+        }
+    }
+
+    /// fallocate(2): modes 0 and KEEP_SIZE grow the size (unless KEEP_SIZE) without
+    /// reserving space (objects grow as they are written); PUNCH_HOLE and ZERO_RANGE write
+    /// zeros over the range (inside the file for a punch; ZERO_RANGE without KEEP_SIZE grows
+    /// the file to cover it). Every mode sets mtime and ctime. Others: EOPNOTSUPP.
+    fn fallocate_ino(
+        &self,
+        o: &Open,
+        ino: u64,
+        offset: u64,
+        length: u64,
+        mode: i32,
+    ) -> Result<(), Errno> {
+        let (keep, punch, zero) = (
+            libc::FALLOC_FL_KEEP_SIZE,
+            libc::FALLOC_FL_PUNCH_HOLE,
+            libc::FALLOC_FL_ZERO_RANGE,
+        );
+        if mode & !(keep | punch | zero) != 0 || (mode & punch != 0 && mode & zero != 0) {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        if mode & punch != 0 && mode & keep == 0 {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        let end = offset
+            .checked_add(length)
+            .filter(|&e| e <= i64::MAX as u64)
+            .ok_or(Errno::EFBIG)?;
+        if length == 0 {
+            return Err(Errno::EINVAL);
+        }
+        self.publish_ino(ino)?;
+        self.drop_readahead(ino);
+        let size = self.getattr_ino(ino)?.size_bytes;
+        let grow = mode & keep == 0 && end > size;
+        if grow {
+            self.rt
+                .block_on(self.vol.truncate(&o.h, end))
+                .map_err(|e| errno_of(&e))?;
+            for other in self.opens_of(ino) {
+                other.truncated(end);
+            }
+        }
+        let zero_end = if grow { end } else { end.min(size) };
+        if mode & (punch | zero) != 0 && zero_end > offset {
+            const ZEROS_BYTES: u64 = 4 << 20;
+            let zeros = Bytes::from(vec![0u8; ZEROS_BYTES as usize]);
+            let mut at = offset;
+            while at < zero_end {
+                let n = (zero_end - at).min(ZEROS_BYTES);
+                self.rt
+                    .block_on(self.vol.write(&o.h, at, zeros.slice(..n as usize)))
+                    .map_err(|e| errno_of(&e))?;
+                at += n;
+            }
+            self.rt
+                .block_on(self.vol.commit_size(&o.h))
+                .map_err(|e| errno_of(&e))?;
+        } else if !grow {
+            // Nothing written and no size change: the times still move.
+            let set = SetAttr {
+                mtime_ns: Some(brickfs_client::volume::now_ns()),
+                ..SetAttr::default()
+            };
+            self.write_op(MetaOp::SetAttr {
+                volume: self.volume(),
+                ino: Ino(ino),
+                set,
+            })?;
+        }
+        Ok(())
     }
 
     fn lock_once(&self, ino: u64, spec: LockSpec) -> Result<(), Errno> {
@@ -1288,6 +1497,82 @@ impl BrickFs {
             lock: spec,
         })
         .map(|_| ())
+    }
+}
+
+/// What a lock waiter's task needs of the mount to drop its caches of a file.
+#[derive(Clone)]
+struct CacheRefs {
+    notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
+    readahead: Arc<Mutex<HashMap<u64, Window>>>,
+    handles: Arc<Mutex<HashMap<u64, Arc<Open>>>>,
+    ra_epoch: Arc<AtomicU64>,
+}
+
+impl CacheRefs {
+    fn drop_readahead(&self, ino: u64) {
+        self.ra_epoch.fetch_add(1, Ordering::SeqCst);
+        let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ra = self.readahead.lock().unwrap_or_else(|p| p.into_inner());
+        ra.retain(|fh, _| handles.get(fh).is_none_or(|o| o.h.attr.ino.0 != ino));
+    }
+
+    /// Drops the kernel's pages and attributes of `ino`, the readahead windows, and takes
+    /// `size` (the committed one) into handles with nothing pending.
+    fn forget(&self, ino: u64, size: Option<u64>) {
+        if let Some(n) = self.notifier.get()
+            && let Err(e) = n.inval_inode(INodeNo(ino), 0, -1)
+        {
+            tracing::debug!(ino, error = %e, "cache invalidation refused");
+        }
+        self.drop_readahead(ino);
+        if let Some(size) = size {
+            let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+            for o in handles.values().filter(|o| o.h.attr.ino.0 == ino) {
+                o.settle_size(size);
+            }
+        }
+    }
+}
+
+/// Waits until `spec` can be granted and takes it, or until `interrupted` fires (EINTR). See
+/// `locks` for the protocol.
+async fn wait_for_lock(
+    vol: &VolumeClient,
+    ino: u64,
+    spec: LockSpec,
+    interrupted: &tokio::sync::Notify,
+) -> Result<(), Errno> {
+    let volume = vol.record().id;
+    loop {
+        // The failed attempt that sent us here opened the session.
+        let session = vol.meta().session_id().ok_or(Errno::EIO)?;
+        let wait = vol.meta().read(MetaRead::WaitLock {
+            volume,
+            ino: Ino(ino),
+            session,
+            lock: spec.clone(),
+            wait_ms: brickfs_proto::meta::LOCK_WAIT_MAX_MS,
+        });
+        tokio::select! {
+            biased;
+            () = interrupted.notified() => return Err(Errno::EINTR),
+            r = wait => {
+                if let Err(e) = r {
+                    return Err(errno_meta(&e));
+                }
+            }
+        }
+        let op = MetaOp::SetLock {
+            volume,
+            ino: Ino(ino),
+            lock: spec.clone(),
+        };
+        match vol.meta().write(op).await {
+            Ok(_) => return Ok(()),
+            Err(e) if errno_meta(&e) == Errno::EAGAIN => {}
+            Err(e) => return Err(errno_meta(&e)),
+        }
     }
 }
 
@@ -1405,8 +1690,19 @@ pub fn run(
         let _guard = rt.enter();
         vol.meta().spawn_keepalive(lease / 3)
     };
-    let fs = BrickFs::new(rt.handle().clone(), vol);
+    let fs = BrickFs::new(rt.handle().clone(), vol.clone());
     let notifier = fs.notifier.clone();
+    // Releases of open-file holds go out in batches (see `holds`).
+    let holds = fs.holds.clone();
+    let flusher = {
+        let (holds, vol) = (holds.clone(), vol.clone());
+        rt.spawn(async move {
+            loop {
+                tokio::time::sleep(HOLD_FLUSH_EVERY).await;
+                flush_holds(&holds, &vol).await;
+            }
+        })
+    };
     let mut config = fuser::Config::default();
     config.acl = fuser::SessionACL::All;
     config.n_threads = Some(threads.max(1));
@@ -1465,7 +1761,39 @@ pub fn run(
         let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
     }
     drop(session);
+    flusher.abort();
+    rt.block_on(flush_holds(&holds, &vol));
     Ok(())
+}
+
+/// How often released holds are sent.
+const HOLD_FLUSH_EVERY: Duration = Duration::from_millis(500);
+/// Files one release batch names (the metadata group takes up to 4096).
+const HOLD_BATCH_MAX: usize = 1024;
+
+/// Sends the releases of files closed here (see `holds`).
+async fn flush_holds(holds: &holds::Holds, vol: &VolumeClient) {
+    loop {
+        let _gate = holds.gate.lock().await;
+        let inos = holds.take_closing(HOLD_BATCH_MAX);
+        if inos.is_empty() {
+            return;
+        }
+        let op = MetaOp::CloseFiles {
+            volume: vol.record().id,
+            inos: inos.iter().map(|&i| Ino(i)).collect(),
+        };
+        match vol.meta().write(op).await {
+            Ok(_) => {}
+            // The session is gone, and its holds with it.
+            Err(e) if e.code() == Some(brickfs_proto::ErrorCode::SessionExpired) => {}
+            Err(e) => {
+                tracing::warn!(files = inos.len(), error = %e, "failed to release open files; will retry");
+                holds.retry_closing(inos);
+                return;
+            }
+        }
+    }
 }
 
 /// Whether `path` is a mount point in /proc/mounts (which escapes spaces as `\040`).

@@ -16,4 +16,4 @@ pub mod volume;
 
 pub use brick::{BrickClient, BrickError};
 pub use meta::{MetaClient, MetaClientOptions, MetaError};
-pub use volume::{FileHandle, VolumeClient, VolumeError};
+pub use volume::{FileHandle, VolumeClient, VolumeError, VolumeSpace};

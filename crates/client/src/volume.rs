@@ -109,9 +109,11 @@ pub struct FileHandle {
     pub attr: Attr,
     /// The stripe group holding its data: `attr.group` until a rebalance moves the file.
     group: std::sync::atomic::AtomicU32,
-    written_end: AtomicU64,
-    /// The highest end already committed to the metadata group by this handle.
-    committed_end: AtomicU64,
+    /// The furthest end written through this handle since its last commit (0: none).
+    dirty_end: AtomicU64,
+    /// When this handle last wrote, in ns since the epoch, if not committed yet (0: no
+    /// write since the last commit). The commit makes it the file's mtime.
+    modified_ns: std::sync::atomic::AtomicI64,
     size: AtomicU64,
 }
 
@@ -120,8 +122,8 @@ impl FileHandle {
     pub fn new(attr: Attr) -> FileHandle {
         FileHandle {
             group: std::sync::atomic::AtomicU32::new(attr.group),
-            written_end: AtomicU64::new(0),
-            committed_end: AtomicU64::new(0),
+            dirty_end: AtomicU64::new(0),
+            modified_ns: std::sync::atomic::AtomicI64::new(0),
             size: AtomicU64::new(attr.size_bytes),
             attr,
         }
@@ -146,12 +148,50 @@ impl FileHandle {
         self.size.load(Ordering::SeqCst)
     }
 
-    /// Records a truncate made through another handle of the same file.
+    /// Records a truncate made through another handle of the same file (after this one's
+    /// writes were sent): nothing it wrote past `len` is left to commit.
     pub fn set_size(&self, len: u64) {
         self.size.store(len, Ordering::SeqCst);
-        self.written_end.fetch_min(len, Ordering::SeqCst);
-        self.committed_end.fetch_min(len, Ordering::SeqCst);
+        self.dirty_end.fetch_min(len, Ordering::SeqCst);
     }
+
+    /// Takes the size the metadata group has now (another mount may have cut or grown the
+    /// file), kept at least as large as what this handle wrote and has not committed.
+    pub fn refresh_size(&self, committed: u64) {
+        let dirty = self.dirty_end.load(Ordering::SeqCst);
+        self.size.store(committed.max(dirty), Ordering::SeqCst);
+    }
+
+    /// Records a change of the file's data at `ns` (mountd stamps writes when it accepts
+    /// them, before write-behind sends them).
+    pub fn modified(&self, ns: i64) {
+        self.modified_ns.fetch_max(ns.max(1), Ordering::SeqCst);
+    }
+
+    /// When this handle changed the file without committing it yet, if it did.
+    pub fn modified_at(&self) -> Option<i64> {
+        let ns = self.modified_ns.load(Ordering::SeqCst);
+        (ns != 0).then_some(ns)
+    }
+
+    /// Whether this handle has writes whose size or time are not committed yet.
+    pub fn dirty(&self) -> bool {
+        self.dirty_end.load(Ordering::SeqCst) != 0 || self.modified_ns.load(Ordering::SeqCst) != 0
+    }
+}
+
+/// Now, in ns since the epoch (file times).
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
+/// A volume's space for file data (`VolumeClient::statfs`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VolumeSpace {
+    pub total_bytes: u64,
+    pub avail_bytes: u64,
 }
 
 /// A volume opened by a client.
@@ -694,7 +734,8 @@ impl VolumeClient {
             .record("write", start.elapsed(), r.is_ok(), len, 0);
         r?;
         let end = offset + data.len() as u64;
-        fh.written_end.fetch_max(end, Ordering::SeqCst);
+        fh.dirty_end.fetch_max(end, Ordering::SeqCst);
+        fh.modified(now_ns());
         fh.size.fetch_max(end, Ordering::SeqCst);
         Ok(())
     }
@@ -859,9 +900,11 @@ impl VolumeClient {
                 set,
             })
             .await?;
+        // The truncate set the file's mtime and size: writes before it (drained by the
+        // caller) have nothing left to commit past `len`.
         fh.size.store(len, Ordering::SeqCst);
-        fh.written_end.store(0, Ordering::SeqCst);
-        fh.committed_end.store(0, Ordering::SeqCst);
+        fh.dirty_end.fetch_min(len, Ordering::SeqCst);
+        fh.modified_ns.store(0, Ordering::SeqCst);
         Ok(())
     }
 
@@ -963,18 +1006,45 @@ impl VolumeClient {
                 .await?,
         )?;
         fh.size.fetch_max(attr.size_bytes, Ordering::SeqCst);
-        fh.committed_end.fetch_max(end, Ordering::SeqCst);
         Ok(())
     }
 
-    /// Commits the highest end written through this handle (grow only).
+    /// Commits what this handle wrote since its last commit: the size grows to at least the
+    /// furthest end written (never shrinks: concurrent writers), and mtime becomes the time
+    /// of the last write (ctime follows). Nothing new since the last commit sends nothing.
+    /// On failure the handle stays dirty, so the next commit retries.
     pub async fn commit_size(&self, fh: &FileHandle) -> Result<(), VolumeError> {
-        let end = fh.written_end.load(Ordering::SeqCst);
-        // Nothing new since the last commit (a close after an fsync, a release after a flush).
-        if end == 0 || end <= fh.committed_end.load(Ordering::SeqCst) {
+        let end = fh.dirty_end.swap(0, Ordering::SeqCst);
+        let mtime = fh.modified_ns.swap(0, Ordering::SeqCst);
+        if end == 0 && mtime == 0 {
             return Ok(());
         }
-        self.commit_end(fh, end).await
+        let set = SetAttr {
+            size_at_least_bytes: (end > 0).then_some(end),
+            mtime_ns: (mtime != 0).then_some(mtime),
+            ..SetAttr::default()
+        };
+        let written = self
+            .meta
+            .write(MetaOp::SetAttr {
+                volume: self.vol.id,
+                ino: fh.attr.ino,
+                set,
+            })
+            .await
+            .map_err(VolumeError::from)
+            .and_then(Self::attr);
+        match written {
+            Ok(attr) => {
+                fh.refresh_size(attr.size_bytes);
+                Ok(())
+            }
+            Err(e) => {
+                fh.dirty_end.fetch_max(end, Ordering::SeqCst);
+                fh.modified_ns.fetch_max(mtime, Ordering::SeqCst);
+                Err(e)
+            }
+        }
     }
 
     /// Removes every object of a deleted file (each column on every member of its sets) and
@@ -1015,6 +1085,41 @@ impl VolumeClient {
             })
             .await?;
         Ok(())
+    }
+
+    /// The volume's space as files see it: every set holds what its fullest member still
+    /// has room for (a replica set one copy of it; a disperse set K fragments' worth), and the
+    /// volume the sum over its sets. Members that do not answer are left out; a set none of
+    /// whose members answers counts nothing.
+    pub async fn statfs(&self) -> VolumeSpace {
+        let sets = self.sets();
+        let data_share = u64::from(self.vol.disperse_data.max(1));
+        let mut calls = Vec::new();
+        for (index, set) in sets.iter().enumerate() {
+            for &brick in &set.members {
+                let Ok(addr) = self.addr(brick) else { continue };
+                let bricks = self.bricks.clone();
+                calls.push(async move { (index, bricks.statfs(addr, brick).await) });
+            }
+        }
+        let mut per_set: Vec<Option<(u64, u64)>> = vec![None; sets.len()];
+        for (index, r) in join_all(calls).await {
+            let Ok(r) = r else { continue };
+            let slot = &mut per_set[index];
+            *slot = Some(match *slot {
+                None => (r.total_bytes, r.avail_bytes),
+                Some((t, a)) => (t.min(r.total_bytes), a.min(r.avail_bytes)),
+            });
+        }
+        let (mut total_bytes, mut avail_bytes) = (0u64, 0u64);
+        for (t, a) in per_set.into_iter().flatten() {
+            total_bytes = total_bytes.saturating_add(t.saturating_mul(data_share));
+            avail_bytes = avail_bytes.saturating_add(a.saturating_mul(data_share));
+        }
+        VolumeSpace {
+            total_bytes,
+            avail_bytes,
+        }
     }
 
     /// Closes a handle: commits its size.

@@ -53,6 +53,8 @@ pub struct MetaNode {
     raft: Raft,
     db: Arc<rocksdb::DB>,
     stop: watch::Sender<bool>,
+    /// Bumped when applied commands change a file's locks (`MetaRead::WaitLock`).
+    lock_changes: Arc<watch::Sender<u64>>,
 }
 
 fn now_ns() -> i64 {
@@ -112,12 +114,14 @@ impl MetaNode {
             conns_per_peer: 1,
             ..ClientOptions::default()
         }));
+        let sm = StateMachine::new(db.clone());
+        let lock_changes = sm.lock_changes();
         let raft = Raft::new(
             id.0,
             Arc::new(config),
             Network::new(pool),
             LogStore::new(db.clone()),
-            StateMachine::new(db.clone()),
+            sm,
         )
         .await
         .map_err(|e| format!("start raft: {e}"))?;
@@ -128,6 +132,7 @@ impl MetaNode {
             raft,
             db,
             stop,
+            lock_changes,
         });
         tokio::spawn(housekeeping(
             node.clone(),
@@ -169,12 +174,13 @@ impl MetaNode {
                         ));
                     }
                 }
-                let db = self.db.clone();
-                let reply =
-                    tokio::task::spawn_blocking(move || sm::read(&DbState::new(&db), &r.read))
-                        .await
-                        .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))??;
-                Ok((Message::MetaOk(reply), none))
+                if let brickfs_proto::meta::MetaRead::WaitLock { wait_ms, .. } = &r.read {
+                    let wait = Duration::from_millis(u64::from(
+                        (*wait_ms).min(brickfs_proto::meta::LOCK_WAIT_MAX_MS),
+                    ));
+                    return Ok((Message::MetaOk(self.wait_lock(r.read, wait).await?), none));
+                }
+                Ok((Message::MetaOk(self.read_state(r.read).await?), none))
             }
             Message::MetaAdmin(a) => self.admin(a.op).await.map(|m| (m, none)),
             Message::RaftRpc(rpc) => self.raft_rpc(rpc.kind, &data).await,
@@ -182,6 +188,44 @@ impl MetaNode {
                 ErrorCode::Malformed,
                 format!("{} is not a metadata request", other.name()),
             )),
+        }
+    }
+
+    /// Reads applied state on a blocking thread.
+    async fn read_state(
+        &self,
+        read: brickfs_proto::meta::MetaRead,
+    ) -> Result<MetaReply, ErrorBody> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || sm::read(&DbState::new(&db), &read))
+            .await
+            .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?
+    }
+
+    /// `MetaRead::WaitLock`: answers once nothing conflicts, or with the conflict after
+    /// `wait`. Subscribing before each check means a release applied between the check and
+    /// the wait still wakes it.
+    async fn wait_lock(
+        &self,
+        read: brickfs_proto::meta::MetaRead,
+        wait: Duration,
+    ) -> Result<MetaReply, ErrorBody> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut changes = self.lock_changes.subscribe();
+        loop {
+            changes.borrow_and_update();
+            let reply = self.read_state(read.clone()).await?;
+            if matches!(reply, MetaReply::Lock(None)) {
+                return Ok(reply);
+            }
+            tokio::select! {
+                r = changes.changed() => {
+                    if r.is_err() {
+                        return Ok(reply);
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => return Ok(reply),
+            }
         }
     }
 

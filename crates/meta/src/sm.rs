@@ -31,6 +31,8 @@ pub const READDIR_MAX: usize = 4096;
 pub const LINK_MAX: u32 = 65_000;
 pub const XATTR_NAME_MAX_BYTES: usize = 255;
 pub const XATTR_VALUE_MAX_BYTES: usize = 64 << 10;
+/// Files one `CloseFiles` may name.
+pub const CLOSE_FILES_MAX: usize = 4096;
 /// The stripe unit of new files when the volume sets none.
 pub const DEFAULT_UNIT_BYTES: u32 = 1 << 20;
 /// The root directory's inode number in every volume.
@@ -87,6 +89,10 @@ pub mod keys {
     pub fn locks(v: VolumeId, ino: Ino) -> Vec<u8> {
         [b"L".as_slice(), &v.0.to_be_bytes(), &ino.0.to_be_bytes()].concat()
     }
+    /// Whether `key` is a file's lock table (`locks`).
+    pub fn is_locks(key: &[u8]) -> bool {
+        key.len() == 17 && key[0] == b'L'
+    }
     /// Which files a session holds locks on, to release them when it ends.
     pub fn session_lock_prefix(id: SessionId) -> Vec<u8> {
         [b"K".as_slice(), &id.0.to_be_bytes()].concat()
@@ -99,7 +105,8 @@ pub mod keys {
         ]
         .concat()
     }
-    /// Files unlinked while a session had them open, kept until it closes them or ends.
+    /// Files a session holds open (linked or not): a file whose last name goes stays while
+    /// any session holds it, until they close it or end.
     pub fn orphan_prefix(id: SessionId) -> Vec<u8> {
         [b"O".as_slice(), &id.0.to_be_bytes()].concat()
     }
@@ -110,6 +117,13 @@ pub mod keys {
             &ino.0.to_be_bytes(),
         ]
         .concat()
+    }
+    /// The sessions holding a file open (`orphan` keys the same fact by session).
+    pub fn holder_prefix(v: VolumeId, ino: Ino) -> Vec<u8> {
+        [b"H".as_slice(), &v.0.to_be_bytes(), &ino.0.to_be_bytes()].concat()
+    }
+    pub fn holder(v: VolumeId, ino: Ino, id: SessionId) -> Vec<u8> {
+        [holder_prefix(v, ino).as_slice(), &id.0.to_be_bytes()].concat()
     }
     pub fn gc(v: VolumeId, ino: Ino) -> Vec<u8> {
         [b"G".as_slice(), &v.0.to_be_bytes(), &ino.0.to_be_bytes()].concat()
@@ -332,11 +346,14 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                 child.attr.nlink == 0
             }
         };
-        if gone && let Some(session) = keep_for.filter(|_| child.attr.kind == FileKind::File) {
+        if let Some(session) = keep_for.filter(|_| child.attr.kind == FileKind::File) {
+            self.hold(session, v, child.attr.ino);
+        }
+        // A file some session holds open outlives its last name (POSIX): it stays, nameless,
+        // until the last holder closes it or ends.
+        if gone && child.attr.kind == FileKind::File && self.held(v, child.attr.ino)? {
             child.attr.ctime_ns = self.now_ns;
             self.put_inode(v, child);
-            self.kv
-                .put(keys::orphan(session, v, child.attr.ino), Vec::new());
             return Ok(());
         }
         if gone {
@@ -529,11 +546,29 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
         Ok(())
     }
 
-    /// A session closed (or lost) an orphan: it goes unless a link came back.
+    /// `session` holds file `ino` open.
+    fn hold(&mut self, session: SessionId, v: VolumeId, ino: Ino) {
+        self.kv.put(keys::orphan(session, v, ino), Vec::new());
+        self.kv.put(keys::holder(v, ino, session), Vec::new());
+    }
+
+    /// Whether any session holds file `ino` open.
+    fn held(&self, v: VolumeId, ino: Ino) -> Res<bool> {
+        Ok(!self
+            .kv
+            .scan(&keys::holder_prefix(v, ino), None, 1)
+            .map_err(internal)?
+            .is_empty())
+    }
+
+    /// A session closed (or lost) a file it held open: a file without a name goes once no
+    /// session holds it.
     fn drop_orphan(&mut self, session: SessionId, v: VolumeId, ino: Ino) -> Res<()> {
         self.kv.delete(keys::orphan(session, v, ino));
+        self.kv.delete(keys::holder(v, ino, session));
         if let Some(InodeRecord::V1(i)) = get::<InodeRecord>(self.kv, &keys::inode(v, ino))?
             && i.attr.nlink == 0
+            && !self.held(v, ino)?
         {
             self.remove_inode(v, &i)?;
         }
@@ -1116,6 +1151,71 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
             MetaOp::DropOrphan { volume, ino } => {
                 self.drop_orphan(session, *volume, *ino)?;
                 MetaReply::Done
+            }
+            MetaOp::TouchAtime {
+                volume,
+                ino,
+                atime_ns,
+            } => {
+                let mut i = load_inode(self.kv, *volume, *ino)?;
+                i.attr.atime_ns = i.attr.atime_ns.max(*atime_ns);
+                self.put_inode(*volume, &i);
+                MetaReply::Done
+            }
+            MetaOp::OpenFile { volume, ino } => {
+                check_volume(self.kv, *volume)?;
+                let i = load_inode(self.kv, *volume, *ino)?;
+                if i.attr.kind == FileKind::File {
+                    self.hold(session, *volume, *ino);
+                }
+                MetaReply::Attr(i.attr)
+            }
+            MetaOp::CloseFiles { volume, inos } => {
+                if inos.len() > CLOSE_FILES_MAX {
+                    return Err(err(
+                        ErrorCode::TooLarge,
+                        format!(
+                            "{} files in one close (at most {CLOSE_FILES_MAX})",
+                            inos.len()
+                        ),
+                    ));
+                }
+                for ino in inos {
+                    self.drop_orphan(session, *volume, *ino)?;
+                }
+                MetaReply::Done
+            }
+            MetaOp::CreateOpen {
+                volume,
+                parent,
+                name,
+                kind,
+                mode,
+                umask,
+                uid,
+                gid,
+                rdev,
+                exclusive,
+            } => {
+                let create = MetaOp::Create {
+                    volume: *volume,
+                    parent: *parent,
+                    name: name.clone(),
+                    kind: *kind,
+                    mode: *mode,
+                    umask: *umask,
+                    uid: *uid,
+                    gid: *gid,
+                    rdev: *rdev,
+                    exclusive: *exclusive,
+                };
+                let reply = self.op(&create, session)?;
+                if let MetaReply::Attr(a) = &reply
+                    && a.kind == FileKind::File
+                {
+                    self.hold(session, *volume, a.ino);
+                }
+                reply
             }
             MetaOp::Rmdir {
                 volume,
@@ -1781,6 +1881,13 @@ pub fn read(kv: &impl KvRead, r: &MetaRead) -> CommandResult {
             ino,
             session,
             lock,
+        }
+        | MetaRead::WaitLock {
+            volume,
+            ino,
+            session,
+            lock,
+            ..
         } => {
             load_inode(kv, *volume, *ino)?;
             let t: LockTable = get(kv, &keys::locks(*volume, *ino))?.unwrap_or_default();

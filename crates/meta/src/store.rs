@@ -301,6 +301,9 @@ struct StoredSnapshot {
 pub struct StateMachine {
     db: Arc<DB>,
     current: Arc<Mutex<Option<StoredSnapshot>>>,
+    /// Counts applied batches that changed a file's locks (and installed snapshots), so that
+    /// lock waiters wake when a lock goes instead of polling.
+    lock_changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl StateMachine {
@@ -308,7 +311,13 @@ impl StateMachine {
         StateMachine {
             db,
             current: Arc::new(Mutex::new(None)),
+            lock_changes: Arc::new(tokio::sync::watch::channel(0).0),
         }
+    }
+
+    /// Fires whenever applied commands change a file's locks.
+    pub fn lock_changes(&self) -> Arc<tokio::sync::watch::Sender<u64>> {
+        self.lock_changes.clone()
     }
 
     fn applied(&self) -> Result<(Option<LogId>, StoredMembership), SErr> {
@@ -392,7 +401,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || {
+        let applied = tokio::task::spawn_blocking(move || {
             let base = DbState::new(&db);
             let mut overlay = Overlay::new(&base);
             let mut results = Vec::with_capacity(entries.len());
@@ -410,18 +419,25 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             let mut batch = WriteBatch::default();
             let state = cf(&db, CF_STATE);
+            let mut locks_changed = false;
             for (k, v) in overlay.into_changes() {
+                locks_changed |= keys::is_locks(&k);
                 match v {
                     Some(v) => batch.put_cf(state, k, v),
                     None => batch.delete_cf(state, k),
                 }
             }
             db.write(batch).map_err(|e| e.to_string())?;
-            Ok::<_, String>(results)
+            Ok::<_, String>((results, locks_changed))
         })
         .await
         .map_err(|e| StorageIOError::write_state_machine(any(e)))?
-        .map_err(|e| StorageIOError::write_state_machine(any(e)).into())
+        .map_err(|e| StorageIOError::write_state_machine(any(e)))?;
+        let (results, locks_changed) = applied;
+        if locks_changed {
+            self.lock_changes.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        Ok(results)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -455,6 +471,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), any(e)))?
         .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), any(e)))?;
         tracing::info!(snapshot = %meta.snapshot_id, keys = count, "installed metadata snapshot");
+        self.lock_changes.send_modify(|n| *n = n.wrapping_add(1));
         *self.current.lock().await = Some(StoredSnapshot {
             meta: meta.clone(),
             data,

@@ -549,6 +549,38 @@ pub enum MetaOp {
         path: String,
         limit_bytes: Option<u64>,
     },
+    /// The caller's session opens file `ino`: while any session holds it open, the inode
+    /// outlives its last name (unlink, rename over it) and its objects stay. Answers its
+    /// attributes.
+    OpenFile {
+        volume: VolumeId,
+        ino: Ino,
+    },
+    /// The caller's session closed its last descriptor of each file: those with no name and
+    /// no other holder go (their objects are queued for removal).
+    CloseFiles {
+        volume: VolumeId,
+        inos: Vec<Ino>,
+    },
+    /// `Create`, and the caller's session holds the file open (as `OpenFile`).
+    CreateOpen {
+        volume: VolumeId,
+        parent: Ino,
+        name: String,
+        kind: FileKind,
+        mode: u32,
+        umask: u32,
+        uid: u32,
+        gid: u32,
+        rdev: u32,
+        exclusive: bool,
+    },
+    /// A read moved the file's atime (relatime): unlike `SetAttr`, ctime stays.
+    TouchAtime {
+        volume: VolumeId,
+        ino: Ino,
+        atime_ns: i64,
+    },
 }
 
 impl MetaOp {
@@ -605,7 +637,11 @@ impl MetaOp {
             | AbortMove { volume, .. }
             | SetQuota { volume, .. }
             | ForgetMove { volume, .. }
-            | DroppedMove { volume, .. } => Some(*volume),
+            | DroppedMove { volume, .. }
+            | OpenFile { volume, .. }
+            | CloseFiles { volume, .. }
+            | CreateOpen { volume, .. }
+            | TouchAtime { volume, .. } => Some(*volume),
             _ => None,
         }
     }
@@ -623,6 +659,7 @@ impl MetaRead {
             | GetXattr { volume, .. }
             | ListXattr { volume, .. }
             | GetLock { volume, .. }
+            | WaitLock { volume, .. }
             | ListGc { volume, .. }
             | ReadDirPlus { volume, .. }
             | Files { volume, .. }
@@ -732,7 +769,22 @@ pub enum MetaRead {
     Quotas {
         volume: VolumeId,
     },
+    /// As `GetLock`, but the leader holds the answer back while a lock conflicts, for at most
+    /// `wait_ms` (capped at `LOCK_WAIT_MAX_MS`): it answers `Lock(None)` as soon as a change
+    /// of the file's locks leaves nothing in the way, else the conflicting lock when the time
+    /// is up. A hint for F_SETLKW and flock waiters, who then retry `SetLock`: only `SetLock`
+    /// grants.
+    WaitLock {
+        volume: VolumeId,
+        ino: Ino,
+        session: SessionId,
+        lock: LockSpec,
+        wait_ms: u32,
+    },
 }
+
+/// The longest a `WaitLock` is held back, below every client's request timeout.
+pub const LOCK_WAIT_MAX_MS: u32 = 2_500;
 
 /// A session as the metadata group keeps it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
