@@ -37,10 +37,16 @@ impl Holds {
     /// Counts a new descriptor of `ino`; whether the metadata group must be told (the first
     /// descriptor here of a file not already held).
     pub fn open(&self, ino: u64) -> bool {
+        self.open_counted(ino).0
+    }
+
+    /// As `open`, and whether no other descriptor of `ino` is open here.
+    pub fn open_counted(&self, ino: u64) -> (bool, bool) {
         let mut g = self.lock();
         let n = g.open.entry(ino).or_insert(0);
         *n += 1;
-        *n == 1 && !g.closing.remove(&ino)
+        let first = *n == 1;
+        (first && !g.closing.remove(&ino), first)
     }
 
     /// Undoes `open` after the metadata group refused the hold.

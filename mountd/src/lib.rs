@@ -120,6 +120,13 @@ fn errno_meta(e: &brickfs_client::MetaError) -> Errno {
     }
 }
 
+/// An inode the kernel named that is gone (another mount removed it while a dentry here still
+/// pointed at it): ESTALE, which makes the kernel look the name up again and retry (open with
+/// O_CREAT then creates it, stat finds the new file), as it does for NFS.
+fn stale(e: Errno) -> Errno {
+    if e == Errno::ENOENT { Errno::ESTALE } else { e }
+}
+
 fn time(ns: i64) -> SystemTime {
     if ns >= 0 {
         UNIX_EPOCH + Duration::from_nanos(ns as u64)
@@ -480,7 +487,7 @@ impl Filesystem for BrickFs {
     ) {
         match self.getattr_ino(ino.0) {
             Ok(a) => reply.attr(&TTL, &fuse_attr(&a)),
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(stale(e)),
         }
     }
 
@@ -750,7 +757,7 @@ impl Filesystem for BrickFs {
                     FopenFlags::empty(),
                 )
             }
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(stale(e)),
         }
     }
 
@@ -1026,7 +1033,7 @@ impl Filesystem for BrickFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.getattr_ino(ino.0) {
+        match self.getattr_ino(ino.0).map_err(stale) {
             Ok(a) if a.kind != FileKind::Dir => reply.error(Errno::ENOTDIR),
             Ok(_) => {
                 let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
@@ -1323,7 +1330,8 @@ impl BrickFs {
     /// Opens `ino` for this mount: the first descriptor here holds the file in the metadata
     /// group (which answers its attributes), later ones only read them.
     fn hold_open(&self, ino: u64) -> Result<Attr, Errno> {
-        let got = if self.holds.open(ino) {
+        let (need_hold, first) = self.holds.open_counted(ino);
+        let got = if need_hold {
             let _gate = self.rt.block_on(self.holds.gate.lock());
             Self::attr_of(self.write_op(MetaOp::OpenFile {
                 volume: self.volume(),
@@ -1336,10 +1344,20 @@ impl BrickFs {
         } else {
             self.getattr_ino(ino)
         };
-        if got.is_err() {
-            self.holds.open_failed(ino);
+        match got {
+            // A file without a name, not open here: the kernel reached it by a name another
+            // mount removed since (a stale dentry). ESTALE makes it look the name up again,
+            // so that O_CREAT makes a new file instead of reviving the old one.
+            Ok(a) if first && a.kind == FileKind::File && a.nlink == 0 => {
+                self.holds.close(ino);
+                Err(Errno::ESTALE)
+            }
+            Ok(a) => Ok(a),
+            Err(e) => {
+                self.holds.open_failed(ino);
+                Err(e)
+            }
         }
-        got
     }
 
     /// A descriptor of `ino` closed here.

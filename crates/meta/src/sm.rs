@@ -1165,6 +1165,18 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
             MetaOp::OpenFile { volume, ino } => {
                 check_volume(self.kv, *volume)?;
                 let i = load_inode(self.kv, *volume, *ino)?;
+                // A file without a name is opened again only by a session that holds it (a
+                // stale name elsewhere must not revive it).
+                if i.attr.kind == FileKind::File
+                    && i.attr.nlink == 0
+                    && self
+                        .kv
+                        .get(&keys::holder(*volume, *ino, session))
+                        .map_err(internal)?
+                        .is_none()
+                {
+                    return Err(err(ErrorCode::NotFound, format!("inode {ino} has no name")));
+                }
                 if i.attr.kind == FileKind::File {
                     self.hold(session, *volume, *ino);
                 }
