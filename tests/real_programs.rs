@@ -70,7 +70,10 @@ fn must_script(what: &str, dir: &Path, other: &Path, script: &str) -> String {
 fn must_match_local(what: &str, local: (&Path, &Path), mounted: (&Path, &Path), script: &str) {
     let want = must_script(what, local.0, local.1, script);
     let got = must_script(what, mounted.0, mounted.1, script);
-    assert_eq!(got, want, "{what}: the mount's output against a local directory's");
+    assert_eq!(
+        got, want,
+        "{what}: the mount's output against a local directory's"
+    );
 }
 
 /// A volume, two mounts of it, and local directories to run the same scripts in.
