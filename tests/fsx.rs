@@ -12,16 +12,13 @@
 
 mod common;
 
-use brickfs_client::{MetaClient, MetaClientOptions, admin};
-use brickfs_proto::meta::{AdminOp, MetaOp};
-use brickfs_testkit::Brickd;
 use common::mount::Mount;
 use common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// The largest file the run makes.
@@ -453,36 +450,6 @@ const KINDS: [(&str, usize); 4] = [
     ("stripe 2", 2),
 ];
 
-async fn must_volume(dir: &Path, kind: &str, n: usize) -> (Brickd, String) {
-    let bricks: Vec<_> = (0..n).map(|i| dir.join(format!("b{i}"))).collect();
-    let node = Brickd::start(&brickd_bin(), &dir.join("node"), &bricks, &["--meta"]).unwrap();
-    let meta = MetaClient::new(vec![node.addr()], MetaClientOptions::default());
-    meta.admin(AdminOp::Init).await.unwrap();
-    admin::peer_add(&meta, &client(), node.addr())
-        .await
-        .unwrap();
-    let mut spec: Vec<String> = kind.split_whitespace().map(String::from).collect();
-    spec.extend(
-        bricks
-            .iter()
-            .map(|b| format!("{}:{}", node.addr(), b.display())),
-    );
-    admin::volume_create(&meta, "vol", &spec).await.unwrap();
-    // A small stripe unit, so that writes cross columns.
-    meta.write(MetaOp::SetVolumeOption {
-        name: "vol".into(),
-        key: "stripe-unit".into(),
-        value: (64 << 10).to_string(),
-    })
-    .await
-    .unwrap();
-    meta.write(MetaOp::StartVolume { name: "vol".into() })
-        .await
-        .unwrap();
-    let source = format!("{}/vol", node.addr());
-    (node, source)
-}
-
 /// Random operations on one file through two mounts, each read and size checked against the
 /// model, with a mountd SIGKILL in the middle (see the module's doc).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -499,7 +466,10 @@ async fn random_operations_match_the_model_across_two_mounts_and_a_crash() {
     let (kind, n) = KINDS[rng.random_range(0..KINDS.len())];
     eprintln!("fsx: seed {seed}, {secs} s, volume {kind:?} over {n} bricks");
     let dir = tempfile::tempdir().unwrap();
-    let (_node, source) = must_volume(dir.path(), kind, n).await;
+    // A small stripe unit, so that writes cross columns.
+    let unit = (64 << 10).to_string();
+    let (_node, source, _meta) =
+        must_one_node_volume(dir.path(), kind, n, &[("stripe-unit", &unit)]).await;
     let a = Mount::start(&source, &dir.path().join("mnt-a")).await;
     let b = Mount::start(&source, &dir.path().join("mnt-b")).await;
     std::fs::write(a.path.join("f"), b"").unwrap();

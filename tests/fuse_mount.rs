@@ -4,8 +4,6 @@
 
 mod common;
 
-use brickfs_client::{MetaClient, MetaClientOptions, admin};
-use brickfs_proto::meta::{AdminOp, MetaOp};
 use brickfs_testkit::Brickd;
 use common::mount::Mount;
 use common::*;
@@ -51,27 +49,9 @@ impl Drop for DaemonGuard {
     }
 }
 
-/// Starts one node with a metadata member and a started dispersed 2+1 volume "vol" over three
-/// bricks; returns the node and the mount source.
-async fn must_volume(dir: &Path) -> (Brickd, String) {
-    let bricks: Vec<_> = (0..3).map(|i| dir.join(format!("b{i}"))).collect();
-    let node = Brickd::start(&brickd_bin(), &dir.join("node"), &bricks, &["--meta"]).unwrap();
-    let meta = MetaClient::new(vec![node.addr()], MetaClientOptions::default());
-    meta.admin(AdminOp::Init).await.unwrap();
-    admin::peer_add(&meta, &client(), node.addr())
-        .await
-        .unwrap();
-    let mut spec = vec!["disperse".to_string(), "3".to_string()];
-    spec.extend(
-        bricks
-            .iter()
-            .map(|b| format!("{}:{}", node.addr(), b.display())),
-    );
-    admin::volume_create(&meta, "vol", &spec).await.unwrap();
-    meta.write(MetaOp::StartVolume { name: "vol".into() })
-        .await
-        .unwrap();
-    let source = format!("{}/vol", node.addr());
+/// One node and a started dispersed 2+1 volume "vol" over three bricks.
+async fn must_volume_here(dir: &Path) -> (Brickd, String) {
+    let (node, source, _) = must_one_node_volume(dir, "disperse 3", 3, &[]).await;
     (node, source)
 }
 
@@ -96,7 +76,7 @@ fn setlk(f: &std::fs::File, typ: i32, start: i64, len: i64) -> nix::Result<nix::
 async fn posix_locks_hold_across_mounts_and_die_with_their_holder() {
     use nix::libc::{F_RDLCK, F_UNLCK, F_WRLCK};
     let dir = tempfile::tempdir().unwrap();
-    let (_node, source) = must_volume(dir.path()).await;
+    let (_node, source) = must_volume_here(dir.path()).await;
     let mut a = Mount::start_with(&source, &dir.path().join("mnt-a"), &["--lease-secs", "2"]).await;
     let b = Mount::start_with(&source, &dir.path().join("mnt-b"), &["--lease-secs", "2"]).await;
     std::fs::write(a.path.join("f"), b"0123456789").unwrap();
@@ -181,7 +161,7 @@ fn as_user(uid: u32, script: &str) -> (i32, String) {
 async fn permissions_hold_for_non_root_users() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
-    let (_node, source) = must_volume(dir.path()).await;
+    let (_node, source) = must_volume_here(dir.path()).await;
     let m = Mount::start(&source, &dir.path().join("mnt")).await;
     let p = m.path.clone();
     let q = |name: &str| p.join(name).display().to_string();
@@ -255,7 +235,7 @@ fn must_run(cmd: &str, args: &[&str]) -> String {
 async fn posix_acls_are_kept_inherited_and_enforced() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
-    let (_node, source) = must_volume(dir.path()).await;
+    let (_node, source) = must_volume_here(dir.path()).await;
     let a = Mount::start(&source, &dir.path().join("mnt-a")).await;
     let b = Mount::start(&source, &dir.path().join("mnt-b")).await;
     let f = a.path.join("secret");
@@ -348,7 +328,7 @@ async fn posix_acls_are_kept_inherited_and_enforced() {
 async fn flock_holds_across_mounts_and_dies_with_its_holder() {
     use nix::fcntl::{Flock, FlockArg};
     let dir = tempfile::tempdir().unwrap();
-    let (_node, source) = must_volume(dir.path()).await;
+    let (_node, source) = must_volume_here(dir.path()).await;
     let a = Mount::start(&source, &dir.path().join("mnt-a")).await;
     let b = Mount::start(&source, &dir.path().join("mnt-b")).await;
     std::fs::write(a.path.join("f"), b"x").unwrap();
@@ -430,7 +410,7 @@ async fn flock_holds_across_mounts_and_dies_with_its_holder() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_mode_returns_once_mounted() {
     let dir = tempfile::tempdir().unwrap();
-    let (_node, source) = must_volume(dir.path()).await;
+    let (_node, source) = must_volume_here(dir.path()).await;
     let path = dir.path().join("mnt");
     std::fs::create_dir_all(&path).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_mountd"))
@@ -474,7 +454,7 @@ fn errno<T: std::fmt::Debug>(r: std::io::Result<T>) -> i32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_mounts_share_files_with_posix_errnos() {
     let dir = tempfile::tempdir().unwrap();
-    let (_node, source) = must_volume(dir.path()).await;
+    let (_node, source) = must_volume_here(dir.path()).await;
     let mut a = Mount::start(&source, &dir.path().join("mnt-a")).await;
     let b = Mount::start(&source, &dir.path().join("mnt-b")).await;
     let (pa, pb) = (a.path.clone(), b.path.clone());
@@ -1031,7 +1011,7 @@ fn conformance_script(root: &Path) -> Vec<(String, Outcome)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errnos_match_a_local_filesystem() {
     let dir = tempfile::tempdir().unwrap();
-    let (_node, source) = must_volume(dir.path()).await;
+    let (_node, source) = must_volume_here(dir.path()).await;
     let m = Mount::start(&source, &dir.path().join("mnt")).await;
     let local = dir.path().join("local");
     std::fs::create_dir(&local).unwrap();
@@ -1055,7 +1035,7 @@ async fn errnos_match_a_local_filesystem() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_fail_in_bounded_time_when_servers_are_gone() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut node, source) = must_volume(dir.path()).await;
+    let (mut node, source) = must_volume_here(dir.path()).await;
     let m = Mount::start_with(&source, &dir.path().join("mnt"), &["--timeout-secs", "2"]).await;
     std::fs::write(m.path.join("f"), b"before").unwrap();
     std::fs::write(m.path.join("w"), b"").unwrap();
@@ -1126,7 +1106,7 @@ fn process_gone(pid: i32) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mount_helper_runs_as_mount8_calls_it() {
     let dir = tempfile::tempdir().unwrap();
-    let (_node, source) = must_volume(dir.path()).await;
+    let (_node, source) = must_volume_here(dir.path()).await;
     let sbin = dir.path().join("sbin");
     std::fs::create_dir(&sbin).unwrap();
     let helper = sbin.join("mount.fuse.brickfs");
@@ -1202,7 +1182,7 @@ async fn mount_helper_runs_as_mount8_calls_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mountd_serves_prometheus_metrics() {
     let dir = tempfile::tempdir().unwrap();
-    let (_node, source) = must_volume(dir.path()).await;
+    let (_node, source) = must_volume_here(dir.path()).await;
     // A free port for the metrics listener.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -1251,7 +1231,7 @@ async fn mountd_serves_prometheus_metrics() {
 async fn directory_quotas_refuse_writes_past_their_limit() {
     use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
-    let (node, source) = must_volume(dir.path()).await;
+    let (node, source) = must_volume_here(dir.path()).await;
     let meta = node.addr().to_string();
     let quota_args = |args: &[&str]| -> Vec<String> {
         let mut v = vec!["--meta", meta.as_str(), "volume", "quota", "vol"];

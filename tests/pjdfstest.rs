@@ -6,9 +6,6 @@
 
 mod common;
 
-use brickfs_client::{MetaClient, MetaClientOptions, admin};
-use brickfs_proto::meta::{AdminOp, MetaOp};
-use brickfs_testkit::Brickd;
 use common::mount::Mount;
 use common::*;
 use std::path::{Path, PathBuf};
@@ -17,28 +14,6 @@ fn pjdfstest_bin() -> PathBuf {
     std::env::var_os("BRICKFS_PJDFSTEST")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/tmp/brickfs-tools/bin/pjdfstest"))
-}
-
-async fn must_volume(dir: &Path, kind: &[&str], n: usize) -> (Brickd, String) {
-    let bricks: Vec<_> = (0..n).map(|i| dir.join(format!("b{i}"))).collect();
-    let node = Brickd::start(&brickd_bin(), &dir.join("node"), &bricks, &["--meta"]).unwrap();
-    let meta = MetaClient::new(vec![node.addr()], MetaClientOptions::default());
-    meta.admin(AdminOp::Init).await.unwrap();
-    admin::peer_add(&meta, &client(), node.addr())
-        .await
-        .unwrap();
-    let mut spec: Vec<String> = kind.iter().map(|s| s.to_string()).collect();
-    spec.extend(
-        bricks
-            .iter()
-            .map(|b| format!("{}:{}", node.addr(), b.display())),
-    );
-    admin::volume_create(&meta, "vol", &spec).await.unwrap();
-    meta.write(MetaOp::StartVolume { name: "vol".into() })
-        .await
-        .unwrap();
-    let source = format!("{}/vol", node.addr());
-    (node, source)
 }
 
 /// Skips that need what a test run cannot give; anything else skipped is a failure.
@@ -50,7 +25,7 @@ const ALLOWED_SKIPS: [&str; 3] = [
     "Cannot get value for LINK_MAX: filesystem limit is unknown",
 ];
 
-async fn must_pass_pjdfstest(kind: &[&str], n: usize) {
+async fn must_pass_pjdfstest(kind: &str, n: usize) {
     let bin = pjdfstest_bin();
     assert!(
         bin.exists(),
@@ -65,7 +40,7 @@ async fn must_pass_pjdfstest(kind: &[&str], n: usize) {
         .rand_bytes(6)
         .tempdir_in("/tmp")
         .unwrap();
-    let (_node, source) = must_volume(&dir.path().join("v"), kind, n).await;
+    let (_node, source, _meta) = must_one_node_volume(&dir.path().join("v"), kind, n, &[]).await;
     let m = Mount::start(&source, &dir.path().join("m")).await;
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/pjdfstest/pjdfstest.toml");
     let out = tokio::task::spawn_blocking({
@@ -114,17 +89,17 @@ async fn must_pass_pjdfstest(kind: &[&str], n: usize) {
 /// pjdfstest passes on a distributed volume.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pjdfstest_passes_on_a_distributed_volume() {
-    must_pass_pjdfstest(&[], 2).await;
+    must_pass_pjdfstest("", 2).await;
 }
 
 /// pjdfstest passes on a replicated volume.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pjdfstest_passes_on_a_replicated_volume() {
-    must_pass_pjdfstest(&["replica", "3"], 3).await;
+    must_pass_pjdfstest("replica 3", 3).await;
 }
 
 /// pjdfstest passes on a dispersed volume.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pjdfstest_passes_on_a_dispersed_volume() {
-    must_pass_pjdfstest(&["disperse", "3"], 3).await;
+    must_pass_pjdfstest("disperse 3", 3).await;
 }

@@ -6,35 +6,11 @@
 
 mod common;
 
-use brickfs_client::{MetaClient, MetaClientOptions, admin};
-use brickfs_proto::meta::{AdminOp, MetaOp};
 use brickfs_testkit::Brickd;
 use common::mount::Mount;
 use common::*;
 use std::path::Path;
 use std::process::{Command, Stdio};
-
-async fn must_volume(dir: &Path) -> (Brickd, String) {
-    let bricks: Vec<_> = (0..3).map(|i| dir.join(format!("b{i}"))).collect();
-    let node = Brickd::start(&brickd_bin(), &dir.join("node"), &bricks, &["--meta"]).unwrap();
-    let meta = MetaClient::new(vec![node.addr()], MetaClientOptions::default());
-    meta.admin(AdminOp::Init).await.unwrap();
-    admin::peer_add(&meta, &client(), node.addr())
-        .await
-        .unwrap();
-    let mut spec = vec!["replica".to_string(), "3".to_string()];
-    spec.extend(
-        bricks
-            .iter()
-            .map(|b| format!("{}:{}", node.addr(), b.display())),
-    );
-    admin::volume_create(&meta, "vol", &spec).await.unwrap();
-    meta.write(MetaOp::StartVolume { name: "vol".into() })
-        .await
-        .unwrap();
-    let source = format!("{}/vol", node.addr());
-    (node, source)
-}
 
 /// Runs a bash script in `dir` (with `$OTHER` set to `other`); its stdout, or a panic with
 /// everything it printed.
@@ -88,7 +64,7 @@ struct Setup {
 
 async fn must_setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let (node, source) = must_volume(dir.path()).await;
+    let (node, source, _meta) = must_one_node_volume(dir.path(), "replica 3", 3, &[]).await;
     let a = Mount::start(&source, &dir.path().join("mnt-a")).await;
     let b = Mount::start(&source, &dir.path().join("mnt-b")).await;
     let local_a = dir.path().join("local-a");

@@ -249,3 +249,46 @@ pub async fn must_volume_with_unit(
         .await
         .unwrap()
 }
+
+/// One brickd with a metadata member and `n` bricks under `dir`, and a started volume "vol"
+/// laid out as `head` (the words before the bricks, e.g. "replica 3"; "" distributes), with
+/// the volume options `options` set before the start. The node, the mount source
+/// (`ADDR/vol`) and a metadata client.
+pub async fn must_one_node_volume(
+    dir: &std::path::Path,
+    head: &str,
+    n: usize,
+    options: &[(&str, &str)],
+) -> (Brickd, String, MetaClient) {
+    use brickfs_proto::meta::MetaOp;
+    let bricks: Vec<_> = (0..n).map(|i| dir.join(format!("b{i}"))).collect();
+    let node = Brickd::start(&brickd_bin(), &dir.join("node"), &bricks, &["--meta"]).unwrap();
+    let meta = MetaClient::new(vec![node.addr()], MetaClientOptions::default());
+    meta.admin(AdminOp::Init).await.unwrap();
+    brickfs_client::admin::peer_add(&meta, &client(), node.addr())
+        .await
+        .unwrap();
+    let mut spec: Vec<String> = head.split_whitespace().map(String::from).collect();
+    spec.extend(
+        bricks
+            .iter()
+            .map(|b| format!("{}:{}", node.addr(), b.display())),
+    );
+    brickfs_client::admin::volume_create(&meta, "vol", &spec)
+        .await
+        .unwrap();
+    for (key, value) in options {
+        meta.write(MetaOp::SetVolumeOption {
+            name: "vol".into(),
+            key: key.to_string(),
+            value: value.to_string(),
+        })
+        .await
+        .unwrap();
+    }
+    meta.write(MetaOp::StartVolume { name: "vol".into() })
+        .await
+        .unwrap();
+    let source = format!("{}/vol", node.addr());
+    (node, source, meta)
+}
