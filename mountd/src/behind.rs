@@ -63,9 +63,16 @@ impl Open {
         }
     }
 
+    /// Whether this handle has bytes behind or writes whose size and time are uncommitted.
+    pub fn pending_or_dirty(&self) -> bool {
+        let b = self.lock();
+        b.run.is_some() || !b.sent.is_empty() || self.h.dirty()
+    }
+
     /// Takes `committed` as the file's size when this handle has nothing pending (no bytes
-    /// behind, nothing uncommitted): another mount may have cut or grown the file. Whether
-    /// it did.
+    /// behind, nothing uncommitted): another mount may have cut or grown the file. The caller
+    /// passes the size the file has on this mount (committed, grown by other handles'
+    /// pending writes). Whether it did.
     pub fn settle_size(&self, committed: u64) -> bool {
         let b = self.lock();
         if b.run.is_some() || !b.sent.is_empty() || self.h.dirty() {

@@ -262,15 +262,18 @@ impl BrickFs {
             return;
         }
         let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
-        for o in handles.values().filter(|o| o.h.attr.ino == a.ino) {
-            if o.settle_size(a.size_bytes) {
-                continue;
-            }
+        let opens: Vec<&Arc<Open>> = handles.values().filter(|o| o.h.attr.ino == a.ino).collect();
+        for o in opens.iter().filter(|o| o.pending_or_dirty()) {
             a.size_bytes = a.size_bytes.max(o.size());
             if let Some(m) = o.h.modified_at() {
                 a.mtime_ns = a.mtime_ns.max(m);
                 a.ctime_ns = a.ctime_ns.max(m);
             }
+        }
+        // The others take the size the file has now: committed, grown by this mount's
+        // pending writes.
+        for o in opens {
+            o.settle_size(a.size_bytes);
         }
     }
 
@@ -1546,7 +1549,14 @@ impl CacheRefs {
         self.drop_readahead(ino);
         if let Some(size) = size {
             let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
-            for o in handles.values().filter(|o| o.h.attr.ino.0 == ino) {
+            let opens: Vec<&Arc<Open>> =
+                handles.values().filter(|o| o.h.attr.ino.0 == ino).collect();
+            let size = opens
+                .iter()
+                .filter(|o| o.pending_or_dirty())
+                .map(|o| o.size())
+                .fold(size, u64::max);
+            for o in opens {
                 o.settle_size(size);
             }
         }
