@@ -906,15 +906,35 @@ impl Filesystem for BrickFs {
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
         let o = or_reply!(self.handle(fh.0), reply);
+        let ino = o.h.attr.ino.0;
+        // O_APPEND: the kernel placed the write at the end it caches, which another mount
+        // may have moved (it appended under a lock this mount then took, whose hand-over
+        // refreshed the handles' sizes). The write goes to the end this mount knows; if that
+        // is not where the kernel put it, the kernel's pages and size of the file go once
+        // this write is answered (it holds those pages until then).
+        let offset = if flags.0 & libc::O_APPEND != 0 {
+            let end = self
+                .opens_of(ino)
+                .iter()
+                .map(|h| h.size())
+                .fold(offset, u64::max);
+            if end != offset {
+                let cache = self.cache();
+                self.rt.spawn_blocking(move || cache.forget(ino, None));
+            }
+            end
+        } else {
+            offset
+        };
         // Accepted first, then the windows go (see `read`): a read that loaded the epoch
         // before this write either finds the bytes in the drain or loses its window.
         let r = o.write(&self.rt, &self.vol, offset, data);
-        self.drop_readahead(o.h.attr.ino.0);
+        self.drop_readahead(ino);
         match r {
             Ok(()) => reply.written(data.len() as u32),
             Err(e) => reply.error(e),
