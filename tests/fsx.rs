@@ -273,14 +273,8 @@ impl Run {
     }
 
     fn lock(&self, f: &File, typ: i32) {
-        let l = nix::libc::flock {
-            l_type: typ as i16,
-            l_whence: nix::libc::SEEK_SET as i16,
-            l_start: 0,
-            l_len: 0,
-            l_pid: 0,
-        };
-        if let Err(e) = nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_SETLKW(&l)) {
+        if let Err(e) = nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_SETLKW(&lock_range(typ, 0, 0)))
+        {
             self.fail(&format!("lock {typ}: {e}"));
         }
     }

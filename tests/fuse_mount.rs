@@ -55,18 +55,11 @@ async fn must_volume_here(dir: &Path) -> (Brickd, String) {
     (node, source)
 }
 
-fn flock(typ: i32, start: i64, len: i64) -> nix::libc::flock {
-    nix::libc::flock {
-        l_type: typ as i16,
-        l_whence: nix::libc::SEEK_SET as i16,
-        l_start: start,
-        l_len: len,
-        l_pid: 0,
-    }
-}
-
 fn setlk(f: &std::fs::File, typ: i32, start: i64, len: i64) -> nix::Result<nix::libc::c_int> {
-    nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_SETLK(&flock(typ, start, len)))
+    nix::fcntl::fcntl(
+        f,
+        nix::fcntl::FcntlArg::F_SETLK(&lock_range(typ, start, len)),
+    )
 }
 
 /// A POSIX lock taken through one mount blocks a conflicting lock through another; F_GETLK
@@ -93,7 +86,7 @@ async fn posix_locks_hold_across_mounts_and_die_with_their_holder() {
 
     setlk(&fa, F_WRLCK, 0, 100).unwrap();
     assert_eq!(setlk(&fb, F_RDLCK, 50, 10), Err(nix::errno::Errno::EAGAIN));
-    let mut probe = flock(F_WRLCK, 60, 1);
+    let mut probe = lock_range(F_WRLCK, 60, 1);
     nix::fcntl::fcntl(&fb, nix::fcntl::FcntlArg::F_GETLK(&mut probe)).unwrap();
     assert_eq!(
         (probe.l_type as i32, probe.l_start, probe.l_len),

@@ -224,14 +224,7 @@ async fn appends_from_two_mounts_under_a_lock_never_overwrite() {
 }
 
 fn setlk(f: &std::fs::File, typ: i32) -> nix::Result<nix::libc::c_int> {
-    let l = nix::libc::flock {
-        l_type: typ as i16,
-        l_whence: nix::libc::SEEK_SET as i16,
-        l_start: 0,
-        l_len: 0,
-        l_pid: 0,
-    };
-    nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_SETLK(&l))
+    nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_SETLK(&lock_range(typ, 0, 0)))
 }
 
 /// Waits for a lock (`posix` or `flock`) on a file, appends its pid to a log once it holds

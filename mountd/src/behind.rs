@@ -65,8 +65,11 @@ impl Open {
 
     /// Whether this handle has bytes behind or writes whose size and time are uncommitted.
     pub fn pending_or_dirty(&self) -> bool {
-        let b = self.lock();
-        b.run.is_some() || !b.sent.is_empty() || self.h.dirty()
+        Self::pending_locked(&self.lock(), &self.h)
+    }
+
+    fn pending_locked(b: &Behind, h: &FileHandle) -> bool {
+        b.run.is_some() || !b.sent.is_empty() || h.dirty()
     }
 
     /// Takes `committed` as the file's size when this handle has nothing pending (no bytes
@@ -75,7 +78,7 @@ impl Open {
     /// pending writes). Whether it did.
     pub fn settle_size(&self, committed: u64) -> bool {
         let b = self.lock();
-        if b.run.is_some() || !b.sent.is_empty() || self.h.dirty() {
+        if Self::pending_locked(&b, &self.h) {
             return false;
         }
         self.h.refresh_size(committed);
@@ -130,6 +133,17 @@ impl Open {
             self.send(rt, vol, &mut b, Some(self.stripe_bytes))?;
         }
         Ok(())
+    }
+
+    /// Drains, then commits this handle's size and mtime (close-to-open, lock hand-over).
+    pub fn publish(
+        &self,
+        rt: &tokio::runtime::Handle,
+        vol: &Arc<VolumeClient>,
+    ) -> Result<(), Errno> {
+        self.drain(rt, vol)?;
+        rt.block_on(vol.commit_size(&self.h))
+            .map_err(|e| crate::errno_of(&e))
     }
 
     /// Sends what is waiting and waits for everything on the wire; the first failure, if any.

@@ -409,13 +409,11 @@ impl BrickFs {
     /// size and mtime committed, so that another mount that opens the file or takes a lock
     /// next sees all of it. The first failure, if any.
     fn publish_ino(&self, ino: u64) -> Result<(), Errno> {
-        let drained = self.drain_ino(ino);
-        let mut first = drained;
+        let mut first = Ok(());
         for o in self.opens_of(ino) {
-            if o.h.dirty()
-                && let Err(e) = self.rt.block_on(self.vol.commit_size(&o.h))
-            {
-                first = first.and(Err(errno_of(&e)));
+            if let Err(e) = o.publish(&self.rt, &self.vol) {
+                tracing::debug!(ino, errno = ?e, "publishing a handle's writes failed");
+                first = first.and(Err(e));
             }
         }
         first
@@ -425,13 +423,7 @@ impl BrickFs {
     /// another mount's last writes under the lock, so the kernel's pages and attributes, the
     /// readahead windows and the handles' sizes go.
     fn forget_cached(&self, ino: u64) {
-        let size = match self.read_op(MetaRead::GetAttr {
-            volume: self.volume(),
-            ino: Ino(ino),
-        }) {
-            Ok(MetaReply::Attr(a)) => Some(a.size_bytes),
-            _ => None,
-        };
+        let size = self.rt.block_on(committed_size(&self.vol, ino));
         self.cache().forget(ino, size);
     }
 
@@ -951,14 +943,9 @@ impl Filesystem for BrickFs {
     ) {
         // Close-to-open: what this handle wrote, its size and mtime are committed when it
         // closes, before its locks go, so the next holder of a lock sees them.
-        let published = match self.handle(fh.0) {
-            Ok(o) => o.drain(&self.rt, &self.vol).and_then(|()| {
-                self.rt
-                    .block_on(self.vol.commit_size(&o.h))
-                    .map_err(|e| errno_of(&e))
-            }),
-            Err(e) => Err(e),
-        };
+        let published = self
+            .handle(fh.0)
+            .and_then(|o| o.publish(&self.rt, &self.vol));
         // A close drops the closing process's POSIX locks on the file (fcntl(2)), whatever
         // became of its writes.
         if self
@@ -1002,14 +989,9 @@ impl Filesystem for BrickFs {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&fh.0);
         // What the handle wrote is published before its flock goes.
-        let committed = match &h {
-            Some(o) => o.drain(&self.rt, &self.vol).and_then(|()| {
-                self.rt
-                    .block_on(self.vol.commit_size(&o.h))
-                    .map_err(|e| errno_of(&e))
-            }),
-            None => Ok(()),
-        };
+        let committed = h
+            .as_ref()
+            .map_or(Ok(()), |o| o.publish(&self.rt, &self.vol));
         // The last close of an open file drops the flock(2) lock it holds (the kernel names
         // the lock's owner only when there is one).
         if let Some(owner) = lock_owner {
@@ -1426,17 +1408,7 @@ impl BrickFs {
             waiters.done(unique);
             match r {
                 Ok(()) => {
-                    let size = match vol
-                        .meta()
-                        .read(MetaRead::GetAttr {
-                            volume: vol.record().id,
-                            ino: Ino(ino),
-                        })
-                        .await
-                    {
-                        Ok(MetaReply::Attr(a)) => Some(a.size_bytes),
-                        _ => None,
-                    };
+                    let size = committed_size(&vol, ino).await;
                     // The kernel's invalidation can wait on page locks: not on a runtime
                     // worker.
                     let forgot = tokio::task::spawn_blocking(move || cache.forget(ino, size));
@@ -1580,6 +1552,18 @@ impl CacheRefs {
                 o.settle_size(size);
             }
         }
+    }
+}
+
+/// The file's committed size in the metadata group, if it can be read.
+async fn committed_size(vol: &VolumeClient, ino: u64) -> Option<u64> {
+    let read = MetaRead::GetAttr {
+        volume: vol.record().id,
+        ino: Ino(ino),
+    };
+    match vol.meta().read(read).await {
+        Ok(MetaReply::Attr(a)) => Some(a.size_bytes),
+        _ => None,
     }
 }
 

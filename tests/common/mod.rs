@@ -292,3 +292,15 @@ pub async fn must_one_node_volume(
     let source = format!("{}/vol", node.addr());
     (node, source, meta)
 }
+
+/// A `struct flock` for fcntl: `typ` (F_RDLCK, F_WRLCK, F_UNLCK) over `len` bytes at `start`
+/// (`len` 0: to the end of the file).
+pub fn lock_range(typ: i32, start: i64, len: i64) -> nix::libc::flock {
+    nix::libc::flock {
+        l_type: typ as i16,
+        l_whence: nix::libc::SEEK_SET as i16,
+        l_start: start,
+        l_len: len,
+        l_pid: 0,
+    }
+}

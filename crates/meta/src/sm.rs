@@ -552,6 +552,20 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
         self.kv.put(keys::holder(v, ino, session), Vec::new());
     }
 
+    /// The answer to a create: `CreateOpen` also makes the caller's session hold the file.
+    fn held_if_asked(
+        &mut self,
+        op: &MetaOp,
+        session: SessionId,
+        v: VolumeId,
+        a: Attr,
+    ) -> MetaReply {
+        if matches!(op, MetaOp::CreateOpen { .. }) && a.kind == FileKind::File {
+            self.hold(session, v, a.ino);
+        }
+        MetaReply::Attr(a)
+    }
+
     /// Whether any session holds file `ino` open.
     fn held(&self, v: VolumeId, ino: Ino) -> Res<bool> {
         Ok(!self
@@ -1051,6 +1065,18 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                 gid,
                 rdev,
                 exclusive,
+            }
+            | MetaOp::CreateOpen {
+                volume,
+                parent,
+                name,
+                kind,
+                mode,
+                umask,
+                uid,
+                gid,
+                rdev,
+                exclusive,
             } => {
                 if *kind == FileKind::Dir || *kind == FileKind::Symlink {
                     return Err(err(ErrorCode::InvalidArgument, "use mkdir or symlink"));
@@ -1064,9 +1090,8 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                     if existing.kind == FileKind::Dir {
                         return Err(err(ErrorCode::IsDir, format!("{name:?} is a directory")));
                     }
-                    return Ok(MetaReply::Attr(
-                        load_inode(self.kv, *volume, existing.ino)?.attr,
-                    ));
+                    let attr = load_inode(self.kv, *volume, existing.ino)?.attr;
+                    return Ok(self.held_if_asked(op, session, *volume, attr));
                 }
                 let mut child = self.new_inode(*volume, *kind, *mode, *uid, *gid)?;
                 child.attr.rdev = *rdev;
@@ -1075,7 +1100,10 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                     child.attr.group = group;
                     child.attr.unit_bytes = unit;
                 }
-                self.create_node(*volume, *parent, name, child, *umask)?
+                match self.create_node(*volume, *parent, name, child, *umask)? {
+                    MetaReply::Attr(a) => self.held_if_asked(op, session, *volume, a),
+                    other => other,
+                }
             }
             MetaOp::Symlink {
                 volume,
@@ -1196,38 +1224,6 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                     self.drop_orphan(session, *volume, *ino)?;
                 }
                 MetaReply::Done
-            }
-            MetaOp::CreateOpen {
-                volume,
-                parent,
-                name,
-                kind,
-                mode,
-                umask,
-                uid,
-                gid,
-                rdev,
-                exclusive,
-            } => {
-                let create = MetaOp::Create {
-                    volume: *volume,
-                    parent: *parent,
-                    name: name.clone(),
-                    kind: *kind,
-                    mode: *mode,
-                    umask: *umask,
-                    uid: *uid,
-                    gid: *gid,
-                    rdev: *rdev,
-                    exclusive: *exclusive,
-                };
-                let reply = self.op(&create, session)?;
-                if let MetaReply::Attr(a) = &reply
-                    && a.kind == FileKind::File
-                {
-                    self.hold(session, *volume, a.ino);
-                }
-                reply
             }
             MetaOp::Rmdir {
                 volume,
