@@ -764,3 +764,88 @@ async fn statfs_reports_real_free_space_through_the_layout() {
         "free {vol_free} against the disk's {disk_free}"
     );
 }
+
+/// Data that was written never reads back as zeros: with every copy of a file's object gone
+/// (what the GC of a live file did), a read through the mount fails with EIO; a sparse
+/// striped file and a file only truncated up still read their holes as zeros.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_object_reads_as_an_error_never_as_zeros() {
+    for (head, n) in [("replica 3", 3), ("disperse 3 redundancy 1", 3), ("stripe 2", 2)] {
+        let dir = tempfile::tempdir().unwrap();
+        let (_node, source, meta) = must_one_node_volume(dir.path(), head, n, &[]).await;
+        let rec = match meta
+            .read(MetaRead::VolumeByName { name: "vol".into() })
+            .await
+            .unwrap()
+        {
+            MetaReply::Volume(v) => v,
+            other => panic!("unexpected {other:?}"),
+        };
+        let m = Mount::start(&source, &dir.path().join("mnt")).await;
+        // A sparse file: on the striped volume its second column gets no byte written.
+        let sparse = m.path.join("sparse");
+        {
+            let f = std::fs::File::create(&sparse).unwrap();
+            f.write_all_at(b"head", 0).unwrap();
+            f.write_all_at(b"tail", (3 << 20) - 4).unwrap();
+        }
+        let grown = m.path.join("grown");
+        std::fs::File::create(&grown)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let data = pattern(12, 0, 1 << 20);
+        let victim = m.path.join("victim");
+        std::fs::write(&victim, &data).unwrap();
+        let ino = std::fs::metadata(&victim).unwrap().ino();
+        std::fs::write("/proc/sys/vm/drop_caches", b"3").unwrap();
+        let got = std::fs::read(&sparse).unwrap();
+        assert_eq!(got.len(), 3 << 20, "{head}: sparse size");
+        assert!(
+            &got[..4] == b"head" && &got[got.len() - 4..] == b"tail",
+            "{head}: sparse ends"
+        );
+        assert!(
+            got[4..got.len() - 4].iter().all(|b| *b == 0),
+            "{head}: the sparse file's hole reads as zeros"
+        );
+        let got = std::fs::read(&grown).unwrap();
+        assert!(
+            got.len() == 1 << 20 && got.iter().all(|b| *b == 0),
+            "{head}: a file truncated up reads as zeros"
+        );
+        assert!(std::fs::read(&victim).unwrap() == data, "{head}: victim");
+        // Every copy of the victim's objects goes, on every brick.
+        let c = client();
+        let mut deleted = 0;
+        for b in &rec.bricks {
+            let addr = node_addr(&rec, b.brick);
+            for column in 0..rec.stripe.max(1) {
+                let k = brickfs_proto::ObjectKey {
+                    volume: rec.id,
+                    ino: Ino(ino),
+                    column,
+                };
+                if c.delete(addr, b.brick, k).await.unwrap() {
+                    deleted += 1;
+                }
+            }
+        }
+        assert!(deleted >= n.min(2), "{head}: deleted {deleted} objects");
+        std::fs::write("/proc/sys/vm/drop_caches", b"3").unwrap();
+        let victim2 = victim.clone();
+        let r = tokio::task::spawn_blocking(move || std::fs::read(victim2))
+            .await
+            .unwrap();
+        match r {
+            Err(e) => assert_eq!(e.raw_os_error(), Some(nix::libc::EIO), "{head}: {e}"),
+            Ok(got) => panic!(
+                "{head}: a file whose objects are gone read {} bytes ({} zeros)",
+                got.len(),
+                got.iter().filter(|b| **b == 0).count()
+            ),
+        }
+        // The mount still serves everything else.
+        assert!(std::fs::read(&sparse).unwrap().len() == 3 << 20);
+    }
+}

@@ -245,6 +245,12 @@ async fn copy(vol: &VolumeClient, file: &FileMove) -> Result<u64, VolumeError> {
             copied += r?;
         }
     }
+    // Chunks of zeros were not copied: give every column object its length anyway, so that
+    // the file's objects exist in its new group as they did in the old (a missing one reads
+    // as lost, not as a hole).
+    if end > 0 {
+        vol.truncate_objects(dst, end).await?;
+    }
     vol.sync_objects(dst).await?;
     vol.meta()
         .write(MetaOp::FinishMove {

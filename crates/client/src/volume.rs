@@ -48,6 +48,11 @@ pub enum VolumeError {
     },
     #[error("{0}")]
     Refused(ErrorBody),
+    /// No in-sync member holds an object the file's size says must exist (every column
+    /// object of a file with data exists from its first write or truncate on): its data is
+    /// lost or held only by members out of sync. An error, never a hole of zeros.
+    #[error("object {key} is held by no in-sync member of its set, though the file's size covers it")]
+    Lost { key: ObjectKey },
 }
 
 impl VolumeError {
@@ -57,6 +62,7 @@ impl VolumeError {
             VolumeError::Meta(e) => e.code(),
             VolumeError::Brick { source, .. } => source.code(),
             VolumeError::Refused(b) => b.kind(),
+            VolumeError::Lost { .. } => Some(ErrorCode::Io),
         }
     }
 }
@@ -97,8 +103,14 @@ fn retryable(e: &VolumeError) -> bool {
             b.kind(),
             Some(ErrorCode::Io | ErrorCode::StaleEpoch | ErrorCode::ShuttingDown | ErrorCode::Busy)
         ),
+        // The sets may have changed (a member back in sync holds it), or a writer on another
+        // mount committed the size a moment before its first bytes land: look again, briefly.
+        VolumeError::Lost { .. } => true,
     }
 }
+
+/// How long a read keeps looking for an object that must exist before saying it is lost.
+const LOST_WINDOW: Duration = Duration::from_secs(2);
 
 fn refused(code: ErrorCode, detail: impl Into<String>) -> VolumeError {
     VolumeError::Refused(ErrorBody::new(code, detail))
@@ -115,6 +127,8 @@ pub struct FileHandle {
     /// write since the last commit). The commit makes it the file's mtime.
     modified_ns: std::sync::atomic::AtomicI64,
     size: AtomicU64,
+    /// Whether this handle made sure every column object of the file exists (see `write`).
+    columns_made: std::sync::atomic::AtomicBool,
 }
 
 impl FileHandle {
@@ -125,6 +139,7 @@ impl FileHandle {
             dirty_end: AtomicU64::new(0),
             modified_ns: std::sync::atomic::AtomicI64::new(0),
             size: AtomicU64::new(attr.size_bytes),
+            columns_made: std::sync::atomic::AtomicBool::new(false),
             attr,
         }
     }
@@ -432,7 +447,15 @@ impl VolumeClient {
                         }
                     }
                 }
-                Err(e) if retryable(&e) && start.elapsed() + backoff >= window => {
+                Err(e)
+                    if retryable(&e)
+                        && (start.elapsed() + backoff >= window
+                            || matches!(e, VolumeError::Lost { .. })
+                                && start.elapsed() + backoff >= LOST_WINDOW) =>
+                {
+                    if let VolumeError::Lost { key } = &e {
+                        tracing::error!(%key, "an object of a file with data is missing from every in-sync member: reads of it fail with EIO");
+                    }
                     // Out of time: look at the sets once more (briefly), so that the caller's
                     // next try goes where they are now (one call may have used the window).
                     self.refresh_within(Duration::from_secs(2)).await;
@@ -631,18 +654,22 @@ impl VolumeClient {
         let (off, n) = (j0 * f, stripes as u64 * f);
         // Members out of sync may hold fragments of older versions: never read them.
         let moved = std::sync::atomic::AtomicBool::new(false);
+        let held = std::sync::atomic::AtomicBool::new(false);
         let fetch = |brick: BrickId| {
             let bricks = self.bricks.clone();
             let addr = self.addr(brick);
             let in_sync = set.in_sync.contains(&brick);
-            let moved = &moved;
+            let (moved, held) = (&moved, &held);
             async move {
                 if !in_sync {
                     return None;
                 }
                 let addr = addr.ok()?;
                 match bricks.read(addr, brick, key, off, n as u32).await {
-                    Ok((st, bytes)) => Some(((st.version.0, st.tag), bytes.to_vec())),
+                    Ok((st, bytes)) => {
+                        held.store(true, Ordering::Relaxed);
+                        Some(((st.version.0, st.tag), bytes.to_vec()))
+                    }
                     Err(e) if e.code() == Some(ErrorCode::NotFound) => Some(((0, 0), Vec::new())),
                     Err(e) => {
                         if e.code() == Some(ErrorCode::Moved) {
@@ -682,6 +709,11 @@ impl VolumeClient {
                 })?
             }
         };
+        // K in-sync members without the object: it was written (the file has data), so it is
+        // lost, not a hole.
+        if !held.load(Ordering::Relaxed) {
+            return Err(VolumeError::Lost { key });
+        }
         let at = (column_offset - j0 * sb) as usize;
         Ok(Bytes::from(decoded.1).slice(at..at + len as usize))
     }
@@ -717,7 +749,26 @@ impl VolumeClient {
     ) -> Result<(), VolumeError> {
         let start = std::time::Instant::now();
         let end = offset + data.len() as u64;
-        if end > fh.size() && self.quota_on().await {
+        // Every column object of a file with data exists, so that a missing one reads as an
+        // error, never as zeros (`read`). A write makes the objects it reaches; on a striped
+        // file the first write of a handle makes the others too, before any size is
+        // committed. So does a quota's early size commit of an empty file.
+        let (_, stripe, _) = self.geometry(&fh.attr, fh.group());
+        let quota = end > fh.size() && self.quota_on().await;
+        if (stripe > 1 || quota && fh.size() == 0 && !self.dispersed())
+            && !fh.columns_made.load(Ordering::SeqCst)
+        {
+            let r = self
+                .retrying("write", fh, || self.make_columns_once(fh))
+                .await;
+            if let Err(e) = r {
+                self.metrics
+                    .record("write", start.elapsed(), false, data.len() as u64, 0);
+                return Err(e);
+            }
+            fh.columns_made.store(true, Ordering::SeqCst);
+        }
+        if quota {
             // Quotas count committed sizes: commit the new end before writing, so that a
             // write past a quota fails (EDQUOT) before any of its bytes lands.
             if let Err(e) = self.commit_end(fh, end).await {
@@ -737,6 +788,35 @@ impl VolumeClient {
         fh.dirty_end.fetch_max(end, Ordering::SeqCst);
         fh.modified(now_ns());
         fh.size.fetch_max(end, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Makes every column object of the file that does not exist yet (an empty write at 0
+    /// creates an object and changes no byte). Replicated sets only: a striped volume is
+    /// never dispersed.
+    async fn make_columns_once(&self, fh: &FileHandle) -> Result<(), VolumeError> {
+        let (_, stripe, first_set) = self.geometry(&fh.attr, fh.group());
+        let mut tasks = Vec::with_capacity(stripe as usize);
+        for column in 0..stripe {
+            let index = first_set + column as usize;
+            let set = &self.set(index)?;
+            self.check_quorum(index, set)?;
+            let primary = set.primary;
+            let addr = self.addr(primary)?;
+            let msg = Message::SetWrite(SetWrite {
+                brick: primary,
+                set: self.set_ref(index, set),
+                key: self.key(&fh.attr, column),
+                offset_bytes: 0,
+                sync: false,
+                members: self.others(set)?,
+                degraded: set.in_sync.len() < set.members.len(),
+            });
+            tasks.push(self.to_primary(primary, addr, msg, Bytes::new()));
+        }
+        for r in join_all(tasks).await {
+            r?;
+        }
         Ok(())
     }
 
@@ -860,10 +940,11 @@ impl VolumeClient {
                         }
                     }
                 }
-                // A column no in-sync member holds was never written: a hole. If some member
-                // could not answer, it may hold the data: say so rather than invent zeros.
-                if missing == members {
-                    return Ok(Bytes::new());
+                // Every column object of a file with data exists (made by the first write or
+                // truncate): one that no in-sync member holds is lost, never a hole. If some
+                // member could not answer, it may hold the data: say that instead.
+                if missing == members && last.is_none() {
+                    return Err(VolumeError::Lost { key });
                 }
                 Err(last.unwrap_or_else(|| refused(ErrorCode::Io, "set has no in-sync member")))
             });
@@ -909,7 +990,7 @@ impl VolumeClient {
     }
 
     /// Cuts or extends every column object of the file to its share of `len`.
-    async fn truncate_objects(&self, fh: &FileHandle, len: u64) -> Result<(), VolumeError> {
+    pub(crate) async fn truncate_objects(&self, fh: &FileHandle, len: u64) -> Result<(), VolumeError> {
         let (unit, stripe, first_set) = self.geometry(&fh.attr, fh.group());
         let mut tasks = Vec::new();
         for column in 0..stripe {
