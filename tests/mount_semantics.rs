@@ -770,7 +770,11 @@ async fn statfs_reports_real_free_space_through_the_layout() {
 /// striped file and a file only truncated up still read their holes as zeros.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_object_reads_as_an_error_never_as_zeros() {
-    for (head, n) in [("replica 3", 3), ("disperse 3 redundancy 1", 3), ("stripe 2", 2)] {
+    for (head, n) in [
+        ("replica 3", 3),
+        ("disperse 3 redundancy 1", 3),
+        ("stripe 2", 2),
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let (_node, source, meta) = must_one_node_volume(dir.path(), head, n, &[]).await;
         let rec = match meta

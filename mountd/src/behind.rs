@@ -9,7 +9,7 @@
 //! opened O_SYNC or O_DSYNC write through.
 
 use brickfs_client::{FileHandle, VolumeClient};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use fuser::Errno;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,26 +21,120 @@ pub const CHUNK_BYTES: usize = 8 << 20;
 /// Runs of one file on the wire at once.
 pub const INFLIGHT: usize = 4;
 
-/// A run sent and not yet answered: its byte range and the task sending it.
-struct Sent {
+/// A run sent and not yet answered: its byte range and what is sending it.
+struct Sent<T> {
     start: u64,
     end: u64,
-    task: JoinHandle<Result<(), Errno>>,
+    task: T,
 }
 
-#[derive(Default)]
-struct Behind {
+/// The state machine of one file's write-behind, with no I/O: runs gathered, runs on the
+/// wire (`T` sends one), the first failure. The caller (`Open`) sends and waits; this says
+/// what to send and what to wait for first, and keeps the rules: runs that overlap are never
+/// on the wire together, at most `INFLIGHT` are, a failure is sticky.
+pub struct Runs<T> {
     /// Bytes accepted and not yet sent, contiguous from `.0`.
     run: Option<(u64, BytesMut)>,
-    sent: VecDeque<Sent>,
-    /// The first background failure; sticky.
+    sent: VecDeque<Sent<T>>,
     error: Option<Errno>,
 }
+
+impl<T> Default for Runs<T> {
+    fn default() -> Self {
+        Runs {
+            run: None,
+            sent: VecDeque::new(),
+            error: None,
+        }
+    }
+}
+
+impl<T> Runs<T> {
+    /// The first failure, if any.
+    pub fn error(&self) -> Option<Errno> {
+        self.error
+    }
+
+    /// Keeps a failure (the first one stays).
+    pub fn fail(&mut self, e: Errno) {
+        self.error.get_or_insert(e);
+    }
+
+    /// Whether bytes are waiting or on the wire.
+    pub fn pending(&self) -> bool {
+        self.run.is_some() || !self.sent.is_empty()
+    }
+
+    /// Whether a write at `offset` extends the waiting run (false with none waiting).
+    pub fn extends(&self, offset: u64) -> bool {
+        matches!(&self.run, Some((start, run)) if start + run.len() as u64 == offset)
+    }
+
+    /// Adds a write: to the waiting run, which it must extend (`extends`), or as a new run
+    /// when none waits (the caller sends a run it does not extend first).
+    pub fn append(&mut self, offset: u64, data: &[u8]) {
+        match &mut self.run {
+            Some((start, run)) => {
+                debug_assert_eq!(*start + run.len() as u64, offset);
+                run.extend_from_slice(data);
+            }
+            None => self.run = Some((offset, BytesMut::from(data))),
+        }
+    }
+
+    /// Whether the waiting run is big enough to send.
+    pub fn full(&self) -> bool {
+        self.run
+            .as_ref()
+            .is_some_and(|(_, r)| r.len() >= CHUNK_BYTES)
+    }
+
+    /// Takes the waiting run to send: with `align`, only up to its last multiple of `align`
+    /// (a whole stripe) when it holds one past its start, keeping the rest waiting. Its
+    /// start and bytes.
+    pub fn take_run(&mut self, align: Option<u64>) -> Option<(u64, Bytes)> {
+        let (start, mut run) = self.run.take()?;
+        let end = start + run.len() as u64;
+        let cut = match align {
+            Some(a) if end / a * a > start => end / a * a,
+            _ => end,
+        };
+        if cut < end {
+            let rest = run.split_off((cut - start) as usize);
+            self.run = Some((cut, rest));
+        }
+        Some((start, run.freeze()))
+    }
+
+    /// What must be waited for before a run over `start..end` goes on the wire: the oldest
+    /// sent run, while one overlaps it or `INFLIGHT` are out. The caller waits for it (and
+    /// keeps its failure), then asks again.
+    pub fn before_send(&mut self, start: u64, end: u64) -> Option<(u64, u64, T)> {
+        let overlaps = self.sent.iter().any(|s| s.start < end && start < s.end);
+        if overlaps || self.sent.len() >= INFLIGHT {
+            let s = self.sent.pop_front()?;
+            return Some((s.start, s.end, s.task));
+        }
+        None
+    }
+
+    /// Records a run put on the wire.
+    pub fn sent(&mut self, start: u64, end: u64, task: T) {
+        self.sent.push_back(Sent { start, end, task });
+    }
+
+    /// The oldest run on the wire, to wait for (draining).
+    pub fn oldest(&mut self) -> Option<(u64, u64, T)> {
+        self.sent.pop_front().map(|s| (s.start, s.end, s.task))
+    }
+}
+
+type Task = JoinHandle<Result<(), Errno>>;
 
 /// An open file on this mount: the client library's handle and its write-behind.
 pub struct Open {
     pub h: Arc<FileHandle>,
-    behind: Mutex<Behind>,
+    behind: Mutex<Runs<Task>>,
     /// The end of the furthest byte accepted from the kernel, sent or not.
     accepted_end: AtomicU64,
     /// O_SYNC / O_DSYNC: every write is on the bricks before it is answered.
@@ -56,7 +150,7 @@ impl Open {
         Open {
             accepted_end: AtomicU64::new(h.size()),
             h: Arc::new(h),
-            behind: Mutex::new(Behind::default()),
+            behind: Mutex::new(Runs::default()),
             write_through,
             stripe_bytes: stripe_bytes.max(1),
             atime_checked: std::sync::atomic::AtomicBool::new(false),
@@ -68,8 +162,8 @@ impl Open {
         Self::pending_locked(&self.lock(), &self.h)
     }
 
-    fn pending_locked(b: &Behind, h: &FileHandle) -> bool {
-        b.run.is_some() || !b.sent.is_empty() || h.dirty()
+    fn pending_locked(b: &Runs<Task>, h: &FileHandle) -> bool {
+        b.pending() || h.dirty()
     }
 
     /// Takes `committed` as the file's size when this handle has nothing pending (no bytes
@@ -97,7 +191,7 @@ impl Open {
         self.accepted_end.store(len, Ordering::SeqCst);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Behind> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Runs<Task>> {
         self.behind.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -110,17 +204,13 @@ impl Open {
         data: &[u8],
     ) -> Result<(), Errno> {
         let mut b = self.lock();
-        if let Some(e) = b.error {
+        if let Some(e) = b.error() {
             return Err(e);
         }
-        let contiguous = matches!(&b.run, Some((start, run)) if start + run.len() as u64 == offset);
-        if !contiguous {
+        if !b.extends(offset) {
             self.send(rt, vol, &mut b, None)?;
         }
-        match &mut b.run {
-            Some((_, run)) => run.extend_from_slice(data),
-            None => b.run = Some((offset, BytesMut::from(data))),
-        }
+        b.append(offset, data);
         self.accepted_end
             .fetch_max(offset + data.len() as u64, Ordering::SeqCst);
         // mtime is the time the write was accepted (it shows at once; the commit at flush,
@@ -129,7 +219,7 @@ impl Open {
         if self.write_through {
             return self.drain_locked(rt, vol, &mut b);
         }
-        if b.run.as_ref().is_some_and(|(_, r)| r.len() >= CHUNK_BYTES) {
+        if b.full() {
             self.send(rt, vol, &mut b, Some(self.stripe_bytes))?;
         }
         Ok(())
@@ -156,21 +246,21 @@ impl Open {
         &self,
         rt: &tokio::runtime::Handle,
         vol: &Arc<VolumeClient>,
-        b: &mut Behind,
+        b: &mut Runs<Task>,
     ) -> Result<(), Errno> {
         self.send(rt, vol, b, None)?;
-        while let Some(s) = b.sent.pop_front() {
+        while let Some(s) = b.oldest() {
             Self::reap(rt, b, s);
         }
-        b.error.map_or(Ok(()), Err)
+        b.error().map_or(Ok(()), Err)
     }
 
     /// Waits for one sent run and keeps its failure.
-    fn reap(rt: &tokio::runtime::Handle, b: &mut Behind, s: Sent) {
-        let r = rt.block_on(s.task).unwrap_or(Err(Errno::EIO)).err();
+    fn reap(rt: &tokio::runtime::Handle, b: &mut Runs<Task>, (start, end, task): (u64, u64, Task)) {
+        let r = rt.block_on(task).unwrap_or(Err(Errno::EIO)).err();
         if let Some(e) = r {
-            tracing::warn!(start = s.start, end = s.end, errno = ?e, "a write-behind run failed");
-            b.error.get_or_insert(e);
+            tracing::warn!(start, end, errno = ?e, "a write-behind run failed");
+            b.fail(e);
         }
     }
 
@@ -180,40 +270,191 @@ impl Open {
         &self,
         rt: &tokio::runtime::Handle,
         vol: &Arc<VolumeClient>,
-        b: &mut Behind,
+        b: &mut Runs<Task>,
         align: Option<u64>,
     ) -> Result<(), Errno> {
-        let Some((start, mut run)) = b.run.take() else {
+        let Some((start, data)) = b.take_run(align) else {
             return Ok(());
         };
-        let end = start + run.len() as u64;
-        let cut = match align {
-            Some(a) if end / a * a > start => end / a * a,
-            _ => end,
-        };
-        if cut < end {
-            let rest = run.split_off((cut - start) as usize);
-            b.run = Some((cut, rest));
-        }
-        let overlaps = b.sent.iter().any(|s| s.start < cut && start < s.end);
-        while !b.sent.is_empty() && (overlaps || b.sent.len() >= INFLIGHT) {
-            let s = b.sent.pop_front().expect("not empty");
+        let end = start + data.len() as u64;
+        while let Some(s) = b.before_send(start, end) {
             Self::reap(rt, b, s);
         }
-        if let Some(e) = b.error {
+        if let Some(e) = b.error() {
             return Err(e);
         }
-        let (vol, h, data) = (vol.clone(), self.h.clone(), run.freeze());
+        let (vol, h) = (vol.clone(), self.h.clone());
         let task = rt.spawn(async move {
             vol.write(&h, start, data)
                 .await
                 .map_err(|e| crate::errno_of(&e))
         });
-        b.sent.push_back(Sent {
-            start,
-            end: cut,
-            task,
-        });
+        b.sent(start, end, task);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator (xorshift).
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    #[test]
+    fn contiguous_writes_gather_into_one_run_cut_at_whole_stripes() {
+        let mut r = Runs::<u32>::default();
+        assert!(!r.extends(0) && !r.pending());
+        r.append(100, &[1; 50]);
+        assert!(r.extends(150) && !r.extends(149) && !r.extends(151));
+        r.append(150, &[2; 60]);
+        assert!(r.pending() && !r.full());
+        // Cut at 192 (a multiple of 64 past the start): 100..192 goes, 192..210 waits.
+        let (start, data) = r.take_run(Some(64)).unwrap();
+        assert_eq!((start, data.len()), (100, 92));
+        assert!(data[..50].iter().all(|b| *b == 1) && data[50..].iter().all(|b| *b == 2));
+        assert!(r.extends(210));
+        // No multiple of 1000 past its start: the whole run goes.
+        let (start, data) = r.take_run(Some(1000)).unwrap();
+        assert_eq!((start, data.len()), (192, 18));
+        assert!(r.take_run(None).is_none() && !r.pending());
+        r.append(0, &vec![0; CHUNK_BYTES]);
+        assert!(r.full());
+    }
+
+    #[test]
+    fn overlapping_runs_wait_for_each_other_and_at_most_inflight_are_out() {
+        let mut r = Runs::<u32>::default();
+        for i in 0..INFLIGHT as u64 {
+            assert!(r.before_send(i * 10, i * 10 + 10).is_none());
+            r.sent(i * 10, i * 10 + 10, i as u32);
+        }
+        // Full: the oldest is waited for first, whatever the range.
+        assert_eq!(r.before_send(1000, 1010), Some((0, 10, 0)));
+        assert!(r.before_send(1000, 1010).is_none());
+        r.sent(1000, 1010, 9);
+        // Overlapping the third run: the first and second (older) are waited out too,
+        // in order, until nothing overlapping is out.
+        assert_eq!(r.before_send(25, 26), Some((10, 20, 1)));
+        assert_eq!(r.before_send(25, 26), Some((20, 30, 2)));
+        assert!(r.before_send(25, 26).is_none());
+        // Touching ends do not overlap.
+        assert!(r.before_send(40, 1000).is_none());
+        assert_eq!(r.oldest(), Some((30, 40, 3)));
+        assert_eq!(r.oldest(), Some((1000, 1010, 9)));
+        assert!(r.oldest().is_none() && !r.pending());
+    }
+
+    #[test]
+    fn the_first_failure_sticks() {
+        let mut r = Runs::<u32>::default();
+        assert_eq!(r.error(), None);
+        r.fail(Errno::ENOSPC);
+        r.fail(Errno::EIO);
+        assert_eq!(r.error(), Some(Errno::ENOSPC));
+    }
+
+    /// Random writes driven through the machine as `Open` drives it, with runs on the wire
+    /// landing in any order the machine allows (any time before they are waited for): the
+    /// file always ends as the writes, applied in order, made it, and no two runs on the
+    /// wire ever overlap.
+    #[test]
+    fn writes_land_as_made_whatever_order_runs_on_the_wire_finish_in() {
+        /// A run on the wire: its id, start and bytes (None once landed).
+        type Wire = Vec<(usize, u64, u64, Option<Bytes>)>;
+        fn land(file: &mut [u8], wire: &mut Wire, i: usize) {
+            if let Some(data) = wire[i].3.take() {
+                let at = wire[i].1 as usize;
+                file[at..at + data.len()].copy_from_slice(&data);
+            }
+        }
+        fn put(
+            r: &mut Runs<usize>,
+            wire: &mut Wire,
+            file: &mut [u8],
+            rng: &mut Rng,
+            align: Option<u64>,
+            seed: u64,
+        ) {
+            let Some((start, data)) = r.take_run(align) else {
+                return;
+            };
+            let end = start + data.len() as u64;
+            // Runs not waited for may land at any time: some do now.
+            while !wire.is_empty() && rng.below(3) == 0 {
+                let i = rng.below(wire.len() as u64) as usize;
+                land(file, wire, i);
+            }
+            while let Some((_, _, id)) = r.before_send(start, end) {
+                let i = wire.iter().position(|w| w.0 == id).expect("on the wire");
+                land(file, wire, i);
+                wire.remove(i);
+            }
+            for w in wire.iter() {
+                assert!(
+                    !(w.1 < end && start < w.2),
+                    "seed {seed}: overlapping runs on the wire"
+                );
+            }
+            let id = wire.iter().map(|w| w.0 + 1).max().unwrap_or(0) + 1000;
+            r.sent(start, end, id);
+            wire.push((id, start, end, Some(data)));
+        }
+        for seed in 1..300u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let mut r = Runs::<usize>::default();
+            let size = 4096usize;
+            let (mut model, mut file) = (vec![0u8; size], vec![0u8; size]);
+            let mut wire: Wire = Vec::new();
+            let mut next = 0u64;
+            for _ in 0..80 {
+                let offset = if rng.below(2) == 0 {
+                    next
+                } else {
+                    rng.below(size as u64 - 64)
+                };
+                let len = 1 + rng.below(63) as usize;
+                if offset as usize + len > size {
+                    next = 0;
+                    continue;
+                }
+                next = offset + len as u64;
+                let byte = (rng.next() % 255 + 1) as u8;
+                let data = vec![byte; len];
+                model[offset as usize..offset as usize + len].copy_from_slice(&data);
+                if !r.extends(offset) {
+                    put(&mut r, &mut wire, &mut file, &mut rng, None, seed);
+                }
+                r.append(offset, &data);
+                if rng.below(4) == 0 {
+                    put(&mut r, &mut wire, &mut file, &mut rng, Some(16), seed);
+                }
+            }
+            // Drain: send what waits, then everything lands, oldest first.
+            put(&mut r, &mut wire, &mut file, &mut rng, None, seed);
+            while let Some((_, _, id)) = r.oldest() {
+                let i = wire.iter().position(|w| w.0 == id).expect("on the wire");
+                land(&mut file, &mut wire, i);
+                wire.remove(i);
+            }
+            assert!(wire.is_empty());
+            assert!(
+                file == model,
+                "seed {seed}: the file differs from the writes made"
+            );
+        }
     }
 }

@@ -13,58 +13,47 @@
 //! stale another mount's changes can look; opens revalidate (close-to-open).
 
 mod behind;
+mod convert;
+mod dirs;
+mod handles;
 mod holds;
 mod locks;
+mod mount;
+mod readahead;
+
+pub use mount::{Options, Source, is_mounted, run};
 
 use behind::Open;
-use brickfs_client::{FileHandle, MetaClient, MetaClientOptions, VolumeClient, VolumeError};
+use brickfs_client::{FileHandle, MetaClient, VolumeClient, VolumeError};
+use brickfs_proto::Ino;
 use brickfs_proto::meta::{
     Attr, FileKind, LockKind, LockSpec, MetaOp, MetaRead, MetaReply, RenameFlags as BfRename,
     SetAttr,
 };
-use brickfs_proto::{Ino, errno_for_code};
 use bytes::Bytes;
+use convert::*;
+use dirs::{Listed, Listings};
 use fuser::{
-    Errno, FileAttr, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
-    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Errno, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
+use handles::Handles;
+pub use readahead::READAHEAD_BYTES;
+use readahead::{Readahead, Step};
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
-/// How long the kernel may cache attributes and entries.
-const TTL: Duration = Duration::from_secs(1);
-/// How much a sequential reader fetches ahead in one request (the kernel asks 128 KiB at a
-/// time).
-pub const READAHEAD_BYTES: u64 = 4 << 20;
+/// The fetch of a handle's next readahead window, aborted when dropped.
+struct Ahead(Option<tokio::task::JoinHandle<Result<Bytes, VolumeError>>>);
 
-/// Bytes fetched ahead for one open handle, where its next sequential read would start, and
-/// the fetch of the window after this one, started as soon as this one is in use.
-struct Window {
-    start: u64,
-    bytes: Bytes,
-    next: u64,
-    ahead: Option<(u64, tokio::task::JoinHandle<Result<Bytes, VolumeError>>)>,
-}
-
-impl Window {
-    fn end(&self) -> u64 {
-        self.start + self.bytes.len() as u64
-    }
-
-    fn covers(&self, offset: u64, size: u64) -> bool {
-        offset >= self.start && offset + size <= self.end()
-    }
-}
-
-impl Drop for Window {
+impl Drop for Ahead {
     fn drop(&mut self) {
-        if let Some((_, task)) = self.ahead.take() {
+        if let Some(task) = self.0.take() {
             task.abort();
         }
     }
@@ -77,109 +66,22 @@ pub const MAX_WRITE_BYTES: u32 = 1 << 20;
 pub struct BrickFs {
     rt: tokio::runtime::Handle,
     vol: Arc<VolumeClient>,
-    handles: Arc<Mutex<HashMap<u64, Arc<Open>>>>,
+    handles: Arc<Handles>,
     /// Per open handle: the readahead window of its sequential reads.
-    readahead: Arc<Mutex<HashMap<u64, Window>>>,
+    readahead: Arc<Mutex<HashMap<u64, Readahead<Ahead>>>>,
     /// Bumped whenever windows are dropped (a write, a truncate, a lock taken), so that a
     /// read racing with one does not keep a window fetched before it.
     ra_epoch: Arc<AtomicU64>,
-    next_fh: AtomicU64,
     /// Inodes this mount has taken POSIX locks on (closes release them).
     locked: Mutex<std::collections::HashSet<u64>>,
     /// Per open directory: the listing read when it was read from the start.
-    dirs: Mutex<HashMap<u64, Arc<Vec<Listed>>>>,
+    dirs: Listings,
     /// The files this mount holds open in the metadata group.
     holds: Arc<holds::Holds>,
     /// Lock requests waiting for a conflicting lock to go.
     waiters: Arc<locks::Waiters>,
     /// Tells the kernel to drop what it caches (set once the session exists).
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
-}
-
-/// One name of a directory listing; offsets into the listing are the kernel's cookies (1 is
-/// ".", 2 is "..", then the entries in name order).
-struct Listed {
-    ino: u64,
-    kind: FileType,
-    name: String,
-    /// With readdirplus.
-    attr: Option<Attr>,
-}
-
-fn errno_of(e: &VolumeError) -> Errno {
-    match e.code() {
-        Some(code) => Errno::from_i32(errno_for_code(code.as_u16())),
-        None => Errno::EIO,
-    }
-}
-
-fn errno_meta(e: &brickfs_client::MetaError) -> Errno {
-    match e.code() {
-        Some(code) => Errno::from_i32(errno_for_code(code.as_u16())),
-        None => Errno::from_i32(libc::ENOTCONN),
-    }
-}
-
-/// An inode the kernel named that is gone (another mount removed it while a dentry here still
-/// pointed at it): ESTALE, which makes the kernel look the name up again and retry (open with
-/// O_CREAT then creates it, stat finds the new file), as it does for NFS.
-fn stale(e: Errno) -> Errno {
-    if e == Errno::ENOENT { Errno::ESTALE } else { e }
-}
-
-fn time(ns: i64) -> SystemTime {
-    if ns >= 0 {
-        UNIX_EPOCH + Duration::from_nanos(ns as u64)
-    } else {
-        UNIX_EPOCH
-    }
-}
-
-fn ns_of(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i64)
-}
-
-fn kind_of(k: FileKind) -> FileType {
-    match k {
-        FileKind::File => FileType::RegularFile,
-        FileKind::Dir => FileType::Directory,
-        FileKind::Symlink => FileType::Symlink,
-        FileKind::Fifo => FileType::NamedPipe,
-        FileKind::Socket => FileType::Socket,
-        FileKind::CharDevice => FileType::CharDevice,
-        FileKind::BlockDevice => FileType::BlockDevice,
-    }
-}
-
-fn kind_from_mode(mode: u32) -> FileKind {
-    match mode & libc::S_IFMT {
-        libc::S_IFIFO => FileKind::Fifo,
-        libc::S_IFSOCK => FileKind::Socket,
-        libc::S_IFCHR => FileKind::CharDevice,
-        libc::S_IFBLK => FileKind::BlockDevice,
-        _ => FileKind::File,
-    }
-}
-
-fn fuse_attr(a: &Attr) -> FileAttr {
-    FileAttr {
-        ino: INodeNo(a.ino.0),
-        size: a.size_bytes,
-        blocks: a.size_bytes.div_ceil(512),
-        atime: time(a.atime_ns),
-        mtime: time(a.mtime_ns),
-        ctime: time(a.ctime_ns),
-        crtime: time(a.ctime_ns),
-        kind: kind_of(a.kind),
-        perm: (a.mode & 0o7777) as u16,
-        nlink: a.nlink,
-        uid: a.uid,
-        gid: a.gid,
-        rdev: a.rdev,
-        blksize: 1 << 20,
-        flags: 0,
-    }
 }
 
 /// The value of a `Result`, or answer the FUSE request with its errno and return.
@@ -192,23 +94,16 @@ macro_rules! or_reply {
     };
 }
 
-fn name_of(name: &OsStr) -> Result<String, Errno> {
-    std::str::from_utf8(name.as_bytes())
-        .map(str::to_string)
-        .map_err(|_| Errno::EINVAL)
-}
-
 impl BrickFs {
     pub fn new(rt: tokio::runtime::Handle, vol: Arc<VolumeClient>) -> BrickFs {
         BrickFs {
             rt,
             vol,
-            handles: Arc::new(Mutex::new(HashMap::new())),
+            handles: Arc::new(Handles::default()),
             readahead: Arc::new(Mutex::new(HashMap::new())),
             ra_epoch: Arc::new(AtomicU64::new(0)),
-            next_fh: AtomicU64::new(1),
             locked: Mutex::new(std::collections::HashSet::new()),
-            dirs: Mutex::new(HashMap::new()),
+            dirs: Listings::default(),
             holds: Arc::new(holds::Holds::default()),
             waiters: Arc::new(locks::Waiters::default()),
             notifier: Arc::new(std::sync::OnceLock::new()),
@@ -261,19 +156,11 @@ impl BrickFs {
         if a.kind != FileKind::File {
             return;
         }
-        let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
-        let opens: Vec<&Arc<Open>> = handles.values().filter(|o| o.h.attr.ino == a.ino).collect();
-        for o in opens.iter().filter(|o| o.pending_or_dirty()) {
-            a.size_bytes = a.size_bytes.max(o.size());
-            if let Some(m) = o.h.modified_at() {
-                a.mtime_ns = a.mtime_ns.max(m);
-                a.ctime_ns = a.ctime_ns.max(m);
-            }
-        }
-        // The others take the size the file has now: committed, grown by this mount's
-        // pending writes.
-        for o in opens {
-            o.settle_size(a.size_bytes);
+        let m = self.handles.merge(a.ino.0, a.size_bytes);
+        a.size_bytes = m.size;
+        if let Some(t) = m.modified {
+            a.mtime_ns = a.mtime_ns.max(t);
+            a.ctime_ns = a.ctime_ns.max(t);
         }
     }
 
@@ -286,11 +173,8 @@ impl BrickFs {
         offset: u64,
         plus: bool,
     ) -> Result<Arc<Vec<Listed>>, Errno> {
-        if offset > 0
-            && let Some(l) = self.dirs.lock().unwrap_or_else(|p| p.into_inner()).get(&fh)
-            && (!plus || l.iter().all(|e| e.attr.is_some()))
-        {
-            return Ok(l.clone());
+        if let Some(l) = self.dirs.resume(fh, offset, plus) {
+            return Ok(l);
         }
         let dir = self.getattr_ino(ino)?;
         let mut listing = vec![
@@ -353,43 +237,25 @@ impl BrickFs {
             }
         }
         let listing = Arc::new(listing);
-        self.dirs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(fh, listing.clone());
+        self.dirs.keep(fh, listing.clone());
         Ok(listing)
     }
 
     fn handle(&self, fh: u64) -> Result<Arc<Open>, Errno> {
-        self.handles
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&fh)
-            .cloned()
-            .ok_or(Errno::EBADF)
+        self.handles.get(fh).ok_or(Errno::EBADF)
     }
 
     /// Opens a handle; `flags` are open(2)'s (O_SYNC and O_DSYNC write through).
     fn open_handle(&self, attr: Attr, flags: i32) -> u64 {
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let sync = flags & (libc::O_SYNC | libc::O_DSYNC) != 0;
         let stripe = self.vol.stripe_bytes(&attr);
         self.handles
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(fh, Arc::new(Open::new(FileHandle::new(attr), sync, stripe)));
-        fh
+            .insert(Open::new(FileHandle::new(attr), sync, stripe))
     }
 
     /// The open handles of `ino` on this mount.
     fn opens_of(&self, ino: u64) -> Vec<Arc<Open>> {
-        self.handles
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .filter(|o| o.h.attr.ino.0 == ino)
-            .cloned()
-            .collect()
+        self.handles.of_ino(ino)
     }
 
     /// Sends every write of `ino` still behind on this mount and waits for them. A failed
@@ -821,72 +687,39 @@ impl Filesystem for BrickFs {
         self.touch_atime(&o);
         let h = o.h.clone();
         let size = u64::from(size);
-        let window = self
+        let mut ra = self
             .readahead
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&fh.0);
-        let sequential = match &window {
-            Some(w) => w.next == offset,
-            None => offset == 0,
-        };
-        // A sequential reader that reached the end of its window moves on to the one fetched
-        // ahead.
-        let window = match window {
-            Some(mut w) if sequential && offset >= w.end() && w.ahead.is_some() => {
-                let (start, task) = w.ahead.take().expect("checked");
-                match self.rt.block_on(task) {
-                    Ok(Ok(bytes)) if start == offset && !bytes.is_empty() => Some(Window {
-                        start,
-                        bytes,
-                        next: offset,
-                        ahead: None,
-                    }),
-                    _ => None,
+            .remove(&fh.0)
+            .unwrap_or_default();
+        let answer = loop {
+            match ra.step(offset, size) {
+                Step::Serve(bytes) => break bytes,
+                Step::Await(at, mut task) => {
+                    let got = task.0.take().map(|t| self.rt.block_on(t));
+                    ra.ahead_done(offset, at, got.and_then(|r| r.ok()?.ok()));
                 }
-            }
-            w => w,
-        };
-        let (reply_bytes, window) = match window {
-            Some(w) if w.covers(offset, size) => {
-                let at = (offset - w.start) as usize;
-                (w.bytes.slice(at..at + size as usize), Some(w))
-            }
-            _ => {
-                // A sequential reader gets a large window in one request; others read what
-                // they ask.
-                let want = if sequential {
-                    size.max(READAHEAD_BYTES)
-                } else {
-                    size
-                };
-                let bytes = match self.rt.block_on(self.vol.read(&h, offset, want)) {
-                    Ok(b) => b,
+                Step::Fetch { want } => match self.rt.block_on(self.vol.read(&h, offset, want)) {
+                    Ok(bytes) => break ra.fetched(offset, size, bytes),
                     Err(e) => return reply.error(errno_of(&e)),
-                };
-                let n = (size as usize).min(bytes.len());
-                let w = (sequential && bytes.len() > n).then(|| Window {
-                    start: offset,
-                    bytes: bytes.clone(),
-                    next: offset,
-                    ahead: None,
-                });
-                (bytes.slice(..n), w)
+                },
             }
         };
-        reply.data(&reply_bytes);
-        let Some(mut w) = window else { return };
-        w.next = offset + reply_bytes.len() as u64;
-        if w.ahead.is_none() && w.end() < o.size() {
-            let (vol, h, at) = (self.vol.clone(), h.clone(), w.end());
+        reply.data(&answer);
+        if !ra.has_window() {
+            return;
+        }
+        if let Some(at) = ra.prefetch(o.size()) {
+            let (vol, h) = (self.vol.clone(), h.clone());
             let task = self
                 .rt
                 .spawn(async move { vol.read(&h, at, READAHEAD_BYTES).await });
-            w.ahead = Some((at, task));
+            ra.set_ahead(at, Ahead(Some(task)));
         }
-        let mut ra = self.readahead.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.readahead.lock().unwrap_or_else(|p| p.into_inner());
         if self.ra_epoch.load(Ordering::SeqCst) == epoch {
-            ra.insert(fh.0, w);
+            map.insert(fh.0, ra);
         }
     }
 
@@ -979,11 +812,7 @@ impl Filesystem for BrickFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let h = self
-            .handles
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&fh.0);
+        let h = self.handles.remove(fh.0);
         self.readahead
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -1041,7 +870,7 @@ impl Filesystem for BrickFs {
         match self.getattr_ino(ino.0).map_err(stale) {
             Ok(a) if a.kind != FileKind::Dir => reply.error(Errno::ENOTDIR),
             Ok(_) => {
-                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                let fh = self.handles.next_id();
                 reply.opened(fuser::FileHandle(fh), FopenFlags::empty());
             }
             Err(e) => reply.error(e),
@@ -1103,10 +932,7 @@ impl Filesystem for BrickFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        self.dirs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&fh.0);
+        self.dirs.forget(fh.0);
         reply.ok();
     }
 
@@ -1302,29 +1128,6 @@ impl Filesystem for BrickFs {
     }
 }
 
-/// FUSE lock ranges end inclusively, with `OFFSET_MAX` for "to the end of the file"; brickfs
-/// ranges end exclusively, with `u64::MAX`.
-fn lock_spec(owner: u64, pid: u32, start: u64, end: u64, typ: i32) -> Result<LockSpec, Errno> {
-    let kind = match typ {
-        libc::F_RDLCK => LockKind::Read,
-        libc::F_WRLCK => LockKind::Write,
-        libc::F_UNLCK => LockKind::Unlock,
-        _ => return Err(Errno::EINVAL),
-    };
-    let end = if end >= i64::MAX as u64 {
-        u64::MAX
-    } else {
-        end + 1
-    };
-    Ok(LockSpec {
-        owner,
-        pid,
-        start,
-        end,
-        kind,
-    })
-}
-
 impl BrickFs {
     /// Forgets the readahead of every handle of `ino` on this mount (after a write or a
     /// truncate through any of them).
@@ -1517,17 +1320,16 @@ impl BrickFs {
 #[derive(Clone)]
 struct CacheRefs {
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
-    readahead: Arc<Mutex<HashMap<u64, Window>>>,
-    handles: Arc<Mutex<HashMap<u64, Arc<Open>>>>,
+    readahead: Arc<Mutex<HashMap<u64, Readahead<Ahead>>>>,
+    handles: Arc<Handles>,
     ra_epoch: Arc<AtomicU64>,
 }
 
 impl CacheRefs {
     fn drop_readahead(&self, ino: u64) {
         self.ra_epoch.fetch_add(1, Ordering::SeqCst);
-        let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
         let mut ra = self.readahead.lock().unwrap_or_else(|p| p.into_inner());
-        ra.retain(|fh, _| handles.get(fh).is_none_or(|o| o.h.attr.ino.0 != ino));
+        ra.retain(|fh, _| !self.handles.is_of(*fh, ino));
     }
 
     /// Drops the kernel's pages and attributes of `ino`, the readahead windows, and takes
@@ -1540,17 +1342,7 @@ impl CacheRefs {
         }
         self.drop_readahead(ino);
         if let Some(size) = size {
-            let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
-            let opens: Vec<&Arc<Open>> =
-                handles.values().filter(|o| o.h.attr.ino.0 == ino).collect();
-            let size = opens
-                .iter()
-                .filter(|o| o.pending_or_dirty())
-                .map(|o| o.size())
-                .fold(size, u64::max);
-            for o in opens {
-                o.settle_size(size);
-            }
+            self.handles.merge(ino, size);
         }
     }
 }
@@ -1606,233 +1398,4 @@ async fn wait_for_lock(
             Err(e) => return Err(errno_meta(&e)),
         }
     }
-}
-
-fn xattr_reply(reply: ReplyXattr, size: u32, value: &[u8]) {
-    if size == 0 {
-        reply.size(value.len() as u32);
-    } else if value.len() > size as usize {
-        reply.error(Errno::from_i32(libc::ERANGE));
-    } else {
-        reply.data(value);
-    }
-}
-
-/// What to mount: `HOST:PORT[,HOST:PORT...]/VOLUME`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Source {
-    pub members: Vec<std::net::SocketAddr>,
-    pub volume: String,
-}
-
-impl Source {
-    pub fn parse(text: &str) -> anyhow::Result<Source> {
-        let (hosts, volume) = text
-            .rsplit_once('/')
-            .ok_or_else(|| anyhow::anyhow!("{text:?} is not HOST:PORT[,HOST:PORT...]/VOLUME"))?;
-        if volume.is_empty() {
-            anyhow::bail!("{text:?} names no volume");
-        }
-        let members = hosts
-            .split(',')
-            .map(|h| {
-                h.parse()
-                    .map_err(|_| anyhow::anyhow!("{h:?} is not HOST:PORT"))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        Ok(Source {
-            members,
-            volume: volume.to_string(),
-        })
-    }
-}
-
-/// How a mount behaves.
-#[derive(Clone, Debug)]
-pub struct Options {
-    /// FUSE dispatch threads.
-    pub threads: usize,
-    /// The session lease: how long the cluster keeps this mount's locks without contact.
-    pub lease: Duration,
-    /// How long one call waits for unreachable servers before it fails.
-    pub timeout: Duration,
-    /// Serve Prometheus metrics (`GET /metrics`) here.
-    pub metrics_listen: Option<std::net::SocketAddr>,
-}
-
-/// Mounts `source` at `mountpoint` and serves it until the mount goes away or `stop` fires.
-pub fn run(
-    source: Source,
-    mountpoint: &Path,
-    opts: &Options,
-    stop: std::sync::mpsc::Receiver<()>,
-) -> anyhow::Result<()> {
-    // The lines this function logs carry the volume (FUSE worker threads log `ino`).
-    let _span = tracing::info_span!("mountd", volume = %source.volume).entered();
-    let (threads, lease) = (opts.threads, opts.lease);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .worker_threads(2)
-        .thread_name("mountd-io")
-        .build()?;
-    let meta = MetaClient::new(
-        source.members.clone(),
-        MetaClientOptions {
-            client_name: format!("mountd {}", mountpoint.display()),
-            deadline: opts.timeout,
-            lease,
-            ..MetaClientOptions::default()
-        },
-    );
-    let bricks = brickfs_client::BrickClient::new(brickfs_proto::rpc::ClientOptions {
-        peer_name: "mountd".into(),
-        request_timeout: opts.timeout,
-        ..Default::default()
-    });
-    let vol = rt
-        .block_on(VolumeClient::open(meta, bricks, &source.volume))
-        .map_err(|e| anyhow::anyhow!("open volume {}: {e}", source.volume))?;
-    // A write waits for a failed member to leave its set at most as long as any call waits.
-    vol.set_retry_window(opts.timeout);
-    if let Some(at) = opts.metrics_listen {
-        let l = rt
-            .block_on(tokio::net::TcpListener::bind(at))
-            .map_err(|e| anyhow::anyhow!("listen for metrics on {at}: {e}"))?;
-        let maddr = l.local_addr()?;
-        let v = vol.clone();
-        let render: std::sync::Arc<dyn Fn() -> String + Send + Sync> =
-            std::sync::Arc::new(move || {
-                let mut out = String::new();
-                v.metrics().render("mountd", &mut out);
-                out
-            });
-        rt.spawn(brickfs_proto::metrics::serve(l, render));
-        // Tests wait for this line: keep its wording.
-        tracing::info!(addr = %maddr, "metrics listening");
-    }
-    if vol.record().status != brickfs_proto::meta::VolumeStatus::Started {
-        anyhow::bail!(
-            "volume {} is not started (brickfs volume start {})",
-            source.volume,
-            source.volume
-        );
-    }
-    // Keep the mount's session (and its locks) alive while it is idle.
-    let _keepalive = {
-        let _guard = rt.enter();
-        vol.meta().spawn_keepalive(lease / 3)
-    };
-    let fs = BrickFs::new(rt.handle().clone(), vol.clone());
-    let notifier = fs.notifier.clone();
-    // Releases of open-file holds go out in batches (see `holds`).
-    let holds = fs.holds.clone();
-    let flusher = {
-        let (holds, vol) = (holds.clone(), vol.clone());
-        rt.spawn(async move {
-            loop {
-                tokio::time::sleep(HOLD_FLUSH_EVERY).await;
-                flush_holds(&holds, &vol).await;
-            }
-        })
-    };
-    let mut config = fuser::Config::default();
-    config.acl = fuser::SessionACL::All;
-    config.n_threads = Some(threads.max(1));
-    // Mount through mount(2) ourselves, so that the mount shows as type `fuse.brickfs` with
-    // source `brickfs:VOLUME` (fuser would mount it as plain `fuse`).
-    let dev = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/fuse")
-        .map_err(|e| anyhow::anyhow!("open /dev/fuse: {e} (is the fuse module loaded?)"))?;
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&dev);
-    let data =
-        format!("fd={fd},rootmode=40000,user_id=0,group_id=0,default_permissions,allow_other");
-    nix::mount::mount(
-        Some(format!("brickfs:{}", source.volume).as_str()),
-        mountpoint,
-        Some("fuse.brickfs"),
-        nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
-        Some(data.as_str()),
-    )
-    .map_err(|e| anyhow::anyhow!("mount {}: {e}", mountpoint.display()))?;
-    let session = fuser::Session::from_fd(
-        fs,
-        std::os::fd::OwnedFd::from(dev),
-        fuser::SessionACL::All,
-        config,
-    )
-    .and_then(|s| {
-        let _ = notifier.set(s.notifier());
-        s.spawn()
-    });
-    let session = match session {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
-            anyhow::bail!("serve {}: {e}", mountpoint.display());
-        }
-    };
-    tracing::info!(mountpoint = %mountpoint.display(), volume = %source.volume, "mounted");
-    // Serve until told to stop, or until someone else unmounts (umount(8)).
-    let mountpoint_abs = std::path::absolute(mountpoint).unwrap_or(mountpoint.to_path_buf());
-    loop {
-        match stop.recv_timeout(Duration::from_secs(1)) {
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) if is_mounted(&mountpoint_abs) => {}
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                tracing::info!(mountpoint = %mountpoint.display(), "unmounted from outside; exiting");
-                drop(session);
-                return Ok(());
-            }
-            _ => break,
-        }
-    }
-    tracing::info!(mountpoint = %mountpoint.display(), "unmounting");
-    if let Err(e) = nix::mount::umount2(mountpoint, nix::mount::MntFlags::empty()) {
-        tracing::warn!(error = %e, "unmount busy, detaching instead");
-        let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
-    }
-    drop(session);
-    flusher.abort();
-    rt.block_on(flush_holds(&holds, &vol));
-    Ok(())
-}
-
-/// How often released holds are sent.
-const HOLD_FLUSH_EVERY: Duration = Duration::from_millis(500);
-/// Files one release batch names (the metadata group takes up to 4096).
-const HOLD_BATCH_MAX: usize = 1024;
-
-/// Sends the releases of files closed here (see `holds`).
-async fn flush_holds(holds: &holds::Holds, vol: &VolumeClient) {
-    loop {
-        let _gate = holds.gate.lock().await;
-        let inos = holds.take_closing(HOLD_BATCH_MAX);
-        if inos.is_empty() {
-            return;
-        }
-        let op = MetaOp::CloseFiles {
-            volume: vol.record().id,
-            inos: inos.iter().map(|&i| Ino(i)).collect(),
-        };
-        match vol.meta().write(op).await {
-            Ok(_) => {}
-            // The session is gone, and its holds with it.
-            Err(e) if e.code() == Some(brickfs_proto::ErrorCode::SessionExpired) => {}
-            Err(e) => {
-                tracing::warn!(files = inos.len(), error = %e, "failed to release open files; will retry");
-                holds.retry_closing(inos);
-                return;
-            }
-        }
-    }
-}
-
-/// Whether `path` is a mount point in /proc/mounts (which escapes spaces as `\040`).
-pub fn is_mounted(path: &Path) -> bool {
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    let p = path.to_string_lossy().replace(' ', "\\040");
-    mounts
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some(&*p))
 }

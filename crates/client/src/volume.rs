@@ -51,7 +51,9 @@ pub enum VolumeError {
     /// No in-sync member holds an object the file's size says must exist (every column
     /// object of a file with data exists from its first write or truncate on): its data is
     /// lost or held only by members out of sync. An error, never a hole of zeros.
-    #[error("object {key} is held by no in-sync member of its set, though the file's size covers it")]
+    #[error(
+        "object {key} is held by no in-sync member of its set, though the file's size covers it"
+    )]
     Lost { key: ObjectKey },
 }
 
@@ -990,7 +992,11 @@ impl VolumeClient {
     }
 
     /// Cuts or extends every column object of the file to its share of `len`.
-    pub(crate) async fn truncate_objects(&self, fh: &FileHandle, len: u64) -> Result<(), VolumeError> {
+    pub(crate) async fn truncate_objects(
+        &self,
+        fh: &FileHandle,
+        len: u64,
+    ) -> Result<(), VolumeError> {
         let (unit, stripe, first_set) = self.geometry(&fh.attr, fh.group());
         let mut tasks = Vec::new();
         for column in 0..stripe {

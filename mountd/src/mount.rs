@@ -1,0 +1,229 @@
+//! The mount itself: the source and options, mount(2) of a `fuse.brickfs` filesystem over
+//! /dev/fuse, the FUSE session, the session keepalive, the batched release of open-file
+//! holds, and the unmount.
+
+use crate::{BrickFs, holds};
+use brickfs_client::{MetaClient, MetaClientOptions, VolumeClient};
+use brickfs_proto::Ino;
+use brickfs_proto::meta::MetaOp;
+use std::path::Path;
+use std::time::Duration;
+
+/// What to mount: `HOST:PORT[,HOST:PORT...]/VOLUME`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Source {
+    pub members: Vec<std::net::SocketAddr>,
+    pub volume: String,
+}
+
+impl Source {
+    pub fn parse(text: &str) -> anyhow::Result<Source> {
+        let (hosts, volume) = text
+            .rsplit_once('/')
+            .ok_or_else(|| anyhow::anyhow!("{text:?} is not HOST:PORT[,HOST:PORT...]/VOLUME"))?;
+        if volume.is_empty() {
+            anyhow::bail!("{text:?} names no volume");
+        }
+        let members = hosts
+            .split(',')
+            .map(|h| {
+                h.parse()
+                    .map_err(|_| anyhow::anyhow!("{h:?} is not HOST:PORT"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Source {
+            members,
+            volume: volume.to_string(),
+        })
+    }
+}
+
+/// How a mount behaves.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// FUSE dispatch threads.
+    pub threads: usize,
+    /// The session lease: how long the cluster keeps this mount's locks without contact.
+    pub lease: Duration,
+    /// How long one call waits for unreachable servers before it fails.
+    pub timeout: Duration,
+    /// Serve Prometheus metrics (`GET /metrics`) here.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
+/// Mounts `source` at `mountpoint` and serves it until the mount goes away or `stop` fires.
+pub fn run(
+    source: Source,
+    mountpoint: &Path,
+    opts: &Options,
+    stop: std::sync::mpsc::Receiver<()>,
+) -> anyhow::Result<()> {
+    // The lines this function logs carry the volume (FUSE worker threads log `ino`).
+    let _span = tracing::info_span!("mountd", volume = %source.volume).entered();
+    let (threads, lease) = (opts.threads, opts.lease);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .worker_threads(2)
+        .thread_name("mountd-io")
+        .build()?;
+    let meta = MetaClient::new(
+        source.members.clone(),
+        MetaClientOptions {
+            client_name: format!("mountd {}", mountpoint.display()),
+            deadline: opts.timeout,
+            lease,
+            ..MetaClientOptions::default()
+        },
+    );
+    let bricks = brickfs_client::BrickClient::new(brickfs_proto::rpc::ClientOptions {
+        peer_name: "mountd".into(),
+        request_timeout: opts.timeout,
+        ..Default::default()
+    });
+    let vol = rt
+        .block_on(VolumeClient::open(meta, bricks, &source.volume))
+        .map_err(|e| anyhow::anyhow!("open volume {}: {e}", source.volume))?;
+    // A write waits for a failed member to leave its set at most as long as any call waits.
+    vol.set_retry_window(opts.timeout);
+    if let Some(at) = opts.metrics_listen {
+        let l = rt
+            .block_on(tokio::net::TcpListener::bind(at))
+            .map_err(|e| anyhow::anyhow!("listen for metrics on {at}: {e}"))?;
+        let maddr = l.local_addr()?;
+        let v = vol.clone();
+        let render: std::sync::Arc<dyn Fn() -> String + Send + Sync> =
+            std::sync::Arc::new(move || {
+                let mut out = String::new();
+                v.metrics().render("mountd", &mut out);
+                out
+            });
+        rt.spawn(brickfs_proto::metrics::serve(l, render));
+        // Tests wait for this line: keep its wording.
+        tracing::info!(addr = %maddr, "metrics listening");
+    }
+    if vol.record().status != brickfs_proto::meta::VolumeStatus::Started {
+        anyhow::bail!(
+            "volume {} is not started (brickfs volume start {})",
+            source.volume,
+            source.volume
+        );
+    }
+    // Keep the mount's session (and its locks) alive while it is idle.
+    let _keepalive = {
+        let _guard = rt.enter();
+        vol.meta().spawn_keepalive(lease / 3)
+    };
+    let fs = BrickFs::new(rt.handle().clone(), vol.clone());
+    let notifier = fs.notifier.clone();
+    // Releases of open-file holds go out in batches (see `holds`).
+    let holds = fs.holds.clone();
+    let flusher = {
+        let (holds, vol) = (holds.clone(), vol.clone());
+        rt.spawn(async move {
+            loop {
+                tokio::time::sleep(HOLD_FLUSH_EVERY).await;
+                flush_holds(&holds, &vol).await;
+            }
+        })
+    };
+    let mut config = fuser::Config::default();
+    config.acl = fuser::SessionACL::All;
+    config.n_threads = Some(threads.max(1));
+    // Mount through mount(2) ourselves, so that the mount shows as type `fuse.brickfs` with
+    // source `brickfs:VOLUME` (fuser would mount it as plain `fuse`).
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .map_err(|e| anyhow::anyhow!("open /dev/fuse: {e} (is the fuse module loaded?)"))?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&dev);
+    let data =
+        format!("fd={fd},rootmode=40000,user_id=0,group_id=0,default_permissions,allow_other");
+    nix::mount::mount(
+        Some(format!("brickfs:{}", source.volume).as_str()),
+        mountpoint,
+        Some("fuse.brickfs"),
+        nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+        Some(data.as_str()),
+    )
+    .map_err(|e| anyhow::anyhow!("mount {}: {e}", mountpoint.display()))?;
+    let session = fuser::Session::from_fd(
+        fs,
+        std::os::fd::OwnedFd::from(dev),
+        fuser::SessionACL::All,
+        config,
+    )
+    .and_then(|s| {
+        let _ = notifier.set(s.notifier());
+        s.spawn()
+    });
+    let session = match session {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
+            anyhow::bail!("serve {}: {e}", mountpoint.display());
+        }
+    };
+    tracing::info!(mountpoint = %mountpoint.display(), volume = %source.volume, "mounted");
+    // Serve until told to stop, or until someone else unmounts (umount(8)).
+    let mountpoint_abs = std::path::absolute(mountpoint).unwrap_or(mountpoint.to_path_buf());
+    loop {
+        match stop.recv_timeout(Duration::from_secs(1)) {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) if is_mounted(&mountpoint_abs) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                tracing::info!(mountpoint = %mountpoint.display(), "unmounted from outside; exiting");
+                drop(session);
+                return Ok(());
+            }
+            _ => break,
+        }
+    }
+    tracing::info!(mountpoint = %mountpoint.display(), "unmounting");
+    if let Err(e) = nix::mount::umount2(mountpoint, nix::mount::MntFlags::empty()) {
+        tracing::warn!(error = %e, "unmount busy, detaching instead");
+        let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
+    }
+    drop(session);
+    flusher.abort();
+    rt.block_on(flush_holds(&holds, &vol));
+    Ok(())
+}
+
+/// How often released holds are sent.
+const HOLD_FLUSH_EVERY: Duration = Duration::from_millis(500);
+/// Files one release batch names (the metadata group takes up to 4096).
+const HOLD_BATCH_MAX: usize = 1024;
+
+/// Sends the releases of files closed here (see `holds`).
+async fn flush_holds(holds: &holds::Holds, vol: &VolumeClient) {
+    loop {
+        let _gate = holds.gate.lock().await;
+        let inos = holds.take_closing(HOLD_BATCH_MAX);
+        if inos.is_empty() {
+            return;
+        }
+        let op = MetaOp::CloseFiles {
+            volume: vol.record().id,
+            inos: inos.iter().map(|&i| Ino(i)).collect(),
+        };
+        match vol.meta().write(op).await {
+            Ok(_) => {}
+            // The session is gone, and its holds with it.
+            Err(e) if e.code() == Some(brickfs_proto::ErrorCode::SessionExpired) => {}
+            Err(e) => {
+                tracing::warn!(files = inos.len(), error = %e, "failed to release open files; will retry");
+                holds.retry_closing(inos);
+                return;
+            }
+        }
+    }
+}
+
+/// Whether `path` is a mount point in /proc/mounts (which escapes spaces as `\040`).
+pub fn is_mounted(path: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let p = path.to_string_lossy().replace(' ', "\\040");
+    mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(&*p))
+}
