@@ -9,7 +9,7 @@ use brickfs_proto::msg::{
     BrickInfo, BrickList, Deleted, ListReply, ListedObject, MemberRef, MemberTruncate, MemberWrite,
     ObjectState, Pong, ReadData, StatfsReply,
 };
-use brickfs_proto::msg::{DisperseGeometry, SetRef};
+use brickfs_proto::msg::{DisperseGeometry, REPLACE_PART_BYTES, SetRef};
 use brickfs_proto::rpc::{ClientOptions, Handler, Pool, RpcError, join_all};
 use brickfs_proto::{BrickId, ErrorBody, ErrorCode, Message, NodeId};
 use brickfs_proto::{ObjectKey, ObjectVersion};
@@ -17,6 +17,60 @@ use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// Where the bytes of an object copy come from (`copy_object`).
+enum CopyFrom<'a> {
+    /// This node's copy (a replica primary's), checked to hold the version part by part.
+    Local(Arc<BrickStore>),
+    /// Rebuilt from the members of `g` that take fragments: fragment `index`.
+    Rebuild {
+        g: &'a DisperseGeometry,
+        codec: &'a ReedSolomonCodec,
+        f: u64,
+        index: usize,
+    },
+}
+
+/// Applies one part of a `MemberReplace` (fenced by the caller): a copy in one part replaces
+/// the object at once; others are staged, and the last part installs the staged copy. The
+/// object's state afterwards (the staged length until the last part).
+fn apply_replace(
+    b: &BrickStore,
+    key: &ObjectKey,
+    version: ObjectVersion,
+    tag: u64,
+    offset: u64,
+    total: u64,
+    data: &[u8],
+) -> Result<crate::store::ObjectMeta, StoreError> {
+    let end = offset
+        .checked_add(data.len() as u64)
+        .filter(|e| *e <= total);
+    let Some(end) = end else {
+        return Err(StoreError::InvalidArgument(format!(
+            "a replace part of {} bytes at {offset} overruns the object's {total}",
+            data.len()
+        )));
+    };
+    if data.len() as u64 > REPLACE_PART_BYTES {
+        return Err(StoreError::InvalidArgument(format!(
+            "a replace part of {} bytes exceeds {REPLACE_PART_BYTES}",
+            data.len()
+        )));
+    }
+    if offset == 0 && end == total {
+        return b.replace(key, data, version, tag);
+    }
+    let staged = b.stage(key, offset, data)?;
+    if end == total {
+        return b.commit_staged(key, total, version, tag);
+    }
+    Ok(crate::store::ObjectMeta {
+        version: ObjectVersion(0),
+        len_bytes: staged,
+        tag: 0,
+    })
+}
 
 /// The longest path accepted in a request.
 pub const PATH_MAX_BYTES: usize = 4096;
@@ -189,7 +243,7 @@ impl BrickService {
                         if body.kind() == Some(ErrorCode::VersionGap) && repair.is_some() =>
                     {
                         let (own, set, key, held) = repair.expect("checked");
-                        self.replace_on(own, set, key, held, m, addr).await
+                        self.replace_on(own, set, key, held, m).await
                     }
                     Err(RpcError::Remote(body)) => Err(ErrorBody::new(
                         body.kind().unwrap_or(ErrorCode::Io),
@@ -266,38 +320,66 @@ impl BrickService {
         key: ObjectKey,
         held: crate::store::ObjectMeta,
         m: &MemberRef,
-        addr: std::net::SocketAddr,
     ) -> Result<(), ErrorBody> {
         let version = held.version;
-        let (meta, bytes) = Self::blocking(own.clone(), move |b| {
-            let len = b.stat(&key)?.len_bytes;
-            b.read(&key, 0, len)
-        })
-        .await?;
+        let meta = Self::blocking(own.clone(), move |b| b.stat(&key)).await?;
         if meta.version != version || meta.tag != held.tag {
             return Err(ErrorBody::new(
                 ErrorCode::Busy,
                 format!("{key} moved on from version {} during a repair", version.0),
             ));
         }
-        tracing::info!(%key, member = %m.brick, version = version.0, "member missed or forked a version; sending the whole object");
-        let msg = Message::MemberReplace(brickfs_proto::msg::MemberReplace {
-            brick: m.brick,
+        tracing::info!(%key, member = %m.brick, version = version.0, bytes = meta.len_bytes, "member missed or forked a version; sending the whole object");
+        self.copy_object(
+            m,
             set,
             key,
-            version,
-            tag: held.tag,
-        });
-        self.bulk
-            .call(addr, msg, bytes)
-            .await
-            .map(|_| ())
-            .map_err(|e| {
-                ErrorBody::new(
-                    ErrorCode::Io,
-                    format!("member {} at {}: {e}", m.brick, m.addr),
-                )
-            })
+            (version.0, held.tag),
+            meta.len_bytes,
+            CopyFrom::Local(own.clone()),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Copies object `key` (`len` bytes, at `held`) to member `m` in parts of at most
+    /// `REPLACE_PART_BYTES`, so that objects of any size are repaired with one part in memory
+    /// (see `MemberReplace`). The bytes sent.
+    async fn copy_object(
+        &self,
+        m: &MemberRef,
+        set: SetRef,
+        key: ObjectKey,
+        held: Held,
+        len: u64,
+        from: CopyFrom<'_>,
+    ) -> Result<u64, ErrorBody> {
+        let mut off = 0;
+        loop {
+            let n = REPLACE_PART_BYTES.min(len - off);
+            let part = match &from {
+                CopyFrom::Local(own) => {
+                    let (meta, bytes) =
+                        Self::blocking(own.clone(), move |b| b.read(&key, off, n)).await?;
+                    if (meta.version.0, meta.tag) != held || bytes.len() as u64 != n {
+                        return Err(ErrorBody::new(
+                            ErrorCode::Busy,
+                            format!("{key} moved on from version {} during a copy", held.0),
+                        ));
+                    }
+                    bytes
+                }
+                CopyFrom::Rebuild { g, codec, f, index } => {
+                    self.rebuild_fragment(g, codec, *f, key, held, off, n, *index)
+                        .await?
+                }
+            };
+            self.install(m, set, key, held, off, len, part).await?;
+            off += n;
+            if off >= len {
+                return Ok(len);
+            }
+        }
     }
 
     /// Refuses new work from now on (requests already running finish).
@@ -687,11 +769,14 @@ impl BrickService {
             }
         };
         for (i, m) in refused {
-            let bytes = self
-                .rebuild_fragment(&from, codec, f, key, wrote, frag_len, i)
-                .await?;
-            tracing::info!(%key, member = %m.brick, version = wrote.0, "member missed or forked a version; sending its whole fragment");
-            self.install(m, set, key, wrote, bytes).await?;
+            tracing::info!(%key, member = %m.brick, version = wrote.0, bytes = frag_len, "member missed or forked a version; sending its whole fragment");
+            let from = CopyFrom::Rebuild {
+                g: &from,
+                codec,
+                f,
+                index: i,
+            };
+            self.copy_object(m, set, key, wrote, frag_len, from).await?;
         }
         Ok(())
     }
@@ -721,13 +806,17 @@ impl BrickService {
         }
     }
 
-    /// Makes member `m`'s copy of `key` exactly `held` with `bytes` (`(0, 0)`: no object).
+    /// Makes member `m`'s copy of `key` hold `held` (`(0, 0)`: no object): `bytes` is the part
+    /// at `offset` of the whole copy, `total` bytes long (see `MemberReplace`).
+    #[allow(clippy::too_many_arguments)]
     async fn install(
         &self,
         m: &MemberRef,
         set: SetRef,
         key: ObjectKey,
         held: Held,
+        offset: u64,
+        total: u64,
         bytes: Bytes,
     ) -> Result<(), ErrorBody> {
         let (version, tag) = (ObjectVersion(held.0), held.1);
@@ -737,7 +826,7 @@ impl BrickService {
                 if held == (0, 0) {
                     b.delete(&key).map(|_| ())
                 } else {
-                    b.replace(&key, &bytes, version, tag).map(|_| ())
+                    apply_replace(b, &key, version, tag, offset, total, &bytes).map(|_| ())
                 }
             })
             .await;
@@ -754,6 +843,8 @@ impl BrickService {
                 key,
                 version,
                 tag,
+                offset_bytes: offset,
+                total_bytes: total,
             })
         };
         let addr: std::net::SocketAddr = m
@@ -817,14 +908,18 @@ impl BrickService {
                 None => continue,
                 Some(_) => {}
             }
-            let bytes = if held == (0, 0) {
-                Bytes::new()
+            tracing::warn!(%key, member = %m.brick, was = ?st, now = ?held, "reconciling a fragment the others disagree with");
+            if held == (0, 0) {
+                self.install(m, set, key, held, 0, 0, Bytes::new()).await?;
             } else {
-                self.rebuild_fragment(&from, codec, f, key, held, frag_len, *i)
-                    .await?
-            };
-            tracing::warn!(%key, member = %m.brick, was = ?st, now = ?held, "reconciled a fragment the others disagreed with");
-            self.install(m, set, key, held, bytes).await?;
+                let from = CopyFrom::Rebuild {
+                    g: &from,
+                    codec,
+                    f,
+                    index: *i,
+                };
+                self.copy_object(m, set, key, held, frag_len, from).await?;
+            }
         }
         Ok(())
     }
@@ -1014,39 +1109,25 @@ impl BrickService {
                 }) {
                     continue;
                 }
-                let bytes = match (&sources, &codec, target_index) {
-                    (Some(g), Some((codec, f)), Some(i)) => {
-                        let held = (mine.version.0, mine.tag);
-                        self.rebuild_fragment(g, codec, *f, key, held, mine.len_bytes, i)
-                            .await?
-                    }
-                    _ => {
-                        let (m, b) =
-                            Self::blocking(own.clone(), move |b| b.read(&key, 0, mine.len_bytes))
-                                .await?;
-                        if m.version != mine.version || m.tag != mine.tag {
-                            return Err(ErrorBody::new(
-                                ErrorCode::Busy,
-                                "object changed during heal",
-                            ));
-                        }
-                        b
-                    }
+                let held = (mine.version.0, mine.tag);
+                let from = match (&sources, &codec, target_index) {
+                    (Some(g), Some((codec, f)), Some(index)) => CopyFrom::Rebuild {
+                        g,
+                        codec,
+                        f: *f,
+                        index,
+                    },
+                    _ => CopyFrom::Local(own.clone()),
                 };
-                let msg = Message::MemberReplace(brickfs_proto::msg::MemberReplace {
-                    brick: req.target.brick,
-                    set,
-                    key,
-                    version: mine.version,
-                    tag: mine.tag,
-                });
-                out.bytes += bytes.len() as u64;
-                self.bulk.call(target, msg, bytes).await.map_err(|e| {
-                    ErrorBody::new(
-                        ErrorCode::Io,
-                        format!("heal target {}: {e}", req.target.brick),
-                    )
-                })?;
+                out.bytes += self
+                    .copy_object(&req.target, set, key, held, mine.len_bytes, from)
+                    .await
+                    .map_err(|e| {
+                        ErrorBody::new(
+                            e.kind().unwrap_or(ErrorCode::Io),
+                            format!("heal target {}: {}", req.target.brick, e.detail),
+                        )
+                    })?;
                 out.copied += 1;
             }
             out.last = page.last().copied().or(out.last);
@@ -1063,8 +1144,9 @@ impl BrickService {
         Ok(out)
     }
 
-    /// Rebuilds member `index`'s fragment object of a disperse column from the in-sync members
-    /// (all its stripes), at the version the primary holds.
+    /// Rebuilds `len` bytes at `offset` (whole stripes: multiples of `f`) of member `index`'s
+    /// fragment object of a disperse column from the in-sync members, at the version the
+    /// primary holds.
     #[allow(clippy::too_many_arguments)]
     async fn rebuild_fragment(
         &self,
@@ -1073,19 +1155,20 @@ impl BrickService {
         f: u64,
         key: ObjectKey,
         version: Held,
-        frag_len: u64,
+        offset: u64,
+        len: u64,
         index: usize,
     ) -> Result<Bytes, ErrorBody> {
-        if frag_len == 0 {
+        if len == 0 {
             return Ok(Bytes::new());
         }
-        let stripes = frag_len.div_ceil(f) as usize;
+        let stripes = len.div_ceil(f) as usize;
         let reads = g
             .members
             .iter()
             .map(|m| async move {
                 if Self::takes_fragments(g, m.brick) {
-                    self.read_fragment(m, key, 0, stripes as u64 * f).await
+                    self.read_fragment(m, key, offset, stripes as u64 * f).await
                 } else {
                     None
                 }
@@ -1105,7 +1188,9 @@ impl BrickService {
         }
         let mut frags = encode_stripes(codec, &data, f as usize)
             .map_err(|e| ErrorBody::new(ErrorCode::Internal, format!("encode: {e}")))?;
-        Ok(Bytes::from(std::mem::take(&mut frags[index])))
+        let mut mine = std::mem::take(&mut frags[index]);
+        mine.truncate(len as usize);
+        Ok(Bytes::from(mine))
     }
 
     /// Applies a mutation to a brick this node serves under a set's epoch: fence first (an
@@ -1406,7 +1491,15 @@ impl BrickService {
                 let set = req.set;
                 let meta = Self::blocking(brick, move |b| {
                     b.fence(set.volume.0, set.set, set.epoch.0)?;
-                    b.replace(&req.key, &data, req.version, req.tag)
+                    apply_replace(
+                        b,
+                        &req.key,
+                        req.version,
+                        req.tag,
+                        req.offset_bytes,
+                        req.total_bytes,
+                        &data,
+                    )
                 })
                 .await?;
                 (Message::Written(state(meta)), none)

@@ -36,6 +36,18 @@ pub const OBJECT_MAX_BYTES: u64 = 1 << 50;
 /// The most objects one `list` call returns.
 pub const LIST_MAX: usize = 10_000;
 const LOCK_SHARDS: usize = 256;
+/// The column bit of a staging object: a replace sent in parts lands beside the object, under
+/// this key, until its last part makes it the object (`stage`, `commit_staged`). Listings
+/// skip staging objects; deleting an object deletes its staging copy too.
+const STAGING_COLUMN: u32 = 1 << 31;
+
+/// The key a replace of `key` sent in parts is staged under.
+fn staging_of(key: &ObjectKey) -> ObjectKey {
+    ObjectKey {
+        column: key.column | STAGING_COLUMN,
+        ..*key
+    }
+}
 /// Format 2 records the write's tag; format 1 records (no tag, read as tag 0) are still read.
 const META_RECORD_FORMAT: u8 = 2;
 
@@ -289,7 +301,9 @@ impl BrickStore {
             if k.first() != Some(&b'o') {
                 break;
             }
-            count += 1;
+            if parse_meta_key(&k).is_some_and(|key| key.column & STAGING_COLUMN == 0) {
+                count += 1;
+            }
         }
         // Which sets have journal entries: one seek per set.
         let mut journaled = std::collections::HashSet::new();
@@ -919,10 +933,133 @@ impl BrickStore {
 
     /// Removes an object and its seal (the file was deleted); returns whether it existed.
     pub fn delete(&self, key: &ObjectKey) -> Result<bool, StoreError> {
-        let _guard = self.lock(key).write().unwrap_or_else(|p| p.into_inner());
-        let existed = self.remove_locked(key)?;
-        self.put_seal(key, None)?;
+        let existed = {
+            let _guard = self.lock(key).write().unwrap_or_else(|p| p.into_inner());
+            let existed = self.remove_locked(key)?;
+            self.put_seal(key, None)?;
+            existed
+        };
+        // A replace in parts that never ended leaves its staged copy: it goes too.
+        if key.column & STAGING_COLUMN == 0 {
+            let staged = staging_of(key);
+            let _guard = self
+                .lock(&staged)
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
+            self.remove_locked(&staged)?;
+        }
         Ok(existed)
+    }
+
+    /// One part of a replace sent in parts (objects larger than a frame): `data` at
+    /// `offset_bytes` of the object's staged copy; a part at 0 starts the copy afresh. The
+    /// object itself is untouched until `commit_staged`. Returns the staged length.
+    pub fn stage(
+        &self,
+        key: &ObjectKey,
+        offset_bytes: u64,
+        data: &[u8],
+    ) -> Result<u64, StoreError> {
+        let staged = staging_of(key);
+        if offset_bytes == 0 {
+            let _guard = self
+                .lock(&staged)
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
+            self.remove_locked(&staged)?;
+        }
+        let have = self.get_meta(&staged)?.map_or(0, |m| m.len_bytes);
+        if offset_bytes != have {
+            return Err(StoreError::InvalidArgument(format!(
+                "part at {offset_bytes} of a staged copy of {key} that holds {have} bytes (parts come in order)"
+            )));
+        }
+        let m = self.write_versioned(
+            &staged,
+            offset_bytes,
+            data,
+            false,
+            VersionRule::Next { tag: 0 },
+        )?;
+        Ok(m.len_bytes)
+    }
+
+    /// Ends a replace sent in parts: the staged copy, which must hold `len_bytes`, becomes the
+    /// object at `version` and `tag` in one step (its file renamed over the object's, its
+    /// checksums moved). Durable when it returns. A crash part way leaves the object either
+    /// as it was or whole and new, or (between the rename and the records) with checksums that
+    /// do not match, which reads and the scrubber report as damage: never silently wrong.
+    pub fn commit_staged(
+        &self,
+        key: &ObjectKey,
+        len_bytes: u64,
+        version: ObjectVersion,
+        tag: u64,
+    ) -> Result<ObjectMeta, StoreError> {
+        let staged = staging_of(key);
+        // Both locks, in shard order (one lock when they share a shard).
+        let (a, b) = (
+            Self::hash(key) as usize % LOCK_SHARDS,
+            Self::hash(&staged) as usize % LOCK_SHARDS,
+        );
+        let _first = self.locks[a.min(b)]
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        let _second = (a != b).then(|| {
+            self.locks[a.max(b)]
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+        });
+        self.check_seal(key, false)?;
+        let have = self
+            .get_meta(&staged)?
+            .ok_or(StoreError::NotFound { key: staged })?;
+        if have.len_bytes != len_bytes {
+            return Err(StoreError::InvalidArgument(format!(
+                "the staged copy of {key} holds {} of its {len_bytes} bytes",
+                have.len_bytes
+            )));
+        }
+        let (from, to) = (self.object_path(&staged), self.object_path(key));
+        File::open(&from)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| StoreError::io("sync staged object", &from, e))?;
+        let old = self.get_meta(key)?;
+        let mut batch = WriteBatch::default();
+        batch.delete_range(crc_key(key, 0), crc_key(key, u64::MAX));
+        let blocks = len_bytes.div_ceil(BLOCK_BYTES);
+        let mut block = 0;
+        while block < blocks {
+            let upto = (block + 4096).min(blocks);
+            let keys: Vec<[u8; 29]> = (block..upto).map(|b| crc_key(&staged, b)).collect();
+            for (i, crc) in self.db.multi_get(&keys).into_iter().enumerate() {
+                if let Some(raw) = crc? {
+                    batch.put(crc_key(key, block + i as u64), raw);
+                }
+            }
+            block = upto;
+        }
+        batch.delete(meta_key(&staged));
+        batch.delete_range(crc_key(&staged, 0), crc_key(&staged, u64::MAX));
+        if let Some(parent) = to.parent() {
+            fs::create_dir_all(parent)
+                .map_err(|e| StoreError::io("create object folder", parent, e))?;
+        }
+        fs::rename(&from, &to).map_err(|e| StoreError::io("install staged object", &to, e))?;
+        for dir in [from.parent(), to.parent()].into_iter().flatten() {
+            sync_dir(dir)?;
+        }
+        let meta = ObjectMeta {
+            version,
+            len_bytes,
+            tag,
+        };
+        self.commit(key, batch, meta, true)?;
+        // The staged copy was counted as an object; now it is the object.
+        if old.is_some() {
+            self.object_count.fetch_sub(1, Ordering::Relaxed);
+        }
+        Ok(meta)
     }
 
     /// Removes an object's data and records (its lock held); returns whether it existed.
@@ -996,6 +1133,9 @@ impl BrickStore {
             }
             let key = parse_meta_key(&k)
                 .ok_or_else(|| StoreError::Corrupt(format!("object key of {} bytes", k.len())))?;
+            if key.column & STAGING_COLUMN != 0 {
+                continue;
+            }
             if out.len() == limit {
                 return Ok((out, true));
             }
@@ -1185,6 +1325,76 @@ mod tests {
             .unwrap();
         let (_, all) = store.read(&k, 0, data.len() as u64).unwrap();
         assert_eq!(&all[..], &data[..]);
+    }
+
+    /// A replace in parts leaves the object as it was until its last part, then installs the
+    /// copy whole (bytes, version, tag, checksums) in one step; staged copies are never
+    /// listed, parts out of order and wrong lengths are refused, and a delete takes the
+    /// staged copy too. Survives a reopen.
+    #[test]
+    fn replace_in_parts_installs_the_copy_only_at_its_last_part() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("b");
+        let store = must_open(&root);
+        let k = key(8);
+        store.write(&k, 0, &[7u8; 1000], false).unwrap();
+        let old = store.stat(&k).unwrap();
+        let new: Vec<u8> = (0..3 * BLOCK_BYTES + 123)
+            .map(|i| (i % 253) as u8)
+            .collect();
+        let part = BLOCK_BYTES as usize + 17;
+        assert_eq!(store.stage(&k, 0, &new[..part]).unwrap(), part as u64);
+        assert!(matches!(
+            store.stage(&k, part as u64 + 1, &new[part..]),
+            Err(StoreError::InvalidArgument(_))
+        ));
+        store.stage(&k, part as u64, &new[part..2 * part]).unwrap();
+        // Not yet: the object is the old one, and only it is listed.
+        assert_eq!(store.stat(&k).unwrap(), old);
+        assert_eq!(store.read(&k, 0, 2000).unwrap().1.len(), 1000);
+        let (listed, _) = store.list(None, 100).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert!(matches!(
+            store.commit_staged(&k, new.len() as u64, ObjectVersion(9), 77),
+            Err(StoreError::InvalidArgument(_))
+        ));
+        store.stage(&k, 2 * part as u64, &new[2 * part..]).unwrap();
+        let meta = store
+            .commit_staged(&k, new.len() as u64, ObjectVersion(9), 77)
+            .unwrap();
+        assert_eq!(
+            (meta.version, meta.tag, meta.len_bytes),
+            (ObjectVersion(9), 77, new.len() as u64)
+        );
+        let (m, bytes) = store.read(&k, 0, new.len() as u64).unwrap();
+        assert_eq!(m, meta);
+        assert!(bytes[..] == new[..], "the installed copy reads back");
+        assert_eq!(store.list(None, 100).unwrap().0.len(), 1);
+        assert!(
+            store
+                .commit_staged(&k, new.len() as u64, ObjectVersion(10), 1)
+                .is_err(),
+            "nothing staged"
+        );
+        // A fresh copy: started, then the object deleted; nothing is left.
+        store.stage(&k, 0, b"partial").unwrap();
+        drop(store);
+        let store = BrickStore::open(
+            &root,
+            StoreOptions {
+                init: false,
+                expect_id: None,
+            },
+        )
+        .unwrap();
+        assert!(store.read(&k, 0, new.len() as u64).unwrap().1[..] == new[..]);
+        assert!(store.delete(&k).unwrap());
+        assert!(matches!(store.stat(&k), Err(StoreError::NotFound { .. })));
+        assert!(
+            store.commit_staged(&k, 7, ObjectVersion(1), 1).is_err(),
+            "the staged copy went too"
+        );
+        assert!(store.list(None, 100).unwrap().0.is_empty());
     }
 
     /// Garbage written into a hole (a block with no checksum) is detected too.

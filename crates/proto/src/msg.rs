@@ -372,8 +372,10 @@ pub struct Healed {
     pub more: bool,
 }
 
-/// A heal's copy of a whole object to a member: its bytes replace the member's object, which
-/// then holds `version` (the set's).
+/// A repair's or heal's copy of a whole object to a member, sent in parts of at most
+/// `REPLACE_PART_BYTES` in order: the part at `offset_bytes` of an object of `total_bytes`.
+/// Parts are staged beside the member's object; the last one makes the copy the object, which
+/// then holds `version` (the set's). A copy in one part replaces at once.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberReplace {
     pub brick: BrickId,
@@ -381,7 +383,12 @@ pub struct MemberReplace {
     pub key: ObjectKey,
     pub version: ObjectVersion,
     pub tag: u64,
+    pub offset_bytes: u64,
+    pub total_bytes: u64,
 }
+
+/// The largest part of a `MemberReplace` (well below the frame's data limit).
+pub const REPLACE_PART_BYTES: u64 = 8 << 20;
 
 /// How a brick's background scrubber is doing.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
