@@ -274,6 +274,7 @@ async fn replies_match_requests_with_many_in_flight() {
                 key: k,
                 offset_bytes: 0,
                 len_bytes: 1 << 20,
+                repair: false,
             });
             let (_, data) = conn.call(msg, bytes::Bytes::new()).await.unwrap();
             assert!(data == pattern(i, 0, len), "object {i}");

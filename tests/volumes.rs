@@ -126,6 +126,28 @@ async fn must_match_model(vol: &VolumeClient, seed: u64) {
 
 /// Every member of every replica set holds the same objects with the same versions and bytes;
 /// every member of a disperse set holds the same objects and versions, and any K decode alike.
+/// Reads a member's whole object; a brick that just rejoined its set refuses client reads
+/// until its node's next heartbeat (StaleEpoch), so that is waited out.
+async fn must_read_member(
+    bc: &brickfs_client::BrickClient,
+    addr: std::net::SocketAddr,
+    b: brickfs_proto::BrickId,
+    key: brickfs_proto::ObjectKey,
+) -> (brickfs_proto::msg::ObjectState, Bytes) {
+    must_wait_for(
+        "a member to serve reads",
+        Duration::from_secs(10),
+        || async move {
+            match bc.read(addr, b, key, 0, u32::MAX).await {
+                Ok(r) => Some(r),
+                Err(e) if e.code() == Some(ErrorCode::StaleEpoch) => None,
+                Err(e) => panic!("read {key} from {b}: {e}"),
+            }
+        },
+    )
+    .await
+}
+
 async fn must_have_identical_replicas(vol: &VolumeClient) {
     let rec = vol.record();
     let addr_of = |b| node_addr(rec, b);
@@ -151,7 +173,7 @@ async fn must_have_identical_replicas(vol: &VolumeClient) {
             for o in &objects {
                 let mut frags = Vec::new();
                 for b in &set.members {
-                    let (st, bytes) = bc.read(addr_of(*b), *b, o.key, 0, u32::MAX).await.unwrap();
+                    let (st, bytes) = must_read_member(&bc, addr_of(*b), *b, o.key).await;
                     frags.push(Some((st.version.0, bytes.to_vec())));
                 }
                 let f = brickfs_layout::DISPERSE_FRAGMENT_BYTES as usize;
@@ -189,14 +211,8 @@ async fn must_have_identical_replicas(vol: &VolumeClient) {
                 "object lists of {first} and {other} differ"
             );
             for o in &objects {
-                let (_, a) = bc
-                    .read(addr_of(first), first, o.key, 0, u32::MAX)
-                    .await
-                    .unwrap();
-                let (_, b) = bc
-                    .read(addr_of(*other), *other, o.key, 0, u32::MAX)
-                    .await
-                    .unwrap();
+                let (_, a) = must_read_member(&bc, addr_of(first), first, o.key).await;
+                let (_, b) = must_read_member(&bc, addr_of(*other), *other, o.key).await;
                 assert!(a == b, "replicas of {} differ", o.key);
             }
         }
@@ -1172,7 +1188,19 @@ async fn objects_larger_than_a_frame_heal_after_a_member_missed_a_version() {
             let mut off = 0usize;
             let mut got = Vec::with_capacity(expect[i].len());
             loop {
-                let (st, bytes) = bc.read(addr, *b, key, off as u64, 8 << 20).await.unwrap();
+                let bc = &bc;
+                let (st, bytes) = must_wait_for(
+                    "a healed member to serve reads",
+                    Duration::from_secs(10),
+                    || async move {
+                        match bc.read(addr, *b, key, off as u64, 8 << 20).await {
+                            Ok(r) => Some(r),
+                            Err(e) if e.code() == Some(ErrorCode::StaleEpoch) => None,
+                            Err(e) => panic!("read from {b}: {e}"),
+                        }
+                    },
+                )
+                .await;
                 if off == 0 {
                     versions.push((st.version, st.tag, st.len_bytes));
                 }
@@ -1199,5 +1227,174 @@ async fn objects_larger_than_a_frame_heal_after_a_member_missed_a_version() {
             "{}: members disagree on the version: {versions:?}",
             rec.name
         );
+    }
+}
+
+/// A member stopped past down-after and resumed never serves the bytes it holds from before
+/// to a reader whose view of the set still counts it (a read-only client never re-reads the
+/// sets): the metadata group's answer to its first heartbeat says it is out of sync, and it
+/// refuses client reads until it is healed. Every read matches a version the file had while
+/// the read ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_member_never_serves_old_bytes_to_a_reader() {
+    let (_dir, nodes, vols) = must_failure_cluster().await;
+    let (vol, fh, _) = &vols[0];
+    const SIZE: u64 = 1 << 20;
+    let first = pattern(700, 0, SIZE as usize);
+    vol.write(fh, 0, first.clone()).await.unwrap();
+    vol.fsync(fh).await.unwrap();
+    // The versions the file has had, in order; the reader checks against a window of them.
+    let versions = Arc::new(std::sync::Mutex::new(vec![first]));
+    let meta = MetaClient::new(vec![nodes[0].addr()], MetaClientOptions::default());
+    let reader_vol = VolumeClient::open(meta, client(), "r3").await.unwrap();
+    let rfh = brickfs_client::FileHandle::in_group(&fh.attr, fh.group(), SIZE);
+    // The last version whose write was acknowledged (versions may be pushed before).
+    let acked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let reader = {
+        let (versions, stop, acked) = (versions.clone(), stop.clone(), acked.clone());
+        let done = done.clone();
+        tokio::spawn(async move {
+            let mut reads = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) && reads < 200_000 {
+                let from = acked.load(std::sync::atomic::Ordering::SeqCst);
+                let got = reader_vol.read(&rfh, 0, SIZE).await.expect("read");
+                let v = versions.lock().unwrap();
+                let ok = v[from..].contains(&got);
+                assert!(
+                    ok,
+                    "read {reads} returned bytes of no version current while it ran (of {})",
+                    v.len()
+                );
+                reads += 1;
+                done.store(reads, std::sync::atomic::Ordering::SeqCst);
+            }
+            reads
+        })
+    };
+    nodes[2].sigstop().unwrap();
+    // The write waits until the stopped node's member leaves the set.
+    let second = pattern(701, 0, SIZE as usize);
+    // A read that runs while the write does may see either version.
+    versions.lock().unwrap().push(second.clone());
+    vol.write(fh, 0, second).await.unwrap();
+    vol.fsync(fh).await.unwrap();
+    acked.store(1, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(vol.sets()[0].in_sync.len(), 2);
+    nodes[2].sigcont().unwrap();
+    // Read on while the member comes back, is healed and rejoins.
+    must_wait_for(
+        "the resumed member to rejoin",
+        Duration::from_secs(60),
+        || {
+            let vol = vol.clone();
+            async move {
+                vol.refresh().await.ok()?;
+                (vol.sets()[0].in_sync.len() == 3).then_some(())
+            }
+        },
+    )
+    .await;
+    // And some more reads once it is back.
+    let target = done.load(std::sync::atomic::Ordering::SeqCst) + 50;
+    must_wait_for("50 more reads", Duration::from_secs(30), || {
+        let n = done.load(std::sync::atomic::Ordering::SeqCst);
+        async move { (n >= target).then_some(()) }
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let reads = reader.await.expect("the reader saw only current bytes");
+    assert!(reads > 10, "the reader read {reads} times");
+}
+
+/// A node killed (an unclean stop, which may lose acknowledged writes not yet synced) and
+/// started again before down-after does not come back as in sync: its bricks leave their sets
+/// for a full heal and rejoin after it. A clean stop and start keeps them in sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_brick_back_from_an_unclean_stop_is_healed_before_it_counts() {
+    let (_dir, mut nodes, mut vols) = must_failure_cluster().await;
+    for (i, (vol, fh, model)) in vols.iter_mut().enumerate() {
+        let data = pattern(800 + i as u64, 0, 300_000);
+        vol.write(fh, 0, data.clone()).await.unwrap();
+        apply(model, 0, &data);
+        vol.fsync(fh).await.unwrap();
+    }
+    let epochs = |vols: &[(Arc<VolumeClient>, brickfs_client::FileHandle, Vec<u8>)]| {
+        vols.iter()
+            .map(|(v, _, _)| v.sets()[0].epoch)
+            .collect::<Vec<_>>()
+    };
+    let before = epochs(&vols);
+    // A clean stop: back in sync at once, nothing changes.
+    nodes[1].sigterm_and_wait(Duration::from_secs(20)).unwrap();
+    nodes[1].restart().unwrap();
+    must_serve_reads(nodes[1].addr()).await;
+    for (vol, fh, model) in &vols {
+        assert!(vol.read(fh, 0, model.len() as u64).await.unwrap() == model[..]);
+        vol.refresh().await.unwrap();
+    }
+    assert_eq!(epochs(&vols), before, "a clean restart changed the sets");
+    // An unclean one: out of sync, healed, back.
+    nodes[1].sigkill().unwrap();
+    nodes[1].restart().unwrap();
+    must_wait_for(
+        "the restarted node's bricks to be healed and rejoin",
+        Duration::from_secs(60),
+        || {
+            let vols: Vec<_> = vols.iter().map(|(v, _, _)| v.clone()).collect();
+            let before = before.clone();
+            async move {
+                for (v, e) in vols.iter().zip(&before) {
+                    v.refresh().await.ok()?;
+                    let s = &v.sets()[0];
+                    // Out (one epoch), healed and back (another).
+                    if s.in_sync.len() != 3 || s.epoch.0 < e.0 + 2 {
+                        return None;
+                    }
+                }
+                Some(())
+            }
+        },
+    )
+    .await;
+    let log = std::fs::read_to_string(nodes[1].log_path()).unwrap();
+    assert_eq!(
+        log.matches("bricks opened after an unclean stop: reported")
+            .count(),
+        1,
+        "only the unclean start reports"
+    );
+    for (vol, fh, model) in &vols {
+        assert!(vol.read(fh, 0, model.len() as u64).await.unwrap() == model[..]);
+    }
+    // The rejoined bricks serve client reads again once their node's next heartbeat says so.
+    let rec = vols[0].0.record().clone();
+    let brick = rec.sets[0]
+        .members
+        .iter()
+        .copied()
+        .find(|b| node_addr(&rec, *b) == nodes[1].addr())
+        .unwrap();
+    let key = brickfs_proto::ObjectKey {
+        volume: rec.id,
+        ino: vols[0].1.attr.ino,
+        column: 0,
+    };
+    let addr = nodes[1].addr();
+    must_wait_for(
+        "the rejoined brick to serve reads",
+        Duration::from_secs(10),
+        || async move {
+            client()
+                .read(addr, brick, key, 0, 10)
+                .await
+                .ok()
+                .map(|_| ())
+        },
+    )
+    .await;
+    for (vol, _, _) in &vols {
+        must_have_identical_replicas(vol).await;
     }
 }

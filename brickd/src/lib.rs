@@ -261,11 +261,35 @@ async fn heartbeat(
             _ = stop.changed() => return,
             _ = tick.tick() => {}
         }
+        // Bricks opened after an unclean stop may have lost acknowledged writes: the group
+        // takes them out of sync (for a full heal) before this node reads for anyone. Until
+        // then they refuse client reads.
+        let unclean = service.unreported();
+        if !unclean.is_empty() {
+            let op = brickfs_proto::meta::MetaOp::ReportRestart {
+                node,
+                bricks: unclean.clone(),
+            };
+            match client.write_unsessioned(op).await {
+                Ok(_) => {
+                    warn!(%node, bricks = ?unclean, "bricks opened after an unclean stop: reported, out of sync until healed");
+                    service.reported(&unclean);
+                }
+                Err(e) => {
+                    warn!(%node, error = %e, "could not report bricks opened after an unclean stop; they serve no reads meanwhile");
+                    continue;
+                }
+            }
+        }
         match client
             .write_unsessioned(brickfs_proto::meta::MetaOp::Heartbeat { node })
             .await
         {
-            Ok(_) => {
+            Ok(reply) => {
+                // Which bricks are out of sync, before the lease lets reads through.
+                if let brickfs_proto::meta::MetaReply::Standing { out_of_sync } = reply {
+                    service.set_standing(out_of_sync);
+                }
                 service.renew_lease();
                 if !acknowledged {
                     acknowledged = true;
@@ -770,7 +794,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 .instrument(node_span.clone()),
         );
     }
-    if !peers.is_empty() {
+    if peers.is_empty() {
+        // No metadata group: the bricks are in no set, and there is nobody to tell.
+        service.reported(&service.unreported());
+    } else {
         service.enable_lease(config.write_lease);
         tokio::spawn(
             heartbeat(node, peers.clone(), service.clone(), stop_rx.clone())
@@ -822,9 +849,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     if let Some(meta) = meta {
         meta.shutdown().await;
     }
+    // A clean stop: everything reaches the disk, and the next start trusts the bricks.
     for brick in service.bricks() {
-        if let Err(e) = brick.flush() {
-            warn!(brick = %brick.id(), error = %e, "failed to flush brick at shutdown");
+        if let Err(e) = brick.close_clean() {
+            warn!(brick = %brick.id(), error = %e, "failed to close brick cleanly at shutdown; the next start heals it");
         }
     }
     info!("brickd stopped");

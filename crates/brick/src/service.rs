@@ -93,6 +93,11 @@ pub struct BrickService {
     ordering: Vec<tokio::sync::Mutex<()>>,
     /// What the background scrubber found, per brick (filled by brickd's scrub task).
     scrub: std::sync::Mutex<HashMap<BrickId, brickfs_proto::msg::ScrubReport>>,
+    /// This node's bricks that serve no client reads: members out of sync with their set (as
+    /// the metadata group answered the last heartbeat), and bricks opened after a stop that
+    /// was not clean until the group has taken them out of sync (`unreported`).
+    out_of_sync: std::sync::Mutex<std::collections::HashSet<BrickId>>,
+    unreported: std::sync::Mutex<std::collections::HashSet<BrickId>>,
     /// Source of the tags this node gives the set mutations it orders as a primary.
     tags: AtomicU64,
 }
@@ -150,6 +155,11 @@ pub fn validate_brick_path(path: &str) -> Result<(), ErrorBody> {
 
 impl BrickService {
     pub fn new(node: NodeId, bricks: Vec<Arc<BrickStore>>) -> BrickService {
+        let bricks_unclean: Vec<BrickId> = bricks
+            .iter()
+            .filter(|b| b.unclean_start())
+            .map(|b| b.id())
+            .collect();
         BrickService {
             node,
             bricks: bricks.into_iter().map(|b| (b.id(), b)).collect(),
@@ -170,6 +180,8 @@ impl BrickService {
                 ..ClientOptions::default()
             }),
             scrub: std::sync::Mutex::new(HashMap::new()),
+            out_of_sync: std::sync::Mutex::new(Default::default()),
+            unreported: std::sync::Mutex::new(bricks_unclean.into_iter().collect()),
             ordering: (0..ORDERING_SHARDS)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
@@ -261,6 +273,55 @@ impl BrickService {
             .into_iter()
             .collect::<Result<Vec<()>, _>>()
             .map(|_| ())
+    }
+
+    /// Takes the metadata group's word on which of this node's bricks are out of sync.
+    pub fn set_standing(&self, out_of_sync: Vec<BrickId>) {
+        *self.out_of_sync.lock().unwrap_or_else(|p| p.into_inner()) =
+            out_of_sync.into_iter().collect();
+    }
+
+    /// Bricks opened after an unclean stop that the metadata group has not been told of.
+    pub fn unreported(&self) -> Vec<BrickId> {
+        let mut v: Vec<BrickId> = self
+            .unreported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The metadata group took these bricks out of sync (`ReportRestart`).
+    pub fn reported(&self, bricks: &[BrickId]) {
+        let mut u = self.unreported.lock().unwrap_or_else(|p| p.into_inner());
+        for b in bricks {
+            u.remove(b);
+        }
+    }
+
+    /// Refuses a client read of a brick that is out of sync (or may have lost writes and is
+    /// not reported yet): another member holds what the set acknowledged.
+    fn check_standing(&self, brick: BrickId) -> Result<(), ErrorBody> {
+        let out = self
+            .out_of_sync
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&brick)
+            || self
+                .unreported
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&brick);
+        if out {
+            return Err(ErrorBody::new(
+                ErrorCode::StaleEpoch,
+                format!("brick {brick} is out of sync with its set: read another member"),
+            ));
+        }
+        Ok(())
     }
 
     /// Turns the write lease on, `length` long (see `lease`).
@@ -423,6 +484,7 @@ impl BrickService {
             key,
             offset_bytes: offset,
             len_bytes: u32::try_from(len).ok()?,
+            repair: true,
         });
         // Whole fragment objects (rebuilds) may take long; stripes are quick.
         let pool = if len > 16 << 20 {
@@ -1324,6 +1386,9 @@ impl BrickService {
             }
             Message::Read(req) => {
                 let brick = self.brick(req.brick)?;
+                if !req.repair {
+                    self.check_standing(req.brick)?;
+                }
                 let (meta, bytes) = Self::blocking(brick, move |b| {
                     b.read(&req.key, req.offset_bytes, u64::from(req.len_bytes))
                 })

@@ -36,6 +36,8 @@ pub const OBJECT_MAX_BYTES: u64 = 1 << 50;
 /// The most objects one `list` call returns.
 pub const LIST_MAX: usize = 10_000;
 const LOCK_SHARDS: usize = 256;
+/// The file that says a brick is open (`close_clean` removes it).
+const RUNNING_MARKER: &str = "running";
 /// The column bit of a staging object: a replace sent in parts lands beside the object, under
 /// this key, until its last part makes it the object (`stage`, `commit_staged`). Listings
 /// skip staging objects; deleting an object deletes its staging copy too.
@@ -93,6 +95,8 @@ pub struct StoreOptions {
 
 pub struct BrickStore {
     id: BrickId,
+    /// Opened after a stop that was not clean (`unclean_start`).
+    unclean: bool,
     root: PathBuf,
     objects_dir: PathBuf,
     db: DB,
@@ -334,8 +338,17 @@ impl BrickStore {
                 .ok_or_else(|| StoreError::Corrupt(format!("seal key of {} bytes", k.len())))?;
             seals.insert(key, decode_seal(&v));
         }
+        // A brick that was not closed cleanly (a crash, a kill, a power loss) may have lost
+        // writes that were acknowledged but not synced: say so, until it is closed cleanly.
+        let marker = root.join(RUNNING_MARKER);
+        let unclean = marker.exists();
+        File::create(&marker)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| StoreError::io("create the running marker", &marker, e))?;
+        sync_dir(root)?;
         Ok(BrickStore {
             id,
+            unclean,
             root: root.to_path_buf(),
             objects_dir,
             db,
@@ -1189,6 +1202,29 @@ impl BrickStore {
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush_wal(true)?;
         Ok(())
+    }
+
+    /// Whether the brick was not closed cleanly before this open (`close_clean`): it may have
+    /// lost acknowledged writes that were not synced yet.
+    pub fn unclean_start(&self) -> bool {
+        self.unclean
+    }
+
+    /// Closes the brick cleanly: everything written reaches the disk (the whole file system's
+    /// dirty data, `syncfs`), then the running marker goes, so the next open is clean.
+    pub fn close_clean(&self) -> Result<(), StoreError> {
+        self.flush()?;
+        let dir =
+            File::open(&self.root).map_err(|e| StoreError::io("open brick", &self.root, e))?;
+        nix::unistd::syncfs(&dir)
+            .map_err(|e| StoreError::io("syncfs", &self.root, std::io::Error::from(e)))?;
+        let marker = self.root.join(RUNNING_MARKER);
+        match fs::remove_file(&marker) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StoreError::io("remove the running marker", &marker, e)),
+        }
+        sync_dir(&self.root)
     }
 }
 

@@ -108,6 +108,7 @@ impl BrickClient {
             key,
             offset_bytes,
             len_bytes,
+            repair: false,
         });
         let reply = self.call(addr, msg, Bytes::new()).await?;
         let (body, data) = expect!(reply, "Read", ReadData)?;

@@ -1040,6 +1040,46 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                 })?;
                 n.last_heartbeat_ms = u64::try_from(self.now_ns / 1_000_000).unwrap_or(0);
                 self.kv.put(keys::node(*node), enc(&n));
+                // The node learns which of its bricks are out of sync: they serve no reads.
+                let mut out_of_sync = Vec::new();
+                for v in scan_all::<VolumeRecord>(self.kv, b"V")? {
+                    for b in v.bricks.iter().filter(|b| b.node == *node) {
+                        if v.sets
+                            .iter()
+                            .any(|s| s.members.contains(&b.brick) && !s.in_sync.contains(&b.brick))
+                        {
+                            out_of_sync.push(b.brick);
+                        }
+                    }
+                }
+                MetaReply::Standing { out_of_sync }
+            }
+            MetaOp::ReportRestart { node, bricks } => {
+                for mut v in scan_all::<VolumeRecord>(self.kv, b"V")? {
+                    let mut changed = false;
+                    let name = v.name.clone();
+                    for (index, s) in v.sets.iter_mut().enumerate() {
+                        let mine: Vec<_> =
+                            bricks.iter().filter(|b| s.members.contains(b)).collect();
+                        for brick in mine {
+                            if s.in_sync.contains(brick) && s.in_sync.len() > 1 {
+                                let keep =
+                                    s.in_sync.iter().copied().filter(|b| b != brick).collect();
+                                narrow_in_sync(s, keep);
+                                if !s.full_heal.contains(brick) {
+                                    s.full_heal.push(*brick);
+                                }
+                                changed = true;
+                                tracing::warn!(volume = %name, set = index, %brick, %node, epoch = s.epoch.0, "a brick restarted after an unclean stop: out of sync until a full heal");
+                            } else if s.in_sync.contains(brick) {
+                                tracing::warn!(volume = %name, set = index, %brick, %node, "a brick restarted after an unclean stop, but it is its set's last in-sync member: kept");
+                            }
+                        }
+                    }
+                    if changed {
+                        self.kv.put(keys::volume(v.id), enc(&v));
+                    }
+                }
                 MetaReply::Done
             }
             MetaOp::Mkdir {
@@ -1732,6 +1772,7 @@ pub fn apply_command<B: KvRead>(kv: &mut Overlay<'_, B>, cmd: &Command) -> Comma
             | MetaOp::ExpireSessions
             | MetaOp::DetectFailures { .. }
             | MetaOp::ReportDamage { .. }
+            | MetaOp::ReportRestart { .. }
             | MetaOp::RegisterNode { .. }
             | MetaOp::RegisterBrick { .. }
             | MetaOp::Heartbeat { .. } => a.op(&cmd.op, cmd.session),

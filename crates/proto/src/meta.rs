@@ -581,6 +581,13 @@ pub enum MetaOp {
         ino: Ino,
         atime_ns: i64,
     },
+    /// Node `node` opened `bricks` after a stop that was not clean: they may have lost
+    /// acknowledged writes that were not synced. Each leaves its set's in-sync members (unless
+    /// it is the last) and is marked for a full heal, as a damaged brick is.
+    ReportRestart {
+        node: NodeId,
+        bricks: Vec<BrickId>,
+    },
 }
 
 impl MetaOp {
@@ -832,6 +839,11 @@ pub enum MetaReply {
         dropping: Vec<FileMove>,
     },
     Quotas(Vec<QuotaInfo>),
+    /// The answer to a heartbeat: the node's bricks that are members of a set but not in sync
+    /// (they serve no client reads until they are).
+    Standing {
+        out_of_sync: Vec<BrickId>,
+    },
 }
 
 /// A directory quota and what its tree holds.

@@ -126,12 +126,16 @@ pub struct Write {
     pub sync: bool,
 }
 
+/// A read of an object. A brick out of sync with its set refuses client reads (`StaleEpoch`:
+/// read another member); `repair` reads — a primary rebuilding or healing, which checks
+/// versions itself — are served whatever the brick's standing.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Read {
     pub brick: BrickId,
     pub key: ObjectKey,
     pub offset_bytes: u64,
     pub len_bytes: u32,
+    pub repair: bool,
 }
 
 /// The reply to `Read`: the bytes are in the data section, short at the end of the object.
@@ -559,6 +563,7 @@ mod tests {
                 key: key(),
                 offset_bytes: 1 << 40,
                 len_bytes: 1 << 20,
+                repair: true,
             }),
             Message::Seal(Seal {
                 brick: BrickId(2),
