@@ -926,6 +926,10 @@ async fn replace_brick_heals_the_new_brick_from_its_set() {
     let out = cli(&["r3", &old, &brick(1, 1), "commit", "force"]);
     assert!(out.2.contains("already in volume"), "{out:?}");
 
+    // A reader whose view of the set is from before the replace (it never re-reads it).
+    let stale = VolumeClient::open(vol.meta().clone(), client(), "r3")
+        .await
+        .unwrap();
     let out = cli(&["r3", &old, &new, "commit", "force"]);
     assert_eq!(out.0, 0, "{}", out.2);
     must_wait_for(
@@ -955,6 +959,19 @@ async fn replace_brick_heals_the_new_brick_from_its_set() {
     must_have_identical_replicas(&vol).await;
     let got = vol.read(fh, 0, model.len() as u64).await.unwrap();
     assert!(got == model[..]);
+    // New bytes: the replaced brick, out of the volume now, still holds the old ones, and
+    // never serves them to the reader with the old view.
+    let data = pattern(32, 0, 900_000);
+    vol.write(fh, 0, data.clone()).await.unwrap();
+    vol.fsync(fh).await.unwrap();
+    let sfh = brickfs_client::FileHandle::in_group(&fh.attr, fh.group(), data.len() as u64);
+    for i in 0..30 {
+        let got = stale.read(&sfh, 0, data.len() as u64).await.unwrap();
+        assert!(
+            got == data[..],
+            "read {i} through the old view returned old bytes"
+        );
+    }
 }
 
 /// Unmounts a tmpfs when dropped (failures included).

@@ -287,8 +287,8 @@ async fn heartbeat(
         {
             Ok(reply) => {
                 // Which bricks are out of sync, before the lease lets reads through.
-                if let brickfs_proto::meta::MetaReply::Standing { out_of_sync } = reply {
-                    service.set_standing(out_of_sync);
+                if let brickfs_proto::meta::MetaReply::Standing { in_sync } = reply {
+                    service.set_standing(in_sync);
                 }
                 service.renew_lease();
                 if !acknowledged {

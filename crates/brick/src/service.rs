@@ -93,10 +93,11 @@ pub struct BrickService {
     ordering: Vec<tokio::sync::Mutex<()>>,
     /// What the background scrubber found, per brick (filled by brickd's scrub task).
     scrub: std::sync::Mutex<HashMap<BrickId, brickfs_proto::msg::ScrubReport>>,
-    /// This node's bricks that serve no client reads: members out of sync with their set (as
-    /// the metadata group answered the last heartbeat), and bricks opened after a stop that
-    /// was not clean until the group has taken them out of sync (`unreported`).
-    out_of_sync: std::sync::Mutex<std::collections::HashSet<BrickId>>,
+    /// This node's bricks that serve client reads: the in-sync members of sets, as the
+    /// metadata group answered the last heartbeat (`None`: no word yet, or no group; reads
+    /// then wait for the lease, if any). Bricks opened after a stop that was not clean serve
+    /// none until the group has taken them out of sync (`unreported`).
+    in_sync: std::sync::Mutex<Option<std::collections::HashSet<BrickId>>>,
     unreported: std::sync::Mutex<std::collections::HashSet<BrickId>>,
     /// Source of the tags this node gives the set mutations it orders as a primary.
     tags: AtomicU64,
@@ -180,7 +181,7 @@ impl BrickService {
                 ..ClientOptions::default()
             }),
             scrub: std::sync::Mutex::new(HashMap::new()),
-            out_of_sync: std::sync::Mutex::new(Default::default()),
+            in_sync: std::sync::Mutex::new(None),
             unreported: std::sync::Mutex::new(bricks_unclean.into_iter().collect()),
             ordering: (0..ORDERING_SHARDS)
                 .map(|_| tokio::sync::Mutex::new(()))
@@ -275,10 +276,10 @@ impl BrickService {
             .map(|_| ())
     }
 
-    /// Takes the metadata group's word on which of this node's bricks are out of sync.
-    pub fn set_standing(&self, out_of_sync: Vec<BrickId>) {
-        *self.out_of_sync.lock().unwrap_or_else(|p| p.into_inner()) =
-            out_of_sync.into_iter().collect();
+    /// Takes the metadata group's word on which of this node's bricks are in sync.
+    pub fn set_standing(&self, in_sync: Vec<BrickId>) {
+        *self.in_sync.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(in_sync.into_iter().collect());
     }
 
     /// Bricks opened after an unclean stop that the metadata group has not been told of.
@@ -306,10 +307,11 @@ impl BrickService {
     /// not reported yet): another member holds what the set acknowledged.
     fn check_standing(&self, brick: BrickId) -> Result<(), ErrorBody> {
         let out = self
-            .out_of_sync
+            .in_sync
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .contains(&brick)
+            .as_ref()
+            .is_some_and(|s| !s.contains(&brick))
             || self
                 .unreported
                 .lock()
@@ -318,7 +320,7 @@ impl BrickService {
         if out {
             return Err(ErrorBody::new(
                 ErrorCode::StaleEpoch,
-                format!("brick {brick} is out of sync with its set: read another member"),
+                format!("brick {brick} is not an in-sync member of a set: read another member"),
             ));
         }
         Ok(())

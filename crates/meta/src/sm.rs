@@ -1040,19 +1040,16 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                 })?;
                 n.last_heartbeat_ms = u64::try_from(self.now_ns / 1_000_000).unwrap_or(0);
                 self.kv.put(keys::node(*node), enc(&n));
-                // The node learns which of its bricks are out of sync: they serve no reads.
-                let mut out_of_sync = Vec::new();
+                // The node learns which of its bricks are in sync: only they serve reads.
+                let mut in_sync = Vec::new();
                 for v in scan_all::<VolumeRecord>(self.kv, b"V")? {
                     for b in v.bricks.iter().filter(|b| b.node == *node) {
-                        if v.sets
-                            .iter()
-                            .any(|s| s.members.contains(&b.brick) && !s.in_sync.contains(&b.brick))
-                        {
-                            out_of_sync.push(b.brick);
+                        if v.sets.iter().any(|s| s.in_sync.contains(&b.brick)) {
+                            in_sync.push(b.brick);
                         }
                     }
                 }
-                MetaReply::Standing { out_of_sync }
+                MetaReply::Standing { in_sync }
             }
             MetaOp::ReportRestart { node, bricks } => {
                 for mut v in scan_all::<VolumeRecord>(self.kv, b"V")? {

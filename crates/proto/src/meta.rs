@@ -839,10 +839,10 @@ pub enum MetaReply {
         dropping: Vec<FileMove>,
     },
     Quotas(Vec<QuotaInfo>),
-    /// The answer to a heartbeat: the node's bricks that are members of a set but not in sync
-    /// (they serve no client reads until they are).
+    /// The answer to a heartbeat: the node's bricks that are in-sync members of a set; its
+    /// other bricks (out of sync, replaced, in no volume) serve no client reads.
     Standing {
-        out_of_sync: Vec<BrickId>,
+        in_sync: Vec<BrickId>,
     },
 }
 
