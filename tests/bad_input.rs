@@ -129,7 +129,7 @@ async fn must_still_serve(addr: SocketAddr) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_frames_get_errors_and_the_daemon_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
-    let (node, _brick) = must_start_single(dir.path()).await;
+    let (node, brick) = must_start_single(dir.path()).await;
     let addr = node.addr();
 
     // A request before the handshake is refused and the connection closed.
@@ -197,6 +197,49 @@ async fn bad_frames_get_errors_and_the_daemon_keeps_serving() {
         &[],
     );
     expect_error(recv(&mut s), ErrorCode::Malformed);
+
+    // Disperse geometries no volume can have (which would make the primary allocate GiBs for
+    // one stripe): 255+0 members, 16 MiB fragments, a count that does not match.
+    let member = |i: u64| brickfs_proto::msg::MemberRef {
+        brick: if i == 0 {
+            brick
+        } else {
+            brickfs_proto::BrickId(1000 + i)
+        },
+        addr: addr.to_string(),
+    };
+    for (k, m, f, n) in [
+        (255, 0, 16 << 20, 255),
+        (255, 0, 64 << 10, 255),
+        (2, 1, 16 << 20, 3),
+        (2, 1, 64 << 10, 2),
+    ] {
+        let w = Message::DisperseWrite(brickfs_proto::msg::DisperseWrite {
+            brick,
+            set: brickfs_proto::msg::SetRef {
+                volume: brickfs_proto::VolumeId(1),
+                set: 0,
+                epoch: brickfs_proto::Epoch(1),
+            },
+            key: key(1, 0),
+            offset_bytes: 0,
+            sync: false,
+            geometry: brickfs_proto::msg::DisperseGeometry {
+                data_fragments: k,
+                parity_fragments: m,
+                fragment_bytes: f,
+                members: (0..n).map(member).collect(),
+                in_sync: Vec::new(),
+            },
+        });
+        send(&mut s, 11, &w, &[1u8; 4096]);
+        let (_, body) = expect_error(recv(&mut s), ErrorCode::InvalidArgument);
+        assert!(
+            body.detail.contains("geometry"),
+            "{k}+{m} x {f}: {}",
+            body.detail
+        );
+    }
 
     // An oversized length: refused before anything is allocated, then closed.
     let huge = Header {

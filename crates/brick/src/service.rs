@@ -72,6 +72,11 @@ fn apply_replace(
     })
 }
 
+/// The most members a disperse geometry may name (the layout's `DISPERSE_MAX`).
+const DISPERSE_MEMBERS_MAX: usize = 64;
+/// The largest fragment a disperse geometry may name (volumes use 64 KiB).
+const DISPERSE_FRAGMENT_MAX: u64 = 64 << 10;
+
 /// The longest path accepted in a request.
 pub const PATH_MAX_BYTES: usize = 4096;
 
@@ -549,7 +554,15 @@ impl BrickService {
             g.parity_fragments as usize,
             u64::from(g.fragment_bytes),
         );
-        if g.members.len() != k + m || f == 0 || f > 16 << 20 {
+        // Bounded by what a volume can be made with (at most 64 members, 64 KiB fragments),
+        // so that no request can make the primary allocate more than a few stripes of 4 MiB.
+        if g.members.len() != k + m
+            || k == 0
+            || k + m > DISPERSE_MEMBERS_MAX
+            || f == 0
+            || f > DISPERSE_FRAGMENT_MAX
+            || !f.is_power_of_two()
+        {
             return Err(ErrorBody::new(
                 ErrorCode::InvalidArgument,
                 format!(

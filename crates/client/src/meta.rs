@@ -380,16 +380,12 @@ impl MetaClient {
             op,
         });
         let result = self.call(msg).await;
-        // A write whose outcome is unknown stays outstanding: its answer must not be forgotten
-        // by the group while a retry could still ask for it.
-        if !matches!(
-            result,
-            Err(MetaError::Unavailable {
-                outcome: Outcome::Unknown,
-                ..
-            })
-        ) && let Some(st) = self.lock().session.as_mut()
-        {
+        // Answered or given up (`call` retries within its deadline; nobody asks for this
+        // sequence number again): the group may forget its answer. A copy of the request still
+        // on its way arrives below `acked_below` and is refused (`StaleRequest`), never
+        // applied, so acknowledging an unknown outcome is safe — and keeping it outstanding
+        // would pin every later answer of the session in the group's reply cache for good.
+        if let Some(st) = self.lock().session.as_mut() {
             st.outstanding.remove(&seq);
         }
         self.finish(result?)

@@ -800,10 +800,14 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
         Ok(match op {
             MetaOp::OpenSession { client, lease_ms } => {
                 let id = SessionId(self.next_counter("session")?);
+                let lease_ms = (*lease_ms).clamp(
+                    brickfs_proto::meta::LEASE_MIN_MS,
+                    brickfs_proto::meta::LEASE_MAX_MS,
+                );
                 let s = SessionV1 {
                     client: client.clone(),
-                    lease_ms: *lease_ms,
-                    expires_ns: self.now_ns.saturating_add(ms_to_ns(*lease_ms)),
+                    lease_ms,
+                    expires_ns: self.now_ns.saturating_add(ms_to_ns(lease_ms)),
                     acked_below: 0,
                 };
                 self.kv.put(keys::session(id), enc(&s));
@@ -2115,6 +2119,35 @@ mod tests {
             }
             self.move_tree(src, dst);
             Ok(())
+        }
+    }
+
+    /// A session's lease is clamped to the group's bounds, whatever the client asks.
+    #[test]
+    fn session_leases_are_clamped() {
+        for (ask, got) in [
+            (0, brickfs_proto::meta::LEASE_MIN_MS),
+            (5_000, 5_000),
+            (u64::MAX, brickfs_proto::meta::LEASE_MAX_MS),
+        ] {
+            let base = BTreeMap::new();
+            let mut overlay = Overlay::new(&base);
+            let cmd = Command {
+                session: SessionId(0),
+                seq: 1,
+                acked_below: 1,
+                now_ns: 7_000_000,
+                op: MetaOp::OpenSession {
+                    client: "t".into(),
+                    lease_ms: ask,
+                },
+            };
+            match apply_command(&mut overlay, &cmd).unwrap() {
+                MetaReply::Session(info) => {
+                    assert_eq!(info.lease_expires_ms, 7 + got, "asked {ask}")
+                }
+                other => panic!("{other:?}"),
+            }
         }
     }
 

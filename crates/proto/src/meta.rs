@@ -793,6 +793,11 @@ pub enum MetaRead {
 /// The longest a `WaitLock` is held back, below every client's request timeout.
 pub const LOCK_WAIT_MAX_MS: u32 = 2_500;
 
+/// The shortest and longest session lease the metadata group grants (`OpenSession` asks; the
+/// group clamps), so that no client can keep its locks and holds for ever.
+pub const LEASE_MIN_MS: u64 = 1_000;
+pub const LEASE_MAX_MS: u64 = 600_000;
+
 /// A session as the metadata group keeps it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionInfo {
