@@ -1415,3 +1415,84 @@ async fn a_brick_back_from_an_unclean_stop_is_healed_before_it_counts() {
         must_have_identical_replicas(vol).await;
     }
 }
+
+/// A disperse write that lands on fewer than K members leaves the previous version readable:
+/// a 4+2 volume on six small file systems, a 16 MiB file written and synced, three of the six
+/// bricks (not the primary) filled up; a 4 MiB append fails with ENOSPC (it reached three
+/// members, fewer than the four data fragments), and the 16 MiB read back whole, at once and
+/// after the space returns, when appends go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disperse_write_torn_below_k_leaves_the_old_version_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut guards = Vec::new();
+    for i in 0..6 {
+        let b = dir.path().join(format!("b{i}"));
+        std::fs::create_dir_all(&b).unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            &b,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=48m"),
+        )
+        .unwrap();
+        guards.push(TmpfsGuard(b));
+    }
+    let (node, _source, meta) =
+        must_one_node_volume(dir.path(), "disperse 6 redundancy 2", 6, &[]).await;
+    let vol = VolumeClient::open(meta.clone(), client(), "vol")
+        .await
+        .unwrap();
+    vol.set_retry_window(Duration::from_secs(2));
+    let fh = vol.create(ROOT, "f", 0o644, true).await.unwrap();
+    let model = pattern(900, 0, 16 << 20);
+    vol.write(&fh, 0, model.clone()).await.unwrap();
+    vol.fsync(&fh).await.unwrap();
+    // Three bricks other than the primary fill up.
+    let rec = vol.record();
+    let primary = rec.sets[0].primary;
+    let mut fillers = Vec::new();
+    for (i, b) in rec.sets[0].members.iter().enumerate() {
+        if *b == primary || fillers.len() == 3 {
+            continue;
+        }
+        let root = &node.bricks()[rec.bricks.iter().position(|x| x.brick == *b).unwrap()];
+        let _ = i;
+        let path = root.join("filler");
+        let st = nix::sys::statvfs::statvfs(root.as_path()).unwrap();
+        let free = st.blocks_available() * st.fragment_size();
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(0).unwrap();
+        std::io::Write::write_all(&mut &f, &vec![1u8; (free - (256 << 10)) as usize]).unwrap();
+        f.sync_all().unwrap();
+        fillers.push(path);
+    }
+    assert_eq!(fillers.len(), 3);
+    let err = vol
+        .write(&fh, 16 << 20, pattern(901, 16 << 20, 4 << 20))
+        .await
+        .expect_err("an append onto three full bricks of six");
+    assert_eq!(err.code(), Some(ErrorCode::NoSpace), "{err}");
+    let got = vol
+        .read(&fh, 0, 16 << 20)
+        .await
+        .expect("the old version reads back");
+    assert!(
+        got == model[..],
+        "the acknowledged 16 MiB read back changed"
+    );
+    for f in &fillers {
+        std::fs::remove_file(f).unwrap();
+    }
+    let more = pattern(902, 16 << 20, 4 << 20);
+    vol.write(&fh, 16 << 20, more.clone()).await.unwrap();
+    vol.fsync(&fh).await.unwrap();
+    let fresh = VolumeClient::open(meta, client(), "vol").await.unwrap();
+    let fh2 = brickfs_client::FileHandle::in_group(&fh.attr, fh.group(), 20 << 20);
+    let got = fresh.read(&fh2, 0, 20 << 20).await.unwrap();
+    assert!(
+        got[..16 << 20] == model[..],
+        "the first 16 MiB after the append"
+    );
+    assert!(got[16 << 20..] == more[..], "the append");
+}

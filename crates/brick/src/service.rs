@@ -18,6 +18,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+/// What a disperse write changed, as it was: the held version (`to`), the fragment length,
+/// and each member's fragment of the changed stripes that existed, from `offset_bytes`.
+struct Undo {
+    to: Held,
+    len_bytes: u64,
+    offset_bytes: u64,
+    frags: Vec<Vec<u8>>,
+}
+
 /// Where the bytes of an object copy come from (`copy_object`).
 enum CopyFrom<'a> {
     /// This node's copy (a replica primary's), checked to hold the version part by part.
@@ -606,13 +615,29 @@ impl BrickService {
         f: u64,
         have: Held,
     ) -> Result<Vec<u8>, ErrorBody> {
+        self.read_stripes(g, codec, key, j, 1, f, have).await
+    }
+
+    /// Reads `count` stripes from stripe `j` on in one round of fragment reads, as
+    /// `read_stripe` reads one.
+    #[allow(clippy::too_many_arguments)]
+    async fn read_stripes(
+        &self,
+        g: &DisperseGeometry,
+        codec: &ReedSolomonCodec,
+        key: ObjectKey,
+        j: u64,
+        count: u64,
+        f: u64,
+        have: Held,
+    ) -> Result<Vec<u8>, ErrorBody> {
         // Members out of sync may hold older versions: only in-sync fragments are decoded.
         let reads = g
             .members
             .iter()
             .map(|m| async move {
                 if Self::takes_fragments(g, m.brick) {
-                    self.read_fragment(m, key, j * f, f).await
+                    self.read_fragment(m, key, j * f, count * f).await
                 } else {
                     None
                 }
@@ -620,19 +645,20 @@ impl BrickService {
             .collect();
         let frags = join_all(reads).await;
         let answered = frags.iter().flatten().count();
-        let (version, bytes) = decode_stripes(codec, &frags, f as usize, 1).map_err(|e| {
-            // Too few members answered (down, or their lease lapsed): try again later. Enough
-            // answered but disagreeing: the copies need reconciling.
-            let code = if answered < g.data_fragments as usize {
-                ErrorCode::Busy
-            } else {
-                ErrorCode::VersionGap
-            };
-            ErrorBody::new(
-                code,
-                format!("stripe {j} of {key} cannot be read back: {e}"),
-            )
-        })?;
+        let (version, bytes) =
+            decode_stripes(codec, &frags, f as usize, count as usize).map_err(|e| {
+                // Too few members answered (down, or their lease lapsed): try again later. Enough
+                // answered but disagreeing: the copies need reconciling.
+                let code = if answered < g.data_fragments as usize {
+                    ErrorCode::Busy
+                } else {
+                    ErrorCode::VersionGap
+                };
+                ErrorBody::new(
+                    code,
+                    format!("stripe {j} of {key} cannot be read back: {e}"),
+                )
+            })?;
         if version != have {
             return Err(ErrorBody::new(
                 ErrorCode::VersionGap,
@@ -756,11 +782,42 @@ impl BrickService {
         if have == (0, 0) {
             need.clear();
         }
+        // The stripes the write changes that exist now are kept as they are: should the write
+        // reach fewer than K members, those that applied it get them back (`Undo`). An append
+        // past the end reads at most the partial last stripe (which it needs anyway).
+        let old_frag_len = if have == (0, 0) {
+            0
+        } else {
+            Self::blocking(own.clone(), move |b| b.stat(&key).map(|m| m.len_bytes)).await?
+        };
+        let kept_end = (last + 1).min(old_frag_len / f);
+        let old_buf = if first < kept_end {
+            self.read_stripes(g, codec, key, first, kept_end - first, f, have)
+                .await?
+        } else {
+            Vec::new()
+        };
         for j in need {
-            let old = self.read_stripe(g, codec, key, j, f, have).await?;
             let at = ((j - first) * sb) as usize;
-            buf[at..at + sb as usize].copy_from_slice(&old);
+            if j < kept_end {
+                let from = ((j - first) * sb) as usize;
+                buf[at..at + sb as usize].copy_from_slice(&old_buf[from..from + sb as usize]);
+            } else {
+                let old = self.read_stripe(g, codec, key, j, f, have).await?;
+                buf[at..at + sb as usize].copy_from_slice(&old);
+            }
         }
+        let undo = Undo {
+            to: have,
+            len_bytes: old_frag_len,
+            offset_bytes: first * f,
+            frags: if old_buf.is_empty() {
+                Vec::new()
+            } else {
+                encode_stripes(codec, &old_buf, f as usize)
+                    .map_err(|e| ErrorBody::new(ErrorCode::Internal, format!("encode: {e}")))?
+            },
+        };
         let at = (off - first * sb) as usize;
         buf[at..at + data.len()].copy_from_slice(data);
         let frags = encode_stripes(codec, &buf, f as usize)
@@ -785,8 +842,18 @@ impl BrickService {
             })
             .collect();
         let results = join_all(writes).await;
-        self.settle(g, codec, f, set, key, (version.0, tag), takers, results)
-            .await?;
+        self.settle(
+            g,
+            codec,
+            f,
+            set,
+            key,
+            (version.0, tag),
+            takers,
+            results,
+            Some(&undo),
+        )
+        .await?;
         Ok(ObjectState {
             version,
             len_bytes: end,
@@ -810,20 +877,36 @@ impl BrickService {
         wrote: Held,
         takers: Vec<(usize, &MemberRef)>,
         results: Vec<Result<(), ErrorBody>>,
+        undo: Option<&Undo>,
     ) -> Result<(), ErrorBody> {
         let mut applied = Vec::new();
         let mut refused = Vec::new();
+        let mut failed = None;
         for ((i, m), r) in takers.into_iter().zip(results) {
             match r {
-                Ok(()) => applied.push(m),
+                Ok(()) => applied.push((i, m)),
                 Err(e) if e.kind() == Some(ErrorCode::VersionGap) => refused.push((i, m)),
-                Err(e) => return Err(e),
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
             }
+        }
+        let k = g.data_fragments as usize;
+        // Fewer than K hold the new version: neither it nor the old one would decode. The
+        // members that applied it go back to the old one, which the others still hold.
+        if (failed.is_some() || !refused.is_empty())
+            && applied.len() < k
+            && let Some(u) = undo
+        {
+            self.roll_back(set, key, wrote, u, &applied).await;
+        }
+        if let Some(e) = failed {
+            return Err(e);
         }
         if refused.is_empty() {
             return Ok(());
         }
-        if applied.len() < g.data_fragments as usize {
+        if applied.len() < k {
             return Err(ErrorBody::new(
                 ErrorCode::VersionGap,
                 format!(
@@ -835,8 +918,8 @@ impl BrickService {
             ));
         }
         let mut from = g.clone();
-        from.in_sync = applied.iter().map(|m| m.brick).collect();
-        let frag_len = match self.stat_member(applied[0], key).await {
+        from.in_sync = applied.iter().map(|(_, m)| m.brick).collect();
+        let frag_len = match self.stat_member(applied[0].1, key).await {
             Some((h, len)) if h == wrote => len,
             _ => {
                 return Err(ErrorBody::new(
@@ -856,6 +939,56 @@ impl BrickService {
             self.copy_object(m, set, key, wrote, frag_len, from).await?;
         }
         Ok(())
+    }
+
+    /// Takes the members that applied version `wrote` of `key` back to what `undo` saved
+    /// (best effort: a member that cannot be reached is left for reconcile and heal).
+    async fn roll_back(
+        &self,
+        set: SetRef,
+        key: ObjectKey,
+        wrote: Held,
+        undo: &Undo,
+        applied: &[(usize, &MemberRef)],
+    ) {
+        let calls = applied.iter().map(|(i, m)| {
+            let data = undo.frags.get(*i).cloned().unwrap_or_default();
+            async move {
+                let to = crate::store::ObjectMeta {
+                    version: ObjectVersion(undo.to.0),
+                    len_bytes: undo.len_bytes,
+                    tag: undo.to.1,
+                };
+                let from = (ObjectVersion(wrote.0), wrote.1);
+                let r = if let Some(b) = self.bricks.get(&m.brick).cloned() {
+                    let offset = undo.offset_bytes;
+                    Self::blocking(b, move |b| {
+                        b.fence(set.volume.0, set.set, set.epoch.0)?;
+                        b.rollback(&key, from, to, offset, &data).map(|_| ())
+                    })
+                    .await
+                } else {
+                    let msg = Message::MemberRollback(brickfs_proto::msg::MemberRollback {
+                        brick: m.brick,
+                        set,
+                        key,
+                        from: from.0,
+                        from_tag: from.1,
+                        to: to.version,
+                        to_tag: to.tag,
+                        len_bytes: to.len_bytes,
+                        offset_bytes: undo.offset_bytes,
+                    });
+                    self.fan_out(std::slice::from_ref(*m), |_| msg.clone(), Bytes::from(data))
+                        .await
+                };
+                match r {
+                    Ok(()) => tracing::warn!(%key, member = %m.brick, from = wrote.0, to = undo.to.0, "a write that reached fewer than K members was rolled back"),
+                    Err(e) => tracing::error!(%key, member = %m.brick, error = %e, "could not roll back a write that reached fewer than K members"),
+                }
+            }
+        });
+        join_all(calls.collect()).await;
     }
 
     /// What member `m` holds of `key` and its length (`(0, 0)` and 0 for nothing); `None` when
@@ -1063,8 +1196,18 @@ impl BrickService {
                 })
                 .collect();
             let results = join_all(calls).await;
-            self.settle(&g, &codec, f, set, key, (version.0, tag), takers, results)
-                .await?;
+            self.settle(
+                &g,
+                &codec,
+                f,
+                set,
+                key,
+                (version.0, tag),
+                takers,
+                results,
+                None,
+            )
+            .await?;
             Ok(ObjectState {
                 version,
                 len_bytes: len,
@@ -1566,6 +1709,37 @@ impl BrickService {
                 (Message::ScrubReply(report), none)
             }
             Message::HealObjects(req) => (Message::HealReply(self.heal_objects(req).await?), none),
+            Message::MemberRollback(req) => {
+                let brick = self.brick(req.brick)?;
+                let set = req.set;
+                let meta = Self::blocking(brick, move |b| {
+                    b.fence(set.volume.0, set.set, set.epoch.0)?;
+                    let to = crate::store::ObjectMeta {
+                        version: req.to,
+                        len_bytes: req.len_bytes,
+                        tag: req.to_tag,
+                    };
+                    b.rollback(
+                        &req.key,
+                        (req.from, req.from_tag),
+                        to,
+                        req.offset_bytes,
+                        &data,
+                    )
+                })
+                .await?;
+                (
+                    Message::Written(meta.map_or(
+                        ObjectState {
+                            version: ObjectVersion(0),
+                            len_bytes: 0,
+                            tag: 0,
+                        },
+                        state,
+                    )),
+                    none,
+                )
+            }
             Message::MemberReplace(req) => {
                 let brick = self.brick(req.brick)?;
                 let set = req.set;

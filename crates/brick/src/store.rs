@@ -917,6 +917,48 @@ impl BrickStore {
         Ok(meta)
     }
 
+    /// Undoes a write this member applied (see `MemberRollback`): if the object holds `from`
+    /// (version and tag), `data` goes back at `offset_bytes`, the length to `to.len_bytes`,
+    /// and the object holds `to` again (version 0: the object goes). Durable when it returns.
+    /// An object that holds `to` already is left (a retry); one that holds anything else is
+    /// refused (`VersionGap`). The caller (the set's primary) orders it with the object's
+    /// other mutations.
+    pub fn rollback(
+        &self,
+        key: &ObjectKey,
+        from: (ObjectVersion, u64),
+        to: ObjectMeta,
+        offset_bytes: u64,
+        data: &[u8],
+    ) -> Result<Option<ObjectMeta>, StoreError> {
+        let held = self.get_meta(key)?;
+        let have = held.map_or((ObjectVersion(0), 0), |m| (m.version, m.tag));
+        if have == (to.version, to.tag) {
+            return Ok(held);
+        }
+        if have != from {
+            return Err(StoreError::VersionGap {
+                key: *key,
+                have: have.0.0,
+                want: from.0.0,
+            });
+        }
+        if to.version.0 == 0 {
+            self.delete(key)?;
+            return Ok(None);
+        }
+        if !data.is_empty() {
+            self.write(key, offset_bytes, data, false)?;
+        }
+        self.truncate(key, to.len_bytes, false)?;
+        let _guard = self.lock(key).write().unwrap_or_else(|p| p.into_inner());
+        let (file, path) = self.open_existing(key, false)?;
+        file.sync_data()
+            .map_err(|e| StoreError::io("sync object", &path, e))?;
+        self.commit(key, WriteBatch::default(), to, true)?;
+        Ok(Some(to))
+    }
+
     /// Takes a damaged object out of service: its file moves to `quarantine/` under the brick
     /// (kept for inspection) and its records go, so the set sees it missing and heals it.
     pub fn quarantine(&self, key: &ObjectKey) -> Result<PathBuf, StoreError> {

@@ -223,7 +223,7 @@ mod tests {
     #[test]
     fn header_golden_bytes() {
         let header = Header {
-            version: 5,
+            version: 6,
             kind: 0x0102,
             request_id: 0x1122_3344_5566_7788,
             body_len: 0x10,

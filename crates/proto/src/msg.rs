@@ -391,6 +391,23 @@ pub struct MemberReplace {
     pub total_bytes: u64,
 }
 
+/// A disperse primary undoes a write that reached fewer than K members: a member that applied
+/// version `from` (with `from_tag`) goes back to `to` (with `to_tag`; version 0: no object),
+/// `len_bytes` long, with the data (its fragment of the stripes the write changed, as they were)
+/// put back at `offset_bytes`. A member that no longer holds `from` is left alone.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRollback {
+    pub brick: BrickId,
+    pub set: SetRef,
+    pub key: ObjectKey,
+    pub from: ObjectVersion,
+    pub from_tag: u64,
+    pub to: ObjectVersion,
+    pub to_tag: u64,
+    pub len_bytes: u64,
+    pub offset_bytes: u64,
+}
+
 /// The largest part of a `MemberReplace` (well below the frame's data limit).
 pub const REPLACE_PART_BYTES: u64 = 8 << 20;
 
@@ -518,6 +535,7 @@ messages! {
     55 => RaftRpcReply(crate::meta::RaftRpcReply), data: true;
     56 => Seal(Seal), data: false;
     57 => Sealed(ObjectState), data: false;
+    58 => MemberRollback(MemberRollback), data: true;
 }
 
 #[cfg(test)]
