@@ -287,8 +287,8 @@ async fn heartbeat(
         {
             Ok(reply) => {
                 // Which bricks are out of sync, before the lease lets reads through.
-                if let brickfs_proto::meta::MetaReply::Standing { in_sync } = reply {
-                    service.set_standing(in_sync);
+                if let brickfs_proto::meta::MetaReply::Standing { in_sync, volumes } = reply {
+                    service.set_standing(in_sync, volumes);
                 }
                 service.renew_lease();
                 if !acknowledged {

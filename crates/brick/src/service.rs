@@ -18,6 +18,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+/// The metadata group's last word on this node's bricks (`set_standing`).
+struct Standing {
+    in_sync: std::collections::HashSet<BrickId>,
+    volumes: std::collections::HashSet<brickfs_proto::VolumeId>,
+}
+
 /// What a disperse write changed, as it was: the held version (`to`), the fragment length,
 /// and each member's fragment of the changed stripes that existed, from `offset_bytes`.
 struct Undo {
@@ -111,7 +117,7 @@ pub struct BrickService {
     /// metadata group answered the last heartbeat (`None`: no word yet, or no group; reads
     /// then wait for the lease, if any). Bricks opened after a stop that was not clean serve
     /// none until the group has taken them out of sync (`unreported`).
-    in_sync: std::sync::Mutex<Option<std::collections::HashSet<BrickId>>>,
+    in_sync: std::sync::Mutex<Option<Standing>>,
     unreported: std::sync::Mutex<std::collections::HashSet<BrickId>>,
     /// Source of the tags this node gives the set mutations it orders as a primary.
     tags: AtomicU64,
@@ -290,10 +296,13 @@ impl BrickService {
             .map(|_| ())
     }
 
-    /// Takes the metadata group's word on which of this node's bricks are in sync.
-    pub fn set_standing(&self, in_sync: Vec<BrickId>) {
-        *self.in_sync.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(in_sync.into_iter().collect());
+    /// Takes the metadata group's word on which of this node's bricks are in sync, and which
+    /// volumes exist.
+    pub fn set_standing(&self, in_sync: Vec<BrickId>, volumes: Vec<brickfs_proto::VolumeId>) {
+        *self.in_sync.lock().unwrap_or_else(|p| p.into_inner()) = Some(Standing {
+            in_sync: in_sync.into_iter().collect(),
+            volumes: volumes.into_iter().collect(),
+        });
     }
 
     /// Bricks opened after an unclean stop that the metadata group has not been told of.
@@ -319,13 +328,13 @@ impl BrickService {
 
     /// Refuses a client read of a brick that is out of sync (or may have lost writes and is
     /// not reported yet): another member holds what the set acknowledged.
-    fn check_standing(&self, brick: BrickId) -> Result<(), ErrorBody> {
+    fn check_standing(&self, brick: BrickId, key: &ObjectKey) -> Result<(), ErrorBody> {
         let out = self
             .in_sync
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
-            .is_some_and(|s| !s.contains(&brick))
+            .is_some_and(|s| s.volumes.contains(&key.volume) && !s.in_sync.contains(&brick))
             || self
                 .unreported
                 .lock()
@@ -1545,7 +1554,7 @@ impl BrickService {
             Message::Read(req) => {
                 let brick = self.brick(req.brick)?;
                 if !req.repair {
-                    self.check_standing(req.brick)?;
+                    self.check_standing(req.brick, &req.key)?;
                 }
                 let (meta, bytes) = Self::blocking(brick, move |b| {
                     b.read(&req.key, req.offset_bytes, u64::from(req.len_bytes))

@@ -1046,14 +1046,16 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                 self.kv.put(keys::node(*node), enc(&n));
                 // The node learns which of its bricks are in sync: only they serve reads.
                 let mut in_sync = Vec::new();
+                let mut volumes = Vec::new();
                 for v in scan_all::<VolumeRecord>(self.kv, b"V")? {
+                    volumes.push(v.id);
                     for b in v.bricks.iter().filter(|b| b.node == *node) {
                         if v.sets.iter().any(|s| s.in_sync.contains(&b.brick)) {
                             in_sync.push(b.brick);
                         }
                     }
                 }
-                MetaReply::Standing { in_sync }
+                MetaReply::Standing { in_sync, volumes }
             }
             MetaOp::ReportRestart { node, bricks } => {
                 for mut v in scan_all::<VolumeRecord>(self.kv, b"V")? {

@@ -844,10 +844,12 @@ pub enum MetaReply {
         dropping: Vec<FileMove>,
     },
     Quotas(Vec<QuotaInfo>),
-    /// The answer to a heartbeat: the node's bricks that are in-sync members of a set; its
-    /// other bricks (out of sync, replaced, in no volume) serve no client reads.
+    /// The answer to a heartbeat: the node's bricks that are in-sync members of a set, and
+    /// the volumes that exist. A brick serves client reads of an existing volume's objects
+    /// only while it is an in-sync member (not out of sync, not replaced).
     Standing {
         in_sync: Vec<BrickId>,
+        volumes: Vec<VolumeId>,
     },
 }
 
