@@ -695,8 +695,8 @@ async fn must_have_identical_copies(vol: &VolumeClient) {
         for (key, _, _) in &listings[0] {
             let mut frags = Vec::new();
             for b in &set.members {
-                let (st, bytes) = bc.read(addr(*b), *b, *key, 0, u32::MAX).await.unwrap();
-                frags.push(((st.version.0, st.tag), bytes.to_vec()));
+                let (st, bytes) = must_read_object(&bc, addr(*b), *b, *key).await;
+                frags.push(((st.version.0, st.tag), bytes));
             }
             if rec.disperse_data == 0 {
                 for f in &frags[1..] {

@@ -126,28 +126,6 @@ async fn must_match_model(vol: &VolumeClient, seed: u64) {
 
 /// Every member of every replica set holds the same objects with the same versions and bytes;
 /// every member of a disperse set holds the same objects and versions, and any K decode alike.
-/// Reads a member's whole object; a brick that just rejoined its set refuses client reads
-/// until its node's next heartbeat (StaleEpoch), so that is waited out.
-async fn must_read_member(
-    bc: &brickfs_client::BrickClient,
-    addr: std::net::SocketAddr,
-    b: brickfs_proto::BrickId,
-    key: brickfs_proto::ObjectKey,
-) -> (brickfs_proto::msg::ObjectState, Bytes) {
-    must_wait_for(
-        "a member to serve reads",
-        Duration::from_secs(10),
-        || async move {
-            match bc.read(addr, b, key, 0, u32::MAX).await {
-                Ok(r) => Some(r),
-                Err(e) if e.code() == Some(ErrorCode::StaleEpoch) => None,
-                Err(e) => panic!("read {key} from {b}: {e}"),
-            }
-        },
-    )
-    .await
-}
-
 async fn must_have_identical_replicas(vol: &VolumeClient) {
     let rec = vol.record();
     let addr_of = |b| node_addr(rec, b);
@@ -173,8 +151,8 @@ async fn must_have_identical_replicas(vol: &VolumeClient) {
             for o in &objects {
                 let mut frags = Vec::new();
                 for b in &set.members {
-                    let (st, bytes) = must_read_member(&bc, addr_of(*b), *b, o.key).await;
-                    frags.push(Some((st.version.0, bytes.to_vec())));
+                    let (st, bytes) = must_read_object(&bc, addr_of(*b), *b, o.key).await;
+                    frags.push(Some((st.version.0, bytes)));
                 }
                 let f = brickfs_layout::DISPERSE_FRAGMENT_BYTES as usize;
                 let stripes = frags[0].as_ref().unwrap().1.len().div_ceil(f);
@@ -211,8 +189,8 @@ async fn must_have_identical_replicas(vol: &VolumeClient) {
                 "object lists of {first} and {other} differ"
             );
             for o in &objects {
-                let (_, a) = must_read_member(&bc, addr_of(first), first, o.key).await;
-                let (_, b) = must_read_member(&bc, addr_of(*other), *other, o.key).await;
+                let (_, a) = must_read_object(&bc, addr_of(first), first, o.key).await;
+                let (_, b) = must_read_object(&bc, addr_of(*other), *other, o.key).await;
                 assert!(a == b, "replicas of {} differ", o.key);
             }
         }
@@ -1202,31 +1180,8 @@ async fn objects_larger_than_a_frame_heal_after_a_member_missed_a_version() {
         let mut versions = Vec::new();
         for (i, b) in set.members.iter().enumerate() {
             let addr = node_addr(rec, *b);
-            let mut off = 0usize;
-            let mut got = Vec::with_capacity(expect[i].len());
-            loop {
-                let bc = &bc;
-                let (st, bytes) = must_wait_for(
-                    "a healed member to serve reads",
-                    Duration::from_secs(10),
-                    || async move {
-                        match bc.read(addr, *b, key, off as u64, 8 << 20).await {
-                            Ok(r) => Some(r),
-                            Err(e) if e.code() == Some(ErrorCode::StaleEpoch) => None,
-                            Err(e) => panic!("read from {b}: {e}"),
-                        }
-                    },
-                )
-                .await;
-                if off == 0 {
-                    versions.push((st.version, st.tag, st.len_bytes));
-                }
-                if bytes.is_empty() {
-                    break;
-                }
-                off += bytes.len();
-                got.extend_from_slice(&bytes);
-            }
+            let (st, got) = must_read_object(&bc, addr, *b, key).await;
+            versions.push((st.version, st.tag, st.len_bytes));
             assert_eq!(
                 got.len(),
                 expect[i].len(),

@@ -304,3 +304,38 @@ pub fn lock_range(typ: i32, start: i64, len: i64) -> nix::libc::flock {
         l_pid: 0,
     }
 }
+
+/// Reads a member's whole object straight from its brick, in parts of 8 MiB (objects may be
+/// larger than a frame). A brick that just rejoined its set refuses client reads until its
+/// node's next heartbeat (StaleEpoch): that is waited out, within 10 s. The state is the
+/// first part's.
+pub async fn must_read_object(
+    bc: &BrickClient,
+    addr: std::net::SocketAddr,
+    brick: BrickId,
+    key: ObjectKey,
+) -> (brickfs_proto::msg::ObjectState, Vec<u8>) {
+    let mut out = Vec::new();
+    let mut first = None;
+    loop {
+        let at = out.len() as u64;
+        let (st, bytes) = must_wait_for(
+            "a member to serve reads",
+            Duration::from_secs(10),
+            || async move {
+                match bc.read(addr, brick, key, at, 8 << 20).await {
+                    Ok(r) => Some(r),
+                    Err(e) if e.code() == Some(brickfs_proto::ErrorCode::StaleEpoch) => None,
+                    Err(e) => panic!("read {key} from {brick}: {e}"),
+                }
+            },
+        )
+        .await;
+        let state = *first.get_or_insert(st);
+        if bytes.is_empty() || out.len() as u64 + bytes.len() as u64 >= state.len_bytes {
+            out.extend_from_slice(&bytes);
+            return (state, out);
+        }
+        out.extend_from_slice(&bytes);
+    }
+}
