@@ -341,11 +341,16 @@ impl BrickStore {
         // A brick that was not closed cleanly (a crash, a kill, a power loss) may have lost
         // writes that were acknowledged but not synced: say so, until it is closed cleanly.
         let marker = root.join(RUNNING_MARKER);
-        let unclean = marker.exists();
-        File::create(&marker)
+        let mut unclean = marker.exists();
+        // A brick whose disk is full must still open (its set heals it once space returns):
+        // without a marker it counts as unclean now, and the next start cannot tell.
+        if let Err(e) = File::create(&marker)
             .and_then(|f| f.sync_all())
-            .map_err(|e| StoreError::io("create the running marker", &marker, e))?;
-        sync_dir(root)?;
+            .and_then(|()| File::open(root)?.sync_all())
+        {
+            tracing::warn!(brick = %id, error = %e, "could not write the running marker; treating this start as unclean");
+            unclean = true;
+        }
         Ok(BrickStore {
             id,
             unclean,
