@@ -50,21 +50,7 @@ mod tests {
             ino: 2,
             kind: FileType::RegularFile,
             name: name.into(),
-            attr: attr.then_some(Attr {
-                ino: brickfs_proto::Ino(2),
-                kind: brickfs_proto::meta::FileKind::File,
-                mode: 0,
-                uid: 0,
-                gid: 0,
-                size_bytes: 0,
-                atime_ns: 0,
-                mtime_ns: 0,
-                ctime_ns: 0,
-                nlink: 1,
-                rdev: 0,
-                group: 0,
-                unit_bytes: 0,
-            }),
+            attr: attr.then(|| crate::handles::tests::attr(2, 0)),
         }
     }
 

@@ -94,13 +94,14 @@ impl Handles {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use brickfs_client::FileHandle;
     use brickfs_proto::Ino;
     use brickfs_proto::meta::{Attr, FileKind};
 
-    fn attr(ino: u64, size: u64) -> Attr {
+    /// A regular file's attributes, for the tests of this crate.
+    pub(crate) fn attr(ino: u64, size: u64) -> Attr {
         Attr {
             ino: Ino(ino),
             kind: FileKind::File,

@@ -689,18 +689,18 @@ impl BrickService {
             .collect()
     }
 
-    /// What a brick this node serves holds of `key` (`(0, 0)` for nothing), checking the
-    /// set's epoch first.
+    /// What a brick this node serves holds of `key` (`(0, 0)` for nothing) and its length,
+    /// checking the set's epoch first.
     async fn held_here(
         own: &Arc<BrickStore>,
         set: SetRef,
         key: ObjectKey,
-    ) -> Result<Held, ErrorBody> {
+    ) -> Result<(Held, u64), ErrorBody> {
         Self::blocking(own.clone(), move |b| {
             b.fence(set.volume.0, set.set, set.epoch.0)?;
             match b.stat(&key) {
-                Ok(m) => Ok((m.version.0, m.tag)),
-                Err(StoreError::NotFound { .. }) => Ok((0, 0)),
+                Ok(m) => Ok(((m.version.0, m.tag), m.len_bytes)),
+                Err(StoreError::NotFound { .. }) => Ok(((0, 0), 0)),
                 Err(e) => Err(e),
             }
         })
@@ -763,7 +763,7 @@ impl BrickService {
         let k = u64::from(g.data_fragments);
         let sb = k * f;
         let (key, set) = (req.key, req.set);
-        let have = Self::held_here(own, set, key).await?;
+        let (have, old_frag_len) = Self::held_here(own, set, key).await?;
         let off = req.offset_bytes;
         let end = off
             .checked_add(data.len() as u64)
@@ -794,11 +794,6 @@ impl BrickService {
         // The stripes the write changes that exist now are kept as they are: should the write
         // reach fewer than K members, those that applied it get them back (`Undo`). An append
         // past the end reads at most the partial last stripe (which it needs anyway).
-        let old_frag_len = if have == (0, 0) {
-            0
-        } else {
-            Self::blocking(own.clone(), move |b| b.stat(&key).map(|m| m.len_bytes)).await?
-        };
         let kept_end = (last + 1).min(old_frag_len / f);
         let old_buf = if first < kept_end {
             self.read_stripes(g, codec, key, first, kept_end - first, f, have)
@@ -1171,7 +1166,7 @@ impl BrickService {
         self.disperse_mutation(&g, &codec, f, req.set, req.key, || async {
             let (key, set, sync) = (req.key, req.set, req.sync);
             let degraded = Self::degraded(&g);
-            let have = Self::held_here(&own, set, key).await?;
+            let (have, _) = Self::held_here(&own, set, key).await?;
             let version = ObjectVersion(have.0 + 1);
             let tag = self.new_tag();
             let takers = Self::takers(&g);

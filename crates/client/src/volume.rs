@@ -805,21 +805,32 @@ impl VolumeClient {
             self.check_quorum(index, set)?;
             let primary = set.primary;
             let addr = self.addr(primary)?;
-            let msg = Message::SetWrite(SetWrite {
-                brick: primary,
-                set: self.set_ref(index, set),
-                key: self.key(&fh.attr, column),
-                offset_bytes: 0,
-                sync: false,
-                members: self.others(set)?,
-                degraded: set.in_sync.len() < set.members.len(),
-            });
+            let msg = self.set_write(index, set, self.key(&fh.attr, column), 0)?;
             tasks.push(self.to_primary(primary, addr, msg, Bytes::new()));
         }
         for r in join_all(tasks).await {
             r?;
         }
         Ok(())
+    }
+
+    /// A replicated set's write of `key` at `offset_bytes`, to its primary.
+    fn set_write(
+        &self,
+        index: usize,
+        set: &SetState,
+        key: ObjectKey,
+        offset_bytes: u64,
+    ) -> Result<Message, VolumeError> {
+        Ok(Message::SetWrite(SetWrite {
+            brick: set.primary,
+            set: self.set_ref(index, set),
+            key,
+            offset_bytes,
+            sync: false,
+            members: self.others(set)?,
+            degraded: set.in_sync.len() < set.members.len(),
+        }))
     }
 
     async fn write_once(
@@ -852,15 +863,7 @@ impl VolumeClient {
                     geometry: self.disperse_geometry(set)?,
                 })
             } else {
-                Message::SetWrite(SetWrite {
-                    brick: primary,
-                    set: self.set_ref(index, set),
-                    key,
-                    offset_bytes: p.column_offset,
-                    sync: false,
-                    members: self.others(set)?,
-                    degraded: set.in_sync.len() < set.members.len(),
-                })
+                self.set_write(index, set, key, p.column_offset)?
             };
             tasks.push(self.to_primary(primary, addr, msg, chunk));
         }
