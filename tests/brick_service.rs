@@ -296,6 +296,14 @@ impl Disperse21 {
         let codec = ReedSolomonCodec::new(2, 1).unwrap();
         let frags = encode_stripes(&codec, data, FRAG as usize).unwrap();
         for &i in members {
+            // The dead primary's write followed what the member held.
+            let parent_tag = match client()
+                .stat(self.nodes[i].addr(), self.members[i].brick, k)
+                .await
+            {
+                Ok(st) => st.map_or(0, |st| st.tag),
+                Err(_) => 0,
+            };
             let msg = Message::MemberWrite(MemberWrite {
                 brick: self.members[i].brick,
                 set: self.set,
@@ -303,6 +311,7 @@ impl Disperse21 {
                 offset_bytes: 0,
                 version: ObjectVersion(version),
                 tag: 0xDEAD_0000 + version,
+                parent_tag,
                 sync: false,
                 degraded: false,
             });

@@ -281,16 +281,23 @@ async fn heartbeat(
                 }
             }
         }
+        let sent = std::time::Instant::now();
         match client
             .write_unsessioned(brickfs_proto::meta::MetaOp::Heartbeat { node })
             .await
         {
             Ok(reply) => {
                 // Which bricks are out of sync, before the lease lets reads through.
-                if let brickfs_proto::meta::MetaReply::Standing { in_sync, volumes } = reply {
+                if let brickfs_proto::meta::MetaReply::Standing {
+                    in_sync,
+                    volumes,
+                    epochs,
+                } = reply
+                {
+                    service.fence_epochs(&epochs).await;
                     service.set_standing(in_sync, volumes);
                 }
-                service.renew_lease();
+                service.renew_lease(sent);
                 if !acknowledged {
                     acknowledged = true;
                     tick = tokio::time::interval(HEARTBEAT_EVERY);

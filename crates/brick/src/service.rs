@@ -87,11 +87,6 @@ fn apply_replace(
     })
 }
 
-/// The most members a disperse geometry may name (the layout's `DISPERSE_MAX`).
-const DISPERSE_MEMBERS_MAX: usize = 64;
-/// The largest fragment a disperse geometry may name (volumes use 64 KiB).
-const DISPERSE_FRAGMENT_MAX: u64 = 64 << 10;
-
 /// The longest path accepted in a request.
 pub const PATH_MAX_BYTES: usize = 4096;
 
@@ -103,7 +98,9 @@ pub struct BrickService {
     /// The write lease: as a primary, this node orders set mutations only while the metadata
     /// group acknowledged its heartbeat within it (so a primary cut off from the group stops
     /// taking writes before the group gives its sets to others). `None`: no lease.
-    lease: std::sync::Mutex<Option<(std::time::Duration, Option<std::time::Instant>)>>,
+    lease: std::sync::Mutex<Option<brickfs_set::lease::Lease>>,
+    /// The origin of the lease's clock (milliseconds since it).
+    born: std::time::Instant,
     /// Connections to the other members of sets this node is primary for (forwards, reads).
     peers: Pool,
     /// The same, for whole-object copies (repairs and heals), which may take long.
@@ -124,6 +121,19 @@ pub struct BrickService {
 }
 
 const ORDERING_SHARDS: usize = 1024;
+
+/// A member's refusal of a forward (see `brickfs_set::Refusal`).
+type Refusal = brickfs_set::Refusal<ErrorBody>;
+
+/// A member's answer as a refusal: a refused version is a gap; anything else it answered
+/// means it did not apply.
+fn refusal(e: ErrorBody) -> Refusal {
+    if e.kind() == Some(ErrorCode::VersionGap) {
+        Refusal::Gap
+    } else {
+        Refusal::Failed(e)
+    }
+}
 
 /// What one copy of an object holds: `(version, tag)` (see `ObjectState`); `(0, 0)` is no
 /// object at all.
@@ -186,6 +196,7 @@ impl BrickService {
             bricks: bricks.into_iter().map(|b| (b.id(), b)).collect(),
             stopping: AtomicBool::new(false),
             lease: std::sync::Mutex::new(None),
+            born: std::time::Instant::now(),
             peers: Pool::new(ClientOptions {
                 peer_name: format!("primary {node}"),
                 // A member that cannot take a forward within this is as good as failed: the
@@ -296,6 +307,133 @@ impl BrickService {
             .map(|_| ())
     }
 
+    /// Orders one mutation of a replica set as its primary: runs the steps of
+    /// `brickfs_set::replica::Mutation` (apply to this node's copy as the next version,
+    /// forward it to the other in-sync members at exactly that version on top of the same
+    /// parent, send the whole copy to members that refuse the version), all under the
+    /// object's ordering lock.
+    #[allow(clippy::too_many_arguments)]
+    async fn replica_mutation(
+        &self,
+        brick: BrickId,
+        set: SetRef,
+        key: ObjectKey,
+        members: &[MemberRef],
+        mutation: Mutation,
+        sync: bool,
+        degraded: bool,
+    ) -> Result<crate::store::ObjectMeta, ErrorBody> {
+        use brickfs_set::replica::Step;
+        let own = self.brick(brick)?;
+        let _order = self.ordering_lock(&key).lock().await;
+        let (mut core, first) =
+            brickfs_set::replica::Mutation::start(members.len(), self.new_tag());
+        let Step::ApplyLocal(brickfs_set::member::Rule::Next { tag }) = first else {
+            unreachable!("a mutation starts with the primary's own copy")
+        };
+        let (forward, data) = match &mutation {
+            Mutation::Write { offset_bytes, data } => (Some(*offset_bytes), data.clone()),
+            Mutation::Truncate { .. } => (None, Bytes::new()),
+        };
+        let len_bytes = match &mutation {
+            Mutation::Truncate { len_bytes } => *len_bytes,
+            Mutation::Write { .. } => 0,
+        };
+        let rule = VersionRule::Next { tag };
+        let local = Self::apply_fenced(own.clone(), set, key, mutation, sync, rule, degraded).await;
+        let meta = local.as_ref().ok().map(|(m, _)| *m);
+        let mut steps = core.applied(local.map(|(m, parent)| ((m.version.0, m.tag), parent)));
+        loop {
+            let mut calls = Vec::new();
+            for step in steps.drain(..) {
+                match step {
+                    Step::Reply(r) => {
+                        return r.map(|_| meta.expect("a mutation acknowledged was applied"));
+                    }
+                    Step::ApplyLocal(_) => unreachable!("applied once"),
+                    Step::Forward { member, rule } => {
+                        let brickfs_set::member::Rule::Exactly {
+                            version,
+                            tag,
+                            parent,
+                        } = rule
+                        else {
+                            unreachable!("members apply exact versions")
+                        };
+                        let b = members[member].brick;
+                        let msg = match forward {
+                            Some(offset_bytes) => Message::MemberWrite(MemberWrite {
+                                brick: b,
+                                set,
+                                key,
+                                offset_bytes,
+                                version: ObjectVersion(version),
+                                tag,
+                                parent_tag: parent,
+                                sync,
+                                degraded,
+                            }),
+                            None => Message::MemberTruncate(MemberTruncate {
+                                brick: b,
+                                set,
+                                key,
+                                len_bytes,
+                                version: ObjectVersion(version),
+                                tag,
+                                parent_tag: parent,
+                                sync,
+                                degraded,
+                            }),
+                        };
+                        let data = data.clone();
+                        calls.push(Box::pin(async move {
+                            let r = self.forward(&members[member], msg, data).await;
+                            (member, Ok(r))
+                        })
+                            as std::pin::Pin<
+                                Box<dyn std::future::Future<Output = _> + Send + '_>,
+                            >);
+                    }
+                    Step::Replace { member, .. } => {
+                        let held = meta.expect("replaced after applied");
+                        let own = own.clone();
+                        calls.push(Box::pin(async move {
+                            let r = self
+                                .replace_on(&own, set, key, held, &members[member])
+                                .await;
+                            (member, Err(r))
+                        }));
+                    }
+                }
+            }
+            for (member, r) in join_all(calls).await {
+                let next = match r {
+                    Ok(forwarded) => core.forwarded(member, forwarded),
+                    Err(replaced) => core.replaced(member, replaced),
+                };
+                steps.extend(next);
+            }
+        }
+    }
+
+    /// Fences this node's bricks at their sets' current epochs (the group's word, see
+    /// `MetaReply::Standing`): a primary the group has moved on from then refuses writes at an
+    /// older epoch instead of ordering them (and sending its copy over newer ones).
+    pub async fn fence_epochs(
+        &self,
+        epochs: &[(BrickId, brickfs_proto::VolumeId, u32, brickfs_proto::Epoch)],
+    ) {
+        for &(brick, volume, set, epoch) in epochs {
+            let Some(b) = self.bricks.get(&brick).cloned() else {
+                continue;
+            };
+            let r = Self::blocking(b, move |b| b.fence(volume.0, set, epoch.0)).await;
+            if let Err(e) = r {
+                tracing::warn!(%brick, error = %e, "failed to fence a set's epoch");
+            }
+        }
+    }
+
     /// Takes the metadata group's word on which of this node's bricks are in sync, and which
     /// volumes exist.
     pub fn set_standing(&self, in_sync: Vec<BrickId>, volumes: Vec<brickfs_proto::VolumeId>) {
@@ -351,18 +489,26 @@ impl BrickService {
 
     /// Turns the write lease on, `length` long (see `lease`).
     pub fn enable_lease(&self, length: std::time::Duration) {
-        *self.lease.lock().unwrap_or_else(|p| p.into_inner()) = Some((length, None));
+        *self.lease.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(brickfs_set::lease::Lease::new(length.as_millis() as u64));
     }
 
-    /// The metadata group acknowledged a heartbeat: the lease runs from now.
-    pub fn renew_lease(&self) {
-        if let Some((_, at)) = self
+    fn lease_clock_ms(&self, at: std::time::Instant) -> u64 {
+        at.saturating_duration_since(self.born).as_millis() as u64
+    }
+
+    /// The metadata group acknowledged the heartbeat sent at `sent`: the lease runs from
+    /// then (not from the reply's arrival, which a paused process or a slow commit delays
+    /// past the moment the group may give this node's sets to others).
+    pub fn renew_lease(&self, sent: std::time::Instant) {
+        let at = self.lease_clock_ms(sent);
+        if let Some(l) = self
             .lease
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_mut()
         {
-            *at = Some(std::time::Instant::now());
+            l.acknowledged(at);
         }
     }
 
@@ -374,12 +520,14 @@ impl BrickService {
     /// Refuses a set mutation while the lease has lapsed (`Busy`: clients retry, and find the
     /// set's new primary once the group has moved it).
     fn check_lease(&self) -> Result<(), ErrorBody> {
+        let now = self.lease_clock_ms(std::time::Instant::now());
         match *self.lease.lock().unwrap_or_else(|p| p.into_inner()) {
-            Some((length, at)) if at.is_none_or(|t| t.elapsed() > length) => Err(ErrorBody::new(
+            Some(l) if !l.held(now) => Err(ErrorBody::new(
                 ErrorCode::Busy,
                 format!(
-                    "node {}'s lease has lapsed: the metadata group has not acknowledged it for {length:?}",
-                    self.node
+                    "node {}'s lease has lapsed: the metadata group has not acknowledged it for {} ms",
+                    self.node,
+                    l.length_ms()
                 ),
             )),
             _ => Ok(()),
@@ -440,9 +588,7 @@ impl BrickService {
         len: u64,
         from: CopyFrom<'_>,
     ) -> Result<u64, ErrorBody> {
-        let mut off = 0;
-        loop {
-            let n = REPLACE_PART_BYTES.min(len - off);
+        for (off, n) in brickfs_set::heal::parts(len, REPLACE_PART_BYTES) {
             let part = match &from {
                 CopyFrom::Local(own) => {
                     let (meta, bytes) =
@@ -461,11 +607,8 @@ impl BrickService {
                 }
             };
             self.install(m, set, key, held, off, len, part).await?;
-            off += n;
-            if off >= len {
-                return Ok(len);
-            }
         }
+        Ok(len)
     }
 
     /// Refuses new work from now on (requests already running finish).
@@ -533,7 +676,7 @@ impl BrickService {
         m: &MemberRef,
         w: MemberWrite,
         data: Bytes,
-    ) -> Result<(), ErrorBody> {
+    ) -> Result<(), Refusal> {
         if let Some(b) = self.bricks.get(&m.brick).cloned() {
             let m = Mutation::Write {
                 offset_bytes: w.offset_bytes,
@@ -542,14 +685,36 @@ impl BrickService {
             let rule = VersionRule::Exactly {
                 version: w.version,
                 tag: w.tag,
+                parent: w.parent_tag,
             };
             return Self::apply_fenced(b, w.set, w.key, m, w.sync, rule, w.degraded)
                 .await
-                .map(|_| ());
+                .map(|_| ())
+                .map_err(refusal);
         }
-        let msg = Message::MemberWrite(w);
-        self.fan_out(std::slice::from_ref(m), |_| msg.clone(), data)
-            .await
+        self.forward(m, Message::MemberWrite(w), data).await
+    }
+
+    /// Sends one member a forward: its refusal as the set's rules see it (a member that
+    /// answered no did not apply; one that did not answer may have).
+    async fn forward(&self, m: &MemberRef, msg: Message, data: Bytes) -> Result<(), Refusal> {
+        let addr: std::net::SocketAddr = m.addr.parse().map_err(|_| {
+            Refusal::Failed(ErrorBody::new(
+                ErrorCode::InvalidArgument,
+                format!("member {} has a bad address {:?}", m.brick, m.addr),
+            ))
+        })?;
+        match self.peers.call(addr, msg, data).await {
+            Ok(_) => Ok(()),
+            Err(RpcError::Remote(body)) => Err(refusal(ErrorBody::new(
+                body.kind().unwrap_or(ErrorCode::Io),
+                format!("member {} at {}: {}", m.brick, m.addr, body.detail),
+            ))),
+            Err(e) => Err(Refusal::Unknown(ErrorBody::new(
+                ErrorCode::Io,
+                format!("member {} at {}: {e}", m.brick, m.addr),
+            ))),
+        }
     }
 
     /// Whether a disperse set has members out of sync (its writes are journaled for them).
@@ -572,23 +737,8 @@ impl BrickService {
             g.parity_fragments as usize,
             u64::from(g.fragment_bytes),
         );
-        // Bounded by what a volume can be made with (at most 64 members, 64 KiB fragments),
-        // so that no request can make the primary allocate more than a few stripes of 4 MiB.
-        if g.members.len() != k + m
-            || k == 0
-            || k + m > DISPERSE_MEMBERS_MAX
-            || f == 0
-            || f > DISPERSE_FRAGMENT_MAX
-            || !f.is_power_of_two()
-        {
-            return Err(ErrorBody::new(
-                ErrorCode::InvalidArgument,
-                format!(
-                    "bad disperse geometry {k}+{m} x {f} with {} members",
-                    g.members.len()
-                ),
-            ));
-        }
+        brickfs_set::disperse::check_geometry(k, m, f, g.members.len())
+            .map_err(|e| ErrorBody::new(ErrorCode::InvalidArgument, e))?;
         if !g.members.iter().any(|x| x.brick == own) {
             return Err(ErrorBody::new(
                 ErrorCode::InvalidArgument,
@@ -775,26 +925,13 @@ impl BrickService {
                 tag: have.1,
             });
         }
-        let (first, last) = (off / sb, (end - 1) / sb);
+        let plan =
+            brickfs_set::disperse::plan_write(k, f, off, data.len() as u64, have, old_frag_len);
+        let (first, last, need, kept_end) = (plan.first, plan.last, plan.partial, plan.kept_end);
         let mut buf = vec![0u8; ((last - first + 1) * sb) as usize];
-        // Stripes the write covers only in part are read back first (read-modify-write).
-        let partial = |j: u64| !(off <= j * sb && (j + 1) * sb <= end);
-        let mut need = Vec::new();
-        if partial(first) {
-            need.push(first);
-        }
-        if last != first && partial(last) {
-            need.push(last);
-        }
-        // An object the primary has never written holds only zeros (members that hold a
-        // version of it refuse the write below, and the fragments are reconciled).
-        if have == (0, 0) {
-            need.clear();
-        }
         // The stripes the write changes that exist now are kept as they are: should the write
         // reach fewer than K members, those that applied it get them back (`Undo`). An append
         // past the end reads at most the partial last stripe (which it needs anyway).
-        let kept_end = (last + 1).min(old_frag_len / f);
         let old_buf = if first < kept_end {
             self.read_stripes(g, codec, key, first, kept_end - first, f, have)
                 .await?
@@ -839,6 +976,7 @@ impl BrickService {
                     offset_bytes: first * f,
                     version,
                     tag,
+                    parent_tag: have.1,
                     sync: req.sync,
                     degraded: Self::degraded(g),
                 };
@@ -865,11 +1003,11 @@ impl BrickService {
         })
     }
 
-    /// Settles a mutation's fan-out to the takers: any failure but a refused version fails
-    /// it; members that refused the version (they missed an earlier one, or hold another
-    /// write's) get their whole fragment object rebuilt at the new version from the members
-    /// that applied it — if at least K did, else the fragments are left to be reconciled
-    /// (`VersionGap`).
+    /// Settles a mutation's fan-out to the takers, as `brickfs_set::disperse::settle`
+    /// decides: acknowledge; roll back the members that applied it when fewer than K did
+    /// (counting those that did not answer) and fail; or rebuild the members that refused the
+    /// version from those that applied it, when at least K did (`VersionGap`, so that the
+    /// caller reconciles, when fewer did).
     #[allow(clippy::too_many_arguments)]
     async fn settle(
         &self,
@@ -880,69 +1018,67 @@ impl BrickService {
         key: ObjectKey,
         wrote: Held,
         takers: Vec<(usize, &MemberRef)>,
-        results: Vec<Result<(), ErrorBody>>,
+        results: Vec<Result<(), Refusal>>,
         undo: Option<&Undo>,
     ) -> Result<(), ErrorBody> {
-        let mut applied = Vec::new();
-        let mut refused = Vec::new();
-        let mut failed = None;
-        for ((i, m), r) in takers.into_iter().zip(results) {
-            match r {
-                Ok(()) => applied.push((i, m)),
-                Err(e) if e.kind() == Some(ErrorCode::VersionGap) => refused.push((i, m)),
-                Err(e) => {
-                    failed.get_or_insert(e);
-                }
-            }
-        }
-        let k = g.data_fragments as usize;
-        // Fewer than K hold the new version: neither it nor the old one would decode. The
-        // members that applied it go back to the old one, which the others still hold.
-        if (failed.is_some() || !refused.is_empty())
-            && applied.len() < k
-            && let Some(u) = undo
-        {
-            self.roll_back(set, key, wrote, u, &applied).await;
-        }
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        if refused.is_empty() {
-            return Ok(());
-        }
-        if applied.len() < k {
-            return Err(ErrorBody::new(
-                ErrorCode::VersionGap,
-                format!(
-                    "version {} of {key} was applied by {} members, fewer than the {} data fragments",
-                    wrote.0,
-                    applied.len(),
-                    g.data_fragments
-                ),
-            ));
-        }
-        let mut from = g.clone();
-        from.in_sync = applied.iter().map(|(_, m)| m.brick).collect();
-        let frag_len = match self.stat_member(applied[0].1, key).await {
-            Some((h, len)) if h == wrote => len,
-            _ => {
-                return Err(ErrorBody::new(
-                    ErrorCode::Busy,
-                    format!("{key} moved on from version {} during a repair", wrote.0),
-                ));
-            }
+        use brickfs_set::disperse::Settle;
+        let member = |i: usize| {
+            takers
+                .iter()
+                .find(|(j, _)| *j == i)
+                .map(|(j, m)| (*j, *m))
+                .expect("an index of a taker")
         };
-        for (i, m) in refused {
-            tracing::info!(%key, member = %m.brick, version = wrote.0, bytes = frag_len, "member missed or forked a version; sending its whole fragment");
-            let from = CopyFrom::Rebuild {
-                g: &from,
-                codec,
-                f,
-                index: i,
-            };
-            self.copy_object(m, set, key, wrote, frag_len, from).await?;
+        let outcomes = takers.iter().map(|(i, _)| *i).zip(results).collect();
+        let k = g.data_fragments as usize;
+        match brickfs_set::disperse::settle(k, outcomes, undo.is_some()) {
+            Settle::Ack => Ok(()),
+            Settle::Fail { roll_back, error } => {
+                if let Some(u) = undo {
+                    let applied: Vec<_> = roll_back.into_iter().map(member).collect();
+                    self.roll_back(set, key, wrote, u, &applied).await;
+                }
+                Err(error)
+            }
+            Settle::Reconcile { roll_back } => {
+                let applied: Vec<_> = roll_back.iter().copied().map(member).collect();
+                if let Some(u) = undo {
+                    self.roll_back(set, key, wrote, u, &applied).await;
+                }
+                Err(ErrorBody::new(
+                    ErrorCode::VersionGap,
+                    format!(
+                        "version {} of {key} was applied by fewer than the {k} data fragments",
+                        wrote.0
+                    ),
+                ))
+            }
+            Settle::Repair { from, to, error } => {
+                let mut source = g.clone();
+                source.in_sync = from.iter().map(|i| member(*i).1.brick).collect();
+                let frag_len = match self.stat_member(member(from[0]).1, key).await {
+                    Some((h, len)) if h == wrote => len,
+                    _ => {
+                        return Err(ErrorBody::new(
+                            ErrorCode::Busy,
+                            format!("{key} moved on from version {} during a repair", wrote.0),
+                        ));
+                    }
+                };
+                for i in to {
+                    let m = member(i).1;
+                    tracing::info!(%key, member = %m.brick, version = wrote.0, bytes = frag_len, "member missed or forked a version; sending its whole fragment");
+                    let from = CopyFrom::Rebuild {
+                        g: &source,
+                        codec,
+                        f,
+                        index: i,
+                    };
+                    self.copy_object(m, set, key, wrote, frag_len, from).await?;
+                }
+                error.map_or(Ok(()), Err)
+            }
         }
-        Ok(())
     }
 
     /// Takes the members that applied version `wrote` of `key` back to what `undo` saved
@@ -1094,45 +1230,38 @@ impl BrickService {
                 .collect(),
         )
         .await;
-        let mut counts: std::collections::BTreeMap<Held, (usize, u64)> = Default::default();
-        for (h, len) in stats.iter().flatten() {
-            let e = counts.entry(*h).or_default();
-            e.0 += 1;
-            e.1 = e.1.max(*len);
-        }
+        let indexed: Vec<(usize, Option<(Held, u64)>)> = takers
+            .iter()
+            .map(|(i, _)| *i)
+            .zip(stats.iter().copied())
+            .collect();
         let k = g.data_fragments as usize;
-        let Some((&held, &(_, frag_len))) = counts.iter().rev().find(|(_, (n, _))| *n >= k) else {
+        let Some(r) = brickfs_set::disperse::reconcile(k, &indexed) else {
             return Err(ErrorBody::new(
                 ErrorCode::ReadOnly,
                 format!(
-                    "the fragments of {key} disagree and no version is held by {k} members: it cannot be decoded until healed ({counts:?})"
+                    "the fragments of {key} disagree and no version is held by {k} members: it cannot be decoded until healed ({indexed:?})"
                 ),
             ));
         };
         let mut from = g.clone();
-        from.in_sync = takers
-            .iter()
-            .zip(&stats)
-            .filter(|(_, st)| st.is_some_and(|(h, _)| h == held))
-            .map(|((_, m), _)| m.brick)
-            .collect();
-        for ((i, m), st) in takers.iter().zip(&stats) {
-            match st {
-                Some((h, _)) if *h == held => continue,
-                None => continue,
-                Some(_) => {}
-            }
-            tracing::warn!(%key, member = %m.brick, was = ?st, now = ?held, "reconciling a fragment the others disagree with");
-            if held == (0, 0) {
-                self.install(m, set, key, held, 0, 0, Bytes::new()).await?;
+        from.in_sync = r.sources.iter().map(|i| g.members[*i].brick).collect();
+        for i in r.fix {
+            let m = &g.members[i];
+            let was = indexed.iter().find(|(j, _)| *j == i).and_then(|(_, s)| *s);
+            tracing::warn!(%key, member = %m.brick, ?was, now = ?r.held, "reconciling a fragment the others disagree with");
+            if r.held == (0, 0) {
+                self.install(m, set, key, r.held, 0, 0, Bytes::new())
+                    .await?;
             } else {
                 let from = CopyFrom::Rebuild {
                     g: &from,
                     codec,
                     f,
-                    index: *i,
+                    index: i,
                 };
-                self.copy_object(m, set, key, held, frag_len, from).await?;
+                self.copy_object(m, set, key, r.held, r.frag_len, from)
+                    .await?;
             }
         }
         Ok(())
@@ -1179,10 +1308,15 @@ impl BrickService {
                             let m = Mutation::Truncate {
                                 len_bytes: frag_len,
                             };
-                            let rule = VersionRule::Exactly { version, tag };
+                            let rule = VersionRule::Exactly {
+                                version,
+                                tag,
+                                parent: have.1,
+                            };
                             return Self::apply_fenced(b, set, key, m, sync, rule, degraded)
                                 .await
-                                .map(|_| ());
+                                .map(|_| ())
+                                .map_err(refusal);
                         }
                         let msg = Message::MemberTruncate(MemberTruncate {
                             brick: m.brick,
@@ -1191,11 +1325,11 @@ impl BrickService {
                             len_bytes: frag_len,
                             version,
                             tag,
+                            parent_tag: have.1,
                             sync,
                             degraded,
                         });
-                        self.fan_out(std::slice::from_ref(&m), |_| msg.clone(), Bytes::new())
-                            .await
+                        self.forward(&m, msg, Bytes::new()).await
                     }
                 })
                 .collect();
@@ -1420,7 +1554,8 @@ impl BrickService {
     /// Applies a mutation to a brick this node serves under a set's epoch: fence first (an
     /// older epoch is refused, a newer one recorded), then journal the object if the set is
     /// `degraded` (or forget the set's journal: every member is in sync at this epoch), then
-    /// write or truncate under `rule`.
+    /// write or truncate under `rule`. The object's state after, and the tag it held before
+    /// (the parent of the version made).
     #[allow(clippy::too_many_arguments)]
     async fn apply_fenced(
         brick: Arc<BrickStore>,
@@ -1430,7 +1565,7 @@ impl BrickService {
         sync: bool,
         rule: VersionRule,
         degraded: bool,
-    ) -> Result<crate::store::ObjectMeta, ErrorBody> {
+    ) -> Result<(crate::store::ObjectMeta, u64), ErrorBody> {
         Self::blocking(brick, move |b| {
             b.fence(set.volume.0, set.set, set.epoch.0)?;
             if degraded {
@@ -1438,14 +1573,20 @@ impl BrickService {
             } else {
                 b.journal_forget(set.volume.0, set.set)?;
             }
-            match mutation {
+            let parent = match b.stat(&key) {
+                Ok(m) => m.tag,
+                Err(StoreError::NotFound { .. }) => 0,
+                Err(e) => return Err(e),
+            };
+            let meta = match mutation {
                 Mutation::Write { offset_bytes, data } => {
                     b.write_versioned(&key, offset_bytes, &data, sync, rule)
                 }
                 Mutation::Truncate { len_bytes } => {
                     b.truncate_versioned(&key, len_bytes, sync, rule)
                 }
-            }
+            }?;
+            Ok((meta, parent))
         })
         .await
     }
@@ -1460,11 +1601,17 @@ impl BrickService {
         key: ObjectKey,
         mutation: Mutation,
         sync: bool,
-        (version, tag): (ObjectVersion, u64),
+        (version, tag, parent): (ObjectVersion, u64, u64),
         degraded: bool,
     ) -> Result<crate::store::ObjectMeta, ErrorBody> {
-        let rule = VersionRule::Exactly { version, tag };
-        Self::apply_fenced(self.brick(brick)?, set, key, mutation, sync, rule, degraded).await
+        let rule = VersionRule::Exactly {
+            version,
+            tag,
+            parent,
+        };
+        Self::apply_fenced(self.brick(brick)?, set, key, mutation, sync, rule, degraded)
+            .await
+            .map(|(meta, _)| meta)
     }
 
     fn info(brick: &BrickStore) -> BrickInfo {
@@ -1613,65 +1760,37 @@ impl BrickService {
                 )
             }
             Message::SetWrite(req) => {
-                let brick = self.brick(req.brick)?;
-                let set = req.set;
-                let _order = self.ordering_lock(&req.key).lock().await;
-                let key = req.key;
                 let m = Mutation::Write {
                     offset_bytes: req.offset_bytes,
                     data: data.clone(),
                 };
-                let rule = VersionRule::Next {
-                    tag: self.new_tag(),
-                };
-                let meta =
-                    Self::apply_fenced(brick.clone(), set, key, m, req.sync, rule, req.degraded)
-                        .await?;
-                let make = |b| {
-                    Message::MemberWrite(MemberWrite {
-                        brick: b,
-                        set,
-                        key,
-                        offset_bytes: req.offset_bytes,
-                        version: meta.version,
-                        tag: meta.tag,
-                        sync: req.sync,
-                        degraded: req.degraded,
-                    })
-                };
-                let repair = Some((&brick, set, key, meta));
-                self.fan_out_repairing(&req.members, make, data, repair)
+                let meta = self
+                    .replica_mutation(
+                        req.brick,
+                        req.set,
+                        req.key,
+                        &req.members,
+                        m,
+                        req.sync,
+                        req.degraded,
+                    )
                     .await?;
                 (Message::Written(state(meta)), none)
             }
             Message::SetTruncate(req) => {
-                let brick = self.brick(req.brick)?;
-                let set = req.set;
-                let _order = self.ordering_lock(&req.key).lock().await;
-                let key = req.key;
                 let m = Mutation::Truncate {
                     len_bytes: req.len_bytes,
                 };
-                let rule = VersionRule::Next {
-                    tag: self.new_tag(),
-                };
-                let meta =
-                    Self::apply_fenced(brick.clone(), set, key, m, req.sync, rule, req.degraded)
-                        .await?;
-                let make = |b| {
-                    Message::MemberTruncate(MemberTruncate {
-                        brick: b,
-                        set,
-                        key,
-                        len_bytes: req.len_bytes,
-                        version: meta.version,
-                        tag: meta.tag,
-                        sync: req.sync,
-                        degraded: req.degraded,
-                    })
-                };
-                let repair = Some((&brick, set, key, meta));
-                self.fan_out_repairing(&req.members, make, Bytes::new(), repair)
+                let meta = self
+                    .replica_mutation(
+                        req.brick,
+                        req.set,
+                        req.key,
+                        &req.members,
+                        m,
+                        req.sync,
+                        req.degraded,
+                    )
                     .await?;
                 (Message::Truncated(state(meta)), none)
             }
@@ -1695,7 +1814,7 @@ impl BrickService {
                         req.key,
                         m,
                         req.sync,
-                        (req.version, req.tag),
+                        (req.version, req.tag, req.parent_tag),
                         req.degraded,
                     )
                     .await?;
@@ -1773,7 +1892,7 @@ impl BrickService {
                         req.key,
                         m,
                         req.sync,
-                        (req.version, req.tag),
+                        (req.version, req.tag, req.parent_tag),
                         req.degraded,
                     )
                     .await?;

@@ -59,11 +59,34 @@ pub enum VersionRule {
     /// The next one, written by the mutation tagged `tag` (a brick used on its own, or a set's
     /// primary).
     Next { tag: u64 },
-    /// Exactly `version`, which must follow the version held; if the object already holds it
-    /// from the same mutation (`tag`), the mutation is a retry and is acknowledged without
-    /// applying it again. The same version from another mutation (a fork: a primary that lost
-    /// its own copy of a write its members applied, or a deposed primary) is refused as a gap.
-    Exactly { version: ObjectVersion, tag: u64 },
+    /// Exactly `version`, which must follow the version held *as made by mutation `parent`*
+    /// (what the primary held before); if the object already holds it from the same mutation
+    /// (`tag`), the mutation is a retry and is acknowledged without applying it again. Anything
+    /// else (a fork: a deposed primary's write, a copy that missed versions) is refused as a
+    /// gap, so a member never applies a mutation to a copy that differs from the primary's
+    /// (see `brickfs_set::member::check`).
+    Exactly {
+        version: ObjectVersion,
+        tag: u64,
+        parent: u64,
+    },
+}
+
+impl VersionRule {
+    fn core(self) -> brickfs_set::member::Rule {
+        match self {
+            VersionRule::Next { tag } => brickfs_set::member::Rule::Next { tag },
+            VersionRule::Exactly {
+                version,
+                tag,
+                parent,
+            } => brickfs_set::member::Rule::Exactly {
+                version: version.0,
+                tag,
+                parent,
+            },
+        }
+    }
 }
 
 /// Version, length and writer of an object. `tag` names the mutation that produced `version`
@@ -687,28 +710,20 @@ impl BrickStore {
         old: Option<ObjectMeta>,
         rule: VersionRule,
     ) -> Result<Option<ObjectMeta>, StoreError> {
-        let have = old.map_or(0, |m| m.version.0);
-        let held_tag = old.map_or(0, |m| m.tag);
-        match rule {
-            VersionRule::Next { .. } => Ok(None),
-            VersionRule::Exactly { version, tag }
-                if version.0 == have && have > 0 && tag == held_tag =>
-            {
-                Ok(old)
-            }
-            VersionRule::Exactly { version, .. } if version.0 == have + 1 => Ok(None),
-            VersionRule::Exactly { version, .. } => Err(StoreError::VersionGap {
+        let held = old.map_or(brickfs_set::ABSENT, |m| (m.version.0, m.tag));
+        match brickfs_set::member::check(held, rule.core()) {
+            Ok(brickfs_set::member::Verdict::Retry) => Ok(old),
+            Ok(brickfs_set::member::Verdict::Apply(_)) => Ok(None),
+            Err(g) => Err(StoreError::VersionGap {
                 key: *key,
-                have,
-                want: version.0,
+                have: g.have.0,
+                want: g.want,
             }),
         }
     }
 
     fn rule_tag(rule: VersionRule) -> u64 {
-        match rule {
-            VersionRule::Next { tag } | VersionRule::Exactly { tag, .. } => tag,
-        }
+        rule.core().tag()
     }
 
     /// [`BrickStore::write`] under a version rule.
@@ -937,16 +952,17 @@ impl BrickStore {
         data: &[u8],
     ) -> Result<Option<ObjectMeta>, StoreError> {
         let held = self.get_meta(key)?;
-        let have = held.map_or((ObjectVersion(0), 0), |m| (m.version, m.tag));
-        if have == (to.version, to.tag) {
-            return Ok(held);
-        }
-        if have != from {
-            return Err(StoreError::VersionGap {
-                key: *key,
-                have: have.0.0,
-                want: from.0.0,
-            });
+        let have = held.map_or(brickfs_set::ABSENT, |m| (m.version.0, m.tag));
+        match brickfs_set::member::rollback(have, (from.0.0, from.1), (to.version.0, to.tag)) {
+            Ok(brickfs_set::member::Undo::Done) => return Ok(held),
+            Ok(brickfs_set::member::Undo::Apply) => {}
+            Err(g) => {
+                return Err(StoreError::VersionGap {
+                    key: *key,
+                    have: g.have.0,
+                    want: g.want,
+                });
+            }
         }
         if to.version.0 == 0 {
             self.delete(key)?;
@@ -1229,15 +1245,14 @@ impl BrickStore {
             ),
             None => 0,
         };
-        if epoch < have {
-            return Err(StoreError::StaleEpoch {
+        let fence =
+            brickfs_set::member::fence(have, epoch).map_err(|s| StoreError::StaleEpoch {
                 volume,
                 set,
-                have,
-                got: epoch,
-            });
-        }
-        if epoch > have {
+                have: s.have,
+                got: s.got,
+            })?;
+        if let brickfs_set::member::Fence::Record(epoch) = fence {
             let mut wo = WriteOptions::default();
             wo.set_sync(true);
             self.db.put_opt(&key, epoch.to_le_bytes(), &wo)?;
@@ -1591,6 +1606,7 @@ mod tests {
         let v = |n| VersionRule::Exactly {
             version: ObjectVersion(n),
             tag: 100 + n,
+            parent: if n == 1 { 0 } else { 100 + n - 1 },
         };
         store.write_versioned(&k, 0, b"aaaa", false, v(1)).unwrap();
         assert!(matches!(
@@ -1610,6 +1626,7 @@ mod tests {
         let fork = VersionRule::Exactly {
             version: ObjectVersion(2),
             tag: 7,
+            parent: 101,
         };
         assert!(matches!(
             store.write_versioned(&k, 0, b"zz", false, fork),
@@ -1620,6 +1637,20 @@ mod tests {
             })
         ));
         assert_eq!(&store.read(&k, 0, 4).unwrap().1[..], b"bbaa");
+        // Version 3 on top of another mutation's version 2 (a fork the member holds): a gap.
+        let other_parent = VersionRule::Exactly {
+            version: ObjectVersion(3),
+            tag: 103,
+            parent: 9,
+        };
+        assert!(matches!(
+            store.truncate_versioned(&k, 1, false, other_parent),
+            Err(StoreError::VersionGap {
+                have: 2,
+                want: 3,
+                ..
+            })
+        ));
         store.truncate_versioned(&k, 1, false, v(3)).unwrap();
         let st = store.stat(&k).unwrap();
         assert_eq!((st.len_bytes, st.tag), (1, 103));

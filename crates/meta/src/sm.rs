@@ -1047,15 +1047,25 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                 // The node learns which of its bricks are in sync: only they serve reads.
                 let mut in_sync = Vec::new();
                 let mut volumes = Vec::new();
+                let mut epochs = Vec::new();
                 for v in scan_all::<VolumeRecord>(self.kv, b"V")? {
                     volumes.push(v.id);
                     for b in v.bricks.iter().filter(|b| b.node == *node) {
                         if v.sets.iter().any(|s| s.in_sync.contains(&b.brick)) {
                             in_sync.push(b.brick);
                         }
+                        for (i, s) in v.sets.iter().enumerate() {
+                            if s.members.contains(&b.brick) {
+                                epochs.push((b.brick, v.id, i as u32, s.epoch));
+                            }
+                        }
                     }
                 }
-                MetaReply::Standing { in_sync, volumes }
+                MetaReply::Standing {
+                    in_sync,
+                    volumes,
+                    epochs,
+                }
             }
             MetaOp::ReportRestart { node, bricks } => {
                 for mut v in scan_all::<VolumeRecord>(self.kv, b"V")? {

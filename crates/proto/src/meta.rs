@@ -847,9 +847,14 @@ pub enum MetaReply {
     /// The answer to a heartbeat: the node's bricks that are in-sync members of a set, and
     /// the volumes that exist. A brick serves client reads of an existing volume's objects
     /// only while it is an in-sync member (not out of sync, not replaced).
+    ///
+    /// `epochs` names each set one of the node's bricks is a member of, at its current epoch:
+    /// the node fences its bricks at it, so that a primary the group has moved on from (a
+    /// restarted or resumed node) refuses writes of clients that still see the old epoch.
     Standing {
         in_sync: Vec<BrickId>,
         volumes: Vec<VolumeId>,
+        epochs: Vec<(BrickId, VolumeId, u32, Epoch)>,
     },
 }
 

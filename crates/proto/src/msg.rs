@@ -284,6 +284,9 @@ pub struct MemberWrite {
     pub offset_bytes: u64,
     pub version: ObjectVersion,
     pub tag: u64,
+    /// The tag of the version before `version` on the primary: the member applies only on
+    /// top of exactly that (else `VersionGap`, and the primary sends its whole copy).
+    pub parent_tag: u64,
     pub sync: bool,
     /// The set has members out of sync: the member journals the object for their heal (and
     /// otherwise forgets what it journaled for the set: everyone is in sync).
@@ -298,6 +301,9 @@ pub struct MemberTruncate {
     pub len_bytes: u64,
     pub version: ObjectVersion,
     pub tag: u64,
+    /// The tag of the version before `version` on the primary: the member applies only on
+    /// top of exactly that (else `VersionGap`, and the primary sends its whole copy).
+    pub parent_tag: u64,
     pub sync: bool,
     /// The set has members out of sync: the member journals the object for their heal (and
     /// otherwise forgets what it journaled for the set: everyone is in sync).
