@@ -142,8 +142,8 @@ async fn bad_frames_get_errors_and_the_daemon_keeps_serving() {
     // A Hello for versions this node does not speak.
     let mut s = connect(addr);
     let hello = Message::Hello(Hello {
-        version_min: 7,
-        version_max: 9,
+        version_min: PROTOCOL_VERSION + 1,
+        version_max: PROTOCOL_VERSION + 3,
         peer_name: "future".into(),
         nonce: Vec::new(),
     });
