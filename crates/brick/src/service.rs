@@ -245,68 +245,6 @@ impl BrickService {
         &self.ordering[h as usize % ORDERING_SHARDS]
     }
 
-    /// Sends one forward to every member at once; the first failure names its member.
-    async fn fan_out(
-        &self,
-        members: &[MemberRef],
-        make: impl Fn(BrickId) -> Message,
-        data: Bytes,
-    ) -> Result<(), ErrorBody> {
-        self.fan_out_repairing(members, make, data, None).await
-    }
-
-    /// As `fan_out`; with `repair` (the primary's replica, the set and object, and the version
-    /// just applied), a member that refuses with a version gap — it missed an earlier version,
-    /// say when a fan-out was cut by a failure — gets the primary's whole object at that
-    /// version instead. Runs under the object's ordering lock.
-    async fn fan_out_repairing(
-        &self,
-        members: &[MemberRef],
-        make: impl Fn(BrickId) -> Message,
-        data: Bytes,
-        repair: Option<(
-            &Arc<BrickStore>,
-            SetRef,
-            ObjectKey,
-            crate::store::ObjectMeta,
-        )>,
-    ) -> Result<(), ErrorBody> {
-        let calls = members.iter().map(|m| {
-            let msg = make(m.brick);
-            let data = data.clone();
-            async move {
-                let addr: std::net::SocketAddr = m.addr.parse().map_err(|_| {
-                    ErrorBody::new(
-                        ErrorCode::InvalidArgument,
-                        format!("member {} has a bad address {:?}", m.brick, m.addr),
-                    )
-                })?;
-                match self.peers.call(addr, msg, data).await {
-                    Ok(_) => Ok(()),
-                    Err(RpcError::Remote(body))
-                        if body.kind() == Some(ErrorCode::VersionGap) && repair.is_some() =>
-                    {
-                        let (own, set, key, held) = repair.expect("checked");
-                        self.replace_on(own, set, key, held, m).await
-                    }
-                    Err(RpcError::Remote(body)) => Err(ErrorBody::new(
-                        body.kind().unwrap_or(ErrorCode::Io),
-                        format!("member {} at {}: {}", m.brick, m.addr, body.detail),
-                    )),
-                    Err(e) => Err(ErrorBody::new(
-                        ErrorCode::Io,
-                        format!("member {} at {}: {e}", m.brick, m.addr),
-                    )),
-                }
-            }
-        });
-        let results = join_all(calls.collect()).await;
-        results
-            .into_iter()
-            .collect::<Result<Vec<()>, _>>()
-            .map(|_| ())
-    }
-
     /// Orders one mutation of a replica set as its primary: runs the steps of
     /// `brickfs_set::replica::Mutation` (apply to this node's copy as the next version,
     /// forward it to the other in-sync members at exactly that version on top of the same
@@ -1119,8 +1057,15 @@ impl BrickService {
                         len_bytes: to.len_bytes,
                         offset_bytes: undo.offset_bytes,
                     });
-                    self.fan_out(std::slice::from_ref(*m), |_| msg.clone(), Bytes::from(data))
+                    self.forward(m, msg, Bytes::from(data))
                         .await
+                        .map_err(|r| match r {
+                            brickfs_set::Refusal::Gap => ErrorBody::new(
+                                ErrorCode::VersionGap,
+                                format!("member {} holds another version", m.brick),
+                            ),
+                            brickfs_set::Refusal::Failed(e) | brickfs_set::Refusal::Unknown(e) => e,
+                        })
                 };
                 match r {
                     Ok(()) => tracing::warn!(%key, member = %m.brick, from = wrote.0, to = undo.to.0, "a write that reached fewer than K members was rolled back"),

@@ -198,14 +198,11 @@ enum Op {
         req: Request,
         m: Mutation<String>,
         members: Vec<usize>,
-        rule: Option<Rule>,
-        made: Held,
     },
     Disperse {
         req: Request,
         takers: Vec<usize>,
         wrote: Held,
-        len: u64,
         undo: Undo,
         outcomes: Vec<(usize, Result<(), Refusal<String>>)>,
         attempt: u32,
@@ -471,6 +468,17 @@ impl Sim {
             || !self.group.in_sync[node]
     }
 
+    fn deliver_in(&mut self, delay: u64, to: Dest, msg: Msg, incarnation: u64) {
+        self.at(
+            delay,
+            Ev::Deliver {
+                to,
+                msg,
+                incarnation,
+            },
+        );
+    }
+
     fn send(&mut self, to: Dest, msg: Msg) {
         let incarnation = match to {
             Dest::Node(n) => self.nodes[n].incarnation,
@@ -478,14 +486,7 @@ impl Sim {
         };
         if !self.faults {
             let d = 1 + self.rng.below(5);
-            self.at(
-                d,
-                Ev::Deliver {
-                    to,
-                    msg,
-                    incarnation,
-                },
-            );
+            self.deliver_in(d, to, msg, incarnation);
             return;
         }
         if self.rng.chance(2) {
@@ -500,14 +501,7 @@ impl Sim {
             } else {
                 1 + self.rng.below(30)
             };
-            self.at(
-                delay,
-                Ev::Deliver {
-                    to,
-                    msg: msg.clone(),
-                    incarnation,
-                },
-            );
+            self.deliver_in(delay, to, msg.clone(), incarnation);
         }
     }
 
@@ -867,6 +861,14 @@ impl Sim {
         }
     }
 
+    /// What member `t` holds of `key`: version and bytes (`ABSENT` and none for nothing).
+    fn copy_of(&self, t: usize, key: u64) -> (Held, Vec<u8>) {
+        self.nodes[t]
+            .vol
+            .get(&key)
+            .map_or((ABSENT, Vec::new()), |o| (o.held, o.bytes.clone()))
+    }
+
     fn held(&self, n: usize, key: u64) -> Held {
         self.nodes[n].vol.get(&key).map_or(ABSENT, |o| o.held)
     }
@@ -977,14 +979,7 @@ impl Sim {
                 if self.nodes[n].paused_until > self.now {
                     // A stopped process reads its socket when it runs again.
                     let d = self.nodes[n].paused_until - self.now;
-                    self.at(
-                        d,
-                        Ev::Deliver {
-                            to,
-                            msg,
-                            incarnation,
-                        },
-                    );
+                    self.deliver_in(d, to, msg, incarnation);
                     return;
                 }
                 if self.nodes[n].cut_until > self.now {
@@ -1131,36 +1126,20 @@ impl Sim {
             Refusal::Gap => "gap".to_string(),
             Refusal::Failed(e) | Refusal::Unknown(e) => e,
         }));
-        let made = self.held(n, req.key);
-        self.nodes[n].ops.insert(
-            op,
-            Op::Replica {
-                req,
-                m,
-                members,
-                rule: None,
-                made,
-            },
-        );
+        self.nodes[n]
+            .ops
+            .insert(op, Op::Replica { req, m, members });
         self.replica_steps(n, op, steps);
     }
 
     fn replica_steps(&mut self, n: usize, op: u64, steps: Vec<Step<String>>) {
         for s in steps {
-            let Some(Op::Replica {
-                req,
-                m,
-                members,
-                rule: kept,
-                made,
-            }) = self.nodes[n].ops.get_mut(&op)
-            else {
+            let Some(Op::Replica { req, members, .. }) = self.nodes[n].ops.get_mut(&op) else {
                 return;
             };
             match s {
                 Step::ApplyLocal(_) => unreachable!("applied once"),
                 Step::Forward { member, rule } => {
-                    *kept = Some(rule);
                     let (to, key, change, epoch) =
                         (members[member], req.key, req.change.clone(), req.epoch);
                     self.send(
@@ -1187,7 +1166,6 @@ impl Sim {
                 }
                 Step::Replace { member, held } => {
                     let (to, key, epoch) = (members[member], req.key, req.epoch);
-                    let _ = made;
                     let copy = self.nodes[n].vol.get(&key).cloned();
                     let ok = match copy {
                         Some(c) if c.held == held => {
@@ -1208,7 +1186,6 @@ impl Sim {
                     self.replica_steps(n, op, next);
                 }
                 Step::Reply(result) => {
-                    let _ = m;
                     let req = req.clone();
                     self.finish(n, Some(op), &req, result);
                     return;
@@ -1248,12 +1225,7 @@ impl Sim {
         if !self.call_ok(p, t) {
             return None;
         }
-        Some(
-            self.nodes[t]
-                .vol
-                .get(&key)
-                .map_or((ABSENT, Vec::new()), |o| (o.held, o.bytes.clone())),
-        )
+        Some(self.copy_of(t, key))
     }
 
     /// Decodes the column from the members `from` (others unread): its version and bytes.
@@ -1380,14 +1352,12 @@ impl Sim {
         };
         let op = self.next_op;
         self.next_op += 1;
-        let len = offset + data.len() as u64;
         self.nodes[n].ops.insert(
             op,
             Op::Disperse {
                 req: req.clone(),
                 takers: takers.clone(),
                 wrote,
-                len,
                 undo: Undo {
                     to: have,
                     frag_len,
@@ -1435,7 +1405,6 @@ impl Sim {
         let Some(Op::Disperse {
             req,
             wrote,
-            len,
             undo,
             outcomes,
             attempt,
@@ -1475,7 +1444,6 @@ impl Sim {
                         return self.finish(n, None, &req, Err("repair failed".into()));
                     }
                 }
-                let _ = len;
                 self.finish(n, None, &req, error.map_or(Ok(wrote), Err));
             }
         }
@@ -1720,12 +1688,7 @@ impl Sim {
                         continue;
                     }
                     if self.serves_reads(t) {
-                        got = Some(
-                            self.nodes[t]
-                                .vol
-                                .get(&key)
-                                .map_or((ABSENT, Vec::new()), |o| (o.held, o.bytes.clone())),
-                        );
+                        got = Some(self.copy_of(t, key));
                         break;
                     }
                 }
@@ -1735,12 +1698,7 @@ impl Sim {
                 let mut frags = Vec::new();
                 for t in 0..self.n() {
                     let ok = in_sync.contains(&t) && self.serves_reads(t);
-                    frags.push(ok.then(|| {
-                        self.nodes[t]
-                            .vol
-                            .get(&key)
-                            .map_or((ABSENT, Vec::new()), |o| (o.held, o.bytes.clone()))
-                    }));
+                    frags.push(ok.then(|| self.copy_of(t, key)));
                 }
                 let longest = frags
                     .iter()

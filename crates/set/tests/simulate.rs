@@ -67,36 +67,24 @@ fn sweep(kind: Kind, n: u64, fixed: Option<u64>) {
     );
 }
 
-/// Seeds 1–400, the same every run.
-#[test]
-fn replica_sets_never_lose_or_misread_an_acknowledged_write() {
-    sweep(Kind::Replica { members: 3 }, seeds(400), Some(1));
+/// The kind of set to simulate: `BRICKFS_SIM_KIND=disperse` for a 4+2 set, else replica 3.
+fn kind() -> Kind {
+    match std::env::var("BRICKFS_SIM_KIND").as_deref() {
+        Ok("disperse") => Kind::Disperse { k: 4, m: 2 },
+        _ => Kind::Replica { members: 3 },
+    }
 }
 
-/// A fresh base seed each run. Fails today on about one seed in 800, on a mechanism the
-/// simulator found and the code does not answer yet: a member the group takes out of sync
-/// while it is alive (a late duplicate of a restart report, a damage report) serves client
-/// reads until its next heartbeat reply, while writes at the new epoch go on without it
-/// (seeds 380966333 and 451588269 replay it). The fix is a read lease the group waits out
-/// before it publishes an in-sync set without the member. Run with
-/// `cargo test -p brickfs-set --test simulate -- --ignored`.
+/// Seeds 1–400 of a replica-3 set, the same every run (`BRICKFS_SIM_SEED` replays one seed,
+/// `BRICKFS_SIM_KIND=disperse` simulates a 4+2 set instead). Two mechanisms are known and
+/// not answered yet, so fresh seeds and dispersed sets are not swept in CI: a member the group
+/// takes out of sync while alive serves reads until its next heartbeat (about one seed in 800
+/// of a replica set; `BRICKFS_SIM_SEED=380966333` replays one), and a disperse write torn
+/// below K with members that did not answer leaves the column undecodable (about one seed
+/// in ten; `BRICKFS_SIM_KIND=disperse BRICKFS_SIM_SEED=3`). See docs/architecture.md.
 #[test]
-#[ignore = "a known stale-read window; see the doc comment"]
-fn replica_sets_on_fresh_seeds() {
-    sweep(Kind::Replica { members: 3 }, seeds(1000), None);
-}
-
-/// Fails today, on a mechanism this simulator found and the code does not answer yet: a
-/// disperse write whose forwards time out on members that then apply it (a dropped answer, a
-/// paused member) can leave neither version on K members once the primary rolls the others
-/// back, or once a second torn write follows; the column stays undecodable ("the set did not
-/// heal"). The fix is to keep each member's previous fragment beside the new one until K
-/// acknowledge, so that reconcile can roll members back on their own. Run with
-/// `cargo test -p brickfs-set --test simulate -- --ignored`.
-#[test]
-#[ignore = "a known torn-write mechanism; see the doc comment"]
-fn disperse_sets_never_lose_or_misread_an_acknowledged_write() {
-    sweep(Kind::Disperse { k: 4, m: 2 }, seeds(100), None);
+fn a_set_never_loses_or_misreads_an_acknowledged_write() {
+    sweep(kind(), seeds(400), Some(1));
 }
 
 /// Each broken rule makes the simulator fail within a bounded number of seeds.
