@@ -314,6 +314,7 @@ impl Disperse21 {
                 parent_tag,
                 sync: false,
                 degraded: false,
+                undo: true,
             });
             client()
                 .pool()
@@ -407,6 +408,73 @@ async fn disperse_fragments_that_disagree_are_reconciled() {
     for n in &s.nodes {
         assert_eq!(n.error_lines(), 0, "{}", n.log_tail(20));
     }
+}
+
+/// A write torn below K while a member is away: one member holds a dead primary's write
+/// (with what it overwrote kept), the primary the version before, the third is down and
+/// out of sync. Neither version is on K among those that answer; the member goes back on
+/// what it kept, and the next write lands on the version before. Before members kept what
+/// they overwrote, reconcile found no version on K and the column could not be decoded
+/// (`ReadOnly`) until the third came back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_torn_below_k_goes_back_on_what_the_member_kept() {
+    let mut s = Disperse21::start().await;
+    let sb = 2 * FRAG as usize;
+    let len = 3 * sb;
+    let k = key(21, 0);
+    let mut model = pattern(1, 0, len).to_vec();
+    s.write(k, 0, model.clone().into()).await;
+    let before = s.version(k).await;
+    s.torn(k, before + 1, &pattern(2, 0, len), &[1]).await;
+    s.nodes[2].sigkill().unwrap();
+    // The group took member 2 out of sync: the primary's geometry says so.
+    let mut g = s.geometry();
+    g.in_sync = vec![s.members[0].brick, s.members[1].brick];
+    let whole = pattern(3, 0, sb);
+    let msg = Message::DisperseWrite(DisperseWrite {
+        brick: s.members[0].brick,
+        set: s.set,
+        key: k,
+        offset_bytes: 0,
+        sync: false,
+        geometry: g,
+    });
+    let r = client()
+        .pool()
+        .call(s.nodes[0].addr(), msg, whole.clone())
+        .await;
+    assert!(r.is_ok(), "{r:?}\n{}", s.nodes[0].log_tail(30));
+    model[..sb].copy_from_slice(&whole);
+    // Members 0 and 1 hold the same version, which decodes to the model.
+    let stripes = len.div_ceil(sb);
+    let mut held = Vec::new();
+    let mut frags = Vec::new();
+    for i in 0..2 {
+        let (st, bytes) = client()
+            .read(
+                s.nodes[i].addr(),
+                s.members[i].brick,
+                k,
+                0,
+                stripes as u32 * FRAG,
+            )
+            .await
+            .unwrap();
+        held.push((st.version.0, st.tag));
+        frags.push(Some(((st.version.0, st.tag), bytes.to_vec())));
+    }
+    frags.push(None);
+    assert_eq!(held[0], held[1]);
+    assert_eq!(held[0].0, before + 1, "the torn write never counted");
+    let codec = ReedSolomonCodec::new(2, 1).unwrap();
+    let (_, mut got) = decode_stripes(&codec, &frags, FRAG as usize, stripes).unwrap();
+    got.truncate(len);
+    assert!(got == model, "the column after a write torn below K");
+    assert!(
+        s.nodes[0].log_tail(200).contains("taking a fragment back"),
+        "{}",
+        s.nodes[0].log_tail(30)
+    );
 }
 
 /// A replica primary journals what it writes while its set is degraded; a heal in journal

@@ -24,15 +24,6 @@ struct Standing {
     volumes: std::collections::HashSet<brickfs_proto::VolumeId>,
 }
 
-/// What a disperse write changed, as it was: the held version (`to`), the fragment length,
-/// and each member's fragment of the changed stripes that existed, from `offset_bytes`.
-struct Undo {
-    to: Held,
-    len_bytes: u64,
-    offset_bytes: u64,
-    frags: Vec<Vec<u8>>,
-}
-
 /// Where the bytes of an object copy come from (`copy_object`).
 enum CopyFrom<'a> {
     /// This node's copy (a replica primary's), checked to hold the version part by part.
@@ -118,6 +109,11 @@ pub struct BrickService {
     unreported: std::sync::Mutex<std::collections::HashSet<BrickId>>,
     /// Source of the tags this node gives the set mutations it orders as a primary.
     tags: AtomicU64,
+    /// Disperse objects whose last mutation here did not settle cleanly
+    /// (`brickfs_set::disperse::Settle::settled`): the next one reconciles them first, so
+    /// that no write lands on top of a version fewer than K members hold. In memory: a new
+    /// primary starts without, and finds disagreeing members by their gaps.
+    unsettled: std::sync::Mutex<std::collections::HashSet<ObjectKey>>,
 }
 
 const ORDERING_SHARDS: usize = 1024;
@@ -141,8 +137,15 @@ type Held = (u64, u64);
 
 /// A change to one object on one member.
 enum Mutation {
-    Write { offset_bytes: u64, data: Bytes },
-    Truncate { len_bytes: u64 },
+    /// `undo`: keep what the write overwrites (`BrickStore::write_undoable`).
+    Write {
+        offset_bytes: u64,
+        data: Bytes,
+        undo: bool,
+    },
+    Truncate {
+        len_bytes: u64,
+    },
 }
 
 fn state(meta: crate::store::ObjectMeta) -> ObjectState {
@@ -217,6 +220,7 @@ impl BrickService {
             ordering: (0..ORDERING_SHARDS)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
+            unsettled: std::sync::Mutex::new(std::collections::HashSet::new()),
             tags: AtomicU64::new(
                 node.0
                     ^ std::time::SystemTime::now()
@@ -270,7 +274,9 @@ impl BrickService {
             unreachable!("a mutation starts with the primary's own copy")
         };
         let (forward, data) = match &mutation {
-            Mutation::Write { offset_bytes, data } => (Some(*offset_bytes), data.clone()),
+            Mutation::Write {
+                offset_bytes, data, ..
+            } => (Some(*offset_bytes), data.clone()),
             Mutation::Truncate { .. } => (None, Bytes::new()),
         };
         let len_bytes = match &mutation {
@@ -310,6 +316,7 @@ impl BrickService {
                                 parent_tag: parent,
                                 sync,
                                 degraded,
+                                undo: false,
                             }),
                             None => Message::MemberTruncate(MemberTruncate {
                                 brick: b,
@@ -619,6 +626,7 @@ impl BrickService {
             let m = Mutation::Write {
                 offset_bytes: w.offset_bytes,
                 data,
+                undo: w.undo,
             };
             let rule = VersionRule::Exactly {
                 version: w.version,
@@ -811,13 +819,17 @@ impl BrickService {
         Fut: std::future::Future<Output = Result<ObjectState, ErrorBody>> + 'a,
     {
         let _order = self.ordering_lock(&key).lock().await;
+        if self.is_unsettled(&key) {
+            tracing::info!(%key, "the last mutation did not settle; reconciling first");
+            self.reconcile(g, codec, f, set, key, None).await?;
+        }
         let mut attempt = 0;
         loop {
             match once().await {
                 Err(e) if e.kind() == Some(ErrorCode::VersionGap) && attempt < 2 => {
                     attempt += 1;
                     tracing::info!(%key, error = %e.detail, "fragments disagree; reconciling");
-                    self.reconcile(g, codec, f, set, key).await?;
+                    self.reconcile(g, codec, f, set, key, None).await?;
                 }
                 r => return r,
             }
@@ -851,7 +863,7 @@ impl BrickService {
         let k = u64::from(g.data_fragments);
         let sb = k * f;
         let (key, set) = (req.key, req.set);
-        let (have, old_frag_len) = Self::held_here(own, set, key).await?;
+        let (have, _) = Self::held_here(own, set, key).await?;
         let off = req.offset_bytes;
         let end = off
             .checked_add(data.len() as u64)
@@ -863,40 +875,16 @@ impl BrickService {
                 tag: have.1,
             });
         }
-        let plan =
-            brickfs_set::disperse::plan_write(k, f, off, data.len() as u64, have, old_frag_len);
-        let (first, last, need, kept_end) = (plan.first, plan.last, plan.partial, plan.kept_end);
+        let plan = brickfs_set::disperse::plan_write(k, f, off, data.len() as u64, have);
+        let (first, last) = (plan.first, plan.last);
         let mut buf = vec![0u8; ((last - first + 1) * sb) as usize];
-        // The stripes the write changes that exist now are kept as they are: should the write
-        // reach fewer than K members, those that applied it get them back (`Undo`). An append
-        // past the end reads at most the partial last stripe (which it needs anyway).
-        let old_buf = if first < kept_end {
-            self.read_stripes(g, codec, key, first, kept_end - first, f, have)
-                .await?
-        } else {
-            Vec::new()
-        };
-        for j in need {
+        // Stripes the write covers in part are read back first. What the write overwrites
+        // each member keeps itself (`MemberWrite.undo`), to go back should it fail.
+        for j in plan.partial {
             let at = ((j - first) * sb) as usize;
-            if j < kept_end {
-                let from = ((j - first) * sb) as usize;
-                buf[at..at + sb as usize].copy_from_slice(&old_buf[from..from + sb as usize]);
-            } else {
-                let old = self.read_stripe(g, codec, key, j, f, have).await?;
-                buf[at..at + sb as usize].copy_from_slice(&old);
-            }
+            let old = self.read_stripe(g, codec, key, j, f, have).await?;
+            buf[at..at + sb as usize].copy_from_slice(&old);
         }
-        let undo = Undo {
-            to: have,
-            len_bytes: old_frag_len,
-            offset_bytes: first * f,
-            frags: if old_buf.is_empty() {
-                Vec::new()
-            } else {
-                encode_stripes(codec, &old_buf, f as usize)
-                    .map_err(|e| ErrorBody::new(ErrorCode::Internal, format!("encode: {e}")))?
-            },
-        };
         let at = (off - first * sb) as usize;
         buf[at..at + data.len()].copy_from_slice(data);
         let frags = encode_stripes(codec, &buf, f as usize)
@@ -917,6 +905,7 @@ impl BrickService {
                     parent_tag: have.1,
                     sync: req.sync,
                     degraded: Self::degraded(g),
+                    undo: true,
                 };
                 self.write_fragment(m, w, Bytes::from(frags[*i].clone()))
             })
@@ -928,10 +917,10 @@ impl BrickService {
             f,
             set,
             key,
-            (version.0, tag),
+            ((version.0, tag), have),
             takers,
             results,
-            Some(&undo),
+            true,
         )
         .await?;
         Ok(ObjectState {
@@ -942,10 +931,11 @@ impl BrickService {
     }
 
     /// Settles a mutation's fan-out to the takers, as `brickfs_set::disperse::settle`
-    /// decides: acknowledge; roll back the members that applied it when fewer than K did
-    /// (counting those that did not answer) and fail; or rebuild the members that refused the
-    /// version from those that applied it, when at least K did (`VersionGap`, so that the
-    /// caller reconciles, when fewer did).
+    /// decides: acknowledge; take the members that applied it back to the version before
+    /// (`wrote.1`) on what they kept (`kept`: a write) and fail; or rebuild the members that
+    /// refused the version from those that applied it, when at least K did (`VersionGap`, so
+    /// that the caller reconciles, when fewer did). An outcome that leaves the members
+    /// disagreeing marks the object unsettled: its next mutation reconciles first.
     #[allow(clippy::too_many_arguments)]
     async fn settle(
         &self,
@@ -954,10 +944,10 @@ impl BrickService {
         f: u64,
         set: SetRef,
         key: ObjectKey,
-        wrote: Held,
+        (wrote, before): (Held, Held),
         takers: Vec<(usize, &MemberRef)>,
         results: Vec<Result<(), Refusal>>,
-        undo: Option<&Undo>,
+        kept: bool,
     ) -> Result<(), ErrorBody> {
         use brickfs_set::disperse::Settle;
         let member = |i: usize| {
@@ -969,20 +959,23 @@ impl BrickService {
         };
         let outcomes = takers.iter().map(|(i, _)| *i).zip(results).collect();
         let k = g.data_fragments as usize;
-        match brickfs_set::disperse::settle(k, outcomes, undo.is_some()) {
+        let decision = brickfs_set::disperse::settle(k, outcomes, kept);
+        if !decision.settled() {
+            self.unsettled
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key);
+        }
+        match decision {
             Settle::Ack => Ok(()),
             Settle::Fail { roll_back, error } => {
-                if let Some(u) = undo {
-                    let applied: Vec<_> = roll_back.into_iter().map(member).collect();
-                    self.roll_back(set, key, wrote, u, &applied).await;
-                }
+                let applied: Vec<_> = roll_back.into_iter().map(member).collect();
+                self.roll_back(set, key, wrote, before, &applied).await;
                 Err(error)
             }
             Settle::Reconcile { roll_back } => {
-                let applied: Vec<_> = roll_back.iter().copied().map(member).collect();
-                if let Some(u) = undo {
-                    self.roll_back(set, key, wrote, u, &applied).await;
-                }
+                let applied: Vec<_> = roll_back.into_iter().map(member).collect();
+                self.roll_back(set, key, wrote, before, &applied).await;
                 Err(ErrorBody::new(
                     ErrorCode::VersionGap,
                     format!(
@@ -995,7 +988,7 @@ impl BrickService {
                 let mut source = g.clone();
                 source.in_sync = from.iter().map(|i| member(*i).1.brick).collect();
                 let frag_len = match self.stat_member(member(from[0]).1, key).await {
-                    Some((h, len)) if h == wrote => len,
+                    Some(c) if c.held == wrote => c.frag_len,
                     _ => {
                         return Err(ErrorBody::new(
                             ErrorCode::Busy,
@@ -1019,86 +1012,124 @@ impl BrickService {
         }
     }
 
-    /// Takes the members that applied version `wrote` of `key` back to what `undo` saved
-    /// (best effort: a member that cannot be reached is left for reconcile and heal).
+    fn is_unsettled(&self, key: &ObjectKey) -> bool {
+        self.unsettled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(key)
+    }
+
+    /// Takes `members` back from version `from` of `key` to `to` on what each kept
+    /// (`MemberRollback`): `Ok` when every one is back (or was never there).
+    async fn undo_on(
+        &self,
+        set: SetRef,
+        key: ObjectKey,
+        from: Held,
+        to: Held,
+        members: &[(usize, &MemberRef)],
+    ) -> Result<(), ErrorBody> {
+        let calls = members.iter().map(|(_, m)| async move {
+            let r = if let Some(b) = self.bricks.get(&m.brick).cloned() {
+                Self::blocking(b, move |b| {
+                    b.fence(set.volume.0, set.set, set.epoch.0)?;
+                    b.undo(
+                        &key,
+                        (ObjectVersion(from.0), from.1),
+                        (ObjectVersion(to.0), to.1),
+                    )
+                    .map(|_| ())
+                })
+                .await
+            } else {
+                let msg = Message::MemberRollback(brickfs_proto::msg::MemberRollback {
+                    brick: m.brick,
+                    set,
+                    key,
+                    from: ObjectVersion(from.0),
+                    from_tag: from.1,
+                    to: ObjectVersion(to.0),
+                    to_tag: to.1,
+                });
+                self.forward(m, msg, Bytes::new())
+                    .await
+                    .map_err(|r| match r {
+                        brickfs_set::Refusal::Gap => ErrorBody::new(
+                            ErrorCode::VersionGap,
+                            format!("member {} holds another version", m.brick),
+                        ),
+                        brickfs_set::Refusal::Failed(e) | brickfs_set::Refusal::Unknown(e) => e,
+                    })
+            };
+            match &r {
+                Ok(()) => tracing::warn!(%key, member = %m.brick, from = from.0, to = to.0, "took a member back from a write that failed"),
+                Err(e) => tracing::error!(%key, member = %m.brick, error = %e, "could not take a member back from a write that failed"),
+            }
+            r
+        });
+        join_all(calls.collect())
+            .await
+            .into_iter()
+            .collect::<Result<Vec<()>, _>>()
+            .map(|_| ())
+    }
+
+    /// Takes the members that applied version `wrote` of `key` back to `before` (best
+    /// effort: a member that cannot be reached is left for reconcile and heal).
     async fn roll_back(
         &self,
         set: SetRef,
         key: ObjectKey,
         wrote: Held,
-        undo: &Undo,
+        before: Held,
         applied: &[(usize, &MemberRef)],
     ) {
-        let calls = applied.iter().map(|(i, m)| {
-            let data = undo.frags.get(*i).cloned().unwrap_or_default();
-            async move {
-                let to = crate::store::ObjectMeta {
-                    version: ObjectVersion(undo.to.0),
-                    len_bytes: undo.len_bytes,
-                    tag: undo.to.1,
-                };
-                let from = (ObjectVersion(wrote.0), wrote.1);
-                let r = if let Some(b) = self.bricks.get(&m.brick).cloned() {
-                    let offset = undo.offset_bytes;
-                    Self::blocking(b, move |b| {
-                        b.fence(set.volume.0, set.set, set.epoch.0)?;
-                        b.rollback(&key, from, to, offset, &data).map(|_| ())
-                    })
-                    .await
-                } else {
-                    let msg = Message::MemberRollback(brickfs_proto::msg::MemberRollback {
-                        brick: m.brick,
-                        set,
-                        key,
-                        from: from.0,
-                        from_tag: from.1,
-                        to: to.version,
-                        to_tag: to.tag,
-                        len_bytes: to.len_bytes,
-                        offset_bytes: undo.offset_bytes,
-                    });
-                    self.forward(m, msg, Bytes::from(data))
-                        .await
-                        .map_err(|r| match r {
-                            brickfs_set::Refusal::Gap => ErrorBody::new(
-                                ErrorCode::VersionGap,
-                                format!("member {} holds another version", m.brick),
-                            ),
-                            brickfs_set::Refusal::Failed(e) | brickfs_set::Refusal::Unknown(e) => e,
-                        })
-                };
-                match r {
-                    Ok(()) => tracing::warn!(%key, member = %m.brick, from = wrote.0, to = undo.to.0, "a write that reached fewer than K members was rolled back"),
-                    Err(e) => tracing::error!(%key, member = %m.brick, error = %e, "could not roll back a write that reached fewer than K members"),
-                }
-            }
-        });
-        join_all(calls.collect()).await;
+        if !applied.is_empty() {
+            let _ = self.undo_on(set, key, wrote, before, applied).await;
+        }
     }
 
-    /// What member `m` holds of `key` and its length (`(0, 0)` and 0 for nothing); `None` when
-    /// it cannot answer.
-    async fn stat_member(&self, m: &MemberRef, key: ObjectKey) -> Option<(Held, u64)> {
-        let st = if let Some(b) = self.bricks.get(&m.brick).cloned() {
-            Self::blocking(b, move |b| b.stat(&key)).await.map(state)
+    /// What member `m` holds of `key` and what it can go back to (`MemberStat`; version 0:
+    /// nothing), as an in-sync member's copy (`taker`); `None` when it cannot answer.
+    async fn stat_member(
+        &self,
+        m: &MemberRef,
+        key: ObjectKey,
+    ) -> Option<brickfs_set::disperse::Copy> {
+        let reply = if let Some(b) = self.bricks.get(&m.brick).cloned() {
+            Self::blocking(b, move |b| b.stat_undo(&key))
+                .await
+                .map(|(held, undo)| brickfs_proto::msg::MemberStatReply {
+                    state: held.map_or(
+                        ObjectState {
+                            version: ObjectVersion(0),
+                            len_bytes: 0,
+                            tag: 0,
+                        },
+                        state,
+                    ),
+                    undo: undo.map(state),
+                })
         } else {
             let addr: std::net::SocketAddr = m.addr.parse().ok()?;
-            let msg = Message::Stat(brickfs_proto::msg::Stat {
+            let msg = Message::MemberStat(brickfs_proto::msg::MemberStat {
                 brick: m.brick,
                 key,
             });
             match self.peers.call(addr, msg, Bytes::new()).await {
-                Ok((Message::StatReply(st), _)) => Ok(st),
+                Ok((Message::MemberStatReply(r), _)) => Ok(r),
                 Ok(_) => return None,
                 Err(RpcError::Remote(body)) => Err(body),
                 Err(_) => return None,
             }
         };
-        match st {
-            Ok(st) => Some(((st.version.0, st.tag), st.len_bytes)),
-            Err(e) if e.kind() == Some(ErrorCode::NotFound) => Some(((0, 0), 0)),
-            Err(_) => None,
-        }
+        let r = reply.ok()?;
+        Some(brickfs_set::disperse::Copy {
+            held: (r.state.version.0, r.state.tag),
+            frag_len: r.state.len_bytes,
+            undo: r.undo.map(|u| ((u.version.0, u.tag), u.len_bytes)),
+            taker: true,
+        })
     }
 
     /// Makes member `m`'s copy of `key` hold `held` (`(0, 0)`: no object): `bytes` is the part
@@ -1153,12 +1184,11 @@ impl BrickService {
             .map_err(|e| ErrorBody::new(ErrorCode::Io, format!("member {}: {e}", m.brick)))
     }
 
-    /// Makes the in-sync fragments of `key` agree again: the newest version (with its tag)
-    /// that at least K of them hold is what the object is — every write ever acknowledged is
-    /// in it, since an acknowledged write reached every in-sync member — and every other
-    /// in-sync member that answers gets its fragment rebuilt from those K, rolled forward or
-    /// back (what it held instead was never acknowledged). With no version on K members the
-    /// object cannot be decoded and stays read-only until an operator heals it.
+    /// Brings the takers' fragments of `key` to one version (`brickfs_set::disperse::reconcile`):
+    /// the members that hold a write torn below K go back to the version before on what they
+    /// kept, the others are rebuilt from those that hold it. `healing`, a member out of sync
+    /// being healed, helps decode and is brought to that version too. The version; `ReadOnly`
+    /// when no version can be decoded (nothing is changed).
     async fn reconcile(
         &self,
         g: &DisperseGeometry,
@@ -1166,31 +1196,53 @@ impl BrickService {
         f: u64,
         set: SetRef,
         key: ObjectKey,
-    ) -> Result<(), ErrorBody> {
-        let takers = Self::takers(g);
+        healing: Option<(usize, &MemberRef)>,
+    ) -> Result<Held, ErrorBody> {
+        let mut members = Self::takers(g);
+        members.extend(healing);
         let stats = join_all(
-            takers
+            members
                 .iter()
                 .map(|(_, m)| self.stat_member(m, key))
                 .collect(),
         )
         .await;
-        let indexed: Vec<(usize, Option<(Held, u64)>)> = takers
+        let indexed: Vec<(usize, Option<brickfs_set::disperse::Copy>)> = members
             .iter()
-            .map(|(i, _)| *i)
-            .zip(stats.iter().copied())
+            .zip(stats)
+            .map(|((i, m), c)| {
+                let taker = healing.is_none_or(|(_, h)| h.brick != m.brick);
+                (*i, c.map(|c| brickfs_set::disperse::Copy { taker, ..c }))
+            })
             .collect();
         let k = g.data_fragments as usize;
         let Some(r) = brickfs_set::disperse::reconcile(k, &indexed) else {
             return Err(ErrorBody::new(
                 ErrorCode::ReadOnly,
                 format!(
-                    "the fragments of {key} disagree and no version is held by {k} members: it cannot be decoded until healed ({indexed:?})"
+                    "the fragments of {key} disagree and no version is held by {k} members: it cannot be decoded until more answer ({indexed:?})"
                 ),
             ));
         };
-        let mut from = g.clone();
-        from.in_sync = r.sources.iter().map(|i| g.members[*i].brick).collect();
+        let member = |i: usize| {
+            members
+                .iter()
+                .find(|(j, _)| *j == i)
+                .map(|(j, m)| (*j, *m))
+                .expect("an index of a member")
+        };
+        for &i in &r.undo {
+            let from = indexed
+                .iter()
+                .find(|(j, _)| *j == i)
+                .and_then(|(_, c)| *c)
+                .map(|c| c.held)
+                .expect("an answer");
+            tracing::warn!(%key, member = %g.members[i].brick, ?from, now = ?r.held, "taking a fragment back from a write torn below K");
+            self.undo_on(set, key, from, r.held, &[member(i)]).await?;
+        }
+        let mut source = g.clone();
+        source.in_sync = r.sources.iter().map(|i| g.members[*i].brick).collect();
         for i in r.fix {
             let m = &g.members[i];
             let was = indexed.iter().find(|(j, _)| *j == i).and_then(|(_, s)| *s);
@@ -1200,7 +1252,7 @@ impl BrickService {
                     .await?;
             } else {
                 let from = CopyFrom::Rebuild {
-                    g: &from,
+                    g: &source,
                     codec,
                     f,
                     index: i,
@@ -1209,7 +1261,11 @@ impl BrickService {
                     .await?;
             }
         }
-        Ok(())
+        self.unsettled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+        Ok(r.held)
     }
 
     async fn disperse_truncate(
@@ -1285,10 +1341,10 @@ impl BrickService {
                 f,
                 set,
                 key,
-                (version.0, tag),
+                ((version.0, tag), have),
                 takers,
                 results,
-                None,
+                false,
             )
             .await?;
             Ok(ObjectState {
@@ -1330,6 +1386,15 @@ impl BrickService {
             Some(g) => Some(self.disperse_setup(req.brick, g)?),
             None => None,
         };
+        // The set's in-sync members, the target aside.
+        let takers = req.geometry.as_ref().map(|g| {
+            let mut t = g.clone();
+            if t.in_sync.is_empty() {
+                t.in_sync = g.members.iter().map(|m| m.brick).collect();
+            }
+            t.in_sync.retain(|b| *b != req.target.brick);
+            t
+        });
         let target_index = match &req.geometry {
             Some(g) => Some(
                 g.members
@@ -1379,6 +1444,19 @@ impl BrickService {
                 } else {
                     Some(self.ordering_lock(&key).lock().await)
                 };
+                // A disperse primary's own fragment is not the object: it may have missed
+                // writes that K others applied, or hold one torn below K. The takers (and
+                // the target, which helps decode) are reconciled first.
+                if let (Some(g), Some((codec, f)), Some(index)) = (&takers, &codec, target_index) {
+                    self.reconcile(g, codec, *f, set, key, Some((index, &req.target)))
+                        .await
+                        .map_err(|e| {
+                            ErrorBody::new(
+                                e.kind().unwrap_or(ErrorCode::Io),
+                                format!("heal of {key}: {}", e.detail),
+                            )
+                        })?;
+                }
                 let mine = match Self::blocking(own.clone(), move |b| b.stat(&key)).await {
                     Ok(m) => m,
                     Err(e) if e.kind() == Some(ErrorCode::NotFound) => continue,
@@ -1524,9 +1602,16 @@ impl BrickService {
                 Err(e) => return Err(e),
             };
             let meta = match mutation {
-                Mutation::Write { offset_bytes, data } => {
-                    b.write_versioned(&key, offset_bytes, &data, sync, rule)
-                }
+                Mutation::Write {
+                    offset_bytes,
+                    data,
+                    undo: false,
+                } => b.write_versioned(&key, offset_bytes, &data, sync, rule),
+                Mutation::Write {
+                    offset_bytes,
+                    data,
+                    undo: true,
+                } => b.write_undoable(&key, offset_bytes, &data, sync, rule),
                 Mutation::Truncate { len_bytes } => {
                     b.truncate_versioned(&key, len_bytes, sync, rule)
                 }
@@ -1708,6 +1793,7 @@ impl BrickService {
                 let m = Mutation::Write {
                     offset_bytes: req.offset_bytes,
                     data: data.clone(),
+                    undo: false,
                 };
                 let meta = self
                     .replica_mutation(
@@ -1751,6 +1837,7 @@ impl BrickService {
                 let m = Mutation::Write {
                     offset_bytes: req.offset_bytes,
                     data,
+                    undo: req.undo,
                 };
                 let meta = self
                     .apply_forward(
@@ -1782,18 +1869,7 @@ impl BrickService {
                 let set = req.set;
                 let meta = Self::blocking(brick, move |b| {
                     b.fence(set.volume.0, set.set, set.epoch.0)?;
-                    let to = crate::store::ObjectMeta {
-                        version: req.to,
-                        len_bytes: req.len_bytes,
-                        tag: req.to_tag,
-                    };
-                    b.rollback(
-                        &req.key,
-                        (req.from, req.from_tag),
-                        to,
-                        req.offset_bytes,
-                        &data,
-                    )
+                    b.undo(&req.key, (req.from, req.from_tag), (req.to, req.to_tag))
                 })
                 .await?;
                 (
@@ -1805,6 +1881,23 @@ impl BrickService {
                         },
                         state,
                     )),
+                    none,
+                )
+            }
+            Message::MemberStat(req) => {
+                let brick = self.brick(req.brick)?;
+                let key = req.key;
+                let (held, undo) = Self::blocking(brick, move |b| b.stat_undo(&key)).await?;
+                let absent = ObjectState {
+                    version: ObjectVersion(0),
+                    len_bytes: 0,
+                    tag: 0,
+                };
+                (
+                    Message::MemberStatReply(brickfs_proto::msg::MemberStatReply {
+                        state: held.map_or(absent, state),
+                        undo: undo.map(state),
+                    }),
                     none,
                 )
             }

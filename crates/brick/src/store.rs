@@ -157,6 +157,49 @@ fn seal_key(key: &ObjectKey) -> [u8; 21] {
     out
 }
 
+/// Undo keys: `u`, then the object key as in `meta_key` (`write_undoable`).
+fn undo_key(key: &ObjectKey) -> [u8; 21] {
+    let mut out = meta_key(key);
+    out[0] = b'u';
+    out
+}
+
+/// What a write kept of what it overwrote: the version it made (`from`), the state before
+/// (`to`: version 0 for no object), and the bytes it overwrote at `offset` (those within the
+/// old length).
+struct Kept {
+    from: (u64, u64),
+    to: ObjectMeta,
+    offset: u64,
+    old: Vec<u8>,
+}
+
+fn encode_kept(k: &Kept) -> Vec<u8> {
+    let mut out = Vec::with_capacity(49 + k.old.len());
+    out.extend_from_slice(&k.from.0.to_le_bytes());
+    out.extend_from_slice(&k.from.1.to_le_bytes());
+    out.extend_from_slice(&encode_meta(&k.to));
+    out.extend_from_slice(&k.offset.to_le_bytes());
+    out.extend_from_slice(&k.old);
+    out
+}
+
+fn decode_kept(raw: &[u8]) -> Result<Kept, StoreError> {
+    if raw.len() < 49 {
+        return Err(StoreError::Corrupt(format!(
+            "undo record of {} bytes",
+            raw.len()
+        )));
+    }
+    let u = |r: &[u8]| u64::from_le_bytes(r.try_into().expect("8 bytes"));
+    Ok(Kept {
+        from: (u(&raw[0..8]), u(&raw[8..16])),
+        to: decode_meta(&raw[16..41])?,
+        offset: u(&raw[41..49]),
+        old: raw[49..].to_vec(),
+    })
+}
+
 fn meta_key(key: &ObjectKey) -> [u8; 21] {
     let mut out = [0u8; 21];
     out[0] = b'o';
@@ -735,6 +778,33 @@ impl BrickStore {
         sync: bool,
         rule: VersionRule,
     ) -> Result<ObjectMeta, StoreError> {
+        self.write_inner(key, offset_bytes, data, sync, rule, false)
+    }
+
+    /// [`BrickStore::write_versioned`] that keeps what it overwrites (the bytes within the
+    /// old length, and the state before), in the same commit as the write, so that the
+    /// object can go back to the state before on its own ([`BrickStore::undo`]) until its
+    /// next undoable write. A disperse member's writes (`MemberWrite.undo`).
+    pub fn write_undoable(
+        &self,
+        key: &ObjectKey,
+        offset_bytes: u64,
+        data: &[u8],
+        sync: bool,
+        rule: VersionRule,
+    ) -> Result<ObjectMeta, StoreError> {
+        self.write_inner(key, offset_bytes, data, sync, rule, true)
+    }
+
+    fn write_inner(
+        &self,
+        key: &ObjectKey,
+        offset_bytes: u64,
+        data: &[u8],
+        sync: bool,
+        rule: VersionRule,
+        undoable: bool,
+    ) -> Result<ObjectMeta, StoreError> {
         let end = Self::check_range(offset_bytes, data.len() as u64)?;
         let _guard = self.lock(key).write().unwrap_or_else(|p| p.into_inner());
         self.check_seal(key, false)?;
@@ -746,6 +816,35 @@ impl BrickStore {
         let new_len = old_len.max(end);
         let (file, path) = self.open_for_write(key, old.is_none())?;
         let mut batch = WriteBatch::default();
+        let made = ObjectMeta {
+            version: ObjectVersion(old.map_or(0, |m| m.version.0) + 1),
+            len_bytes: new_len,
+            tag: Self::rule_tag(rule),
+        };
+        if undoable {
+            let kept_end = end.min(old_len);
+            let mut kept = Vec::new();
+            if offset_bytes < kept_end {
+                for block in offset_bytes / BLOCK_BYTES..=(kept_end - 1) / BLOCK_BYTES {
+                    let bytes = self.read_block_verified(key, &file, &path, block, old_len)?;
+                    let bs = block * BLOCK_BYTES;
+                    let from = offset_bytes.max(bs) - bs;
+                    let to = kept_end.min(bs + bytes.len() as u64) - bs;
+                    kept.extend_from_slice(&bytes[from as usize..to as usize]);
+                }
+            }
+            let k = Kept {
+                from: (made.version.0, made.tag),
+                to: old.unwrap_or(ObjectMeta {
+                    version: ObjectVersion(0),
+                    len_bytes: 0,
+                    tag: 0,
+                }),
+                offset: offset_bytes,
+                old: kept,
+            };
+            batch.put(undo_key(key), encode_kept(&k));
+        }
 
         if !data.is_empty() {
             // The old last block, if partial and wholly before the write, now extends with
@@ -792,16 +891,11 @@ impl BrickStore {
                 sync_dir(parent)?;
             }
         }
-        let meta = ObjectMeta {
-            version: ObjectVersion(old.map_or(0, |m| m.version.0) + 1),
-            len_bytes: new_len,
-            tag: Self::rule_tag(rule),
-        };
-        self.commit(key, batch, meta, sync)?;
+        self.commit(key, batch, made, sync)?;
         if old.is_none() {
             self.object_count.fetch_add(1, Ordering::Relaxed);
         }
-        Ok(meta)
+        Ok(made)
     }
 
     /// Reads up to `len_bytes` at `offset_bytes`; the result is short at the end of the object.
@@ -888,6 +982,8 @@ impl BrickStore {
             bytes.resize((block_end - block * BLOCK_BYTES) as usize, 0);
             batch.put(crc_key(key, block), crc32c::crc32c(&bytes).to_le_bytes());
         }
+        // A truncate keeps nothing: what an earlier write kept no longer fits the object.
+        batch.delete(undo_key(key));
         file.set_len(len_bytes)
             .map_err(|e| StoreError::io("truncate object", &path, e))?;
         if sync {
@@ -937,23 +1033,46 @@ impl BrickStore {
         Ok(meta)
     }
 
-    /// Undoes a write this member applied (see `MemberRollback`): if the object holds `from`
-    /// (version and tag), `data` goes back at `offset_bytes`, the length to `to.len_bytes`,
-    /// and the object holds `to` again (version 0: the object goes). Durable when it returns.
-    /// An object that holds `to` already is left (a retry); one that holds anything else is
-    /// refused (`VersionGap`). The caller (the set's primary) orders it with the object's
-    /// other mutations.
-    pub fn rollback(
+    /// What the object holds, and the state it can go back to with [`BrickStore::undo`]
+    /// (when its last write kept what it overwrote).
+    pub fn stat_undo(
+        &self,
+        key: &ObjectKey,
+    ) -> Result<(Option<ObjectMeta>, Option<ObjectMeta>), StoreError> {
+        let _guard = self.lock(key).read().unwrap_or_else(|p| p.into_inner());
+        let held = self.get_meta(key)?;
+        let kept = self.get_kept(key)?;
+        let to = match (held, kept) {
+            (Some(h), Some(k)) if k.from == (h.version.0, h.tag) => Some(k.to),
+            _ => None,
+        };
+        Ok((held, to))
+    }
+
+    fn get_kept(&self, key: &ObjectKey) -> Result<Option<Kept>, StoreError> {
+        self.db
+            .get_pinned(undo_key(key))?
+            .map(|raw| decode_kept(&raw))
+            .transpose()
+    }
+
+    /// Takes the object back from `from` (version and tag) to `to`, on what the write that
+    /// made `from` kept (`write_undoable`; see `MemberRollback`): the overwritten bytes go
+    /// back, the length and the state are `to`'s again (version 0: the object goes).
+    /// Durable when it returns. An object that holds `to` already is left (a retry); one
+    /// that holds anything else, or kept nothing for this, is refused (`VersionGap`). The
+    /// caller (the set's primary) orders it with the object's other mutations.
+    pub fn undo(
         &self,
         key: &ObjectKey,
         from: (ObjectVersion, u64),
-        to: ObjectMeta,
-        offset_bytes: u64,
-        data: &[u8],
+        to: (ObjectVersion, u64),
     ) -> Result<Option<ObjectMeta>, StoreError> {
         let held = self.get_meta(key)?;
         let have = held.map_or(brickfs_set::ABSENT, |m| (m.version.0, m.tag));
-        match brickfs_set::member::rollback(have, (from.0.0, from.1), (to.version.0, to.tag)) {
+        let kept = self.get_kept(key)?;
+        let record = kept.as_ref().map(|k| (k.from, (k.to.version.0, k.to.tag)));
+        match brickfs_set::member::rollback(have, record, (from.0.0, from.1), (to.0.0, to.1)) {
             Ok(brickfs_set::member::Undo::Done) => return Ok(held),
             Ok(brickfs_set::member::Undo::Apply) => {}
             Err(g) => {
@@ -964,20 +1083,23 @@ impl BrickStore {
                 });
             }
         }
-        if to.version.0 == 0 {
+        let k = kept.expect("a record that fits");
+        if k.to.version.0 == 0 {
             self.delete(key)?;
             return Ok(None);
         }
-        if !data.is_empty() {
-            self.write(key, offset_bytes, data, false)?;
+        if !k.old.is_empty() {
+            self.write(key, k.offset, &k.old, false)?;
         }
-        self.truncate(key, to.len_bytes, false)?;
+        self.truncate(key, k.to.len_bytes, false)?;
         let _guard = self.lock(key).write().unwrap_or_else(|p| p.into_inner());
         let (file, path) = self.open_existing(key, false)?;
         file.sync_data()
             .map_err(|e| StoreError::io("sync object", &path, e))?;
-        self.commit(key, WriteBatch::default(), to, true)?;
-        Ok(Some(to))
+        let mut batch = WriteBatch::default();
+        batch.delete(undo_key(key));
+        self.commit(key, batch, k.to, true)?;
+        Ok(Some(k.to))
     }
 
     /// Takes a damaged object out of service: its file moves to `quarantine/` under the brick
@@ -1102,6 +1224,7 @@ impl BrickStore {
             .map_err(|e| StoreError::io("sync staged object", &from, e))?;
         let old = self.get_meta(key)?;
         let mut batch = WriteBatch::default();
+        batch.delete(undo_key(key));
         batch.delete_range(crc_key(key, 0), crc_key(key, u64::MAX));
         let blocks = len_bytes.div_ceil(BLOCK_BYTES);
         let mut block = 0;
@@ -1149,6 +1272,7 @@ impl BrickStore {
         }
         let mut batch = WriteBatch::default();
         batch.delete(meta_key(key));
+        batch.delete(undo_key(key));
         batch.delete_range(crc_key(key, 0), crc_key(key, u64::MAX));
         batch.delete(crc_key(key, u64::MAX));
         self.db.write(batch)?;
@@ -1669,6 +1793,79 @@ mod tests {
             })
         ));
         store.fence(7, 1, 1).unwrap();
+    }
+
+    /// An undoable write goes back on its own data: overwritten bytes (across blocks, past
+    /// checksummed partial blocks), the length of an append, a create; only from the version
+    /// it made, to the version it replaced; and a copy got whole kept nothing.
+    #[test]
+    fn an_undoable_write_goes_back_to_the_version_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = must_open(&dir.path().join("b"));
+        let k = key(3);
+        let rule = |n: u64| VersionRule::Exactly {
+            version: ObjectVersion(n),
+            tag: 10 + n,
+            parent: if n == 1 { 0 } else { 10 + n - 1 },
+        };
+        let at = |n: u64| (ObjectVersion(n), 10 + n);
+        let first: Vec<u8> = (0..BLOCK_BYTES * 2 + 100)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        store.write_undoable(&k, 0, &first, false, rule(1)).unwrap();
+        // A create goes back to no object.
+        assert_eq!(store.stat_undo(&k).unwrap().1.map(|m| m.version.0), Some(0));
+        // An overwrite across a block boundary that also appends.
+        let over = vec![0xEE; BLOCK_BYTES as usize];
+        let off = BLOCK_BYTES + BLOCK_BYTES / 2;
+        store
+            .write_undoable(&k, off, &over, false, rule(2))
+            .unwrap();
+        let (held, to) = store.stat_undo(&k).unwrap();
+        assert_eq!(held.unwrap().version.0, 2);
+        assert_eq!(
+            to.map(|m| (m.version.0, m.tag, m.len_bytes)),
+            Some((1, 11, first.len() as u64))
+        );
+        // Only from the version it made to the one it replaced.
+        assert!(matches!(
+            store.undo(&k, at(2), (ObjectVersion(1), 99)),
+            Err(StoreError::VersionGap { .. })
+        ));
+        assert!(matches!(
+            store.undo(&k, (ObjectVersion(2), 99), at(1)),
+            Err(StoreError::VersionGap { .. })
+        ));
+        let back = store.undo(&k, at(2), at(1)).unwrap().unwrap();
+        assert_eq!(
+            (back.version.0, back.tag, back.len_bytes),
+            (1, 11, first.len() as u64)
+        );
+        assert_eq!(&store.read(&k, 0, 1 << 20).unwrap().1[..], &first[..]);
+        // A retry is done; nothing is left to go back to from version 1 (one level).
+        assert_eq!(store.undo(&k, at(2), at(1)).unwrap().unwrap().version.0, 1);
+        assert_eq!(store.stat_undo(&k).unwrap().1, None);
+        // A plain write leaves no record to go back on.
+        store.write_versioned(&k, 0, b"x", false, rule(2)).unwrap();
+        assert!(store.undo(&k, at(2), at(1)).is_err());
+        // A copy got whole (a heal) kept nothing either.
+        store.write_undoable(&k, 0, b"y", false, rule(3)).unwrap();
+        store.replace(&k, b"zz", ObjectVersion(3), 13).unwrap();
+        assert_eq!(store.stat_undo(&k).unwrap().1, None);
+        assert!(store.undo(&k, at(3), at(2)).is_err());
+        // Back from a create: the object goes.
+        let fresh = key(4);
+        store
+            .write_undoable(&fresh, 0, b"new", true, rule(1))
+            .unwrap();
+        assert_eq!(
+            store.undo(&fresh, at(1), (ObjectVersion(0), 0)).unwrap(),
+            None
+        );
+        assert!(matches!(
+            store.stat(&fresh),
+            Err(StoreError::NotFound { .. })
+        ));
     }
 
     #[test]

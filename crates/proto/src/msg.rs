@@ -291,6 +291,9 @@ pub struct MemberWrite {
     /// The set has members out of sync: the member journals the object for their heal (and
     /// otherwise forgets what it journaled for the set: everyone is in sync).
     pub degraded: bool,
+    /// Keep what the write overwrites (a disperse fragment), so that the member can go back
+    /// to the version before on its own (`MemberRollback`) until the object's next mutation.
+    pub undo: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -397,10 +400,10 @@ pub struct MemberReplace {
     pub total_bytes: u64,
 }
 
-/// A disperse primary undoes a write that reached fewer than K members: a member that applied
-/// version `from` (with `from_tag`) goes back to `to` (with `to_tag`; version 0: no object),
-/// `len_bytes` long, with the data (its fragment of the stripes the write changed, as they were)
-/// put back at `offset_bytes`. A member that no longer holds `from` is left alone.
+/// A disperse primary undoes a write that failed or reached fewer than K members: a member
+/// that applied version `from` (with `from_tag`) and kept what it overwrote
+/// (`MemberWrite.undo`) goes back to `to` (with `to_tag`; version 0: no object) on its own
+/// data. One that holds `to` already answers as done; anything else is `VersionGap`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberRollback {
     pub brick: BrickId,
@@ -410,8 +413,21 @@ pub struct MemberRollback {
     pub from_tag: u64,
     pub to: ObjectVersion,
     pub to_tag: u64,
-    pub len_bytes: u64,
-    pub offset_bytes: u64,
+}
+
+/// What a member holds of an object and what it could go back to (`MemberStatReply`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStat {
+    pub brick: BrickId,
+    pub key: ObjectKey,
+}
+
+/// `state` is what the member holds (version 0: nothing); `undo`, when it kept what its last
+/// write overwrote, the state it can go back to with `MemberRollback`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStatReply {
+    pub state: ObjectState,
+    pub undo: Option<ObjectState>,
 }
 
 /// The largest part of a `MemberReplace` (well below the frame's data limit).
@@ -541,7 +557,9 @@ messages! {
     55 => RaftRpcReply(crate::meta::RaftRpcReply), data: true;
     56 => Seal(Seal), data: false;
     57 => Sealed(ObjectState), data: false;
-    58 => MemberRollback(MemberRollback), data: true;
+    58 => MemberRollback(MemberRollback), data: false;
+    59 => MemberStat(MemberStat), data: false;
+    60 => MemberStatReply(MemberStatReply), data: false;
 }
 
 #[cfg(test)]
@@ -609,6 +627,18 @@ mod tests {
                     },
                 }],
                 more: true,
+            }),
+            Message::MemberStatReply(MemberStatReply {
+                state: ObjectState {
+                    version: ObjectVersion(9),
+                    len_bytes: 4096,
+                    tag: 3,
+                },
+                undo: Some(ObjectState {
+                    version: ObjectVersion(8),
+                    len_bytes: 0,
+                    tag: 2,
+                }),
             }),
         ];
         for msg in samples {

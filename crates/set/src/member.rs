@@ -94,14 +94,18 @@ pub fn fence(recorded: u64, epoch: u64) -> Result<Fence, Stale> {
 pub enum Undo {
     /// The member holds `to` already (a retry, or it never applied `from`).
     Done,
-    /// The member holds `from`: put the old bytes back.
+    /// The member holds `from` and kept what it overwrote: put the old bytes back.
     Apply,
 }
 
-pub fn rollback(held: Held, from: Held, to: Held) -> Result<Undo, Gap> {
+/// A member holding `held`, which kept what its last write overwrote as `kept` (that write's
+/// version and the version before it), asked to go back from `from` to `to`. It can only go
+/// back on its own data: a copy it got whole (a heal, a repair) kept nothing (`Gap`: it
+/// needs the version before as a copy).
+pub fn rollback(held: Held, kept: Option<(Held, Held)>, from: Held, to: Held) -> Result<Undo, Gap> {
     if held == to {
         Ok(Undo::Done)
-    } else if held == from {
+    } else if held == from && kept == Some((from, to)) {
         Ok(Undo::Apply)
     } else {
         Err(Gap {
@@ -144,8 +148,12 @@ mod tests {
 
     #[test]
     fn a_rollback_undoes_only_the_mutation_it_names() {
-        assert_eq!(rollback((3, 1), (3, 1), (2, 5)), Ok(Undo::Apply));
-        assert_eq!(rollback((2, 5), (3, 1), (2, 5)), Ok(Undo::Done));
-        assert!(rollback((3, 2), (3, 1), (2, 5)).is_err());
+        let kept = Some(((3, 1), (2, 5)));
+        assert_eq!(rollback((3, 1), kept, (3, 1), (2, 5)), Ok(Undo::Apply));
+        assert_eq!(rollback((2, 5), None, (3, 1), (2, 5)), Ok(Undo::Done));
+        assert!(rollback((3, 2), kept, (3, 1), (2, 5)).is_err());
+        // A copy of 3 got whole kept nothing; a record of another write does not fit.
+        assert!(rollback((3, 1), None, (3, 1), (2, 5)).is_err());
+        assert!(rollback((3, 1), Some(((3, 1), (2, 4))), (3, 1), (2, 5)).is_err());
     }
 }

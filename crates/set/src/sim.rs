@@ -42,6 +42,9 @@ pub enum Mutant {
     NoRestartReport,
     /// A disperse write that reached fewer than K members is not rolled back.
     NoRollback,
+    /// Reconcile does not take members back to the version before a torn write (what they
+    /// kept of it is ignored).
+    NoUndo,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -136,6 +139,18 @@ impl Rng {
 struct Obj {
     held: Held,
     bytes: Vec<u8>,
+    /// What the last disperse write overwrote, kept by the member to go back on its own.
+    undo: Option<Kept>,
+}
+
+/// A member's record of what its last write overwrote (`MemberWrite.undo`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Kept {
+    from: Held,
+    to: Held,
+    frag_len: u64,
+    offset: u64,
+    old: Vec<u8>,
 }
 
 /// A change to one copy.
@@ -177,6 +192,10 @@ struct Node {
     standing: Option<bool>,
     lease: Option<Lease>,
     tags: u64,
+    /// Objects whose last mutation here did not settle cleanly: the next one reconciles
+    /// first (`disperse::settle`'s `Settle::settled`), so that no write lands on top of a
+    /// version fewer than K hold.
+    unsettled: std::collections::HashSet<u64>,
     /// The primary's mutations in flight, and the requests waiting for an object.
     ops: HashMap<u64, Op>,
     busy: HashMap<u64, VecDeque<Request>>,
@@ -203,19 +222,10 @@ enum Op {
         req: Request,
         takers: Vec<usize>,
         wrote: Held,
-        undo: Undo,
+        parent: Held,
         outcomes: Vec<(usize, Result<(), Refusal<String>>)>,
         attempt: u32,
     },
-}
-
-/// A disperse write's old fragments, to put back.
-#[derive(Clone)]
-struct Undo {
-    to: Held,
-    frag_len: u64,
-    offset: u64,
-    frags: Vec<Vec<u8>>,
 }
 
 #[derive(Clone, Debug)]
@@ -649,6 +659,7 @@ impl Sim {
                 node.vol = node.dur.clone();
                 node.ops.clear();
                 node.busy.clear();
+                node.unsettled.clear();
                 node.standing = None;
                 node.lease = Some(Lease::new(LEASE_MS));
                 let d = 500 + self.rng.below(8000);
@@ -815,8 +826,25 @@ impl Sim {
             return false;
         }
         let keys: Vec<u64> = self.nodes[p].vol.keys().copied().collect();
+        let dispersed = matches!(self.cfg.kind, Kind::Disperse { .. });
         for key in keys {
-            let mine = self.nodes[p].vol[&key].clone();
+            // A disperse primary's own fragment is not the object: it may have missed
+            // writes that K others applied. The takers are reconciled first, under the
+            // object's ordering lock (a key with a mutation in flight waits: the pass fails).
+            if dispersed {
+                if self.nodes[p].busy.get(&key).is_some_and(|q| !q.is_empty()) {
+                    return false;
+                }
+                let takers: Vec<usize> = (0..self.n())
+                    .filter(|x| *x != t && self.group.in_sync[*x])
+                    .collect();
+                if !self.reconcile(p, key, epoch, &takers, &[t]) {
+                    return false;
+                }
+            }
+            let Some(mine) = self.nodes[p].vol.get(&key).cloned() else {
+                continue;
+            };
             let theirs = self.nodes[t]
                 .vol
                 .get(&key)
@@ -883,9 +911,6 @@ impl Sim {
         rule: Rule,
         epoch: u64,
     ) -> Result<(Held, u64), Refusal<String>> {
-        if self.nodes[n].full_until > self.now {
-            return Err(Refusal::Failed("no space".into()));
-        }
         self.fence_on(n, epoch).map_err(Refusal::Failed)?;
         let have = self.held(n, key);
         let rule = match rule {
@@ -903,10 +928,31 @@ impl Sim {
             Ok(Verdict::Apply(made)) => made,
             Err(_) => return Err(Refusal::Gap),
         };
+        // As the store: the version is checked before the disk is written.
+        if self.nodes[n].full_until > self.now {
+            return Err(Refusal::Failed("no space".into()));
+        }
+        let dispersed = matches!(self.cfg.kind, Kind::Disperse { .. });
         let obj = self.nodes[n].vol.entry(key).or_insert(Obj {
             held: ABSENT,
             bytes: Vec::new(),
+            undo: None,
         });
+        // A disperse member keeps what the write overwrites.
+        obj.undo = match change {
+            Change::Write { offset, data } if dispersed => {
+                let (o, len) = (*offset as usize, obj.bytes.len());
+                let end = (o + data.len()).min(len);
+                Some(Kept {
+                    from: made,
+                    to: have,
+                    frag_len: len as u64,
+                    offset: *offset,
+                    old: obj.bytes.get(o..end).map_or(Vec::new(), <[u8]>::to_vec),
+                })
+            }
+            _ => None,
+        };
         apply_change(&mut obj.bytes, change);
         obj.held = made;
         Ok((made, have.1))
@@ -1256,6 +1302,7 @@ impl Sim {
             return Some(Obj {
                 held,
                 bytes: Vec::new(),
+                undo: None,
             });
         }
         let (v, data) = self.decode(p, key, from).ok()?;
@@ -1266,6 +1313,7 @@ impl Sim {
         Some(Obj {
             held,
             bytes: frags[t].clone(),
+            undo: None,
         })
     }
 
@@ -1284,14 +1332,16 @@ impl Sim {
         let Change::Write { offset, data } = req.change.clone() else {
             return self.finish(n, None, &req, Err("not simulated".into()));
         };
+        if self.nodes[n].unsettled.contains(&req.key) {
+            if !self.reconcile(n, req.key, req.epoch, &takers, &[]) {
+                return self.finish(n, None, &req, Err("busy: fragments disagree".into()));
+            }
+            self.nodes[n].unsettled.remove(&req.key);
+        }
         let k = self.k() as u64;
         let sb = k * FRAGMENT;
         let have = self.held(n, req.key);
-        let frag_len = self.nodes[n]
-            .vol
-            .get(&req.key)
-            .map_or(0, |o| o.bytes.len() as u64);
-        let plan = disperse::plan_write(k, FRAGMENT, offset, data.len() as u64, have, frag_len);
+        let plan = disperse::plan_write(k, FRAGMENT, offset, data.len() as u64, have);
         // The column as it is, when it exists: decoded from the takers, at the primary's
         // version, else the fragments disagree and are reconciled.
         let old = if have == ABSENT {
@@ -1300,12 +1350,12 @@ impl Sim {
             match self.decode(n, req.key, &takers) {
                 Ok((v, bytes)) if v == have => bytes,
                 Ok(_) if attempt < 2 => {
-                    self.reconcile(n, &req, &takers);
+                    self.reconcile(n, req.key, req.epoch, &takers, &[]);
                     return self.disperse_start(n, req, attempt + 1);
                 }
                 Ok(_) => return self.finish(n, None, &req, Err("fragments disagree".into())),
                 Err(answered) if answered >= self.k() && attempt < 2 => {
-                    self.reconcile(n, &req, &takers);
+                    self.reconcile(n, req.key, req.epoch, &takers, &[]);
                     return self.disperse_start(n, req, attempt + 1);
                 }
                 Err(_) => return self.finish(n, None, &req, Err("busy: too few fragments".into())),
@@ -1335,13 +1385,6 @@ impl Sim {
         let buf = buf[(first * sb) as usize..((last + 1) * sb) as usize].to_vec();
         let codec = self.codec.as_ref().expect("dispersed");
         let frags = encode_stripes(codec, &buf, FRAGMENT as usize).expect("encode");
-        let kept = if first < plan.kept_end {
-            let mut o = old.clone();
-            o.resize((plan.kept_end * sb) as usize, 0);
-            encode_stripes(codec, &o[(first * sb) as usize..], FRAGMENT as usize).expect("encode")
-        } else {
-            Vec::new()
-        };
         let tag = self.new_tag(n);
         let wrote = (have.0 + 1, tag);
         self.oracle.images.insert((req.key, wrote), (image, have));
@@ -1358,12 +1401,7 @@ impl Sim {
                 req: req.clone(),
                 takers: takers.clone(),
                 wrote,
-                undo: Undo {
-                    to: have,
-                    frag_len,
-                    offset: first * FRAGMENT,
-                    frags: kept,
-                },
+                parent: have,
                 outcomes: Vec::new(),
                 attempt,
             },
@@ -1405,7 +1443,7 @@ impl Sim {
         let Some(Op::Disperse {
             req,
             wrote,
-            undo,
+            parent,
             outcomes,
             attempt,
             ..
@@ -1416,6 +1454,9 @@ impl Sim {
         let kept = !self.mutant(Mutant::NoRollback);
         let k = self.k();
         let decision = disperse::settle(k, outcomes, kept);
+        if !decision.settled() {
+            self.nodes[n].unsettled.insert(req.key);
+        }
         self.log(format!(
             "primary {n}: {}@{wrote:?} settles as {decision:?}",
             req.key
@@ -1423,12 +1464,12 @@ impl Sim {
         match decision {
             Settle::Ack => self.finish(n, None, &req, Ok(wrote)),
             Settle::Fail { roll_back, error } => {
-                self.roll_back(n, &req, wrote, &undo, &roll_back);
+                self.roll_back(n, &req, wrote, parent, &roll_back);
                 self.finish(n, None, &req, Err(error));
             }
             Settle::Reconcile { roll_back } => {
-                self.roll_back(n, &req, wrote, &undo, &roll_back);
-                self.reconcile(n, &req, &req.in_sync.clone());
+                self.roll_back(n, &req, wrote, parent, &roll_back);
+                self.reconcile(n, req.key, req.epoch, &req.in_sync.clone(), &[]);
                 if attempt < 2 {
                     self.disperse_start(n, req, attempt + 1);
                 } else {
@@ -1449,7 +1490,9 @@ impl Sim {
         }
     }
 
-    fn roll_back(&mut self, n: usize, req: &Request, wrote: Held, undo: &Undo, to: &[usize]) {
+    /// The primary `n` asks members `to` to go back from `wrote` to `parent` on their own
+    /// (`MemberRollback`).
+    fn roll_back(&mut self, n: usize, req: &Request, wrote: Held, parent: Held, to: &[usize]) {
         for &t in to {
             if !self.call_ok(n, t) || self.fence_on(t, req.epoch).is_err() {
                 self.log(format!(
@@ -1458,51 +1501,93 @@ impl Sim {
                 ));
                 continue;
             }
-            let have = self.held(t, req.key);
-            self.log(format!(
-                "roll back {}@{wrote:?} on node {t} (holds {have:?})",
-                req.key
-            ));
-            match member::rollback(have, wrote, undo.to) {
-                Ok(member::Undo::Apply) => {
-                    self.stats.rollbacks += 1;
-                    if undo.to == ABSENT {
-                        self.nodes[t].vol.remove(&req.key);
-                        self.nodes[t].dur.remove(&req.key);
-                        continue;
-                    }
-                    let obj = self.nodes[t].vol.get_mut(&req.key).expect("held");
-                    if let Some(old) = undo.frags.get(t) {
-                        apply_change(
-                            &mut obj.bytes,
-                            &Change::Write {
-                                offset: undo.offset,
-                                data: old.clone(),
-                            },
-                        );
-                    }
-                    obj.bytes.resize(undo.frag_len as usize, 0);
-                    obj.held = undo.to;
-                    let obj = obj.clone();
-                    self.nodes[t].dur.insert(req.key, obj.clone());
-                    self.check_copy(t, req.key, &obj);
-                }
-                Ok(member::Undo::Done) | Err(_) => {}
-            }
+            self.undo_on(t, req.key, wrote, parent);
         }
     }
 
-    fn reconcile(&mut self, n: usize, req: &Request, takers: &[usize]) {
-        let stats: Vec<(usize, Option<(Held, u64)>)> = takers
+    /// Member `t` goes back from `from` to `to` on what it kept.
+    fn undo_on(&mut self, t: usize, key: u64, from: Held, to: Held) -> bool {
+        let Some(obj) = self.nodes[t].vol.get(&key).cloned() else {
+            return to == ABSENT;
+        };
+        let kept = obj.undo.as_ref().map(|k| (k.from, k.to));
+        self.log(format!(
+            "roll back {key}@{from:?} to {to:?} on node {t} (holds {:?}, kept {kept:?})",
+            obj.held
+        ));
+        match member::rollback(obj.held, kept, from, to) {
+            Ok(member::Undo::Apply) => {
+                self.stats.rollbacks += 1;
+                if to == ABSENT {
+                    self.nodes[t].vol.remove(&key);
+                    self.nodes[t].dur.remove(&key);
+                    return true;
+                }
+                let k = obj.undo.expect("kept");
+                let mut back = Obj {
+                    held: to,
+                    bytes: obj.bytes,
+                    undo: None,
+                };
+                apply_change(
+                    &mut back.bytes,
+                    &Change::Write {
+                        offset: k.offset,
+                        data: k.old,
+                    },
+                );
+                back.bytes.resize(k.frag_len as usize, 0);
+                self.check_copy(t, key, &back);
+                self.nodes[t].vol.insert(key, back.clone());
+                self.nodes[t].dur.insert(key, back);
+                true
+            }
+            Ok(member::Undo::Done) => true,
+            Err(_) => false,
+        }
+    }
+
+    /// The primary `n` reconciles `key`'s fragments on `takers` (and `healing`, members out
+    /// of sync being healed) at `epoch`: false when the column could not be brought to one
+    /// version on K.
+    fn reconcile(
+        &mut self,
+        n: usize,
+        key: u64,
+        epoch: u64,
+        takers: &[usize],
+        healing: &[usize],
+    ) -> bool {
+        let ignore_kept = self.mutant(Mutant::NoUndo);
+        let members: Vec<(usize, bool)> = takers
             .iter()
-            .map(|&t| {
+            .map(|t| (*t, true))
+            .chain(healing.iter().map(|t| (*t, false)))
+            .collect();
+        let stats: Vec<(usize, Option<disperse::Copy>)> = members
+            .into_iter()
+            .map(|(t, taker)| {
                 let st = if self.call_ok(n, t) {
-                    Some(
-                        self.nodes[t]
-                            .vol
-                            .get(&req.key)
-                            .map_or((ABSENT, 0), |o| (o.held, o.bytes.len() as u64)),
-                    )
+                    Some(self.nodes[t].vol.get(&key).map_or(
+                        disperse::Copy {
+                            held: ABSENT,
+                            frag_len: 0,
+                            undo: None,
+                            taker,
+                        },
+                        |o| {
+                            disperse::Copy {
+                                held: o.held,
+                                frag_len: o.bytes.len() as u64,
+                                undo: o
+                                    .undo
+                                    .as_ref()
+                                    .filter(|_| !ignore_kept)
+                                    .map(|k| (k.to, k.frag_len)),
+                                taker,
+                            }
+                        },
+                    ))
                 } else {
                     None
                 };
@@ -1510,20 +1595,28 @@ impl Sim {
             })
             .collect();
         let Some(r) = disperse::reconcile(self.k(), &stats) else {
-            self.log(format!(
-                "reconcile of {}: no version on K: {stats:?}",
-                req.key
-            ));
-            return;
+            self.log(format!("reconcile of {}: no version on K: {stats:?}", key));
+            return false;
         };
-        self.log(format!("reconcile of {}: {r:?}", req.key));
-        for t in r.fix {
-            self.stats.repairs += 1;
-            let copy = self.rebuild(n, req.key, r.held, &r.sources, t);
-            if let Some(c) = copy {
-                self.install(n, t, req.key, req.epoch, c);
+        self.log(format!("reconcile of {}: {r:?}", key));
+        for &t in &r.undo {
+            let from = self.held(t, key);
+            if !self.call_ok(n, t)
+                || self.fence_on(t, epoch).is_err()
+                || !self.undo_on(t, key, from, r.held)
+            {
+                // Not back: the sources are short; a later attempt reconciles again.
+                return false;
             }
         }
+        for t in r.fix {
+            self.stats.repairs += 1;
+            let copy = self.rebuild(n, key, r.held, &r.sources, t);
+            if !copy.is_some_and(|c| self.install(n, t, key, epoch, c)) {
+                return false;
+            }
+        }
+        true
     }
 
     // ---- clients ----
