@@ -40,8 +40,6 @@ pub enum Mutant {
     ReadsOutOfSync,
     /// A node back from a crash does not report its bricks before serving.
     NoRestartReport,
-    /// A disperse write that reached fewer than K members is not rolled back.
-    NoRollback,
     /// Reconcile does not take members back to the version before a torn write (what they
     /// kept of it is ignored).
     NoUndo,
@@ -253,6 +251,7 @@ enum Msg {
     },
     Heartbeat {
         node: usize,
+        incarnation: u64,
         sent: u64,
     },
     Standing {
@@ -494,6 +493,12 @@ impl Sim {
             Dest::Node(n) => self.nodes[n].incarnation,
             _ => 0,
         };
+        self.send_to(to, msg, incarnation);
+    }
+
+    /// Sends on a connection of process run `incarnation` of the destination: a reply goes
+    /// back on the connection its request came in on, and is lost if that process is gone.
+    fn send_to(&mut self, to: Dest, msg: Msg, incarnation: u64) {
         if !self.faults {
             let d = 1 + self.rng.below(5);
             self.deliver_in(d, to, msg, incarnation);
@@ -719,8 +724,15 @@ impl Sim {
             );
             return;
         }
-        let sent = self.now;
-        self.send(Dest::Group, Msg::Heartbeat { node: n, sent });
+        let (sent, incarnation) = (self.now, self.nodes[n].incarnation);
+        self.send(
+            Dest::Group,
+            Msg::Heartbeat {
+                node: n,
+                incarnation,
+                sent,
+            },
+        );
     }
 
     fn out_of_sync(&mut self, n: usize, why: &str) {
@@ -753,17 +765,22 @@ impl Sim {
 
     fn group_deliver(&mut self, msg: Msg) {
         match msg {
-            Msg::Heartbeat { node, sent } => {
+            Msg::Heartbeat {
+                node,
+                incarnation,
+                sent,
+            } => {
                 self.group.last_beat[node] = self.group.last_beat[node].max(self.now);
                 let in_sync = self.group.in_sync[node];
                 let epoch = self.group.epoch;
-                self.send(
+                self.send_to(
                     Dest::Node(node),
                     Msg::Standing {
                         sent,
                         in_sync,
                         epoch,
                     },
+                    incarnation,
                 );
             }
             Msg::Report { node, incarnation } => {
@@ -774,7 +791,7 @@ impl Sim {
                     self.group.reported[node] = incarnation;
                     self.out_of_sync(node, "restarted after an unclean stop");
                 }
-                self.send(Dest::Node(node), Msg::Reported);
+                self.send_to(Dest::Node(node), Msg::Reported, incarnation);
             }
             other => self.fail(format!("the group got {other:?}")),
         }
@@ -1451,9 +1468,8 @@ impl Sim {
         else {
             return;
         };
-        let kept = !self.mutant(Mutant::NoRollback);
         let k = self.k();
-        let decision = disperse::settle(k, outcomes, kept);
+        let decision = disperse::settle(k, outcomes, true);
         if !decision.settled() {
             self.nodes[n].unsettled.insert(req.key);
         }
