@@ -43,6 +43,9 @@ pub enum Mutant {
     /// Reconcile does not take members back to the version before a torn write (what they
     /// kept of it is ignored).
     NoUndo,
+    /// The group takes a live member out of its set at once (a replace-brick) instead of
+    /// first telling it to stop serving reads and waiting out the leases.
+    NoDrain,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -304,6 +307,10 @@ struct Group {
     in_sync: Vec<bool>,
     last_beat: Vec<u64>,
     reported: Vec<u64>,
+    /// Live members being taken out of the set (a replace-brick of a live brick), since
+    /// when: heartbeat answers already tell them to serve no reads, they still take writes,
+    /// and they leave the in-sync members once every lease granted before has run out.
+    draining: Vec<Option<u64>>,
 }
 
 struct Client {
@@ -397,6 +404,7 @@ pub fn run(cfg: Config) -> Result<Stats, Failure> {
             in_sync: vec![true; n],
             last_beat: vec![0; n],
             reported: vec![0; n],
+            draining: vec![None; n],
         },
         clients: (0..CLIENTS)
             .map(|_| Client {
@@ -595,6 +603,7 @@ impl Sim {
 
     fn settled(&self) -> bool {
         self.group.in_sync.iter().all(|b| *b)
+            && self.group.draining.iter().all(Option::is_none)
             && self.clients.iter().all(|c| c.pending.is_none())
             && self.nodes.iter().all(|n| n.ops.is_empty() && !n.unreported)
             && self.now > self.cfg.duration_ms + 2 * DOWN_AFTER_MS
@@ -655,7 +664,8 @@ impl Sim {
         if !node.up || node.paused_until > self.now || node.cut_until > self.now {
             return;
         }
-        match self.rng.below(10) {
+        match self.rng.below(11) {
+            10 => self.replace_live(victim),
             0..=2 => {
                 self.stats.crashes += 1;
                 self.log(format!("crash node {victim}"));
@@ -754,8 +764,31 @@ impl Sim {
         ));
     }
 
+    /// A replace-brick of live member `n` (it comes back through a full heal, as the new
+    /// brick would).
+    fn replace_live(&mut self, n: usize) {
+        let in_sync = self.group.in_sync.iter().filter(|b| **b).count();
+        if !self.group.in_sync[n] || in_sync <= 1 || self.group.draining.iter().any(Option::is_some)
+        {
+            return;
+        }
+        if self.mutant(Mutant::NoDrain) {
+            return self.out_of_sync(n, "replaced");
+        }
+        self.log(format!("group: node {n} draining reads (replaced)"));
+        self.group.draining[n] = Some(self.now);
+    }
+
     fn detect(&mut self) {
         self.at(250, Ev::Detect);
+        // Every lease a node holds was granted for a heartbeat sent before its answer, and
+        // leases are shorter than the down-after time: a drain that old has no reader left.
+        for n in 0..self.n() {
+            if self.group.draining[n].is_some_and(|t| self.now > t + DOWN_AFTER_MS) {
+                self.group.draining[n] = None;
+                self.out_of_sync(n, "replaced, drained");
+            }
+        }
         for n in 0..self.n() {
             if self.group.in_sync[n] && self.now > self.group.last_beat[n] + DOWN_AFTER_MS {
                 self.out_of_sync(n, "no heartbeat");
@@ -771,7 +804,7 @@ impl Sim {
                 sent,
             } => {
                 self.group.last_beat[node] = self.group.last_beat[node].max(self.now);
-                let in_sync = self.group.in_sync[node];
+                let in_sync = self.group.in_sync[node] && self.group.draining[node].is_none();
                 let epoch = self.group.epoch;
                 self.send_to(
                     Dest::Node(node),

@@ -105,6 +105,7 @@ fn the_simulator_catches_each_broken_rule() {
         (Mutant::ReadsOutOfSync, Kind::Replica { members: 3 }),
         (Mutant::NoRestartReport, Kind::Replica { members: 3 }),
         (Mutant::NoUndo, Kind::Disperse { k: 4, m: 2 }),
+        (Mutant::NoDrain, Kind::Replica { members: 3 }),
     ];
     let mut missed = Vec::new();
     for (mutant, kind) in cases {
