@@ -910,6 +910,26 @@ async fn replace_brick_heals_the_new_brick_from_its_set() {
         .unwrap();
     let out = cli(&["r3", &old, &new, "commit", "force"]);
     assert_eq!(out.0, 0, "{}", out.2);
+    assert!(out.2.contains("serves no more reads"), "{out:?}");
+    // New bytes right after the replace: the replaced brick, out of the set now, still
+    // holds the old ones, and never serves them to the reader with the old view (before the
+    // replacement drained the old brick's readers first, its node served them until its
+    // next heartbeat).
+    // The writer knows the set as it is now: its write skips the replaced brick.
+    vol.refresh().await.unwrap();
+    let data = pattern(32, 0, 900_000);
+    vol.write(fh, 0, data.clone()).await.unwrap();
+    vol.fsync(fh).await.unwrap();
+    model.clear();
+    model.extend_from_slice(&data);
+    let sfh = brickfs_client::FileHandle::in_group(&fh.attr, fh.group(), data.len() as u64);
+    for i in 0..30 {
+        let got = stale.read(&sfh, 0, data.len() as u64).await.unwrap();
+        assert!(
+            got == data[..],
+            "read {i} through the old view returned old bytes"
+        );
+    }
     must_wait_for(
         "the new brick to heal and rejoin",
         Duration::from_secs(60),
@@ -937,19 +957,8 @@ async fn replace_brick_heals_the_new_brick_from_its_set() {
     must_have_identical_replicas(&vol).await;
     let got = vol.read(fh, 0, model.len() as u64).await.unwrap();
     assert!(got == model[..]);
-    // New bytes: the replaced brick, out of the volume now, still holds the old ones, and
-    // never serves them to the reader with the old view.
-    let data = pattern(32, 0, 900_000);
-    vol.write(fh, 0, data.clone()).await.unwrap();
-    vol.fsync(fh).await.unwrap();
-    let sfh = brickfs_client::FileHandle::in_group(&fh.attr, fh.group(), data.len() as u64);
-    for i in 0..30 {
-        let got = stale.read(&sfh, 0, data.len() as u64).await.unwrap();
-        assert!(
-            got == data[..],
-            "read {i} through the old view returned old bytes"
-        );
-    }
+    let got = stale.read(&sfh, 0, data.len() as u64).await.unwrap();
+    assert!(got == data[..], "the old view after the heal");
 }
 
 /// Unmounts a tmpfs when dropped (failures included).

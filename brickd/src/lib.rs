@@ -295,7 +295,7 @@ async fn heartbeat(
                 } = reply
                 {
                     service.fence_epochs(&epochs).await;
-                    service.set_standing(in_sync, volumes);
+                    service.set_standing(in_sync, volumes, sent);
                 }
                 service.renew_lease(sent);
                 if !acknowledged {
@@ -520,11 +520,14 @@ async fn scrub(
             }
         });
         // Quarantine only once the set no longer counts on this brick: the last in-sync copy
-        // keeps its undamaged blocks readable.
-        let out_of_sync = match meta
+        // keeps its undamaged blocks readable. The brick serves no reads from before the
+        // report (the set's writes skip it from the report on) until a heartbeat after it.
+        service.hold_reads(id);
+        let reply = meta
             .write_unsessioned(MetaOp::ReportDamage { brick: id, key })
-            .await
-        {
+            .await;
+        service.report_answered(id);
+        let out_of_sync = match reply {
             Ok(MetaReply::Volume(v)) => v
                 .sets
                 .iter()

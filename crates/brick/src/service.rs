@@ -107,6 +107,10 @@ pub struct BrickService {
     /// none until the group has taken them out of sync (`unreported`).
     in_sync: std::sync::Mutex<Option<Standing>>,
     unreported: std::sync::Mutex<std::collections::HashSet<BrickId>>,
+    /// Bricks this node is taking out of their sets itself (a damaged object): they serve no
+    /// reads from before the report until a standing from a heartbeat sent after the report's
+    /// answer (`None`: not answered yet), which no longer counts them.
+    holds: std::sync::Mutex<HashMap<BrickId, Option<std::time::Instant>>>,
     /// Source of the tags this node gives the set mutations it orders as a primary.
     tags: AtomicU64,
     /// Disperse objects whose last mutation here did not settle cleanly
@@ -217,6 +221,7 @@ impl BrickService {
             scrub: std::sync::Mutex::new(HashMap::new()),
             in_sync: std::sync::Mutex::new(None),
             unreported: std::sync::Mutex::new(bricks_unclean.into_iter().collect()),
+            holds: std::sync::Mutex::new(HashMap::new()),
             ordering: (0..ORDERING_SHARDS)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
@@ -379,9 +384,35 @@ impl BrickService {
         }
     }
 
-    /// Takes the metadata group's word on which of this node's bricks are in sync, and which
-    /// volumes exist.
-    pub fn set_standing(&self, in_sync: Vec<BrickId>, volumes: Vec<brickfs_proto::VolumeId>) {
+    /// Stops `brick` serving reads until a standing from a heartbeat sent after
+    /// [`BrickService::report_answered`]: call before reporting it to the group.
+    pub fn hold_reads(&self, brick: BrickId) {
+        self.holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(brick, None);
+    }
+
+    /// The report that [`BrickService::hold_reads`] preceded was answered (or failed).
+    pub fn report_answered(&self, brick: BrickId) {
+        self.holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(brick, Some(std::time::Instant::now()));
+    }
+
+    /// Takes the metadata group's answer to the heartbeat sent at `sent`: which of this
+    /// node's bricks are in sync (they alone serve reads), and which volumes exist.
+    pub fn set_standing(
+        &self,
+        in_sync: Vec<BrickId>,
+        volumes: Vec<brickfs_proto::VolumeId>,
+        sent: std::time::Instant,
+    ) {
+        self.holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, answered| answered.is_none_or(|at| at > sent));
         *self.in_sync.lock().unwrap_or_else(|p| p.into_inner()) = Some(Standing {
             in_sync: in_sync.into_iter().collect(),
             volumes: volumes.into_iter().collect(),
@@ -422,7 +453,12 @@ impl BrickService {
                 .unreported
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .contains(&brick);
+                .contains(&brick)
+            || self
+                .holds
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(&brick);
         if out {
             return Err(ErrorBody::new(
                 ErrorCode::StaleEpoch,

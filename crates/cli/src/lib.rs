@@ -736,6 +736,40 @@ async fn volume(verb: VolumeVerb, meta: &[SocketAddr], json: bool) -> anyhow::Re
                 .await
                 .with_context(|| format!("replace {old} in volume {name}"))?,
             )?;
+            // A live brick first stops serving reads, then leaves once the leases granted
+            // before are over (the group's down-after time): wait for it, with progress.
+            let draining = |v: &VolumeRecord| {
+                v.sets.iter().filter_map(|s| s.draining.as_ref()).any(|d| {
+                    let parse = |t: &str| brickfs_layout::BrickAddr::parse(t).ok();
+                    d.new.addr == new || parse(&d.new.addr).is_some_and(|a| Some(a) == parse(&new))
+                })
+            };
+            let mut v = v;
+            let started = std::time::Instant::now();
+            let limit = std::time::Duration::from_secs(600);
+            let mut said = std::time::Duration::ZERO;
+            while draining(&v) {
+                let waited = started.elapsed();
+                if waited > limit {
+                    anyhow::bail!(
+                        "volume replace-brick: {name}: {old} still drains its readers after {} s; the group's leader carries it out (brickfs volume info {name})",
+                        waited.as_secs()
+                    );
+                }
+                if !json && waited >= said {
+                    eprintln!(
+                        "volume replace-brick: {name}: {old} serves no more reads; it leaves the set once the leases granted before are over ({} s so far)",
+                        waited.as_secs()
+                    );
+                    said = waited + std::time::Duration::from_secs(5);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                v = expect_volume(
+                    m.read(MetaRead::VolumeByName { name: name.clone() })
+                        .await
+                        .with_context(|| format!("read volume {name}"))?,
+                )?;
+            }
             if json {
                 return print_json(&v);
             }

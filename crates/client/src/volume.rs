@@ -660,7 +660,8 @@ impl VolumeClient {
         let fetch = |brick: BrickId| {
             let bricks = self.bricks.clone();
             let addr = self.addr(brick);
-            let in_sync = set.in_sync.contains(&brick);
+            // A member being replaced serves no reads.
+            let in_sync = set.serves_reads(brick);
             let (moved, held) = (&moved, &held);
             async move {
                 if !in_sync {
@@ -921,11 +922,18 @@ impl VolumeClient {
         for p in &pieces {
             let index = first_set + p.column as usize;
             let set = &self.set(index)?;
-            // Spread reads over the in-sync members; on a failure, try the next one.
+            // Spread reads over the in-sync members (not one being replaced: it serves no
+            // reads); on a failure, try the next one.
             let start = self.spread.fetch_add(1, Ordering::Relaxed);
-            let n_members = set.in_sync.len().max(1);
+            let readable: Vec<BrickId> = set
+                .in_sync
+                .iter()
+                .copied()
+                .filter(|b| set.serves_reads(*b))
+                .collect();
+            let n_members = readable.len().max(1);
             let order: Vec<(BrickId, SocketAddr)> = (0..n_members)
-                .filter_map(|i| set.in_sync.get((start + i) % n_members).copied())
+                .filter_map(|i| readable.get((start + i) % n_members).copied())
                 .map(|b| Ok((b, self.addr(b)?)))
                 .collect::<Result<_, VolumeError>>()?;
             let key = self.key(&fh.attr, p.column);

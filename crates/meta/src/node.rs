@@ -432,7 +432,7 @@ async fn housekeeping(
 }
 
 /// Whether some set has more than one in-sync member and one of them is on a node silent for
-/// longer than `down_after_ms`.
+/// longer than `down_after_ms`, or a replacement has drained for longer than that.
 fn silent_in_sync_member(node: &MetaNode, now_ns: i64, down_after_ms: u64) -> bool {
     use brickfs_proto::meta::MetaRead;
     let now_ms = u64::try_from(now_ns / 1_000_000).unwrap_or(0);
@@ -450,13 +450,16 @@ fn silent_in_sync_member(node: &MetaNode, now_ns: i64, down_after_ms: u64) -> bo
     };
     volumes.iter().any(|v| {
         v.sets.iter().any(|set| {
-            set.in_sync.len() > 1
-                && set.in_sync.iter().any(|b| {
-                    v.bricks
-                        .iter()
-                        .find(|x| x.brick == *b)
-                        .is_some_and(|x| silent(x.node))
-                })
+            set.draining
+                .as_ref()
+                .is_some_and(|d| d.since_ms.saturating_add(down_after_ms) < now_ms)
+                || set.in_sync.len() > 1
+                    && set.in_sync.iter().any(|b| {
+                        v.bricks
+                            .iter()
+                            .find(|x| x.brick == *b)
+                            .is_some_and(|x| silent(x.node))
+                    })
         })
     })
 }

@@ -465,20 +465,44 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                 ),
             ));
         }
-        for m in &mut set.members {
-            if *m == old_id {
-                *m = brick.id;
-            }
+        if let Some(d) = &set.draining {
+            return Err(err(
+                ErrorCode::Busy,
+                format!(
+                    "set {index} of volume {name} is already replacing brick {}: wait for it (brickfs volume info {name})",
+                    d.old
+                ),
+            ));
         }
-        narrow_in_sync(set, others_in_sync);
-        set.full_heal.retain(|b| *b != old_id);
-        set.full_heal.push(brick.id);
-        v.bricks[at] = VolumeBrick {
+        if volumes
+            .iter()
+            .flat_map(|x| &x.sets)
+            .any(|s| s.draining.as_ref().is_some_and(|d| d.new.brick == brick.id))
+        {
+            return Err(err(
+                ErrorCode::Exists,
+                format!("brick {new} is already replacing another brick"),
+            ));
+        }
+        let new_brick = VolumeBrick {
             brick: brick.id,
             node: node.id,
             addr: new_addr.to_string(),
         };
-        tracing::info!(volume = %name, set = index, %old, %new, "brick replaced; the new one heals from the set");
+        if set.in_sync.contains(&old_id) {
+            // A live member may serve readers with an older view of the set: it stops
+            // serving reads first (its heartbeat answers say so) while it still takes writes,
+            // and leaves once every lease granted before is over (`DetectFailures`).
+            set.draining = Some(brickfs_proto::meta::Drain {
+                old: old_id,
+                new: new_brick,
+                since_ms: u64::try_from(self.now_ns / 1_000_000).unwrap_or(0),
+            });
+            tracing::info!(volume = %name, set = index, %old, %new, "replacing an in-sync brick: it serves no reads from now on and leaves the set once the leases granted before are over");
+        } else {
+            swap_brick(&mut v, index, old_id, new_brick);
+            tracing::info!(volume = %name, set = index, %old, %new, "brick replaced; the new one heals from the set");
+        }
         self.kv.put(keys::volume(v.id), enc(&v));
         Ok(MetaReply::Volume(v))
     }
@@ -495,9 +519,28 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
         };
         let volumes: Vec<VolumeRecord> = scan_all(self.kv, b"V")?;
         for mut v in volumes {
+            // Replacements whose old member has had no reader for a lease's length.
+            let mut changed = false;
+            for index in 0..v.sets.len() {
+                let Some(d) = v.sets[index].draining.clone() else {
+                    continue;
+                };
+                if d.since_ms.saturating_add(down_after_ms) >= now_ms {
+                    continue;
+                }
+                v.sets[index].draining = None;
+                changed = true;
+                if v.sets[index].members.contains(&d.old)
+                    && v.sets[index].in_sync.iter().any(|b| *b != d.old)
+                {
+                    tracing::info!(volume = %v.name, set = index, old = %d.old, new = %d.new.addr, "brick replaced after its readers drained; the new one heals from the set");
+                    swap_brick(&mut v, index, d.old, d.new);
+                } else {
+                    tracing::warn!(volume = %v.name, set = index, old = %d.old, "a replacement was dropped: the set changed while it drained (no other in-sync copy, or the brick left)");
+                }
+            }
             let node_of =
                 |b: brickfs_proto::BrickId| v.bricks.iter().find(|x| x.brick == b).map(|x| x.node);
-            let mut changed = false;
             let mut sets = v.sets.clone();
             for (index, set) in sets.iter_mut().enumerate() {
                 let alive: Vec<_> = set
@@ -1051,7 +1094,8 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                 for v in scan_all::<VolumeRecord>(self.kv, b"V")? {
                     volumes.push(v.id);
                     for b in v.bricks.iter().filter(|b| b.node == *node) {
-                        if v.sets.iter().any(|s| s.in_sync.contains(&b.brick)) {
+                        // A member being replaced takes writes but no longer serves reads.
+                        if v.sets.iter().any(|s| s.serves_reads(b.brick)) {
                             in_sync.push(b.brick);
                         }
                         for (i, s) in v.sets.iter().enumerate() {
@@ -1547,6 +1591,7 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                     members,
                     epoch: Epoch(1),
                     full_heal: Vec::new(),
+                    draining: None,
                 }
             })
             .collect();
@@ -1634,6 +1679,23 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
 
 /// Narrows a set's in-sync members to `keep` (non-empty): a new primary when the old one
 /// left, and a new epoch.
+/// Puts `new` in `old`'s place in set `index` of `v`, out of sync (a full heal fills it).
+fn swap_brick(v: &mut VolumeRecord, index: usize, old: brickfs_proto::BrickId, new: VolumeBrick) {
+    let set = &mut v.sets[index];
+    for m in &mut set.members {
+        if *m == old {
+            *m = new.brick;
+        }
+    }
+    let keep = set.in_sync.iter().copied().filter(|b| *b != old).collect();
+    narrow_in_sync(set, keep);
+    set.full_heal.retain(|b| *b != old);
+    set.full_heal.push(new.brick);
+    if let Some(at) = v.bricks.iter().position(|b| b.brick == old) {
+        v.bricks[at] = new;
+    }
+}
+
 fn narrow_in_sync(set: &mut SetState, keep: Vec<brickfs_proto::BrickId>) {
     if !keep.contains(&set.primary) {
         set.primary = keep[0];

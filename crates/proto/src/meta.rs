@@ -269,6 +269,28 @@ pub struct SetState {
     /// starts empty; a damaged one lost objects no write touched), not just the objects the
     /// in-sync members journaled as written while the set was degraded.
     pub full_heal: Vec<BrickId>,
+    /// A live in-sync member being replaced (`ReplaceBrick`): it still takes writes, but its
+    /// node's heartbeat answers no longer count it in sync, so it serves no reads; once every
+    /// lease granted before is over (the down-after time), `DetectFailures` puts `new` in
+    /// its place. Until then a reader with an older view could still be served by it, and
+    /// the set's writes (which skip it after the swap) would leave it serving old bytes.
+    pub draining: Option<Drain>,
+}
+
+/// A replacement waiting out the old member's readers (`SetState::draining`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drain {
+    pub old: BrickId,
+    pub new: VolumeBrick,
+    /// When the group's command started it (its clock, milliseconds since the epoch).
+    pub since_ms: u64,
+}
+
+impl SetState {
+    /// Whether member `b` serves client reads: in sync and not being replaced.
+    pub fn serves_reads(&self, b: BrickId) -> bool {
+        self.in_sync.contains(&b) && self.draining.as_ref().is_none_or(|d| d.old != b)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -442,7 +464,8 @@ pub enum MetaOp {
     },
     /// Proposed by the leader: every set drops from its in-sync set the members on nodes
     /// silent for longer than `down_after_ms` (by the command's time), with a new epoch and,
-    /// when the primary went, a new primary. A set never loses its last in-sync member.
+    /// when the primary went, a new primary. A set never loses its last in-sync member. A
+    /// replacement draining for longer than `down_after_ms` is carried out.
     DetectFailures {
         down_after_ms: u64,
     },

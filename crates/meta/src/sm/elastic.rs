@@ -299,6 +299,7 @@ impl<B: KvRead> Applier<'_, '_, B> {
                 members: ids,
                 epoch: Epoch(1),
                 full_heal: Vec::new(),
+                draining: None,
             });
         }
         v.bricks.extend(resolved);
