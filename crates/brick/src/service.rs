@@ -857,7 +857,7 @@ impl BrickService {
         let _order = self.ordering_lock(&key).lock().await;
         if self.is_unsettled(&key) {
             tracing::info!(%key, "the last mutation did not settle; reconciling first");
-            self.reconcile(g, codec, f, set, key, None).await?;
+            self.reconcile(g, codec, f, set, key, &[]).await?;
         }
         let mut attempt = 0;
         loop {
@@ -865,7 +865,7 @@ impl BrickService {
                 Err(e) if e.kind() == Some(ErrorCode::VersionGap) && attempt < 2 => {
                     attempt += 1;
                     tracing::info!(%key, error = %e.detail, "fragments disagree; reconciling");
-                    self.reconcile(g, codec, f, set, key, None).await?;
+                    self.reconcile(g, codec, f, set, key, &[]).await?;
                 }
                 r => return r,
             }
@@ -1222,8 +1222,8 @@ impl BrickService {
 
     /// Brings the takers' fragments of `key` to one version (`brickfs_set::disperse::reconcile`):
     /// the members that hold a write torn below K go back to the version before on what they
-    /// kept, the others are rebuilt from those that hold it. `healing`, a member out of sync
-    /// being healed, helps decode and is brought to that version too. The version; `ReadOnly`
+    /// kept, the others are rebuilt from those that hold it. `healing`, members out of sync
+    /// (a heal's), help decode and are brought to that version too. The version; `ReadOnly`
     /// when no version can be decoded (nothing is changed).
     async fn reconcile(
         &self,
@@ -1232,10 +1232,10 @@ impl BrickService {
         f: u64,
         set: SetRef,
         key: ObjectKey,
-        healing: Option<(usize, &MemberRef)>,
+        healing: &[(usize, &MemberRef)],
     ) -> Result<Held, ErrorBody> {
         let mut members = Self::takers(g);
-        members.extend(healing);
+        members.extend(healing.iter().copied());
         let stats = join_all(
             members
                 .iter()
@@ -1247,7 +1247,7 @@ impl BrickService {
             .iter()
             .zip(stats)
             .map(|((i, m), c)| {
-                let taker = healing.is_none_or(|(_, h)| h.brick != m.brick);
+                let taker = !healing.iter().any(|(_, h)| h.brick == m.brick);
                 (*i, c.map(|c| brickfs_set::disperse::Copy { taker, ..c }))
             })
             .collect();
@@ -1483,8 +1483,16 @@ impl BrickService {
                 // A disperse primary's own fragment is not the object: it may have missed
                 // writes that K others applied, or hold one torn below K. The takers (and
                 // the target, which helps decode) are reconciled first.
-                if let (Some(g), Some((codec, f)), Some(index)) = (&takers, &codec, target_index) {
-                    self.reconcile(g, codec, *f, set, key, Some((index, &req.target)))
+                if let (Some(g), Some((codec, f)), Some(_)) = (&takers, &codec, target_index) {
+                    // Every member out of sync helps (the target first of all): a set that
+                    // lost more members than its redundancy heals from them.
+                    let helpers: Vec<(usize, &MemberRef)> = g
+                        .members
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, m)| !g.in_sync.contains(&m.brick))
+                        .collect();
+                    self.reconcile(g, codec, *f, set, key, &helpers)
                         .await
                         .map_err(|e| {
                             ErrorBody::new(
