@@ -10,6 +10,7 @@ use brickfs_proto::msg::{
 };
 use brickfs_proto::rpc::Outcome;
 use brickfs_proto::{Epoch, ErrorCode, Message, ObjectKey, ObjectVersion, VolumeId};
+use brickfs_testkit::Brickd;
 use bytes::Bytes;
 use common::*;
 use std::time::Duration;
@@ -564,4 +565,112 @@ async fn heal_in_journal_mode_compares_only_what_was_written_while_degraded() {
     // Everyone in sync again: the next write forgets the journal.
     write(key(100, 0), 60, false).await;
     assert_eq!(heal(true).await, (0, 0));
+}
+
+/// Unmounts a tmpfs when dropped (failures included).
+struct TmpfsGuard(std::path::PathBuf);
+
+impl Drop for TmpfsGuard {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// A brick whose disk another program filled refuses writes with `NoSpace` — plain writes,
+/// member writes at ever newer epochs (each records its epoch first) — and keeps running:
+/// its database never meets ENOSPC (RocksDB 7.8 aborts the process on the write after a WAL
+/// append failed; the fault suite's seed 52818651 lost a node so). Once space returns,
+/// writes go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_brick_on_a_full_disk_refuses_writes_and_keeps_running() {
+    let d = tempfile::tempdir().unwrap();
+    let disk = d.path().join("disk");
+    std::fs::create_dir_all(&disk).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &disk,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=16m"),
+    )
+    .unwrap();
+    let _guard = TmpfsGuard(disk.clone());
+    let node = Brickd::start(
+        &brickd_bin(),
+        &d.path().join("data"),
+        &[disk.join("b0")],
+        &[],
+    )
+    .expect("start brickd");
+    let addr = node.addr();
+    let brick = client().list_bricks(addr).await.unwrap()[0].id;
+    client()
+        .write(addr, brick, key(30, 0), 0, pattern(1, 0, 100_000), true)
+        .await
+        .unwrap();
+    // Another program fills the disk.
+    let filler = disk.join("filler");
+    {
+        use std::io::Write as _;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![7u8; 1 << 20];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+    let mut refused = 0;
+    for i in 0..100u64 {
+        let r = client()
+            .write(
+                addr,
+                brick,
+                key(31, i as u32),
+                0,
+                pattern(i, 0, 4096),
+                i % 2 == 0,
+            )
+            .await;
+        if let Err(e) = r {
+            assert_eq!(e.code(), Some(ErrorCode::NoSpace), "{e}");
+            refused += 1;
+        }
+        let msg = Message::MemberWrite(MemberWrite {
+            brick,
+            set: SetRef {
+                volume: VolumeId(9),
+                set: 0,
+                epoch: Epoch(2 + i),
+            },
+            key: key(32, i as u32),
+            offset_bytes: 0,
+            version: ObjectVersion(1),
+            tag: 1000 + i,
+            parent_tag: 0,
+            sync: true,
+            degraded: i % 3 == 0,
+            undo: true,
+        });
+        let r = client().pool().call(addr, msg, pattern(i, 0, 4096)).await;
+        if let Err(e) = r {
+            assert_eq!(e.code(), Some(ErrorCode::NoSpace), "{e}");
+            refused += 1;
+        }
+    }
+    assert!(
+        refused >= 190,
+        "the full disk took writes: {refused} of 200 refused"
+    );
+    client().ping(addr).await.expect("brickd still runs");
+    std::fs::remove_file(&filler).unwrap();
+    client()
+        .write(addr, brick, key(33, 0), 0, pattern(3, 0, 100_000), true)
+        .await
+        .expect("a write once space returned");
+    let (_, got) = client()
+        .read(addr, brick, key(30, 0), 0, 100_000)
+        .await
+        .unwrap();
+    assert!(
+        got == pattern(1, 0, 100_000),
+        "what was written before the disk filled"
+    );
 }

@@ -270,7 +270,9 @@ async fn heartbeat(
                 node,
                 bricks: unclean.clone(),
             };
-            match client.write_unsessioned(op).await {
+            // In this node's session: applied exactly once, so that a retry of a report whose
+            // answer was lost cannot take a brick healed meanwhile out of its set again.
+            match client.write(op).await {
                 Ok(_) => {
                     warn!(%node, bricks = ?unclean, "bricks opened after an unclean stop: reported, out of sync until healed");
                     service.reported(&unclean);
@@ -523,9 +525,9 @@ async fn scrub(
         // keeps its undamaged blocks readable. The brick serves no reads from before the
         // report (the set's writes skip it from the report on) until a heartbeat after it.
         service.hold_reads(id);
-        let reply = meta
-            .write_unsessioned(MetaOp::ReportDamage { brick: id, key })
-            .await;
+        // In a session: applied once (a retried report must not take the brick out again
+        // after it healed).
+        let reply = meta.write(MetaOp::ReportDamage { brick: id, key }).await;
         service.report_answered(id);
         let out_of_sync = match reply {
             Ok(MetaReply::Volume(v)) => v

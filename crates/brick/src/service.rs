@@ -99,6 +99,9 @@ pub struct BrickService {
     /// Orders a primary's mutations per object: held across the local apply and the fan-out,
     /// so every member sees an object's versions in the same order.
     ordering: Vec<tokio::sync::Mutex<()>>,
+    /// One gate per set this node orders mutations of: every mutation holds it shared, a
+    /// heal's barrier pass exclusively, so that the barrier stalls that set's writes only.
+    gates: std::sync::Mutex<HashMap<(brickfs_proto::VolumeId, u32), Gate>>,
     /// What the background scrubber found, per brick (filled by brickd's scrub task).
     scrub: std::sync::Mutex<HashMap<BrickId, brickfs_proto::msg::ScrubReport>>,
     /// This node's bricks that serve client reads: the in-sync members of sets, as the
@@ -121,6 +124,9 @@ pub struct BrickService {
 }
 
 const ORDERING_SHARDS: usize = 1024;
+
+/// A set's gate (`BrickService::gates`).
+type Gate = Arc<tokio::sync::RwLock<()>>;
 
 /// A member's refusal of a forward (see `brickfs_set::Refusal`).
 type Refusal = brickfs_set::Refusal<ErrorBody>;
@@ -226,6 +232,7 @@ impl BrickService {
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
             unsettled: std::sync::Mutex::new(std::collections::HashSet::new()),
+            gates: std::sync::Mutex::new(HashMap::new()),
             tags: AtomicU64::new(
                 node.0
                     ^ std::time::SystemTime::now()
@@ -246,6 +253,16 @@ impl BrickService {
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         (z ^ (z >> 31)).max(1)
+    }
+
+    /// Set `set`'s gate (see `gates`).
+    fn gate(&self, set: SetRef) -> Gate {
+        self.gates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((set.volume, set.set))
+            .or_default()
+            .clone()
     }
 
     fn ordering_lock(&self, key: &brickfs_proto::ObjectKey) -> &tokio::sync::Mutex<()> {
@@ -272,6 +289,8 @@ impl BrickService {
     ) -> Result<crate::store::ObjectMeta, ErrorBody> {
         use brickfs_set::replica::Step;
         let own = self.brick(brick)?;
+        let gate = self.gate(set);
+        let _gate = gate.read().await;
         let _order = self.ordering_lock(&key).lock().await;
         let (mut core, first) =
             brickfs_set::replica::Mutation::start(members.len(), self.new_tag());
@@ -854,6 +873,8 @@ impl BrickService {
     where
         Fut: std::future::Future<Output = Result<ObjectState, ErrorBody>> + 'a,
     {
+        let gate = self.gate(set);
+        let _gate = gate.read().await;
         let _order = self.ordering_lock(&key).lock().await;
         if self.is_unsettled(&key) {
             tracing::info!(%key, "the last mutation did not settle; reconciling first");
@@ -1445,13 +1466,14 @@ impl BrickService {
         let target: std::net::SocketAddr = req.target.addr.parse().map_err(|_| {
             ErrorBody::new(ErrorCode::InvalidArgument, "heal target has a bad address")
         })?;
-        // A barrier holds every ordering lock: no write runs on this set meanwhile.
-        let mut barrier = Vec::new();
-        if req.barrier {
-            for shard in &self.ordering {
-                barrier.push(shard.lock().await);
-            }
-        }
+        // A barrier holds the set's gate: no write of this set runs meanwhile (other sets'
+        // go on).
+        let gate = self.gate(set);
+        let barrier = if req.barrier {
+            Some(gate.write().await)
+        } else {
+            None
+        };
         let mut out = brickfs_proto::msg::Healed {
             scanned: 0,
             copied: 0,

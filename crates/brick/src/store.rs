@@ -36,6 +36,10 @@ pub const OBJECT_MAX_BYTES: u64 = 1 << 50;
 /// The most objects one `list` call returns.
 pub const LIST_MAX: usize = 10_000;
 const LOCK_SHARDS: usize = 256;
+/// Free space below which the brick's database takes no more writes (`NoSpace`): RocksDB
+/// 7.8 aborts the process on the write after a WAL append failed for a full disk (fixed
+/// upstream in 9.x, facebook/rocksdb#12448), so the database must never meet ENOSPC.
+const DB_RESERVE_BYTES: u64 = 1 << 20;
 /// The file that says a brick is open (`close_clean` removes it).
 const RUNNING_MARKER: &str = "running";
 /// The column bit of a staging object: a replace sent in parts lands beside the object, under
@@ -165,27 +169,31 @@ fn undo_key(key: &ObjectKey) -> [u8; 21] {
 }
 
 /// What a write kept of what it overwrote: the version it made (`from`), the state before
-/// (`to`: version 0 for no object), and the bytes it overwrote at `offset` (those within the
-/// old length).
+/// (`to`: version 0 for no object), and where the bytes it overwrote were (`offset`, `len`,
+/// those within the old length). The record is in the database; the bytes, when there are
+/// any, in a file beside the object (`undo_path`), checked by `crc` — in the database they
+/// would swell its write-ahead log by every overwrite.
 struct Kept {
     from: (u64, u64),
     to: ObjectMeta,
     offset: u64,
-    old: Vec<u8>,
+    len: u64,
+    crc: u32,
 }
 
 fn encode_kept(k: &Kept) -> Vec<u8> {
-    let mut out = Vec::with_capacity(49 + k.old.len());
+    let mut out = Vec::with_capacity(61);
     out.extend_from_slice(&k.from.0.to_le_bytes());
     out.extend_from_slice(&k.from.1.to_le_bytes());
     out.extend_from_slice(&encode_meta(&k.to));
     out.extend_from_slice(&k.offset.to_le_bytes());
-    out.extend_from_slice(&k.old);
+    out.extend_from_slice(&k.len.to_le_bytes());
+    out.extend_from_slice(&k.crc.to_le_bytes());
     out
 }
 
 fn decode_kept(raw: &[u8]) -> Result<Kept, StoreError> {
-    if raw.len() < 49 {
+    if raw.len() != 61 {
         return Err(StoreError::Corrupt(format!(
             "undo record of {} bytes",
             raw.len()
@@ -196,7 +204,8 @@ fn decode_kept(raw: &[u8]) -> Result<Kept, StoreError> {
         from: (u(&raw[0..8]), u(&raw[8..16])),
         to: decode_meta(&raw[16..41])?,
         offset: u(&raw[41..49]),
-        old: raw[49..].to_vec(),
+        len: u(&raw[49..57]),
+        crc: u32::from_le_bytes(raw[57..61].try_into().expect("4 bytes")),
     })
 }
 
@@ -456,6 +465,7 @@ impl BrickStore {
         }
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
+        self.db_room()?;
         let mut seals = self.seals.write().unwrap_or_else(|p| p.into_inner());
         match state {
             Some(st) => {
@@ -511,6 +521,7 @@ impl BrickStore {
     pub fn journal_add(&self, volume: u64, set: u32, key: &ObjectKey) -> Result<(), StoreError> {
         let mut k = journal_prefix(volume, set).to_vec();
         k.extend_from_slice(&meta_key(key)[1..]);
+        self.db_room()?;
         self.db.put(k, [])?;
         self.journaled
             .lock()
@@ -529,6 +540,7 @@ impl BrickStore {
         let (from, to) = (journal_prefix(volume, set), journal_end(volume, set));
         let mut batch = WriteBatch::default();
         batch.delete_range(from, to);
+        self.db_room()?;
         self.db.write(batch)?;
         sets.remove(&(volume, set));
         Ok(())
@@ -730,7 +742,22 @@ impl BrickStore {
         batch.put(meta_key(key), encode_meta(&meta));
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
+        self.db_room()?;
         self.db.write_opt(batch, &wo)?;
+        Ok(())
+    }
+
+    /// Refuses a database write (`NoSpace`) while the brick's disk has less than
+    /// `DB_RESERVE_BYTES` free (see there). Removals free their file first and are not held
+    /// back.
+    fn db_room(&self) -> Result<(), StoreError> {
+        let st = nix::sys::statvfs::statvfs(&self.root)
+            .map_err(|e| StoreError::io("statfs", &self.root, e.into()))?;
+        if st.blocks_available().saturating_mul(st.fragment_size()) < DB_RESERVE_BYTES {
+            return Err(StoreError::NoSpace {
+                path: self.root.clone(),
+            });
+        }
         Ok(())
     }
 
@@ -841,8 +868,29 @@ impl BrickStore {
                     tag: 0,
                 }),
                 offset: offset_bytes,
-                old: kept,
+                len: kept.len() as u64,
+                crc: crc32c::crc32c(&kept),
             };
+            // The bytes go first: a crash before the commit leaves the previous record,
+            // which they no longer match (that write can no longer be undone; it was
+            // settled, or this one would not have been sent).
+            let undo_file = self.undo_path(key);
+            if kept.is_empty() {
+                match fs::remove_file(&undo_file) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(StoreError::io("remove undo bytes", &undo_file, e)),
+                }
+            } else {
+                let f = File::create(&undo_file)
+                    .map_err(|e| StoreError::io("keep undo bytes", &undo_file, e))?;
+                f.write_all_at(&kept, 0)
+                    .map_err(|e| StoreError::io("keep undo bytes", &undo_file, e))?;
+                if sync {
+                    f.sync_data()
+                        .map_err(|e| StoreError::io("sync undo bytes", &undo_file, e))?;
+                }
+            }
             batch.put(undo_key(key), encode_kept(&k));
         }
 
@@ -984,6 +1032,7 @@ impl BrickStore {
         }
         // A truncate keeps nothing: what an earlier write kept no longer fits the object.
         batch.delete(undo_key(key));
+        let _ = fs::remove_file(self.undo_path(key));
         file.set_len(len_bytes)
             .map_err(|e| StoreError::io("truncate object", &path, e))?;
         if sync {
@@ -1049,11 +1098,41 @@ impl BrickStore {
         Ok((held, to))
     }
 
+    /// The file beside an object that holds the bytes its last undoable write overwrote.
+    fn undo_path(&self, key: &ObjectKey) -> PathBuf {
+        let mut p = self.object_path(key).into_os_string();
+        p.push(".undo");
+        PathBuf::from(p)
+    }
+
+    /// The object's undo record, if its bytes are there (by length: `undo` checks them).
     fn get_kept(&self, key: &ObjectKey) -> Result<Option<Kept>, StoreError> {
-        self.db
+        let Some(k) = self
+            .db
             .get_pinned(undo_key(key))?
             .map(|raw| decode_kept(&raw))
-            .transpose()
+            .transpose()?
+        else {
+            return Ok(None);
+        };
+        if k.len > 0 && fs::metadata(self.undo_path(key)).map_or(true, |m| m.len() != k.len) {
+            return Ok(None);
+        }
+        Ok(Some(k))
+    }
+
+    /// The bytes an undo record names, checked.
+    fn kept_bytes(&self, key: &ObjectKey, k: &Kept) -> Result<Option<Vec<u8>>, StoreError> {
+        if k.len == 0 {
+            return Ok(Some(Vec::new()));
+        }
+        let path = self.undo_path(key);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StoreError::io("read undo bytes", &path, e)),
+        };
+        Ok((bytes.len() as u64 == k.len && crc32c::crc32c(&bytes) == k.crc).then_some(bytes))
     }
 
     /// Takes the object back from `from` (version and tag) to `to`, on what the write that
@@ -1088,8 +1167,17 @@ impl BrickStore {
             self.delete(key)?;
             return Ok(None);
         }
-        if !k.old.is_empty() {
-            self.write(key, k.offset, &k.old, false)?;
+        let Some(old) = self.kept_bytes(key, &k)? else {
+            tracing::warn!(brick = %self.id, %key, "the bytes kept to undo a write do not match its record");
+            self.db.delete(undo_key(key))?;
+            return Err(StoreError::VersionGap {
+                key: *key,
+                have: have.0,
+                want: from.0.0,
+            });
+        };
+        if !old.is_empty() {
+            self.write(key, k.offset, &old, false)?;
         }
         self.truncate(key, k.to.len_bytes, false)?;
         let _guard = self.lock(key).write().unwrap_or_else(|p| p.into_inner());
@@ -1099,6 +1187,7 @@ impl BrickStore {
         let mut batch = WriteBatch::default();
         batch.delete(undo_key(key));
         self.commit(key, batch, k.to, true)?;
+        let _ = fs::remove_file(self.undo_path(key));
         Ok(Some(k.to))
     }
 
@@ -1225,6 +1314,7 @@ impl BrickStore {
         let old = self.get_meta(key)?;
         let mut batch = WriteBatch::default();
         batch.delete(undo_key(key));
+        let _ = fs::remove_file(self.undo_path(key));
         batch.delete_range(crc_key(key, 0), crc_key(key, u64::MAX));
         let blocks = len_bytes.div_ceil(BLOCK_BYTES);
         let mut block = 0;
@@ -1264,6 +1354,7 @@ impl BrickStore {
     /// Removes an object's data and records (its lock held); returns whether it existed.
     fn remove_locked(&self, key: &ObjectKey) -> Result<bool, StoreError> {
         let old = self.get_meta(key)?;
+        let _ = fs::remove_file(self.undo_path(key));
         let path = self.object_path(key);
         match fs::remove_file(&path) {
             Ok(()) => {}
@@ -1379,6 +1470,7 @@ impl BrickStore {
         if let brickfs_set::member::Fence::Record(epoch) = fence {
             let mut wo = WriteOptions::default();
             wo.set_sync(true);
+            self.db_room()?;
             self.db.put_opt(&key, epoch.to_le_bytes(), &wo)?;
         }
         Ok(())
@@ -1853,6 +1945,25 @@ mod tests {
         store.replace(&k, b"zz", ObjectVersion(3), 13).unwrap();
         assert_eq!(store.stat_undo(&k).unwrap().1, None);
         assert!(store.undo(&k, at(3), at(2)).is_err());
+        // Kept bytes that no longer match their record are never put back.
+        let bent = key(5);
+        store
+            .write_undoable(&bent, 0, &first, false, rule(1))
+            .unwrap();
+        store
+            .write_undoable(&bent, 10, b"overwrite", false, rule(2))
+            .unwrap();
+        let side = store.undo_path(&bent);
+        let mut raw = std::fs::read(&side).unwrap();
+        assert_eq!(&raw[..], &first[10..19]);
+        raw[0] ^= 1;
+        std::fs::write(&side, &raw).unwrap();
+        assert!(matches!(
+            store.undo(&bent, at(2), at(1)),
+            Err(StoreError::VersionGap { .. })
+        ));
+        assert_eq!(store.stat_undo(&bent).unwrap().1, None);
+        assert_eq!(&store.read(&bent, 10, 9).unwrap().1[..], b"overwrite");
         // Back from a create: the object goes.
         let fresh = key(4);
         store

@@ -818,8 +818,8 @@ impl Sim {
             }
             Msg::Report { node, incarnation } => {
                 // A report is handled once per restart: a late duplicate must not take a
-                // member healed since out of sync while it serves reads (brickd's
-                // ReportRestart does not carry the restart yet: see docs).
+                // member healed since out of sync while it serves reads (brickd sends it in
+                // its session, which the group applies once).
                 if incarnation > self.group.reported[node] {
                     self.group.reported[node] = incarnation;
                     self.out_of_sync(node, "restarted after an unclean stop");
