@@ -129,6 +129,10 @@ pub struct BrickStore {
     db: DB,
     locks: Vec<RwLock<()>>,
     object_count: AtomicU64,
+    /// Set by the first failed database write: RocksDB 7.8 aborts the process on the next
+    /// write to a log whose append failed, so the brick takes no more writes (reads go on)
+    /// until brickd reopens it.
+    db_failed: std::sync::atomic::AtomicBool,
     epoch_lock: std::sync::Mutex<()>,
     /// The sets (volume, set) that may have journal entries (see `journal_add`).
     journaled: std::sync::Mutex<std::collections::HashSet<(u64, u32)>>,
@@ -434,6 +438,7 @@ impl BrickStore {
             db,
             locks: (0..LOCK_SHARDS).map(|_| RwLock::new(())).collect(),
             object_count: AtomicU64::new(count),
+            db_failed: std::sync::atomic::AtomicBool::new(false),
             epoch_lock: std::sync::Mutex::new(()),
             journaled: std::sync::Mutex::new(journaled),
             seals: RwLock::new(seals),
@@ -470,11 +475,13 @@ impl BrickStore {
         match state {
             Some(st) => {
                 let raw = [if st == SealState::Frozen { 1u8 } else { 2 }];
-                self.db.put_opt(seal_key(key), raw, &wo)?;
+                self.db_usable()?;
+                self.db_ok(self.db.put_opt(seal_key(key), raw, &wo))?;
                 seals.insert(*key, st);
             }
             None => {
-                self.db.delete_opt(seal_key(key), &wo)?;
+                self.db_usable()?;
+                self.db_ok(self.db.delete_opt(seal_key(key), &wo))?;
                 seals.remove(key);
             }
         }
@@ -522,7 +529,7 @@ impl BrickStore {
         let mut k = journal_prefix(volume, set).to_vec();
         k.extend_from_slice(&meta_key(key)[1..]);
         self.db_room()?;
-        self.db.put(k, [])?;
+        self.db_ok(self.db.put(k, []))?;
         self.journaled
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -541,7 +548,7 @@ impl BrickStore {
         let mut batch = WriteBatch::default();
         batch.delete_range(from, to);
         self.db_room()?;
-        self.db.write(batch)?;
+        self.db_ok(self.db.write(batch))?;
         sets.remove(&(volume, set));
         Ok(())
     }
@@ -743,14 +750,37 @@ impl BrickStore {
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
         self.db_room()?;
-        self.db.write_opt(batch, &wo)?;
+        self.db_ok(self.db.write_opt(batch, &wo))?;
         Ok(())
+    }
+
+    /// Refuses every database write once one failed (see `db_failed`).
+    fn db_usable(&self) -> Result<(), StoreError> {
+        if self.db_failed.load(Ordering::Relaxed) {
+            return Err(StoreError::Db(format!(
+                "brick {} took no more writes after a database write failed; restart brickd to reopen it",
+                self.id
+            )));
+        }
+        Ok(())
+    }
+
+    /// A database write's result: a failure stops every later write (see `db_failed`; the
+    /// caller checks `db_usable` first).
+    fn db_ok<T>(&self, r: Result<T, rocksdb::Error>) -> Result<T, StoreError> {
+        r.map_err(|e| {
+            if !self.db_failed.swap(true, Ordering::Relaxed) {
+                tracing::error!(brick = %self.id, error = %e, "a database write failed: the brick takes no more writes until brickd restarts");
+            }
+            StoreError::from(e)
+        })
     }
 
     /// Refuses a database write (`NoSpace`) while the brick's disk has less than
     /// `DB_RESERVE_BYTES` free (see there). Removals free their file first and are not held
     /// back.
     fn db_room(&self) -> Result<(), StoreError> {
+        self.db_usable()?;
         let st = nix::sys::statvfs::statvfs(&self.root)
             .map_err(|e| StoreError::io("statfs", &self.root, e.into()))?;
         if st.blocks_available().saturating_mul(st.fragment_size()) < DB_RESERVE_BYTES {
@@ -1169,7 +1199,8 @@ impl BrickStore {
         }
         let Some(old) = self.kept_bytes(key, &k)? else {
             tracing::warn!(brick = %self.id, %key, "the bytes kept to undo a write do not match its record");
-            self.db.delete(undo_key(key))?;
+            self.db_usable()?;
+            self.db_ok(self.db.delete(undo_key(key)))?;
             return Err(StoreError::VersionGap {
                 key: *key,
                 have: have.0,
@@ -1211,7 +1242,8 @@ impl BrickStore {
         batch.delete(crc_key(key, u64::MAX));
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
-        self.db.write_opt(batch, &wo)?;
+        self.db_usable()?;
+        self.db_ok(self.db.write_opt(batch, &wo))?;
         if old.is_some() {
             self.object_count.fetch_sub(1, Ordering::Relaxed);
         }
@@ -1366,7 +1398,8 @@ impl BrickStore {
         batch.delete(undo_key(key));
         batch.delete_range(crc_key(key, 0), crc_key(key, u64::MAX));
         batch.delete(crc_key(key, u64::MAX));
-        self.db.write(batch)?;
+        self.db_usable()?;
+        self.db_ok(self.db.write(batch))?;
         if old.is_some() {
             self.object_count.fetch_sub(1, Ordering::Relaxed);
         }
@@ -1387,7 +1420,8 @@ impl BrickStore {
         if let Some(parent) = path.parent() {
             sync_dir(parent)?;
         }
-        self.db.flush_wal(true)?;
+        self.db_usable()?;
+        self.db_ok(self.db.flush_wal(true))?;
         Ok(meta)
     }
 
@@ -1471,14 +1505,15 @@ impl BrickStore {
             let mut wo = WriteOptions::default();
             wo.set_sync(true);
             self.db_room()?;
-            self.db.put_opt(&key, epoch.to_le_bytes(), &wo)?;
+            self.db_ok(self.db.put_opt(&key, epoch.to_le_bytes(), &wo))?;
         }
         Ok(())
     }
 
     /// Flushes the database's write-ahead log to disk (at shutdown).
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_wal(true)?;
+        self.db_usable()?;
+        self.db_ok(self.db.flush_wal(true))?;
         Ok(())
     }
 
