@@ -483,6 +483,7 @@ impl Sim {
             || n.cut_until > self.now
             || n.unreported
             || !self.group.in_sync[node]
+            || self.group.draining[node].is_some()
     }
 
     fn deliver_in(&mut self, delay: u64, to: Dest, msg: Msg, incarnation: u64) {
