@@ -158,6 +158,26 @@ enum Mutation {
     },
 }
 
+/// A member's answer to `MemberStat` from `BrickStore::stat_undo` (version 0: nothing held).
+fn member_stat_reply(
+    (held, undo): (
+        Option<crate::store::ObjectMeta>,
+        Option<crate::store::ObjectMeta>,
+    ),
+) -> brickfs_proto::msg::MemberStatReply {
+    brickfs_proto::msg::MemberStatReply {
+        state: held.map_or(
+            ObjectState {
+                version: ObjectVersion(0),
+                len_bytes: 0,
+                tag: 0,
+            },
+            state,
+        ),
+        undo: undo.map(state),
+    }
+}
+
 fn state(meta: crate::store::ObjectMeta) -> ObjectState {
     ObjectState {
         version: meta.version,
@@ -1156,17 +1176,7 @@ impl BrickService {
         let reply = if let Some(b) = self.bricks.get(&m.brick).cloned() {
             Self::blocking(b, move |b| b.stat_undo(&key))
                 .await
-                .map(|(held, undo)| brickfs_proto::msg::MemberStatReply {
-                    state: held.map_or(
-                        ObjectState {
-                            version: ObjectVersion(0),
-                            len_bytes: 0,
-                            tag: 0,
-                        },
-                        state,
-                    ),
-                    undo: undo.map(state),
-                })
+                .map(member_stat_reply)
         } else {
             let addr: std::net::SocketAddr = m.addr.parse().ok()?;
             let msg = Message::MemberStat(brickfs_proto::msg::MemberStat {
@@ -1953,19 +1963,8 @@ impl BrickService {
             Message::MemberStat(req) => {
                 let brick = self.brick(req.brick)?;
                 let key = req.key;
-                let (held, undo) = Self::blocking(brick, move |b| b.stat_undo(&key)).await?;
-                let absent = ObjectState {
-                    version: ObjectVersion(0),
-                    len_bytes: 0,
-                    tag: 0,
-                };
-                (
-                    Message::MemberStatReply(brickfs_proto::msg::MemberStatReply {
-                        state: held.map_or(absent, state),
-                        undo: undo.map(state),
-                    }),
-                    none,
-                )
+                let reply = Self::blocking(brick, move |b| b.stat_undo(&key)).await?;
+                (Message::MemberStatReply(member_stat_reply(reply)), none)
             }
             Message::MemberReplace(req) => {
                 let brick = self.brick(req.brick)?;

@@ -1336,6 +1336,14 @@ impl Sim {
             });
         }
         let answered = frags.iter().flatten().count();
+        self.decode_frags(&frags).map_err(|_| answered)
+    }
+
+    /// Decodes whole fragments as read (`None`: not read) into the column.
+    fn decode_frags(
+        &self,
+        frags: &[Option<(Held, Vec<u8>)>],
+    ) -> Result<(Held, Vec<u8>), brickfs_erasure::CodecError> {
         let longest = frags
             .iter()
             .flatten()
@@ -1344,7 +1352,7 @@ impl Sim {
             .unwrap_or(0);
         let stripes = (longest as u64).div_ceil(FRAGMENT).max(1) as usize;
         let codec = self.codec.as_ref().expect("dispersed");
-        decode_stripes(codec, &frags, FRAGMENT as usize, stripes).map_err(|_| answered)
+        decode_stripes(codec, frags, FRAGMENT as usize, stripes)
     }
 
     /// Rebuilds member `t`'s fragment at `held` from `from`.
@@ -1843,15 +1851,7 @@ impl Sim {
                     let ok = in_sync.contains(&t) && self.serves_reads(t);
                     frags.push(ok.then(|| self.copy_of(t, key)));
                 }
-                let longest = frags
-                    .iter()
-                    .flatten()
-                    .map(|(_, b)| b.len())
-                    .max()
-                    .unwrap_or(0);
-                let stripes = (longest as u64).div_ceil(FRAGMENT).max(1) as usize;
-                let codec = self.codec.as_ref().expect("dispersed");
-                decode_stripes(codec, &frags, FRAGMENT as usize, stripes).ok()
+                self.decode_frags(&frags).ok()
             }
         };
         let Some((held, bytes)) = result else {
