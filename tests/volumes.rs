@@ -9,7 +9,8 @@ mod common;
 use brickfs_client::admin;
 use brickfs_client::{MetaClient, MetaClientOptions, VolumeClient};
 use brickfs_proto::meta::{AdminOp, MetaOp, MetaRead, MetaReply};
-use brickfs_proto::{ErrorCode, Ino};
+use brickfs_proto::msg::{SetRef, SetWrite};
+use brickfs_proto::{ErrorCode, Ino, Message, ObjectKey};
 use brickfs_testkit::Brickd;
 use bytes::Bytes;
 use common::*;
@@ -659,8 +660,59 @@ async fn silent_nodes_leave_their_sets_and_quorum_makes_sets_read_only() {
         if vol.record().disperse_data == 0 {
             let got = vol.read(fh, 0, model.len() as u64).await.unwrap();
             assert!(got == *model, "reads go on below quorum");
+            must_refuse_below_quorum_at_the_primary(vol).await;
         }
     }
+}
+
+/// A write sent straight to a replica set's primary (past the client's own quorum check)
+/// at the set's current epoch, below its quorum, is refused there as well: the metadata
+/// group's heartbeat answers tell the primary each set's quorum standing.
+async fn must_refuse_below_quorum_at_the_primary(vol: &VolumeClient) {
+    vol.refresh().await.unwrap();
+    let rec = vol.record().clone();
+    let sets = vol.sets();
+    let (index, set) = sets
+        .iter()
+        .enumerate()
+        .find(|(_, s)| !s.members.is_empty())
+        .expect("a set");
+    assert!(set.in_sync.len() < rec.write_quorum(), "{set:?}");
+    let msg = Message::SetWrite(SetWrite {
+        brick: set.primary,
+        set: SetRef {
+            volume: rec.id,
+            set: index as u32,
+            epoch: set.epoch,
+        },
+        key: ObjectKey {
+            volume: rec.id,
+            ino: Ino(1 << 40),
+            column: 0,
+        },
+        offset_bytes: 0,
+        sync: false,
+        members: Vec::new(),
+        degraded: true,
+    });
+    let addr = node_addr(&rec, set.primary);
+    // The primary hears of the epoch with its next heartbeat answer.
+    let refused = must_wait_for(
+        "the primary to refuse a write below quorum",
+        Duration::from_secs(20),
+        || async {
+            match client()
+                .pool()
+                .call(addr, msg.clone(), Bytes::from_static(b"below quorum"))
+                .await
+            {
+                Err(e) if e.code() == Some(ErrorCode::ReadOnly) => Some(e.to_string()),
+                _ => None,
+            }
+        },
+    )
+    .await;
+    assert!(refused.contains("quorum"), "{refused}");
 }
 
 /// Self-heal: a node that was down while its sets took writes comes back; the metadata

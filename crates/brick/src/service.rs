@@ -121,6 +121,9 @@ pub struct BrickService {
     /// that no write lands on top of a version fewer than K members hold. In memory: a new
     /// primary starts without, and finds disagreeing members by their gaps.
     unsettled: std::sync::Mutex<std::collections::HashSet<ObjectKey>>,
+    /// What the metadata group last said of each set this node has a member of (epoch,
+    /// members in sync, write quorum; see `brickfs_set::quorum`).
+    known: std::sync::Mutex<HashMap<(brickfs_proto::VolumeId, u32), brickfs_set::quorum::Known>>,
 }
 
 const ORDERING_SHARDS: usize = 1024;
@@ -252,6 +255,7 @@ impl BrickService {
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
             unsettled: std::sync::Mutex::new(std::collections::HashSet::new()),
+            known: std::sync::Mutex::new(HashMap::new()),
             gates: std::sync::Mutex::new(HashMap::new()),
             tags: AtomicU64::new(
                 node.0
@@ -285,6 +289,23 @@ impl BrickService {
             .clone()
     }
 
+    /// Refuses (`ReadOnly`) a mutation at an epoch the metadata group said leaves the set
+    /// below its write quorum (`brickfs_set::quorum::admit`).
+    fn admit(&self, set: SetRef) -> Result<(), ErrorBody> {
+        let known = self
+            .known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(set.volume, set.set))
+            .copied();
+        brickfs_set::quorum::admit(known, set.epoch.0).map_err(|why| {
+            ErrorBody::new(
+                ErrorCode::ReadOnly,
+                format!("set {} of volume {}: {why}", set.set, set.volume.0),
+            )
+        })
+    }
+
     fn ordering_lock(&self, key: &brickfs_proto::ObjectKey) -> &tokio::sync::Mutex<()> {
         let raw = [key.volume.0.to_le_bytes(), key.ino.0.to_le_bytes()].concat();
         let h = crc32c::crc32c_append(crc32c::crc32c(&raw), &key.column.to_le_bytes());
@@ -309,6 +330,7 @@ impl BrickService {
     ) -> Result<crate::store::ObjectMeta, ErrorBody> {
         use brickfs_set::replica::Step;
         let own = self.brick(brick)?;
+        self.admit(set)?;
         let gate = self.gate(set);
         let _gate = gate.read().await;
         let _order = self.ordering_lock(&key).lock().await;
@@ -408,11 +430,23 @@ impl BrickService {
     /// Fences this node's bricks at their sets' current epochs (the group's word, see
     /// `MetaReply::Standing`): a primary the group has moved on from then refuses writes at an
     /// older epoch instead of ordering them (and sending its copy over newer ones).
-    pub async fn fence_epochs(
-        &self,
-        epochs: &[(BrickId, brickfs_proto::VolumeId, u32, brickfs_proto::Epoch)],
-    ) {
-        for &(brick, volume, set, epoch) in epochs {
+    /// It also keeps what the group said of each set's quorum at that epoch (`admit`).
+    pub async fn fence_epochs(&self, epochs: &[brickfs_proto::meta::SetStanding]) {
+        {
+            let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+            for s in epochs {
+                known.insert(
+                    (s.volume, s.set),
+                    brickfs_set::quorum::Known {
+                        epoch: s.epoch.0,
+                        in_sync: s.in_sync as usize,
+                        quorum: s.quorum as usize,
+                    },
+                );
+            }
+        }
+        for s in epochs {
+            let (brick, volume, set, epoch) = (s.brick, s.volume, s.set, s.epoch);
             let Some(b) = self.bricks.get(&brick).cloned() else {
                 continue;
             };
@@ -893,6 +927,7 @@ impl BrickService {
     where
         Fut: std::future::Future<Output = Result<ObjectState, ErrorBody>> + 'a,
     {
+        self.admit(set)?;
         let gate = self.gate(set);
         let _gate = gate.read().await;
         let _order = self.ordering_lock(&key).lock().await;

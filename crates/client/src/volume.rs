@@ -354,26 +354,9 @@ impl VolumeClient {
         self.quota.load(Ordering::Relaxed)
     }
 
-    /// The least in-sync members a set needs to take writes: the `quorum` option, else a
-    /// majority of a replica set, K+1 of a disperse set (at most its width), 1 otherwise.
+    /// The least in-sync members a set needs to take writes (`VolumeRecord::write_quorum`).
     pub fn quorum(&self) -> usize {
-        let width = self.vol.set_width();
-        if let Some(q) = self
-            .vol
-            .options
-            .iter()
-            .find(|(k, _)| k == "quorum")
-            .and_then(|(_, v)| v.parse::<usize>().ok())
-        {
-            return q.clamp(1, width);
-        }
-        if self.vol.disperse_data > 0 {
-            (self.vol.disperse_data as usize + 1).min(width)
-        } else if self.vol.replica > 1 {
-            self.vol.replica as usize / 2 + 1
-        } else {
-            1
-        }
+        self.vol.write_quorum()
     }
 
     /// Refuses writes to a set below its quorum (EROFS): reads go on.

@@ -12,7 +12,7 @@ use crate::types::{Command, CommandResult};
 use brickfs_layout::{Redundancy, VolumeSpec, parse_size};
 use brickfs_proto::meta::{
     Attr, BrickRecord, DirEntry, FileKind, GcItem, MetaOp, MetaRead, MetaReply, NodeRecord,
-    RenameFlags, SessionId, SessionInfo, SetAttr, SetState, VolumeBrick, VolumeRecord,
+    RenameFlags, SessionId, SessionInfo, SetAttr, SetStanding, SetState, VolumeBrick, VolumeRecord,
     VolumeStatus,
 };
 use brickfs_proto::{Epoch, ErrorBody, ErrorCode, Ino, VolumeId};
@@ -1100,7 +1100,14 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                         }
                         for (i, s) in v.sets.iter().enumerate() {
                             if s.members.contains(&b.brick) {
-                                epochs.push((b.brick, v.id, i as u32, s.epoch));
+                                epochs.push(SetStanding {
+                                    brick: b.brick,
+                                    volume: v.id,
+                                    set: i as u32,
+                                    epoch: s.epoch,
+                                    in_sync: s.in_sync.len() as u32,
+                                    quorum: v.write_quorum() as u32,
+                                });
                             }
                         }
                     }

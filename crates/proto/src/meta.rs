@@ -214,6 +214,23 @@ impl VolumeRecord {
         !self.retired(g) && !self.draining.contains(&(g as u32))
     }
 
+    /// The least in-sync members a set needs to take writes (`brickfs_set::quorum`): the
+    /// `quorum` option, else a majority of a replica set, K+1 of a disperse set (at most its
+    /// width), 1 otherwise. Clients check it, and primaries refuse mutations below it.
+    pub fn write_quorum(&self) -> usize {
+        let option = self
+            .options
+            .iter()
+            .find(|(k, _)| k == "quorum")
+            .and_then(|(_, v)| v.parse::<usize>().ok());
+        brickfs_set::quorum::write_quorum(
+            option,
+            self.replica as usize,
+            self.disperse_data as usize,
+            self.set_width(),
+        )
+    }
+
     /// Bricks per set: R, K+M or 1.
     pub fn set_width(&self) -> usize {
         if self.replica > 0 {
@@ -877,8 +894,21 @@ pub enum MetaReply {
     Standing {
         in_sync: Vec<BrickId>,
         volumes: Vec<VolumeId>,
-        epochs: Vec<(BrickId, VolumeId, u32, Epoch)>,
+        epochs: Vec<SetStanding>,
     },
+}
+
+/// What a heartbeat answer says of one set a node's brick is a member of: its epoch (the
+/// brick fences it), and how many members are in sync at that epoch against the volume's
+/// write quorum (a primary refuses mutations below it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetStanding {
+    pub brick: BrickId,
+    pub volume: VolumeId,
+    pub set: u32,
+    pub epoch: Epoch,
+    pub in_sync: u32,
+    pub quorum: u32,
 }
 
 /// A directory quota and what its tree holds.

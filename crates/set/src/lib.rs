@@ -14,6 +14,7 @@ pub mod disperse;
 pub mod heal;
 pub mod lease;
 pub mod member;
+pub mod quorum;
 pub mod replica;
 pub mod sim;
 

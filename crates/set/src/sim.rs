@@ -46,6 +46,9 @@ pub enum Mutant {
     /// The group takes a live member out of its set at once (a replace-brick) instead of
     /// first telling it to stop serving reads and waiting out the leases.
     NoDrain,
+    /// Writes go on below the set's write quorum: clients do not check it and primaries do
+    /// not refuse them.
+    NoQuorum,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -191,6 +194,8 @@ struct Node {
     unreported: bool,
     /// The group's last word: whether this node's brick is in sync (`None`: none yet).
     standing: Option<bool>,
+    /// ... and what it said of the set (epoch, members in sync, quorum).
+    known: Option<crate::quorum::Known>,
     lease: Option<Lease>,
     tags: u64,
     /// Objects whose last mutation here did not settle cleanly: the next one reconciles
@@ -261,6 +266,7 @@ enum Msg {
         sent: u64,
         in_sync: bool,
         epoch: u64,
+        set: crate::quorum::Known,
     },
     Report {
         node: usize,
@@ -395,6 +401,7 @@ pub fn run(cfg: Config) -> Result<Stats, Failure> {
                 up: true,
                 lease: Some(Lease::new(LEASE_MS)),
                 standing: Some(true),
+                known: None,
                 ..Node::default()
             })
             .collect(),
@@ -807,12 +814,18 @@ impl Sim {
                 self.group.last_beat[node] = self.group.last_beat[node].max(self.now);
                 let in_sync = self.group.in_sync[node] && self.group.draining[node].is_none();
                 let epoch = self.group.epoch;
+                let set = crate::quorum::Known {
+                    epoch,
+                    in_sync: self.group.in_sync.iter().filter(|b| **b).count(),
+                    quorum: self.quorum(),
+                };
                 self.send_to(
                     Dest::Node(node),
                     Msg::Standing {
                         sent,
                         in_sync,
                         epoch,
+                        set,
                     },
                     incarnation,
                 );
@@ -1094,9 +1107,12 @@ impl Sim {
                 sent,
                 in_sync,
                 epoch,
+                set,
             } => {
-                // The node fences its brick at the set's epoch (brickd's `fence_epochs`).
+                // The node fences its brick at the set's epoch (brickd's `fence_epochs`)
+                // and keeps the set's quorum standing.
                 let _ = self.fence_on(n, epoch);
+                self.nodes[n].known = Some(set);
                 self.nodes[n].standing = Some(in_sync);
                 let from = if self.mutant(Mutant::LeaseFromReply) {
                     self.now
@@ -1193,6 +1209,11 @@ impl Sim {
     fn replica_start(&mut self, n: usize, req: Request) {
         if !self.lease_held(n) {
             return self.finish(n, None, &req, Err("busy: lease lapsed".into()));
+        }
+        if let Err(e) = crate::quorum::admit(self.nodes[n].known, req.epoch)
+            && !self.mutant(Mutant::NoQuorum)
+        {
+            return self.finish(n, None, &req, Err(format!("read-only: {e}")));
         }
         let members: Vec<usize> = req.in_sync.iter().copied().filter(|m| *m != n).collect();
         let tag = self.new_tag(n);
@@ -1379,6 +1400,11 @@ impl Sim {
     fn disperse_start(&mut self, n: usize, req: Request, attempt: u32) {
         if !self.lease_held(n) {
             return self.finish(n, None, &req, Err("busy: lease lapsed".into()));
+        }
+        if let Err(e) = crate::quorum::admit(self.nodes[n].known, req.epoch)
+            && !self.mutant(Mutant::NoQuorum)
+        {
+            return self.finish(n, None, &req, Err(format!("read-only: {e}")));
         }
         if self.fence_on(n, req.epoch).is_err() {
             return self.finish(n, None, &req, Err("stale epoch".into()));
@@ -1744,7 +1770,7 @@ impl Sim {
         let Some((mut req, since, tries)) = self.clients[c].pending.clone() else {
             return;
         };
-        if in_sync.len() < self.quorum() || tries > 12 {
+        if (in_sync.len() < self.quorum() && !self.mutant(Mutant::NoQuorum)) || tries > 12 {
             // Read-only as this client sees the set, or out of retries: give up (the
             // outcome of earlier attempts stays unknown).
             self.stats.failed += 1;
