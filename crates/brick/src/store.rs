@@ -903,15 +903,11 @@ impl BrickStore {
             };
             // The bytes go first: a crash before the commit leaves the previous record,
             // which they no longer match (that write can no longer be undone; it was
-            // settled, or this one would not have been sent).
+            // settled, or this one would not have been sent). A write that overwrites
+            // nothing (an append) keeps no bytes and leaves an older file as it is: a
+            // record of no bytes never reads it, and the next overwrite replaces it.
             let undo_file = self.undo_path(key);
-            if kept.is_empty() {
-                match fs::remove_file(&undo_file) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(StoreError::io("remove undo bytes", &undo_file, e)),
-                }
-            } else {
+            if !kept.is_empty() {
                 let f = File::create(&undo_file)
                     .map_err(|e| StoreError::io("keep undo bytes", &undo_file, e))?;
                 f.write_all_at(&kept, 0)
