@@ -41,6 +41,20 @@ async fn volume_lifecycle_through_the_cli() {
     assert_eq!(info["sets"][0]["epoch"], 1);
     assert_eq!(info["status"], "Created");
 
+    // Output into a pipe nobody reads any more (`| head`) ends the CLI quietly, as the
+    // signal ends other tools: no panic.
+    let (r, w) = nix::unistd::pipe().unwrap();
+    drop(r);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_brickfs"))
+        .args(with(&["volume", "heal", "v", "info"]))
+        .stdout(std::process::Stdio::from(w))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(nix::libc::SIGPIPE), "{err}");
+
     // A spec that does not divide, and a brick already in use: clear errors, right exit codes.
     let (code, _, err) = brickfs(&with(&["volume", "create", "w", "replica", "3", &b0]));
     assert_eq!(code, 2, "{err}");
