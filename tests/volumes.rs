@@ -1452,9 +1452,10 @@ fn top_up(filler: &std::path::Path) {
 
 /// A disperse write that lands on fewer than K members leaves the previous version readable:
 /// a 4+2 volume on six small file systems, a 16 MiB file written and synced, three of the six
-/// bricks (not the primary) filled up and kept full; a 4 MiB append fails with ENOSPC (it
-/// reached three members, fewer than the four data fragments), and everything acknowledged
-/// reads back whole, at once and after the space returns, when appends go on.
+/// bricks (not the primary) filled up and kept full; a 4 MiB append, a 1 MiB overwrite in
+/// place and a truncate each fail with ENOSPC (each reached three members, fewer than the four
+/// data fragments), and everything acknowledged reads back whole, at once and after the space
+/// returns, when appends go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disperse_write_torn_below_k_leaves_the_old_version_readable() {
     let dir = tempfile::tempdir().unwrap();
@@ -1539,6 +1540,49 @@ async fn a_disperse_write_torn_below_k_leaves_the_old_version_readable() {
         .await
         .expect("the old version reads back");
     assert!(got == model[..], "the acknowledged bytes read back changed");
+    // An overwrite in place needs no new space on the full bricks' file systems: only their
+    // databases' reserve refuses it, which must happen before the bytes change.
+    let mut failed = None;
+    for a in 0..8u64 {
+        let at = (1 << 20) + a * (256 << 10);
+        let data = pattern(910 + a, at, 1 << 20);
+        match vol.write(&fh, at, data.clone()).await {
+            Ok(()) => model[at as usize..at as usize + data.len()].copy_from_slice(&data),
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    let err = failed.expect("eight overwrites on three full bricks of six all found room");
+    assert_eq!(err.code(), Some(ErrorCode::NoSpace), "{err}");
+    let got = vol.read(&fh, 0, model.len() as u64).await.unwrap();
+    assert!(
+        got == model[..],
+        "a torn overwrite changed acknowledged bytes"
+    );
+    // A truncate (to whole stripes) reaches the three bricks with room: they keep what they
+    // cut off and go back on it.
+    let mut failed = None;
+    for a in 0..8u64 {
+        let len = (12 << 20) - a * (1 << 20);
+        match vol.truncate(&fh, len).await {
+            Ok(_) => model.truncate(len as usize),
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    let err = failed.expect("eight truncates on three full bricks of six all found room");
+    assert_eq!(err.code(), Some(ErrorCode::NoSpace), "{err}");
+    let got = vol.read(&fh, 0, model.len() as u64).await.unwrap();
+    assert!(
+        got == model[..],
+        "a torn truncate lost acknowledged bytes ({} read of {})",
+        got.len(),
+        model.len()
+    );
     drop(stop);
     hog.join().unwrap();
     for f in &fillers {

@@ -156,9 +156,8 @@ enum Mutation {
         data: Bytes,
         undo: bool,
     },
-    Truncate {
-        len_bytes: u64,
-    },
+    /// `undo`: keep what the truncate cuts off (`BrickStore::truncate_undoable`).
+    Truncate { len_bytes: u64, undo: bool },
 }
 
 /// A member's answer to `MemberStat` from `BrickStore::stat_undo` (version 0: nothing held).
@@ -346,7 +345,7 @@ impl BrickService {
             Mutation::Truncate { .. } => (None, Bytes::new()),
         };
         let len_bytes = match &mutation {
-            Mutation::Truncate { len_bytes } => *len_bytes,
+            Mutation::Truncate { len_bytes, .. } => *len_bytes,
             Mutation::Write { .. } => 0,
         };
         let rule = VersionRule::Next { tag };
@@ -394,6 +393,7 @@ impl BrickService {
                                 parent_tag: parent,
                                 sync,
                                 degraded,
+                                undo: false,
                             }),
                         };
                         let data = data.clone();
@@ -1410,6 +1410,7 @@ impl BrickService {
                         if let Some(b) = self.bricks.get(&m.brick).cloned() {
                             let m = Mutation::Truncate {
                                 len_bytes: frag_len,
+                                undo: true,
                             };
                             let rule = VersionRule::Exactly {
                                 version,
@@ -1431,6 +1432,7 @@ impl BrickService {
                             parent_tag: have.1,
                             sync,
                             degraded,
+                            undo: true,
                         });
                         self.forward(&m, msg, Bytes::new()).await
                     }
@@ -1446,7 +1448,7 @@ impl BrickService {
                 ((version.0, tag), have),
                 takers,
                 results,
-                false,
+                true,
             )
             .await?;
             Ok(ObjectState {
@@ -1723,9 +1725,14 @@ impl BrickService {
                     data,
                     undo: true,
                 } => b.write_undoable(&key, offset_bytes, &data, sync, rule),
-                Mutation::Truncate { len_bytes } => {
-                    b.truncate_versioned(&key, len_bytes, sync, rule)
-                }
+                Mutation::Truncate {
+                    len_bytes,
+                    undo: false,
+                } => b.truncate_versioned(&key, len_bytes, sync, rule),
+                Mutation::Truncate {
+                    len_bytes,
+                    undo: true,
+                } => b.truncate_undoable(&key, len_bytes, sync, rule),
             }?;
             Ok((meta, parent))
         })
@@ -1922,6 +1929,7 @@ impl BrickService {
             Message::SetTruncate(req) => {
                 let m = Mutation::Truncate {
                     len_bytes: req.len_bytes,
+                    undo: false,
                 };
                 let meta = self
                     .replica_mutation(
@@ -2022,6 +2030,7 @@ impl BrickService {
             Message::MemberTruncate(req) => {
                 let m = Mutation::Truncate {
                     len_bytes: req.len_bytes,
+                    undo: req.undo,
                 };
                 let meta = self
                     .apply_forward(

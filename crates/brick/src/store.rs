@@ -869,6 +869,9 @@ impl BrickStore {
         if let Some(done) = Self::check_version(key, old, rule)? {
             return Ok(done);
         }
+        // Before the file changes: a commit refused for room after the bytes went in place
+        // would leave the old state over new bytes (a damaged object).
+        self.db_room()?;
         let old_len = old.map_or(0, |m| m.len_bytes);
         let new_len = old_len.max(end);
         let (file, path) = self.open_for_write(key, old.is_none())?;
@@ -1029,6 +1032,31 @@ impl BrickStore {
         sync: bool,
         rule: VersionRule,
     ) -> Result<ObjectMeta, StoreError> {
+        self.truncate_inner(key, len_bytes, sync, rule, false)
+    }
+
+    /// [`BrickStore::truncate_versioned`] that keeps what it cuts off (the bytes past the new
+    /// length, copied beside the object a block at a time) and the state before, so that the
+    /// object can go back on its own ([`BrickStore::undo`]) like an undoable write. A disperse
+    /// member's truncates (`MemberTruncate.undo`).
+    pub fn truncate_undoable(
+        &self,
+        key: &ObjectKey,
+        len_bytes: u64,
+        sync: bool,
+        rule: VersionRule,
+    ) -> Result<ObjectMeta, StoreError> {
+        self.truncate_inner(key, len_bytes, sync, rule, true)
+    }
+
+    fn truncate_inner(
+        &self,
+        key: &ObjectKey,
+        len_bytes: u64,
+        sync: bool,
+        rule: VersionRule,
+        undoable: bool,
+    ) -> Result<ObjectMeta, StoreError> {
         Self::check_range(len_bytes, 0)?;
         let _guard = self.lock(key).write().unwrap_or_else(|p| p.into_inner());
         self.check_seal(key, false)?;
@@ -1036,9 +1064,59 @@ impl BrickStore {
         if let Some(done) = Self::check_version(key, old, rule)? {
             return Ok(done);
         }
+        // Before the file changes (see `write_inner`).
+        self.db_room()?;
         let old_len = old.map_or(0, |m| m.len_bytes);
         let (file, path) = self.open_for_write(key, old.is_none())?;
         let mut batch = WriteBatch::default();
+        let made = ObjectMeta {
+            version: ObjectVersion(old.map_or(0, |m| m.version.0) + 1),
+            len_bytes,
+            tag: Self::rule_tag(rule),
+        };
+        if undoable {
+            // The cut-off bytes go to the undo file first, verified, one block at a time
+            // (bounded memory whatever the object's size); the record commits with the
+            // truncate (a crash before leaves the previous record, which the file no longer
+            // matches).
+            let undo_file = self.undo_path(key);
+            let mut crc = 0u32;
+            let mut kept = 0u64;
+            if len_bytes < old_len {
+                let f = File::create(&undo_file)
+                    .map_err(|e| StoreError::io("keep undo bytes", &undo_file, e))?;
+                for block in len_bytes / BLOCK_BYTES..old_len.div_ceil(BLOCK_BYTES) {
+                    let bytes = self.read_block_verified(key, &file, &path, block, old_len)?;
+                    let bs = block * BLOCK_BYTES;
+                    let from = (len_bytes.max(bs) - bs) as usize;
+                    let part = &bytes[from..];
+                    f.write_all_at(part, kept)
+                        .map_err(|e| StoreError::io("keep undo bytes", &undo_file, e))?;
+                    crc = crc32c::crc32c_append(crc, part);
+                    kept += part.len() as u64;
+                }
+                if sync {
+                    f.sync_data()
+                        .map_err(|e| StoreError::io("sync undo bytes", &undo_file, e))?;
+                }
+            }
+            let k = Kept {
+                from: (made.version.0, made.tag),
+                to: old.unwrap_or(ObjectMeta {
+                    version: ObjectVersion(0),
+                    len_bytes: 0,
+                    tag: 0,
+                }),
+                offset: len_bytes.min(old_len),
+                len: kept,
+                crc,
+            };
+            batch.put(undo_key(key), encode_kept(&k));
+        } else {
+            // A truncate that keeps nothing: what an earlier write kept no longer fits.
+            batch.delete(undo_key(key));
+            let _ = fs::remove_file(self.undo_path(key));
+        }
         if len_bytes < old_len {
             let keep_blocks = len_bytes.div_ceil(BLOCK_BYTES);
             if !len_bytes.is_multiple_of(BLOCK_BYTES) {
@@ -1056,9 +1134,6 @@ impl BrickStore {
             bytes.resize((block_end - block * BLOCK_BYTES) as usize, 0);
             batch.put(crc_key(key, block), crc32c::crc32c(&bytes).to_le_bytes());
         }
-        // A truncate keeps nothing: what an earlier write kept no longer fits the object.
-        batch.delete(undo_key(key));
-        let _ = fs::remove_file(self.undo_path(key));
         file.set_len(len_bytes)
             .map_err(|e| StoreError::io("truncate object", &path, e))?;
         if sync {
@@ -1070,16 +1145,11 @@ impl BrickStore {
                 sync_dir(parent)?;
             }
         }
-        let meta = ObjectMeta {
-            version: ObjectVersion(old.map_or(0, |m| m.version.0) + 1),
-            len_bytes,
-            tag: Self::rule_tag(rule),
-        };
-        self.commit(key, batch, meta, sync)?;
+        self.commit(key, batch, made, sync)?;
         if old.is_none() {
             self.object_count.fetch_add(1, Ordering::Relaxed);
         }
-        Ok(meta)
+        Ok(made)
     }
 
     /// Replaces the object with `data`, which then holds `version`: a heal's copy from an
@@ -1147,18 +1217,55 @@ impl BrickStore {
         Ok(Some(k))
     }
 
-    /// The bytes an undo record names, checked.
-    fn kept_bytes(&self, key: &ObjectKey, k: &Kept) -> Result<Option<Vec<u8>>, StoreError> {
+    /// Whether the undo file holds exactly the bytes its record names (length and checksum,
+    /// read in bounded chunks).
+    fn kept_bytes_match(&self, key: &ObjectKey, k: &Kept) -> Result<bool, StoreError> {
         if k.len == 0 {
-            return Ok(Some(Vec::new()));
+            return Ok(true);
+        }
+        let mut crc = 0u32;
+        let mut seen = 0u64;
+        match self.for_kept_chunks(key, k, |_, chunk| {
+            crc = crc32c::crc32c_append(crc, chunk);
+            seen += chunk.len() as u64;
+            Ok(())
+        }) {
+            Ok(()) => Ok(seen == k.len && crc == k.crc),
+            Err(StoreError::Io { source, .. })
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::UnexpectedEof
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Calls `each` with the undo file's bytes in order, at most 1 MiB at a time, with each
+    /// chunk's offset in the kept bytes.
+    fn for_kept_chunks(
+        &self,
+        key: &ObjectKey,
+        k: &Kept,
+        mut each: impl FnMut(u64, &[u8]) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        if k.len == 0 {
+            return Ok(());
         }
         let path = self.undo_path(key);
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(StoreError::io("read undo bytes", &path, e)),
-        };
-        Ok((bytes.len() as u64 == k.len && crc32c::crc32c(&bytes) == k.crc).then_some(bytes))
+        let f = File::open(&path).map_err(|e| StoreError::io("read undo bytes", &path, e))?;
+        let mut buf = vec![0u8; (1 << 20).min(k.len) as usize];
+        let mut at = 0u64;
+        while at < k.len {
+            let n = (k.len - at).min(buf.len() as u64) as usize;
+            f.read_exact_at(&mut buf[..n], at)
+                .map_err(|e| StoreError::io("read undo bytes", &path, e))?;
+            each(at, &buf[..n])?;
+            at += n as u64;
+        }
+        Ok(())
     }
 
     /// Takes the object back from `from` (version and tag) to `to`, on what the write that
@@ -1193,7 +1300,7 @@ impl BrickStore {
             self.delete(key)?;
             return Ok(None);
         }
-        let Some(old) = self.kept_bytes(key, &k)? else {
+        if !self.kept_bytes_match(key, &k)? {
             tracing::warn!(brick = %self.id, %key, "the bytes kept to undo a write do not match its record");
             self.db_usable()?;
             self.db_ok(self.db.delete(undo_key(key)))?;
@@ -1202,10 +1309,10 @@ impl BrickStore {
                 have: have.0,
                 want: from.0.0,
             });
-        };
-        if !old.is_empty() {
-            self.write(key, k.offset, &old, false)?;
         }
+        self.for_kept_chunks(key, &k, |at, chunk| {
+            self.write(key, k.offset + at, chunk, false).map(|_| ())
+        })?;
         self.truncate(key, k.to.len_bytes, false)?;
         let _guard = self.lock(key).write().unwrap_or_else(|p| p.into_inner());
         let (file, path) = self.open_existing(key, false)?;
@@ -1921,6 +2028,59 @@ mod tests {
     /// An undoable write goes back on its own data: overwritten bytes (across blocks, past
     /// checksummed partial blocks), the length of an append, a create; only from the version
     /// it made, to the version it replaced; and a copy got whole kept nothing.
+    #[test]
+    fn an_undoable_truncate_goes_back_to_the_version_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = must_open(&dir.path().join("b"));
+        let k = key(7);
+        let rule = |n: u64| VersionRule::Exactly {
+            version: ObjectVersion(n),
+            tag: 20 + n,
+            parent: if n == 1 { 0 } else { 20 + n - 1 },
+        };
+        let at = |n: u64| (ObjectVersion(n), 20 + n);
+        // Larger than one chunk of the undo file (1 MiB) and not a whole number of blocks.
+        let first: Vec<u8> = (0..(3 << 20) + 777u64).map(|i| (i % 253) as u8).collect();
+        store
+            .write_versioned(&k, 0, &first, false, rule(1))
+            .unwrap();
+        // Cut mid-block: the tail goes beside the object, the record names the state before.
+        let cut = BLOCK_BYTES * 5 + 123;
+        let m = store.truncate_undoable(&k, cut, true, rule(2)).unwrap();
+        assert_eq!((m.version.0, m.len_bytes), (2, cut));
+        let (held, to) = store.stat_undo(&k).unwrap();
+        assert_eq!(held.unwrap().len_bytes, cut);
+        assert_eq!(
+            to.map(|m| (m.version.0, m.len_bytes)),
+            Some((1, first.len() as u64))
+        );
+        assert_eq!(
+            std::fs::metadata(store.undo_path(&k)).unwrap().len(),
+            first.len() as u64 - cut
+        );
+        let back = store.undo(&k, at(2), at(1)).unwrap().unwrap();
+        assert_eq!((back.version.0, back.tag), (1, 21));
+        let (meta, got) = store.read(&k, 0, 8 << 20).unwrap();
+        assert_eq!(meta.len_bytes, first.len() as u64);
+        assert!(got[..] == first[..], "the cut-off bytes came back");
+        // A truncate that grows keeps no bytes and goes back to the old length.
+        store
+            .truncate_undoable(&k, 5 << 20, false, rule(2))
+            .unwrap();
+        store.undo(&k, at(2), at(1)).unwrap();
+        assert_eq!(store.stat(&k).unwrap().len_bytes, first.len() as u64);
+        // A damaged undo file is never put back.
+        store.truncate_undoable(&k, 10, false, rule(2)).unwrap();
+        let side = store.undo_path(&k);
+        let f = std::fs::OpenOptions::new().write(true).open(&side).unwrap();
+        f.write_all_at(&[0xAB], 2 << 20).unwrap();
+        assert!(matches!(
+            store.undo(&k, at(2), at(1)),
+            Err(StoreError::VersionGap { .. })
+        ));
+        assert_eq!(store.stat(&k).unwrap().len_bytes, 10);
+    }
+
     #[test]
     fn an_undoable_write_goes_back_to_the_version_before() {
         let dir = tempfile::tempdir().unwrap();

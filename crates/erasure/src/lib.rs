@@ -24,6 +24,8 @@ pub enum CodecError {
     UnequalLengths,
     #[error("only {present} of the {needed} fragments needed are present")]
     TooFewFragments { present: usize, needed: usize },
+    #[error("{present} fragments are present but no version is held by {needed} of them")]
+    VersionsDisagree { present: usize, needed: usize },
 }
 
 /// A K+M erasure code over fragments of equal length.
@@ -299,7 +301,11 @@ pub fn decode_stripes<V: Ord + Copy>(
         .find(|v| fragments.iter().flatten().filter(|(fv, _)| fv == v).count() >= k)
     else {
         let present = fragments.iter().flatten().count();
-        return Err(CodecError::TooFewFragments { present, needed: k });
+        return Err(if present >= k {
+            CodecError::VersionsDisagree { present, needed: k }
+        } else {
+            CodecError::TooFewFragments { present, needed: k }
+        });
     };
     let mut chosen: Vec<Option<Vec<u8>>> = fragments
         .iter()
@@ -371,7 +377,10 @@ mod stripe_tests {
         let mixed = read(&[], &|i| if i < 3 { 10 } else { 9 });
         assert!(matches!(
             decode_stripes(&codec, &mixed, f, 3),
-            Err(CodecError::TooFewFragments { .. })
+            Err(CodecError::VersionsDisagree {
+                present: 6,
+                needed: 4
+            })
         ));
         let mostly_new = read(&[], &|i| if i == 5 { 9 } else { 10 });
         assert_eq!(decode_stripes(&codec, &mostly_new, f, 3).unwrap().0, 10);
@@ -383,7 +392,7 @@ mod stripe_tests {
             .collect();
         assert!(matches!(
             decode_stripes(&codec, &forked, f, 3),
-            Err(CodecError::TooFewFragments { .. })
+            Err(CodecError::VersionsDisagree { .. })
         ));
         // Short fragments are holes.
         let short: Vec<Option<(u64, Vec<u8>)>> = (0..6).map(|_| Some((1, Vec::new()))).collect();

@@ -311,6 +311,9 @@ pub struct MemberTruncate {
     /// The set has members out of sync: the member journals the object for their heal (and
     /// otherwise forgets what it journaled for the set: everyone is in sync).
     pub degraded: bool,
+    /// Keep what the truncate cuts off (a disperse fragment), so that the member can go back
+    /// to the version before on its own (`MemberRollback`) until the object's next mutation.
+    pub undo: bool,
 }
 
 /// The geometry of a disperse set: K data and M parity fragments of `fragment_bytes` each per
