@@ -480,7 +480,8 @@ async fn a_write_torn_below_k_goes_back_on_what_the_member_kept() {
 
 /// A replica primary journals what it writes while its set is degraded; a heal in journal
 /// mode compares just those objects (a full heal compares all), copies what the member
-/// missed, and a write with every member in sync forgets the journal.
+/// missed; a pass since an earlier pass's mark compares only what was written after it; and
+/// a write with every member in sync forgets the journal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heal_in_journal_mode_compares_only_what_was_written_while_degraded() {
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -520,7 +521,7 @@ async fn heal_in_journal_mode_compares_only_what_was_written_while_degraded() {
                 .unwrap()
         }
     };
-    let heal = |journal: bool| {
+    let heal_since = |journal: bool, since: u64| {
         let msg = Message::HealObjects(HealObjects {
             brick: ba,
             set,
@@ -530,14 +531,22 @@ async fn heal_in_journal_mode_compares_only_what_was_written_while_degraded() {
             limit: 1000,
             barrier: false,
             journal,
+            since,
         });
         let c = c.clone();
         let addr = a.addr();
         async move {
             match c.pool().call(addr, msg, Bytes::new()).await.unwrap() {
-                (Message::HealReply(h), _) => (h.scanned, h.copied),
+                (Message::HealReply(h), _) => (h.scanned, h.copied, h.mark),
                 other => panic!("{other:?}"),
             }
+        }
+    };
+    let heal = |journal: bool| {
+        let h = heal_since(journal, 0);
+        async move {
+            let (scanned, copied, _) = h.await;
+            (scanned, copied)
         }
     };
     for i in 0..5 {
@@ -551,6 +560,16 @@ async fn heal_in_journal_mode_compares_only_what_was_written_while_degraded() {
         heal(true).await,
         (3, 3),
         "journal mode: the three written while degraded"
+    );
+    // A later pass since the mark of one before looks only at what was written after that
+    // mark (a heal's barrier pass): one object changes while the member is still away.
+    let (_, _, mark) = heal_since(true, 0).await;
+    write(key(102, 0), 53, true).await;
+    let (scanned, copied, _) = heal_since(true, mark).await;
+    assert_eq!(
+        (scanned, copied),
+        (1, 1),
+        "since a mark: the one object written after it"
     );
     assert_eq!(
         heal(false).await,

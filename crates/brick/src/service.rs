@@ -1527,14 +1527,15 @@ impl BrickService {
             bytes: 0,
             last: None,
             more: false,
+            mark: own.journal_mark(),
         };
         let mut after = req.after;
         loop {
             // A returning member: only what was journaled while it was away; else everything.
-            let (journal, vol, index) = (req.journal, set.volume.0, set.set);
+            let (journal, vol, index, since) = (req.journal, set.volume.0, set.set, req.since);
             let (page, more) = Self::blocking(own.clone(), move |b| {
                 if journal {
-                    b.journal_list(vol, index, after, 256)
+                    b.journal_list(vol, index, after, 256, since)
                 } else {
                     b.list(after, 256)
                         .map(|(p, more)| (p.into_iter().map(|(k, _)| k).collect(), more))

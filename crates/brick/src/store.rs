@@ -40,6 +40,9 @@ const LOCK_SHARDS: usize = 256;
 /// 7.8 aborts the process on the write after a WAL append failed for a full disk (fixed
 /// upstream in 9.x, facebook/rocksdb#12448), so the database must never meet ENOSPC.
 const DB_RESERVE_BYTES: u64 = 1 << 20;
+
+/// The database key of the last run's journal generation (see `journal_stamp`).
+const GENERATION_KEY: &[u8] = b"g";
 /// The file that says a brick is open (`close_clean` removes it).
 const RUNNING_MARKER: &str = "running";
 /// The column bit of a staging object: a replace sent in parts lands beside the object, under
@@ -136,6 +139,9 @@ pub struct BrickStore {
     epoch_lock: std::sync::Mutex<()>,
     /// The sets (volume, set) that may have journal entries (see `journal_add`).
     journaled: std::sync::Mutex<std::collections::HashSet<(u64, u32)>>,
+    /// The next journal stamp (see `journal_mark`): this run's generation in the high 32
+    /// bits, so stamps only grow across restarts.
+    journal_stamp: AtomicU64,
     /// The sealed objects (see `seal`), as the database holds them: loaded at open and kept
     /// in step, so that reads and writes check a seal without reading the database.
     seals: RwLock<std::collections::HashMap<ObjectKey, SealState>>,
@@ -405,6 +411,21 @@ impl BrickStore {
             journaled.insert((volume, set));
             at = journal_end(volume, set).to_vec();
         }
+        // This run's journal generation: one past the last run's, and never below the clock's
+        // seconds, so that it grows even if the disk is too full to record it.
+        let last_gen = db
+            .get(GENERATION_KEY)?
+            .and_then(|v| v.as_slice().try_into().ok().map(u64::from_le_bytes))
+            .unwrap_or(0);
+        let now_secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let generation = (last_gen + 1).max(now_secs) & 0xFFFF_FFFF;
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        if let Err(e) = db.put_opt(GENERATION_KEY, generation.to_le_bytes(), &wo) {
+            tracing::warn!(brick = %id, error = %e, "could not record the journal generation");
+        }
         let mut seals = std::collections::HashMap::new();
         for item in db.iterator(IteratorMode::From(b"s", rocksdb::Direction::Forward)) {
             let (k, v) = item?;
@@ -441,6 +462,7 @@ impl BrickStore {
             db_failed: std::sync::atomic::AtomicBool::new(false),
             epoch_lock: std::sync::Mutex::new(()),
             journaled: std::sync::Mutex::new(journaled),
+            journal_stamp: AtomicU64::new(generation << 32),
             seals: RwLock::new(seals),
         })
     }
@@ -528,8 +550,9 @@ impl BrickStore {
     pub fn journal_add(&self, volume: u64, set: u32, key: &ObjectKey) -> Result<(), StoreError> {
         let mut k = journal_prefix(volume, set).to_vec();
         k.extend_from_slice(&meta_key(key)[1..]);
+        let stamp = self.journal_stamp.fetch_add(1, Ordering::Relaxed);
         self.db_room()?;
-        self.db_ok(self.db.put(k, []))?;
+        self.db_ok(self.db.put(k, stamp.to_le_bytes()))?;
         self.journaled
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -569,14 +592,22 @@ impl BrickStore {
         Ok(n)
     }
 
-    /// The objects journaled for set (`volume`, `set`), in key order after `after`: at most
-    /// `limit`, and whether more follow.
+    /// A stamp below every journal entry made from now on: `journal_list` with it as `since`
+    /// names only the objects journaled after this call (and the entries it cannot date).
+    pub fn journal_mark(&self) -> u64 {
+        self.journal_stamp.load(Ordering::Relaxed)
+    }
+
+    /// The objects journaled for set (`volume`, `set`) at or after stamp `since` (0: all;
+    /// see `journal_mark`), in key order after `after`: at most `limit`, and whether more
+    /// follow.
     pub fn journal_list(
         &self,
         volume: u64,
         set: u32,
         after: Option<ObjectKey>,
         limit: usize,
+        since: u64,
     ) -> Result<(Vec<ObjectKey>, bool), StoreError> {
         let limit = limit.clamp(1, LIST_MAX);
         let prefix = journal_prefix(volume, set);
@@ -590,9 +621,14 @@ impl BrickStore {
             .db
             .iterator(IteratorMode::From(&start, rocksdb::Direction::Forward))
         {
-            let (k, _) = item?;
+            let (k, v) = item?;
             if !k.starts_with(&prefix) {
                 break;
+            }
+            // An entry without a stamp (made by an older brickd) counts as new.
+            let stamp = v.as_ref().try_into().map_or(u64::MAX, u64::from_le_bytes);
+            if stamp < since {
+                continue;
             }
             let mut raw = vec![b'o'];
             raw.extend_from_slice(&k[prefix.len()..]);
@@ -1936,17 +1972,33 @@ mod tests {
         }
         store.journal_add(7, 1, &key(9)).unwrap();
         store.journal_add(7, 0, &key(3)).unwrap();
-        let (page, more) = store.journal_list(7, 0, None, 2).unwrap();
+        let (page, more) = store.journal_list(7, 0, None, 2, 0).unwrap();
         assert_eq!((page, more), (vec![key(1), key(3)], true));
-        let (page, more) = store.journal_list(7, 0, Some(key(3)), 2).unwrap();
+        let (page, more) = store.journal_list(7, 0, Some(key(3)), 2, 0).unwrap();
         assert_eq!((page, more), (vec![key(5)], false));
+        // Since a mark: only what was journaled after it, across a restart too.
+        let mark = store.journal_mark();
+        store.journal_add(7, 0, &key(5)).unwrap();
+        assert_eq!(
+            store.journal_list(7, 0, None, 10, mark).unwrap().0,
+            vec![key(5)]
+        );
         drop(store);
         let store = must_open(&root);
+        assert!(store.journal_mark() > mark);
+        store.journal_add(7, 0, &key(1)).unwrap();
+        assert_eq!(
+            store.journal_list(7, 0, None, 10, mark).unwrap().0,
+            vec![key(1), key(5)]
+        );
         store.journal_forget(7, 0).unwrap();
-        assert_eq!(store.journal_list(7, 0, None, 10).unwrap().0, vec![]);
-        assert_eq!(store.journal_list(7, 1, None, 10).unwrap().0, vec![key(9)]);
+        assert_eq!(store.journal_list(7, 0, None, 10, 0).unwrap().0, vec![]);
+        assert_eq!(
+            store.journal_list(7, 1, None, 10, 0).unwrap().0,
+            vec![key(9)]
+        );
         store.journal_forget(7, 1).unwrap();
-        assert_eq!(store.journal_list(7, 1, None, 10).unwrap().0, vec![]);
+        assert_eq!(store.journal_list(7, 1, None, 10, 0).unwrap().0, vec![]);
     }
 
     /// Member writes apply only at the next version; a retry of the version held (same tag) is

@@ -134,7 +134,7 @@ pub async fn heal_member(
     // A member that was only away missed just what the in-sync members journaled meanwhile;
     // a replaced or damaged one (or a heal asked to crawl) compares every object.
     let journal = !full && !set.full_heal.contains(&target);
-    let request = |epoch: Epoch, after, barrier| HealObjects {
+    let request = |epoch: Epoch, after, barrier, since: Option<u64>| HealObjects {
         brick: primary,
         set: SetRef {
             volume: rec.id,
@@ -146,7 +146,8 @@ pub async fn heal_member(
         after,
         limit: 256,
         barrier,
-        journal,
+        journal: journal || since.is_some(),
+        since: since.unwrap_or(0),
     };
     member_ref(rec, target)?;
     let call = |req: HealObjects| async move {
@@ -167,26 +168,40 @@ pub async fn heal_member(
         }
     };
     let mut stats = HealStats::default();
-    // Bulk passes while writes go on, within the volume's heal bandwidth.
+    // Bulk sweeps while writes go on, within the volume's heal bandwidth: the first over the
+    // journal or every object, then over what the primary journaled since the sweep before
+    // began, until a sweep copies at most a page (or after four), so that the barrier pass,
+    // which holds the set's writes, has only the last sweep's changes to look at.
     let (rate, started) = (bandwidth(rec), std::time::Instant::now());
-    let mut after = None;
-    loop {
-        let h = call(request(epoch, after, false)).await?;
-        stats.add(&h);
-        progress(&stats);
-        after = h.last;
-        if !h.more {
+    let mut since = None;
+    for sweep in 0..5 {
+        let mut after = None;
+        let (mut mark, mut copied) = (None, 0);
+        loop {
+            let h = call(request(epoch, after, false, since)).await?;
+            stats.add(&h);
+            progress(&stats);
+            mark.get_or_insert(h.mark);
+            copied += h.copied;
+            after = h.last;
+            if !h.more {
+                break;
+            }
+            let wait = pace(stats.bytes, rate, started.elapsed());
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        since = mark;
+        if copied <= 256 || sweep == 4 {
             break;
         }
-        let wait = pace(stats.bytes, rate, started.elapsed());
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
-        }
     }
-    // The barrier pass and the rejoin, at the next epoch.
+    // The barrier pass (over what was journaled since the last sweep began) and the rejoin,
+    // at the next epoch.
     let next = Epoch(epoch.0 + 1);
     let finished = async {
-        let h = call(request(next, None, true)).await?;
+        let h = call(request(next, None, true, since)).await?;
         stats.add(&h);
         progress(&stats);
         meta.write(MetaOp::RejoinMember {

@@ -375,6 +375,10 @@ pub struct HealObjects {
     /// Only the objects the primary journaled as written while the set was degraded (a
     /// returning member), instead of every object (a replaced or damaged one).
     pub journal: bool,
+    /// With `journal`: only the objects journaled at or after this mark (a `Healed.mark` of
+    /// an earlier pass; 0: all), so that a barrier pass covers what changed since the bulk
+    /// passes began and nothing older.
+    pub since: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -386,6 +390,9 @@ pub struct Healed {
     /// The last object looked at; more follow when `more`.
     pub last: Option<ObjectKey>,
     pub more: bool,
+    /// The primary's journal mark taken before this pass looked at anything: objects
+    /// written after it are journaled at or after it (see `HealObjects.since`).
+    pub mark: u64,
 }
 
 /// A repair's or heal's copy of a whole object to a member, sent in parts of at most
