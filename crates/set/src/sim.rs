@@ -334,6 +334,8 @@ struct Oracle {
     /// Per object, the newest acknowledged write: every other acknowledged write of it is
     /// in this one (checked as each is acknowledged), so reads are checked against it.
     acked: BTreeMap<u64, Held>,
+    /// The members that ever applied or got each version (whatever they lost since).
+    applied: HashMap<(u64, Held), std::collections::BTreeSet<usize>>,
 }
 
 impl Oracle {
@@ -1019,6 +1021,7 @@ impl Sim {
         };
         apply_change(&mut obj.bytes, change);
         obj.held = made;
+        self.oracle.applied.entry((key, made)).or_default().insert(n);
         Ok((made, have.1))
     }
 
@@ -1031,6 +1034,11 @@ impl Sim {
             return false;
         }
         self.check_copy(t, key, &copy);
+        self.oracle
+            .applied
+            .entry((key, copy.held))
+            .or_default()
+            .insert(t);
         self.nodes[t].vol.insert(key, copy.clone());
         self.nodes[t].dur.insert(key, copy);
         true
@@ -1815,6 +1823,20 @@ impl Sim {
                     return self.fail(format!(
                         "acknowledged {}@{held:?}, which no primary made",
                         req.key
+                    ));
+                }
+                // An acknowledged write reached at least the write quorum, so that it
+                // survives one fault more than the set can take.
+                let reached = self
+                    .oracle
+                    .applied
+                    .get(&(req.key, held))
+                    .map_or(0, |m| m.len());
+                if reached < self.quorum() {
+                    return self.fail(format!(
+                        "acknowledged {}@{held:?}, which reached {reached} members, below the write quorum of {}",
+                        req.key,
+                        self.quorum()
                     ));
                 }
                 match self.oracle.acked.get(&req.key).copied() {
