@@ -41,6 +41,9 @@ const LOCK_SHARDS: usize = 256;
 /// upstream in 9.x, facebook/rocksdb#12448), so the database must never meet ENOSPC.
 const DB_RESERVE_BYTES: u64 = 1 << 20;
 
+/// A block of zeros to compare with (a block without a checksum must be all zeros).
+static ZEROS: [u8; BLOCK_BYTES as usize] = [0; BLOCK_BYTES as usize];
+
 /// The database key of the last run's journal generation (see `journal_stamp`).
 const GENERATION_KEY: &[u8] = b"g";
 /// The file that says a brick is open (`close_clean` removes it).
@@ -182,28 +185,32 @@ fn undo_key(key: &ObjectKey) -> [u8; 21] {
 /// (`to`: version 0 for no object), and where the bytes it overwrote were (`offset`, `len`,
 /// those within the old length). The record is in the database; the bytes, when there are
 /// any, in a file beside the object (`undo_path`), checked by `crc` — in the database they
-/// would swell its write-ahead log by every overwrite.
+/// would swell its write-ahead log by every overwrite. A write over blocks never written
+/// (holes: a write that arrived before the one below it) keeps no bytes: `zeros` says how
+/// many bytes at `offset` go back to zeros.
 struct Kept {
     from: (u64, u64),
     to: ObjectMeta,
     offset: u64,
     len: u64,
     crc: u32,
+    zeros: u64,
 }
 
 fn encode_kept(k: &Kept) -> Vec<u8> {
-    let mut out = Vec::with_capacity(61);
+    let mut out = Vec::with_capacity(69);
     out.extend_from_slice(&k.from.0.to_le_bytes());
     out.extend_from_slice(&k.from.1.to_le_bytes());
     out.extend_from_slice(&encode_meta(&k.to));
     out.extend_from_slice(&k.offset.to_le_bytes());
     out.extend_from_slice(&k.len.to_le_bytes());
     out.extend_from_slice(&k.crc.to_le_bytes());
+    out.extend_from_slice(&k.zeros.to_le_bytes());
     out
 }
 
 fn decode_kept(raw: &[u8]) -> Result<Kept, StoreError> {
-    if raw.len() != 61 {
+    if raw.len() != 61 && raw.len() != 69 {
         return Err(StoreError::Corrupt(format!(
             "undo record of {} bytes",
             raw.len()
@@ -216,6 +223,7 @@ fn decode_kept(raw: &[u8]) -> Result<Kept, StoreError> {
         offset: u(&raw[41..49]),
         len: u(&raw[49..57]),
         crc: u32::from_le_bytes(raw[57..61].try_into().expect("4 bytes")),
+        zeros: raw.get(61..69).map_or(0, u),
     })
 }
 
@@ -750,7 +758,7 @@ impl BrickStore {
     ) -> Result<(), StoreError> {
         let ok = match stored {
             Some(crc) => crc32c::crc32c(bytes) == crc,
-            None => bytes.iter().all(|b| *b == 0),
+            None => bytes.chunks(ZEROS.len()).all(|c| c == &ZEROS[..c.len()]),
         };
         if ok {
             Ok(())
@@ -920,7 +928,21 @@ impl BrickStore {
         if undoable {
             let kept_end = end.min(old_len);
             let mut kept = Vec::new();
-            if offset_bytes < kept_end {
+            let mut zeros = 0;
+            let holes = offset_bytes < kept_end && {
+                let keys: Vec<[u8; 29]> = (offset_bytes / BLOCK_BYTES
+                    ..=(kept_end - 1) / BLOCK_BYTES)
+                    .map(|b| crc_key(key, b))
+                    .collect();
+                let mut all = true;
+                for c in self.db.multi_get(&keys) {
+                    all &= c?.is_none();
+                }
+                all
+            };
+            if holes {
+                zeros = kept_end - offset_bytes;
+            } else if offset_bytes < kept_end {
                 for block in offset_bytes / BLOCK_BYTES..=(kept_end - 1) / BLOCK_BYTES {
                     let bytes = self.read_block_verified(key, &file, &path, block, old_len)?;
                     let bs = block * BLOCK_BYTES;
@@ -939,6 +961,7 @@ impl BrickStore {
                 offset: offset_bytes,
                 len: kept.len() as u64,
                 crc: crc32c::crc32c(&kept),
+                zeros,
             };
             // The bytes go first: a crash before the commit leaves the previous record,
             // which they no longer match (that write can no longer be undone; it was
@@ -1146,6 +1169,7 @@ impl BrickStore {
                 offset: len_bytes.min(old_len),
                 len: kept,
                 crc,
+                zeros: 0,
             };
             batch.put(undo_key(key), encode_kept(&k));
         } else {
@@ -1349,6 +1373,13 @@ impl BrickStore {
         self.for_kept_chunks(key, &k, |at, chunk| {
             self.write(key, k.offset + at, chunk, false).map(|_| ())
         })?;
+        let zeros = vec![0u8; k.zeros.min(1 << 20) as usize];
+        let mut at = 0;
+        while at < k.zeros {
+            let n = (k.zeros - at).min(zeros.len() as u64) as usize;
+            self.write(key, k.offset + at, &zeros[..n], false)?;
+            at += n as u64;
+        }
         self.truncate(key, k.to.len_bytes, false)?;
         let _guard = self.lock(key).write().unwrap_or_else(|p| p.into_inner());
         let (file, path) = self.open_existing(key, false)?;
@@ -2207,6 +2238,21 @@ mod tests {
         ));
         assert_eq!(store.stat_undo(&bent).unwrap().1, None);
         assert_eq!(&store.read(&bent, 10, 9).unwrap().1[..], b"overwrite");
+        // A write into a hole (a later block was written first) keeps no bytes, and going
+        // back leaves zeros there again.
+        let holey = key(6);
+        store
+            .write_undoable(&holey, BLOCK_BYTES * 4, b"tail", false, rule(1))
+            .unwrap();
+        store
+            .write_undoable(&holey, 100, &first, false, rule(2))
+            .unwrap();
+        assert!(!store.undo_path(&holey).exists(), "no bytes kept of a hole");
+        store.undo(&holey, at(2), at(1)).unwrap();
+        let (_, got) = store.read(&holey, 0, 1 << 20).unwrap();
+        assert_eq!(got.len() as u64, BLOCK_BYTES * 4 + 4);
+        assert!(got[..(BLOCK_BYTES * 4) as usize].iter().all(|b| *b == 0));
+        assert_eq!(&got[(BLOCK_BYTES * 4) as usize..], b"tail");
         // Back from a create: the object goes.
         let fresh = key(4);
         store
