@@ -1021,7 +1021,11 @@ impl Sim {
         };
         apply_change(&mut obj.bytes, change);
         obj.held = made;
-        self.oracle.applied.entry((key, made)).or_default().insert(n);
+        self.oracle
+            .applied
+            .entry((key, made))
+            .or_default()
+            .insert(n);
         Ok((made, have.1))
     }
 
