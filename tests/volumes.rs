@@ -677,7 +677,7 @@ async fn must_refuse_below_quorum_at_the_primary(vol: &VolumeClient) {
         .enumerate()
         .find(|(_, s)| !s.members.is_empty())
         .expect("a set");
-    assert!(set.in_sync.len() < rec.write_quorum(), "{set:?}");
+    assert!(set.in_sync.len() < vol.quorum(), "{set:?}");
     let msg = Message::SetWrite(SetWrite {
         brick: set.primary,
         set: SetRef {

@@ -354,9 +354,15 @@ impl VolumeClient {
         self.quota.load(Ordering::Relaxed)
     }
 
-    /// The least in-sync members a set needs to take writes (`VolumeRecord::write_quorum`).
+    /// The least in-sync members a set needs to take writes (`brickfs_set::quorum`).
     pub fn quorum(&self) -> usize {
-        self.vol.write_quorum()
+        let v = &self.vol;
+        brickfs_set::quorum::write_quorum(
+            v.quorum_option(),
+            v.replica as usize,
+            v.disperse_data as usize,
+            v.set_width(),
+        )
     }
 
     /// Refuses writes to a set below its quorum (EROFS): reads go on.

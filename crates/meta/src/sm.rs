@@ -1106,7 +1106,12 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                                     set: i as u32,
                                     epoch: s.epoch,
                                     in_sync: s.in_sync.len() as u32,
-                                    quorum: v.write_quorum() as u32,
+                                    quorum: brickfs_set::quorum::write_quorum(
+                                        v.quorum_option(),
+                                        v.replica as usize,
+                                        v.disperse_data as usize,
+                                        v.set_width(),
+                                    ) as u32,
                                 });
                             }
                         }

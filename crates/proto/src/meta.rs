@@ -214,21 +214,14 @@ impl VolumeRecord {
         !self.retired(g) && !self.draining.contains(&(g as u32))
     }
 
-    /// The least in-sync members a set needs to take writes (`brickfs_set::quorum`): the
-    /// `quorum` option, else a majority of a replica set, K+1 of a disperse set (at most its
-    /// width), 1 otherwise. Clients check it, and primaries refuse mutations below it.
-    pub fn write_quorum(&self) -> usize {
-        let option = self
-            .options
+    /// The volume's `quorum` option, when set to a number: with the layout, what
+    /// `brickfs_set::quorum::write_quorum` makes the least in-sync members a set needs to
+    /// take writes (clients check it, and primaries refuse mutations below it).
+    pub fn quorum_option(&self) -> Option<usize> {
+        self.options
             .iter()
             .find(|(k, _)| k == "quorum")
-            .and_then(|(_, v)| v.parse::<usize>().ok());
-        brickfs_set::quorum::write_quorum(
-            option,
-            self.replica as usize,
-            self.disperse_data as usize,
-            self.set_width(),
-        )
+            .and_then(|(_, v)| v.parse::<usize>().ok())
     }
 
     /// Bricks per set: R, K+M or 1.
