@@ -1099,7 +1099,7 @@ impl BrickService {
             Settle::Repair { from, to, error } => {
                 let mut source = g.clone();
                 source.in_sync = from.iter().map(|i| member(*i).1.brick).collect();
-                let frag_len = match self.stat_member(member(from[0]).1, key).await {
+                let frag_len = match self.stat_member(member(from[0]).1, set, key).await {
                     Some(c) if c.held == wrote => c.frag_len,
                     _ => {
                         return Err(ErrorBody::new(
@@ -1203,19 +1203,27 @@ impl BrickService {
 
     /// What member `m` holds of `key` and what it can go back to (`MemberStat`; version 0:
     /// nothing), as an in-sync member's copy (`taker`); `None` when it cannot answer.
+    /// What member `m` holds of `key`, fenced at `set`'s epoch first: from then on the member
+    /// refuses a deposed primary's forwards, which could otherwise still count as applied a
+    /// write that the caller (a reconcile) takes back. `None` when it did not answer.
     async fn stat_member(
         &self,
         m: &MemberRef,
+        set: SetRef,
         key: ObjectKey,
     ) -> Option<brickfs_set::disperse::Copy> {
         let reply = if let Some(b) = self.bricks.get(&m.brick).cloned() {
-            Self::blocking(b, move |b| b.stat_undo(&key))
-                .await
-                .map(member_stat_reply)
+            Self::blocking(b, move |b| {
+                b.fence(set.volume.0, set.set, set.epoch.0)?;
+                b.stat_undo(&key)
+            })
+            .await
+            .map(member_stat_reply)
         } else {
             let addr: std::net::SocketAddr = m.addr.parse().ok()?;
             let msg = Message::MemberStat(brickfs_proto::msg::MemberStat {
                 brick: m.brick,
+                set,
                 key,
             });
             match self.peers.call(addr, msg, Bytes::new()).await {
@@ -1305,7 +1313,7 @@ impl BrickService {
         let stats = join_all(
             members
                 .iter()
-                .map(|(_, m)| self.stat_member(m, key))
+                .map(|(_, m)| self.stat_member(m, set, key))
                 .collect(),
         )
         .await;
@@ -2006,8 +2014,12 @@ impl BrickService {
             }
             Message::MemberStat(req) => {
                 let brick = self.brick(req.brick)?;
-                let key = req.key;
-                let reply = Self::blocking(brick, move |b| b.stat_undo(&key)).await?;
+                let (key, set) = (req.key, req.set);
+                let reply = Self::blocking(brick, move |b| {
+                    b.fence(set.volume.0, set.set, set.epoch.0)?;
+                    b.stat_undo(&key)
+                })
+                .await?;
                 (Message::MemberStatReply(member_stat_reply(reply)), none)
             }
             Message::MemberReplace(req) => {

@@ -429,6 +429,8 @@ pub struct MemberRollback {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberStat {
     pub brick: BrickId,
+    /// The member is fenced at this set epoch before it answers (a reconcile's read).
+    pub set: SetRef,
     pub key: ObjectKey,
 }
 

@@ -3,7 +3,8 @@
 //! source. The set's rules are the core's ([`crate::member`], [`crate::replica`],
 //! [`crate::disperse`], [`crate::heal`], [`crate::lease`]); the simulator supplies the
 //! network (drop, duplicate, delay and so reorder, partition), the disks (unsynced writes
-//! lost at a crash, a full disk), crashes and pauses at any step.
+//! lost at a crash, a full disk, a flipped bit that the member's checksums find on a read,
+//! a copy or a scrub), crashes and pauses at any step.
 //!
 //! An oracle records the bytes of every version a primary makes and checks, after every
 //! step: every read returns exactly the bytes of the version it names, and that version
@@ -17,7 +18,9 @@
 //! primary's reads and copies of other members (read-modify-write, repair, rollback, heal)
 //! are immediate calls that fail when the member is down, paused, cut off or the call is
 //! dropped, while mutation forwards travel as messages; at most one node is faulty (crashed,
-//! paused, cut off, restarted and not yet healed) at a time; disperse sets are not truncated.
+//! paused, cut off, restarted, holding a flipped bit or not yet healed) at a time; disperse
+//! sets are not truncated; a flipped bit counts as found by any read of the object (the
+//! store checks blocks, not whole objects).
 
 use crate::disperse::{self, Settle};
 use crate::lease::Lease;
@@ -49,6 +52,9 @@ pub enum Mutant {
     /// Writes go on below the set's write quorum: clients do not check it and primaries do
     /// not refuse them.
     NoQuorum,
+    /// Members do not check their blocks' checksums: a flipped bit on disk is served (and
+    /// copied by heals) as the version's bytes, and no scrub finds it.
+    NoChecksum,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,6 +93,7 @@ pub struct Stats {
     pub heals: u64,
     pub rollbacks: u64,
     pub repairs: u64,
+    pub flips: u64,
 }
 
 /// A check that failed: the seed replays it exactly.
@@ -196,6 +203,12 @@ struct Node {
     standing: Option<bool>,
     /// ... and what it said of the set (epoch, members in sync, quorum).
     known: Option<crate::quorum::Known>,
+    /// Objects with a flipped bit on disk (and in what the process sees) that no read or
+    /// scrub has found yet: their checksums no longer match.
+    damaged: std::collections::BTreeSet<u64>,
+    /// When the node last reported damage: it serves no reads on a heartbeat answer for a
+    /// heartbeat sent before (brickd's `hold_reads`).
+    reported_damage_at: u64,
     lease: Option<Lease>,
     tags: u64,
     /// Objects whose last mutation here did not settle cleanly: the next one reconciles
@@ -493,6 +506,7 @@ impl Sim {
             || n.unreported
             || !self.group.in_sync[node]
             || self.group.draining[node].is_some()
+            || !n.damaged.is_empty()
     }
 
     fn deliver_in(&mut self, delay: u64, to: Dest, msg: Msg, incarnation: u64) {
@@ -609,6 +623,15 @@ impl Sim {
                 self.restart(n);
             }
         }
+        // Every brick's scrub passes once more.
+        if !self.mutant(Mutant::NoChecksum) {
+            for n in 0..self.n() {
+                let found: Vec<u64> = self.nodes[n].damaged.iter().copied().collect();
+                for key in found {
+                    self.found_damage(n, key);
+                }
+            }
+        }
     }
 
     fn settled(&self) -> bool {
@@ -674,7 +697,8 @@ impl Sim {
         if !node.up || node.paused_until > self.now || node.cut_until > self.now {
             return;
         }
-        match self.rng.below(11) {
+        match self.rng.below(12) {
+            11 => self.flip(victim),
             10 => self.replace_live(victim),
             0..=2 => {
                 self.stats.crashes += 1;
@@ -721,6 +745,72 @@ impl Sim {
         if !report {
             node.standing = Some(true);
         }
+    }
+
+    /// A bit flips in one object on `victim`'s disk (one the process sees as on disk, so
+    /// both views hold the flip).
+    fn flip(&mut self, victim: usize) {
+        let node = &self.nodes[victim];
+        let keys: Vec<u64> = node
+            .dur
+            .iter()
+            .filter(|(k, o)| {
+                !o.bytes.is_empty()
+                    && node
+                        .vol
+                        .get(k)
+                        .is_some_and(|v| v.held == o.held && v.bytes == o.bytes)
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        if keys.is_empty() {
+            return;
+        }
+        let key = keys[self.rng.below(keys.len() as u64) as usize];
+        let len = self.nodes[victim].dur[&key].bytes.len() as u64;
+        let at = self.rng.below(len) as usize;
+        let bit = 1u8 << self.rng.below(8);
+        let node = &mut self.nodes[victim];
+        for view in [&mut node.dur, &mut node.vol] {
+            if let Some(o) = view.get_mut(&key) {
+                o.bytes[at] ^= bit;
+            }
+        }
+        self.nodes[victim].damaged.insert(key);
+        self.stats.flips += 1;
+        self.log(format!(
+            "bit flip in node {victim}'s copy of {key} at byte {at}"
+        ));
+    }
+
+    /// Member `t` found `key` damaged (a checksum mismatch): it reports it, and once the
+    /// group has taken it out of the set's in-sync members (a new epoch, which it then
+    /// fences), it quarantines the object, which the heal then copies afresh. The set's last
+    /// in-sync member keeps it (its other blocks stay readable).
+    fn found_damage(&mut self, t: usize, key: u64) {
+        self.log(format!("node {t} found {key} damaged; reports it"));
+        self.nodes[t].standing = None;
+        self.nodes[t].reported_damage_at = self.now;
+        self.out_of_sync(t, "damaged object");
+        if self.group.in_sync[t] {
+            return;
+        }
+        let e = self.group.epoch;
+        let node = &mut self.nodes[t];
+        node.epoch = node.epoch.max(e);
+        node.vol.remove(&key);
+        node.dur.remove(&key);
+        node.damaged.remove(&key);
+    }
+
+    /// What member `t` serves of `key` (its version and bytes), checked: `None` when the
+    /// object is damaged (found, and reported).
+    fn read_copy(&mut self, t: usize, key: u64) -> Option<(Held, Vec<u8>)> {
+        if self.nodes[t].damaged.contains(&key) && !self.mutant(Mutant::NoChecksum) {
+            self.found_damage(t, key);
+            return None;
+        }
+        Some(self.copy_of(t, key))
     }
 
     // ---- the metadata group ----
@@ -871,6 +961,12 @@ impl Sim {
             return;
         }
         if !self.heal_pass(p, t, e + 1) {
+            // The barrier pass fenced members at the next epoch: a heal that stops there
+            // raises the set's epoch so that writes go on (`RaiseEpoch`, as brickd's healer).
+            if self.group.epoch == e {
+                self.group.epoch = e + 1;
+                self.log(format!("group: heal of node {t} stopped; epoch {}", e + 1));
+            }
             return;
         }
         if self.group.epoch == e {
@@ -911,6 +1007,10 @@ impl Sim {
             let Some(mine) = self.nodes[p].vol.get(&key).cloned() else {
                 continue;
             };
+            if self.nodes[p].damaged.contains(&key) && !self.mutant(Mutant::NoChecksum) {
+                self.found_damage(p, key);
+                return false;
+            }
             let theirs = self.nodes[t]
                 .vol
                 .get(&key)
@@ -1037,6 +1137,7 @@ impl Sim {
         if self.fence_on(t, epoch).is_err() {
             return false;
         }
+        self.nodes[t].damaged.remove(&key);
         self.check_copy(t, key, &copy);
         self.oracle
             .applied
@@ -1050,6 +1151,11 @@ impl Sim {
 
     /// Checks that a copy about to be held is its version's bytes (a fragment: its share).
     fn check_copy(&mut self, n: usize, key: u64, copy: &Obj) {
+        // A flipped bit not found yet is the disk's doing: reads must find it (checked
+        // there), writes on top of it carry it until then.
+        if self.nodes[n].damaged.contains(&key) {
+            return;
+        }
         let Some(image) = self.oracle.image(key, copy.held).cloned() else {
             self.fail(format!(
                 "node {n} got {key}@{:?}, a version no primary made",
@@ -1125,7 +1231,9 @@ impl Sim {
                 // and keeps the set's quorum standing.
                 let _ = self.fence_on(n, epoch);
                 self.nodes[n].known = Some(set);
-                self.nodes[n].standing = Some(in_sync);
+                if sent >= self.nodes[n].reported_damage_at {
+                    self.nodes[n].standing = Some(in_sync);
+                }
                 let from = if self.mutant(Mutant::LeaseFromReply) {
                     self.now
                 } else {
@@ -1246,7 +1354,9 @@ impl Sim {
             self.oracle
                 .images
                 .insert((req.key, made), (image.clone(), parent));
-            if self.nodes[n].vol[&req.key].bytes != image {
+            if self.nodes[n].vol[&req.key].bytes != image
+                && !self.nodes[n].damaged.contains(&req.key)
+            {
                 self.fail(format!("primary {n}'s copy of {} diverged", req.key));
             }
         }
@@ -1297,8 +1407,13 @@ impl Sim {
                 Step::Replace { member, held } => {
                     let (to, key, epoch) = (members[member], req.key, req.epoch);
                     let copy = self.nodes[n].vol.get(&key).cloned();
+                    let unreadable =
+                        self.nodes[n].damaged.contains(&key) && !self.mutant(Mutant::NoChecksum);
+                    if unreadable {
+                        self.found_damage(n, key);
+                    }
                     let ok = match copy {
-                        Some(c) if c.held == held => {
+                        Some(c) if c.held == held && !unreadable => {
                             self.stats.repairs += 1;
                             self.install(n, to, key, epoch, c)
                         }
@@ -1355,7 +1470,7 @@ impl Sim {
         if !self.call_ok(p, t) {
             return None;
         }
-        Some(self.copy_of(t, key))
+        self.read_copy(t, key)
     }
 
     /// Decodes the column from the members `from` (others unread): its version and bytes.
@@ -1660,10 +1775,19 @@ impl Sim {
             .map(|t| (*t, true))
             .chain(healing.iter().map(|t| (*t, false)))
             .collect();
-        let stats: Vec<(usize, Option<disperse::Copy>)> = members
+        // Each member is fenced at the reconciling primary's epoch as it is read
+        // (`MemberStat.set`): a deposed primary's forwards still on their way are refused
+        // from then on, so it can no longer count as applied a write this reconcile takes
+        // back (seed 805514802 of the 4+2 set, before).
+        let mut read: Vec<(usize, Option<bool>)> = Vec::new();
+        for (t, taker) in members {
+            let reachable = self.call_ok(n, t) && self.fence_on(t, epoch).is_ok();
+            read.push((t, reachable.then_some(taker)));
+        }
+        let stats: Vec<(usize, Option<disperse::Copy>)> = read
             .into_iter()
             .map(|(t, taker)| {
-                let st = if self.call_ok(n, t) {
+                let st = if let Some(taker) = taker {
                     Some(self.nodes[t].vol.get(&key).map_or(
                         disperse::Copy {
                             held: ABSENT,
@@ -1891,8 +2015,10 @@ impl Sim {
                         continue;
                     }
                     if self.serves_reads(t) {
-                        got = Some(self.copy_of(t, key));
-                        break;
+                        got = self.read_copy(t, key);
+                        if got.is_some() {
+                            break;
+                        }
                     }
                 }
                 got
@@ -1901,7 +2027,7 @@ impl Sim {
                 let mut frags = Vec::new();
                 for t in 0..self.n() {
                     let ok = in_sync.contains(&t) && self.serves_reads(t);
-                    frags.push(ok.then(|| self.copy_of(t, key)));
+                    frags.push(if ok { self.read_copy(t, key) } else { None });
                 }
                 self.decode_frags(&frags).ok()
             }

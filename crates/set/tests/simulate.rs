@@ -60,6 +60,7 @@ fn sweep(kind: Kind, n: u64) {
                 total.heals += s.heals;
                 total.rollbacks += s.rollbacks;
                 total.repairs += s.repairs;
+                total.flips += s.flips;
                 total.events += s.events;
             }
             Err(f) => panic!(
@@ -80,6 +81,7 @@ fn sweep(kind: Kind, n: u64) {
         total.heals > 0 && total.epochs > 0,
         "no member ever left and healed: {total:?}"
     );
+    assert!(n < 50 || total.flips > 0, "no bit ever flipped: {total:?}");
 }
 
 /// A replica-3 set, 300 fresh seeds a run (the base is printed).
@@ -108,6 +110,8 @@ fn the_simulator_catches_each_broken_rule() {
         (Mutant::NoDrain, Kind::Replica { members: 3 }),
         (Mutant::NoQuorum, Kind::Replica { members: 3 }),
         (Mutant::NoQuorum, Kind::Disperse { k: 4, m: 2 }),
+        (Mutant::NoChecksum, Kind::Replica { members: 3 }),
+        (Mutant::NoChecksum, Kind::Disperse { k: 4, m: 2 }),
     ];
     let mut missed = Vec::new();
     for (mutant, kind) in cases {
