@@ -52,6 +52,9 @@ struct Args {
     /// Where to mount the volume (default: DATA/mnt).
     #[arg(long)]
     mount: Option<PathBuf>,
+    /// Serve brickd's metrics on this address (e.g. 127.0.0.1:9100).
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 fn parse_bench_size(s: &str) -> Result<u64, String> {
@@ -129,8 +132,19 @@ async fn main() -> anyhow::Result<()> {
     let known: Option<std::net::SocketAddr> = std::fs::read_to_string(&addr_file)
         .ok()
         .and_then(|t| t.trim().parse().ok());
-    let mut node = Brickd::start_at(&brickd, &node_dir.join("data"), &bricks, &["--meta"], known)
-        .context("start brickd")?;
+    let mut brickd_args = vec!["--meta".to_string()];
+    if let Some(m) = args.metrics_listen {
+        brickd_args.extend(["--metrics-listen".to_string(), m.to_string()]);
+    }
+    let brickd_args: Vec<&str> = brickd_args.iter().map(String::as_str).collect();
+    let mut node = Brickd::start_at(
+        &brickd,
+        &node_dir.join("data"),
+        &bricks,
+        &brickd_args,
+        known,
+    )
+    .context("start brickd")?;
     std::fs::write(&addr_file, node.addr().to_string()).context("record the node address")?;
     let addr = node.addr();
     let client = BrickClient::new(ClientOptions {
