@@ -76,6 +76,8 @@ pub struct Config {
     /// delay, a paused member). A disperse write that times out on members that then apply
     /// it can tear below K beyond what the primary's rollback undoes (see docs).
     pub late_forwards: bool,
+    /// The set's write quorum (the volume's `quorum` option), when not the default.
+    pub quorum: Option<usize>,
 }
 
 /// What a run did.
@@ -460,6 +462,9 @@ impl Sim {
     }
 
     fn quorum(&self) -> usize {
+        if let Some(q) = self.cfg.quorum {
+            return q.clamp(1, self.n());
+        }
         match self.cfg.kind {
             Kind::Replica { members } => members / 2 + 1,
             Kind::Disperse { k, m } => (k + 1).min(k + m),
