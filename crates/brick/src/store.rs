@@ -2108,19 +2108,24 @@ mod tests {
         store.fence(7, 1, 1).unwrap();
     }
 
-    /// An undoable write goes back on its own data: overwritten bytes (across blocks, past
-    /// checksummed partial blocks), the length of an append, a create; only from the version
-    /// it made, to the version it replaced; and a copy got whole kept nothing.
+    /// The rule of version `n` of a chain whose tags are `base + n`.
+    fn exactly(base: u64, n: u64) -> VersionRule {
+        VersionRule::Exactly {
+            version: ObjectVersion(n),
+            tag: base + n,
+            parent: if n == 1 { 0 } else { base + n - 1 },
+        }
+    }
+
+    /// An undoable truncate keeps what it cuts off (more than one undo chunk, from mid-block)
+    /// and goes back on it; one that grows goes back to the old length; a damaged undo file
+    /// is never put back.
     #[test]
     fn an_undoable_truncate_goes_back_to_the_version_before() {
         let dir = tempfile::tempdir().unwrap();
         let store = must_open(&dir.path().join("b"));
         let k = key(7);
-        let rule = |n: u64| VersionRule::Exactly {
-            version: ObjectVersion(n),
-            tag: 20 + n,
-            parent: if n == 1 { 0 } else { 20 + n - 1 },
-        };
+        let rule = |n: u64| exactly(20, n);
         let at = |n: u64| (ObjectVersion(n), 20 + n);
         // Larger than one chunk of the undo file (1 MiB) and not a whole number of blocks.
         let first: Vec<u8> = (0..(3 << 20) + 777u64).map(|i| (i % 253) as u8).collect();
@@ -2164,16 +2169,15 @@ mod tests {
         assert_eq!(store.stat(&k).unwrap().len_bytes, 10);
     }
 
+    /// An undoable write goes back on its own data: overwritten bytes (across blocks, past
+    /// checksummed partial blocks), the length of an append, a create, a hole; only from the
+    /// version it made, to the version it replaced; and a copy got whole kept nothing.
     #[test]
     fn an_undoable_write_goes_back_to_the_version_before() {
         let dir = tempfile::tempdir().unwrap();
         let store = must_open(&dir.path().join("b"));
         let k = key(3);
-        let rule = |n: u64| VersionRule::Exactly {
-            version: ObjectVersion(n),
-            tag: 10 + n,
-            parent: if n == 1 { 0 } else { 10 + n - 1 },
-        };
+        let rule = |n: u64| exactly(10, n);
         let at = |n: u64| (ObjectVersion(n), 10 + n);
         let first: Vec<u8> = (0..BLOCK_BYTES * 2 + 100)
             .map(|i| (i % 251) as u8)
