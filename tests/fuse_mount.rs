@@ -1216,6 +1216,107 @@ async fn mountd_serves_prometheus_metrics() {
     assert_eq!(value("mountd_op_errors_total{op=\"write\"}"), 0.0);
 }
 
+/// The counters of a mount's metrics endpoint at `port`, by full name (labels included).
+fn scrape(port: std::net::SocketAddr) -> std::collections::HashMap<String, f64> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(port).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    raw.lines()
+        .filter_map(|l| {
+            let (name, v) = l.rsplit_once(' ')?;
+            Some((name.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// A sequential reader of a file whose pages are not cached: the kernel asks in 1 MiB
+/// requests (the mount raises its readahead from the kernel's 128 KiB), and the mount's
+/// window turns them into a few large reads from the bricks even though the kernel sends
+/// several at once, out of order. Counted by the mount's own metrics; the bytes are checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_reads_reach_the_bricks_in_large_windows() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, source) = must_volume_here(dir.path()).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mnt = dir.path().join("mnt");
+    let _m = Mount::start_with(&source, &mnt, &["--metrics-listen", &port.to_string()]).await;
+    const MIB: usize = 1 << 20;
+    let data = pattern(9, 0, 32 * MIB);
+    let f = mnt.join("seq.bin");
+    std::fs::write(&f, &data).unwrap();
+    let f2 = f.clone();
+    let (before, got, after) = tokio::task::spawn_blocking(move || {
+        // Drop the file's cached pages: a fresh open of another mount would not have them.
+        std::fs::write("/proc/sys/vm/drop_caches", "1").unwrap();
+        let before = scrape(port);
+        let got = std::fs::read(&f2).unwrap();
+        (before, got, scrape(port))
+    })
+    .await
+    .unwrap();
+    assert!(got == data, "the bytes read back differ");
+    let delta = |name: &str| after.get(name).copied().unwrap_or(0.0) - before.get(name).copied().unwrap_or(0.0);
+    let fuse_reads = delta("mountd_fuse_ops_total{op=\"read\"}");
+    let volume_reads = delta("mountd_ops_total{op=\"read\"}");
+    // 32 MiB: 32 requests of 1 MiB (256 with the kernel's 128 KiB readahead); 8 windows of
+    // 4 MiB and the last window's fetch ahead (one per request when they do not share one).
+    assert!(
+        (32.0..=40.0).contains(&fuse_reads),
+        "{fuse_reads} FUSE reads for 32 MiB"
+    );
+    assert!(
+        (1.0..=12.0).contains(&volume_reads),
+        "{volume_reads} volume reads for 32 MiB"
+    );
+}
+
+/// File capabilities go when a file is written, as on a local filesystem, although the mount
+/// answers the kernel's check before each write from what it learnt: a capability set
+/// through this mount is seen at the next write (and so removed by it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_drops_file_capabilities() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, source) = must_volume_here(dir.path()).await;
+    let mnt = dir.path().join("mnt");
+    let _m = Mount::start(&source, &mnt).await;
+    let f = mnt.join("tool");
+    let path = f.to_str().unwrap().to_string();
+    let mut w = std::fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .open(&f)
+        .unwrap();
+    w.write_all(b"first").unwrap();
+    // cap_net_bind_service+p, as a version 2 vfs_cap_data.
+    let caps = "0x0100000200040000000000000000000000000000";
+    tokio::task::spawn_blocking(move || {
+        must_run("setfattr", &["-n", "security.capability", "-v", caps, &path]);
+        let shown = must_run("getfattr", &["-e", "hex", "-n", "security.capability", &path]);
+        assert!(shown.contains(caps), "{shown}");
+        w.write_all(b" second").unwrap();
+        let out = Command::new("getfattr")
+            .args(["-n", "security.capability", &path])
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "the capability survived a write: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    })
+    .await
+    .unwrap();
+    assert_eq!(std::fs::read(&f).unwrap(), b"first second");
+}
+
 /// Directory quotas through the CLI and a mount: a limit counts what the tree holds, writing
 /// past it fails with EDQUOT (at the write, or at fsync for a mount that had not seen the
 /// quota yet) and never leaves more than the limit counted; other trees are not limited;

@@ -21,11 +21,12 @@ mod locks;
 mod mount;
 mod readahead;
 
-pub use mount::{Options, Source, is_mounted, run};
+pub use mount::{Options, READAHEAD_KB, Source, is_mounted, run};
 
 use behind::Open;
 use brickfs_client::{FileHandle, MetaClient, VolumeClient, VolumeError};
 use brickfs_proto::Ino;
+use brickfs_proto::metrics::OpMetrics;
 use brickfs_proto::meta::{
     Attr, FileKind, LockKind, LockSpec, MetaOp, MetaRead, MetaReply, RenameFlags as BfRename,
     SetAttr,
@@ -68,7 +69,7 @@ pub struct BrickFs {
     vol: Arc<VolumeClient>,
     handles: Arc<Handles>,
     /// Per open handle: the readahead window of its sequential reads.
-    readahead: Arc<Mutex<HashMap<u64, Readahead<Ahead>>>>,
+    readahead: Arc<Mutex<HashMap<u64, Arc<Mutex<Readahead<Ahead>>>>>>,
     /// Bumped whenever windows are dropped (a write, a truncate, a lock taken), so that a
     /// read racing with one does not keep a window fetched before it.
     ra_epoch: Arc<AtomicU64>,
@@ -82,6 +83,57 @@ pub struct BrickFs {
     waiters: Arc<locks::Waiters>,
     /// Tells the kernel to drop what it caches (set once the session exists).
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
+    /// FUSE requests served, per kind (`mountd_fuse_ops_total`).
+    fuse: Arc<OpMetrics>,
+    /// Files known lately to have no `security.capability`.
+    no_caps: NoCaps,
+}
+
+/// The xattr the kernel reads before every write to a file (to drop file capabilities).
+const CAPS_XATTR: &str = "security.capability";
+
+/// The files this mount learnt, within the last attribute TTL, have no file capabilities
+/// (their `security.capability` read as absent, or this mount made them with O_EXCL). The
+/// kernel asks for that xattr before every write; answered here, a run of writes costs one
+/// metadata read a TTL instead of one a write. Another mount setting capabilities is seen
+/// as late as its attribute changes are.
+#[derive(Default)]
+struct NoCaps(Mutex<HashMap<u64, std::time::Instant>>);
+
+impl NoCaps {
+    /// Entries beyond which stale ones are swept.
+    const SWEEP_AT: usize = 4096;
+
+    fn known(&self, ino: u64) -> bool {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&ino).is_some_and(|at| at.elapsed() < TTL)
+    }
+
+    fn learnt(&self, ino: u64) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= Self::SWEEP_AT {
+            map.retain(|_, at| at.elapsed() < TTL);
+        }
+        map.insert(ino, std::time::Instant::now());
+    }
+
+    fn forget(&self, ino: u64) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&ino);
+    }
+}
+
+/// Counts one FUSE request and how long its method took, when dropped.
+struct Timed<'a> {
+    metrics: &'a OpMetrics,
+    name: &'static str,
+    start: std::time::Instant,
+}
+
+impl Drop for Timed<'_> {
+    fn drop(&mut self) {
+        self.metrics
+            .record(self.name, self.start.elapsed(), true, 0, 0);
+    }
 }
 
 /// The value of a `Result`, or answer the FUSE request with its errno and return.
@@ -107,6 +159,21 @@ impl BrickFs {
             holds: Arc::new(holds::Holds::default()),
             waiters: Arc::new(locks::Waiters::default()),
             notifier: Arc::new(std::sync::OnceLock::new()),
+            fuse: Arc::new(OpMetrics::default()),
+            no_caps: NoCaps::default(),
+        }
+    }
+
+    /// The FUSE requests this mount has served, per kind.
+    pub fn fuse_metrics(&self) -> Arc<OpMetrics> {
+        self.fuse.clone()
+    }
+
+    fn fuse_op(&self, name: &'static str) -> Timed<'_> {
+        Timed {
+            metrics: &self.fuse,
+            name,
+            start: std::time::Instant::now(),
         }
     }
 
@@ -318,23 +385,29 @@ impl Filesystem for BrickFs {
                 tracing::warn!(?unsupported, "the kernel lacks a FUSE capability");
             }
         }
-        let _ = config.set_max_write(MAX_WRITE_BYTES);
-        let _ = config.set_max_readahead(MAX_WRITE_BYTES);
+        if let Err(max) = config.set_max_write(MAX_WRITE_BYTES) {
+            tracing::info!(max, "the kernel takes smaller writes");
+        }
+        if let Err(max) = config.set_max_readahead(MAX_WRITE_BYTES) {
+            tracing::debug!(max, "FUSE INIT caps readahead (the mount raises it after)");
+        }
         Ok(())
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _op = self.fuse_op("lookup");
         let name = or_reply!(name_of(name), reply);
         let r = self.read_op(MetaRead::Lookup {
             volume: self.volume(),
             parent: Ino(parent.0),
             name,
         });
+        // The lookup's answer holds the child's attributes: no second read.
         match Self::attr_of(r) {
-            Ok(a) => match self.getattr_ino(a.ino.0) {
-                Ok(a) => reply.entry(&TTL, &fuse_attr(&a), Generation(0)),
-                Err(e) => reply.error(e),
-            },
+            Ok(mut a) => {
+                self.merge_open_sizes(&mut a);
+                reply.entry(&TTL, &fuse_attr(&a), Generation(0))
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -346,6 +419,7 @@ impl Filesystem for BrickFs {
         _fh: Option<fuser::FileHandle>,
         reply: ReplyAttr,
     ) {
+        let _op = self.fuse_op("getattr");
         match self.getattr_ino(ino.0) {
             Ok(a) => reply.attr(&TTL, &fuse_attr(&a)),
             Err(e) => reply.error(stale(e)),
@@ -370,6 +444,7 @@ impl Filesystem for BrickFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _op = self.fuse_op("setattr");
         let now = ns_of(SystemTime::now());
         let t = |x: Option<TimeOrNow>| {
             x.map(|t| match t {
@@ -434,6 +509,7 @@ impl Filesystem for BrickFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _op = self.fuse_op("readlink");
         match self.read_op(MetaRead::ReadLink {
             volume: self.volume(),
             ino: Ino(ino.0),
@@ -454,6 +530,7 @@ impl Filesystem for BrickFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let _op = self.fuse_op("mknod");
         let name = or_reply!(name_of(name), reply);
         let op = MetaOp::Create {
             volume: self.volume(),
@@ -479,6 +556,7 @@ impl Filesystem for BrickFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        let _op = self.fuse_op("mkdir");
         let name = or_reply!(name_of(name), reply);
         let op = MetaOp::Mkdir {
             volume: self.volume(),
@@ -493,6 +571,7 @@ impl Filesystem for BrickFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _op = self.fuse_op("unlink");
         let name = or_reply!(name_of(name), reply);
         // A file open on any mount stays readable and writable after its last name goes
         // (POSIX): the metadata group keeps it while a session holds it open (`holds`).
@@ -507,6 +586,7 @@ impl Filesystem for BrickFs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _op = self.fuse_op("rmdir");
         let name = or_reply!(name_of(name), reply);
         match self.write_op(MetaOp::Rmdir {
             volume: self.volume(),
@@ -526,6 +606,7 @@ impl Filesystem for BrickFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let _op = self.fuse_op("symlink");
         let (Ok(name), Some(target)) = (name_of(link_name), target.to_str()) else {
             return reply.error(Errno::EINVAL);
         };
@@ -550,6 +631,7 @@ impl Filesystem for BrickFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _op = self.fuse_op("rename");
         let (Ok(name), Ok(new_name)) = (name_of(name), name_of(newname)) else {
             return reply.error(Errno::EINVAL);
         };
@@ -581,6 +663,7 @@ impl Filesystem for BrickFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let _op = self.fuse_op("link");
         let name = match name_of(newname) {
             Ok(n) => n,
             Err(e) => return reply.error(e),
@@ -599,6 +682,7 @@ impl Filesystem for BrickFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _op = self.fuse_op("open");
         match self.hold_open(ino.0) {
             Ok(a) if a.kind == FileKind::Dir => {
                 self.release_hold(ino.0);
@@ -632,6 +716,7 @@ impl Filesystem for BrickFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let _op = self.fuse_op("create");
         let name = or_reply!(name_of(name), reply);
         let op = MetaOp::CreateOpen {
             volume: self.volume(),
@@ -654,6 +739,10 @@ impl Filesystem for BrickFs {
         match created {
             Ok(a) => {
                 self.holds.open(a.ino.0);
+                if flags & libc::O_EXCL != 0 {
+                    // Made just now: nothing has set its capabilities.
+                    self.no_caps.learnt(a.ino.0);
+                }
                 let fh = self.open_handle(a.clone(), flags);
                 reply.created(
                     &TTL,
@@ -678,6 +767,7 @@ impl Filesystem for BrickFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
+        let _op = self.fuse_op("read");
         let o = or_reply!(self.handle(fh.0), reply);
         // The epoch is read before the drain: a write accepted after this point bumps it, so
         // a window fetched before that write reached the bricks is not kept.
@@ -687,12 +777,16 @@ impl Filesystem for BrickFs {
         self.touch_atime(&o);
         let h = o.h.clone();
         let size = u64::from(size);
-        let mut ra = self
+        // Reads of one handle share its window: the kernel sends several of a sequential
+        // reader's requests at once, and each would otherwise fetch on its own.
+        let slot = self
             .readahead
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&fh.0)
-            .unwrap_or_default();
+            .entry(fh.0)
+            .or_default()
+            .clone();
+        let mut ra = slot.lock().unwrap_or_else(|p| p.into_inner());
         let answer = loop {
             match ra.step(offset, size) {
                 Step::Serve(bytes) => break bytes,
@@ -700,14 +794,29 @@ impl Filesystem for BrickFs {
                     let got = task.0.take().map(|t| self.rt.block_on(t));
                     ra.ahead_done(offset, at, got.and_then(|r| r.ok()?.ok()));
                 }
-                Step::Fetch { want } => match self.rt.block_on(self.vol.read(&h, offset, want)) {
-                    Ok(bytes) => break ra.fetched(offset, size, bytes),
-                    Err(e) => return reply.error(errno_of(&e)),
-                },
+                // A window: the handle's other reads wait for it.
+                Step::Fetch { want } if want > size => {
+                    match self.rt.block_on(self.vol.read(&h, offset, want)) {
+                        Ok(bytes) => break ra.fetched(offset, size, bytes),
+                        Err(e) => return reply.error(errno_of(&e)),
+                    }
+                }
+                // A random read: the handle's other reads need not wait for it.
+                Step::Fetch { want } => {
+                    drop(ra);
+                    let got = self.rt.block_on(self.vol.read(&h, offset, want));
+                    ra = slot.lock().unwrap_or_else(|p| p.into_inner());
+                    match got {
+                        Ok(bytes) => break ra.fetched(offset, size, bytes),
+                        Err(e) => return reply.error(errno_of(&e)),
+                    }
+                }
             }
         };
         reply.data(&answer);
-        if !ra.has_window() {
+        if self.ra_epoch.load(Ordering::SeqCst) != epoch {
+            // A write, truncate or lock came meanwhile: what was fetched may predate it.
+            *ra = Readahead::default();
             return;
         }
         if let Some(at) = ra.prefetch(o.size()) {
@@ -716,10 +825,6 @@ impl Filesystem for BrickFs {
                 .rt
                 .spawn(async move { vol.read(&h, at, READAHEAD_BYTES).await });
             ra.set_ahead(at, Ahead(Some(task)));
-        }
-        let mut map = self.readahead.lock().unwrap_or_else(|p| p.into_inner());
-        if self.ra_epoch.load(Ordering::SeqCst) == epoch {
-            map.insert(fh.0, ra);
         }
     }
 
@@ -735,6 +840,7 @@ impl Filesystem for BrickFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _op = self.fuse_op("write");
         let o = or_reply!(self.handle(fh.0), reply);
         let ino = o.h.attr.ino.0;
         // O_APPEND: the kernel placed the write at the end it caches, which another mount
@@ -774,6 +880,7 @@ impl Filesystem for BrickFs {
         lock_owner: fuser::LockOwner,
         reply: ReplyEmpty,
     ) {
+        let _op = self.fuse_op("flush");
         // Close-to-open: what this handle wrote, its size and mtime are committed when it
         // closes, before its locks go, so the next holder of a lock sees them.
         let published = self
@@ -812,6 +919,7 @@ impl Filesystem for BrickFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _op = self.fuse_op("release");
         let h = self.handles.remove(fh.0);
         self.readahead
             .lock()
@@ -851,6 +959,7 @@ impl Filesystem for BrickFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _op = self.fuse_op("fsync");
         let o = or_reply!(self.handle(fh.0), reply);
         // Every write any descriptor of this mount accepted for the file is made durable,
         // not only this one's: send them all, sync the file's objects, commit every handle.
@@ -867,6 +976,7 @@ impl Filesystem for BrickFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _op = self.fuse_op("opendir");
         match self.getattr_ino(ino.0).map_err(stale) {
             Ok(a) if a.kind != FileKind::Dir => reply.error(Errno::ENOTDIR),
             Ok(_) => {
@@ -885,6 +995,7 @@ impl Filesystem for BrickFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _op = self.fuse_op("readdir");
         let listing = or_reply!(self.listing(ino.0, fh.0, offset, false), reply);
         for (i, e) in listing.iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(e.ino), (i + 1) as u64, e.kind, &e.name) {
@@ -902,6 +1013,7 @@ impl Filesystem for BrickFs {
         offset: u64,
         mut reply: fuser::ReplyDirectoryPlus,
     ) {
+        let _op = self.fuse_op("readdirplus");
         let listing = or_reply!(self.listing(ino.0, fh.0, offset, true), reply);
         for (i, e) in listing.iter().enumerate().skip(offset as usize) {
             let Some(attr) = &e.attr else {
@@ -932,11 +1044,13 @@ impl Filesystem for BrickFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        let _op = self.fuse_op("releasedir");
         self.dirs.forget(fh.0);
         reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _op = self.fuse_op("statfs");
         // The bricks' real space, as the volume's layout lets files use it (a replica-3 set
         // holds a third of its members' raw space, a 4+2 set two thirds).
         let space = self.rt.block_on(self.vol.statfs());
@@ -963,7 +1077,11 @@ impl Filesystem for BrickFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let _op = self.fuse_op("setxattr");
         let name = or_reply!(name_of(name), reply);
+        if name == CAPS_XATTR {
+            self.no_caps.forget(ino.0);
+        }
         let op = MetaOp::SetXattr {
             volume: self.volume(),
             ino: Ino(ino.0),
@@ -979,7 +1097,12 @@ impl Filesystem for BrickFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _op = self.fuse_op("getxattr");
         let name = or_reply!(name_of(name), reply);
+        let caps = name == CAPS_XATTR;
+        if caps && self.no_caps.known(ino.0) {
+            return reply.error(Errno::NO_XATTR);
+        }
         match self.read_op(MetaRead::GetXattr {
             volume: self.volume(),
             ino: Ino(ino.0),
@@ -987,11 +1110,17 @@ impl Filesystem for BrickFs {
         }) {
             Ok(MetaReply::Value(v)) => xattr_reply(reply, size, &v),
             Ok(_) => reply.error(Errno::EIO),
-            Err(e) => reply.error(e),
+            Err(e) => {
+                if caps && e == Errno::NO_XATTR {
+                    self.no_caps.learnt(ino.0);
+                }
+                reply.error(e)
+            }
         }
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _op = self.fuse_op("listxattr");
         match self.read_op(MetaRead::ListXattr {
             volume: self.volume(),
             ino: Ino(ino.0),
@@ -1021,6 +1150,7 @@ impl Filesystem for BrickFs {
         pid: u32,
         reply: fuser::ReplyLock,
     ) {
+        let _op = self.fuse_op("getlk");
         let spec = or_reply!(lock_spec(lock_owner.0, pid, start, end, typ), reply);
         let Some(session) = self.meta().session_id() else {
             // No session yet: this mount holds nothing, so only others' locks can conflict.
@@ -1068,6 +1198,7 @@ impl Filesystem for BrickFs {
         sleep: bool,
         reply: ReplyEmpty,
     ) {
+        let _op = self.fuse_op("setlk");
         let spec = or_reply!(lock_spec(lock_owner.0, pid, start, end, typ), reply);
         // Whoever takes the lock next, on any mount, sees what was written under it: the
         // file's writes, size and mtime are published before any lock changes.
@@ -1095,6 +1226,7 @@ impl Filesystem for BrickFs {
     }
 
     fn interrupt(&self, _req: &Request, unique: fuser::RequestId) {
+        let _op = self.fuse_op("interrupt");
         self.waiters.interrupt(unique.0);
     }
 
@@ -1108,6 +1240,7 @@ impl Filesystem for BrickFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _op = self.fuse_op("fallocate");
         let o = or_reply!(self.handle(fh.0), reply);
         match self.fallocate_ino(&o, ino.0, offset, length, mode) {
             Ok(()) => reply.ok(),
@@ -1116,6 +1249,7 @@ impl Filesystem for BrickFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _op = self.fuse_op("removexattr");
         let name = or_reply!(name_of(name), reply);
         match self.write_op(MetaOp::RemoveXattr {
             volume: self.volume(),
@@ -1320,16 +1454,20 @@ impl BrickFs {
 #[derive(Clone)]
 struct CacheRefs {
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
-    readahead: Arc<Mutex<HashMap<u64, Readahead<Ahead>>>>,
+    readahead: Arc<Mutex<HashMap<u64, Arc<Mutex<Readahead<Ahead>>>>>>,
     handles: Arc<Handles>,
     ra_epoch: Arc<AtomicU64>,
 }
 
 impl CacheRefs {
+    /// The windows go from the map first, then the epoch moves: a read that loads the new
+    /// epoch finds no old window, and one that loaded the old epoch drops what it fetched.
     fn drop_readahead(&self, ino: u64) {
+        self.readahead
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|fh, _| !self.handles.is_of(*fh, ino));
         self.ra_epoch.fetch_add(1, Ordering::SeqCst);
-        let mut ra = self.readahead.lock().unwrap_or_else(|p| p.into_inner());
-        ra.retain(|fh, _| !self.handles.is_of(*fh, ino));
     }
 
     /// Drops the kernel's pages and attributes of `ino`, the readahead windows, and takes

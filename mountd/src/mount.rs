@@ -49,6 +49,35 @@ pub struct Options {
     pub timeout: Duration,
     /// Serve Prometheus metrics (`GET /metrics`) here.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The kernel's readahead for this mount in KiB (0: the kernel's default).
+    pub readahead_kb: u64,
+}
+
+/// The kernel's readahead this mount asks for by default: 4 MiB, sent as 1 MiB requests. The
+/// kernel's own 128 KiB makes a sequential reader's every MiB eight requests (measured in
+/// docs/benchmarks.md: reads through the mount about twice as fast with 4 MiB).
+pub const READAHEAD_KB: u64 = 4096;
+
+/// Sets the kernel's readahead of the mount at `mountpoint` (its backing device's
+/// read_ahead_kb: FUSE's INIT reply can only lower it).
+fn set_readahead(mountpoint: &Path, kb: u64) {
+    use std::os::unix::fs::MetadataExt;
+    let dev = match std::fs::metadata(mountpoint) {
+        Ok(m) => m.dev(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot stat the mount to set its readahead");
+            return;
+        }
+    };
+    let path = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev)
+    );
+    match std::fs::write(&path, kb.to_string()) {
+        Ok(()) => tracing::info!(readahead_kb = kb, "kernel readahead set"),
+        Err(e) => tracing::warn!(%path, error = %e, "cannot set the kernel's readahead"),
+    }
 }
 
 /// Mounts `source` at `mountpoint` and serves it until the mount goes away or `stop` fires.
@@ -85,22 +114,6 @@ pub fn run(
         .map_err(|e| anyhow::anyhow!("open volume {}: {e}", source.volume))?;
     // A write waits for a failed member to leave its set at most as long as any call waits.
     vol.set_retry_window(opts.timeout);
-    if let Some(at) = opts.metrics_listen {
-        let l = rt
-            .block_on(tokio::net::TcpListener::bind(at))
-            .map_err(|e| anyhow::anyhow!("listen for metrics on {at}: {e}"))?;
-        let maddr = l.local_addr()?;
-        let v = vol.clone();
-        let render: std::sync::Arc<dyn Fn() -> String + Send + Sync> =
-            std::sync::Arc::new(move || {
-                let mut out = String::new();
-                v.metrics().render("mountd", &mut out);
-                out
-            });
-        rt.spawn(brickfs_proto::metrics::serve(l, render));
-        // Tests wait for this line: keep its wording.
-        tracing::info!(addr = %maddr, "metrics listening");
-    }
     if vol.record().status != brickfs_proto::meta::VolumeStatus::Started {
         anyhow::bail!(
             "volume {} is not started (brickfs volume start {})",
@@ -115,6 +128,24 @@ pub fn run(
     };
     let fs = BrickFs::new(rt.handle().clone(), vol.clone());
     let notifier = fs.notifier.clone();
+    if let Some(at) = opts.metrics_listen {
+        let l = rt
+            .block_on(tokio::net::TcpListener::bind(at))
+            .map_err(|e| anyhow::anyhow!("listen for metrics on {at}: {e}"))?;
+        let maddr = l.local_addr()?;
+        let v = vol.clone();
+        let fuse = fs.fuse_metrics();
+        let render: std::sync::Arc<dyn Fn() -> String + Send + Sync> =
+            std::sync::Arc::new(move || {
+                let mut out = String::new();
+                v.metrics().render("mountd", &mut out);
+                fuse.render("mountd_fuse", &mut out);
+                out
+            });
+        rt.spawn(brickfs_proto::metrics::serve(l, render));
+        // Tests wait for this line: keep its wording.
+        tracing::info!(addr = %maddr, "metrics listening");
+    }
     // Releases of open-file holds go out in batches (see `holds`).
     let holds = fs.holds.clone();
     let flusher = {
@@ -164,6 +195,9 @@ pub fn run(
             anyhow::bail!("serve {}: {e}", mountpoint.display());
         }
     };
+    if opts.readahead_kb > 0 {
+        set_readahead(mountpoint, opts.readahead_kb);
+    }
     tracing::info!(mountpoint = %mountpoint.display(), volume = %source.volume, "mounted");
     // Serve until told to stop, or until someone else unmounts (umount(8)).
     let mountpoint_abs = std::path::absolute(mountpoint).unwrap_or(mountpoint.to_path_buf());

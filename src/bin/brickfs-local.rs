@@ -55,6 +55,9 @@ struct Args {
     /// Serve brickd's metrics on this address (e.g. 127.0.0.1:9100).
     #[arg(long)]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Serve mountd's metrics (volume calls and FUSE requests) on this address.
+    #[arg(long)]
+    mount_metrics_listen: Option<std::net::SocketAddr>,
 }
 
 fn parse_bench_size(s: &str) -> Result<u64, String> {
@@ -212,6 +215,9 @@ async fn main() -> anyhow::Result<()> {
         cmd.arg(format!("{addr}/{}", volume.name))
             .arg(&path)
             .stdin(std::process::Stdio::null());
+        if let Some(m) = args.mount_metrics_listen {
+            cmd.arg("--metrics-listen").arg(m.to_string());
+        }
         // Its own process group: Ctrl-C reaches only this program, which unmounts first.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let child = cmd.spawn().context("start mountd")?;

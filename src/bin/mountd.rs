@@ -23,15 +23,20 @@ struct Flags {
     /// metadata group is gone, EIO when bricks are).
     #[arg(long, default_value_t = 20)]
     timeout_secs: u64,
-    /// Serve Prometheus metrics (`GET /metrics`: reads, writes, fsyncs, truncates with bytes
-    /// and latency) on this address.
+    /// Serve Prometheus metrics (`GET /metrics`: the volume's reads, writes, fsyncs and
+    /// truncates with bytes and latency, and every FUSE request by kind) on this address.
     #[arg(long)]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// How far the kernel reads ahead of a sequential reader, in KiB (the mount's
+    /// read_ahead_kb; the kernel's own default is 128; 0 leaves it). Larger windows make
+    /// fewer, 1 MiB, requests.
+    #[arg(long, default_value_t = mountd::READAHEAD_KB)]
+    readahead_kb: u64,
     /// The cluster key file, when the cluster has one (also `-o keyfile=PATH`).
     #[arg(long, env = "BRICKFS_CLUSTER_KEY_FILE")]
     cluster_key_file: Option<std::path::PathBuf>,
-    /// Mount options as `mount -o` passes them: `threads=N`, `lease=SECS`, `timeout=SECS` and
-    /// `metrics=HOST:PORT` set the flags of those names; generic options (rw, defaults, _netdev, noauto, ...) are
+    /// Mount options as `mount -o` passes them: `threads=N`, `lease=SECS`, `timeout=SECS`,
+    /// `readahead_kb=N` and `metrics=HOST:PORT` set the flags of those names; generic options (rw, defaults, _netdev, noauto, ...) are
     /// accepted and ignored.
     #[arg(short = 'o')]
     options: Option<String>,
@@ -79,6 +84,7 @@ fn apply_options(flags: &mut Flags) -> Result<(), String> {
             "threads" => flags.threads = number()? as usize,
             "lease" => flags.lease_secs = number()?,
             "timeout" => flags.timeout_secs = number()?,
+            "readahead_kb" => flags.readahead_kb = number()?,
             "keyfile" => flags.cluster_key_file = Some(value.into()),
             "metrics" => {
                 flags.metrics_listen = Some(
@@ -110,6 +116,8 @@ fn daemonize(flags: &Flags) -> std::process::ExitCode {
         .arg(flags.lease_secs.to_string())
         .arg("--timeout-secs")
         .arg(flags.timeout_secs.to_string())
+        .arg("--readahead-kb")
+        .arg(flags.readahead_kb.to_string())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null());
     // The daemon must not hold the caller's output open (mount(8) and scripts wait for EOF):
@@ -232,6 +240,7 @@ fn main() -> std::process::ExitCode {
         lease: std::time::Duration::from_secs(flags.lease_secs.max(1)),
         timeout: std::time::Duration::from_secs(flags.timeout_secs.max(1)),
         metrics_listen: flags.metrics_listen,
+        readahead_kb: flags.readahead_kb,
     };
     match mountd::run(source, &flags.mountpoint, &opts, stop_rx) {
         Ok(()) => std::process::ExitCode::SUCCESS,
