@@ -1263,7 +1263,9 @@ async fn sequential_reads_reach_the_bricks_in_large_windows() {
     .await
     .unwrap();
     assert!(got == data, "the bytes read back differ");
-    let delta = |name: &str| after.get(name).copied().unwrap_or(0.0) - before.get(name).copied().unwrap_or(0.0);
+    let delta = |name: &str| {
+        after.get(name).copied().unwrap_or(0.0) - before.get(name).copied().unwrap_or(0.0)
+    };
     let fuse_reads = delta("mountd_fuse_ops_total{op=\"read\"}");
     let volume_reads = delta("mountd_ops_total{op=\"read\"}");
     // 32 MiB: 32 requests of 1 MiB (256 with the kernel's 128 KiB readahead); 8 windows of
@@ -1298,8 +1300,14 @@ async fn a_write_drops_file_capabilities() {
     // cap_net_bind_service+p, as a version 2 vfs_cap_data.
     let caps = "0x0100000200040000000000000000000000000000";
     tokio::task::spawn_blocking(move || {
-        must_run("setfattr", &["-n", "security.capability", "-v", caps, &path]);
-        let shown = must_run("getfattr", &["-e", "hex", "-n", "security.capability", &path]);
+        must_run(
+            "setfattr",
+            &["-n", "security.capability", "-v", caps, &path],
+        );
+        let shown = must_run(
+            "getfattr",
+            &["-e", "hex", "-n", "security.capability", &path],
+        );
         assert!(shown.contains(caps), "{shown}");
         w.write_all(b" second").unwrap();
         let out = Command::new("getfattr")

@@ -228,6 +228,8 @@ fn quick_start_mounts_benchmarks_and_stops_clean() {
         "50",
         "--files",
         "10",
+        "--gc-load",
+        "128M",
         "--disk",
         disk.to_str().unwrap(),
         "--plot",
@@ -235,9 +237,24 @@ fn quick_start_mounts_benchmarks_and_stops_clean() {
     ]);
     check_suite(&rows_of(&rows, "disk:"), 2 << 20, &[1, 2], false);
     check_suite(&rows_of(&rows, "mount:"), 2 << 20, &[1, 2], true);
+    // The rows measured while the deleted ballast goes, with their ratio to the idle ones;
+    // the memory of the daemons (on this machine) in every row.
+    for test in ["file-create-gc", "rand-read-4k-gc"] {
+        let r = rows_of(&rows, "mount:")
+            .into_iter()
+            .find(|r| r["test"] == test)
+            .unwrap_or_else(|| panic!("no {test} row"));
+        assert!(r["vs_idle"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    for r in rows_of(&rows, "mount:") {
+        assert!(r["brickd_rss_mib"].as_f64().unwrap() > 1.0, "{r}");
+        assert!(r["mountd_rss_mib"].as_f64().unwrap() > 1.0, "{r}");
+    }
     let svg = std::fs::read_to_string(&plot).unwrap();
     assert_eq!(svg.matches("<polyline").count(), 4, "{svg}");
-    assert!(svg.contains("raw disk seq-write"));
+    // A mount has no stripe counts: one panel, the raw disk's lines in it.
+    assert!(svg.contains("disk:") && svg.contains("seq-read"), "{svg}");
+    assert!(!svg.contains("stripe count"), "{svg}");
     // The bench leaves nothing behind.
     let left: Vec<String> = std::fs::read_dir(&mnt)
         .unwrap()

@@ -26,11 +26,11 @@ pub use mount::{Options, READAHEAD_KB, Source, is_mounted, run};
 use behind::Open;
 use brickfs_client::{FileHandle, MetaClient, VolumeClient, VolumeError};
 use brickfs_proto::Ino;
-use brickfs_proto::metrics::OpMetrics;
 use brickfs_proto::meta::{
     Attr, FileKind, LockKind, LockSpec, MetaOp, MetaRead, MetaReply, RenameFlags as BfRename,
     SetAttr,
 };
+use brickfs_proto::metrics::OpMetrics;
 use bytes::Bytes;
 use convert::*;
 use dirs::{Listed, Listings};
@@ -118,7 +118,10 @@ impl NoCaps {
     }
 
     fn forget(&self, ino: u64) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&ino);
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&ino);
     }
 }
 

@@ -86,7 +86,10 @@ impl<T> Readahead<T> {
             return true;
         }
         self.window.as_ref().is_some_and(|w| {
-            let end = w.ahead.as_ref().map_or(w.end(), |(at, _)| at + READAHEAD_BYTES);
+            let end = w
+                .ahead
+                .as_ref()
+                .map_or(w.end(), |(at, _)| at + READAHEAD_BYTES);
             offset >= w.start && offset <= end
         })
     }
@@ -373,7 +376,10 @@ mod tests {
                 ra.set_ahead(next, 0);
             }
         }
-        assert_eq!(fetches, 1, "one fetch, then every window came from the fetch ahead");
+        assert_eq!(
+            fetches, 1,
+            "one fetch, then every window came from the fetch ahead"
+        );
     }
 
     /// The kernel's second request of a file overtakes its first: fetched on its own, and

@@ -260,6 +260,7 @@ async fn main() -> anyhow::Result<()> {
             block: 1 << 20,
             rand_reads: 1000,
             files: 200,
+            gc_load: 0,
             disk: args.data.clone(),
             no_disk: false,
             plot: Some(args.data.join("bench.svg")),

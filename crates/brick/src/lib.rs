@@ -9,6 +9,7 @@ pub mod error;
 pub mod ident;
 pub mod service;
 pub mod store;
+pub mod trash;
 
 pub use error::StoreError;
 pub use service::BrickService;

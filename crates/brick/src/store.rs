@@ -148,6 +148,8 @@ pub struct BrickStore {
     /// The sealed objects (see `seal`), as the database holds them: loaded at open and kept
     /// in step, so that reads and writes check a seal without reading the database.
     seals: RwLock<std::collections::HashMap<ObjectKey, SealState>>,
+    /// Where large removed files are cut down in the background (see `trash`).
+    trash: crate::trash::Trash,
 }
 
 /// A seal on an object whose file moves to another stripe group (rebalance).
@@ -448,6 +450,13 @@ impl BrickStore {
         }
         // A brick that was not closed cleanly (a crash, a kill, a power loss) may have lost
         // writes that were acknowledged but not synced: say so, until it is closed cleanly.
+        let trash = crate::trash::Trash::open(root, id.to_string()).map_err(|e| {
+            StoreError::io(
+                "open the trash folder",
+                &root.join(crate::trash::TRASH_DIR),
+                e,
+            )
+        })?;
         let marker = root.join(RUNNING_MARKER);
         let mut unclean = marker.exists();
         // A brick whose disk is full must still open (its set heals it once space returns):
@@ -472,6 +481,7 @@ impl BrickStore {
             journaled: std::sync::Mutex::new(journaled),
             journal_stamp: AtomicU64::new(generation << 32),
             seals: RwLock::new(seals),
+            trash,
         })
     }
 
@@ -1556,13 +1566,12 @@ impl BrickStore {
     /// Removes an object's data and records (its lock held); returns whether it existed.
     fn remove_locked(&self, key: &ObjectKey) -> Result<bool, StoreError> {
         let old = self.get_meta(key)?;
-        let _ = fs::remove_file(self.undo_path(key));
+        // Large files go through the trash: unlinked at once they would stall the disk.
+        let _ = self.trash.discard(&self.undo_path(key));
         let path = self.object_path(key);
-        match fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(StoreError::io("remove object", &path, e)),
-        }
+        self.trash
+            .discard(&path)
+            .map_err(|e| StoreError::io("remove object", &path, e))?;
         let mut batch = WriteBatch::default();
         batch.delete(meta_key(key));
         batch.delete(undo_key(key));

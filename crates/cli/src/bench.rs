@@ -48,6 +48,11 @@ pub struct BenchArgs {
     /// Small files to create, stat and delete per target (0 skips them).
     #[arg(long, default_value_t = 500)]
     pub files: u64,
+    /// Then write this many bytes more (in 64 MiB files), delete them, and measure creates
+    /// and 4 KiB random reads again at once, while the cluster removes them (rows
+    /// `file-create-gc` and `rand-read-4k-gc`, with their ratio to the idle rows). 0 skips it.
+    #[arg(long, default_value = "0", value_parser = parse_size_or_zero)]
+    pub gc_load: u64,
     /// A folder on the local disk for the raw-disk baseline (default: /var/tmp).
     #[arg(long, default_value = "/var/tmp")]
     pub disk: PathBuf,
@@ -57,6 +62,14 @@ pub struct BenchArgs {
     /// Write a plot of throughput against streams and stripe count to this SVG file.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+}
+
+/// A size as `parse_size` takes it, or 0 (off).
+fn parse_size_or_zero(s: &str) -> Result<u64, String> {
+    if s.trim() == "0" {
+        return Ok(0);
+    }
+    parse_size(s)
 }
 
 /// Parses `1048576`, `64K`, `256M`, `2G` (powers of 1024; a trailing `iB`/`B` is allowed).
@@ -110,6 +123,13 @@ pub struct Row {
     /// This figure over the raw disk's for the same test and streams.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vs_disk: Option<f64>,
+    /// A `-gc` row's figure over the same target's idle one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vs_idle: Option<f64>,
+    /// The peak resident memory (MiB) of the brickd and mountd processes on this machine
+    /// during this row's phase (0: none running here).
+    pub brickd_rss_mib: f64,
+    pub mountd_rss_mib: f64,
 }
 
 /// What a suite runs on.
@@ -128,6 +148,44 @@ struct Progress {
     start: std::sync::Mutex<Instant>,
     stop: AtomicBool,
     tty: bool,
+    /// The largest resident memory seen this phase: brickd's, mountd's (KiB, summed over
+    /// the processes of that name on this machine).
+    rss_peak: [AtomicU64; 2],
+}
+
+/// The daemons whose memory the benchmark watches.
+const WATCHED: [&str; 2] = ["brickd", "mountd"];
+
+/// The resident memory (KiB) of every process on this machine named like each of
+/// `WATCHED`, summed per name.
+fn resident_kib() -> [u64; 2] {
+    let mut out = [0; 2];
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let dir = p.path();
+        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
+            continue;
+        };
+        let Some(i) = WATCHED.iter().position(|w| *w == comm.trim()) else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(dir.join("status")) else {
+            continue;
+        };
+        if let Some(kib) = status.lines().find_map(|l| {
+            l.strip_prefix("VmRSS:")?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse::<u64>()
+                .ok()
+        }) {
+            out[i] += kib;
+        }
+    }
+    out
 }
 
 impl Progress {
@@ -139,7 +197,23 @@ impl Progress {
             start: std::sync::Mutex::new(Instant::now()),
             stop: AtomicBool::new(false),
             tty: std::io::stderr().is_terminal(),
+            rss_peak: [AtomicU64::new(0), AtomicU64::new(0)],
         });
+        {
+            let p2 = p.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(250));
+                while !p2.stop.load(Ordering::Relaxed) {
+                    tick.tick().await;
+                    let now = tokio::task::spawn_blocking(resident_kib)
+                        .await
+                        .unwrap_or_default();
+                    for (peak, v) in p2.rss_peak.iter().zip(now) {
+                        peak.fetch_max(v, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
         if p.tty {
             let p2 = p.clone();
             tokio::spawn(async move {
@@ -162,6 +236,20 @@ impl Progress {
         self.total.store(total, Ordering::Relaxed);
         self.done.store(0, Ordering::Relaxed);
         *self.start.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        let now = resident_kib();
+        for (peak, v) in self.rss_peak.iter().zip(now) {
+            peak.store(v, Ordering::Relaxed);
+        }
+    }
+
+    /// The peak resident memory of brickd and mountd (MiB) since the phase began.
+    fn rss_mib(&self) -> [f64; 2] {
+        let now = resident_kib();
+        let mut out = [0.0; 2];
+        for ((o, peak), v) in out.iter_mut().zip(&self.rss_peak).zip(now) {
+            *o = peak.fetch_max(v, Ordering::Relaxed).max(v) as f64 / 1024.0;
+        }
+        out
     }
 
     fn add(&self, n: u64) {
@@ -605,6 +693,7 @@ async fn suite(t: &Named, args: &BenchArgs, progress: &Arc<Progress>) -> anyhow:
             let ops = lat.len() as u64;
             let secs = took.as_secs_f64().max(1e-9);
             let (p50, p99, max) = summarize(lat);
+            let [brickd_rss_mib, mountd_rss_mib] = progress.rss_mib();
             Row {
                 target: t.name.clone(),
                 kind: t.kind.clone(),
@@ -620,6 +709,9 @@ async fn suite(t: &Named, args: &BenchArgs, progress: &Arc<Progress>) -> anyhow:
                 p99_ms: p99,
                 max_ms: max,
                 vs_disk: None,
+                vs_idle: None,
+                brickd_rss_mib,
+                mountd_rss_mib,
             }
         };
     let mut streams = args.streams.clone();
@@ -678,9 +770,8 @@ async fn suite(t: &Named, args: &BenchArgs, progress: &Arc<Progress>) -> anyhow:
         let bytes = lat.len() as u64 * 4096;
         rows.push(row("rand-read-4k", top, bytes, start.elapsed(), lat));
     }
-    for i in 0..top {
-        t.target.remove_stream(i).await?;
-    }
+    // Idle first: the small files before the big files go (their removal is background
+    // work the cluster does afterwards).
     if args.files > 0 {
         for phase in ["create", "stat", "delete"] {
             progress.phase(
@@ -700,8 +791,71 @@ async fn suite(t: &Named, args: &BenchArgs, progress: &Arc<Progress>) -> anyhow:
             rows.push(row(test, top, 0, start.elapsed(), lat));
         }
     }
+    if args.gc_load > 0 {
+        // Ballast written, then deleted: the cluster removes it while creates and reads run.
+        let files = args.gc_load.div_ceil(GC_FILE_BYTES) as usize;
+        progress.phase(
+            format!("{}: write {:.0} MiB to delete", t.name, mib(args.gc_load)),
+            files as u64 * GC_FILE_BYTES,
+        );
+        for batch in (0..files).collect::<Vec<_>>().chunks(top.max(1)) {
+            let runs = batch.iter().map(|&j| {
+                let p = progress.clone();
+                async move {
+                    t.target
+                        .write_stream(GC_FIRST + j, GC_FILE_BYTES, args.block, p)
+                        .await
+                }
+            });
+            for r in brickfs_proto::rpc::join_all(runs.collect()).await {
+                r?;
+            }
+        }
+        for j in 0..files {
+            t.target.remove_stream(GC_FIRST + j).await?;
+        }
+        if args.rand_reads > 0 {
+            progress.phase(
+                format!("{}: 4 KiB random reads while deleting", t.name),
+                args.rand_reads,
+            );
+            let start = Instant::now();
+            let lat = t
+                .target
+                .rand_reads(top, args.size, args.rand_reads, top, progress.clone())
+                .await?;
+            let bytes = lat.len() as u64 * 4096;
+            rows.push(row("rand-read-4k-gc", top, bytes, start.elapsed(), lat));
+        }
+        if args.files > 0 {
+            progress.phase(
+                format!(
+                    "{}: create {} small files while deleting",
+                    t.name, args.files
+                ),
+                args.files,
+            );
+            let start = Instant::now();
+            let lat = t
+                .target
+                .small_files("create", args.files, top, progress.clone())
+                .await?;
+            rows.push(row("file-create-gc", top, 0, start.elapsed(), lat));
+            t.target
+                .small_files("delete", args.files, top, progress.clone())
+                .await?;
+        }
+    }
+    for i in 0..top {
+        t.target.remove_stream(i).await?;
+    }
     Ok(rows)
 }
+
+/// The size of the files `--gc-load` writes and deletes.
+const GC_FILE_BYTES: u64 = 64 << 20;
+/// The stream number of the first of them (above any stream count).
+const GC_FIRST: usize = 1 << 20;
 
 /// Runs `brickfs bench`.
 pub async fn run(args: BenchArgs, meta: Option<MetaClient>, json: bool) -> anyhow::Result<()> {
@@ -828,6 +982,19 @@ fn figure(r: &Row) -> f64 {
 }
 
 fn ratios(rows: &mut [Row]) {
+    let idle: Vec<(String, &'static str, f64)> = rows
+        .iter()
+        .map(|r| (r.target.clone(), r.test, figure(r)))
+        .collect();
+    for r in rows.iter_mut() {
+        let Some(base) = r.test.strip_suffix("-gc") else {
+            continue;
+        };
+        r.vs_idle = idle
+            .iter()
+            .find(|(t, test, f)| *t == r.target && *test == base && *f > 0.0)
+            .map(|(_, _, f)| figure(r) / f);
+    }
     let disk: Vec<(&'static str, usize, f64)> = rows
         .iter()
         .filter(|r| r.kind == "disk")
@@ -842,6 +1009,14 @@ fn ratios(rows: &mut [Row]) {
     }
 }
 
+fn rss(mib: f64) -> String {
+    if mib > 0.0 {
+        format!("{mib:.0}")
+    } else {
+        "-".into()
+    }
+}
+
 fn print_table(rows: &[Row]) {
     let tw = rows
         .iter()
@@ -851,7 +1026,7 @@ fn print_table(rows: &[Row]) {
         .max(6);
     let kw = rows.iter().map(|r| r.kind.len()).max().unwrap_or(4).max(4);
     println!(
-        "{:<tw$}  {:<kw$}  {:<12} {:>7} {:>9} {:>9} {:>8} {:>8} {:>8} {:>7}",
+        "{:<tw$}  {:<kw$}  {:<15} {:>7} {:>9} {:>9} {:>8} {:>8} {:>8} {:>7} {:>9} {:>9}",
         "TARGET",
         "TYPE",
         "TEST",
@@ -861,7 +1036,9 @@ fn print_table(rows: &[Row]) {
         "p50 ms",
         "p99 ms",
         "max ms",
-        "x DISK"
+        "x DISK",
+        "brickd MiB",
+        "mountd MiB"
     );
     for r in rows {
         let mib = if r.bytes > 0 {
@@ -870,7 +1047,7 @@ fn print_table(rows: &[Row]) {
             "-".into()
         };
         println!(
-            "{:<tw$}  {:<kw$}  {:<12} {:>7} {:>9} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>7}",
+            "{:<tw$}  {:<kw$}  {:<15} {:>7} {:>9} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>9} {:>9}",
             r.target,
             r.kind,
             r.test,
@@ -880,8 +1057,18 @@ fn print_table(rows: &[Row]) {
             r.p50_ms,
             r.p99_ms,
             r.max_ms,
-            r.vs_disk.map_or("-".into(), |v| format!("{v:.2}"))
+            r.vs_disk.map_or("-".into(), |v| format!("{v:.2}")),
+            rss(r.brickd_rss_mib),
+            rss(r.mountd_rss_mib)
         );
+    }
+    for r in rows {
+        if let Some(v) = r.vs_idle {
+            println!(
+                "{}: {} while the deleted files go: {v:.2} of idle (p99 {:.1} ms)",
+                r.target, r.test, r.p99_ms
+            );
+        }
     }
 }
 
@@ -895,7 +1082,7 @@ pub fn plot_svg(rows: &[Row]) -> String {
         "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
     ];
     let seq: Vec<&Row> = rows.iter().filter(|r| r.test.starts_with("seq-")).collect();
-    let ymax = seq.iter().map(|r| r.mib_s).fold(1.0, f64::max) * 1.1;
+    let (ystep, ymax) = round_axis(seq.iter().map(|r| r.mib_s).fold(1.0, f64::max));
     let mut out = String::new();
     let axes = |out: &mut String, x0: f64, title: &str, xlabel: &str, xticks: &[(f64, String)]| {
         out.push_str(&format!(
@@ -909,9 +1096,10 @@ pub fn plot_svg(rows: &[Row]) -> String {
             x0 + W - 10.0,
             30.0
         ));
-        for i in 0..=4 {
-            let v = ymax * f64::from(i) / 4.0;
-            let y = H - M + 30.0 - (H - M) * f64::from(i) / 4.0;
+        let ticks = (ymax / ystep).round() as u32;
+        for i in 0..=ticks {
+            let v = ystep * f64::from(i);
+            let y = H - M + 30.0 - (H - M) * v / ymax;
             out.push_str(&format!(
                 "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{v:.0}</text><line x1=\"{}\" y1=\"{y:.1}\" x2=\"{}\" y2=\"{y:.1}\" stroke=\"#ddd\"/>\n",
                 x0 + M - 4.0,
@@ -993,11 +1181,16 @@ pub fn plot_svg(rows: &[Row]) -> String {
             test
         ));
     }
-    // Panel 2: against stripe count, at the largest stream count.
+    // Panel 2: against stripe count, at the largest stream count; only when volumes with
+    // stripe counts were measured.
     let top = streams.last().copied().unwrap_or(1);
     let mut stripes: Vec<u32> = seq.iter().filter_map(|r| r.stripe).collect();
     stripes.sort_unstable();
     stripes.dedup();
+    let height = H + 60.0 + 14.0 * series.len().max(2) as f64;
+    if stripes.is_empty() {
+        return svg(W, height, &out);
+    }
     let px = |s: u32| {
         let i = stripes.iter().position(|x| *x == s).unwrap_or(0) as f64;
         let n = (stripes.len().max(2) - 1) as f64;
@@ -1048,12 +1241,29 @@ pub fn plot_svg(rows: &[Row]) -> String {
             ));
         }
     }
-    // Room for the longer legend (one line per target and direction).
-    let height = H + 60.0 + 14.0 * series.len().max(2) as f64;
+    svg(2.0 * W, height, &out)
+}
+
+/// The SVG document around `body` (its height leaves room for the legend: one line per
+/// target and direction).
+fn svg(width: f64, height: f64, body: &str) -> String {
     format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n{out}</svg>\n",
-        2.0 * W
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n{body}</svg>\n"
     )
+}
+
+/// A round tick step (1, 2 or 5 times a power of ten, at most eight ticks) for an axis from 0
+/// that shows `max`, and the axis' end: the first tick at or above `max` with 5 % room.
+fn round_axis(max: f64) -> (f64, f64) {
+    let want = (max * 1.05).max(1.0);
+    let raw = want / 8.0;
+    let mag = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * mag)
+        .find(|s| *s >= raw)
+        .unwrap_or(10.0 * mag);
+    (step, (want / step).ceil() * step)
 }
 
 fn xml_escape(s: &str) -> String {
@@ -1103,7 +1313,46 @@ mod tests {
             p99_ms: 0.0,
             max_ms: 0.0,
             vs_disk: None,
+            vs_idle: None,
+            brickd_rss_mib: 0.0,
+            mountd_rss_mib: 0.0,
         }
+    }
+
+    /// Axis ticks are round numbers, and the axis ends at a tick just above the data.
+    #[test]
+    fn axes_have_round_ticks() {
+        for (max, step, top) in [
+            (1234.0, 200.0, 1400.0),
+            (97.0, 20.0, 120.0),
+            (5.0, 1.0, 6.0),
+            (2900.0, 500.0, 3500.0),
+        ] {
+            assert_eq!(round_axis(max), (step, top), "for {max}");
+        }
+    }
+
+    /// A run without a volume sweep draws one panel; the idle ratio of the rows measured
+    /// while deleted files go is their figure over the same target's idle one.
+    #[test]
+    fn one_panel_without_stripes_and_ratios_to_idle() {
+        let mut rows = vec![
+            row("mount:/m", "mount", "seq-write", 1, 100.0),
+            row("mount:/m", "mount", "file-create", 4, 50.0),
+            row("mount:/m", "mount", "file-create-gc", 4, 40.0),
+            row("disk:/x", "disk", "file-create-gc", 4, 10.0),
+        ];
+        for r in &mut rows {
+            r.stripe = None;
+        }
+        ratios(&mut rows);
+        let idle: Vec<Option<f64>> = rows.iter().map(|r| r.vs_idle).collect();
+        assert_eq!(idle, vec![None, None, Some(0.8), None]);
+        let svg = plot_svg(&rows);
+        assert!(svg.contains("width=\"460\""), "{svg}");
+        assert!(!svg.contains("stripe count"), "{svg}");
+        rows[0].stripe = Some(4);
+        assert!(plot_svg(&rows).contains("stripe count"));
     }
 
     #[test]
