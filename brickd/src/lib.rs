@@ -324,7 +324,9 @@ async fn heartbeat(
     }
 }
 
-/// The clients of a duty the metadata leader's node runs (GC, heal), named after it.
+/// The clients of a duty the metadata leader's node runs (GC, heal), named after it. Its
+/// session is renewed by a task of its own, every third of its lease, so that a long round
+/// of the duty never lets it expire.
 fn duty_clients(
     node: NodeId,
     advertise: std::net::SocketAddr,
@@ -339,6 +341,8 @@ fn duty_clients(
             ..brickfs_client::MetaClientOptions::default()
         },
     );
+    // Ends by itself once `meta` is dropped.
+    let _keepalive = meta.spawn_keepalive(brickfs_client::MetaClientOptions::default().lease / 3);
     let bricks = brickfs_client::BrickClient::new(brickfs_proto::rpc::ClientOptions {
         peer_name: format!("brickd {node} {duty}"),
         ..Default::default()
@@ -369,6 +373,11 @@ async fn next_round_as_leader(
 const GC_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 /// Deleted files removed per volume and round.
 const GC_BATCH: u32 = 256;
+/// After removing a file's objects the GC rests this many times as long as that took, so
+/// that it takes at most a quarter of the bricks' time from the foreground.
+const GC_REST_FACTOR: u32 = 3;
+/// Files one GC commit reports removed.
+const GC_DONE_BATCH: usize = 64;
 
 /// Removes the objects of deleted files (the metadata group's GC queue) while this node's
 /// metadata member leads; one round every `GC_EVERY`, logged when it removed anything.
@@ -408,21 +417,49 @@ async fn collect_garbage(
                     }
                 };
             let (mut removed, mut bytes, mut failed) = (0u64, 0u64, 0u64);
+            let mut done = Vec::new();
             for item in &items {
                 let span = tracing::debug_span!("gc", volume = %v.name, ino = %item.ino);
-                match vol.remove_file(item).instrument(span).await {
+                let start = tokio::time::Instant::now();
+                match vol.remove_objects(item).instrument(span).await {
                     Ok(()) => {
                         removed += 1;
                         bytes += item.size_bytes;
+                        done.push(item.ino);
                     }
                     Err(e) => {
                         failed += 1;
                         tracing::debug!(volume = %v.name, ino = %item.ino, error = %e, "gc: removal failed; retried next round");
                     }
                 }
+                if done.len() >= GC_DONE_BATCH {
+                    gc_done(&meta, v.id, std::mem::take(&mut done)).await;
+                }
+                // Background work: the foreground gets the disks most of the time.
+                tokio::time::sleep(start.elapsed() * GC_REST_FACTOR).await;
             }
+            gc_done(&meta, v.id, done).await;
             info!(volume = %v.name, removed, bytes, failed, "gc: removed the objects of deleted files");
         }
+    }
+}
+
+/// Drops files whose objects are gone from the GC queue, in one command (a failure leaves
+/// them queued: removing them again is harmless).
+async fn gc_done(
+    meta: &brickfs_client::MetaClient,
+    volume: brickfs_proto::VolumeId,
+    inos: Vec<brickfs_proto::Ino>,
+) {
+    if inos.is_empty() {
+        return;
+    }
+    let n = inos.len();
+    if let Err(e) = meta
+        .write(brickfs_proto::meta::MetaOp::GcDoneMany { volume, inos })
+        .await
+    {
+        warn!(%volume, files = n, error = %e, "gc: could not report removed files; they are removed again next round");
     }
 }
 

@@ -1134,10 +1134,10 @@ impl VolumeClient {
         }
     }
 
-    /// Removes every object of a deleted file (each column on every member of its sets) and
-    /// tells the metadata group (`GcDone`). An object already gone is fine; a brick that cannot
-    /// be reached leaves the file queued for the next round.
-    pub async fn remove_file(&self, item: &GcItem) -> Result<(), VolumeError> {
+    /// Removes every object of a deleted file (each column on every member of its sets). An
+    /// object already gone is fine; a brick that cannot be reached fails it (the file stays
+    /// queued for the next round).
+    pub async fn remove_objects(&self, item: &GcItem) -> Result<(), VolumeError> {
         let stripe = u64::from(self.vol.stripe.max(1));
         let mut deletes = Vec::new();
         // The groups it moved away from hold its seals: they go too.
@@ -1165,6 +1165,12 @@ impl VolumeClient {
         for r in join_all(deletes).await {
             r?;
         }
+        Ok(())
+    }
+
+    /// As `remove_objects`, then tells the metadata group (`GcDone`).
+    pub async fn remove_file(&self, item: &GcItem) -> Result<(), VolumeError> {
+        self.remove_objects(item).await?;
         self.meta
             .write(MetaOp::GcDone {
                 volume: self.vol.id,

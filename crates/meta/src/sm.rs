@@ -1478,6 +1478,22 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                 self.kv.delete(keys::gc(*volume, *ino));
                 MetaReply::Done
             }
+            MetaOp::GcDoneMany { volume, inos } => {
+                if inos.len() > brickfs_proto::meta::GC_DONE_MAX {
+                    return Err(err(
+                        ErrorCode::TooLarge,
+                        format!(
+                            "{} files in one GcDoneMany (at most {})",
+                            inos.len(),
+                            brickfs_proto::meta::GC_DONE_MAX
+                        ),
+                    ));
+                }
+                for ino in inos {
+                    self.kv.delete(keys::gc(*volume, *ino));
+                }
+                MetaReply::Done
+            }
             MetaOp::RemoveXattr { volume, ino, name } => {
                 let mut i = load_inode(self.kv, *volume, *ino)?;
                 let key = keys::xattr(*volume, *ino, name);
@@ -2753,6 +2769,67 @@ mod tests {
         )
         .unwrap();
         assert_eq!(gc(&sm), MetaReply::Gc(vec![]));
+    }
+
+    /// GcDoneMany drops every file it names from the queue and no other; too many at once is
+    /// refused whole.
+    #[test]
+    fn gc_done_many_drops_the_files_it_names() {
+        let mut sm = Sm::new();
+        let (v, s) = (sm.volume, SessionId(1));
+        let mut inos = Vec::new();
+        for name in ["a", "b", "c"] {
+            match sm
+                .apply(s, MetaOp::create_file(v, ROOT_INO, name, 0o644, true))
+                .unwrap()
+            {
+                MetaReply::Attr(a) => inos.push(a.ino),
+                o => panic!("{o:?}"),
+            }
+            sm.apply(
+                s,
+                MetaOp::Unlink {
+                    volume: v,
+                    parent: ROOT_INO,
+                    name: name.into(),
+                },
+            )
+            .unwrap();
+        }
+        let queued = |sm: &Sm| match read(
+            &sm.base,
+            &MetaRead::ListGc {
+                volume: v,
+                limit: 10,
+            },
+        )
+        .unwrap()
+        {
+            MetaReply::Gc(items) => items.iter().map(|i| i.ino).collect::<Vec<_>>(),
+            o => panic!("{o:?}"),
+        };
+        assert_eq!(queued(&sm).len(), 3);
+        let too_many = vec![inos[0]; brickfs_proto::meta::GC_DONE_MAX + 1];
+        assert!(
+            sm.apply(
+                s,
+                MetaOp::GcDoneMany {
+                    volume: v,
+                    inos: too_many
+                }
+            )
+            .is_err()
+        );
+        assert_eq!(queued(&sm).len(), 3);
+        sm.apply(
+            s,
+            MetaOp::GcDoneMany {
+                volume: v,
+                inos: inos[..2].to_vec(),
+            },
+        )
+        .unwrap();
+        assert_eq!(queued(&sm), vec![inos[2]]);
     }
 
     /// A retried (session, sequence) answers its first result without applying twice; a

@@ -9,7 +9,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 /// The four bytes every frame starts with.
 pub const MAGIC: [u8; 4] = *b"BRFS";
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 9;
+pub const PROTOCOL_VERSION: u16 = 10;
 /// The size of the fixed header.
 pub const HEADER_LEN: usize = 32;
 

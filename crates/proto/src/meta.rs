@@ -621,7 +621,16 @@ pub enum MetaOp {
         node: NodeId,
         bricks: Vec<BrickId>,
     },
+    /// As `GcDone`, for several files of one volume in one command (at most
+    /// `GC_DONE_MAX`).
+    GcDoneMany {
+        volume: VolumeId,
+        inos: Vec<Ino>,
+    },
 }
+
+/// Files one `GcDoneMany` may name.
+pub const GC_DONE_MAX: usize = 1024;
 
 impl MetaOp {
     /// Creates a regular file (`exclusive`: refuse an existing name).
@@ -667,6 +676,7 @@ impl MetaOp {
             | Flock { volume, .. }
             | ReleaseLocks { volume, .. }
             | GcDone { volume, .. }
+            | GcDoneMany { volume, .. }
             | UnlinkOpen { volume, .. }
             | DropOrphan { volume, .. }
             | RejoinMember { volume, .. }
