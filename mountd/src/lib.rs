@@ -63,13 +63,16 @@ impl Drop for Ahead {
 /// The largest write the kernel sends in one request.
 pub const MAX_WRITE_BYTES: u32 = 1 << 20;
 
+/// Per open handle, the readahead state its reads share.
+type Windows = Arc<Mutex<HashMap<u64, Arc<Mutex<Readahead<Ahead>>>>>>;
+
 /// The mounted filesystem.
 pub struct BrickFs {
     rt: tokio::runtime::Handle,
     vol: Arc<VolumeClient>,
     handles: Arc<Handles>,
     /// Per open handle: the readahead window of its sequential reads.
-    readahead: Arc<Mutex<HashMap<u64, Arc<Mutex<Readahead<Ahead>>>>>>,
+    readahead: Windows,
     /// Bumped whenever windows are dropped (a write, a truncate, a lock taken), so that a
     /// read racing with one does not keep a window fetched before it.
     ra_epoch: Arc<AtomicU64>,
@@ -1457,7 +1460,7 @@ impl BrickFs {
 #[derive(Clone)]
 struct CacheRefs {
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
-    readahead: Arc<Mutex<HashMap<u64, Arc<Mutex<Readahead<Ahead>>>>>>,
+    readahead: Windows,
     handles: Arc<Handles>,
     ra_epoch: Arc<AtomicU64>,
 }

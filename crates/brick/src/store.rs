@@ -453,7 +453,7 @@ impl BrickStore {
         let trash = crate::trash::Trash::open(root, id.to_string()).map_err(|e| {
             StoreError::io(
                 "open the trash folder",
-                &root.join(crate::trash::TRASH_DIR),
+                root.join(crate::trash::TRASH_DIR),
                 e,
             )
         })?;

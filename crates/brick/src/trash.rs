@@ -15,8 +15,8 @@
 use std::fs::{self, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, mpsc};
+use std::time::{Duration, Instant};
 
 /// The trash folder's name under the brick's root.
 pub const TRASH_DIR: &str = "trash";
@@ -41,6 +41,57 @@ pub struct Trash {
     seq: AtomicU64,
     /// Bytes still in the trash (as far as this run has put there or found).
     pending: Arc<AtomicU64>,
+    /// Set when the store closes: the emptier stops between two cuts (what is left goes
+    /// after the next open).
+    stop: Arc<Stop>,
+    emptier: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The emptier's stop signal, which its rests between cuts wait on.
+#[derive(Default)]
+struct Stop {
+    stopped: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Stop {
+    /// Rests for `d` unless stopped first; false once stopped.
+    fn rest(&self, d: Duration) -> bool {
+        let until = Instant::now() + d;
+        let mut stopped = self.stopped.lock().unwrap_or_else(|p| p.into_inner());
+        while !*stopped {
+            let now = Instant::now();
+            if now >= until {
+                return true;
+            }
+            stopped = self
+                .cv
+                .wait_timeout(stopped, until - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        false
+    }
+
+    fn is_set(&self) -> bool {
+        *self.stopped.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set(&self) {
+        *self.stopped.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.cv.notify_all();
+    }
+}
+
+impl Drop for Trash {
+    /// Stops the emptier between two cuts and waits for it (one cut at most).
+    fn drop(&mut self) {
+        self.stop.set();
+        let _ = self.wake.lock().unwrap_or_else(|p| p.into_inner()).send(());
+        if let Some(t) = self.emptier.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl Trash {
@@ -51,16 +102,22 @@ impl Trash {
         fs::create_dir_all(&dir)?;
         let (tx, rx) = mpsc::channel();
         let pending = Arc::new(AtomicU64::new(0));
-        let (d, p) = (dir.clone(), pending.clone());
-        std::thread::Builder::new()
+        let stop = Arc::new(Stop::default());
+        let (d, p, st) = (dir.clone(), pending.clone(), stop.clone());
+        let emptier = std::thread::Builder::new()
             .name(format!("trash {brick}"))
             .spawn(move || {
                 loop {
-                    empty(&d, &p);
+                    if !empty(&d, &p, &st) {
+                        return;
+                    }
                     // Several discards while emptying make one more pass.
                     match rx.recv() {
                         Ok(()) => while rx.try_recv().is_ok() {},
                         Err(_) => return,
+                    }
+                    if st.is_set() {
+                        return;
                     }
                 }
             })?;
@@ -69,6 +126,8 @@ impl Trash {
             wake: Mutex::new(tx),
             seq: AtomicU64::new(0),
             pending,
+            stop,
+            emptier: Some(emptier),
         })
     }
 
@@ -109,14 +168,16 @@ impl Trash {
     }
 }
 
-/// Cuts down and unlinks every file in `dir`.
-fn empty(dir: &Path, pending: &AtomicU64) {
+/// Cuts down and unlinks every file in `dir`; false when stopped first.
+fn empty(dir: &Path, pending: &AtomicU64, stop: &Stop) -> bool {
     let Ok(entries) = fs::read_dir(dir) else {
-        return;
+        return !stop.is_set();
     };
     for entry in entries.flatten() {
         let path = entry.path();
-        let cut = cut_down(&path);
+        let Some(cut) = cut_down(&path, stop) else {
+            return false;
+        };
         if let Err(e) = fs::remove_file(&path)
             && e.kind() != std::io::ErrorKind::NotFound
         {
@@ -127,31 +188,37 @@ fn empty(dir: &Path, pending: &AtomicU64) {
             Some(p.saturating_sub(cut))
         });
     }
+    !stop.is_set()
 }
 
-/// Cuts `path` down to nothing, `CUT_BYTES` at a time; returns the length it had.
-fn cut_down(path: &Path) -> u64 {
+/// Cuts `path` down to nothing, `CUT_BYTES` at a time; returns the length it had, or None
+/// when stopped before the end (the file stays for the next open).
+fn cut_down(path: &Path, stop: &Stop) -> Option<u64> {
     let Ok(f) = OpenOptions::new().write(true).open(path) else {
-        return 0;
+        return Some(0);
     };
     let Ok(len) = f.metadata().map(|m| m.len()) else {
-        return 0;
+        return Some(0);
     };
     let mut left = len;
     while left > CUT_BYTES {
         left -= CUT_BYTES;
         let took = {
             let _one = CUTTING.lock().unwrap_or_else(|p| p.into_inner());
-            let start = std::time::Instant::now();
+            let start = Instant::now();
             if let Err(e) = f.set_len(left) {
                 tracing::debug!(path = %path.display(), error = %e, "trash: cut failed; unlinking");
                 break;
             }
             start.elapsed()
         };
-        std::thread::sleep(CUT_PAUSE.max(took * REST_FACTOR));
+        // A pace, not a wait for readiness (nothing signals that the disk has caught up);
+        // a closing store ends it early.
+        if !stop.rest(CUT_PAUSE.max(took * REST_FACTOR)) {
+            return None;
+        }
     }
-    len
+    Some(len)
 }
 
 #[cfg(test)]
@@ -197,5 +264,26 @@ mod tests {
         drop(f);
         let _trash = Trash::open(root.path(), "t".into()).unwrap();
         assert!(emptied(&dir), "a leftover stayed");
+    }
+
+    /// Closing the store stops a long cut-down between two cuts: the drop returns with the
+    /// file still partly there, and the next open finishes it.
+    #[test]
+    fn closing_stops_the_cutter_and_the_next_open_finishes() {
+        let root = tempfile::tempdir().unwrap();
+        let trash = Trash::open(root.path(), "t".into()).unwrap();
+        let huge = root.path().join("huge");
+        // Sparse: hundreds of cuts at the least pause each take a second or more.
+        let f = fs::File::create(&huge).unwrap();
+        f.set_len(500 * CUT_BYTES).unwrap();
+        drop(f);
+        trash.discard(&huge).unwrap();
+        let dir = root.path().join(TRASH_DIR);
+        drop(trash);
+        let left: Vec<_> = fs::read_dir(&dir).unwrap().flatten().collect();
+        assert_eq!(left.len(), 1, "the drop waited for the whole cut-down");
+        assert!(left[0].metadata().unwrap().len() > 0);
+        let _trash = Trash::open(root.path(), "t".into()).unwrap();
+        assert!(emptied(&dir), "the next open did not finish the cut-down");
     }
 }
