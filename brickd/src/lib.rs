@@ -108,11 +108,38 @@ impl Handler for NodeHandler {
 
     async fn handle(&self, msg: Message, data: Bytes) -> Result<(Message, Bytes), ErrorBody> {
         let (name, bytes_in, start) = (msg.name(), data.len() as u64, std::time::Instant::now());
+        // Background work on this node rests while this runs (and shortly after).
+        let _foreground = is_foreground(&msg).then(brickfs_brick::pace::foreground);
         let r = self.route(msg, data).await;
         let bytes_out = r.as_ref().map_or(0, |(_, d)| d.len() as u64);
         self.metrics
             .record(name, start.elapsed(), r.is_ok(), bytes_in, bytes_out);
         r
+    }
+}
+
+/// Whether a request is an application's (through a mount or the client library), which the
+/// node's background work yields to; heal, scrub, GC deletes, listings, Raft traffic and
+/// lock waits held back by the leader are not.
+fn is_foreground(msg: &Message) -> bool {
+    use brickfs_proto::meta::MetaRead;
+    match msg {
+        Message::Write(_)
+        | Message::Read(_)
+        | Message::Truncate(_)
+        | Message::Fsync(_)
+        | Message::Stat(_)
+        | Message::Seal(_)
+        | Message::SetWrite(_)
+        | Message::SetTruncate(_)
+        | Message::MemberWrite(_)
+        | Message::MemberTruncate(_)
+        | Message::MemberRollback(_)
+        | Message::DisperseWrite(_)
+        | Message::DisperseTruncate(_)
+        | Message::MetaWrite(_) => true,
+        Message::MetaRead(r) => !matches!(r.read, MetaRead::WaitLock { .. }),
+        _ => false,
     }
 }
 
@@ -373,9 +400,6 @@ async fn next_round_as_leader(
 const GC_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 /// Deleted files removed per volume and round.
 const GC_BATCH: u32 = 256;
-/// After removing a file's objects the GC rests this many times as long as that took, so
-/// that it takes at most a quarter of the bricks' time from the foreground.
-const GC_REST_FACTOR: u32 = 3;
 /// Files one GC commit reports removed.
 const GC_DONE_BATCH: usize = 64;
 
@@ -435,8 +459,8 @@ async fn collect_garbage(
                 if done.len() >= GC_DONE_BATCH {
                     gc_done(&meta, v.id, std::mem::take(&mut done)).await;
                 }
-                // Background work: the foreground gets the disks most of the time.
-                tokio::time::sleep(start.elapsed() * GC_REST_FACTOR).await;
+                // Background work: it yields to this node's foreground (see `pace`).
+                brickfs_brick::pace::rest_async(start.elapsed()).await;
             }
             gc_done(&meta, v.id, done).await;
             info!(volume = %v.name, removed, bytes, failed, "gc: removed the objects of deleted files");

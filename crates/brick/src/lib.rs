@@ -7,6 +7,7 @@
 
 pub mod error;
 pub mod ident;
+pub mod pace;
 pub mod service;
 pub mod store;
 pub mod trash;

@@ -9,8 +9,9 @@
 //!
 //! Objects written out of order have many extents, and one cut of them took 75-115 ms under
 //! strace in brickd: so one cut runs at a time in the process (the bricks of a node often
-//! share a disk), and after each the cutter rests three times as long as the cut took, which
-//! leaves the disk to other work at least three quarters of the time.
+//! share a disk), and after each the cutter rests as background work does (`pace`): barely
+//! on an idle node, and while requests keep coming until they pause, for up to nine times
+//! as long as the cut took.
 
 use std::fs::{self, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -23,12 +24,6 @@ pub const TRASH_DIR: &str = "trash";
 
 /// How much one cut takes off a file; files no larger are unlinked at once.
 pub const CUT_BYTES: u64 = 4 << 20;
-
-/// The least pause between two cuts.
-const CUT_PAUSE: Duration = Duration::from_millis(2);
-
-/// How many times a cut's own duration the cutter rests after it.
-const REST_FACTOR: u32 = 3;
 
 /// One cut at a time in the process, whichever brick it is for.
 static CUTTING: Mutex<()> = Mutex::new(());
@@ -55,22 +50,9 @@ struct Stop {
 }
 
 impl Stop {
-    /// Rests for `d` unless stopped first; false once stopped.
-    fn rest(&self, d: Duration) -> bool {
-        let until = Instant::now() + d;
-        let mut stopped = self.stopped.lock().unwrap_or_else(|p| p.into_inner());
-        while !*stopped {
-            let now = Instant::now();
-            if now >= until {
-                return true;
-            }
-            stopped = self
-                .cv
-                .wait_timeout(stopped, until - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-        false
+    /// Rests after a cut that took `took` unless stopped first; false once stopped.
+    fn rest(&self, took: Duration) -> bool {
+        crate::pace::rest_blocking(took, &self.stopped, &self.cv)
     }
 
     fn is_set(&self) -> bool {
@@ -212,9 +194,8 @@ fn cut_down(path: &Path, stop: &Stop) -> Option<u64> {
             }
             start.elapsed()
         };
-        // A pace, not a wait for readiness (nothing signals that the disk has caught up);
-        // a closing store ends it early.
-        if !stop.rest(CUT_PAUSE.max(took * REST_FACTOR)) {
+        // Background work: the foreground goes first; a closing store ends the rest early.
+        if !stop.rest(took) {
             return None;
         }
     }
@@ -275,7 +256,7 @@ mod tests {
         let huge = root.path().join("huge");
         // Sparse: hundreds of cuts at the least pause each take a second or more.
         let f = fs::File::create(&huge).unwrap();
-        f.set_len(500 * CUT_BYTES).unwrap();
+        f.set_len(1000 * CUT_BYTES).unwrap();
         drop(f);
         trash.discard(&huge).unwrap();
         let dir = root.path().join(TRASH_DIR);
