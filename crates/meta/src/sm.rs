@@ -1904,10 +1904,21 @@ pub fn apply_command<B: KvRead>(kv: &mut Overlay<'_, B>, cmd: &Command) -> Comma
             ),
         ));
     }
-    // Forget answers the client confirmed it has.
+    // Forget answers the client confirmed it has. Those below the old mark are gone already:
+    // the scan starts at it, for a scan from the prefix's start would step over the deletes
+    // of every earlier answer still in the database's memtable (creates fell from 360/s to
+    // 130/s over 15,000 files of one session, brickd busy in RocksDB's iterator).
     if cmd.acked_below > session.acked_below {
         let prefix = keys::reply_prefix(cmd.session);
-        for (k, _) in a.kv.scan(&prefix, None, usize::MAX).map_err(internal)? {
+        let from = session
+            .acked_below
+            .checked_sub(1)
+            .map(|below| keys::reply(cmd.session, below));
+        let most = usize::try_from(cmd.acked_below - session.acked_below).unwrap_or(usize::MAX);
+        for (k, _) in
+            a.kv.scan(&prefix, from.as_deref(), most)
+                .map_err(internal)?
+        {
             let seq = k
                 .get(9..17)
                 .and_then(|b| b.try_into().ok())
