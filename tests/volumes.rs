@@ -508,15 +508,19 @@ async fn deleted_files_leave_no_objects_on_the_bricks() {
         );
         let read = vol.read(&kept, 0, 200_000).await.unwrap();
         assert!(read == pattern(3, 0, 200_000));
-        let gc = vol
-            .meta()
-            .read(MetaRead::ListGc {
-                volume: rec.id,
-                limit: 10,
-            })
-            .await
-            .unwrap();
-        assert_eq!(gc, MetaReply::Gc(vec![]));
+        // The GC reports removals after removing them: the queue empties soon after.
+        must_wait_for("the GC queue to empty", Duration::from_secs(30), || async {
+            let gc = vol
+                .meta()
+                .read(MetaRead::ListGc {
+                    volume: rec.id,
+                    limit: 10,
+                })
+                .await
+                .unwrap();
+            (gc == MetaReply::Gc(vec![])).then_some(())
+        })
+        .await;
     }
 }
 
