@@ -24,7 +24,8 @@ use tokio::sync::watch;
 /// Settings of a member.
 #[derive(Clone, Debug)]
 pub struct MetaOptions {
-    /// Build a snapshot (and compact the log) after this many entries.
+    /// Build a snapshot (and compact the log) after this many entries, or after as many
+    /// as the last snapshot's bytes / [`SNAPSHOT_BYTES_PER_ENTRY`] if that is more.
     pub snapshot_after_logs: u64,
     pub heartbeat: Duration,
     pub election_timeout_min: Duration,
@@ -46,6 +47,12 @@ impl Default for MetaOptions {
     }
 }
 
+/// A snapshot copies the whole namespace, the log one entry per change: a member snapshots
+/// again only once the log since the last one holds about as many bytes as it did, so the
+/// snapshots' writes stay a bounded share of the log's however large the namespace grows
+/// (a fixed count of entries would copy a namespace of a million files every few seconds).
+pub const SNAPSHOT_BYTES_PER_ENTRY: u64 = 256;
+
 /// A running member.
 pub struct MetaNode {
     id: NodeId,
@@ -55,6 +62,48 @@ pub struct MetaNode {
     stop: watch::Sender<bool>,
     /// Bumped when applied commands change a file's locks (`MetaRead::WaitLock`).
     lock_changes: Arc<watch::Sender<u64>>,
+}
+
+/// Asks for a snapshot whenever the applied entries since the last one reach
+/// `max(every, last snapshot's bytes / SNAPSHOT_BYTES_PER_ENTRY)`; one request at a time.
+async fn pace_snapshots(
+    raft: Raft,
+    every: u64,
+    bytes: Arc<std::sync::atomic::AtomicU64>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut metrics = raft.metrics();
+    // The applied index a requested snapshot must reach, and when it was asked for.
+    let mut asked: Option<(u64, std::time::Instant)> = None;
+    loop {
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() { return },
+            _ = stop.changed() => return,
+        }
+        let (applied, snapshot) = {
+            let m = metrics.borrow();
+            (
+                m.last_applied.map_or(0, |l| l.index),
+                m.snapshot.map_or(0, |l| l.index),
+            )
+        };
+        if let Some((at, when)) = asked {
+            // Done, or lost (a build that failed logs why): ask again after a minute.
+            if snapshot < at && when.elapsed() < Duration::from_secs(60) {
+                continue;
+            }
+            asked = None;
+        }
+        let need =
+            every.max(bytes.load(std::sync::atomic::Ordering::Relaxed) / SNAPSHOT_BYTES_PER_ENTRY);
+        if applied.saturating_sub(snapshot) >= need {
+            if let Err(e) = raft.trigger().snapshot().await {
+                tracing::debug!(error = %e, "could not ask for a metadata snapshot");
+                return;
+            }
+            asked = Some((applied, std::time::Instant::now()));
+        }
+    }
 }
 
 fn now_ns() -> i64 {
@@ -101,7 +150,8 @@ impl MetaNode {
             election_timeout_min: opts.election_timeout_min.as_millis() as u64,
             election_timeout_max: opts.election_timeout_min.as_millis() as u64 * 2,
             install_snapshot_timeout: 10_000,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(opts.snapshot_after_logs),
+            // `pace_snapshots` asks for them.
+            snapshot_policy: SnapshotPolicy::Never,
             max_in_snapshot_log_to_keep: opts.snapshot_after_logs.min(1000),
             ..Default::default()
         }
@@ -116,6 +166,7 @@ impl MetaNode {
         }));
         let sm = StateMachine::new(db.clone());
         let lock_changes = sm.lock_changes();
+        let snapshot_bytes = sm.snapshot_bytes();
         let raft = Raft::new(
             id.0,
             Arc::new(config),
@@ -139,6 +190,12 @@ impl MetaNode {
             opts.session_sweep,
             opts.down_after,
             stop_rx,
+        ));
+        tokio::spawn(pace_snapshots(
+            node.raft.clone(),
+            opts.snapshot_after_logs,
+            snapshot_bytes,
+            node.stop.subscribe(),
         ));
         tracing::info!(node = %id, "metadata member started");
         Ok(node)

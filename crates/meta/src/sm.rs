@@ -2843,6 +2843,53 @@ mod tests {
         assert_eq!(queued(&sm), vec![inos[2]]);
     }
 
+    /// A session's stored answers are forgotten once the client confirms it has them, however
+    /// its confirmations lag or jump: a long session keeps only the answers it may still
+    /// retry, so its keys (and the scans over them) do not grow with its age.
+    #[test]
+    fn confirmed_answers_are_forgotten() {
+        let mut sm = Sm::new();
+        let v = sm.volume;
+        let replies = |sm: &Sm| {
+            let prefix = keys::reply_prefix(SessionId(1));
+            sm.base
+                .keys()
+                .filter(|k| k.starts_with(&prefix))
+                .map(|k| u64::from_be_bytes(k[9..17].try_into().unwrap()))
+                .collect::<Vec<_>>()
+        };
+        // Sequences continue after the set-up's; the client confirms with a lag that varies
+        // between 0 and 6, and sometimes not at all for a while.
+        let first = sm.seq + 1;
+        let mut acked = first;
+        for (i, seq) in (first..first + 3000).enumerate() {
+            if i % 7 != 3 {
+                acked = acked.max(seq.saturating_sub((i % 7) as u64));
+            }
+            let cmd = Command {
+                session: SessionId(1),
+                seq,
+                acked_below: acked,
+                now_ns: seq as i64,
+                op: MetaOp::create_file(v, ROOT_INO, &format!("f{i}"), 0o644, true),
+            };
+            let mut overlay = Overlay::new(&sm.base);
+            apply_command(&mut overlay, &cmd).unwrap();
+            for (k, val) in overlay.into_changes() {
+                match val {
+                    Some(val) => sm.base.insert(k, val),
+                    None => sm.base.remove(&k),
+                };
+            }
+            let kept = replies(&sm);
+            assert_eq!(
+                kept,
+                (acked..=seq).collect::<Vec<_>>(),
+                "after request {seq} (confirmed below {acked})"
+            );
+        }
+    }
+
     /// A retried (session, sequence) answers its first result without applying twice; a
     /// request for an unknown session is refused.
     #[test]

@@ -8,8 +8,10 @@
 //! - `state`: the state machine's keys (see `sm::keys`), with the last applied log id and the
 //!   membership written in the same batch as each apply, so state and position never disagree.
 //!
-//! Snapshots are a bincode image of the `state` column family taken from a RocksDB snapshot;
-//! installing one replaces the column family in one batch.
+//! Snapshots are files beside the database (`meta-snapshots/`): the `state` column family's
+//! pairs, streamed from a RocksDB snapshot as length-prefixed records and closed by a count
+//! (see [`SNAPSHOT_MAGIC`]), so building, keeping and sending one costs no memory that grows
+//! with the namespace. Installing one replaces the column family in one batch.
 
 // openraft's traits fix the error type (`StorageError`, over 200 bytes); our helpers return it
 // too rather than converting at every call.
@@ -26,12 +28,13 @@ use openraft::{
 use rocksdb::{
     ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions,
 };
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::fmt::Debug;
-use std::io::Cursor;
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::ops::RangeBounds;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 
 type SErr = StorageError<u64>;
@@ -52,6 +55,9 @@ fn dec<T: serde::de::DeserializeOwned>(raw: &[u8]) -> Result<T, String> {
     brickfs_proto::msg::decode_body(raw).map_err(|e| e.to_string())
 }
 
+/// The write-ahead log files a metadata database keeps at most (about).
+const MAX_WAL_BYTES: u64 = 256 << 20;
+
 /// Opens (creating if needed) the metadata database at `path`.
 pub fn open_db(path: &Path) -> Result<Arc<DB>, String> {
     let mut opts = Options::default();
@@ -59,6 +65,9 @@ pub fn open_db(path: &Path) -> Result<Arc<DB>, String> {
     opts.create_missing_column_families(true);
     opts.set_max_background_jobs(2);
     opts.set_keep_log_file_num(4);
+    // A column family written little (`raft`) would otherwise keep every write-ahead log file
+    // since its last flush: past this total, RocksDB flushes the families holding the oldest.
+    opts.set_max_total_wal_size(MAX_WAL_BYTES);
     let cfs = [CF_LOG, CF_RAFT, CF_STATE]
         .into_iter()
         .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
@@ -285,15 +294,102 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
-/// The snapshot image.
-#[derive(Serialize, Deserialize)]
-struct SnapshotImage {
-    pairs: Vec<(Vec<u8>, Vec<u8>)>,
-}
+/// A snapshot file's first bytes. Then one record per pair (key length and value length as
+/// little-endian u32, the key, the value) and, to close it, a length of `u32::MAX` and the
+/// count of pairs (u64): a file cut short does not install.
+pub const SNAPSHOT_MAGIC: &[u8; 8] = b"BFSNAP1\n";
 
 struct StoredSnapshot {
     meta: SnapshotMeta<u64, openraft::BasicNode>,
-    data: Vec<u8>,
+    path: PathBuf,
+}
+
+/// Where a database's snapshot files live: `meta` -> `meta-snapshots`.
+fn snapshot_dir(db: &DB) -> PathBuf {
+    let mut name = db.path().as_os_str().to_os_string();
+    name.push("-snapshots");
+    PathBuf::from(name)
+}
+
+/// Writes the pairs of `state` as a snapshot file at `path` (synced); returns the applied
+/// log id and membership found among them, and the file's size.
+fn write_snapshot(
+    pairs: impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>), rocksdb::Error>>,
+    path: &Path,
+) -> Result<(Option<LogId>, StoredMembership, u64), String> {
+    let file = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut out = BufWriter::with_capacity(1 << 20, file);
+    let io = |e: std::io::Error| format!("{}: {e}", path.display());
+    out.write_all(SNAPSHOT_MAGIC).map_err(io)?;
+    let (mut applied, mut membership, mut count) = (None, StoredMembership::default(), 0u64);
+    for item in pairs {
+        let (k, v) = item.map_err(|e| e.to_string())?;
+        if &*k == keys::APPLIED {
+            applied = dec::<Option<LogId>>(&v)?;
+        } else if &*k == keys::MEMBERSHIP {
+            membership = dec::<StoredMembership>(&v)?;
+        }
+        let len = |n: usize| u32::try_from(n).map_err(|_| format!("a pair of {n} bytes"));
+        out.write_all(&len(k.len())?.to_le_bytes()).map_err(io)?;
+        out.write_all(&len(v.len())?.to_le_bytes()).map_err(io)?;
+        out.write_all(&k).map_err(io)?;
+        out.write_all(&v).map_err(io)?;
+        count += 1;
+    }
+    out.write_all(&u32::MAX.to_le_bytes()).map_err(io)?;
+    out.write_all(&count.to_le_bytes()).map_err(io)?;
+    let file = out.into_inner().map_err(|e| io(e.into_error()))?;
+    file.sync_all().map_err(io)?;
+    let bytes = file.metadata().map_err(io)?.len();
+    Ok((applied, membership, bytes))
+}
+
+/// Reads a snapshot file, handing each pair to `each`; returns the count.
+fn read_snapshot(
+    file: std::fs::File,
+    mut each: impl FnMut(Vec<u8>, Vec<u8>),
+) -> Result<u64, String> {
+    let mut input = BufReader::with_capacity(1 << 20, file);
+    let mut magic = [0u8; 8];
+    let short = |what: &str, e: std::io::Error| format!("snapshot cut short in {what}: {e}");
+    input
+        .read_exact(&mut magic)
+        .map_err(|e| short("its header", e))?;
+    if &magic != SNAPSHOT_MAGIC {
+        return Err("not a brickfs metadata snapshot (wrong header)".into());
+    }
+    let mut count = 0u64;
+    loop {
+        let mut word = [0u8; 4];
+        input
+            .read_exact(&mut word)
+            .map_err(|e| short("a record", e))?;
+        let klen = u32::from_le_bytes(word);
+        if klen == u32::MAX {
+            let mut n = [0u8; 8];
+            input
+                .read_exact(&mut n)
+                .map_err(|e| short("its count", e))?;
+            let n = u64::from_le_bytes(n);
+            if n != count {
+                return Err(format!("snapshot says {n} pairs, holds {count}"));
+            }
+            if !input.fill_buf().map_err(|e| e.to_string())?.is_empty() {
+                return Err("bytes after the snapshot's end".into());
+            }
+            return Ok(count);
+        }
+        input
+            .read_exact(&mut word)
+            .map_err(|e| short("a record", e))?;
+        let vlen = u32::from_le_bytes(word);
+        let mut k = vec![0u8; klen as usize];
+        let mut v = vec![0u8; vlen as usize];
+        input.read_exact(&mut k).map_err(|e| short("a key", e))?;
+        input.read_exact(&mut v).map_err(|e| short("a value", e))?;
+        each(k, v);
+        count += 1;
+    }
 }
 
 /// The state machine.
@@ -301,6 +397,8 @@ struct StoredSnapshot {
 pub struct StateMachine {
     db: Arc<DB>,
     current: Arc<Mutex<Option<StoredSnapshot>>>,
+    /// The size of the current snapshot's file (0 before the first).
+    snapshot_bytes: Arc<std::sync::atomic::AtomicU64>,
     /// Counts applied batches that changed a file's locks (and installed snapshots), so that
     /// lock waiters wake when a lock goes instead of polling.
     lock_changes: Arc<tokio::sync::watch::Sender<u64>>,
@@ -308,11 +406,25 @@ pub struct StateMachine {
 
 impl StateMachine {
     pub fn new(db: Arc<DB>) -> Self {
+        // Snapshots are made again after a start (openraft asks when it needs one): files of
+        // an earlier run, or a transfer cut by a crash, go.
+        let dir = snapshot_dir(&db);
+        if let Err(e) = std::fs::remove_dir_all(&dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "could not clear old metadata snapshots");
+        }
         StateMachine {
             db,
             current: Arc::new(Mutex::new(None)),
+            snapshot_bytes: Arc::default(),
             lock_changes: Arc::new(tokio::sync::watch::channel(0).0),
         }
+    }
+
+    /// The size of the current snapshot (bytes; 0 before the first is made).
+    pub fn snapshot_bytes(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.snapshot_bytes.clone()
     }
 
     /// Fires whenever applied commands change a file's locks.
@@ -340,49 +452,87 @@ impl StateMachine {
     }
 }
 
+impl StateMachine {
+    /// Makes `stored` the current snapshot; older files go (a transfer still reading one
+    /// keeps its open file).
+    async fn keep(&self, stored: StoredSnapshot) {
+        if let Ok(m) = std::fs::metadata(&stored.path) {
+            self.snapshot_bytes
+                .store(m.len(), std::sync::atomic::Ordering::Relaxed);
+        }
+        let mut current = self.current.lock().await;
+        if let Some(old) = current.replace(stored)
+            && Some(&old.path) != current.as_ref().map(|c| &c.path)
+        {
+            std::fs::remove_file(&old.path).ok();
+        }
+    }
+
+    /// A fresh path in the snapshot folder (created if needed).
+    fn fresh_path(&self, what: &str) -> Result<PathBuf, String> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let dir = snapshot_dir(&self.db);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(dir.join(format!("{what}-{}-{n}", std::process::id())))
+    }
+}
+
+async fn open_snapshot(path: &Path) -> Result<tokio::fs::File, String> {
+    tokio::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .await
+        .map_err(|e| format!("open snapshot {}: {e}", path.display()))
+}
+
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, SErr> {
         let db = self.db.clone();
-        let (image, applied, membership) = tokio::task::spawn_blocking(move || {
-            // Everything the snapshot covers must be durable before the log behind it goes.
-            db.flush_wal(true).map_err(|e| e.to_string())?;
-            let snap = db.snapshot();
-            let mut pairs = Vec::new();
-            for item in snap.iterator_cf(cf(&db, CF_STATE), IteratorMode::Start) {
-                let (k, v) = item.map_err(|e| e.to_string())?;
-                pairs.push((k.to_vec(), v.to_vec()));
+        let path = self
+            .fresh_path("snap")
+            .map_err(|e| StorageIOError::read_state_machine(any(e)))?;
+        let (applied, membership, bytes) = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || {
+                // Everything the snapshot covers must be durable before the log behind it goes.
+                db.flush_wal(true).map_err(|e| e.to_string())?;
+                let snap = db.snapshot();
+                let written = write_snapshot(
+                    snap.iterator_cf(cf(&db, CF_STATE), IteratorMode::Start),
+                    &path,
+                );
+                if written.is_err() {
+                    std::fs::remove_file(&path).ok();
+                }
+                written
             }
-            let find = |key: &[u8]| pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
-            let applied = find(keys::APPLIED)
-                .map(|raw| dec::<Option<LogId>>(&raw))
-                .transpose()?
-                .flatten();
-            let membership = find(keys::MEMBERSHIP)
-                .map(|raw| dec::<StoredMembership>(&raw))
-                .transpose()?
-                .unwrap_or_default();
-            Ok::<_, String>((enc(&SnapshotImage { pairs }), applied, membership))
         })
         .await
         .map_err(|e| StorageIOError::read_state_machine(any(e)))?
         .map_err(|e| StorageIOError::read_state_machine(any(e)))?;
         let snapshot_id = match applied {
-            Some(id) => format!("{}-{}-{}", id.leader_id, id.index, image.len()),
-            None => format!("empty-{}", image.len()),
+            Some(id) => format!("{}-{}-{}", id.leader_id, id.index, bytes),
+            None => format!("empty-{bytes}"),
         };
         let meta = SnapshotMeta {
             last_log_id: applied,
             last_membership: membership,
             snapshot_id,
         };
-        tracing::info!(snapshot = %meta.snapshot_id, bytes = image.len(), "built metadata snapshot");
-        *self.current.lock().await = Some(StoredSnapshot {
+        tracing::info!(snapshot = %meta.snapshot_id, bytes, "built metadata snapshot");
+        let file = open_snapshot(&path)
+            .await
+            .map_err(|e| StorageIOError::read_state_machine(any(e)))?;
+        self.keep(StoredSnapshot {
             meta: meta.clone(),
-            data: image.clone(),
-        });
+            path,
+        })
+        .await;
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(image)),
+            snapshot: Box::new(file),
         })
     }
 }
@@ -444,45 +594,73 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, SErr> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, SErr> {
+        let path = self
+            .fresh_path("recv")
+            .map_err(|e| StorageIOError::write_snapshot(None, any(e)))?;
+        let file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(None, any(e)))?;
+        Ok(Box::new(file))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<u64, openraft::BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<tokio::fs::File>,
     ) -> Result<(), SErr> {
-        let data = snapshot.into_inner();
-        let image: SnapshotImage = dec(&data)
-            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), any(e)))?;
+        let failed = |e: String| StorageIOError::write_snapshot(Some(meta.signature()), any(e));
+        let mut file = *snapshot;
+        file.flush().await.map_err(|e| failed(e.to_string()))?;
+        let file = file.into_std().await;
+        // Where the file is: a received one stays as the current snapshot.
+        let path = std::fs::read_link(format!("/proc/self/fd/{}", {
+            use std::os::fd::AsRawFd;
+            file.as_raw_fd()
+        }))
+        .map_err(|e| failed(format!("where is the received snapshot: {e}")))?;
         let db = self.db.clone();
-        let count = image.pairs.len();
-        tokio::task::spawn_blocking(move || {
+        let count = tokio::task::spawn_blocking(move || {
+            use std::io::Seek;
+            let mut file = file;
+            file.seek(std::io::SeekFrom::Start(0))
+                .map_err(|e| e.to_string())?;
             let state = cf(&db, CF_STATE);
+            // One batch: the state is replaced whole or not at all.
             let mut batch = WriteBatch::default();
             batch.delete_range_cf(state, [0u8].as_slice(), [0xffu8; 32].as_slice());
-            for (k, v) in image.pairs {
-                batch.put_cf(state, k, v);
-            }
-            db.write_opt(batch, &synced()).map_err(|e| e.to_string())
+            let count = read_snapshot(file, |k, v| batch.put_cf(state, k, v))?;
+            db.write_opt(batch, &synced()).map_err(|e| e.to_string())?;
+            Ok::<_, String>(count)
         })
         .await
-        .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), any(e)))?
-        .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), any(e)))?;
+        .map_err(|e| failed(e.to_string()))?
+        .map_err(failed)?;
         tracing::info!(snapshot = %meta.snapshot_id, keys = count, "installed metadata snapshot");
         self.lock_changes.send_modify(|n| *n = n.wrapping_add(1));
-        *self.current.lock().await = Some(StoredSnapshot {
+        self.keep(StoredSnapshot {
             meta: meta.clone(),
-            data,
-        });
+            path,
+        })
+        .await;
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, SErr> {
-        Ok(self.current.lock().await.as_ref().map(|s| Snapshot {
+        let current = self.current.lock().await;
+        let Some(s) = current.as_ref() else {
+            return Ok(None);
+        };
+        let file = open_snapshot(&s.path)
+            .await
+            .map_err(|e| StorageIOError::read_snapshot(Some(s.meta.signature()), any(e)))?;
+        Ok(Some(Snapshot {
             meta: s.meta.clone(),
-            snapshot: Box::new(Cursor::new(s.data.clone())),
+            snapshot: Box::new(file),
         }))
     }
 }
@@ -501,6 +679,69 @@ mod tests {
                 open_db(&dir.path().join("meta")).map_err(|e| StorageIOError::write(any(e)))?;
             Ok((dir, LogStore::new(db.clone()), StateMachine::new(db)))
         }
+    }
+
+    /// A snapshot file gives back every pair written, in order, with the applied position and
+    /// the membership; one cut short or padded anywhere is refused.
+    #[test]
+    fn snapshot_files_round_trip_and_refuse_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snap");
+        let applied = Some(LogId::new(openraft::CommittedLeaderId::new(3, 1), 77));
+        let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = (0..50_000u32)
+            .map(|i| {
+                (
+                    format!("k{i:08}").into_bytes(),
+                    vec![i as u8; (i % 300) as usize],
+                )
+            })
+            .collect();
+        pairs.push((keys::APPLIED.to_vec(), enc(&applied)));
+        pairs.sort();
+        let items = pairs
+            .iter()
+            .map(|(k, v)| Ok((k.clone().into_boxed_slice(), v.clone().into_boxed_slice())));
+        let (got_applied, _, bytes) = write_snapshot(items, &path).unwrap();
+        assert_eq!(got_applied, applied);
+        assert!(
+            bytes > 1 << 20,
+            "{bytes} bytes: more than one transfer chunk"
+        );
+        let mut back = Vec::new();
+        let n = read_snapshot(std::fs::File::open(&path).unwrap(), |k, v| {
+            back.push((k, v))
+        })
+        .unwrap();
+        assert_eq!(n, pairs.len() as u64);
+        assert_eq!(back, pairs);
+
+        let whole = std::fs::read(&path).unwrap();
+        let cut = dir.path().join("cut");
+        for at in [
+            0,
+            5,
+            8,
+            13,
+            whole.len() / 2,
+            whole.len() - 12,
+            whole.len() - 1,
+        ] {
+            std::fs::write(&cut, &whole[..at]).unwrap();
+            let r = read_snapshot(std::fs::File::open(&cut).unwrap(), |_, _| ());
+            assert!(
+                r.is_err(),
+                "a file cut at {at} of {} installed",
+                whole.len()
+            );
+        }
+        let mut padded = whole.clone();
+        padded.push(0);
+        std::fs::write(&cut, &padded).unwrap();
+        assert!(read_snapshot(std::fs::File::open(&cut).unwrap(), |_, _| ()).is_err());
+        let mut wrong = whole;
+        wrong[0] ^= 1;
+        std::fs::write(&cut, &wrong).unwrap();
+        assert!(read_snapshot(std::fs::File::open(&cut).unwrap(), |_, _| ()).is_err());
     }
 
     /// openraft's own storage conformance suite against the RocksDB log and state machine.
