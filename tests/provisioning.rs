@@ -177,7 +177,23 @@ async fn volumes_are_provisioned_mounted_and_deleted_over_http() {
     assert_eq!(status, 404);
     let (status, _) = api(at, "DELETE", "/v1/volumes/pvc-a", Value::Null).await;
     assert_eq!(status, 404);
-    // Its bricks are free again.
+    // The list shows it deleting until the leader has removed its objects (the file written
+    // above) from its bricks; then they are free again.
+    must_wait_for(
+        "the deleted volume's objects to go",
+        Duration::from_secs(60),
+        || async {
+            let (status, list) = api(at, "GET", "/v1/volumes", Value::Null).await;
+            assert_eq!(status, 200, "{list}");
+            let listed = list.as_array().unwrap();
+            if let Some(v) = listed.iter().find(|v| v["name"] == "pvc-a") {
+                assert_eq!(v["status"], "Deleting", "{v}");
+                return None;
+            }
+            Some(())
+        },
+    )
+    .await;
     let (status, v) = api(
         at,
         "POST",

@@ -1605,3 +1605,138 @@ async fn a_disperse_write_torn_below_k_leaves_the_old_version_readable() {
         "everything acknowledged, the last append too"
     );
 }
+
+/// Every file under `dir` (the brick's index database aside) that holds `marker`.
+fn files_holding(dir: &std::path::Path, marker: &[u8]) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                if e.file_name() != "db" {
+                    todo.push(p);
+                }
+            } else if std::fs::read(&p)
+                .is_ok_and(|bytes| bytes.windows(marker.len()).any(|w| w == marker))
+            {
+                found.push(p);
+            }
+        }
+    }
+    found
+}
+
+/// Deleting a volume removes its objects from every brick (the metadata leader's node does it
+/// in the background, the volume listed as deleted meanwhile) before its bricks are free; a
+/// new volume made on the same bricks then finds nothing of the old one: no object listed, no
+/// byte of the old files in any file under the bricks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_volumes_leave_nothing_on_their_bricks() {
+    let c = must_cluster().await;
+    let places = [(0, 0), (1, 0), (2, 0)];
+    let old = must_volume(&c, "old", "stripe 3", &places).await;
+    let old_id = old.record().id;
+    let marker = b"the old volume's secret, which must not outlive it";
+    let big: Vec<u8> = marker.iter().copied().cycle().take(3 << 20).collect();
+    let fh = old.create(ROOT, "big", 0o644, true).await.unwrap();
+    old.write(&fh, 0, Bytes::from(big)).await.unwrap();
+    old.fsync(&fh).await.unwrap();
+    for i in 0..20 {
+        let fh = old
+            .create(ROOT, &format!("small{i}"), 0o644, true)
+            .await
+            .unwrap();
+        old.write(&fh, 0, Bytes::from_static(marker)).await.unwrap();
+        old.fsync(&fh).await.unwrap();
+    }
+    let dirs: Vec<std::path::PathBuf> = places
+        .iter()
+        .map(|&(n, i)| c.nodes[n].bricks()[i].to_path_buf())
+        .collect();
+    for d in &dirs {
+        assert!(
+            !files_holding(d, marker).is_empty(),
+            "{} holds none of the old files before the delete",
+            d.display()
+        );
+    }
+    let rec = old.record().clone();
+    drop((fh, old));
+
+    let meta = c.nodes[0].addr().to_string();
+    must_ok(&["--meta", &meta, "volume", "stop", "old"]);
+    let out = must_ok(&["--meta", &meta, "volume", "delete", "old"]);
+    assert!(out.contains("in the background"), "{out}");
+    // The bricks are taken until the old objects are gone; then a new volume gets them.
+    let spec: Vec<String> = ["stripe", "3"]
+        .into_iter()
+        .map(String::from)
+        .chain(places.iter().map(|&(n, i)| c.brick(n, i)))
+        .collect();
+    must_wait_for(
+        "the deleted volume's bricks to be free",
+        Duration::from_secs(90),
+        || async {
+            match admin::volume_create(&c.meta, "new", &spec).await {
+                Ok(_) => Some(()),
+                Err(e) => {
+                    let text = e.to_string();
+                    assert!(text.contains("deleted volume \"old\""), "{text}");
+                    None
+                }
+            }
+        },
+    )
+    .await;
+    let listed = must_ok(&["--meta", &meta, "volume", "list"]);
+    assert!(
+        listed.contains("new") && !listed.contains("old"),
+        "{listed}"
+    );
+
+    let bc = client();
+    for b in &rec.bricks {
+        let (objects, more) = bc
+            .list(node_addr(&rec, b.brick), b.brick, None, 10_000)
+            .await
+            .unwrap();
+        assert!(!more);
+        let left: Vec<_> = objects.iter().filter(|o| o.key.volume == old_id).collect();
+        assert!(left.is_empty(), "brick {} still lists {left:?}", b.addr);
+    }
+    // Large removed objects are cut down in the brick's trash in the background.
+    must_wait_for(
+        "no byte of the old files under the bricks",
+        Duration::from_secs(60),
+        || async {
+            let left: Vec<_> = dirs.iter().flat_map(|d| files_holding(d, marker)).collect();
+            left.is_empty().then_some(())
+        },
+    )
+    .await;
+    must_ok(&["--meta", &meta, "volume", "start", "new"]);
+    let new = VolumeClient::open(c.meta.clone(), client(), "new")
+        .await
+        .unwrap();
+    assert_ne!(new.record().id, old_id);
+    match new
+        .meta()
+        .read(MetaRead::ReadDir {
+            volume: new.record().id,
+            ino: ROOT,
+            after: None,
+            limit: 100,
+        })
+        .await
+        .unwrap()
+    {
+        MetaReply::Entries { entries, more } => {
+            assert!(entries.is_empty() && !more, "{entries:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -465,6 +465,93 @@ async fn collect_garbage(
             gc_done(&meta, v.id, done).await;
             info!(volume = %v.name, removed, bytes, failed, "gc: removed the objects of deleted files");
         }
+        for v in volumes
+            .iter()
+            .filter(|v| v.status == VolumeStatus::Deleting)
+        {
+            purge_volume(&meta, &bricks, v).await;
+        }
+    }
+}
+
+/// Objects of a deleted volume removed per brick and round.
+const PURGE_BATCH: u32 = 1024;
+
+/// Removes up to `PURGE_BATCH` objects of deleted volume `v` from each of its bricks; once no
+/// brick lists any, tells the metadata group (`VolumePurged`), which frees the bricks.
+/// Resumable by construction: what is removed is gone, so the next round (after a restart or
+/// a change of leader too) lists only what is left. A brick that does not answer is tried
+/// again next round; until it answers the bricks stay taken.
+async fn purge_volume(
+    meta: &brickfs_client::MetaClient,
+    bricks: &brickfs_client::BrickClient,
+    v: &brickfs_proto::meta::VolumeRecord,
+) {
+    use brickfs_proto::meta::{MetaOp, MetaRead, MetaReply};
+    let Ok(MetaReply::Nodes(nodes)) = meta.read(MetaRead::ListNodes).await else {
+        return;
+    };
+    let first = brickfs_proto::ObjectKey {
+        volume: v.id,
+        ino: brickfs_proto::Ino(0),
+        column: 0,
+    };
+    let mut clean = true;
+    for b in &v.bricks {
+        let Some(addr) = nodes
+            .iter()
+            .find(|n| n.id == b.node)
+            .and_then(|n| n.addr.parse::<std::net::SocketAddr>().ok())
+        else {
+            warn!(volume = %v.name, brick = %b.addr, "purge: the brick's node is not in the cluster map; its objects stay");
+            clean = false;
+            continue;
+        };
+        let (mut removed, mut left) = (0u64, false);
+        'pages: while removed < u64::from(PURGE_BATCH) {
+            // Removed objects no longer list: every page starts at the volume's first key.
+            let (page, more) = match bricks.list(addr, b.brick, Some(first), PURGE_BATCH).await {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(volume = %v.name, brick = %b.addr, error = %e, "purge: cannot list the brick; retried next round");
+                    left = true;
+                    break;
+                }
+            };
+            for o in &page {
+                if o.key.volume != v.id {
+                    break 'pages;
+                }
+                let start = tokio::time::Instant::now();
+                if let Err(e) = bricks.delete(addr, b.brick, o.key).await {
+                    warn!(volume = %v.name, brick = %b.addr, object = %o.key, error = %e, "purge: removal failed; retried next round");
+                    left = true;
+                    break 'pages;
+                }
+                removed += 1;
+                brickfs_brick::pace::rest_async(start.elapsed()).await;
+            }
+            if !more || page.is_empty() {
+                break;
+            }
+        }
+        if removed >= u64::from(PURGE_BATCH) {
+            left = true;
+        }
+        if removed > 0 || left {
+            info!(volume = %v.name, brick = %b.addr, removed, done = !left, "purge: removed objects of the deleted volume");
+        }
+        clean &= !left;
+    }
+    if clean {
+        match meta.write(MetaOp::VolumePurged { volume: v.id }).await {
+            Ok(_) => {
+                info!(volume = %v.name, id = %v.id, "purge: the deleted volume's bricks hold none of its objects; they are free")
+            }
+            Err(e) => {
+                warn!(volume = %v.name, error = %e, "purge: could not report the volume purged; retried next round")
+            }
+        }
     }
 }
 

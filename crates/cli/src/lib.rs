@@ -564,7 +564,9 @@ async fn volume(verb: VolumeVerb, meta: &[SocketAddr], json: bool) -> anyhow::Re
             m.write(MetaOp::DeleteVolume { name: name.clone() })
                 .await
                 .with_context(|| format!("delete volume {name}"))?;
-            println!("volume delete: {name}: success");
+            println!(
+                "volume delete: {name}: success: its objects are removed from its bricks in the background (`brickfs volume list` shows it until its bricks are free)"
+            );
         }
         VolumeVerb::Info { name } => show(
             admin::volume_info(&m, &name)
@@ -579,11 +581,21 @@ async fn volume(verb: VolumeVerb, meta: &[SocketAddr], json: bool) -> anyhow::Re
             if json {
                 return print_json(&vols);
             }
-            if vols.is_empty() {
+            let (deleting, live): (Vec<_>, Vec<_>) = vols
+                .into_iter()
+                .partition(|v| v.status == brickfs_proto::meta::VolumeStatus::Deleting);
+            if live.is_empty() {
                 println!("No volumes present in cluster");
             }
-            for v in vols {
+            for v in live {
                 println!("{}", v.name);
+            }
+            for v in deleting {
+                println!(
+                    "{} (deleted: its objects are being removed from its {} bricks)",
+                    v.name,
+                    v.bricks.len()
+                );
             }
         }
         VolumeVerb::Status { name } => {

@@ -440,10 +440,7 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
             .iter()
             .find(|x| x.bricks.iter().any(|b| b.brick == brick.id))
         {
-            return Err(err(
-                ErrorCode::Exists,
-                format!("brick {new} is already in volume {:?}", other.name),
-            ));
+            return Err(brick_taken(new, other));
         }
         let (index, set) = v
             .sets
@@ -1038,9 +1035,31 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                     }
                 }
                 self.kv.delete(keys::counter(&format!("ino/{}", v.id.0)));
-                self.kv.delete(keys::volume(v.id));
                 self.kv.delete(keys::volume_name(name));
-                tracing::info!(volume = %v.id, name = %name, "volume deleted");
+                // The record stays, holding its bricks, until the leader has removed the
+                // volume's objects from all of them (`VolumePurged`).
+                let mut v = v;
+                v.status = VolumeStatus::Deleting;
+                v.rebalance = None;
+                self.kv.put(keys::volume(v.id), enc(&v));
+                tracing::info!(volume = %v.id, name = %name, "volume deleted; its objects are removed from its bricks next");
+                MetaReply::Done
+            }
+            MetaOp::VolumePurged { volume } => {
+                let Some(v) = get::<VolumeRecord>(self.kv, &keys::volume(*volume))? else {
+                    return Err(err(
+                        ErrorCode::NotFound,
+                        format!("volume {volume} does not exist"),
+                    ));
+                };
+                if v.status != VolumeStatus::Deleting {
+                    return Err(err(
+                        ErrorCode::InvalidArgument,
+                        format!("volume {:?} is not being deleted", v.name),
+                    ));
+                }
+                self.kv.delete(keys::volume(v.id));
+                tracing::info!(volume = %v.id, name = %v.name, "deleted volume's objects removed from all its bricks: its bricks are free");
                 MetaReply::Done
             }
             MetaOp::SetVolumeOption { name, key, value } => {
@@ -1961,6 +1980,24 @@ pub fn apply_command<B: KvRead>(kv: &mut Overlay<'_, B>, cmd: &Command) -> Comma
     result
 }
 
+/// The refusal of a brick another volume holds: a deleted one until its objects are gone.
+pub(crate) fn brick_taken(brick: impl std::fmt::Display, owner: &VolumeRecord) -> ErrorBody {
+    if owner.status == VolumeStatus::Deleting {
+        err(
+            ErrorCode::Exists,
+            format!(
+                "brick {brick} still holds objects of deleted volume {:?} (id {}); the leader is removing them: try again once `brickfs volume list` no longer shows it",
+                owner.name, owner.id
+            ),
+        )
+    } else {
+        err(
+            ErrorCode::Exists,
+            format!("brick {brick} is already in volume {:?}", owner.name),
+        )
+    }
+}
+
 /// Answers a read from committed state.
 pub fn read(kv: &impl KvRead, r: &MetaRead) -> CommandResult {
     Ok(match r {
@@ -2602,6 +2639,32 @@ mod tests {
             .unwrap();
         sm.apply(s, MetaOp::DeleteVolume { name: "r".into() })
             .unwrap();
+        // The name is free at once; the bricks only once their objects are gone.
+        let volumes = |sm: &Sm| match read(&sm.base, &MetaRead::ListVolumes).unwrap() {
+            MetaReply::Volumes(v) => v,
+            other => panic!("{other:?}"),
+        };
+        let gone = volumes(&sm)
+            .into_iter()
+            .find(|v| v.name == "r")
+            .expect("the deleted volume's record stays");
+        assert_eq!(gone.status, VolumeStatus::Deleting);
+        assert_eq!(
+            code(sm.apply(s, MetaOp::StopVolume { name: "r".into() })),
+            Some(ErrorCode::NotFound),
+            "the name is gone"
+        );
+        let refused = create(&mut sm, "r2", "h2:/b0").unwrap_err();
+        assert_eq!(refused.kind(), Some(ErrorCode::Exists));
+        assert!(refused.to_string().contains("deleted volume"), "{refused}");
+        assert_eq!(
+            code(sm.apply(s, MetaOp::VolumePurged { volume: sm.volume })),
+            Some(ErrorCode::InvalidArgument),
+            "a live volume is not purged"
+        );
+        sm.apply(s, MetaOp::VolumePurged { volume: gone.id })
+            .unwrap();
+        assert!(volumes(&sm).iter().all(|v| v.id != gone.id));
         // Its bricks are free again.
         create(&mut sm, "r2", "h2:/b0").unwrap();
     }

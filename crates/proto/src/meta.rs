@@ -308,6 +308,10 @@ pub enum VolumeStatus {
     Created,
     Started,
     Stopped,
+    /// Deleted: its namespace and name are gone; the leader removes its objects from every
+    /// brick (`MetaOp::VolumePurged` then drops the record), and until then its bricks are
+    /// not free for another volume.
+    Deleting,
 }
 
 /// A mutation, applied by the metadata group exactly once per (session, sequence).
@@ -338,7 +342,8 @@ pub enum MetaOp {
     StopVolume {
         name: String,
     },
-    /// Deletes a volume that is not started, with its namespace.
+    /// Deletes a volume that is not started: its namespace and name at once, its objects on
+    /// the bricks afterwards (the volume is `Deleting` until then).
     DeleteVolume {
         name: String,
     },
@@ -626,6 +631,11 @@ pub enum MetaOp {
     GcDoneMany {
         volume: VolumeId,
         inos: Vec<Ino>,
+    },
+    /// No brick of a `Deleting` volume holds an object of it any more: the record goes and
+    /// its bricks are free.
+    VolumePurged {
+        volume: VolumeId,
     },
 }
 

@@ -145,10 +145,7 @@ impl<B: KvRead> Applier<'_, '_, B> {
                 .iter()
                 .find(|v| v.bricks.iter().any(|vb| vb.brick == brick.id))
             {
-                return Err(err(
-                    ErrorCode::Exists,
-                    format!("brick {b} is already in volume {:?}", v.name),
-                ));
+                return Err(super::brick_taken(b, v));
             }
             resolved.push(VolumeBrick {
                 brick: brick.id,
