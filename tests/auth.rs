@@ -412,3 +412,167 @@ async fn http_endpoints_of_a_keyed_cluster_want_https_and_the_token() {
         );
     }
 }
+
+/// What only nodes send is refused from any other address, with a logged reason: member
+/// traffic, heal, and the metadata commands of node duties. Heal only ever streams to a node
+/// of the cluster map, whoever asks. Administrative commands naming a volume, and listings of
+/// a volume's bricks, are held to the volume's networks like its data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_only_nodes_send_is_refused_from_elsewhere() {
+    use brickfs_proto::meta::{AdminOp, MetaOp};
+    use brickfs_proto::msg::{HealObjects, MemberRef, MemberStat, SetRef};
+    use brickfs_proto::{Epoch, ErrorCode, Ino, Message, ObjectKey};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("n");
+    let node = Brickd::start(
+        &brickd_bin(),
+        &d,
+        &[d.join("b0"), d.join("b1")],
+        &["--meta"],
+    )
+    .unwrap();
+    let (admin, _) = clients_from(node.addr(), "127.0.0.1");
+    admin.admin(AdminOp::Init).await.unwrap();
+    brickfs_client::admin::peer_add(&admin, &client(), node.addr())
+        .await
+        .unwrap();
+    must_serve_reads(node.addr()).await;
+    let spec = vec![
+        "replica".to_string(),
+        "2".to_string(),
+        format!("{}:{}", node.addr(), d.join("b0").display()),
+        format!("{}:{}", node.addr(), d.join("b1").display()),
+    ];
+    let v = brickfs_client::admin::volume_create(&admin, "v", &spec)
+        .await
+        .unwrap();
+    admin
+        .write(MetaOp::SetVolumeOption {
+            name: "v".into(),
+            key: "allow-networks".into(),
+            value: "127.0.0.3/32".into(),
+        })
+        .await
+        .unwrap();
+    let brick = v.bricks[0].brick;
+    let set = SetRef {
+        volume: v.id,
+        set: 0,
+        epoch: Epoch(1),
+    };
+    let key = ObjectKey {
+        volume: v.id,
+        ino: Ino(9),
+        column: 0,
+    };
+    let member_stat = Message::MemberStat(MemberStat { brick, set, key });
+    let heal = |to: String| {
+        Message::HealObjects(HealObjects {
+            brick,
+            set,
+            target: MemberRef {
+                brick: v.bricks[1].brick,
+                addr: to,
+            },
+            geometry: None,
+            after: None,
+            limit: 10,
+            barrier: false,
+            journal: false,
+            since: 0,
+        })
+    };
+    let (m2, b2) = clients_from(node.addr(), "127.0.0.2");
+    let (_, b1) = clients_from(node.addr(), "127.0.0.1");
+    let refused = |r: Result<(Message, bytes::Bytes), brickfs_proto::rpc::RpcError>| {
+        let e = r.expect_err("refused");
+        assert_eq!(e.code(), Some(ErrorCode::PermissionDenied), "{e}");
+        e.to_string()
+    };
+    // The node reads the rules every 2 s: wait until the volume's are in force.
+    must_wait_for(
+        "the volume's rules",
+        std::time::Duration::from_secs(20),
+        || async {
+            b2.list(node.addr(), brick, None, 10)
+                .await
+                .err()
+                .filter(|e| e.code() == Some(ErrorCode::PermissionDenied))
+        },
+    )
+    .await;
+
+    let e = refused(
+        b2.pool()
+            .call(node.addr(), member_stat.clone(), Default::default())
+            .await,
+    );
+    assert!(
+        e.contains("MemberStat is sent by the cluster's nodes only"),
+        "{e}"
+    );
+    let e = refused(
+        b2.pool()
+            .call(
+                node.addr(),
+                heal(node.addr().to_string()),
+                Default::default(),
+            )
+            .await,
+    );
+    assert!(e.contains("nodes only"), "{e}");
+    // From the node's own address, a heal towards an address outside the map is refused.
+    let e = refused(
+        b1.pool()
+            .call(node.addr(), heal("127.0.0.9:7".into()), Default::default())
+            .await,
+    );
+    assert!(e.contains("not a node of the cluster map"), "{e}");
+    // ...and one towards the node itself is not (the objects heal or are missing).
+    let ok = b1
+        .pool()
+        .call(
+            node.addr(),
+            heal(node.addr().to_string()),
+            Default::default(),
+        )
+        .await;
+    assert!(
+        ok.as_ref().err().and_then(|e| e.code()) != Some(ErrorCode::PermissionDenied),
+        "{ok:?}"
+    );
+    // Node duties in the metadata group.
+    for op in [
+        MetaOp::GcDoneMany {
+            volume: v.id,
+            inos: Vec::new(),
+        },
+        MetaOp::DetectFailures { down_after_ms: 0 },
+        MetaOp::VolumePurged { volume: v.id },
+    ] {
+        let e = m2.write(op.clone()).await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::PermissionDenied), "{op:?}: {e}");
+    }
+    // An outsider cannot open the volume's rules to itself, nor stop or delete it.
+    for op in [
+        MetaOp::SetVolumeOption {
+            name: "v".into(),
+            key: "allow-networks".into(),
+            value: "0.0.0.0/0".into(),
+        },
+        MetaOp::StartVolume { name: "v".into() },
+        MetaOp::DeleteVolume { name: "v".into() },
+    ] {
+        let e = m2.write(op.clone()).await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::PermissionDenied), "{op:?}: {e}");
+        assert!(e.to_string().contains("allow-networks of volume v"), "{e}");
+    }
+    // Inside the networks, the listing is answered.
+    let (_, b3) = clients_from(node.addr(), "127.0.0.3");
+    b3.list(node.addr(), brick, None, 10).await.unwrap();
+    let log = node.log_tail(400);
+    assert!(
+        log.contains("refused: MemberStat is sent by the cluster's nodes only"),
+        "{log}"
+    );
+}

@@ -1,13 +1,24 @@
-//! Per-volume client networks (the `allow-networks` volume option): a request that reads or
-//! changes a volume — its data on the bricks, its namespace in the metadata group, or the
-//! volume record a mount opens — is refused with `PermissionDenied` unless it comes from an
-//! address in the volume's networks or from a node of the cluster map (nodes forward, heal,
-//! collect garbage and move files for every volume). The rules are read from the metadata
-//! group every `REFRESH_EVERY`; before the first read nothing is refused.
+//! Who may send what, by network (the `allow-networks` volume option and the cluster map):
+//!
+//! - a request that reads or changes a volume — its data on the bricks, its namespace, the
+//!   volume record a mount opens, an administrative command naming it, or a brick of it
+//!   (its listing or scrub state; not its free space, which `peer add` reads before any
+//!   rule can exist) — is refused with `PermissionDenied` unless it comes from
+//!   an address in the volume's networks or from a node of the cluster map (nodes forward,
+//!   heal, collect garbage and move files for every volume);
+//! - what only nodes send (member writes between a set's bricks, heal, and the metadata
+//!   commands of their duties: heartbeats, damage reports, epochs, GC and rebalance
+//!   bookkeeping) is refused from any other address, and heal only ever streams to a node of
+//!   the cluster map;
+//! - until the rules have been read once, requests of both kinds are refused with `Busy`
+//!   (clients retry): the check is closed, not open, after a start.
+//!
+//! The rules are read from the metadata group every `REFRESH_EVERY`. Raft traffic and node
+//! registration are not checked here: the cluster key guards them (see docs/operations.md).
 
 use brickfs_client::MetaClient;
 use brickfs_proto::meta::{MetaRead, MetaReply};
-use brickfs_proto::{ErrorBody, ErrorCode, Message, VolumeId};
+use brickfs_proto::{BrickId, ErrorBody, ErrorCode, Message, VolumeId};
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::RwLock;
@@ -52,8 +63,14 @@ impl Net {
 
 #[derive(Default)]
 struct Rules {
+    /// Whether the rules have been read at all (before: closed).
+    known: bool,
     /// The cluster map's node addresses: always let in.
     nodes: HashSet<IpAddr>,
+    /// The nodes' protocol addresses (where heal may stream to).
+    node_addrs: HashSet<std::net::SocketAddr>,
+    /// Which volume each brick serves.
+    brick_volume: HashMap<BrickId, VolumeId>,
     /// Volumes with `allow-networks`, by id and by name.
     by_id: HashMap<VolumeId, (String, Vec<Net>)>,
     by_name: HashMap<String, Vec<Net>>,
@@ -64,6 +81,9 @@ struct Rules {
 /// The rules this node enforces.
 #[derive(Default)]
 pub struct Access {
+    /// False on a node without a metadata group to read rules from (a bare brick server):
+    /// nothing is checked.
+    enforce: bool,
     rules: RwLock<Rules>,
 }
 
@@ -71,11 +91,27 @@ pub struct Access {
 enum Target<'a> {
     Id(VolumeId),
     Name(&'a str),
+    Brick(BrickId),
 }
 
-fn target(msg: &Message) -> Option<Target<'_>> {
+/// What a request needs.
+enum Need<'a> {
+    /// Nothing checked here.
+    Nothing,
+    /// The volume's networks (or a node).
+    Volume(Target<'a>),
+    /// A node of the cluster map.
+    Node,
+}
+
+fn need(msg: &Message) -> Need<'_> {
     use Message::*;
     let id = match msg {
+        MemberWrite(_) | MemberTruncate(_) | MemberReplace(_) | MemberRollback(_)
+        | MemberStat(_) | HealObjects(_) => return Need::Node,
+        MetaWrite(w) if w.op.is_node_duty() => return Need::Node,
+        List(m) => return Need::Volume(Target::Brick(m.brick)),
+        ScrubStatus(m) => return Need::Volume(Target::Brick(m.brick)),
         Write(m) => m.key.volume,
         Read(m) => m.key.volume,
         Truncate(m) => m.key.volume,
@@ -87,29 +123,84 @@ fn target(msg: &Message) -> Option<Target<'_>> {
         SetTruncate(m) => m.set.volume,
         DisperseWrite(m) => m.set.volume,
         DisperseTruncate(m) => m.set.volume,
-        MetaWrite(w) => w.op.volume()?,
+        MetaWrite(w) => match (w.op.volume(), w.op.volume_name()) {
+            (Some(id), _) => id,
+            (None, Some(name)) => return Need::Volume(Target::Name(name)),
+            (None, None) => return Need::Nothing,
+        },
         MetaRead(r) => match &r.read {
             brickfs_proto::meta::MetaRead::VolumeByName { name } => {
-                return Some(Target::Name(name));
+                return Need::Volume(Target::Name(name));
             }
-            other => other.volume()?,
+            other => match other.volume() {
+                Some(id) => id,
+                None => return Need::Nothing,
+            },
         },
-        _ => return None,
+        _ => return Need::Nothing,
     };
-    Some(Target::Id(id))
+    Need::Volume(Target::Id(id))
 }
 
 impl Access {
-    /// Refuses `msg` from `peer` when it touches a volume whose networks do not hold the peer.
+    /// The rules of a node that reads them from a metadata group (`enforce`), or of one
+    /// without a group, which checks nothing.
+    pub fn new(enforce: bool) -> Access {
+        Access {
+            enforce,
+            rules: RwLock::default(),
+        }
+    }
+
+    /// Refuses `msg` from `peer` when it touches a volume whose networks do not hold the peer,
+    /// or is a node's and the peer is no node (see the module's documentation).
     pub fn check(&self, peer: IpAddr, msg: &Message) -> Result<(), ErrorBody> {
-        let Some(t) = target(msg) else {
-            return Ok(());
-        };
-        let peer = peer.to_canonical();
-        let rules = self.rules.read().unwrap_or_else(|p| p.into_inner());
-        if rules.nodes.contains(&peer) {
+        let need = need(msg);
+        if !self.enforce || matches!(need, Need::Nothing) {
             return Ok(());
         }
+        let peer = peer.to_canonical();
+        let rules = self.rules.read().unwrap_or_else(|p| p.into_inner());
+        if !rules.known {
+            return Err(ErrorBody::new(
+                ErrorCode::Busy,
+                "this node has not read the cluster's access rules yet; retry shortly",
+            ));
+        }
+        let from_node = rules.nodes.contains(&peer);
+        if let Message::HealObjects(h) = msg
+            && !h
+                .target
+                .addr
+                .parse::<std::net::SocketAddr>()
+                .is_ok_and(|a| rules.node_addrs.contains(&a))
+        {
+            let target = h.target.addr.clone();
+            drop(rules);
+            return Err(self.refuse(
+                peer,
+                format!("heal:{target}"),
+                format!("heal target {target} is not a node of the cluster map"),
+            ));
+        }
+        if from_node {
+            return Ok(());
+        }
+        let t = match need {
+            Need::Nothing => return Ok(()),
+            Need::Node => {
+                drop(rules);
+                return Err(self.refuse(
+                    peer,
+                    msg.name().to_string(),
+                    format!(
+                        "{} is sent by the cluster's nodes only, and {peer} is not one",
+                        msg.name()
+                    ),
+                ));
+            }
+            Need::Volume(t) => t,
+        };
         let (name, nets) = match t {
             Target::Id(id) => match rules.by_id.get(&id) {
                 Some((name, nets)) => (name.clone(), nets),
@@ -119,19 +210,38 @@ impl Access {
                 Some(nets) => (name.to_string(), nets),
                 None => return Ok(()),
             },
+            Target::Brick(b) => match rules
+                .brick_volume
+                .get(&b)
+                .and_then(|id| rules.by_id.get(id))
+            {
+                Some((name, nets)) => (name.clone(), nets),
+                None => return Ok(()),
+            },
         };
         if nets.iter().any(|n| n.contains(peer)) {
             return Ok(());
         }
         drop(rules);
-        let mut rules = self.rules.write().unwrap_or_else(|p| p.into_inner());
-        if rules.logged.len() < 10_000 && rules.logged.insert((peer, name.clone())) {
-            tracing::warn!(%peer, volume = %name, "refused a client outside the volume's allow-networks");
-        }
-        Err(ErrorBody::new(
-            ErrorCode::PermissionDenied,
+        Err(self.refuse(
+            peer,
+            name.clone(),
             format!("client {peer} is not in the allow-networks of volume {name}"),
         ))
+    }
+
+    /// A refusal, logged once per (peer, what).
+    fn refuse(&self, peer: IpAddr, what: String, detail: String) -> ErrorBody {
+        let mut rules = self.rules.write().unwrap_or_else(|p| p.into_inner());
+        if rules.logged.len() < 10_000 && rules.logged.insert((peer, what)) {
+            tracing::warn!(%peer, "refused: {detail}");
+        }
+        ErrorBody::new(ErrorCode::PermissionDenied, detail)
+    }
+
+    /// Whether the rules have been read at least once.
+    pub fn known(&self) -> bool {
+        self.rules.read().unwrap_or_else(|p| p.into_inner()).known
     }
 
     /// Reads the rules from the metadata group once.
@@ -142,13 +252,20 @@ impl Access {
         ) else {
             return Ok(());
         };
-        let mut fresh = Rules::default();
+        let mut fresh = Rules {
+            known: true,
+            ..Rules::default()
+        };
         for n in nodes {
             if let Ok(addr) = n.addr.parse::<std::net::SocketAddr>() {
                 fresh.nodes.insert(addr.ip().to_canonical());
+                fresh.node_addrs.insert(addr);
             }
         }
         for v in volumes {
+            for b in &v.bricks {
+                fresh.brick_volume.insert(b.brick, v.id);
+            }
             let Some((_, value)) = v.options.iter().find(|(k, _)| k == "allow-networks") else {
                 continue;
             };
@@ -166,6 +283,36 @@ impl Access {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Before the rules are read, what needs them is refused (`Busy`: clients retry) and the
+    /// rest passes; a node without a metadata group checks nothing.
+    #[test]
+    fn the_check_is_closed_until_the_rules_are_known() {
+        use brickfs_proto::msg::{Read, Statfs};
+        use brickfs_proto::{BrickId, Ino, ObjectKey};
+        let read = Message::Read(Read {
+            brick: BrickId(1),
+            key: ObjectKey {
+                volume: VolumeId(3),
+                ino: Ino(2),
+                column: 0,
+            },
+            offset_bytes: 0,
+            len_bytes: 1,
+            repair: false,
+        });
+        let statfs = Message::Statfs(Statfs { brick: BrickId(1) });
+        let peer: IpAddr = "192.0.2.7".parse().unwrap();
+        let closed = Access::new(true);
+        assert_eq!(
+            closed.check(peer, &read).unwrap_err().code,
+            ErrorCode::Busy as u16
+        );
+        assert!(closed.check(peer, &statfs).is_ok());
+        closed.rules.write().unwrap().known = true;
+        assert!(closed.check(peer, &read).is_ok(), "no rule for the volume");
+        assert!(Access::new(false).check(peer, &read).is_ok());
+    }
 
     #[test]
     fn networks_hold_what_their_prefix_says() {

@@ -796,6 +796,16 @@ async fn refresh_access(
         if let Err(e) = access.refresh(&meta).await {
             tracing::debug!(error = %e, "could not read the volumes' allow-networks");
         }
+        // Until the first read, requests that need the rules are refused: try again soon.
+        while !access.known() {
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+            }
+            if let Err(e) = access.refresh(&meta).await {
+                tracing::debug!(error = %e, "could not read the volumes' allow-networks yet");
+            }
+        }
     }
 }
 
@@ -902,7 +912,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         None
     };
     let metrics = Arc::new(brickfs_proto::metrics::OpMetrics::default());
-    let access = Arc::new(access::Access::default());
+    let access = Arc::new(access::Access::new(
+        !config.meta_peers.is_empty() || config.meta,
+    ));
     let handler = Arc::new(NodeHandler {
         node,
         bricks: service.clone(),

@@ -707,6 +707,52 @@ impl MetaOp {
     }
 }
 
+impl MetaOp {
+    /// The volume an administrative command names, by name (see `volume` for those by id).
+    pub fn volume_name(&self) -> Option<&str> {
+        use MetaOp::*;
+        match self {
+            StartVolume { name }
+            | StopVolume { name }
+            | DeleteVolume { name }
+            | SetVolumeOption { name, .. }
+            | ReplaceBrick { name, .. }
+            | AddBricks { name, .. }
+            | RemoveBricksStart { name, .. }
+            | RemoveBricksStop { name, .. }
+            | RemoveBricksCommit { name, .. }
+            | RebalanceStart { name, .. }
+            | RebalanceStop { name, .. } => Some(name),
+            _ => None,
+        }
+    }
+
+    /// Whether only a node of the cluster sends this command (its duties: damage and restart
+    /// reports, heal, garbage collection, rebalance moves, purges). Heartbeats are not among
+    /// them: a node heartbeats before it is in the map.
+    pub fn is_node_duty(&self) -> bool {
+        use MetaOp::*;
+        matches!(
+            self,
+            ExpireSessions
+                | DetectFailures { .. }
+                | ReportDamage { .. }
+                | ReportRestart { .. }
+                | RejoinMember { .. }
+                | RaiseEpoch { .. }
+                | GcDone { .. }
+                | GcDoneMany { .. }
+                | VolumePurged { .. }
+                | RebalanceReport { .. }
+                | BeginMove { .. }
+                | FinishMove { .. }
+                | AbortMove { .. }
+                | ForgetMove { .. }
+                | DroppedMove { .. }
+        )
+    }
+}
+
 impl MetaRead {
     /// The volume this read looks into, by id (see `MetaOp::volume`).
     pub fn volume(&self) -> Option<VolumeId> {
