@@ -484,10 +484,23 @@ async fn what_only_nodes_send_is_refused_from_elsewhere() {
     };
     let (m2, b2) = clients_from(node.addr(), "127.0.0.2");
     let (_, b1) = clients_from(node.addr(), "127.0.0.1");
-    let refused = |r: Result<(Message, bytes::Bytes), brickfs_proto::rpc::RpcError>| {
-        let e = r.expect_err("refused");
-        assert_eq!(e.code(), Some(ErrorCode::PermissionDenied), "{e}");
-        e.to_string()
+    // A first refusal is `Busy` while the node reads the cluster map again; then it stands.
+    let refused = async |from: &BrickClient, msg: Message| {
+        must_wait_for("a refusal", std::time::Duration::from_secs(20), || async {
+            match from
+                .pool()
+                .call(node.addr(), msg.clone(), Default::default())
+                .await
+            {
+                Err(e) if e.code() == Some(ErrorCode::Busy) => None,
+                Err(e) => {
+                    assert_eq!(e.code(), Some(ErrorCode::PermissionDenied), "{e}");
+                    Some(e.to_string())
+                }
+                Ok(r) => panic!("{msg:?} answered {r:?}"),
+            }
+        })
+        .await
     };
     // The node reads the rules every 2 s: wait until the volume's are in force.
     must_wait_for(
@@ -502,31 +515,15 @@ async fn what_only_nodes_send_is_refused_from_elsewhere() {
     )
     .await;
 
-    let e = refused(
-        b2.pool()
-            .call(node.addr(), member_stat.clone(), Default::default())
-            .await,
-    );
+    let e = refused(&b2, member_stat.clone()).await;
     assert!(
         e.contains("MemberStat is sent by the cluster's nodes only"),
         "{e}"
     );
-    let e = refused(
-        b2.pool()
-            .call(
-                node.addr(),
-                heal(node.addr().to_string()),
-                Default::default(),
-            )
-            .await,
-    );
+    let e = refused(&b2, heal(node.addr().to_string())).await;
     assert!(e.contains("nodes only"), "{e}");
     // From the node's own address, a heal towards an address outside the map is refused.
-    let e = refused(
-        b1.pool()
-            .call(node.addr(), heal("127.0.0.9:7".into()), Default::default())
-            .await,
-    );
+    let e = refused(&b1, heal("127.0.0.9:7".into())).await;
     assert!(e.contains("not a node of the cluster map"), "{e}");
     // ...and one towards the node itself is not (the objects heal or are missing).
     let ok = b1

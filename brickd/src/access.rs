@@ -76,6 +76,11 @@ struct Rules {
     by_name: HashMap<String, Vec<Net>>,
     /// (peer, volume) refusals already logged, so a refused client does not flood the log.
     logged: HashSet<(IpAddr, String)>,
+    /// How many times the rules have been read.
+    generation: u64,
+    /// Refusals not yet confirmed by rules read after them (see `Access::refuse`): the
+    /// generation each was first met at.
+    unconfirmed: HashMap<(IpAddr, String), u64>,
 }
 
 /// The rules this node enforces.
@@ -85,6 +90,8 @@ pub struct Access {
     /// nothing is checked.
     enforce: bool,
     rules: RwLock<Rules>,
+    /// Asks the refresher to read the rules now.
+    stale: tokio::sync::Notify,
 }
 
 /// Which volume a request is about, if any.
@@ -149,6 +156,7 @@ impl Access {
         Access {
             enforce,
             rules: RwLock::default(),
+            stale: tokio::sync::Notify::new(),
         }
     }
 
@@ -230,13 +238,40 @@ impl Access {
         ))
     }
 
-    /// A refusal, logged once per (peer, what).
+    /// A refusal, logged once per (peer, what). The rules may be older than what the peer
+    /// knows (a node just added, a volume option just widened): the first refusal of a
+    /// (peer, what) is `Busy` and has the rules read again at once; once rules read after it
+    /// still refuse, it is `PermissionDenied`.
     fn refuse(&self, peer: IpAddr, what: String, detail: String) -> ErrorBody {
         let mut rules = self.rules.write().unwrap_or_else(|p| p.into_inner());
-        if rules.logged.len() < 10_000 && rules.logged.insert((peer, what)) {
+        let generation = rules.generation;
+        let key = (peer, what);
+        let first = match rules.unconfirmed.get(&key) {
+            Some(g) => *g,
+            None if rules.unconfirmed.len() < 10_000 => {
+                rules.unconfirmed.insert(key.clone(), generation);
+                generation
+            }
+            // Too many to track: refused at once.
+            None => generation.wrapping_sub(1),
+        };
+        if first == generation {
+            drop(rules);
+            self.stale.notify_one();
+            return ErrorBody::new(
+                ErrorCode::Busy,
+                format!("{detail} (checking the cluster map again; retry)"),
+            );
+        }
+        if rules.logged.len() < 10_000 && rules.logged.insert(key) {
             tracing::warn!(%peer, "refused: {detail}");
         }
         ErrorBody::new(ErrorCode::PermissionDenied, detail)
+    }
+
+    /// Waits until a refusal asks for the rules to be read again.
+    pub async fn stale(&self) {
+        self.stale.notified().await
     }
 
     /// Whether the rules have been read at least once.
@@ -275,6 +310,8 @@ impl Access {
         }
         let mut rules = self.rules.write().unwrap_or_else(|p| p.into_inner());
         fresh.logged = std::mem::take(&mut rules.logged);
+        fresh.generation = rules.generation + 1;
+        fresh.unconfirmed = std::mem::take(&mut rules.unconfirmed);
         *rules = fresh;
         Ok(())
     }

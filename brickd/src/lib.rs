@@ -792,6 +792,8 @@ async fn refresh_access(
         tokio::select! {
             _ = stop.changed() => return,
             _ = tick.tick() => {}
+            // A refusal asks for fresh rules before it stands.
+            _ = access.stale() => {}
         }
         if let Err(e) = access.refresh(&meta).await {
             tracing::debug!(error = %e, "could not read the volumes' allow-networks");
