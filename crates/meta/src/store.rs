@@ -88,6 +88,19 @@ fn synced() -> WriteOptions {
     wo
 }
 
+/// The first key after every key that starts with `prefix` (`None`: there is none, the
+/// prefix is all 0xff or empty).
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
 /// Committed state as the state machine's logic reads it.
 pub struct DbState<'a> {
     db: &'a DB,
@@ -114,8 +127,16 @@ impl KvRead for DbState<'_> {
     ) -> Result<crate::kv::Pairs, String> {
         let start = after.unwrap_or(prefix);
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(
+        // Bounded to the prefix: without a bound, a seek steps over every deleted key after
+        // the prefix until it finds a live one (a file's open-holder keys, all deleted, made
+        // each unlink of a million-file directory scan the tombstones of all later files).
+        let mut opts = rocksdb::ReadOptions::default();
+        if let Some(end) = prefix_end(prefix) {
+            opts.set_iterate_upper_bound(end);
+        }
+        for item in self.db.iterator_cf_opt(
             cf(self.db, CF_STATE),
+            opts,
             IteratorMode::From(start, Direction::Forward),
         ) {
             let (k, v) = item.map_err(|e| e.to_string())?;
@@ -679,6 +700,39 @@ mod tests {
                 open_db(&dir.path().join("meta")).map_err(|e| StorageIOError::write(any(e)))?;
             Ok((dir, LogStore::new(db.clone()), StateMachine::new(db)))
         }
+    }
+
+    #[test]
+    fn prefix_ends_bound_exactly_the_prefix() {
+        assert_eq!(prefix_end(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_end(&[1, 0xff]), Some(vec![2]));
+        assert_eq!(prefix_end(&[0xff, 0xff]), None);
+        assert_eq!(prefix_end(b""), None);
+    }
+
+    /// A scan sees exactly its prefix's live keys however many deleted ones surround them.
+    #[test]
+    fn scans_keep_to_their_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_db(&dir.path().join("meta")).unwrap();
+        let state = cf(&db, CF_STATE);
+        for i in 0u8..=255 {
+            db.put_cf(state, [b'H', 1, i], [i]).unwrap();
+            db.put_cf(state, [b'H', 2, i], [i]).unwrap();
+        }
+        for i in 0u8..=255 {
+            db.delete_cf(state, [b'H', 2, i]).unwrap();
+        }
+        db.put_cf(state, [b'H', 3], [9]).unwrap();
+        db.put_cf(state, [b'H', 1, 0xff, 0xff], [7]).unwrap();
+        let kv = DbState::new(&db);
+        assert!(kv.scan(&[b'H', 2], None, 1).unwrap().is_empty());
+        let h1 = kv.scan(&[b'H', 1], None, usize::MAX).unwrap();
+        assert_eq!(h1.len(), 257);
+        assert_eq!(h1.last().unwrap().0, vec![b'H', 1, 0xff, 0xff]);
+        let after = kv.scan(&[b'H', 1], Some(&[b'H', 1, 0xfe]), 10).unwrap();
+        assert_eq!(after.len(), 2);
+        assert_eq!(kv.scan(&[b'H'], None, usize::MAX).unwrap().len(), 258);
     }
 
     /// A snapshot file gives back every pair written, in order, with the applied position and
