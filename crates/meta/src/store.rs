@@ -732,7 +732,7 @@ mod tests {
         assert_eq!(h1.last().unwrap().0, vec![b'H', 1, 0xff, 0xff]);
         let after = kv.scan(&[b'H', 1], Some(&[b'H', 1, 0xfe]), 10).unwrap();
         assert_eq!(after.len(), 2);
-        assert_eq!(kv.scan(&[b'H'], None, usize::MAX).unwrap().len(), 258);
+        assert_eq!(kv.scan(b"H", None, usize::MAX).unwrap().len(), 258);
     }
 
     /// A snapshot file gives back every pair written, in order, with the applied position and
