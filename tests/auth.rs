@@ -106,14 +106,9 @@ fn clients_from(
     (meta, bricks)
 }
 
-/// `allow-networks`: a client outside a volume's networks cannot open it, read its objects on
-/// a brick, or go on writing through a volume it opened before the rule; one inside can; the
-/// nodes themselves always can; other volumes are not affected.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clients_outside_a_volumes_networks_are_refused() {
-    use brickfs_client::VolumeClient;
-    use brickfs_proto::ErrorCode;
-    use brickfs_proto::meta::{AdminOp, MetaOp};
+/// One brickd with a metadata member and bricks `n/b0`, `n/b1` in a temporary folder,
+/// initialised and added as a peer: the folder, the node and an admin client at 127.0.0.1.
+async fn must_one_node() -> (tempfile::TempDir, Brickd, brickfs_client::MetaClient) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().join("n");
     let node = Brickd::start(
@@ -124,11 +119,27 @@ async fn clients_outside_a_volumes_networks_are_refused() {
     )
     .unwrap();
     let (admin, _) = clients_from(node.addr(), "127.0.0.1");
-    admin.admin(AdminOp::Init).await.unwrap();
+    admin
+        .admin(brickfs_proto::meta::AdminOp::Init)
+        .await
+        .unwrap();
     brickfs_client::admin::peer_add(&admin, &client(), node.addr())
         .await
         .unwrap();
     must_serve_reads(node.addr()).await;
+    (dir, node, admin)
+}
+
+/// `allow-networks`: a client outside a volume's networks cannot open it, read its objects on
+/// a brick, or go on writing through a volume it opened before the rule; one inside can; the
+/// nodes themselves always can; other volumes are not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_outside_a_volumes_networks_are_refused() {
+    use brickfs_client::VolumeClient;
+    use brickfs_proto::ErrorCode;
+    use brickfs_proto::meta::MetaOp;
+    let (dir, node, admin) = must_one_node().await;
+    let d = dir.path().join("n");
     for (name, brick) in [("guarded", &d.join("b0")), ("open", &d.join("b1"))] {
         let spec = vec![format!("{}:{}", node.addr(), brick.display())];
         brickfs_client::admin::volume_create(&admin, name, &spec)
@@ -419,24 +430,11 @@ async fn http_endpoints_of_a_keyed_cluster_want_https_and_the_token() {
 /// a volume's bricks, are held to the volume's networks like its data.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_only_nodes_send_is_refused_from_elsewhere() {
-    use brickfs_proto::meta::{AdminOp, MetaOp};
+    use brickfs_proto::meta::MetaOp;
     use brickfs_proto::msg::{HealObjects, MemberRef, MemberStat, SetRef};
     use brickfs_proto::{Epoch, ErrorCode, Ino, Message, ObjectKey};
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, node, admin) = must_one_node().await;
     let d = dir.path().join("n");
-    let node = Brickd::start(
-        &brickd_bin(),
-        &d,
-        &[d.join("b0"), d.join("b1")],
-        &["--meta"],
-    )
-    .unwrap();
-    let (admin, _) = clients_from(node.addr(), "127.0.0.1");
-    admin.admin(AdminOp::Init).await.unwrap();
-    brickfs_client::admin::peer_add(&admin, &client(), node.addr())
-        .await
-        .unwrap();
-    must_serve_reads(node.addr()).await;
     let spec = vec![
         "replica".to_string(),
         "2".to_string(),
