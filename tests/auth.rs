@@ -6,6 +6,7 @@
 mod common;
 
 use brickfs_client::BrickClient;
+use brickfs_proto::cred::Credential;
 use brickfs_proto::rpc::{ClientOptions, load_cluster_key};
 use brickfs_testkit::Brickd;
 use common::*;
@@ -15,7 +16,7 @@ use std::sync::Arc;
 fn keyed(key: Option<&Path>) -> BrickClient {
     BrickClient::new(ClientOptions {
         peer_name: "auth-test".into(),
-        cluster_key: key.map(|k| Arc::new(load_cluster_key(k).unwrap())),
+        credential: key.map(|k| Arc::new(Credential::load(k).unwrap())),
         ..ClientOptions::default()
     })
 }
@@ -38,7 +39,7 @@ async fn only_holders_of_the_cluster_key_get_in() {
     // The key holder gets in; the others are told why not.
     keyed(Some(&key)).ping(a.addr()).await.unwrap();
     let e = keyed(None).ping(a.addr()).await.unwrap_err().to_string();
-    assert!(e.contains("requires the cluster key"), "{e}");
+    assert!(e.contains("requires a credential"), "{e}");
     let e = keyed(Some(&other))
         .ping(a.addr())
         .await
@@ -66,7 +67,7 @@ async fn only_holders_of_the_cluster_key_get_in() {
     assert_eq!(code, 0, "{out}{err}");
     let (code, _, err) = brickfs(&["--meta", &a_addr, "peer", "list"]);
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("requires the cluster key"), "{err}");
+    assert!(err.contains("requires a credential"), "{err}");
     // A node of another cluster cannot be added: the group cannot authenticate it.
     let f_addr = foreign.addr().to_string();
     let (code, _, err) = with(&["peer", "add", &f_addr]);
@@ -74,7 +75,7 @@ async fn only_holders_of_the_cluster_key_get_in() {
     assert!(err.contains("another cluster"), "{err}");
     let (code, _, err) = brickfs(&["--cluster-key-file", "/nonexistent/key", "peer", "list"]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("cluster key file"), "{err}");
+    assert!(err.contains("credential file"), "{err}");
     // The refusals are logged by the node that refused.
     assert!(
         a.log_tail(200).contains("refused a connection"),
@@ -388,7 +389,7 @@ async fn http_endpoints_of_a_keyed_cluster_want_https_and_the_token() {
     assert_ne!(api_token, metrics_token);
     let (code, _, err) = brickfs(&["cluster", "token", "api"]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("--cluster-key-file"), "{err}");
+    assert!(err.contains("--credential-file"), "{err}");
 
     for (at, path, right, wrong) in [
         (api, "/v1/volumes", &api_token, &metrics_token),
@@ -570,4 +571,388 @@ async fn what_only_nodes_send_is_refused_from_elsewhere() {
         log.contains("refused: MemberStat is sent by the cluster's nodes only"),
         "{log}"
     );
+}
+
+/// A client library whose connections come from `from` and prove `credential`.
+fn clients_as(
+    node: std::net::SocketAddr,
+    from: &str,
+    credential: &Credential,
+) -> (brickfs_client::MetaClient, BrickClient) {
+    let ip: std::net::IpAddr = from.parse().unwrap();
+    let credential = Arc::new(credential.clone());
+    let meta = brickfs_client::MetaClient::new(
+        vec![node],
+        brickfs_client::MetaClientOptions {
+            client_name: format!("{credential:?} at {from}"),
+            deadline: std::time::Duration::from_secs(5),
+            local_addr: Some(ip),
+            credential: Some(credential.clone()),
+            ..Default::default()
+        },
+    );
+    let bricks = BrickClient::new(ClientOptions {
+        peer_name: format!("{credential:?} at {from}"),
+        local_addr: Some(ip),
+        credential: Some(credential),
+        ..ClientOptions::default()
+    });
+    (meta, bricks)
+}
+
+/// The three roles of a keyed cluster, over real connections: an administrator (the admin
+/// credential) makes volumes and client credentials but sends no node duty and cannot
+/// register an address that does not prove the key; a client credential reaches its own
+/// volume's data and namespace and nothing else, only from the volume's networks, and stops
+/// working when revoked or rotated out; a forged credential does not get in. Every refusal
+/// is `PermissionDenied`, says why, and is logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_role_reaches_what_it_may_and_nothing_else() {
+    use brickfs_client::VolumeClient;
+    use brickfs_proto::cred::{admin_secret, client_secret};
+    use brickfs_proto::meta::{AdminOp, MetaOp, MetaRead, NodeRecord, RaftRpc, RaftRpcKind};
+    use brickfs_proto::msg::{IssueCredential, MemberStat, SetRef};
+    use brickfs_proto::{Epoch, ErrorCode, Ino, Message, NodeId, ObjectKey};
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("key");
+    std::fs::write(&key_file, "cm9sZXMtdGVzdC1jbHVzdGVyLWtleS0xMjM0NQ==\n").unwrap();
+    let key = load_cluster_key(&key_file).unwrap();
+    let d = dir.path().join("n");
+    let node = Brickd::start(
+        &brickd_bin(),
+        &d,
+        &[d.join("b0"), d.join("b1")],
+        &["--meta", "--cluster-key-file", key_file.to_str().unwrap()],
+    )
+    .unwrap();
+    let at = node.addr();
+    let admin_cred = Credential::Admin(admin_secret(&key));
+    let (admin, admin_b) = clients_as(at, "127.0.0.1", &admin_cred);
+    admin.admin(AdminOp::Init).await.unwrap();
+    // `peer add` as an administrator: the node proves the key, so it is registered.
+    brickfs_client::admin::peer_add(&admin, &admin_b, at)
+        .await
+        .unwrap();
+    must_serve_reads_with(at, admin_b.clone()).await;
+    for (name, b) in [("a", "b0"), ("b", "b1")] {
+        let spec = vec![format!("{at}:{}", d.join(b).display())];
+        brickfs_client::admin::volume_create(&admin, name, &spec)
+            .await
+            .unwrap();
+        admin
+            .write(MetaOp::StartVolume { name: name.into() })
+            .await
+            .unwrap();
+    }
+    let issue = async |volume: &str, replace: bool| {
+        admin_b
+            .issue_credential(
+                at,
+                IssueCredential {
+                    volume: volume.into(),
+                    label: "test".into(),
+                    replace,
+                },
+            )
+            .await
+            .unwrap()
+    };
+    let issued = issue("a", false).await;
+    let cred_a = Credential::parse(issued.credential.as_bytes()).unwrap();
+    assert_eq!(
+        cred_a,
+        Credential::Client {
+            volume: issued.volume,
+            id: issued.id,
+            secret: client_secret(&key, issued.volume, issued.id),
+        }
+    );
+    // The refusal of a role stands at once; one that fresher rules might lift (a credential
+    // just made, networks just widened) is `Busy` first, then stands.
+    let refused = async |from: &BrickClient, msg: Message| {
+        must_wait_for("a refusal", std::time::Duration::from_secs(20), || async {
+            match from.pool().call(at, msg.clone(), Default::default()).await {
+                Err(e) if e.code() == Some(ErrorCode::Busy) => None,
+                Err(e) => {
+                    assert_eq!(e.code(), Some(ErrorCode::PermissionDenied), "{e}");
+                    Some(e.to_string())
+                }
+                Ok(r) => panic!("{msg:?} answered {r:?}"),
+            }
+        })
+        .await
+    };
+    // A refusal that follows a change of the rules: answered until the node rereads them
+    // (every 2 s).
+    let refused_soon = async |from: &BrickClient, msg: Message| {
+        must_wait_for("a refusal", std::time::Duration::from_secs(20), || async {
+            match from.pool().call(at, msg.clone(), Default::default()).await {
+                Err(e) if e.code() == Some(ErrorCode::Busy) => None,
+                Err(e) => {
+                    assert_eq!(e.code(), Some(ErrorCode::PermissionDenied), "{e}");
+                    Some(e.to_string())
+                }
+                Ok(_) => None,
+            }
+        })
+        .await
+    };
+    let meta_write = |op: MetaOp| {
+        Message::MetaWrite(brickfs_proto::meta::MetaWrite {
+            session: brickfs_proto::meta::SessionId(1),
+            seq: 1,
+            acked_below: 0,
+            op,
+        })
+    };
+    let meta_read = |read: MetaRead| Message::MetaRead(brickfs_proto::meta::MetaReadReq { read });
+
+    // The client of `a` works with `a`: open, create, write, read back.
+    let (cm, cb) = clients_as(at, "127.0.0.2", &cred_a);
+    let vol_a = must_wait_for(
+        "the new credential",
+        std::time::Duration::from_secs(20),
+        || {
+            let (cm, cb) = (cm.clone(), cb.clone());
+            async move { VolumeClient::open(cm, cb, "a").await.ok() }
+        },
+    )
+    .await;
+    let fh = vol_a.create(Ino(1), "f", 0o644, true).await.unwrap();
+    vol_a
+        .write(&fh, 0, bytes::Bytes::from_static(b"mine"))
+        .await
+        .unwrap();
+    vol_a.fsync(&fh).await.unwrap();
+    assert_eq!(&vol_a.read(&fh, 0, 4).await.unwrap()[..], b"mine");
+    let id_a = vol_a.record().id;
+    let vol_b = brickfs_client::admin::volume_info(&admin, "b")
+        .await
+        .unwrap();
+
+    // ...and with nothing else.
+    let member_stat = Message::MemberStat(MemberStat {
+        brick: vol_b.bricks[0].brick,
+        set: SetRef {
+            volume: vol_b.id,
+            set: 0,
+            epoch: Epoch(1),
+        },
+        key: ObjectKey {
+            volume: vol_b.id,
+            ino: Ino(1),
+            column: 0,
+        },
+    });
+    let read_b = Message::Read(brickfs_proto::msg::Read {
+        brick: vol_b.bricks[0].brick,
+        key: ObjectKey {
+            volume: vol_b.id,
+            ino: Ino(2),
+            column: 0,
+        },
+        offset_bytes: 0,
+        len_bytes: 1,
+        repair: false,
+    });
+    let client_refusals: Vec<(Message, &str)> = vec![
+        (
+            meta_read(MetaRead::VolumeByName { name: "b".into() }),
+            "does not reach volume b",
+        ),
+        (read_b.clone(), "does not reach volume b"),
+        (
+            meta_read(MetaRead::GetAttr {
+                volume: vol_b.id,
+                ino: Ino(1),
+            }),
+            "does not reach volume b",
+        ),
+        (
+            meta_write(MetaOp::Mkdir {
+                volume: vol_b.id,
+                parent: Ino(1),
+                name: "x".into(),
+                mode: 0o755,
+                umask: 0,
+                uid: 0,
+                gid: 0,
+            }),
+            "does not reach volume b",
+        ),
+        (meta_read(MetaRead::ListVolumes), "MetaRead ListVolumes"),
+        (
+            meta_write(MetaOp::SetVolumeOption {
+                name: "a".into(),
+                key: "allow-networks".into(),
+                value: "0.0.0.0/0".into(),
+            }),
+            "MetaWrite SetVolumeOption",
+        ),
+        (
+            meta_write(MetaOp::StopVolume { name: "a".into() }),
+            "MetaWrite StopVolume",
+        ),
+        (
+            meta_write(MetaOp::RevokeCredential {
+                name: "a".into(),
+                id: issued.id,
+            }),
+            "MetaWrite RevokeCredential",
+        ),
+        (
+            meta_write(MetaOp::RegisterNode {
+                node: NodeRecord {
+                    id: NodeId(7),
+                    addr: "127.0.0.2:9".into(),
+                    last_heartbeat_ms: 0,
+                },
+            }),
+            "MetaWrite RegisterNode",
+        ),
+        (
+            meta_write(MetaOp::GcDoneMany {
+                volume: id_a,
+                inos: Vec::new(),
+            }),
+            "MetaWrite GcDoneMany",
+        ),
+        (
+            Message::MetaAdmin(brickfs_proto::meta::MetaAdmin {
+                op: AdminOp::Status,
+            }),
+            "MetaAdmin Status",
+        ),
+        (
+            Message::RaftRpc(RaftRpc {
+                kind: RaftRpcKind::Vote,
+            }),
+            "RaftRpc",
+        ),
+        (member_stat.clone(), "MemberStat"),
+        (
+            Message::IssueCredential(IssueCredential {
+                volume: "a".into(),
+                label: String::new(),
+                replace: false,
+            }),
+            "IssueCredential",
+        ),
+    ];
+    for (msg, why) in client_refusals {
+        let e = refused(&cb, msg.clone()).await;
+        assert!(e.contains(why), "{msg:?}: {e}");
+        assert!(e.contains("client credential of volume a"), "{e}");
+    }
+
+    // An administrator sends no node duty and no Raft traffic.
+    for msg in [
+        member_stat.clone(),
+        meta_write(MetaOp::Heartbeat { node: NodeId(1) }),
+        meta_write(MetaOp::DetectFailures { down_after_ms: 0 }),
+        Message::RaftRpc(RaftRpc {
+            kind: RaftRpcKind::AppendEntries,
+        }),
+    ] {
+        let e = refused(&admin_b, msg.clone()).await;
+        assert!(
+            e.contains("admin credential, not the cluster key"),
+            "{msg:?}: {e}"
+        );
+    }
+    // ...nor registers an address that cannot prove the key (its own, say).
+    let squatter = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+    let e = admin
+        .write(MetaOp::RegisterNode {
+            node: NodeRecord {
+                id: NodeId(77),
+                addr: squatter.local_addr().unwrap().to_string(),
+                last_heartbeat_ms: 0,
+            },
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::PermissionDenied), "{e}");
+    assert!(
+        e.to_string().contains("did not prove the cluster key"),
+        "{e}"
+    );
+    drop(squatter);
+    // ...while it can read any volume (`volume info`, benchmarks).
+    VolumeClient::open(admin.clone(), admin_b.clone(), "b")
+        .await
+        .unwrap();
+
+    // A forged client credential (right ids, wrong secret) does not get in.
+    let forged = Credential::Client {
+        volume: id_a,
+        id: issued.id,
+        secret: vec![7; 32],
+    };
+    let (_, fb) = clients_as(at, "127.0.0.2", &forged);
+    let e = fb.ping(at).await.unwrap_err().to_string();
+    assert!(e.contains("could not prove this credential"), "{e}");
+
+    // The client's volume networks hold it too.
+    admin
+        .write(MetaOp::SetVolumeOption {
+            name: "a".into(),
+            key: "allow-networks".into(),
+            value: "127.0.0.3/32".into(),
+        })
+        .await
+        .unwrap();
+    let e = refused(&cb, read_b.clone()).await;
+    assert!(e.contains("does not reach volume b"), "{e}");
+    let stat_a = meta_read(MetaRead::GetAttr {
+        volume: id_a,
+        ino: Ino(1),
+    });
+    let e = refused_soon(&cb, stat_a.clone()).await;
+    assert!(e.contains("not in the allow-networks of volume a"), "{e}");
+    let (_, cb3) = clients_as(at, "127.0.0.3", &cred_a);
+    cb3.pool()
+        .call(at, stat_a.clone(), Default::default())
+        .await
+        .unwrap();
+
+    // Rotation: a new credential, the old one revoked; requests with the old one (on a
+    // connection already open) are refused, the new one works.
+    let rotated = issue("a", true).await;
+    assert_eq!(rotated.revoked, vec![issued.id]);
+    let e = refused_soon(&cb3, stat_a.clone()).await;
+    assert!(e.contains("is not listed by the volume"), "{e}");
+    let cred_new = Credential::parse(rotated.credential.as_bytes()).unwrap();
+    let (_, nb) = clients_as(at, "127.0.0.3", &cred_new);
+    must_wait_for(
+        "the rotated credential",
+        std::time::Duration::from_secs(20),
+        || {
+            let nb = nb.clone();
+            let stat_a = stat_a.clone();
+            async move { nb.pool().call(at, stat_a, Default::default()).await.ok() }
+        },
+    )
+    .await;
+    // Revoking it with the CLI-visible command leaves the volume without credentials.
+    admin
+        .write(MetaOp::RevokeCredential {
+            name: "a".into(),
+            id: rotated.id,
+        })
+        .await
+        .unwrap();
+    let e = refused_soon(&nb, stat_a.clone()).await;
+    assert!(e.contains("is not listed by the volume"), "{e}");
+
+    let log = node.log_tail(800);
+    for line in [
+        "refused: a client credential of volume a does not reach volume b",
+        "refused: MemberStat is sent by the cluster's nodes only, and this connection proved the admin credential",
+        "refused a connection",
+        "issued a client credential",
+        "refused to register a node that did not prove the cluster key",
+    ] {
+        assert!(log.contains(line), "{line} not in:\n{log}");
+    }
 }

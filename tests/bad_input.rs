@@ -72,6 +72,7 @@ fn handshake(s: &mut TcpStream) {
         version_max: PROTOCOL_VERSION,
         peer_name: "raw".into(),
         nonce: vec![1; 16],
+        claim: brickfs_proto::cred::Claim::Node,
     });
     send(s, 0, &hello, &[]);
     match recv(s) {
@@ -111,8 +112,8 @@ async fn a_wrong_or_missing_key_proof_is_refused_by_the_node() {
         expect_closed(&mut s);
     }
     let c = brickfs_client::BrickClient::new(brickfs_proto::rpc::ClientOptions {
-        cluster_key: Some(std::sync::Arc::new(
-            brickfs_proto::rpc::load_cluster_key(&key).unwrap(),
+        credential: Some(std::sync::Arc::new(
+            brickfs_proto::cred::Credential::load(&key).unwrap(),
         )),
         ..Default::default()
     });
@@ -146,6 +147,7 @@ async fn bad_frames_get_errors_and_the_daemon_keeps_serving() {
         version_max: PROTOCOL_VERSION + 3,
         peer_name: "future".into(),
         nonce: Vec::new(),
+        claim: brickfs_proto::cred::Claim::Node,
     });
     send(&mut s, 0, &hello, &[]);
     expect_error(recv(&mut s), ErrorCode::UnsupportedVersion);

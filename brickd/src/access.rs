@@ -13,10 +13,22 @@
 //! - until the rules have been read once, requests of both kinds are refused with `Busy`
 //!   (clients retry): the check is closed, not open, after a start.
 //!
-//! The rules are read from the metadata group every `REFRESH_EVERY`. Raft traffic and node
-//! registration are not checked here: the cluster key guards them (see docs/operations.md).
+//! In a cluster with a key, each connection's peer has also proved a role (see
+//! `brickfs_proto::cred`), and the role decides first:
+//!
+//! - a **node** (the cluster key) may send anything;
+//! - an **administrator** anything but what only nodes send (the list above, Raft traffic and
+//!   heartbeats); it is not held to a volume's networks;
+//! - a **client** of volume V, with a credential V still lists, only V's data requests, the
+//!   namespace, lock, open-file and session commands of V (`MetaOp::is_client_op`), reads of
+//!   V and of the cluster map's nodes and bricks, pings and free space; and only from V's
+//!   networks.
+//!
+//! The rules are read from the metadata group every `REFRESH_EVERY` (see
+//! docs/operations.md for the table of who may send what).
 
 use brickfs_client::MetaClient;
+use brickfs_proto::cred::{Peer, Role};
 use brickfs_proto::meta::{MetaRead, MetaReply};
 use brickfs_proto::{BrickId, ErrorBody, ErrorCode, Message, VolumeId};
 use std::collections::{HashMap, HashSet};
@@ -71,6 +83,10 @@ struct Rules {
     node_addrs: HashSet<std::net::SocketAddr>,
     /// Which volume each brick serves.
     brick_volume: HashMap<BrickId, VolumeId>,
+    /// Every volume's name, by id.
+    names: HashMap<VolumeId, String>,
+    /// The client credentials each volume lists.
+    credentials: HashMap<VolumeId, HashSet<u64>>,
     /// Volumes with `allow-networks`, by id and by name.
     by_id: HashMap<VolumeId, (String, Vec<Net>)>,
     by_name: HashMap<String, Vec<Net>>,
@@ -109,6 +125,76 @@ enum Need<'a> {
     Volume(Target<'a>),
     /// A node of the cluster map.
     Node,
+}
+
+/// What only nodes send besides `Need::Node`'s: Raft traffic and heartbeats (which need no
+/// map entry from an address, since a node heartbeats before it is in the map, but need the
+/// cluster key).
+fn nodes_only(msg: &Message) -> bool {
+    match msg {
+        Message::RaftRpc(_) => true,
+        Message::MetaWrite(w) => matches!(w.op, brickfs_proto::meta::MetaOp::Heartbeat { .. }),
+        _ => false,
+    }
+}
+
+/// A request's kind for refusals: the message's, or the metadata command's or read's inside
+/// it ("SetVolumeOption", not "MetaWrite").
+fn kind_name(msg: &Message) -> String {
+    let inner = match msg {
+        Message::MetaWrite(w) => format!("{:?}", w.op),
+        Message::MetaRead(r) => format!("{:?}", r.read),
+        Message::MetaAdmin(a) => format!("{:?}", a.op),
+        _ => return msg.name().to_string(),
+    };
+    let end = inner
+        .find(|c: char| !c.is_ascii_alphanumeric())
+        .unwrap_or(inner.len());
+    format!("{} {}", msg.name(), &inner[..end])
+}
+
+/// What a client's request reaches.
+enum ClientTarget<'a> {
+    /// Nothing of any volume (pings, free space, the cluster map's nodes and bricks, its
+    /// own sessions).
+    Free,
+    Volume(VolumeId),
+    Name(&'a str),
+    /// Not for clients at all.
+    Refused,
+}
+
+fn client_target(msg: &Message) -> ClientTarget<'_> {
+    use Message::*;
+    use brickfs_proto::meta::MetaRead as R;
+    let id = match msg {
+        Ping(_) | Statfs(_) | ListBricks(_) => return ClientTarget::Free,
+        Write(m) => m.key.volume,
+        Read(m) => m.key.volume,
+        Truncate(m) => m.key.volume,
+        Delete(m) => m.key.volume,
+        Fsync(m) => m.key.volume,
+        Stat(m) => m.key.volume,
+        Seal(m) => m.key.volume,
+        SetWrite(m) => m.set.volume,
+        SetTruncate(m) => m.set.volume,
+        DisperseWrite(m) => m.set.volume,
+        DisperseTruncate(m) => m.set.volume,
+        MetaWrite(w) if w.op.is_client_op() => match w.op.volume() {
+            Some(id) => id,
+            None => return ClientTarget::Free,
+        },
+        MetaRead(r) => match &r.read {
+            R::VolumeByName { name } => return ClientTarget::Name(name),
+            R::ListNodes | R::ListBricks => return ClientTarget::Free,
+            other => match other.volume() {
+                Some(id) => id,
+                None => return ClientTarget::Refused,
+            },
+        },
+        _ => return ClientTarget::Refused,
+    };
+    ClientTarget::Volume(id)
 }
 
 fn need(msg: &Message) -> Need<'_> {
@@ -160,14 +246,33 @@ impl Access {
         }
     }
 
-    /// Refuses `msg` from `peer` when it touches a volume whose networks do not hold the peer,
-    /// or is a node's and the peer is no node (see the module's documentation).
-    pub fn check(&self, peer: IpAddr, msg: &Message) -> Result<(), ErrorBody> {
+    /// Refuses `msg` from `from` when its role may not send it, when it touches a volume
+    /// whose networks do not hold the peer, or is a node's and the peer is no node (see the
+    /// module's documentation).
+    pub fn check(&self, from: Peer, msg: &Message) -> Result<(), ErrorBody> {
+        let peer = from.addr.ip().to_canonical();
+        match from.role {
+            Role::Open => {}
+            Role::Node => return self.check_heal_target(peer, msg),
+            Role::Admin => {
+                if matches!(need(msg), Need::Node) || nodes_only(msg) {
+                    return Err(self.refuse_now(
+                        peer,
+                        format!("admin:{}", msg.name()),
+                        format!(
+                            "{} is sent by the cluster's nodes only, and this connection proved the admin credential, not the cluster key",
+                            msg.name()
+                        ),
+                    ));
+                }
+                return Ok(());
+            }
+            Role::Client { volume, id } => return self.check_client(peer, volume, id, msg),
+        }
         let need = need(msg);
         if !self.enforce || matches!(need, Need::Nothing) {
             return Ok(());
         }
-        let peer = peer.to_canonical();
         let rules = self.rules.read().unwrap_or_else(|p| p.into_inner());
         if !rules.known {
             return Err(ErrorBody::new(
@@ -238,6 +343,125 @@ impl Access {
         ))
     }
 
+    /// Heal streams only to a node of the cluster map, whoever asks.
+    fn check_heal_target(&self, peer: IpAddr, msg: &Message) -> Result<(), ErrorBody> {
+        let Message::HealObjects(h) = msg else {
+            return Ok(());
+        };
+        let rules = self.rules.read().unwrap_or_else(|p| p.into_inner());
+        if !self.enforce {
+            return Ok(());
+        }
+        if !rules.known {
+            return Err(ErrorBody::new(
+                ErrorCode::Busy,
+                "this node has not read the cluster map yet: heal waits until it knows where it may stream to",
+            ));
+        }
+        if h.target
+            .addr
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| rules.node_addrs.contains(&a))
+        {
+            return Ok(());
+        }
+        let target = h.target.addr.clone();
+        drop(rules);
+        Err(self.refuse(
+            peer,
+            format!("heal:{target}"),
+            format!("heal target {target} is not a node of the cluster map"),
+        ))
+    }
+
+    /// What a client of `volume` with credential `id` may send (see the module's
+    /// documentation).
+    fn check_client(
+        &self,
+        peer: IpAddr,
+        volume: VolumeId,
+        id: u64,
+        msg: &Message,
+    ) -> Result<(), ErrorBody> {
+        let rules = self.rules.read().unwrap_or_else(|p| p.into_inner());
+        if !rules.known {
+            return Err(ErrorBody::new(
+                ErrorCode::Busy,
+                "this node has not read the cluster's access rules yet; retry shortly",
+            ));
+        }
+        let name = rules
+            .names
+            .get(&volume)
+            .cloned()
+            .unwrap_or_else(|| volume.to_string());
+        if !rules
+            .credentials
+            .get(&volume)
+            .is_some_and(|ids| ids.contains(&id))
+        {
+            drop(rules);
+            return Err(self.refuse(
+                peer,
+                format!("credential:{volume}:{id:x}"),
+                format!(
+                    "client credential {id:x} of volume {name} is not listed by the volume (revoked, or the volume is gone)"
+                ),
+            ));
+        }
+        let wrong =
+            |what: String| format!("a client credential of volume {name} does not reach {what}");
+        let refusal = match client_target(msg) {
+            ClientTarget::Free => None,
+            ClientTarget::Volume(v) if v == volume => None,
+            ClientTarget::Volume(v) => Some(wrong(format!(
+                "volume {}",
+                rules
+                    .names
+                    .get(&v)
+                    .cloned()
+                    .unwrap_or_else(|| v.to_string())
+            ))),
+            ClientTarget::Name(n) if n == name => None,
+            ClientTarget::Name(n) => Some(wrong(format!("volume {n}"))),
+            ClientTarget::Refused => Some(wrong(format!(
+                "{}: it is for the cluster's nodes or administrators",
+                kind_name(msg)
+            ))),
+        };
+        if let Some(detail) = refusal {
+            drop(rules);
+            return Err(self.refuse_now(
+                peer,
+                format!("client:{volume}:{}", kind_name(msg)),
+                detail,
+            ));
+        }
+        // The volume's own networks hold its clients too.
+        let Some((_, nets)) = rules.by_id.get(&volume) else {
+            return Ok(());
+        };
+        if nets.iter().any(|n| n.contains(peer)) {
+            return Ok(());
+        }
+        drop(rules);
+        Err(self.refuse(
+            peer,
+            name.clone(),
+            format!("client {peer} is not in the allow-networks of volume {name}"),
+        ))
+    }
+
+    /// A refusal that fresher rules cannot change (the role decides it): logged once per
+    /// (peer, what), `PermissionDenied` at once.
+    fn refuse_now(&self, peer: IpAddr, what: String, detail: String) -> ErrorBody {
+        let mut rules = self.rules.write().unwrap_or_else(|p| p.into_inner());
+        if rules.logged.len() < 10_000 && rules.logged.insert((peer, what)) {
+            tracing::warn!(%peer, "refused: {detail}");
+        }
+        ErrorBody::new(ErrorCode::PermissionDenied, detail)
+    }
+
     /// A refusal, logged once per (peer, what). The rules may be older than what the peer
     /// knows (a node just added, a volume option just widened): the first refusal of a
     /// (peer, what) is `Busy` and has the rules read again at once; once rules read after it
@@ -301,6 +525,10 @@ impl Access {
             for b in &v.bricks {
                 fresh.brick_volume.insert(b.brick, v.id);
             }
+            fresh.names.insert(v.id, v.name.clone());
+            fresh
+                .credentials
+                .insert(v.id, v.credentials.iter().map(|c| c.id).collect());
             let Some((_, value)) = v.options.iter().find(|(k, _)| k == "allow-networks") else {
                 continue;
             };
@@ -339,7 +567,10 @@ mod tests {
             repair: false,
         });
         let statfs = Message::Statfs(Statfs { brick: BrickId(1) });
-        let peer: IpAddr = "192.0.2.7".parse().unwrap();
+        let peer = Peer {
+            addr: "192.0.2.7:1000".parse().unwrap(),
+            role: Role::Open,
+        };
         let closed = Access::new(true);
         assert_eq!(
             closed.check(peer, &read).unwrap_err().code,

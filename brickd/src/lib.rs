@@ -85,6 +85,8 @@ struct NodeHandler {
     meta: Option<Arc<MetaNode>>,
     metrics: Arc<brickfs_proto::metrics::OpMetrics>,
     access: Arc<access::Access>,
+    /// For what this node does for an administrator (credentials); `None` without a group.
+    group: Option<brickfs_client::MetaClient>,
 }
 
 impl Handler for NodeHandler {
@@ -94,14 +96,31 @@ impl Handler for NodeHandler {
 
     async fn handle_from(
         &self,
-        peer: std::net::SocketAddr,
+        peer: brickfs_proto::cred::Peer,
         msg: Message,
         data: Bytes,
     ) -> Result<(Message, Bytes), ErrorBody> {
-        if let Err(e) = self.access.check(peer.ip(), &msg) {
+        if let Err(e) = self.access.check(peer, &msg) {
             self.metrics
                 .record(msg.name(), std::time::Duration::ZERO, false, 0, 0);
             return Err(e);
+        }
+        match &msg {
+            Message::IssueCredential(req) => {
+                let start = std::time::Instant::now();
+                let r = self.issue_credential(peer, req).await;
+                self.metrics
+                    .record(msg.name(), start.elapsed(), r.is_ok(), 0, 0);
+                return r.map(|m| (m, Bytes::new()));
+            }
+            Message::MetaWrite(w) => {
+                if let brickfs_proto::meta::MetaOp::RegisterNode { node } = &w.op
+                    && matches!(peer.role, brickfs_proto::cred::Role::Admin)
+                {
+                    verify_node(node).await?;
+                }
+            }
+            _ => {}
         }
         self.handle(msg, data).await
     }
@@ -143,7 +162,137 @@ fn is_foreground(msg: &Message) -> bool {
     }
 }
 
+/// An administrator registers a node (`peer add`) only at an address that proves the cluster
+/// key and the node id the record names: a holder of the admin credential cannot put an
+/// address of its own on the node list.
+async fn verify_node(node: &brickfs_proto::meta::NodeRecord) -> Result<(), ErrorBody> {
+    let addr: std::net::SocketAddr = node.addr.parse().map_err(|_| {
+        ErrorBody::new(
+            ErrorCode::InvalidArgument,
+            format!("node address {:?} is not HOST:PORT", node.addr),
+        )
+    })?;
+    let client = brickfs_client::BrickClient::new(brickfs_proto::rpc::ClientOptions {
+        peer_name: "brickd (checking a node to register)".into(),
+        conns_per_peer: 1,
+        // Within the caller's metadata request timeout (4 s).
+        connect_timeout: std::time::Duration::from_secs(2),
+        request_timeout: std::time::Duration::from_secs(2),
+        ..brickfs_proto::rpc::ClientOptions::default()
+    });
+    match client.ping(addr).await {
+        Ok(id) if id == node.id => Ok(()),
+        Ok(id) => Err(ErrorBody::new(
+            ErrorCode::PermissionDenied,
+            format!("{addr} is node {id}, not {}", node.id),
+        )),
+        Err(e) => {
+            warn!(%addr, error = %e, "refused to register a node that did not prove the cluster key");
+            Err(ErrorBody::new(
+                ErrorCode::PermissionDenied,
+                format!(
+                    "{addr} did not prove the cluster key, so it is not registered as a node: {e}"
+                ),
+            ))
+        }
+    }
+}
+
 impl NodeHandler {
+    /// Makes a client credential of a volume (see `Message::IssueCredential`).
+    async fn issue_credential(
+        &self,
+        peer: brickfs_proto::cred::Peer,
+        req: &brickfs_proto::msg::IssueCredential,
+    ) -> Result<Message, ErrorBody> {
+        use brickfs_proto::cred::{Credential, Role, client_secret};
+        use brickfs_proto::meta::{ClientCredential, MetaOp, MetaRead, MetaReply};
+        let rejected = |e: brickfs_client::MetaError| match e {
+            brickfs_client::MetaError::Rejected(body) => body,
+            other => ErrorBody::new(ErrorCode::Busy, other.to_string()),
+        };
+        let key = match (peer.role, brickfs_proto::rpc::cluster_key()) {
+            (Role::Node | Role::Admin, Some(key)) => key,
+            (_, None) => {
+                return Err(ErrorBody::new(
+                    ErrorCode::InvalidArgument,
+                    "this cluster has no key, so it has no client credentials (start the nodes with --cluster-key-file)",
+                ));
+            }
+            (role, Some(_)) => {
+                return Err(ErrorBody::new(
+                    ErrorCode::PermissionDenied,
+                    format!("{} may not issue credentials", role.describe()),
+                ));
+            }
+        };
+        let Some(group) = &self.group else {
+            return Err(ErrorBody::new(
+                ErrorCode::Busy,
+                format!("node {} knows no metadata group", self.node),
+            ));
+        };
+        let MetaReply::Volume(v) = group
+            .read(MetaRead::VolumeByName {
+                name: req.volume.clone(),
+            })
+            .await
+            .map_err(rejected)?
+        else {
+            return Err(ErrorBody::new(
+                ErrorCode::Internal,
+                "unexpected answer to VolumeByName",
+            ));
+        };
+        let id = rand::random::<u64>().max(1);
+        let created_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        group
+            .write(MetaOp::AddCredential {
+                name: req.volume.clone(),
+                credential: ClientCredential {
+                    id,
+                    created_ms,
+                    label: req.label.clone(),
+                },
+            })
+            .await
+            .map_err(rejected)?;
+        let mut revoked = Vec::new();
+        if req.replace {
+            for c in v.credentials.iter().filter(|c| c.id != id) {
+                match group
+                    .write(MetaOp::RevokeCredential {
+                        name: req.volume.clone(),
+                        id: c.id,
+                    })
+                    .await
+                {
+                    Ok(_) => revoked.push(c.id),
+                    Err(brickfs_client::MetaError::Rejected(b)) if b.is(ErrorCode::NotFound) => {}
+                    Err(e) => return Err(rejected(e)),
+                }
+            }
+        }
+        info!(volume = %v.name, credential = %format!("{id:x}"), revoked = revoked.len(), by = %peer.addr, "issued a client credential");
+        let text = Credential::Client {
+            volume: v.id,
+            id,
+            secret: client_secret(&key, v.id, id),
+        }
+        .to_text()
+        .unwrap_or_default();
+        Ok(Message::CredentialIssued(
+            brickfs_proto::msg::CredentialIssued {
+                volume: v.id,
+                id,
+                credential: text,
+                revoked,
+            },
+        ))
+    }
+
     async fn route(&self, msg: Message, data: Bytes) -> Result<(Message, Bytes), ErrorBody> {
         match msg {
             Message::MetaWrite(_)
@@ -917,12 +1066,25 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let access = Arc::new(access::Access::new(
         !config.meta_peers.is_empty() || config.meta,
     ));
+    let mut peers = config.meta_peers.clone();
+    if peers.is_empty() && config.meta {
+        peers.push(advertise);
+    }
     let handler = Arc::new(NodeHandler {
         node,
         bricks: service.clone(),
         meta: meta.clone(),
         metrics: metrics.clone(),
         access: access.clone(),
+        group: (!peers.is_empty()).then(|| {
+            brickfs_client::MetaClient::new(
+                peers.clone(),
+                brickfs_client::MetaClientOptions {
+                    client_name: format!("brickd {node} admin"),
+                    ..brickfs_client::MetaClientOptions::default()
+                },
+            )
+        }),
     });
     if let Some(at) = config.metrics_listen {
         let l = tokio::net::TcpListener::bind(at)
@@ -938,10 +1100,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     info!(%addr, %node, bricks = config.bricks.len(), meta = config.meta, "brickd listening");
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut peers = config.meta_peers.clone();
-    if peers.is_empty() && config.meta {
-        peers.push(advertise);
-    }
     if let Some(at) = config.api_listen {
         anyhow::ensure!(
             !peers.is_empty(),

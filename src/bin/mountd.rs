@@ -32,9 +32,16 @@ struct Flags {
     /// fewer, 1 MiB, requests.
     #[arg(long, default_value_t = mountd::READAHEAD_KB)]
     readahead_kb: u64,
-    /// The cluster key file, when the cluster has one (also `-o keyfile=PATH`).
-    #[arg(long, env = "BRICKFS_CLUSTER_KEY_FILE")]
-    cluster_key_file: Option<std::path::PathBuf>,
+    /// The credential file, when the cluster has a key: the volume's client credential
+    /// (`brickfs volume credential VOLUME new` prints one), or the admin credential or the
+    /// cluster key (also `-o credential=PATH`; `--cluster-key-file` and `-o keyfile=` are its
+    /// older names).
+    #[arg(
+        long,
+        env = "BRICKFS_CREDENTIAL_FILE",
+        visible_alias = "cluster-key-file"
+    )]
+    credential_file: Option<std::path::PathBuf>,
     /// Mount options as `mount -o` passes them: `threads=N`, `lease=SECS`, `timeout=SECS`,
     /// `readahead_kb=N` and `metrics=HOST:PORT` set the flags of those names; generic options (rw, defaults, _netdev, noauto, ...) are
     /// accepted and ignored.
@@ -85,7 +92,7 @@ fn apply_options(flags: &mut Flags) -> Result<(), String> {
             "lease" => flags.lease_secs = number()?,
             "timeout" => flags.timeout_secs = number()?,
             "readahead_kb" => flags.readahead_kb = number()?,
-            "keyfile" => flags.cluster_key_file = Some(value.into()),
+            "keyfile" | "credential" => flags.credential_file = Some(value.into()),
             "metrics" => {
                 flags.metrics_listen = Some(
                     value
@@ -141,8 +148,8 @@ fn daemonize(flags: &Flags) -> std::process::ExitCode {
     if let Some(at) = flags.metrics_listen {
         cmd.arg("--metrics-listen").arg(at.to_string());
     }
-    if let Some(k) = &flags.cluster_key_file {
-        cmd.arg("--cluster-key-file").arg(k);
+    if let Some(k) = &flags.credential_file {
+        cmd.arg("--credential-file").arg(k);
     }
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = match cmd.spawn() {
@@ -231,7 +238,11 @@ fn main() -> std::process::ExitCode {
         });
         let _ = stop_tx.send(());
     });
-    if let Err(e) = brickfs_proto::rpc::use_cluster_key_file(flags.cluster_key_file.as_deref()) {
+    let file = flags.credential_file.clone().or_else(|| {
+        // The flag's older name's variable.
+        std::env::var_os("BRICKFS_CLUSTER_KEY_FILE").map(Into::into)
+    });
+    if let Err(e) = brickfs_proto::rpc::use_credential_file(file.as_deref()) {
         eprintln!("mountd: {e}");
         return std::process::ExitCode::from(2);
     }

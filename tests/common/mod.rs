@@ -136,7 +136,12 @@ pub fn must_ok<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> Strin
 /// lease only once the group acknowledged its heartbeat (just after `peer add`), and refuses
 /// reads (`Busy`) before.
 pub async fn must_serve_reads(addr: std::net::SocketAddr) {
-    let c = client();
+    must_serve_reads_with(addr, client()).await
+}
+
+/// As `must_serve_reads`, asking with `c` (a client with its own credential).
+#[allow(dead_code)]
+pub async fn must_serve_reads_with(addr: std::net::SocketAddr, c: BrickClient) {
     let bricks = c.list_bricks(addr).await.expect("list bricks");
     let Some(b) = bricks.first() else { return };
     let probe = ObjectKey {

@@ -29,9 +29,15 @@ pub struct Cli {
     /// Members of the metadata group (any one is enough), HOST:PORT[,HOST:PORT...].
     #[arg(long, global = true, env = "BRICKFS_META", value_delimiter = ',')]
     pub meta: Vec<SocketAddr>,
-    /// The cluster key file, when the cluster has one.
-    #[arg(long, global = true, env = "BRICKFS_CLUSTER_KEY_FILE")]
-    pub cluster_key_file: Option<std::path::PathBuf>,
+    /// The credential file, when the cluster has a key: the cluster key itself (a node's
+    /// powers) or the admin credential (`brickfs cluster credential admin` prints it).
+    #[arg(
+        long,
+        global = true,
+        env = "BRICKFS_CREDENTIAL_FILE",
+        visible_alias = "cluster-key-file"
+    )]
+    pub credential_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -159,6 +165,32 @@ pub enum VolumeVerb {
         #[command(subcommand)]
         what: BitrotVerb,
     },
+    /// Client credentials of a keyed cluster: `new` (printed once, never again), `rotate`
+    /// (a new one; the others are revoked), `revoke ID`, `list`.
+    Credential {
+        name: String,
+        #[command(subcommand)]
+        what: CredentialVerb,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CredentialVerb {
+    /// Make a client credential and print it (once: nothing keeps it).
+    New {
+        /// Free text shown by `list` (who holds it).
+        #[arg(long, default_value = "")]
+        label: String,
+    },
+    /// Make a new credential and revoke every other one of the volume.
+    Rotate {
+        #[arg(long, default_value = "")]
+        label: String,
+    },
+    /// Revoke credential ID (hex, as `list` shows it): requests made with it are refused.
+    Revoke { id: String },
+    /// The credentials the volume lists (ids, labels, when made; never secrets).
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -220,8 +252,12 @@ pub enum ClusterVerb {
     /// Show what the member at ADDR knows of the group.
     Status { addr: SocketAddr },
     /// Print the bearer token of the `api` or `metrics` HTTPS endpoint, derived from the
-    /// cluster key (--cluster-key-file).
+    /// cluster key or the admin credential (--credential-file).
     Token { endpoint: String },
+    /// Print the admin credential (`admin`), derived from the cluster key: the CLI's
+    /// administrative commands and the provisioning API take it in place of the key, and it
+    /// cannot act as a node.
+    Credential { role: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -250,7 +286,11 @@ struct BrickRow {
 /// Parses the command line and runs it; returns the process exit code.
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = brickfs_proto::rpc::use_cluster_key_file(cli.cluster_key_file.as_deref()) {
+    let file = cli.credential_file.clone().or_else(|| {
+        // The flag's older name's variable.
+        std::env::var_os("BRICKFS_CLUSTER_KEY_FILE").map(Into::into)
+    });
+    if let Err(e) = brickfs_proto::rpc::use_credential_file(file.as_deref()) {
         eprintln!("brickfs: {e}");
         return std::process::ExitCode::from(2);
     }
@@ -342,13 +382,37 @@ async fn cluster(verb: ClusterVerb, json: bool) -> anyhow::Result<()> {
                 ))
                 .into());
             }
+            use brickfs_proto::cred::Credential;
+            let token = match brickfs_proto::rpc::credential().as_deref() {
+                Some(Credential::Node(key)) => brickfs_proto::http::token(key, &endpoint),
+                Some(Credential::Admin(secret)) => {
+                    brickfs_proto::http::admin_token(secret, &endpoint)
+                }
+                _ => {
+                    return Err(UsageError(
+                        "a token comes from the cluster key or the admin credential: give --credential-file (or BRICKFS_CREDENTIAL_FILE)".into(),
+                    )
+                    .into());
+                }
+            };
+            println!("{token}");
+        }
+        ClusterVerb::Credential { role } => {
+            if role != "admin" {
+                return Err(UsageError(format!(
+                    "credential prints the admin credential (`admin`), not {role:?}; client credentials are per volume: brickfs volume credential VOLUME new"
+                ))
+                .into());
+            }
             let Some(key) = brickfs_proto::rpc::cluster_key() else {
                 return Err(UsageError(
-                    "a token comes from the cluster key: give --cluster-key-file (or BRICKFS_CLUSTER_KEY_FILE)".into(),
+                    "the admin credential comes from the cluster key: give the key file (--credential-file)".into(),
                 )
                 .into());
             };
-            println!("{}", brickfs_proto::http::token(&key, &endpoint));
+            let admin =
+                brickfs_proto::cred::Credential::Admin(brickfs_proto::cred::admin_secret(&key));
+            println!("{}", admin.to_text().unwrap_or_default());
         }
         ClusterVerb::Status { addr } => {
             let st = meta_client(vec![addr])
@@ -524,6 +588,52 @@ async fn peer(verb: PeerVerb, meta: &[SocketAddr], json: bool) -> anyhow::Result
     Ok(())
 }
 
+/// Asks the first member that answers for a client credential of `volume`.
+async fn issue_credential(
+    meta: &[SocketAddr],
+    volume: &str,
+    label: &str,
+    replace: bool,
+) -> anyhow::Result<brickfs_proto::msg::CredentialIssued> {
+    let client = BrickClient::new(ClientOptions {
+        peer_name: "brickfs-cli".into(),
+        conns_per_peer: 1,
+        ..ClientOptions::default()
+    });
+    let req = brickfs_proto::msg::IssueCredential {
+        volume: volume.to_string(),
+        label: label.to_string(),
+        replace,
+    };
+    let mut last = None;
+    for addr in meta {
+        match client.issue_credential(*addr, req.clone()).await {
+            Ok(c) => return Ok(c),
+            // Refused for a reason (not an admin, no key, no such volume): asking another
+            // member changes nothing.
+            Err(brickfs_proto::rpc::RpcError::Remote(body))
+                if !body.is(brickfs_proto::ErrorCode::Busy) =>
+            {
+                anyhow::bail!("{}", body.detail);
+            }
+            Err(e) => last = Some(anyhow::Error::new(e).context(format!("ask {addr}"))),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no metadata member to ask (--meta)")))
+}
+
+fn print_issued(name: &str, c: &brickfs_proto::msg::CredentialIssued) {
+    println!(
+        "client credential {:x} of volume {name} (shown this once: save it to a file; mounts take it with --credential-file):",
+        c.id
+    );
+    println!("{}", c.credential);
+    if !c.revoked.is_empty() {
+        let ids: Vec<String> = c.revoked.iter().map(|i| format!("{i:x}")).collect();
+        println!("revoked: {}", ids.join(" "));
+    }
+}
+
 async fn volume(verb: VolumeVerb, meta: &[SocketAddr], json: bool) -> anyhow::Result<()> {
     let m = group(meta)?;
     let show = |v: VolumeRecord| -> anyhow::Result<()> {
@@ -543,11 +653,75 @@ async fn volume(verb: VolumeVerb, meta: &[SocketAddr], json: bool) -> anyhow::Re
             let v = admin::volume_create(&m, &name, &spec)
                 .await
                 .with_context(|| format!("create volume {name}"))?;
+            // A keyed cluster's volume gets its first client credential now.
+            let issued = if brickfs_proto::rpc::credential().is_some() {
+                Some(
+                    issue_credential(meta, &name, "made with the volume", false)
+                        .await
+                        .with_context(|| {
+                            format!("volume {name} was created, but making its client credential failed (retry: brickfs volume credential {name} new)")
+                        })?,
+                )
+            } else {
+                None
+            };
             if json {
-                return print_json(&v);
+                let mut out = serde_json::to_value(&v)?;
+                if let (Some(obj), Some(c)) = (out.as_object_mut(), &issued) {
+                    obj.insert("credential".into(), c.credential.clone().into());
+                }
+                return print_json(&out);
             }
             println!("volume create: {name}: success: please start the volume to access data");
+            if let Some(c) = issued {
+                print_issued(&name, &c);
+            }
         }
+        VolumeVerb::Credential { name, what } => match what {
+            CredentialVerb::New { ref label } | CredentialVerb::Rotate { ref label } => {
+                let replace = matches!(what, CredentialVerb::Rotate { .. });
+                let c = issue_credential(meta, &name, label, replace).await?;
+                if json {
+                    return print_json(&serde_json::json!({
+                        "volume": name,
+                        "id": format!("{:x}", c.id),
+                        "credential": c.credential,
+                        "revoked": c.revoked.iter().map(|i| format!("{i:x}")).collect::<Vec<_>>(),
+                    }));
+                }
+                print_issued(&name, &c);
+            }
+            CredentialVerb::Revoke { id } => {
+                let raw = u64::from_str_radix(id.trim_start_matches("0x"), 16).map_err(|_| {
+                    UsageError(format!(
+                        "credential id {id:?} is not hex (as `list` shows it)"
+                    ))
+                })?;
+                m.write(MetaOp::RevokeCredential {
+                    name: name.clone(),
+                    id: raw,
+                })
+                .await
+                .with_context(|| format!("revoke credential {id} of volume {name}"))?;
+                println!(
+                    "volume credential revoke: {name}: {id}: success (nodes refuse it within a few seconds)"
+                );
+            }
+            CredentialVerb::List => {
+                let v = admin::volume_info(&m, &name)
+                    .await
+                    .with_context(|| format!("get volume {name}"))?;
+                if json {
+                    return print_json(&v.credentials);
+                }
+                if v.credentials.is_empty() {
+                    println!("volume {name} lists no client credentials");
+                }
+                for c in &v.credentials {
+                    println!("{:016x}  made {} ms  {}", c.id, c.created_ms, c.label);
+                }
+            }
+        },
         VolumeVerb::Start { name } => {
             m.write(MetaOp::StartVolume { name: name.clone() })
                 .await

@@ -59,6 +59,19 @@ impl BrickClient {
         Ok(expect!(reply, "Ping", Pong)?.0.node)
     }
 
+    /// Asks the node at `addr` for a client credential of `volume` (see
+    /// `Message::IssueCredential`; administrators of a keyed cluster only).
+    pub async fn issue_credential(
+        &self,
+        addr: SocketAddr,
+        req: brickfs_proto::msg::IssueCredential,
+    ) -> Result<brickfs_proto::msg::CredentialIssued, RpcError> {
+        let reply = self
+            .call(addr, Message::IssueCredential(req), Bytes::new())
+            .await?;
+        Ok(expect!(reply, "IssueCredential", CredentialIssued)?.0)
+    }
+
     pub async fn list_bricks(&self, addr: SocketAddr) -> Result<Vec<BrickInfo>, RpcError> {
         let reply = self
             .call(addr, Message::ListBricks(ListBricks {}), Bytes::new())

@@ -53,6 +53,8 @@ pub struct MetaClientOptions {
     pub client_name: String,
     /// The local address to connect from (`None`: the system picks).
     pub local_addr: Option<std::net::IpAddr>,
+    /// What to prove (`None`: the process's credential, if any).
+    pub credential: Option<Arc<brickfs_proto::cred::Credential>>,
 }
 
 impl Default for MetaClientOptions {
@@ -64,6 +66,7 @@ impl Default for MetaClientOptions {
             lease: Duration::from_secs(30),
             client_name: "client".into(),
             local_addr: None,
+            credential: None,
         }
     }
 }
@@ -111,6 +114,7 @@ impl MetaClient {
             connect_timeout: Duration::from_secs(2),
             conns_per_peer: 1,
             local_addr: opts.local_addr,
+            credential: opts.credential.clone(),
             ..ClientOptions::default()
         }));
         MetaClient {

@@ -1062,6 +1062,51 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                 tracing::info!(volume = %v.id, name = %v.name, "deleted volume's objects removed from all its bricks: its bricks are free");
                 MetaReply::Done
             }
+            MetaOp::AddCredential { name, credential } => {
+                let mut v = volume_by_name(self.kv, name)?;
+                if v.credentials.iter().any(|c| c.id == credential.id) {
+                    return Err(err(
+                        ErrorCode::Exists,
+                        format!(
+                            "volume {name:?} already lists credential {:x}",
+                            credential.id
+                        ),
+                    ));
+                }
+                if v.credentials.len() >= brickfs_proto::meta::CREDENTIALS_MAX {
+                    return Err(err(
+                        ErrorCode::InvalidArgument,
+                        format!(
+                            "volume {name:?} lists {} credentials, the most it may: revoke one first",
+                            v.credentials.len()
+                        ),
+                    ));
+                }
+                if credential.label.len() > 256 {
+                    return Err(err(
+                        ErrorCode::InvalidArgument,
+                        "a credential's label is at most 256 bytes",
+                    ));
+                }
+                v.credentials.push(credential.clone());
+                self.kv.put(keys::volume(v.id), enc(&v));
+                tracing::info!(volume = %v.id, name = %name, credential = %format!("{:x}", credential.id), "client credential listed");
+                MetaReply::Volume(v)
+            }
+            MetaOp::RevokeCredential { name, id } => {
+                let mut v = volume_by_name(self.kv, name)?;
+                let before = v.credentials.len();
+                v.credentials.retain(|c| c.id != *id);
+                if v.credentials.len() == before {
+                    return Err(err(
+                        ErrorCode::NotFound,
+                        format!("volume {name:?} lists no credential {id:x}"),
+                    ));
+                }
+                self.kv.put(keys::volume(v.id), enc(&v));
+                tracing::info!(volume = %v.id, name = %name, credential = %format!("{id:x}"), "client credential revoked");
+                MetaReply::Volume(v)
+            }
             MetaOp::SetVolumeOption { name, key, value } => {
                 let mut v = volume_by_name(self.kv, name)?;
                 let value = check_option(&v, key, value)?;
@@ -1690,6 +1735,7 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
             options: Vec::new(),
             draining: Vec::new(),
             rebalance: None,
+            credentials: Vec::new(),
         };
         self.kv.put(keys::volume(id), enc(&rec));
         self.kv.put(keys::volume_name(name), enc(&id.0));

@@ -9,7 +9,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 /// The four bytes every frame starts with.
 pub const MAGIC: [u8; 4] = *b"BRFS";
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 11;
+pub const PROTOCOL_VERSION: u16 = 12;
 /// The size of the fixed header.
 pub const HEADER_LEN: usize = 32;
 
@@ -223,7 +223,7 @@ mod tests {
     #[test]
     fn header_golden_bytes() {
         let header = Header {
-            version: 11,
+            version: 12,
             kind: 0x0102,
             request_id: 0x1122_3344_5566_7788,
             body_len: 0x10,
@@ -234,7 +234,7 @@ mod tests {
         header.encode(&mut out);
         let expected_prefix: [u8; 28] = [
             b'B', b'R', b'F', b'S', // magic
-            0x0b, 0x00, // version (PROTOCOL_VERSION)
+            0x0c, 0x00, // version (PROTOCOL_VERSION)
             0x02, 0x01, // kind
             0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11, // request id
             0x10, 0x00, 0x00, 0x00, // body length
@@ -246,7 +246,7 @@ mod tests {
         assert_eq!(&out[28..], &crc);
         let raw: [u8; HEADER_LEN] = out.try_into().unwrap();
         assert_eq!(Header::decode(&raw, &Limits::default()), Ok(header));
-        assert_eq!(PROTOCOL_VERSION, 11, "a new version: pin its bytes here");
+        assert_eq!(PROTOCOL_VERSION, 12, "a new version: pin its bytes here");
     }
 
     #[test]

@@ -3,10 +3,11 @@
 //!
 //! With a cluster key, a connection must open with TLS (the process's self-signed certificate,
 //! see `tls`; a plain request gets 426) and carry `Authorization: Bearer TOKEN`, where TOKEN
-//! is derived from the key per endpoint (`token`; `brickfs cluster token api|metrics` prints
-//! it); anything else gets 401. A client that wants to know the server holds the key too sends
-//! `X-Brickfs-Nonce: N` and checks `X-Brickfs-Proof` = hex HMAC-SHA256(key,
-//! "brickfs-http-server" ‖ endpoint ‖ N) in the reply. Without a key, plain HTTP and no token.
+//! is derived per endpoint from the admin credential's secret (`token`; `brickfs cluster
+//! token api|metrics` prints it, given the key or the admin credential); anything else gets
+//! 401. A client that wants to know the server holds the key too sends `X-Brickfs-Nonce: N`
+//! and checks `X-Brickfs-Proof` = hex HMAC-SHA256(admin secret, "brickfs-http-server" ‖
+//! endpoint ‖ N) in the reply. Without a key, plain HTTP and no token.
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -48,13 +49,23 @@ fn mac(key: &[u8], parts: &[&[u8]]) -> Vec<u8> {
 
 /// The bearer token of `endpoint` ("api" or "metrics") in a cluster with `key`.
 pub fn token(key: &[u8], endpoint: &str) -> String {
-    hex(&mac(key, &[b"brickfs-http-token", endpoint.as_bytes()]))
+    admin_token(&crate::cred::admin_secret(key), endpoint)
 }
 
-/// What a server holding `key` answers to nonce `nonce` for `endpoint`.
+/// The same token, from the admin credential's secret (an administrator holds no key).
+pub fn admin_token(admin_secret: &[u8], endpoint: &str) -> String {
+    hex(&mac(
+        admin_secret,
+        &[b"brickfs-http-token", endpoint.as_bytes()],
+    ))
+}
+
+/// What a server holding `key` answers to nonce `nonce` for `endpoint` (an administrator
+/// checks it with the admin secret: HMAC-SHA256(admin secret, "brickfs-http-server" ‖
+/// endpoint ‖ nonce)).
 pub fn server_proof(key: &[u8], endpoint: &str, nonce: &str) -> String {
     hex(&mac(
-        key,
+        &crate::cred::admin_secret(key),
         &[
             b"brickfs-http-server",
             endpoint.as_bytes(),

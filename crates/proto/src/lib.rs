@@ -10,6 +10,7 @@
 //! the caller's choices (see `brickfs-client`). The frame and message code is sans-IO; only
 //! [`rpc`] touches sockets. Read `docs/protocol.md` next: it is normative.
 
+pub mod cred;
 pub mod error;
 pub mod frame;
 pub mod http;

@@ -189,7 +189,22 @@ pub struct VolumeRecord {
     pub draining: Vec<u32>,
     /// The last rebalance started, if any.
     pub rebalance: Option<Box<Rebalance>>,
+    /// The client credentials that reach this volume (their secrets are derived from the
+    /// cluster key, never stored: see `cred`).
+    pub credentials: Vec<ClientCredential>,
 }
+
+/// A client credential a volume lists.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientCredential {
+    pub id: u64,
+    pub created_ms: u64,
+    /// Free text for whoever reads `volume credential list` ("csi pvc-…", a host name).
+    pub label: String,
+}
+
+/// Credentials one volume may list.
+pub const CREDENTIALS_MAX: usize = 64;
 
 impl VolumeRecord {
     /// Sets per stripe group.
@@ -637,6 +652,18 @@ pub enum MetaOp {
     VolumePurged {
         volume: VolumeId,
     },
+    /// Lists a client credential for volume `name` (a node issues it: see
+    /// `Message::IssueCredential`).
+    AddCredential {
+        name: String,
+        credential: ClientCredential,
+    },
+    /// Drops client credential `id` of volume `name`: requests made with it are refused from
+    /// then on, on connections already open too.
+    RevokeCredential {
+        name: String,
+        id: u64,
+    },
 }
 
 /// Files one `GcDoneMany` may name.
@@ -722,7 +749,9 @@ impl MetaOp {
             | RemoveBricksStop { name, .. }
             | RemoveBricksCommit { name, .. }
             | RebalanceStart { name, .. }
-            | RebalanceStop { name, .. } => Some(name),
+            | RebalanceStop { name, .. }
+            | AddCredential { name, .. }
+            | RevokeCredential { name, .. } => Some(name),
             _ => None,
         }
     }
@@ -749,6 +778,40 @@ impl MetaOp {
                 | AbortMove { .. }
                 | ForgetMove { .. }
                 | DroppedMove { .. }
+        )
+    }
+}
+
+impl MetaOp {
+    /// Whether a client of a volume may send this command (for its own volume: see
+    /// `volume`): its sessions, the namespace, locks and open files. Not the volume's
+    /// administration (options, quotas, bricks, credentials) nor any node duty.
+    pub fn is_client_op(&self) -> bool {
+        use MetaOp::*;
+        matches!(
+            self,
+            OpenSession { .. }
+                | KeepAlive
+                | CloseSession
+                | Mkdir { .. }
+                | Create { .. }
+                | Symlink { .. }
+                | Link { .. }
+                | Unlink { .. }
+                | Rmdir { .. }
+                | Rename { .. }
+                | SetAttr { .. }
+                | SetXattr { .. }
+                | RemoveXattr { .. }
+                | SetLock { .. }
+                | Flock { .. }
+                | ReleaseLocks { .. }
+                | UnlinkOpen { .. }
+                | DropOrphan { .. }
+                | OpenFile { .. }
+                | CloseFiles { .. }
+                | CreateOpen { .. }
+                | TouchAtime { .. }
         )
     }
 }

@@ -55,6 +55,9 @@ pub struct Hello {
     pub peer_name: String,
     /// Fresh random bytes the server's proof of the cluster key covers.
     pub nonce: Vec<u8>,
+    /// The role whose secret the proofs are made with (a peer without a credential: `Node`,
+    /// proving nothing).
+    pub claim: crate::cred::Claim,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -465,6 +468,27 @@ pub struct ScrubReport {
     pub rate_bytes_per_sec: u64,
 }
 
+/// Asks a node to make a client credential of `volume` (administrators only, in a keyed
+/// cluster): it lists a fresh id for the volume and answers with the credential's text, which
+/// nothing keeps. `replace`: the volume's other credentials are revoked in the same step
+/// (rotation).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssueCredential {
+    pub volume: String,
+    pub label: String,
+    pub replace: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CredentialIssued {
+    pub volume: crate::ids::VolumeId,
+    pub id: u64,
+    /// The one-line text a client's credential file holds.
+    pub credential: String,
+    /// The ids revoked with it (`replace`).
+    pub revoked: Vec<u64>,
+}
+
 macro_rules! messages {
     ($($num:literal => $variant:ident($body:ty), data: $data:literal;)*) => {
         /// Every message, by kind number.
@@ -572,6 +596,8 @@ messages! {
     58 => MemberRollback(MemberRollback), data: false;
     59 => MemberStat(MemberStat), data: false;
     60 => MemberStatReply(MemberStatReply), data: false;
+    61 => IssueCredential(IssueCredential), data: false;
+    62 => CredentialIssued(CredentialIssued), data: false;
 }
 
 #[cfg(test)]
@@ -601,6 +627,10 @@ mod tests {
                 version_max: 1,
                 peer_name: "t".into(),
                 nonce: vec![7; 16],
+                claim: crate::cred::Claim::Client {
+                    volume: VolumeId(4),
+                    id: 9,
+                },
             }),
             Message::Auth(Auth {
                 proof: vec![1, 2, 3],

@@ -9,6 +9,7 @@
 //! against [`Limits`] before a buffer is allocated. The data section is read into its own
 //! `Bytes` and written straight from the caller's `Bytes`, never copied through bincode.
 
+use crate::cred::{Claim, Credential, Peer, Role};
 use crate::error::{ErrorBody, ErrorCode};
 use crate::frame::{FrameError, HEADER_LEN, Header, Limits, PROTOCOL_VERSION};
 use crate::ids::NodeId;
@@ -26,49 +27,67 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
-/// The cluster key of this process (see [`set_cluster_key`]).
-static CLUSTER_KEY: std::sync::OnceLock<Arc<Vec<u8>>> = std::sync::OnceLock::new();
+/// The credential of this process (see [`set_credential`]).
+static CREDENTIAL: std::sync::OnceLock<Arc<Credential>> = std::sync::OnceLock::new();
 
-/// Sets the key every connection this process makes or accepts proves it holds (clients whose
-/// `ClientOptions::cluster_key` is unset use it). Once per process: false if already set.
+/// Sets what every connection this process makes proves (clients whose
+/// `ClientOptions::credential` is unset use it); a server accepts connections with it only when
+/// it is the cluster key. Once per process: false if already set.
+pub fn set_credential(credential: Credential) -> bool {
+    CREDENTIAL.set(Arc::new(credential)).is_ok()
+}
+
+/// Makes `key` this process's credential: a node's (see [`set_credential`]).
 pub fn set_cluster_key(key: Vec<u8>) -> bool {
-    CLUSTER_KEY.set(Arc::new(key)).is_ok()
+    set_credential(Credential::Node(key))
 }
 
 /// Reads a cluster key file: its bytes, surrounding whitespace trimmed, at least 16 of them.
+/// A file holding an admin or client credential is refused: it is no key.
 pub fn load_cluster_key(path: &std::path::Path) -> io::Result<Vec<u8>> {
-    let raw = std::fs::read(path)?;
-    let text = raw.trim_ascii().to_vec();
-    if text.len() < 16 {
-        return Err(io::Error::new(
+    match Credential::load(path)? {
+        Credential::Node(key) => Ok(key),
+        _ => Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!(
-                "cluster key file {} holds {} bytes, fewer than 16 (make one with: head -c 32 /dev/urandom | base64 > FILE)",
-                path.display(),
-                text.len()
+                "{} holds an admin or client credential, not the cluster key",
+                path.display()
             ),
-        ));
+        )),
     }
-    Ok(text)
 }
 
-/// Loads the key file (if one is named) and makes it this process's key: the error names the
-/// file, for programs to print before exiting.
-pub fn use_cluster_key_file(path: Option<&std::path::Path>) -> Result<(), String> {
+/// Loads the credential file (if one is named: a cluster key, an admin or a client
+/// credential) and makes it this process's: the error names the file, for programs to print
+/// before exiting.
+pub fn use_credential_file(path: Option<&std::path::Path>) -> Result<(), String> {
     let Some(path) = path else { return Ok(()) };
-    let key =
-        load_cluster_key(path).map_err(|e| format!("cluster key file {}: {e}", path.display()))?;
-    set_cluster_key(key);
+    let credential =
+        Credential::load(path).map_err(|e| format!("credential file {}: {e}", path.display()))?;
+    set_credential(credential);
     Ok(())
 }
 
-fn process_key() -> Option<Arc<Vec<u8>>> {
-    CLUSTER_KEY.get().cloned()
+/// The same as [`use_credential_file`] (the flag's older name is `--cluster-key-file`).
+pub fn use_cluster_key_file(path: Option<&std::path::Path>) -> Result<(), String> {
+    use_credential_file(path)
 }
 
-/// The process's cluster key, if it has one (see [`set_cluster_key`]).
+/// The process's credential, if it has one.
+pub fn credential() -> Option<Arc<Credential>> {
+    CREDENTIAL.get().cloned()
+}
+
+/// The process's cluster key, if its credential is one (see [`set_credential`]).
 pub fn cluster_key() -> Option<Arc<Vec<u8>>> {
-    process_key()
+    match CREDENTIAL.get()?.as_ref() {
+        Credential::Node(k) => Some(Arc::new(k.clone())),
+        _ => None,
+    }
+}
+
+fn process_key() -> Option<Arc<Vec<u8>>> {
+    cluster_key()
 }
 
 /// HMAC-SHA256 over role ‖ a ‖ b, not yet finalized.
@@ -100,11 +119,11 @@ fn nonce() -> Vec<u8> {
     n
 }
 
-/// What the client side of the handshake proves with: the key (if any), its nonce and the
-/// TLS channel binding (empty without TLS).
+/// What the client side of the handshake proves with: its credential's secret (if any), its
+/// nonce and the TLS channel binding (empty without TLS).
 struct Proving<'a> {
     addr: SocketAddr,
-    key: Option<Arc<Vec<u8>>>,
+    key: Option<Arc<Credential>>,
     my_nonce: &'a [u8],
     binding: &'a [u8],
 }
@@ -116,6 +135,18 @@ type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
 fn plain_halves(stream: TcpStream) -> (BoxRead, BoxWrite) {
     let (r, w) = stream.into_split();
     (Box::new(r), Box::new(w))
+}
+
+/// `Hello` as protocol versions up to 11 sent it (before roles), to answer old peers with the
+/// versions rather than a decode error.
+#[derive(serde::Deserialize)]
+struct LegacyHello {
+    version_min: u16,
+    version_max: u16,
+    #[allow(dead_code)]
+    peer_name: String,
+    #[allow(dead_code)]
+    nonce: Vec<u8>,
 }
 
 const SERVER_ROLE: &[u8] = b"brickfs-server";
@@ -198,8 +229,8 @@ pub struct ClientOptions {
     pub peer_name: String,
     /// Connections a [`Pool`] keeps to each peer.
     pub conns_per_peer: usize,
-    /// The cluster key to prove; `None`: the process's (see [`set_cluster_key`]), if any.
-    pub cluster_key: Option<Arc<Vec<u8>>>,
+    /// What to prove; `None`: the process's credential (see [`set_credential`]), if any.
+    pub credential: Option<Arc<Credential>>,
     /// The local address to connect from (`None`: the system picks).
     pub local_addr: Option<std::net::IpAddr>,
 }
@@ -212,7 +243,7 @@ impl Default for ClientOptions {
             limits: Limits::default(),
             peer_name: "client".to_string(),
             conns_per_peer: 2,
-            cluster_key: None,
+            credential: None,
             local_addr: None,
         }
     }
@@ -369,7 +400,7 @@ impl Connection {
             .map_err(|source| RpcError::Connect { addr, source })?;
         let _ = stream.set_nodelay(true);
         // With a cluster key, everything after the TCP connect is encrypted (see `tls`).
-        let key = opts.cluster_key.clone().or_else(process_key);
+        let key = opts.credential.clone().or_else(credential);
         let (read_half, mut write_half, binding) = if key.is_some() {
             let (tls, binding) =
                 tokio::time::timeout(opts.connect_timeout, crate::tls::connect(stream))
@@ -396,6 +427,7 @@ impl Connection {
             version_max: PROTOCOL_VERSION,
             peer_name: opts.peer_name.clone(),
             nonce: my_nonce.clone(),
+            claim: key.as_ref().map_or(Claim::Node, |k| k.claim()),
         });
         let frame = out_frame(0, &hello, Bytes::new());
         let handshake = async {
@@ -486,7 +518,7 @@ impl Connection {
             (None, true) => return Ok(()),
             (None, false) => {
                 return Err(refuse(
-                    "the node requires the cluster key: give this program the key file (--cluster-key-file, or BRICKFS_CLUSTER_KEY_FILE)".into(),
+                    "the node requires a credential: give this program the cluster key or a credential file (--credential-file, or BRICKFS_CREDENTIAL_FILE)".into(),
                 ));
             }
             (Some(_), true) => {
@@ -496,19 +528,29 @@ impl Connection {
             }
             (Some(k), false) => k,
         };
+        let secret = key.secret();
         if !key_proof_ok(
-            &key,
+            secret,
             SERVER_ROLE,
             my_nonce,
             &[&ok.nonce, binding].concat(),
             &ok.proof,
         ) {
-            return Err(refuse(
-                "the node does not hold this cluster's key: it belongs to another cluster".into(),
-            ));
+            return Err(refuse(match key.as_ref() {
+                Credential::Node(_) => {
+                    "the node does not hold this cluster's key: it belongs to another cluster"
+                        .into()
+                }
+                _ => "the node could not prove this credential: the credential is not of its cluster (or the node is not the cluster's)".into(),
+            }));
         }
         let auth = Message::Auth(Auth {
-            proof: key_proof(&key, CLIENT_ROLE, &ok.nonce, &[my_nonce, binding].concat()),
+            proof: key_proof(
+                secret,
+                CLIENT_ROLE,
+                &ok.nonce,
+                &[my_nonce, binding].concat(),
+            ),
         });
         let frame = out_frame(0, &auth, Bytes::new());
         let exchange = async {
@@ -730,11 +772,11 @@ pub trait Handler: Send + Sync + 'static {
         data: Bytes,
     ) -> impl Future<Output = Result<(Message, Bytes), ErrorBody>> + Send;
 
-    /// Handles one request from `peer` (the connection's remote address); by default as
-    /// `handle`, for handlers that decide by who asks.
+    /// Handles one request from `peer` (the connection's remote address and the role it
+    /// proved); by default as `handle`, for handlers that decide by who asks.
     fn handle_from(
         &self,
-        peer: SocketAddr,
+        peer: Peer,
         msg: Message,
         data: Bytes,
     ) -> impl Future<Output = Result<(Message, Bytes), ErrorBody>> + Send {
@@ -844,11 +886,14 @@ async fn serve_connection<H: Handler>(
         }
     };
     let id = first.header.request_id;
+    // Who the peer proved to be: `Open` without a key.
+    let mut role = Role::Open;
     match Message::decode(first.header.kind, &first.body) {
         Ok(Message::Hello(hello))
             if hello.version_min <= PROTOCOL_VERSION && PROTOCOL_VERSION <= hello.version_max =>
         {
-            let key = process_key();
+            // The secret of the role the peer claims: derived from the cluster key.
+            let key = process_key().map(|k| crate::cred::secret_for(&k, hello.claim));
             let (my_nonce, proof) = match &key {
                 Some(k) => {
                     let n = nonce();
@@ -872,7 +917,7 @@ async fn serve_connection<H: Handler>(
                 return;
             }
             if let Some(k) = key {
-                // The client proves the key before anything else.
+                // The client proves the claimed role's secret before anything else.
                 let next =
                     tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut reader, &limits)).await;
                 let refusal = match next {
@@ -891,9 +936,17 @@ async fn serve_connection<H: Handler>(
                         {
                             None
                         }
-                        Ok(Message::Auth(_)) => {
-                            Some("authentication failed: the peer does not hold this cluster's key")
-                        }
+                        Ok(Message::Auth(_)) => Some(match hello.claim {
+                            Claim::Node => {
+                                "authentication failed: the peer does not hold this cluster's key"
+                            }
+                            Claim::Admin => {
+                                "authentication failed: the peer does not hold this cluster's admin credential"
+                            }
+                            Claim::Client { .. } => {
+                                "authentication failed: the peer's client credential is not of this cluster"
+                            }
+                        }),
                         _ => Some(
                             "this cluster requires its key: the peer sent no proof (start it with --cluster-key-file)",
                         ),
@@ -901,7 +954,7 @@ async fn serve_connection<H: Handler>(
                     _ => Some("no key proof received"),
                 };
                 if let Some(why) = refusal {
-                    warn!(%peer, name = %hello.peer_name, why, "refused a connection");
+                    warn!(%peer, name = %hello.peer_name, claim = ?hello.claim, why, "refused a connection");
                     let _ = tx
                         .send(reply_error(0, ErrorCode::PermissionDenied, why.to_string()))
                         .await;
@@ -916,6 +969,7 @@ async fn serve_connection<H: Handler>(
                 {
                     return;
                 }
+                role = hello.claim.role();
             }
             debug!(%peer, name = %hello.peer_name, "handshake done");
         }
@@ -923,6 +977,22 @@ async fn serve_connection<H: Handler>(
             let detail = format!(
                 "peer speaks versions {}..={}, this node speaks {PROTOCOL_VERSION}",
                 hello.version_min, hello.version_max
+            );
+            let _ = tx
+                .send(reply_error(id, ErrorCode::UnsupportedVersion, detail))
+                .await;
+            drop(tx);
+            let _ = writer.await;
+            return;
+        }
+        // A Hello of protocol 11 or older (no claim): say which versions differ.
+        Err(_)
+            if first.header.kind == 1
+                && let Ok(old) = crate::msg::decode_body::<LegacyHello>(&first.body) =>
+        {
+            let detail = format!(
+                "peer speaks versions {}..={}, this node speaks {PROTOCOL_VERSION}",
+                old.version_min, old.version_max
             );
             let _ = tx
                 .send(reply_error(id, ErrorCode::UnsupportedVersion, detail))
@@ -940,6 +1010,7 @@ async fn serve_connection<H: Handler>(
         }
     }
 
+    let from = Peer { addr: peer, role };
     let permits = Arc::new(Semaphore::new(limits.inflight_max.max(1)));
     loop {
         let frame = tokio::select! {
@@ -1007,7 +1078,7 @@ async fn serve_connection<H: Handler>(
         let span = tracing::debug_span!("req", req = id, %peer, kind = msg.name());
         tokio::spawn(tracing::Instrument::instrument(
             async move {
-                let reply = match handler.handle_from(peer, msg, frame.data).await {
+                let reply = match handler.handle_from(from, msg, frame.data).await {
                     Ok((reply, data)) => out_frame(id, &reply, data),
                     Err(body) => out_frame(id, &Message::Error(body), Bytes::new()),
                 };

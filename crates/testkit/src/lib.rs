@@ -137,6 +137,7 @@ impl Brickd {
             .env_remove("BRICKFS_CONFIG")
             .env_remove("BRICKFS_BRICKS")
             .env_remove("BRICKFS_CLUSTER_KEY_FILE")
+            .env_remove("BRICKFS_CREDENTIAL_FILE")
             .env("BRICKFS_LOG", "info,brickfs=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
