@@ -956,3 +956,113 @@ async fn each_role_reaches_what_it_may_and_nothing_else() {
         assert!(log.contains(line), "{line} not in:\n{log}");
     }
 }
+
+/// The credentials end to end, as an operator uses them: the CLI derives the admin
+/// credential from the key, creates volumes with it (each prints its first client credential,
+/// once), and a FUSE mount presenting a client credential serves its own volume, cannot mount
+/// another, and is refused (EACCES) once the credential is revoked with the CLI. A client
+/// credential cannot run administrative commands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mount_with_a_client_credential_serves_its_volume_until_revoked() {
+    use common::mount::Mount;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("cluster.key");
+    std::fs::write(&key, "bW91bnQtY3JlZGVudGlhbC10ZXN0LWtleS0xMg==\n").unwrap();
+    let d = dir.path().join("n");
+    let node = Brickd::start(
+        &brickd_bin(),
+        &d,
+        &[d.join("b0"), d.join("b1")],
+        &["--meta", "--cluster-key-file", key.to_str().unwrap()],
+    )
+    .unwrap();
+    let at = node.addr().to_string();
+    let k = key.to_str().unwrap();
+    must_ok(&["--credential-file", k, "cluster", "init", &at]);
+    let admin_text = must_ok(&["--credential-file", k, "cluster", "credential", "admin"]);
+    assert!(admin_text.starts_with("brickfs-admin-1:"), "{admin_text}");
+    let admin = dir.path().join("admin.cred");
+    std::fs::write(&admin, &admin_text).unwrap();
+    let a = admin.to_str().unwrap();
+    let as_admin = |args: &[&str]| {
+        let mut v = vec!["--credential-file", a, "--meta", at.as_str()];
+        v.extend_from_slice(args);
+        must_ok(&v)
+    };
+    as_admin(&["peer", "add", &at]);
+    let mut creds = Vec::new();
+    for (name, b) in [("a", "b0"), ("b", "b1")] {
+        let brick = format!("{at}:{}", d.join(b).display());
+        let out = as_admin(&["volume", "create", name, &brick]);
+        assert!(out.contains("shown this once"), "{out}");
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("brickfs-client-1:"))
+            .unwrap_or_else(|| panic!("no credential in: {out}"));
+        let file = dir.path().join(format!("{name}.cred"));
+        std::fs::write(&file, line).unwrap();
+        creds.push(file);
+        as_admin(&["volume", "start", name]);
+    }
+    let cred_a = creds[0].to_str().unwrap();
+    let listed = as_admin(&["volume", "credential", "a", "list"]);
+    let id = listed.split_whitespace().next().unwrap().to_string();
+    assert!(listed.contains("made with the volume"), "{listed}");
+
+    // The client credential serves its volume through FUSE.
+    let mnt = dir.path().join("mnt");
+    let mut m = Mount::start_with(&format!("{at}/a"), &mnt, &["--credential-file", cred_a]).await;
+    std::fs::write(mnt.join("f"), b"through the mount").unwrap();
+    assert_eq!(std::fs::read(mnt.join("f")).unwrap(), b"through the mount");
+
+    // ...and not another volume: mountd says why and exits.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mountd"))
+        .arg(format!("{at}/b"))
+        .arg(dir.path().join("mnt-b"))
+        .args(["--credential-file", cred_a, "--timeout-secs", "5"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("does not reach volume b"), "{err}");
+
+    // Nor the volume's administration.
+    let (code, _, err) = brickfs(&[
+        "--credential-file",
+        cred_a,
+        "--meta",
+        &at,
+        "volume",
+        "set",
+        "a",
+        "allow-networks",
+        "0.0.0.0/0",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("does not reach MetaWrite SetVolumeOption"),
+        "{err}"
+    );
+
+    // Revoked with the CLI: the mount is refused from then on (EACCES), within seconds.
+    as_admin(&["volume", "credential", "a", "revoke", &id]);
+    let e = must_wait_for(
+        "the revocation to reach the node",
+        std::time::Duration::from_secs(30),
+        || async {
+            let n = rand::random::<u32>();
+            std::fs::write(mnt.join(format!("g{n}")), b"x").err()
+        },
+    )
+    .await;
+    assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+    let listed = as_admin(&["volume", "credential", "a", "list"]);
+    assert!(listed.contains("lists no client credentials"), "{listed}");
+    m.stop();
+    assert!(
+        node.log_tail(400).contains("is not listed by the volume"),
+        "{}",
+        node.log_tail(50)
+    );
+}
