@@ -390,6 +390,16 @@ async fn http_endpoints_of_a_keyed_cluster_want_https_and_the_token() {
     let (code, _, err) = brickfs(&["cluster", "token", "api"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--credential-file"), "{err}");
+    // The admin credential gives the same tokens (an administrator holds no key).
+    let admin = dir.path().join("admin.cred");
+    std::fs::write(
+        &admin,
+        must_ok(&["--credential-file", k, "cluster", "credential", "admin"]),
+    )
+    .unwrap();
+    let a = admin.to_str().unwrap();
+    let admin_token = must_ok(&["--credential-file", a, "cluster", "token", "api"]);
+    assert_eq!(admin_token.trim(), api_token);
 
     for (at, path, right, wrong) in [
         (api, "/v1/volumes", &api_token, &metrics_token),
@@ -423,6 +433,79 @@ async fn http_endpoints_of_a_keyed_cluster_want_https_and_the_token() {
             "{headers:?}"
         );
     }
+
+    // The API makes a volume with its first client credential, lists, rotates and revokes
+    // credentials.
+    must_ok(&[
+        "--credential-file",
+        a,
+        "--meta",
+        &addr,
+        "peer",
+        "add",
+        &addr,
+    ]);
+    let bearer = format!("Bearer {api_token}");
+    let auth = [("Authorization", bearer.as_str())];
+    let call = async |method: &str, path: &str, body: &str| {
+        let (status, _, body) = https(api, true, method, path, &auth, body).await;
+        let json: serde_json::Value =
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("{method} {path}: {e}: {body}"));
+        (status, json)
+    };
+    let (status, v) = call(
+        "POST",
+        "/v1/volumes",
+        r#"{"name": "pvc-1", "size_bytes": 1048576, "class": "distribute"}"#,
+    )
+    .await;
+    assert_eq!(status, 201, "{v}");
+    let first = v["credential"].as_str().unwrap().to_string();
+    assert!(first.starts_with("brickfs-client-1:"), "{v}");
+    assert!(
+        v["mount"]["command"]
+            .as_str()
+            .unwrap()
+            .contains("--credential-file"),
+        "{v}"
+    );
+    let (status, list) = call("GET", "/v1/volumes/pvc-1/credentials", "").await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    let first_id = list[0]["id"].as_str().unwrap().to_string();
+    let (status, rotated) = call(
+        "POST",
+        "/v1/volumes/pvc-1/credentials",
+        r#"{"label": "rotated", "replace": true}"#,
+    )
+    .await;
+    assert_eq!(status, 201, "{rotated}");
+    assert_eq!(
+        rotated["revoked"],
+        serde_json::json!([first_id]),
+        "{rotated}"
+    );
+    assert_ne!(rotated["credential"].as_str().unwrap(), first);
+    let new_id = rotated["id"].as_str().unwrap().to_string();
+    let (status, list) = call("GET", "/v1/volumes/pvc-1/credentials", "").await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list[0]["label"], "rotated", "{list}");
+    let (status, out) = call(
+        "DELETE",
+        &format!("/v1/volumes/pvc-1/credentials/{new_id}"),
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{out}");
+    let (status, out) = call(
+        "DELETE",
+        &format!("/v1/volumes/pvc-1/credentials/{new_id}"),
+        "",
+    )
+    .await;
+    assert_eq!(status, 404, "{out}");
+    let (status, out) = call("POST", "/v1/volumes/nope/credentials", "").await;
+    assert_eq!(status, 404, "{out}");
 }
 
 /// What only nodes send is refused from any other address, with a logged reason: member

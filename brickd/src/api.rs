@@ -13,6 +13,12 @@
 //!   bytes by adding whole stripe groups of free bricks (picked as for create), then starts a
 //!   rebalance: 200 with the volume, its mount and the bricks added.
 //!
+//! - In a cluster with a key, a created volume's reply carries its first client credential
+//!   (`"credential"`, shown this once), and `GET /v1/volumes/NAME/credentials` lists the
+//!   volume's credentials (ids, labels, when made), `POST` to it `{"label": "...", "replace":
+//!   false}` makes one (201 with `id` and `credential`; `replace: true` rotates: the others
+//!   are revoked, listed in `revoked`), `DELETE /v1/volumes/NAME/credentials/ID` revokes one.
+//!
 //! Errors are `{"error": "..."}` with 400 (bad request), 404, 409 (exists), 507 (not enough
 //! free bricks or space), 502 (the metadata group failed).
 
@@ -159,9 +165,94 @@ async fn route(
             }
         }
         ("POST", ["v1", "volumes", name, "expand"]) => expand(meta, mount_from, name, body).await,
+        ("GET", ["v1", "volumes", name, "credentials"]) => {
+            match admin::volume_info(meta, name).await {
+                Ok(v) => (
+                    200,
+                    Value::Array(
+                        v.credentials
+                            .iter()
+                            .map(|c| {
+                                json!({
+                                    "id": format!("{:x}", c.id),
+                                    "label": c.label,
+                                    "created_ms": c.created_ms,
+                                })
+                            })
+                            .collect(),
+                    ),
+                ),
+                Err(e) => from_admin(e),
+            }
+        }
+        ("POST", ["v1", "volumes", name, "credentials"]) => {
+            let req = match body {
+                [] => json!({}),
+                b => match serde_json::from_slice::<Value>(b) {
+                    Ok(v) => v,
+                    Err(_) => {
+                        return error(400, "the body must be JSON: {\"label\", \"replace\"}");
+                    }
+                },
+            };
+            let label = req["label"].as_str().unwrap_or("");
+            let replace = req["replace"].as_bool().unwrap_or(false);
+            match issue(meta, name, label, replace).await {
+                Ok(c) => (
+                    201,
+                    json!({
+                        "id": format!("{:x}", c.id),
+                        "credential": c.credential,
+                        "revoked": c.revoked.iter().map(|i| format!("{i:x}")).collect::<Vec<_>>(),
+                    }),
+                ),
+                Err(e) => e,
+            }
+        }
+        ("DELETE", ["v1", "volumes", name, "credentials", id]) => {
+            let Ok(raw) = u64::from_str_radix(id, 16) else {
+                return error(400, format!("credential id {id:?} is not hex"));
+            };
+            match meta
+                .write(MetaOp::RevokeCredential {
+                    name: name.to_string(),
+                    id: raw,
+                })
+                .await
+            {
+                Ok(_) => (200, json!({ "revoked": id })),
+                Err(e) => from_admin(e.into()),
+            }
+        }
         (_, ["v1", "volumes", ..]) => error(405, format!("{method} is not allowed on {path}")),
         _ => error(404, format!("no such resource {path}")),
     }
+}
+
+/// A client credential of `volume` (see `issue_credential`): 400 in a cluster without a key.
+async fn issue(
+    meta: &MetaClient,
+    volume: &str,
+    label: &str,
+    replace: bool,
+) -> Result<brickfs_proto::msg::CredentialIssued, Refusal> {
+    let Some(key) = brickfs_proto::rpc::cluster_key() else {
+        return Err(error(
+            400,
+            "this cluster has no key, so it has no client credentials",
+        ));
+    };
+    crate::issue_credential(meta, &key, volume, label, replace)
+        .await
+        .map_err(|body| {
+            if body.is(ErrorCode::NotFound) {
+                error(404, body.detail)
+            } else if body.is(ErrorCode::InvalidArgument) {
+                error(400, body.detail)
+            } else {
+                error(502, body.detail)
+            }
+        })
 }
 
 /// A durability class: the spec words before the bricks, bricks needed, and what fraction of
@@ -263,11 +354,25 @@ async fn create(meta: &MetaClient, mount_from: SocketAddr, body: &[u8]) -> (u16,
         return from_admin(e.into());
     }
     tracing::info!(volume = %name, class = cls, size, "volume provisioned");
+    let credential = if brickfs_proto::rpc::cluster_key().is_some() {
+        match issue(meta, name, "made with the volume", false).await {
+            Ok(c) => Some(c.credential),
+            Err(e) => return e,
+        }
+    } else {
+        None
+    };
     match admin::volume_info(meta, name).await {
         Ok(v) => {
             let mut d = describe(&v, mount_from);
             d["class"] = json!(cls);
             d["size_bytes"] = json!(size);
+            if let Some(c) = credential {
+                d["credential"] = json!(c);
+                d["mount"]["command"] = json!(format!(
+                    "mountd {mount_from}/{name} /mnt/{name} --credential-file FILE-HOLDING-THE-CREDENTIAL"
+                ));
+            }
             (201, d)
         }
         Err(e) => from_admin(e),

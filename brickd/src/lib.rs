@@ -162,6 +162,79 @@ fn is_foreground(msg: &Message) -> bool {
     }
 }
 
+/// Lists a fresh client credential for `volume` (revoking its others when `replace`) and
+/// returns its text, derived from `key`: nothing keeps it.
+pub(crate) async fn issue_credential(
+    group: &brickfs_client::MetaClient,
+    key: &[u8],
+    volume: &str,
+    label: &str,
+    replace: bool,
+) -> Result<brickfs_proto::msg::CredentialIssued, ErrorBody> {
+    use brickfs_proto::cred::{Credential, client_secret};
+    use brickfs_proto::meta::{ClientCredential, MetaOp, MetaRead, MetaReply};
+    let rejected = |e: brickfs_client::MetaError| match e {
+        brickfs_client::MetaError::Rejected(body) => body,
+        other => ErrorBody::new(ErrorCode::Busy, other.to_string()),
+    };
+    let MetaReply::Volume(v) = group
+        .read(MetaRead::VolumeByName {
+            name: volume.to_string(),
+        })
+        .await
+        .map_err(rejected)?
+    else {
+        return Err(ErrorBody::new(
+            ErrorCode::Internal,
+            "unexpected answer to VolumeByName",
+        ));
+    };
+    let id = rand::random::<u64>().max(1);
+    let created_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    group
+        .write(MetaOp::AddCredential {
+            name: volume.to_string(),
+            credential: ClientCredential {
+                id,
+                created_ms,
+                label: label.to_string(),
+            },
+        })
+        .await
+        .map_err(rejected)?;
+    let mut revoked = Vec::new();
+    if replace {
+        for c in v.credentials.iter().filter(|c| c.id != id) {
+            match group
+                .write(MetaOp::RevokeCredential {
+                    name: volume.to_string(),
+                    id: c.id,
+                })
+                .await
+            {
+                Ok(_) => revoked.push(c.id),
+                Err(brickfs_client::MetaError::Rejected(b)) if b.is(ErrorCode::NotFound) => {}
+                Err(e) => return Err(rejected(e)),
+            }
+        }
+    }
+    let credential = Credential::Client {
+        volume: v.id,
+        id,
+        secret: client_secret(key, v.id, id),
+    }
+    .to_text()
+    .unwrap_or_default();
+    Ok(brickfs_proto::msg::CredentialIssued {
+        volume: v.id,
+        id,
+        credential,
+        revoked,
+    })
+}
+
 /// An administrator registers a node (`peer add`) only at an address that proves the cluster
 /// key and the node id the record names: a holder of the admin credential cannot put an
 /// address of its own on the node list.
@@ -205,12 +278,7 @@ impl NodeHandler {
         peer: brickfs_proto::cred::Peer,
         req: &brickfs_proto::msg::IssueCredential,
     ) -> Result<Message, ErrorBody> {
-        use brickfs_proto::cred::{Credential, Role, client_secret};
-        use brickfs_proto::meta::{ClientCredential, MetaOp, MetaRead, MetaReply};
-        let rejected = |e: brickfs_client::MetaError| match e {
-            brickfs_client::MetaError::Rejected(body) => body,
-            other => ErrorBody::new(ErrorCode::Busy, other.to_string()),
-        };
+        use brickfs_proto::cred::Role;
         let key = match (peer.role, brickfs_proto::rpc::cluster_key()) {
             (Role::Node | Role::Admin, Some(key)) => key,
             (_, None) => {
@@ -232,65 +300,9 @@ impl NodeHandler {
                 format!("node {} knows no metadata group", self.node),
             ));
         };
-        let MetaReply::Volume(v) = group
-            .read(MetaRead::VolumeByName {
-                name: req.volume.clone(),
-            })
-            .await
-            .map_err(rejected)?
-        else {
-            return Err(ErrorBody::new(
-                ErrorCode::Internal,
-                "unexpected answer to VolumeByName",
-            ));
-        };
-        let id = rand::random::<u64>().max(1);
-        let created_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        group
-            .write(MetaOp::AddCredential {
-                name: req.volume.clone(),
-                credential: ClientCredential {
-                    id,
-                    created_ms,
-                    label: req.label.clone(),
-                },
-            })
-            .await
-            .map_err(rejected)?;
-        let mut revoked = Vec::new();
-        if req.replace {
-            for c in v.credentials.iter().filter(|c| c.id != id) {
-                match group
-                    .write(MetaOp::RevokeCredential {
-                        name: req.volume.clone(),
-                        id: c.id,
-                    })
-                    .await
-                {
-                    Ok(_) => revoked.push(c.id),
-                    Err(brickfs_client::MetaError::Rejected(b)) if b.is(ErrorCode::NotFound) => {}
-                    Err(e) => return Err(rejected(e)),
-                }
-            }
-        }
-        info!(volume = %v.name, credential = %format!("{id:x}"), revoked = revoked.len(), by = %peer.addr, "issued a client credential");
-        let text = Credential::Client {
-            volume: v.id,
-            id,
-            secret: client_secret(&key, v.id, id),
-        }
-        .to_text()
-        .unwrap_or_default();
-        Ok(Message::CredentialIssued(
-            brickfs_proto::msg::CredentialIssued {
-                volume: v.id,
-                id,
-                credential: text,
-                revoked,
-            },
-        ))
+        let issued = issue_credential(group, &key, &req.volume, &req.label, req.replace).await?;
+        info!(volume = %req.volume, credential = %format!("{:x}", issued.id), revoked = issued.revoked.len(), by = %peer.addr, "issued a client credential");
+        Ok(Message::CredentialIssued(issued))
     }
 
     async fn route(&self, msg: Message, data: Bytes) -> Result<(Message, Bytes), ErrorBody> {
