@@ -45,7 +45,7 @@ async fn only_holders_of_the_cluster_key_get_in() {
         .await
         .unwrap_err()
         .to_string();
-    assert!(e.contains("does not hold this cluster's key"), "{e}");
+    assert!(e.contains("belongs to another cluster"), "{e}");
     let e = keyed(Some(&key))
         .ping(open.addr())
         .await
@@ -433,6 +433,69 @@ async fn http_endpoints_of_a_keyed_cluster_want_https_and_the_token() {
             "{headers:?}"
         );
     }
+
+    // The endpoints' certificates are the cluster CA's: curl checks them with `--cacert` (no
+    // -k), and a CA of another cluster fails the check.
+    let ca = dir.path().join("ca.pem");
+    must_ok(&[
+        "--credential-file",
+        k,
+        "cluster",
+        "ca",
+        "--out",
+        ca.to_str().unwrap(),
+    ]);
+    let pem = std::fs::read_to_string(&ca).unwrap();
+    assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"), "{pem}");
+    let other_key = dir.path().join("other.key");
+    std::fs::write(&other_key, "YW5vdGhlci1jbHVzdGVyLWtleS10d28=\n").unwrap();
+    let other_ca = dir.path().join("other-ca.pem");
+    std::fs::write(
+        &other_ca,
+        must_ok(&[
+            "--credential-file",
+            other_key.to_str().unwrap(),
+            "cluster",
+            "ca",
+        ]),
+    )
+    .unwrap();
+    let curl = |ca: &std::path::Path, url: String| {
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "10", "--cacert"])
+            .arg(ca)
+            .args(["-H", &format!("Authorization: Bearer {api_token}")])
+            .arg(url)
+            .output()
+            .expect("curl (scripts/setup installs it)");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = curl(&ca, format!("https://{api}/v1/volumes"));
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.starts_with('['), "{out}");
+    let (code, out, err) = curl(&ca, format!("https://localhost:{}/v1/volumes", api.port()));
+    assert_eq!(code, Some(0), "by name too: {out}{err}");
+    let (code, out, err) = curl(&other_ca, format!("https://{api}/v1/volumes"));
+    assert_eq!(code, Some(60), "another cluster's CA: {out}{err}");
+    // The protocol's TLS too: checked against the CA, the node passes; against another
+    // cluster's, it does not.
+    let der = brickfs_proto::tls::der_of(&pem).unwrap();
+    let tcp = tokio::net::TcpStream::connect(node.addr()).await.unwrap();
+    brickfs_proto::tls::connect_checking(tcp, der)
+        .await
+        .unwrap();
+    let other_der =
+        brickfs_proto::tls::der_of(&std::fs::read_to_string(&other_ca).unwrap()).unwrap();
+    let tcp = tokio::net::TcpStream::connect(node.addr()).await.unwrap();
+    let e = brickfs_proto::tls::connect_checking(tcp, other_der)
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert!(e.contains("invalid peer certificate"), "{e}");
 
     // The API makes a volume with its first client credential, lists, rotates and revokes
     // credentials.
@@ -1094,7 +1157,26 @@ async fn a_mount_with_a_client_credential_serves_its_volume_until_revoked() {
 
     // The client credential serves its volume through FUSE.
     let mnt = dir.path().join("mnt");
-    let mut m = Mount::start_with(&format!("{at}/a"), &mnt, &["--credential-file", cred_a]).await;
+    let ca = dir.path().join("ca.pem");
+    must_ok(&[
+        "--credential-file",
+        k,
+        "cluster",
+        "ca",
+        "--out",
+        ca.to_str().unwrap(),
+    ]);
+    let mut m = Mount::start_with(
+        &format!("{at}/a"),
+        &mnt,
+        &[
+            "--credential-file",
+            cred_a,
+            "--ca-file",
+            ca.to_str().unwrap(),
+        ],
+    )
+    .await;
     std::fs::write(mnt.join("f"), b"through the mount").unwrap();
     assert_eq!(std::fs::read(mnt.join("f")).unwrap(), b"through the mount");
 

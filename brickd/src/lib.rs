@@ -1060,6 +1060,22 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
     let advertise = config.advertise.unwrap_or(addr);
+    // The node's TLS certificate names the addresses it is reached at (interfaces are in
+    // anyway; an advertised address may be a NAT's).
+    brickfs_proto::tls::set_server_names(
+        [
+            Some(advertise),
+            Some(addr),
+            config.api_listen,
+            config.metrics_listen,
+        ]
+        .into_iter()
+        .flatten()
+        .map(|a| a.ip())
+        .filter(|ip| !ip.is_unspecified())
+        .map(|ip| ip.to_string())
+        .collect(),
+    );
     let meta = if config.meta {
         let opts = MetaOptions {
             snapshot_after_logs: config.meta_snapshot_logs,

@@ -42,6 +42,11 @@ struct Flags {
         visible_alias = "cluster-key-file"
     )]
     credential_file: Option<std::path::PathBuf>,
+    /// The cluster CA certificate to check nodes against (`brickfs cluster ca` prints it; also
+    /// `-o cafile=PATH`). Without it a mount holding only a client credential relies on the
+    /// handshake's proofs alone.
+    #[arg(long, env = "BRICKFS_CA_FILE")]
+    ca_file: Option<std::path::PathBuf>,
     /// Mount options as `mount -o` passes them: `threads=N`, `lease=SECS`, `timeout=SECS`,
     /// `readahead_kb=N` and `metrics=HOST:PORT` set the flags of those names; generic options (rw, defaults, _netdev, noauto, ...) are
     /// accepted and ignored.
@@ -93,6 +98,7 @@ fn apply_options(flags: &mut Flags) -> Result<(), String> {
             "timeout" => flags.timeout_secs = number()?,
             "readahead_kb" => flags.readahead_kb = number()?,
             "keyfile" | "credential" => flags.credential_file = Some(value.into()),
+            "cafile" => flags.ca_file = Some(value.into()),
             "metrics" => {
                 flags.metrics_listen = Some(
                     value
@@ -150,6 +156,9 @@ fn daemonize(flags: &Flags) -> std::process::ExitCode {
     }
     if let Some(k) = &flags.credential_file {
         cmd.arg("--credential-file").arg(k);
+    }
+    if let Some(k) = &flags.ca_file {
+        cmd.arg("--ca-file").arg(k);
     }
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = match cmd.spawn() {
@@ -242,7 +251,9 @@ fn main() -> std::process::ExitCode {
         // The flag's older name's variable.
         std::env::var_os("BRICKFS_CLUSTER_KEY_FILE").map(Into::into)
     });
-    if let Err(e) = brickfs_proto::rpc::use_credential_file(file.as_deref()) {
+    if let Err(e) = brickfs_proto::rpc::use_credential_file(file.as_deref())
+        .and_then(|()| brickfs_proto::tls::use_ca_file(flags.ca_file.as_deref()))
+    {
         eprintln!("mountd: {e}");
         return std::process::ExitCode::from(2);
     }

@@ -38,6 +38,10 @@ pub struct Cli {
         visible_alias = "cluster-key-file"
     )]
     pub credential_file: Option<std::path::PathBuf>,
+    /// The cluster CA certificate (`brickfs cluster ca` prints it) to check nodes against, for
+    /// a CLI that holds no cluster key (with the key, the CA is known).
+    #[arg(long, global = true, env = "BRICKFS_CA_FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -258,6 +262,13 @@ pub enum ClusterVerb {
     /// administrative commands and the provisioning API take it in place of the key, and it
     /// cannot act as a node.
     Credential { role: String },
+    /// Print the cluster CA certificate (PEM), derived from the cluster key: clients, `curl
+    /// --cacert` and Prometheus' `tls_config.ca_file` check nodes' certificates with it.
+    Ca {
+        /// Write it to this file instead.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -290,7 +301,9 @@ pub fn main() -> std::process::ExitCode {
         // The flag's older name's variable.
         std::env::var_os("BRICKFS_CLUSTER_KEY_FILE").map(Into::into)
     });
-    if let Err(e) = brickfs_proto::rpc::use_credential_file(file.as_deref()) {
+    if let Err(e) = brickfs_proto::rpc::use_credential_file(file.as_deref())
+        .and_then(|()| brickfs_proto::tls::use_ca_file(cli.ca_file.as_deref()))
+    {
         eprintln!("brickfs: {e}");
         return std::process::ExitCode::from(2);
     }
@@ -347,6 +360,11 @@ async fn cluster(verb: ClusterVerb, json: bool) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("initialize the metadata group on {addr}"))?;
             eprintln!("initialized a metadata group with {addr} as its only voter");
+            if brickfs_proto::rpc::cluster_key().is_some() {
+                eprintln!(
+                    "the cluster's CA certificate, for clients and HTTPS: brickfs cluster ca --out ca.pem; the admin credential: brickfs cluster credential admin"
+                );
+            }
         }
         ClusterVerb::Join {
             addr,
@@ -396,6 +414,23 @@ async fn cluster(verb: ClusterVerb, json: bool) -> anyhow::Result<()> {
                 }
             };
             println!("{token}");
+        }
+        ClusterVerb::Ca { out } => {
+            let Some(key) = brickfs_proto::rpc::cluster_key() else {
+                return Err(UsageError(
+                    "the cluster CA comes from the cluster key: give the key file (--credential-file); it is public, so copy the printed file to whoever needs it".into(),
+                )
+                .into());
+            };
+            let pem = brickfs_proto::tls::ca_pem(&key).map_err(|e| anyhow::anyhow!(e))?;
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, &pem)
+                        .with_context(|| format!("write {}", path.display()))?;
+                    eprintln!("wrote the cluster CA certificate to {}", path.display());
+                }
+                None => print!("{pem}"),
+            }
         }
         ClusterVerb::Credential { role } => {
             if role != "admin" {

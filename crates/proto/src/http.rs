@@ -1,7 +1,7 @@
 //! The small HTTP/1.1 server side shared by the metrics endpoint and the provisioning API:
 //! one request per connection, and — in a cluster with a key — HTTPS with a bearer token.
 //!
-//! With a cluster key, a connection must open with TLS (the process's self-signed certificate,
+//! With a cluster key, a connection must open with TLS (the node's certificate from the cluster CA,
 //! see `tls`; a plain request gets 426) and carry `Authorization: Bearer TOKEN`, where TOKEN
 //! is derived per endpoint from the admin credential's secret (`token`; `brickfs cluster
 //! token api|metrics` prints it, given the key or the admin credential); anything else gets
@@ -107,7 +107,7 @@ pub fn authorize(
     if !tls {
         return Err((
             426,
-            "this cluster has a key: use https (the node's certificate is self-signed)".into(),
+            "this cluster has a key: use https (check the node's certificate with the cluster CA: brickfs cluster ca)".into(),
         ));
     }
     let want = token(&key, endpoint);

@@ -403,15 +403,38 @@ impl Connection {
         let key = opts.credential.clone().or_else(credential);
         let (read_half, mut write_half, binding) = if key.is_some() {
             let (tls, binding) =
-                tokio::time::timeout(opts.connect_timeout, crate::tls::connect(stream))
+                tokio::time::timeout(
+                    opts.connect_timeout,
+                    crate::tls::connect_proving(
+                        stream,
+                        match key.as_deref() {
+                            Some(Credential::Node(k)) => Some(k.as_slice()),
+                            _ => None,
+                        },
+                    ),
+                )
                     .await
                     .map_err(|_| RpcError::Handshake {
                         addr,
                         detail: "TLS handshake timed out".into(),
                     })?
-                    .map_err(|detail| RpcError::Handshake {
-                        addr,
-                        detail: format!("{detail} (does the node belong to a cluster with a key?)"),
+                    .map_err(|detail| {
+                        if detail.contains("invalid peer certificate") {
+                            // Refused for who the node is: retrying cannot help.
+                            RpcError::Unauthorized {
+                                addr,
+                                detail: format!(
+                                    "the node's TLS certificate is not from this cluster's CA ({detail}): it belongs to another cluster or holds no cluster key (or the CA file is another cluster's)"
+                                ),
+                            }
+                        } else {
+                            RpcError::Handshake {
+                                addr,
+                                detail: format!(
+                                    "{detail} (does the node belong to a cluster with a key?)"
+                                ),
+                            }
+                        }
                     })?;
             let (r, w) = tokio::io::split(tls);
             (Box::new(r) as BoxRead, Box::new(w) as BoxWrite, binding)
