@@ -329,3 +329,66 @@ async fn replies_match_requests_with_many_in_flight() {
         t.await.unwrap();
     }
 }
+
+/// A node keeps at most `limits.conns_per_peer_max` connections from one address: one more
+/// is refused after its Hello (`Busy`, with the reason), other addresses are served, and a
+/// slot freed by a close is taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_gets_at_most_its_share_of_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("brickd.toml");
+    std::fs::write(&config, "[limits]\nconns_per_peer_max = 3\n").unwrap();
+    let node = brickfs_testkit::Brickd::start(
+        &brickd_bin(),
+        &dir.path().join("data"),
+        &[dir.path().join("brick0")],
+        &["--config", config.to_str().unwrap()],
+    )
+    .unwrap();
+    let addr = node.addr();
+    let from = async |ip: &str| {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+        let s = sock.connect(addr).await.unwrap().into_std().unwrap();
+        s.set_nonblocking(false).unwrap();
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        s
+    };
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut s = from("127.0.0.2").await;
+        handshake(&mut s);
+        held.push(s);
+    }
+    let mut extra = from("127.0.0.2").await;
+    let hello = Message::Hello(Hello {
+        version_min: PROTOCOL_VERSION,
+        version_max: PROTOCOL_VERSION,
+        peer_name: "one too many".into(),
+        nonce: vec![1; 16],
+        claim: brickfs_proto::cred::Claim::Node,
+    });
+    send(&mut extra, 0, &hello, &[]);
+    let (_, body) = expect_error(recv(&mut extra), ErrorCode::Busy);
+    assert!(
+        body.detail.contains("too many connections from 127.0.0.2"),
+        "{body:?}"
+    );
+    expect_closed(&mut extra);
+    // Another address is served meanwhile.
+    handshake(&mut from("127.0.0.1").await);
+    // A closed connection frees its slot (once the node has seen the close).
+    drop(held.pop());
+    must_wait_for("a freed slot", Duration::from_secs(20), || async {
+        let mut s = from("127.0.0.2").await;
+        send(&mut s, 0, &hello, &[]);
+        matches!(recv(&mut s), Some((_, Message::HelloOk(_)))).then_some(())
+    })
+    .await;
+    assert!(
+        node.log_tail(100)
+            .contains("too many connections from 127.0.0.2"),
+        "{}",
+        node.log_tail(20)
+    );
+}

@@ -123,6 +123,7 @@ struct FileLimits {
     body_max: Option<String>,
     data_max: Option<String>,
     inflight_max: Option<usize>,
+    conns_per_peer_max: Option<usize>,
 }
 
 /// One brick to serve.
@@ -250,6 +251,12 @@ impl Config {
                     bail!("limits.inflight_max must be at least 1");
                 }
                 limits.inflight_max = n;
+            }
+            if let Some(n) = l.conns_per_peer_max {
+                if n == 0 {
+                    bail!("limits.conns_per_peer_max must be at least 1");
+                }
+                limits.conns_per_peer_max = n;
             }
         }
         let advertise = match (flags.advertise, &file.advertise) {

@@ -22,6 +22,9 @@ pub struct Limits {
     pub data_max_bytes: u32,
     /// The most requests one connection may have in flight.
     pub inflight_max: usize,
+    /// The most connections a server keeps from one address at once; more are refused
+    /// (`Busy`) after their `Hello`.
+    pub conns_per_peer_max: usize,
 }
 
 impl Default for Limits {
@@ -30,6 +33,7 @@ impl Default for Limits {
             body_max_bytes: 1 << 20,
             data_max_bytes: 16 << 20,
             inflight_max: 64,
+            conns_per_peer_max: 1024,
         }
     }
 }

@@ -817,13 +817,28 @@ pub async fn serve<H: Handler>(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut tasks = tokio::task::JoinSet::new();
+    // Connections open per address (see `Limits::conns_per_peer_max`).
+    let open: Arc<Mutex<HashMap<std::net::IpAddr, usize>>> = Arc::default();
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    tasks.spawn(serve_connection(stream, peer, handler.clone(), limits, shutdown.clone()));
+                    let ip = peer.ip().to_canonical();
+                    let count = {
+                        let mut open = open.lock().unwrap_or_else(|p| p.into_inner());
+                        let n = open.entry(ip).or_insert(0);
+                        *n += 1;
+                        *n
+                    };
+                    let slot = OpenSlot { open: open.clone(), ip };
+                    let over = count > limits.conns_per_peer_max;
+                    let conn = serve_connection(stream, peer, handler.clone(), limits, over, shutdown.clone());
+                    tasks.spawn(async move {
+                        conn.await;
+                        drop(slot);
+                    });
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: keep serving the others.
@@ -841,11 +856,32 @@ pub async fn serve<H: Handler>(
     }
 }
 
+/// One open connection of an address, counted until it closes.
+struct OpenSlot {
+    open: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for OpenSlot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Serves one connection; `over`: its address already has the most connections allowed, so
+/// it is refused after its `Hello`.
 async fn serve_connection<H: Handler>(
     stream: TcpStream,
     peer: SocketAddr,
     handler: Arc<H>,
     limits: Limits,
+    over: bool,
     mut shutdown: watch::Receiver<bool>,
 ) {
     // A connection that opens with a TLS handshake gets TLS (clients holding a cluster key);
@@ -915,6 +951,18 @@ async fn serve_connection<H: Handler>(
         Ok(Message::Hello(hello))
             if hello.version_min <= PROTOCOL_VERSION && PROTOCOL_VERSION <= hello.version_max =>
         {
+            if over {
+                let detail = format!(
+                    "too many connections from {}: this node keeps at most {} from one address",
+                    peer.ip(),
+                    limits.conns_per_peer_max
+                );
+                warn!(%peer, name = %hello.peer_name, "refused a connection: {detail}");
+                let _ = tx.send(reply_error(id, ErrorCode::Busy, detail)).await;
+                drop(tx);
+                let _ = writer.await;
+                return;
+            }
             // The secret of the role the peer claims: derived from the cluster key.
             let key = process_key().map(|k| crate::cred::secret_for(&k, hello.claim));
             let (my_nonce, proof) = match &key {
