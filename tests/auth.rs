@@ -84,27 +84,13 @@ async fn only_holders_of_the_cluster_key_get_in() {
     );
 }
 
-/// A client library whose connections come from `from` (another loopback address).
+/// A client library whose connections come from `from` (another loopback address), proving
+/// the process's credential (none in these tests).
 fn clients_from(
     node: std::net::SocketAddr,
     from: &str,
 ) -> (brickfs_client::MetaClient, BrickClient) {
-    let ip: std::net::IpAddr = from.parse().unwrap();
-    let meta = brickfs_client::MetaClient::new(
-        vec![node],
-        brickfs_client::MetaClientOptions {
-            client_name: format!("client at {from}"),
-            deadline: std::time::Duration::from_secs(5),
-            local_addr: Some(ip),
-            ..Default::default()
-        },
-    );
-    let bricks = BrickClient::new(ClientOptions {
-        peer_name: format!("client at {from}"),
-        local_addr: Some(ip),
-        ..ClientOptions::default()
-    });
-    (meta, bricks)
+    clients_proving(node, from, None)
 }
 
 /// One brickd with a metadata member and bricks `n/b0`, `n/b1` in a temporary folder,
@@ -725,22 +711,30 @@ fn clients_as(
     from: &str,
     credential: &Credential,
 ) -> (brickfs_client::MetaClient, BrickClient) {
+    clients_proving(node, from, Some(Arc::new(credential.clone())))
+}
+
+/// A metadata client and a brick client connecting from `from`, proving `credential`.
+fn clients_proving(
+    node: std::net::SocketAddr,
+    from: &str,
+    credential: Option<Arc<Credential>>,
+) -> (brickfs_client::MetaClient, BrickClient) {
     let ip: std::net::IpAddr = from.parse().unwrap();
-    let credential = Arc::new(credential.clone());
     let meta = brickfs_client::MetaClient::new(
         vec![node],
         brickfs_client::MetaClientOptions {
-            client_name: format!("{credential:?} at {from}"),
+            client_name: format!("client at {from}"),
             deadline: std::time::Duration::from_secs(5),
             local_addr: Some(ip),
-            credential: Some(credential.clone()),
+            credential: credential.clone(),
             ..Default::default()
         },
     );
     let bricks = BrickClient::new(ClientOptions {
-        peer_name: format!("{credential:?} at {from}"),
+        peer_name: format!("client at {from}"),
         local_addr: Some(ip),
-        credential: Some(credential),
+        credential,
         ..ClientOptions::default()
     });
     (meta, bricks)

@@ -1044,27 +1044,18 @@ async fn serve_connection<H: Handler>(
             }
             debug!(%peer, name = %hello.peer_name, "handshake done");
         }
-        Ok(Message::Hello(hello)) => {
-            let detail = format!(
-                "peer speaks versions {}..={}, this node speaks {PROTOCOL_VERSION}",
-                hello.version_min, hello.version_max
-            );
-            let _ = tx
-                .send(reply_error(id, ErrorCode::UnsupportedVersion, detail))
-                .await;
-            drop(tx);
-            let _ = writer.await;
-            return;
-        }
-        // A Hello of protocol 11 or older (no claim): say which versions differ.
-        Err(_)
-            if first.header.kind == 1
-                && let Ok(old) = crate::msg::decode_body::<LegacyHello>(&first.body) =>
+        // Another version: a Hello of now, or of protocol 11 or older (no claim).
+        other @ (Ok(Message::Hello(_)) | Err(_))
+            if let Some((min, max)) = match &other {
+                Ok(Message::Hello(h)) => Some((h.version_min, h.version_max)),
+                _ if first.header.kind == 1 => crate::msg::decode_body::<LegacyHello>(&first.body)
+                    .ok()
+                    .map(|old| (old.version_min, old.version_max)),
+                _ => None,
+            } =>
         {
-            let detail = format!(
-                "peer speaks versions {}..={}, this node speaks {PROTOCOL_VERSION}",
-                old.version_min, old.version_max
-            );
+            let detail =
+                format!("peer speaks versions {min}..={max}, this node speaks {PROTOCOL_VERSION}");
             let _ = tx
                 .send(reply_error(id, ErrorCode::UnsupportedVersion, detail))
                 .await;
