@@ -866,6 +866,55 @@ async fn each_role_reaches_what_it_may_and_nothing_else() {
     vol_a.fsync(&fh).await.unwrap();
     assert_eq!(&vol_a.read(&fh, 0, 4).await.unwrap()[..], b"mine");
     let id_a = vol_a.record().id;
+
+    // A session is bound to the credential that opened it: another credential of `a` can
+    // neither keep it alive, close it, nor write in it; its own session works.
+    let other = issue("a", false).await;
+    let cred_other = Credential::parse(other.credential.as_bytes()).unwrap();
+    let (om, ob) = clients_as(at, "127.0.0.2", &cred_other);
+    let theirs = cm.session_id().expect("the client of a opened a session");
+    let in_session = |op: MetaOp| {
+        Message::MetaWrite(brickfs_proto::meta::MetaWrite {
+            session: theirs,
+            seq: 1,
+            acked_below: 0,
+            op,
+        })
+    };
+    let mkdir = MetaOp::Mkdir {
+        volume: id_a,
+        parent: Ino(1),
+        name: "theirs".into(),
+        mode: 0o755,
+        umask: 0,
+        uid: 0,
+        gid: 0,
+    };
+    for op in [MetaOp::KeepAlive, MetaOp::CloseSession, mkdir] {
+        let e = refused(&ob, in_session(op.clone())).await;
+        assert!(
+            e.contains(&format!(
+                "session {theirs} was not opened with this client credential"
+            )),
+            "{op:?}: {e}"
+        );
+    }
+    om.write(MetaOp::KeepAlive).await.unwrap();
+    assert_ne!(om.session_id(), Some(theirs));
+    cm.write(MetaOp::KeepAlive).await.unwrap();
+    assert_eq!(
+        cm.session_id(),
+        Some(theirs),
+        "the first session was not closed"
+    );
+    admin
+        .write(MetaOp::RevokeCredential {
+            name: "a".into(),
+            id: other.id,
+        })
+        .await
+        .unwrap();
+
     let vol_b = brickfs_client::admin::volume_info(&admin, "b")
         .await
         .unwrap();
@@ -970,6 +1019,14 @@ async fn each_role_reaches_what_it_may_and_nothing_else() {
             "RaftRpc",
         ),
         (member_stat.clone(), "MemberStat"),
+        (
+            meta_write(MetaOp::AsClient {
+                volume: id_a,
+                credential: issued.id,
+                op: Box::new(MetaOp::KeepAlive),
+            }),
+            "MetaWrite AsClient",
+        ),
         (
             Message::IssueCredential(IssueCredential {
                 volume: "a".into(),

@@ -133,7 +133,12 @@ enum Need<'a> {
 fn nodes_only(msg: &Message) -> bool {
     match msg {
         Message::RaftRpc(_) => true,
-        Message::MetaWrite(w) => matches!(w.op, brickfs_proto::meta::MetaOp::Heartbeat { .. }),
+        // A client's command as its node passes it on: no peer sends one itself.
+        Message::MetaWrite(w) => matches!(
+            w.op,
+            brickfs_proto::meta::MetaOp::Heartbeat { .. }
+                | brickfs_proto::meta::MetaOp::AsClient { .. }
+        ),
         _ => false,
     }
 }
@@ -505,8 +510,8 @@ impl Access {
 
     /// Reads the rules from the metadata group once.
     pub async fn refresh(&self, meta: &MetaClient) -> Result<(), brickfs_client::MetaError> {
-        let (MetaReply::Volumes(volumes), MetaReply::Nodes(nodes)) = (
-            meta.read(MetaRead::ListVolumes).await?,
+        let (volumes, MetaReply::Nodes(nodes)) = (
+            meta.list_volumes().await?,
             meta.read(MetaRead::ListNodes).await?,
         ) else {
             return Ok(());

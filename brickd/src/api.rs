@@ -131,12 +131,11 @@ async fn route(
 ) -> (u16, Value) {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (method, parts.as_slice()) {
-        ("GET", ["v1", "volumes"]) => match meta.read(MetaRead::ListVolumes).await {
-            Ok(MetaReply::Volumes(vs)) => (
+        ("GET", ["v1", "volumes"]) => match meta.list_volumes().await {
+            Ok(vs) => (
                 200,
                 Value::Array(vs.iter().map(|v| describe(v, mount_from)).collect()),
             ),
-            Ok(other) => error(502, format!("unexpected answer {other:?}")),
             Err(e) => error(502, e),
         },
         ("POST", ["v1", "volumes"]) => create(meta, mount_from, body).await,
@@ -394,9 +393,9 @@ async fn free_bricks(meta: &MetaClient) -> Result<Bricks, Refusal> {
     let (nodes, bricks, volumes) = match (
         meta.read(MetaRead::ListNodes).await,
         meta.read(MetaRead::ListBricks).await,
-        meta.read(MetaRead::ListVolumes).await,
+        meta.list_volumes().await,
     ) {
-        (Ok(MetaReply::Nodes(n)), Ok(MetaReply::Bricks(b)), Ok(MetaReply::Volumes(v))) => (n, b, v),
+        (Ok(MetaReply::Nodes(n)), Ok(MetaReply::Bricks(b)), Ok(v)) => (n, b, v),
         _ => return Err(error(502, "could not read the cluster map")),
     };
     let mut free: Vec<_> = bricks

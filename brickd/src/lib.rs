@@ -122,6 +122,19 @@ impl Handler for NodeHandler {
             }
             _ => {}
         }
+        // A client's metadata writes carry who sent them: the group binds sessions to the
+        // credential that opened them.
+        let msg = match (msg, peer.role) {
+            (Message::MetaWrite(mut w), brickfs_proto::cred::Role::Client { volume, id }) => {
+                w.op = brickfs_proto::meta::MetaOp::AsClient {
+                    volume,
+                    credential: id,
+                    op: Box::new(w.op),
+                };
+                Message::MetaWrite(w)
+            }
+            (msg, _) => msg,
+        };
         self.handle(msg, data).await
     }
 
@@ -577,7 +590,7 @@ async fn collect_garbage(
     let mut tick = tokio::time::interval(GC_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while next_round_as_leader(&mut tick, &mut stop, &member, node).await {
-        let Ok(MetaReply::Volumes(volumes)) = meta.read(MetaRead::ListVolumes).await else {
+        let Ok(volumes) = meta.list_volumes().await else {
             continue;
         };
         for v in volumes.iter().filter(|v| v.status == VolumeStatus::Started) {
@@ -881,8 +894,8 @@ async fn heal_members(
     let mut tick = tokio::time::interval(HEAL_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while next_round_as_leader(&mut tick, &mut stop, &member, node).await {
-        let (Ok(MetaReply::Volumes(volumes)), Ok(MetaReply::Nodes(nodes))) = (
-            meta.read(MetaRead::ListVolumes).await,
+        let (Ok(volumes), Ok(MetaReply::Nodes(nodes))) = (
+            meta.list_volumes().await,
             meta.read(MetaRead::ListNodes).await,
         ) else {
             continue;
@@ -986,12 +999,12 @@ async fn rebalance_volumes(
     advertise: std::net::SocketAddr,
     mut stop: watch::Receiver<bool>,
 ) {
-    use brickfs_proto::meta::{MetaRead, MetaReply, RebalanceState, VolumeStatus};
+    use brickfs_proto::meta::{RebalanceState, VolumeStatus};
     let (meta, bricks) = duty_clients(node, advertise, "rebalance", REBALANCE_EVERY);
     let mut tick = tokio::time::interval(REBALANCE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while next_round_as_leader(&mut tick, &mut stop, &member, node).await {
-        let Ok(MetaReply::Volumes(volumes)) = meta.read(MetaRead::ListVolumes).await else {
+        let Ok(volumes) = meta.list_volumes().await else {
             continue;
         };
         for v in volumes.iter().filter(|v| v.status == VolumeStatus::Started) {

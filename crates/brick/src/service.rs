@@ -1852,6 +1852,17 @@ impl BrickService {
             }
             Message::Read(req) => {
                 let brick = self.brick(req.brick)?;
+                let most = brickfs_proto::frame::Limits::default().data_max_bytes;
+                if req.len_bytes > most {
+                    // Its reply would not fit a frame: refused before anything is read.
+                    return Err(ErrorBody::new(
+                        ErrorCode::TooLarge,
+                        format!(
+                            "a read of {} bytes is more than one reply carries ({most}): read in pieces",
+                            req.len_bytes
+                        ),
+                    ));
+                }
                 if !req.repair {
                     self.check_standing(req.brick, &req.key)?;
                 }

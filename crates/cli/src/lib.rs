@@ -783,10 +783,7 @@ async fn volume(verb: VolumeVerb, meta: &[SocketAddr], json: bool) -> anyhow::Re
                 .with_context(|| format!("get volume {name}"))?,
         )?,
         VolumeVerb::List => {
-            let vols = match m.read(MetaRead::ListVolumes).await? {
-                MetaReply::Volumes(v) => v,
-                other => anyhow::bail!("unexpected answer {other:?}"),
-            };
+            let vols = m.list_volumes().await?;
             if json {
                 return print_json(&vols);
             }

@@ -5,7 +5,7 @@
 
 use brickfs_proto::meta::{
     AdminOp, GroupStatus, MetaAdmin, MetaOp, MetaRead, MetaReadReq, MetaReply, MetaWrite,
-    SessionId, SessionInfo,
+    SessionId, SessionInfo, VolumeRecord,
 };
 use brickfs_proto::rpc::{ClientOptions, Outcome, Pool, RpcError};
 use brickfs_proto::{ErrorBody, ErrorCode, Message};
@@ -412,6 +412,32 @@ impl MetaClient {
     pub async fn read(&self, read: MetaRead) -> Result<MetaReply, MetaError> {
         let r = self.call(Message::MetaRead(MetaReadReq { read })).await?;
         self.finish(r)
+    }
+
+    /// Every volume, in id order, read a page at a time (`MetaRead::VolumesPage`): each page
+    /// is one linearizable read, so a volume made or deleted meanwhile may or may not be
+    /// listed, but none is listed twice.
+    pub async fn list_volumes(&self) -> Result<Vec<VolumeRecord>, MetaError> {
+        let mut all = Vec::new();
+        let mut after = None;
+        loop {
+            let read = MetaRead::VolumesPage { after, limit: 1024 };
+            match self.read(read).await? {
+                MetaReply::VolumePage { volumes, next } => {
+                    all.extend(volumes);
+                    match next {
+                        Some(n) => after = Some(n),
+                        None => return Ok(all),
+                    }
+                }
+                other => {
+                    return Err(MetaError::Rejected(ErrorBody::new(
+                        ErrorCode::Internal,
+                        format!("unexpected answer to VolumesPage: {other:?}"),
+                    )));
+                }
+            }
+        }
     }
 
     /// Cluster administration (init, add or remove a member).

@@ -59,6 +59,11 @@ pub mod keys {
     pub fn volume(id: VolumeId) -> Vec<u8> {
         [b"V".as_slice(), &id.0.to_be_bytes()].concat()
     }
+    /// The client credential that opened a session (`SessionOwner`), for sessions a client
+    /// opened.
+    pub fn session_owner(id: SessionId) -> Vec<u8> {
+        [b"T".as_slice(), &id.0.to_be_bytes()].concat()
+    }
     pub fn volume_name(name: &str) -> Vec<u8> {
         [b"W", name.as_bytes()].concat()
     }
@@ -852,6 +857,11 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                 };
                 self.kv.put(keys::session(id), enc(&s));
                 MetaReply::Session(session_info(id, &s))
+            }
+            MetaOp::AsClient { .. } => {
+                return Err(internal(
+                    "a client's command reached the applier still wrapped",
+                ));
             }
             MetaOp::KeepAlive => {
                 let s = get::<SessionV1>(self.kv, &keys::session(session))?
@@ -1759,6 +1769,7 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
             self.drop_orphan(id, v, ino)?;
         }
         self.kv.delete(keys::session(id));
+        self.kv.delete(keys::session_owner(id));
         for (k, _) in self
             .kv
             .scan(&keys::reply_prefix(id), None, usize::MAX)
@@ -1927,6 +1938,10 @@ fn apply_setattr(i: &mut InodeV1, set: &SetAttr, now_ns: i64) -> Res<()> {
     Ok(())
 }
 
+/// Who opened a session, when a client did: its volume's id and its credential's id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct SessionOwner(u64, u64);
+
 /// Applies one command with exactly-once semantics: a (session, sequence) seen before answers
 /// with its first result; a session that does not exist (any more) is refused.
 pub fn apply_command<B: KvRead>(kv: &mut Overlay<'_, B>, cmd: &Command) -> CommandResult {
@@ -1934,8 +1949,36 @@ pub fn apply_command<B: KvRead>(kv: &mut Overlay<'_, B>, cmd: &Command) -> Comma
         kv,
         now_ns: cmd.now_ns,
     };
+    // A client's command: bound to the sessions its credential opened.
+    let (op, client) = match &cmd.op {
+        MetaOp::AsClient {
+            volume,
+            credential,
+            op,
+        } => (&**op, Some(SessionOwner(volume.0, *credential))),
+        op => (op, None),
+    };
+    if matches!(op, MetaOp::AsClient { .. }) {
+        return Err(err(
+            ErrorCode::InvalidArgument,
+            "a client command inside another",
+        ));
+    }
     if cmd.session == SessionId(0) {
-        return match &cmd.op {
+        if let Some(owner) = client {
+            if !matches!(op, MetaOp::OpenSession { .. }) {
+                return Err(err(
+                    ErrorCode::SessionExpired,
+                    "a client's request needs a session",
+                ));
+            }
+            let opened = a.op(op, cmd.session)?;
+            if let MetaReply::Session(info) = &opened {
+                a.kv.put(keys::session_owner(info.id), enc(&owner));
+            }
+            return Ok(opened);
+        }
+        return match op {
             MetaOp::OpenSession { .. }
             | MetaOp::ExpireSessions
             | MetaOp::DetectFailures { .. }
@@ -1943,7 +1986,7 @@ pub fn apply_command<B: KvRead>(kv: &mut Overlay<'_, B>, cmd: &Command) -> Comma
             | MetaOp::ReportRestart { .. }
             | MetaOp::RegisterNode { .. }
             | MetaOp::RegisterBrick { .. }
-            | MetaOp::Heartbeat { .. } => a.op(&cmd.op, cmd.session),
+            | MetaOp::Heartbeat { .. } => a.op(op, cmd.session),
             _ => Err(err(
                 ErrorCode::SessionExpired,
                 "this request needs a session",
@@ -1957,6 +2000,19 @@ pub fn apply_command<B: KvRead>(kv: &mut Overlay<'_, B>, cmd: &Command) -> Comma
             format!("session {} is unknown or expired", cmd.session),
         ));
     };
+    // Before the answers kept for retries: those are the session's, not the caller's.
+    if let Some(caller) = client {
+        let owner = get::<SessionOwner>(a.kv, &keys::session_owner(cmd.session))?;
+        if owner != Some(caller) {
+            return Err(err(
+                ErrorCode::PermissionDenied,
+                format!(
+                    "session {} was not opened with this client credential",
+                    cmd.session
+                ),
+            ));
+        }
+    }
     if let Some(cached) = get::<CommandResult>(a.kv, &keys::reply(cmd.session, cmd.seq))? {
         return cached;
     }
@@ -1997,7 +2053,7 @@ pub fn apply_command<B: KvRead>(kv: &mut Overlay<'_, B>, cmd: &Command) -> Comma
         session.acked_below = cmd.acked_below;
     }
     session.expires_ns = cmd.now_ns.saturating_add(ms_to_ns(session.lease_ms));
-    let closing = matches!(cmd.op, MetaOp::CloseSession);
+    let closing = matches!(op, MetaOp::CloseSession);
     // A failed command changes nothing but the session bookkeeping: run it on a nested overlay.
     let result = {
         let mut inner = Overlay::new(&*a.kv);
@@ -2005,7 +2061,7 @@ pub fn apply_command<B: KvRead>(kv: &mut Overlay<'_, B>, cmd: &Command) -> Comma
             kv: &mut inner,
             now_ns: cmd.now_ns,
         }
-        .op(&cmd.op, cmd.session);
+        .op(op, cmd.session);
         let changes = if r.is_ok() {
             inner.into_changes()
         } else {
@@ -2117,6 +2173,7 @@ pub fn read(kv: &impl KvRead, r: &MetaRead) -> CommandResult {
         MetaRead::ListNodes => MetaReply::Nodes(scan_all(kv, b"N")?),
         MetaRead::ListBricks => MetaReply::Bricks(scan_all::<BrickRecord>(kv, b"B")?),
         MetaRead::ListVolumes => MetaReply::Volumes(scan_all(kv, b"V")?),
+        MetaRead::VolumesPage { after, limit } => volumes_page(kv, *after, *limit)?,
         MetaRead::VolumeByName { name } => {
             let id = get::<u64>(kv, &keys::volume_name(name))?
                 .ok_or_else(|| err(ErrorCode::NotFound, format!("volume {name:?}")))?;
@@ -2204,6 +2261,28 @@ fn read_dir(
         });
     }
     Ok((entries, more))
+}
+
+/// One page of `MetaRead::VolumesPage`.
+fn volumes_page(kv: &impl KvRead, after: Option<VolumeId>, limit: u32) -> Res<MetaReply> {
+    let limit = (limit as usize).clamp(1, READDIR_MAX);
+    let from = after.map(keys::volume);
+    let rows = kv
+        .scan(b"V", from.as_deref(), limit + 1)
+        .map_err(internal)?;
+    let (mut volumes, mut bytes) = (Vec::new(), 0usize);
+    let mut next = None;
+    for (i, (_, raw)) in rows.iter().enumerate() {
+        let full = i == limit
+            || (!volumes.is_empty() && bytes + raw.len() > brickfs_proto::meta::VOLUME_PAGE_BYTES);
+        if full {
+            next = volumes.last().map(|v: &VolumeRecord| v.id);
+            break;
+        }
+        bytes += raw.len();
+        volumes.push(dec::<VolumeRecord>(raw)?);
+    }
+    Ok(MetaReply::VolumePage { volumes, next })
 }
 
 fn scan_all<T: DeserializeOwned>(kv: &impl KvRead, prefix: &[u8]) -> Res<Vec<T>> {
@@ -2410,6 +2489,9 @@ mod tests {
                 now_ns: self.seq as i64,
                 op,
             };
+            self.apply_command(cmd)
+        }
+        fn apply_command(&mut self, cmd: Command) -> CommandResult {
             let mut overlay = Overlay::new(&self.base);
             let r = apply_command(&mut overlay, &cmd);
             for (k, v) in overlay.into_changes() {
@@ -2555,6 +2637,158 @@ mod tests {
                 prop_assert_eq!(&tree, &model.paths, "after {:?}", op);
             }
         }
+    }
+
+    /// A client's commands go only into sessions its own credential opened: in another
+    /// credential's session, or one opened without a credential, they are refused, and an
+    /// answer the session kept for a retry is not handed to them.
+    #[test]
+    fn client_sessions_are_bound_to_the_credential_that_opened_them() {
+        let mut sm = Sm::new();
+        let v = sm.volume;
+        let as_client = |credential: u64, op: MetaOp| MetaOp::AsClient {
+            volume: v,
+            credential,
+            op: Box::new(op),
+        };
+        let opening = || MetaOp::OpenSession {
+            client: "m".into(),
+            lease_ms: 30_000,
+        };
+        let open = |sm: &mut Sm, op| match sm.apply(SessionId(0), op) {
+            Ok(MetaReply::Session(info)) => info.id,
+            other => panic!("{other:?}"),
+        };
+        let mkdir = |name: &str| MetaOp::Mkdir {
+            volume: v,
+            parent: ROOT_INO,
+            name: name.into(),
+            mode: 0o755,
+            umask: 0,
+            uid: 0,
+            gid: 0,
+        };
+        let denied = |r: CommandResult| match r {
+            Err(e) if e.is(ErrorCode::PermissionDenied) => e.to_string(),
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        let first = open(&mut sm, as_client(1, opening()));
+        let second = open(&mut sm, as_client(2, opening()));
+        let plain = open(&mut sm, opening());
+        sm.apply(first, as_client(1, mkdir("a"))).unwrap();
+        sm.apply(first, as_client(1, MetaOp::KeepAlive)).unwrap();
+        let why = denied(sm.apply(first, as_client(2, MetaOp::KeepAlive)));
+        assert!(
+            why.contains("not opened with this client credential"),
+            "{why}"
+        );
+        denied(sm.apply(first, as_client(2, MetaOp::CloseSession)));
+        denied(sm.apply(plain, as_client(1, mkdir("b"))));
+        assert_eq!(sm.resolve(&["b"]), None, "nothing applied");
+        // A kept answer (request 1000 of `second`) is not given to another credential.
+        let at = |op| Command {
+            session: second,
+            seq: 1000,
+            acked_below: 0,
+            now_ns: 1,
+            op,
+        };
+        sm.apply_command(at(as_client(2, mkdir("c")))).unwrap();
+        denied(sm.apply_command(at(as_client(1, mkdir("c")))));
+        // Nodes and administrators (no wrapper) reach any session; a closed session's
+        // binding goes with it.
+        sm.apply(first, MetaOp::KeepAlive).unwrap();
+        sm.apply(first, as_client(1, MetaOp::CloseSession)).unwrap();
+        assert_eq!(sm.base.get(&keys::session_owner(first)), None);
+        assert!(sm.apply(second, as_client(2, MetaOp::KeepAlive)).is_ok());
+        // Only an OpenSession goes without a session, and no wrapper nests.
+        assert!(sm.apply(SessionId(0), as_client(1, mkdir("d"))).is_err());
+        let nested = as_client(1, as_client(1, MetaOp::KeepAlive));
+        assert!(sm.apply(second, nested).is_err());
+    }
+
+    /// With more volume records than one frame holds, `ListVolumes` cannot be sent, and
+    /// `VolumesPage` lists every volume once, in id order, each page within its byte bound.
+    #[test]
+    fn volume_pages_fit_a_frame_and_list_each_volume_once() {
+        use brickfs_proto::Message;
+        use brickfs_proto::meta::{ClientCredential, VOLUME_PAGE_BYTES};
+        let mut sm = Sm::new();
+        sm.register(2, 64);
+        let s = SessionId(1);
+        for i in 0..64 {
+            let name = format!("v{i}");
+            let spec = vec![format!("h2:/b{i}")];
+            sm.apply(
+                s,
+                MetaOp::CreateVolume {
+                    name: name.clone(),
+                    spec,
+                },
+            )
+            .unwrap();
+            for c in 0..64 {
+                let credential = ClientCredential {
+                    id: 1000 + c,
+                    created_ms: 0,
+                    label: "x".repeat(256),
+                };
+                sm.apply(
+                    s,
+                    MetaOp::AddCredential {
+                        name: name.clone(),
+                        credential,
+                    },
+                )
+                .unwrap();
+            }
+        }
+        let MetaReply::Volumes(all) = read(&sm.base, &MetaRead::ListVolumes).unwrap() else {
+            panic!("ListVolumes answers volumes")
+        };
+        assert_eq!(all.len(), 65, "these and the test machine's own");
+        let frame_max = brickfs_proto::frame::Limits::default().body_max_bytes as usize;
+        let whole = Message::MetaOk(MetaReply::Volumes(all.clone()))
+            .encode_body()
+            .len();
+        assert!(
+            whole > frame_max,
+            "{whole} bytes: the test needs more than a frame"
+        );
+        let page = |after, limit| match read(&sm.base, &MetaRead::VolumesPage { after, limit }) {
+            Ok(MetaReply::VolumePage { volumes, next }) => (volumes, next),
+            other => panic!("{other:?}"),
+        };
+        let (mut got, mut after, mut pages) = (Vec::new(), None, 0);
+        loop {
+            let (volumes, next) = page(after, 1000);
+            let body = Message::MetaOk(MetaReply::VolumePage {
+                volumes: volumes.clone(),
+                next,
+            })
+            .encode_body()
+            .len();
+            assert!(
+                body <= VOLUME_PAGE_BYTES + (32 << 10),
+                "a page of {body} bytes"
+            );
+            assert!(!volumes.is_empty(), "every page holds a volume");
+            pages += 1;
+            assert!(pages <= 65, "paging does not end");
+            got.extend(volumes);
+            match next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+        assert!(pages >= 4, "{pages} pages for {whole} bytes");
+        assert_eq!(got, all, "every volume once, in id order");
+        // The count limit holds too, and the next page starts after the last one given.
+        let (five, next) = page(None, 5);
+        assert_eq!(five, all[..5]);
+        assert_eq!(next, Some(all[4].id));
+        let (last, next) = page(Some(all[63].id), 5);
+        assert_eq!((last, next), (all[64..].to_vec(), None));
     }
 
     /// Volumes: a spec resolves to registered bricks and forms sets with epoch 1, the first

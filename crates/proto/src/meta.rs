@@ -664,6 +664,15 @@ pub enum MetaOp {
         name: String,
         id: u64,
     },
+    /// `op`, as a client of `volume` holding credential `credential` sent it. The node that
+    /// received the request wraps it so (none is taken from the wire: see `is_client_op`),
+    /// and the group binds each session to the credential that opened it: a client's
+    /// command in a session it did not open is refused.
+    AsClient {
+        volume: VolumeId,
+        credential: u64,
+        op: Box<MetaOp>,
+    },
 }
 
 /// Files one `GcDoneMany` may name.
@@ -950,7 +959,18 @@ pub enum MetaRead {
         lock: LockSpec,
         wait_ms: u32,
     },
+    /// Volumes in id order after `after`: at most `limit`, and no more records than
+    /// `VOLUME_PAGE_BYTES` hold, so that every page fits one frame (`ListVolumes` answers
+    /// `TooLarge` once they all do not).
+    VolumesPage {
+        after: Option<VolumeId>,
+        limit: u32,
+    },
 }
+
+/// About the most bytes of volume records one `VolumesPage` answer holds (a page always
+/// holds at least one record; one record is far below a frame).
+pub const VOLUME_PAGE_BYTES: usize = 256 << 10;
 
 /// The longest a `WaitLock` is held back, below every client's request timeout.
 pub const LOCK_WAIT_MAX_MS: u32 = 2_500;
@@ -1017,6 +1037,11 @@ pub enum MetaReply {
         in_sync: Vec<BrickId>,
         volumes: Vec<VolumeId>,
         epochs: Vec<SetStanding>,
+    },
+    /// A page of volumes; `next`: where the next page starts (`None`: this was the last).
+    VolumePage {
+        volumes: Vec<VolumeRecord>,
+        next: Option<VolumeId>,
     },
 }
 

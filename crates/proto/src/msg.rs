@@ -16,11 +16,15 @@ fn bincode_config() -> impl bincode::config::Config {
         .with_limit::<{ 1 << 20 }>()
 }
 
-/// Encodes a body with the protocol's bincode configuration.
+/// Encodes a body with the protocol's bincode configuration. The decoding limit does not
+/// apply here: a body larger than a peer accepts is the sender's to refuse (see
+/// `rpc::serve`, which answers `TooLarge` in place of such a reply), not to truncate.
 pub fn encode_body<T: Serialize>(value: &T) -> Vec<u8> {
-    // Serializing our own plain data types into a Vec cannot fail except by exceeding the
-    // limit, which would be a bug in the caller's sizing.
-    bincode::serde::encode_to_vec(value, bincode_config()).unwrap_or_default()
+    let config = bincode::config::standard()
+        .with_little_endian()
+        .with_variable_int_encoding();
+    // Serializing our own plain data types into a Vec cannot fail.
+    bincode::serde::encode_to_vec(value, config).unwrap_or_default()
 }
 
 /// Decodes a body, refusing trailing bytes.

@@ -271,6 +271,32 @@ fn out_frame(request_id: u64, msg: &Message, data: Bytes) -> OutFrame {
     OutFrame { head, data }
 }
 
+/// The frame answering request `id` with `reply`; or, when that would exceed the frame
+/// limits (a peer's are the same unless configured otherwise, and it would close the
+/// connection on such a frame), a `TooLarge` error saying so, for the caller to ask for less
+/// at a time (a page) on the same connection.
+fn reply_frame(id: u64, reply: &Message, data: Bytes, limits: &Limits) -> OutFrame {
+    let frame = out_frame(id, reply, data);
+    let body = frame.head.len() - HEADER_LEN;
+    if body <= limits.body_max_bytes as usize && frame.data.len() <= limits.data_max_bytes as usize
+    {
+        return frame;
+    }
+    let detail = format!(
+        "the {} reply would be {body} bytes of body and {} of data, over the frame limits of {} and {}: ask for less at a time",
+        reply.name(),
+        frame.data.len(),
+        limits.body_max_bytes,
+        limits.data_max_bytes
+    );
+    warn!(request = id, "{detail}");
+    out_frame(
+        id,
+        &Message::Error(ErrorBody::new(ErrorCode::TooLarge, detail)),
+        Bytes::new(),
+    )
+}
+
 /// A frame as read from a stream; the data checksum is checked by the reader.
 struct InFrame {
     header: Header,
@@ -630,7 +656,25 @@ impl Connection {
             Err(_) => return Err(RpcError::Closed { addr }),
         }
         let request = msg.name();
-        if self.tx.send(out_frame(id, &msg, data)).await.is_err() {
+        let frame = out_frame(id, &msg, data);
+        let body = frame.head.len() - HEADER_LEN;
+        let limits = &self.opts.limits;
+        if body > limits.body_max_bytes as usize
+            || frame.data.len() > limits.data_max_bytes as usize
+        {
+            // The peer would close the connection on it, failing every request in flight.
+            self.forget(id);
+            return Err(RpcError::Remote(ErrorBody::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "the {request} request would be {body} bytes of body and {} of data, over the frame limits of {} and {}: send less at a time",
+                    frame.data.len(),
+                    limits.body_max_bytes,
+                    limits.data_max_bytes
+                ),
+            )));
+        }
+        if self.tx.send(frame).await.is_err() {
             self.forget(id);
             return Err(RpcError::Closed { addr });
         }
@@ -1141,7 +1185,7 @@ async fn serve_connection<H: Handler>(
         tokio::spawn(tracing::Instrument::instrument(
             async move {
                 let reply = match handler.handle_from(from, msg, frame.data).await {
-                    Ok((reply, data)) => out_frame(id, &reply, data),
+                    Ok((reply, data)) => reply_frame(id, &reply, data, &limits),
                     Err(body) => out_frame(id, &Message::Error(body), Bytes::new()),
                 };
                 let _ = tx.send(reply).await;
@@ -1166,5 +1210,136 @@ fn frame_error_code(e: &FrameError) -> ErrorCode {
         FrameError::BodyTooLarge { .. } | FrameError::DataTooLarge { .. } => ErrorCode::TooLarge,
         FrameError::DataChecksum { .. } => ErrorCode::DataChecksum,
         FrameError::BadMagic { .. } | FrameError::HeaderChecksum { .. } => ErrorCode::Malformed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{BrickId, Ino, ObjectKey, ObjectVersion, VolumeId};
+    use crate::msg::{
+        List, ListReply, ListedObject, ObjectState, Ping, Pong, Read, ReadData, Write,
+    };
+
+    /// Answers as large as asked: a `List` with `limit` objects, a `Read` with `len_bytes`
+    /// bytes of data, anything else with a `Pong`.
+    struct AsLargeAsAsked;
+
+    const STATE: ObjectState = ObjectState {
+        version: ObjectVersion(1),
+        len_bytes: 0,
+        tag: 0,
+    };
+
+    impl Handler for AsLargeAsAsked {
+        fn node(&self) -> NodeId {
+            NodeId(7)
+        }
+
+        async fn handle(&self, msg: Message, _data: Bytes) -> Result<(Message, Bytes), ErrorBody> {
+            Ok(match msg {
+                Message::List(l) => {
+                    let one = ListedObject {
+                        key: ObjectKey {
+                            volume: VolumeId(1),
+                            ino: Ino(u64::MAX),
+                            column: 0,
+                        },
+                        state: STATE,
+                    };
+                    let objects = vec![one; l.limit as usize];
+                    let reply = ListReply {
+                        objects,
+                        more: false,
+                    };
+                    (Message::ListReply(reply), Bytes::new())
+                }
+                Message::Read(r) => (
+                    Message::ReadData(ReadData { state: STATE }),
+                    Bytes::from(vec![7u8; r.len_bytes as usize]),
+                ),
+                _ => (Message::Pong(Pong { node: NodeId(7) }), Bytes::new()),
+            })
+        }
+    }
+
+    fn too_large(r: Result<(Message, Bytes), RpcError>, what: &str) {
+        match r {
+            Err(RpcError::Remote(body)) if body.is(ErrorCode::TooLarge) => {
+                assert!(body.to_string().contains(what), "{body}");
+            }
+            other => panic!("expected TooLarge naming {what}, got {other:?}"),
+        }
+    }
+
+    /// A reply over the frame limits is answered `TooLarge` in its place, and a request over
+    /// them is refused before it is sent: either way the connection, and the requests beside
+    /// it, go on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn frames_over_the_limits_are_refused_as_too_large_and_the_connection_stays() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, shutdown) = watch::channel(false);
+        let server = tokio::spawn(serve(
+            listener,
+            Arc::new(AsLargeAsAsked),
+            Limits::default(),
+            shutdown,
+        ));
+        let conn = Connection::connect(addr, ClientOptions::default())
+            .await
+            .unwrap();
+        let list = |limit| {
+            Message::List(List {
+                brick: BrickId(1),
+                after: None,
+                limit,
+            })
+        };
+        // About 2 MiB of body, twice the limit; beside it, a request that fits.
+        let (big, small) = tokio::join!(
+            conn.call(list(200_000), Bytes::new()),
+            conn.call(list(1_000), Bytes::new())
+        );
+        too_large(big, "ListReply");
+        match small.unwrap() {
+            (Message::ListReply(r), _) => assert_eq!(r.objects.len(), 1_000),
+            other => panic!("{other:?}"),
+        }
+        let read = |len_bytes| {
+            Message::Read(Read {
+                brick: BrickId(1),
+                key: ObjectKey {
+                    volume: VolumeId(1),
+                    ino: Ino(1),
+                    column: 0,
+                },
+                offset_bytes: 0,
+                len_bytes,
+                repair: false,
+            })
+        };
+        let over = Limits::default().data_max_bytes + 1;
+        too_large(conn.call(read(over), Bytes::new()).await, "ReadData");
+        let (_, data) = conn.call(read(over - 1), Bytes::new()).await.unwrap();
+        assert_eq!(data.len(), over as usize - 1);
+        // A request over the limits is the client's to refuse: the server would close on it.
+        let write = Message::Write(Write {
+            brick: BrickId(1),
+            key: ObjectKey {
+                volume: VolumeId(1),
+                ino: Ino(1),
+                column: 0,
+            },
+            offset_bytes: 0,
+            sync: false,
+        });
+        let huge = Bytes::from(vec![0u8; over as usize]);
+        too_large(conn.call(write, huge).await, "Write request");
+        let ping = conn.call(Message::Ping(Ping {}), Bytes::new()).await;
+        assert!(matches!(ping, Ok((Message::Pong(_), _))), "{ping:?}");
+        assert!(!conn.is_closed());
+        stop.send(true).unwrap();
+        server.await.unwrap();
     }
 }
