@@ -754,15 +754,22 @@ async fn client_read_loop<R: AsyncRead + Unpin>(
 /// A pool of connections per peer, replacing dead ones on demand.
 pub struct Pool {
     opts: ClientOptions,
-    peers: tokio::sync::Mutex<HashMap<SocketAddr, Vec<Connection>>>,
+    peers: Mutex<HashMap<SocketAddr, PeerConns>>,
     next: AtomicUsize,
+}
+
+/// A peer's open connections, and the gate its connects go through one at a time.
+#[derive(Default)]
+struct PeerConns {
+    conns: Vec<Connection>,
+    connecting: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Pool {
     pub fn new(opts: ClientOptions) -> Pool {
         Pool {
             opts,
-            peers: tokio::sync::Mutex::new(HashMap::new()),
+            peers: Mutex::new(HashMap::new()),
             next: AtomicUsize::new(0),
         }
     }
@@ -771,19 +778,37 @@ impl Pool {
         &self.opts
     }
 
+    /// A live connection to `addr` when it has `conns_per_peer` already; else the gate to
+    /// open one through.
+    fn pick(&self, addr: SocketAddr) -> Result<Connection, Arc<tokio::sync::Mutex<()>>> {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let peer = peers.entry(addr).or_default();
+        peer.conns.retain(|c| !c.is_closed());
+        if peer.conns.len() < self.opts.conns_per_peer.max(1) {
+            return Err(peer.connecting.clone());
+        }
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % peer.conns.len();
+        Ok(peer.conns[index].clone())
+    }
+
     /// Returns a live connection to `addr`, opening one if the peer has fewer than
-    /// `conns_per_peer`.
+    /// `conns_per_peer`. A connect waits only for other connects to the same peer: one to a
+    /// peer that does not answer (cut off, its packets dropped) holds up no call to another
+    /// (a Raft vote to the rest of the group, say).
     pub async fn get(&self, addr: SocketAddr) -> Result<Connection, RpcError> {
-        let mut peers = self.peers.lock().await;
-        let conns = peers.entry(addr).or_default();
-        conns.retain(|c| !c.is_closed());
-        if conns.len() < self.opts.conns_per_peer.max(1) {
-            let conn = Connection::connect(addr, self.opts.clone()).await?;
-            conns.push(conn.clone());
+        let gate = match self.pick(addr) {
+            Ok(conn) => return Ok(conn),
+            Err(gate) => gate,
+        };
+        let _one_at_a_time = gate.lock().await;
+        // Another caller may have connected meanwhile.
+        if let Ok(conn) = self.pick(addr) {
             return Ok(conn);
         }
-        let index = self.next.fetch_add(1, Ordering::Relaxed) % conns.len();
-        Ok(conns[index].clone())
+        let conn = Connection::connect(addr, self.opts.clone()).await?;
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.entry(addr).or_default().conns.push(conn.clone());
+        Ok(conn)
     }
 
     /// Sends one request to `addr` over a pooled connection.
@@ -798,7 +823,10 @@ impl Pool {
 
     /// Drops every connection to `addr` (after the peer restarted, say).
     pub async fn forget(&self, addr: SocketAddr) {
-        self.peers.lock().await.remove(&addr);
+        self.peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&addr);
     }
 }
 
@@ -1270,6 +1298,56 @@ mod tests {
             }
             other => panic!("expected TooLarge naming {what}, got {other:?}"),
         }
+    }
+
+    /// A connect to a peer that does not answer holds up no call to another peer on the same
+    /// pool (the metadata group's votes share one: a cut-off member must not stall an
+    /// election among the others).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_silent_peer_holds_up_no_call_to_another() {
+        // Accepts, and never answers the Hello.
+        let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let silent_addr = silent.local_addr().unwrap();
+        let keep = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = silent.accept().await {
+                held.push(s);
+            }
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live = listener.local_addr().unwrap();
+        let (stop, shutdown) = watch::channel(false);
+        let server = tokio::spawn(serve(
+            listener,
+            Arc::new(AsLargeAsAsked),
+            Limits::default(),
+            shutdown,
+        ));
+        let pool = Arc::new(Pool::new(ClientOptions {
+            connect_timeout: Duration::from_secs(10),
+            ..ClientOptions::default()
+        }));
+        let stuck = {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                pool.call(silent_addr, Message::Ping(Ping {}), Bytes::new())
+                    .await
+            })
+        };
+        // Let the stuck call reach its connect first (bounded: it is the next thing it does).
+        for _ in 0..100_000 {
+            if pool.peers.lock().unwrap().contains_key(&silent_addr) {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        let pong = pool.call(live, Message::Ping(Ping {}), Bytes::new()).await;
+        assert!(matches!(pong, Ok((Message::Pong(_), _))), "{pong:?}");
+        assert!(!stuck.is_finished(), "the silent peer answered?");
+        stuck.abort();
+        keep.abort();
+        stop.send(true).unwrap();
+        server.await.unwrap();
     }
 
     /// A reply over the frame limits is answered `TooLarge` in its place, and a request over
