@@ -918,6 +918,31 @@ async fn each_role_reaches_what_it_may_and_nothing_else() {
     let vol_b = brickfs_client::admin::volume_info(&admin, "b")
         .await
         .unwrap();
+    // What a client says of its own set is checked against the group: a primary told to
+    // forward the client's write to another volume's brick refuses.
+    let set_a = vol_a.sets()[0].clone();
+    let forged_members = Message::SetWrite(brickfs_proto::msg::SetWrite {
+        brick: set_a.primary,
+        set: SetRef {
+            volume: id_a,
+            set: 0,
+            epoch: set_a.epoch,
+        },
+        key: ObjectKey {
+            volume: id_a,
+            ino: Ino(999),
+            column: 0,
+        },
+        offset_bytes: 0,
+        sync: false,
+        members: vec![brickfs_proto::msg::MemberRef {
+            brick: vol_b.bricks[0].brick,
+            addr: at.to_string(),
+        }],
+        degraded: false,
+    });
+    let e = refused(&cb, forged_members).await;
+    assert!(e.contains("the members to forward to are [], not"), "{e}");
 
     // ...and with nothing else.
     let member_stat = Message::MemberStat(MemberStat {

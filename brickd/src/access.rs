@@ -29,7 +29,8 @@
 
 use brickfs_client::MetaClient;
 use brickfs_proto::cred::{Peer, Role};
-use brickfs_proto::meta::{MetaRead, MetaReply};
+use brickfs_proto::meta::{MetaRead, MetaReply, SetState};
+use brickfs_proto::msg::{DisperseGeometry, MemberRef, SetRef};
 use brickfs_proto::{BrickId, ErrorBody, ErrorCode, Message, VolumeId};
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -87,6 +88,12 @@ struct Rules {
     names: HashMap<VolumeId, String>,
     /// The client credentials each volume lists.
     credentials: HashMap<VolumeId, HashSet<u64>>,
+    /// Every set as the group last said (epoch, primary, members, in sync), by volume and
+    /// index; each volume's disperse fragments (data, parity), none for other volumes; each
+    /// brick's protocol address. What a client says of a set is checked against them.
+    sets: HashMap<(VolumeId, u32), SetState>,
+    disperse: HashMap<VolumeId, (u32, u32)>,
+    brick_addrs: HashMap<BrickId, std::net::SocketAddr>,
     /// Volumes with `allow-networks`, by id and by name.
     by_id: HashMap<VolumeId, (String, Vec<Net>)>,
     by_name: HashMap<String, Vec<Net>>,
@@ -240,6 +247,106 @@ fn need(msg: &Message) -> Need<'_> {
     Need::Volume(Target::Id(id))
 }
 
+/// What `set_claims` finds.
+#[derive(Debug, PartialEq, Eq)]
+enum Claims {
+    Fine,
+    /// An epoch newer than the rules know.
+    Ahead(String),
+    /// Not the group's word at that epoch: (what, for the log, and why).
+    Wrong(String, String),
+}
+
+/// Checks a set mutation's claims against the rules (see `Access::check_set_claims`).
+fn set_claims(rules: &Rules, msg: &Message) -> Claims {
+    use Message::*;
+    let (brick, set, members, geometry): (
+        BrickId,
+        SetRef,
+        &[MemberRef],
+        Option<&DisperseGeometry>,
+    ) = match msg {
+        SetWrite(m) => (m.brick, m.set, &m.members, None),
+        SetTruncate(m) => (m.brick, m.set, &m.members, None),
+        DisperseWrite(m) => (m.brick, m.set, &m.geometry.members, Some(&m.geometry)),
+        DisperseTruncate(m) => (m.brick, m.set, &m.geometry.members, Some(&m.geometry)),
+        _ => return Claims::Fine,
+    };
+    let (volume, index, epoch) = (set.volume, set.set, set.epoch);
+    let Some(known) = rules.sets.get(&(volume, index)) else {
+        return Claims::Ahead(format!(
+            "this node does not know set {index} of volume {volume} yet; retry shortly"
+        ));
+    };
+    if epoch < known.epoch {
+        return Claims::Fine;
+    }
+    if epoch > known.epoch {
+        return Claims::Ahead(format!(
+            "this node knows set {index} of volume {volume} at epoch {} yet, not {epoch}; retry shortly",
+            known.epoch
+        ));
+    }
+    let what = format!("set:{volume}:{index}:{epoch}");
+    let wrong = |detail: String| {
+        Claims::Wrong(
+            what.clone(),
+            format!("set {index} of volume {volume} at epoch {epoch}: {detail}"),
+        )
+    };
+    if brick != known.primary {
+        return wrong(format!(
+            "its primary is brick {}, not {brick}",
+            known.primary
+        ));
+    }
+    let bricks: Vec<BrickId> = members.iter().map(|m| m.brick).collect();
+    match (geometry, rules.disperse.get(&volume)) {
+        (None, None) => {
+            let others: Vec<BrickId> = known
+                .in_sync
+                .iter()
+                .copied()
+                .filter(|b| *b != known.primary)
+                .collect();
+            if bricks != others {
+                return wrong(format!(
+                    "the members to forward to are {others:?}, not {bricks:?}"
+                ));
+            }
+        }
+        (Some(g), Some(&(k, m))) => {
+            let f = brickfs_layout::DISPERSE_FRAGMENT_BYTES;
+            if (g.data_fragments, g.parity_fragments, g.fragment_bytes) != (k, m, f) {
+                return wrong(format!(
+                    "its geometry is {k}+{m} fragments of {f} bytes, not {}+{} of {}",
+                    g.data_fragments, g.parity_fragments, g.fragment_bytes
+                ));
+            }
+            if bricks != known.members || g.in_sync != known.in_sync {
+                return wrong(format!(
+                    "its members are {:?} ({:?} in sync), not {bricks:?} ({:?})",
+                    known.members, known.in_sync, g.in_sync
+                ));
+            }
+        }
+        (Some(_), None) => return wrong("a replica set takes no disperse mutation".into()),
+        (None, Some(_)) => return wrong("a disperse set takes no replica mutation".into()),
+    }
+    for member in members {
+        let at = rules.brick_addrs.get(&member.brick);
+        if at.is_none_or(|a| member.addr.parse::<std::net::SocketAddr>().ok() != Some(*a)) {
+            return wrong(format!(
+                "brick {} is at {}, not {}",
+                member.brick,
+                at.map_or("no known address".to_string(), |a| a.to_string()),
+                member.addr
+            ));
+        }
+    }
+    Claims::Fine
+}
+
 impl Access {
     /// The rules of a node that reads them from a metadata group (`enforce`), or of one
     /// without a group, which checks nothing.
@@ -322,7 +429,10 @@ impl Access {
         let (name, nets) = match t {
             Target::Id(id) => match rules.by_id.get(&id) {
                 Some((name, nets)) => (name.clone(), nets),
-                None => return Ok(()),
+                None => {
+                    drop(rules);
+                    return self.check_set_claims(peer, msg);
+                }
             },
             Target::Name(name) => match rules.by_name.get(name) {
                 Some(nets) => (name.to_string(), nets),
@@ -338,7 +448,8 @@ impl Access {
             },
         };
         if nets.iter().any(|n| n.contains(peer)) {
-            return Ok(());
+            drop(rules);
+            return self.check_set_claims(peer, msg);
         }
         drop(rules);
         Err(self.refuse(
@@ -346,6 +457,27 @@ impl Access {
             name.clone(),
             format!("client {peer} is not in the allow-networks of volume {name}"),
         ))
+    }
+
+    /// What a client says of a set when it asks its primary for a mutation (the members to
+    /// forward to, with their addresses; a disperse set's geometry) must be what the group
+    /// says of the set at that epoch: else the primary would write where, and in the
+    /// geometry, the client chose. An epoch the rules do not know yet is `Busy` (and the
+    /// rules are read again at once); an older one passes, for the bricks' fences refuse it.
+    fn check_set_claims(&self, peer: IpAddr, msg: &Message) -> Result<(), ErrorBody> {
+        let rules = self.rules.read().unwrap_or_else(|p| p.into_inner());
+        match set_claims(&rules, msg) {
+            Claims::Fine => Ok(()),
+            Claims::Ahead(detail) => {
+                drop(rules);
+                self.stale.notify_one();
+                Err(ErrorBody::new(ErrorCode::Busy, detail))
+            }
+            Claims::Wrong(what, detail) => {
+                drop(rules);
+                Err(self.refuse_now(peer, what, detail))
+            }
+        }
     }
 
     /// Heal streams only to a node of the cluster map, whoever asks.
@@ -444,10 +576,12 @@ impl Access {
         }
         // The volume's own networks hold its clients too.
         let Some((_, nets)) = rules.by_id.get(&volume) else {
-            return Ok(());
+            drop(rules);
+            return self.check_set_claims(peer, msg);
         };
         if nets.iter().any(|n| n.contains(peer)) {
-            return Ok(());
+            drop(rules);
+            return self.check_set_claims(peer, msg);
         }
         drop(rules);
         Err(self.refuse(
@@ -529,6 +663,17 @@ impl Access {
         for v in volumes {
             for b in &v.bricks {
                 fresh.brick_volume.insert(b.brick, v.id);
+                if let Ok(addr) = brickfs_client::volume::brick_addr(b) {
+                    fresh.brick_addrs.insert(b.brick, addr);
+                }
+            }
+            for (i, set) in v.sets.iter().enumerate() {
+                fresh.sets.insert((v.id, i as u32), set.clone());
+            }
+            if v.disperse_data > 0 {
+                fresh
+                    .disperse
+                    .insert(v.id, (v.disperse_data, v.disperse_redundancy));
             }
             fresh.names.insert(v.id, v.name.clone());
             fresh
@@ -585,6 +730,130 @@ mod tests {
         closed.rules.write().unwrap().known = true;
         assert!(closed.check(peer, &read).is_ok(), "no rule for the volume");
         assert!(Access::new(false).check(peer, &read).is_ok());
+    }
+
+    /// A client's claims about a set pass only as the group made them at that epoch: the
+    /// primary, the members to forward to and their addresses, a disperse set's geometry.
+    #[test]
+    fn set_mutations_must_name_the_sets_as_the_group_has_them() {
+        use brickfs_proto::msg::{DisperseGeometry, DisperseWrite, MemberRef, SetRef, SetWrite};
+        use brickfs_proto::{Epoch, Ino, ObjectKey};
+        let (r, d) = (VolumeId(1), VolumeId(2));
+        let b = BrickId;
+        let mut rules = Rules {
+            known: true,
+            ..Rules::default()
+        };
+        for i in 1..=6 {
+            let addr = format!("10.0.0.{i}:7000").parse().unwrap();
+            rules.brick_addrs.insert(b(i), addr);
+        }
+        let state = |members: Vec<BrickId>, in_sync: Vec<BrickId>| SetState {
+            primary: members[0],
+            members,
+            epoch: Epoch(5),
+            in_sync,
+            full_heal: Vec::new(),
+            draining: None,
+        };
+        rules
+            .sets
+            .insert((r, 0), state(vec![b(1), b(2), b(3)], vec![b(1), b(3)]));
+        rules.sets.insert(
+            (d, 0),
+            state(vec![b(4), b(5), b(6)], vec![b(4), b(5), b(6)]),
+        );
+        rules.disperse.insert(d, (2, 1));
+        let member = |i: u64| MemberRef {
+            brick: b(i),
+            addr: format!("10.0.0.{i}:7000"),
+        };
+        let key = |volume| ObjectKey {
+            volume,
+            ino: Ino(9),
+            column: 0,
+        };
+        let set_write = |brick, epoch, members| {
+            Message::SetWrite(SetWrite {
+                brick,
+                set: SetRef {
+                    volume: r,
+                    set: 0,
+                    epoch: Epoch(epoch),
+                },
+                key: key(r),
+                offset_bytes: 0,
+                sync: false,
+                members,
+                degraded: true,
+            })
+        };
+        let disperse = |k, members, in_sync| {
+            Message::DisperseWrite(DisperseWrite {
+                brick: b(4),
+                set: SetRef {
+                    volume: d,
+                    set: 0,
+                    epoch: Epoch(5),
+                },
+                key: key(d),
+                offset_bytes: 0,
+                sync: false,
+                geometry: DisperseGeometry {
+                    data_fragments: k,
+                    parity_fragments: 1,
+                    fragment_bytes: brickfs_layout::DISPERSE_FRAGMENT_BYTES,
+                    members,
+                    in_sync,
+                },
+            })
+        };
+        let wrong = |msg: &Message, why: &str| match set_claims(&rules, msg) {
+            Claims::Wrong(_, detail) => assert!(detail.contains(why), "{detail}"),
+            other => panic!("{msg:?}: {other:?}"),
+        };
+        assert_eq!(
+            set_claims(&rules, &set_write(b(1), 5, vec![member(3)])),
+            Claims::Fine
+        );
+        wrong(&set_write(b(3), 5, vec![member(1)]), "its primary is brick");
+        // Leaving an in-sync member out, or naming one out of sync.
+        wrong(&set_write(b(1), 5, vec![]), "the members to forward to");
+        wrong(
+            &set_write(b(1), 5, vec![member(2)]),
+            "the members to forward to",
+        );
+        let elsewhere = MemberRef {
+            brick: b(3),
+            addr: "192.0.2.9:7000".into(),
+        };
+        wrong(&set_write(b(1), 5, vec![elsewhere]), "is at 10.0.0.3:7000");
+        // Older epochs are the fences' to refuse; newer ones wait for the rules.
+        assert_eq!(
+            set_claims(&rules, &set_write(b(2), 4, vec![])),
+            Claims::Fine
+        );
+        assert!(matches!(
+            set_claims(&rules, &set_write(b(1), 6, vec![])),
+            Claims::Ahead(_)
+        ));
+        let all = || vec![member(4), member(5), member(6)];
+        let in_sync = || vec![b(4), b(5), b(6)];
+        assert_eq!(
+            set_claims(&rules, &disperse(2, all(), in_sync())),
+            Claims::Fine
+        );
+        wrong(&disperse(1, all(), in_sync()), "its geometry is 2+1");
+        wrong(&disperse(2, all(), vec![b(4), b(5)]), "its members are");
+        wrong(
+            &disperse(2, vec![member(4), member(6), member(5)], in_sync()),
+            "its members are",
+        );
+        rules.sets.clear();
+        assert!(matches!(
+            set_claims(&rules, &disperse(2, all(), in_sync())),
+            Claims::Ahead(_)
+        ));
     }
 
     #[test]
