@@ -206,33 +206,22 @@ pub(crate) async fn issue_credential(
     let created_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    group
-        .write(MetaOp::AddCredential {
-            name: volume.to_string(),
-            credential: ClientCredential {
-                id,
-                created_ms,
-                label: label.to_string(),
-            },
-        })
-        .await
-        .map_err(rejected)?;
-    let mut revoked = Vec::new();
-    if replace {
-        for c in v.credentials.iter().filter(|c| c.id != id) {
-            match group
-                .write(MetaOp::RevokeCredential {
-                    name: volume.to_string(),
-                    id: c.id,
-                })
-                .await
-            {
-                Ok(_) => revoked.push(c.id),
-                Err(brickfs_client::MetaError::Rejected(b)) if b.is(ErrorCode::NotFound) => {}
-                Err(e) => return Err(rejected(e)),
-            }
-        }
-    }
+    let credential = ClientCredential {
+        id,
+        created_ms,
+        label: label.to_string(),
+    };
+    let name = volume.to_string();
+    // A rotation is one command: the volume never lists both, nor none.
+    let op = if replace {
+        MetaOp::RotateCredential { name, credential }
+    } else {
+        MetaOp::AddCredential { name, credential }
+    };
+    let revoked = match group.write(op).await.map_err(rejected)? {
+        MetaReply::Rotated { revoked, .. } => revoked,
+        _ => Vec::new(),
+    };
     let credential = Credential::Client {
         volume: v.id,
         id,

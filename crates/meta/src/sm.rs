@@ -31,6 +31,8 @@ pub const READDIR_MAX: usize = 4096;
 pub const LINK_MAX: u32 = 65_000;
 pub const XATTR_NAME_MAX_BYTES: usize = 255;
 pub const XATTR_VALUE_MAX_BYTES: usize = 64 << 10;
+/// The longest client name a session keeps (`OpenSession`).
+pub const CLIENT_NAME_MAX_BYTES: usize = 256;
 /// Files one `CloseFiles` may name.
 pub const CLOSE_FILES_MAX: usize = 4096;
 /// The stripe unit of new files when the volume sets none.
@@ -844,6 +846,12 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
     fn op(&mut self, op: &MetaOp, session: SessionId) -> Res<MetaReply> {
         Ok(match op {
             MetaOp::OpenSession { client, lease_ms } => {
+                if client.len() > CLIENT_NAME_MAX_BYTES {
+                    return Err(err(
+                        ErrorCode::InvalidArgument,
+                        format!("a session's client name is at most {CLIENT_NAME_MAX_BYTES} bytes"),
+                    ));
+                }
                 let id = SessionId(self.next_counter("session")?);
                 let lease_ms = (*lease_ms).clamp(
                     brickfs_proto::meta::LEASE_MIN_MS,
@@ -1092,16 +1100,25 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                         ),
                     ));
                 }
-                if credential.label.len() > 256 {
-                    return Err(err(
-                        ErrorCode::InvalidArgument,
-                        "a credential's label is at most 256 bytes",
-                    ));
-                }
+                check_label(credential)?;
                 v.credentials.push(credential.clone());
                 self.kv.put(keys::volume(v.id), enc(&v));
                 tracing::info!(volume = %v.id, name = %name, credential = %format!("{:x}", credential.id), "client credential listed");
                 MetaReply::Volume(v)
+            }
+            MetaOp::RotateCredential { name, credential } => {
+                let mut v = volume_by_name(self.kv, name)?;
+                check_label(credential)?;
+                let revoked: Vec<u64> = v
+                    .credentials
+                    .iter()
+                    .map(|c| c.id)
+                    .filter(|id| *id != credential.id)
+                    .collect();
+                v.credentials = vec![credential.clone()];
+                self.kv.put(keys::volume(v.id), enc(&v));
+                tracing::info!(volume = %v.id, name = %name, credential = %format!("{:x}", credential.id), revoked = revoked.len(), "client credentials rotated");
+                MetaReply::Rotated { volume: v, revoked }
             }
             MetaOp::RevokeCredential { name, id } => {
                 let mut v = volume_by_name(self.kv, name)?;
@@ -1938,6 +1955,17 @@ fn apply_setattr(i: &mut InodeV1, set: &SetAttr, now_ns: i64) -> Res<()> {
     Ok(())
 }
 
+/// A credential's label is short free text.
+fn check_label(credential: &brickfs_proto::meta::ClientCredential) -> Res<()> {
+    if credential.label.len() > 256 {
+        return Err(err(
+            ErrorCode::InvalidArgument,
+            "a credential's label is at most 256 bytes",
+        ));
+    }
+    Ok(())
+}
+
 /// Who opened a session, when a client did: its volume's id and its credential's id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct SessionOwner(u64, u64);
@@ -2705,6 +2733,65 @@ mod tests {
         assert!(sm.apply(SessionId(0), as_client(1, mkdir("d"))).is_err());
         let nested = as_client(1, as_client(1, MetaOp::KeepAlive));
         assert!(sm.apply(second, nested).is_err());
+    }
+
+    /// A rotation lists the new credential alone and says which it revoked, in one command.
+    #[test]
+    fn a_rotation_replaces_every_credential_at_once() {
+        use brickfs_proto::meta::ClientCredential;
+        let mut sm = Sm::new();
+        let s = SessionId(1);
+        let cred = |id| ClientCredential {
+            id,
+            created_ms: 0,
+            label: "l".into(),
+        };
+        for id in [7, 8] {
+            sm.apply(
+                s,
+                MetaOp::AddCredential {
+                    name: "v".into(),
+                    credential: cred(id),
+                },
+            )
+            .unwrap();
+        }
+        let rotate = |sm: &mut Sm, credential| {
+            sm.apply(
+                s,
+                MetaOp::RotateCredential {
+                    name: "v".into(),
+                    credential,
+                },
+            )
+        };
+        match rotate(&mut sm, cred(9)).unwrap() {
+            MetaReply::Rotated { volume, revoked } => {
+                assert_eq!(revoked, vec![7, 8]);
+                assert_eq!(volume.credentials, vec![cred(9)]);
+            }
+            other => panic!("{other:?}"),
+        }
+        let long = ClientCredential {
+            label: "x".repeat(257),
+            ..cred(10)
+        };
+        assert!(rotate(&mut sm, long).is_err());
+        let MetaReply::Volume(v) =
+            read(&sm.base, &MetaRead::VolumeByName { name: "v".into() }).unwrap()
+        else {
+            panic!("a volume")
+        };
+        assert_eq!(
+            v.credentials,
+            vec![cred(9)],
+            "a refused rotation changes nothing"
+        );
+        let long_name = MetaOp::OpenSession {
+            client: "c".repeat(CLIENT_NAME_MAX_BYTES + 1),
+            lease_ms: 1000,
+        };
+        assert!(sm.apply(SessionId(0), long_name).is_err());
     }
 
     /// With more volume records than one frame holds, `ListVolumes` cannot be sent, and

@@ -673,6 +673,12 @@ pub enum MetaOp {
         credential: u64,
         op: Box<MetaOp>,
     },
+    /// Lists `credential` as volume `name`'s only client credential, revoking every other in
+    /// the same command (a rotation: never both, never none). Answers `Rotated`.
+    RotateCredential {
+        name: String,
+        credential: ClientCredential,
+    },
 }
 
 /// Files one `GcDoneMany` may name.
@@ -760,7 +766,8 @@ impl MetaOp {
             | RebalanceStart { name, .. }
             | RebalanceStop { name, .. }
             | AddCredential { name, .. }
-            | RevokeCredential { name, .. } => Some(name),
+            | RevokeCredential { name, .. }
+            | RotateCredential { name, .. } => Some(name),
             _ => None,
         }
     }
@@ -1042,6 +1049,11 @@ pub enum MetaReply {
     VolumePage {
         volumes: Vec<VolumeRecord>,
         next: Option<VolumeId>,
+    },
+    /// The volume after a `RotateCredential`, and the credentials it revoked.
+    Rotated {
+        volume: VolumeRecord,
+        revoked: Vec<u64>,
     },
 }
 

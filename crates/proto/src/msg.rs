@@ -692,6 +692,49 @@ mod tests {
         }
     }
 
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(96))]
+        /// For every kind, any body decodes to a message of that kind or to `Malformed`:
+        /// never a panic, another kind, or a huge allocation (bodies claiming long vectors
+        /// are in the mix). A body that decodes re-encodes to the same message, and none of
+        /// its strict prefixes decodes: a cut body is an error, never another message.
+        #[test]
+        fn every_kind_decodes_any_body_to_its_kind_or_an_error(
+            body in prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..256),
+                // Mostly zeros and ones: empty vectors, first variants, small numbers, so
+                // that bodies of every kind decode often enough to test the rest.
+                proptest::collection::vec(0u8..3, 0..96),
+                // A long-vector claim (a varint of u64::MAX) after a few small bytes.
+                proptest::collection::vec(0u8..2, 0..8).prop_map(|mut v| {
+                    v.push(253);
+                    v.extend_from_slice(&u64::MAX.to_le_bytes());
+                    v
+                }),
+            ]
+        ) {
+            for (num, name, _) in Message::KINDS {
+                match Message::decode(*num, &body) {
+                    Ok(msg) => {
+                        prop_assert_eq!(msg.kind(), *num);
+                        let again = Message::decode(*num, &msg.encode_body());
+                        prop_assert_eq!(again.as_ref(), Ok(&msg), "{} re-encoded", name);
+                        for cut in 0..body.len() {
+                            prop_assert!(
+                                Message::decode(*num, &body[..cut]).is_err(),
+                                "{} decoded from {} of {} bytes", name, cut, body.len()
+                            );
+                        }
+                    }
+                    Err(DecodeError::Malformed(_)) => {}
+                    Err(e) => prop_assert!(false, "{}: {}", name, e),
+                }
+            }
+        }
+    }
+
     #[test]
     fn kind_numbers_are_unique() {
         let mut seen = std::collections::HashSet::new();
