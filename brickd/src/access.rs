@@ -94,9 +94,10 @@ struct Rules {
     sets: HashMap<(VolumeId, u32), SetState>,
     disperse: HashMap<VolumeId, (u32, u32)>,
     brick_addrs: HashMap<BrickId, std::net::SocketAddr>,
-    /// Volumes with `allow-networks`, by id and by name.
+    /// Volumes with `allow-networks`, by id (with their names).
     by_id: HashMap<VolumeId, (String, Vec<Net>)>,
-    by_name: HashMap<String, Vec<Net>>,
+    /// Every volume's id, by name.
+    by_name_id: HashMap<String, VolumeId>,
     /// (peer, volume) refusals already logged, so a refused client does not flood the log.
     logged: HashSet<(IpAddr, String)>,
     /// How many times the rules have been read.
@@ -245,6 +246,12 @@ fn need(msg: &Message) -> Need<'_> {
         _ => return Need::Nothing,
     };
     Need::Volume(Target::Id(id))
+}
+
+/// Volume `id`'s name and whether `peer` is in its allow-networks; `None` when it has none.
+fn in_networks(rules: &Rules, id: VolumeId, peer: IpAddr) -> Option<(String, bool)> {
+    let (name, nets) = rules.by_id.get(&id)?;
+    Some((name.clone(), nets.iter().any(|n| n.contains(peer))))
 }
 
 /// What `set_claims` finds.
@@ -426,37 +433,32 @@ impl Access {
             }
             Need::Volume(t) => t,
         };
-        let (name, nets) = match t {
-            Target::Id(id) => match rules.by_id.get(&id) {
-                Some((name, nets)) => (name.clone(), nets),
-                None => {
-                    drop(rules);
-                    return self.check_set_claims(peer, msg);
-                }
-            },
-            Target::Name(name) => match rules.by_name.get(name) {
-                Some(nets) => (name.to_string(), nets),
-                None => return Ok(()),
-            },
-            Target::Brick(b) => match rules
-                .brick_volume
-                .get(&b)
-                .and_then(|id| rules.by_id.get(id))
-            {
-                Some((name, nets)) => (name.clone(), nets),
-                None => return Ok(()),
-            },
+        let id = match t {
+            Target::Id(id) => Some(id),
+            Target::Name(name) => rules.by_name_id.get(name).copied(),
+            Target::Brick(b) => rules.brick_volume.get(&b).copied(),
         };
-        if nets.iter().any(|n| n.contains(peer)) {
-            drop(rules);
-            return self.check_set_claims(peer, msg);
-        }
+        let found = id.and_then(|id| in_networks(&rules, id, peer));
         drop(rules);
-        Err(self.refuse(
-            peer,
-            name.clone(),
-            format!("client {peer} is not in the allow-networks of volume {name}"),
-        ))
+        self.within_networks(peer, msg, found)
+    }
+
+    /// The last checks of a request about a volume: the peer in its networks (`found`, see
+    /// `in_networks`), then what it claims of a set.
+    fn within_networks(
+        &self,
+        peer: IpAddr,
+        msg: &Message,
+        found: Option<(String, bool)>,
+    ) -> Result<(), ErrorBody> {
+        match found {
+            Some((name, false)) => Err(self.refuse(
+                peer,
+                name.clone(),
+                format!("client {peer} is not in the allow-networks of volume {name}"),
+            )),
+            _ => self.check_set_claims(peer, msg),
+        }
     }
 
     /// What a client says of a set when it asks its primary for a mutation (the members to
@@ -575,20 +577,9 @@ impl Access {
             ));
         }
         // The volume's own networks hold its clients too.
-        let Some((_, nets)) = rules.by_id.get(&volume) else {
-            drop(rules);
-            return self.check_set_claims(peer, msg);
-        };
-        if nets.iter().any(|n| n.contains(peer)) {
-            drop(rules);
-            return self.check_set_claims(peer, msg);
-        }
+        let found = in_networks(&rules, volume, peer);
         drop(rules);
-        Err(self.refuse(
-            peer,
-            name.clone(),
-            format!("client {peer} is not in the allow-networks of volume {name}"),
-        ))
+        self.within_networks(peer, msg, found)
     }
 
     /// A refusal that fresher rules cannot change (the role decides it): logged once per
@@ -676,6 +667,7 @@ impl Access {
                     .insert(v.id, (v.disperse_data, v.disperse_redundancy));
             }
             fresh.names.insert(v.id, v.name.clone());
+            fresh.by_name_id.insert(v.name.clone(), v.id);
             fresh
                 .credentials
                 .insert(v.id, v.credentials.iter().map(|c| c.id).collect());
@@ -683,7 +675,6 @@ impl Access {
                 continue;
             };
             let nets: Vec<Net> = value.split(',').filter_map(Net::parse).collect();
-            fresh.by_name.insert(v.name.clone(), nets.clone());
             fresh.by_id.insert(v.id, (v.name, nets));
         }
         let mut rules = self.rules.write().unwrap_or_else(|p| p.into_inner());
