@@ -1045,6 +1045,96 @@ async fn each_role_reaches_what_it_may_and_nothing_else() {
         ),
         (member_stat.clone(), "MemberStat"),
         (
+            Message::OpenBrick(brickfs_proto::msg::OpenBrick {
+                path: d.join("b1").display().to_string(),
+            }),
+            "OpenBrick",
+        ),
+        (
+            Message::List(brickfs_proto::msg::List {
+                brick: vol_b.bricks[0].brick,
+                after: None,
+                limit: 10,
+            }),
+            "List",
+        ),
+        (
+            Message::ScrubStatus(brickfs_proto::msg::ScrubStatus {
+                brick: vol_a.record().bricks[0].brick,
+            }),
+            "ScrubStatus",
+        ),
+        (
+            Message::HealObjects(brickfs_proto::msg::HealObjects {
+                brick: vol_a.record().bricks[0].brick,
+                set: SetRef {
+                    volume: id_a,
+                    set: 0,
+                    epoch: Epoch(1),
+                },
+                target: brickfs_proto::msg::MemberRef {
+                    brick: vol_b.bricks[0].brick,
+                    addr: at.to_string(),
+                },
+                geometry: None,
+                after: None,
+                limit: 10,
+                barrier: false,
+                journal: false,
+                since: 0,
+            }),
+            "HealObjects",
+        ),
+        (meta_read(MetaRead::ListSessions), "MetaRead ListSessions"),
+        (
+            meta_read(MetaRead::VolumesPage {
+                after: None,
+                limit: 10,
+            }),
+            "MetaRead VolumesPage",
+        ),
+        (
+            meta_write(MetaOp::CreateVolume {
+                name: "c".into(),
+                spec: vec![format!("{at}:/nowhere")],
+            }),
+            "MetaWrite CreateVolume",
+        ),
+        (
+            meta_write(MetaOp::RegisterBrick {
+                brick: brickfs_proto::meta::BrickRecord {
+                    id: brickfs_proto::BrickId(5),
+                    node: NodeId(7),
+                    path: "/x".into(),
+                    capacity_bytes: 1,
+                },
+            }),
+            "MetaWrite RegisterBrick",
+        ),
+        (
+            meta_write(MetaOp::RemoveNode { node: NodeId(7) }),
+            "MetaWrite RemoveNode",
+        ),
+        (
+            meta_write(MetaOp::RotateCredential {
+                name: "a".into(),
+                credential: brickfs_proto::meta::ClientCredential {
+                    id: 5,
+                    created_ms: 0,
+                    label: String::new(),
+                },
+            }),
+            "MetaWrite RotateCredential",
+        ),
+        (
+            meta_write(MetaOp::DetectFailures { down_after_ms: 0 }),
+            "MetaWrite DetectFailures",
+        ),
+        (
+            meta_write(MetaOp::ExpireSessions),
+            "MetaWrite ExpireSessions",
+        ),
+        (
             meta_write(MetaOp::AsClient {
                 volume: id_a,
                 credential: issued.id,
@@ -1286,6 +1376,48 @@ async fn a_mount_with_a_client_credential_serves_its_volume_until_revoked() {
         "{err}"
     );
 
+    // A second mount of `a` with a credential of its own, writing all along: the first one's
+    // revocation does not touch it.
+    let out = as_admin(&["volume", "credential", "a", "new", "--label", "second"]);
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("brickfs-client-1:"))
+        .unwrap_or_else(|| panic!("no credential in: {out}"));
+    let cred_2 = dir.path().join("a2.cred");
+    std::fs::write(&cred_2, line).unwrap();
+    let mnt2 = dir.path().join("mnt2");
+    let mut m2 = Mount::start_with(
+        &format!("{at}/a"),
+        &mnt2,
+        &[
+            "--credential-file",
+            cred_2.to_str().unwrap(),
+            "--ca-file",
+            ca.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (path, stop) = (mnt2.join("log"), stop.clone());
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .unwrap();
+            let mut chunks = 0u32;
+            // Bounded: the test stops it within seconds.
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) && chunks < 100_000 {
+                f.write_all(&[chunks as u8; 4096]).unwrap();
+                f.sync_data().unwrap();
+                chunks += 1;
+            }
+            chunks
+        })
+    };
+
     // Revoked with the CLI: the mount is refused from then on (EACCES), within seconds.
     as_admin(&["volume", "credential", "a", "revoke", &id]);
     let e = must_wait_for(
@@ -1298,8 +1430,25 @@ async fn a_mount_with_a_client_credential_serves_its_volume_until_revoked() {
     )
     .await;
     assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let chunks = writer
+        .join()
+        .expect("every write of the second mount succeeded");
+    let log = std::fs::read(mnt2.join("log")).unwrap();
+    assert_eq!(log.len(), chunks as usize * 4096);
+    assert!(
+        log.chunks(4096)
+            .enumerate()
+            .all(|(i, c)| c.iter().all(|b| *b == i as u8)),
+        "the second mount's file holds what it wrote"
+    );
+    assert_eq!(std::fs::read(mnt2.join("f")).unwrap(), b"through the mount");
     let listed = as_admin(&["volume", "credential", "a", "list"]);
-    assert!(listed.contains("lists no client credentials"), "{listed}");
+    assert!(
+        !listed.contains(&id) && listed.contains("second"),
+        "{listed}"
+    );
+    m2.stop();
     m.stop();
     assert!(
         node.log_tail(400).contains("is not listed by the volume"),

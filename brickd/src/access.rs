@@ -248,10 +248,10 @@ fn need(msg: &Message) -> Need<'_> {
     Need::Volume(Target::Id(id))
 }
 
-/// Volume `id`'s name and whether `peer` is in its allow-networks; `None` when it has none.
-fn in_networks(rules: &Rules, id: VolumeId, peer: IpAddr) -> Option<(String, bool)> {
+/// Volume `id`'s name when it has allow-networks and they do not hold `peer`.
+fn outside_networks(rules: &Rules, id: VolumeId, peer: IpAddr) -> Option<String> {
     let (name, nets) = rules.by_id.get(&id)?;
-    Some((name.clone(), nets.iter().any(|n| n.contains(peer))))
+    (!nets.iter().any(|n| n.contains(peer))).then(|| name.clone())
 }
 
 /// What `set_claims` finds.
@@ -438,26 +438,27 @@ impl Access {
             Target::Name(name) => rules.by_name_id.get(name).copied(),
             Target::Brick(b) => rules.brick_volume.get(&b).copied(),
         };
-        let found = id.and_then(|id| in_networks(&rules, id, peer));
+        let outside = id.and_then(|id| outside_networks(&rules, id, peer));
         drop(rules);
-        self.within_networks(peer, msg, found)
+        self.within_networks(peer, msg, outside)
     }
 
-    /// The last checks of a request about a volume: the peer in its networks (`found`, see
-    /// `in_networks`), then what it claims of a set.
+    /// The last checks of a request about a volume: the peer in its networks (`outside`:
+    /// the name of the volume whose networks do not hold it, see `outside_networks`), then
+    /// what it claims of a set.
     fn within_networks(
         &self,
         peer: IpAddr,
         msg: &Message,
-        found: Option<(String, bool)>,
+        outside: Option<String>,
     ) -> Result<(), ErrorBody> {
-        match found {
-            Some((name, false)) => Err(self.refuse(
+        match outside {
+            Some(name) => Err(self.refuse(
                 peer,
                 name.clone(),
                 format!("client {peer} is not in the allow-networks of volume {name}"),
             )),
-            _ => self.check_set_claims(peer, msg),
+            None => self.check_set_claims(peer, msg),
         }
     }
 
@@ -467,6 +468,13 @@ impl Access {
     /// geometry, the client chose. An epoch the rules do not know yet is `Busy` (and the
     /// rules are read again at once); an older one passes, for the bricks' fences refuse it.
     fn check_set_claims(&self, peer: IpAddr, msg: &Message) -> Result<(), ErrorBody> {
+        use Message::*;
+        if !matches!(
+            msg,
+            SetWrite(_) | SetTruncate(_) | DisperseWrite(_) | DisperseTruncate(_)
+        ) {
+            return Ok(());
+        }
         let rules = self.rules.read().unwrap_or_else(|p| p.into_inner());
         match set_claims(&rules, msg) {
             Claims::Fine => Ok(()),
@@ -529,24 +537,21 @@ impl Access {
                 "this node has not read the cluster's access rules yet; retry shortly",
             ));
         }
-        let name = rules
-            .names
-            .get(&volume)
-            .cloned()
-            .unwrap_or_else(|| volume.to_string());
+        // Borrowed, not copied: every request of every client passes here.
+        let name: std::borrow::Cow<'_, str> = match rules.names.get(&volume) {
+            Some(n) => n.as_str().into(),
+            None => volume.to_string().into(),
+        };
         if !rules
             .credentials
             .get(&volume)
             .is_some_and(|ids| ids.contains(&id))
         {
+            let detail = format!(
+                "client credential {id:x} of volume {name} is not listed by the volume (revoked, or the volume is gone)"
+            );
             drop(rules);
-            return Err(self.refuse(
-                peer,
-                format!("credential:{volume}:{id:x}"),
-                format!(
-                    "client credential {id:x} of volume {name} is not listed by the volume (revoked, or the volume is gone)"
-                ),
-            ));
+            return Err(self.refuse(peer, format!("credential:{volume}:{id:x}"), detail));
         }
         let wrong =
             |what: String| format!("a client credential of volume {name} does not reach {what}");
@@ -561,7 +566,7 @@ impl Access {
                     .cloned()
                     .unwrap_or_else(|| v.to_string())
             ))),
-            ClientTarget::Name(n) if n == name => None,
+            ClientTarget::Name(n) if n == &*name => None,
             ClientTarget::Name(n) => Some(wrong(format!("volume {n}"))),
             ClientTarget::Refused => Some(wrong(format!(
                 "{}: it is for the cluster's nodes or administrators",
@@ -569,6 +574,7 @@ impl Access {
             ))),
         };
         if let Some(detail) = refusal {
+            drop(name);
             drop(rules);
             return Err(self.refuse_now(
                 peer,
@@ -577,9 +583,10 @@ impl Access {
             ));
         }
         // The volume's own networks hold its clients too.
-        let found = in_networks(&rules, volume, peer);
+        let outside = outside_networks(&rules, volume, peer);
+        drop(name);
         drop(rules);
-        self.within_networks(peer, msg, found)
+        self.within_networks(peer, msg, outside)
     }
 
     /// A refusal that fresher rules cannot change (the role decides it): logged once per
