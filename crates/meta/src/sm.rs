@@ -31,6 +31,9 @@ pub const READDIR_MAX: usize = 4096;
 pub const LINK_MAX: u32 = 65_000;
 pub const XATTR_NAME_MAX_BYTES: usize = 255;
 pub const XATTR_VALUE_MAX_BYTES: usize = 64 << 10;
+/// The most sessions one client credential holds at once (mounts and CSI nodes sharing it
+/// each hold one); more are refused `Busy` until some close or expire.
+pub const SESSIONS_PER_CREDENTIAL_MAX: u64 = 8192;
 /// The longest client name a session keeps (`OpenSession`).
 pub const CLIENT_NAME_MAX_BYTES: usize = 256;
 /// Files one `CloseFiles` may name.
@@ -65,6 +68,15 @@ pub mod keys {
     /// opened.
     pub fn session_owner(id: SessionId) -> Vec<u8> {
         [b"T".as_slice(), &id.0.to_be_bytes()].concat()
+    }
+    /// How many sessions a client credential holds open.
+    pub(crate) fn owner_sessions(owner: super::SessionOwner) -> Vec<u8> {
+        [
+            b"t".as_slice(),
+            &owner.0.to_be_bytes(),
+            &owner.1.to_be_bytes(),
+        ]
+        .concat()
     }
     pub fn volume_name(name: &str) -> Vec<u8> {
         [b"W", name.as_bytes()].concat()
@@ -1786,7 +1798,14 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
             self.drop_orphan(id, v, ino)?;
         }
         self.kv.delete(keys::session(id));
-        self.kv.delete(keys::session_owner(id));
+        if let Some(owner) = get::<SessionOwner>(self.kv, &keys::session_owner(id))? {
+            self.kv.delete(keys::session_owner(id));
+            let held = get::<u64>(self.kv, &keys::owner_sessions(owner))?.unwrap_or(0);
+            match held.saturating_sub(1) {
+                0 => self.kv.delete(keys::owner_sessions(owner)),
+                n => self.kv.put(keys::owner_sessions(owner), enc(&n)),
+            }
+        }
         for (k, _) in self
             .kv
             .scan(&keys::reply_prefix(id), None, usize::MAX)
@@ -1968,7 +1987,7 @@ fn check_label(credential: &brickfs_proto::meta::ClientCredential) -> Res<()> {
 
 /// Who opened a session, when a client did: its volume's id and its credential's id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct SessionOwner(u64, u64);
+pub(crate) struct SessionOwner(u64, u64);
 
 /// Applies one command with exactly-once semantics: a (session, sequence) seen before answers
 /// with its first result; a session that does not exist (any more) is refused.
@@ -2000,9 +2019,21 @@ pub fn apply_command<B: KvRead>(kv: &mut Overlay<'_, B>, cmd: &Command) -> Comma
                     "a client's request needs a session",
                 ));
             }
+            // Bounded per credential: a tenant cannot grow the group's state without end.
+            let held = get::<u64>(a.kv, &keys::owner_sessions(owner))?.unwrap_or(0);
+            if held >= SESSIONS_PER_CREDENTIAL_MAX {
+                return Err(err(
+                    ErrorCode::Busy,
+                    format!(
+                        "client credential {:x} of volume {} holds {held} sessions, the most one may: close some, or wait for their leases to end",
+                        owner.1, owner.0
+                    ),
+                ));
+            }
             let opened = a.op(op, cmd.session)?;
             if let MetaReply::Session(info) = &opened {
                 a.kv.put(keys::session_owner(info.id), enc(&owner));
+                a.kv.put(keys::owner_sessions(owner), enc(&(held + 1)));
             }
             return Ok(opened);
         }
@@ -2733,6 +2764,20 @@ mod tests {
         assert!(sm.apply(SessionId(0), as_client(1, mkdir("d"))).is_err());
         let nested = as_client(1, as_client(1, MetaOp::KeepAlive));
         assert!(sm.apply(second, nested).is_err());
+
+        // A credential holds at most SESSIONS_PER_CREDENTIAL_MAX sessions; an ended one
+        // frees its place; other credentials are not held to its count.
+        let held: Vec<SessionId> = (1..SESSIONS_PER_CREDENTIAL_MAX)
+            .map(|_| open(&mut sm, as_client(2, opening())))
+            .collect();
+        let over = sm.apply(SessionId(0), as_client(2, opening())).unwrap_err();
+        assert!(over.is(ErrorCode::Busy), "{over}");
+        assert!(over.to_string().contains("holds 8192 sessions"), "{over}");
+        open(&mut sm, as_client(3, opening()));
+        sm.apply(held[0], as_client(2, MetaOp::CloseSession))
+            .unwrap();
+        open(&mut sm, as_client(2, opening()));
+        assert!(sm.apply(SessionId(0), as_client(2, opening())).is_err());
     }
 
     /// A rotation lists the new credential alone and says which it revoked, in one command.
