@@ -34,6 +34,9 @@ pub const XATTR_VALUE_MAX_BYTES: usize = 64 << 10;
 /// The most sessions one client credential holds at once (mounts and CSI nodes sharing it
 /// each hold one); more are refused `Busy` until some close or expire.
 pub const SESSIONS_PER_CREDENTIAL_MAX: u64 = 8192;
+/// The most byte-range locks one file holds; a lock that would add one more is refused
+/// (`TooManyLocks`, ENOLCK). Unlocks and locks that merge always pass.
+pub const LOCKS_PER_FILE_MAX: usize = 10_000;
 /// The longest client name a session keeps (`OpenSession`).
 pub const CLIENT_NAME_MAX_BYTES: usize = 256;
 /// Files one `CloseFiles` may name.
@@ -1536,6 +1539,7 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                 }
                 let mut t: LockTable =
                     get(self.kv, &keys::locks(*volume, *ino))?.unwrap_or_default();
+                let before = t.posix.len();
                 if let Err(held) = t.set(session, lock.clone()) {
                     return Err(err(
                         ErrorCode::WouldBlock,
@@ -1546,6 +1550,19 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
                             held.session,
                             held.lock.owner,
                             held.lock.pid
+                        ),
+                    ));
+                }
+                // Bounded: one tenant's locks cannot make every lock call on the file slow or
+                // its table large without end.
+                if lock.kind != brickfs_proto::meta::LockKind::Unlock
+                    && t.posix.len() > before
+                    && t.posix.len() > LOCKS_PER_FILE_MAX
+                {
+                    return Err(err(
+                        ErrorCode::TooManyLocks,
+                        format!(
+                            "the file holds {LOCKS_PER_FILE_MAX} byte-range locks, the most it may"
                         ),
                     ));
                 }
@@ -2778,6 +2795,48 @@ mod tests {
             .unwrap();
         open(&mut sm, as_client(2, opening()));
         assert!(sm.apply(SessionId(0), as_client(2, opening())).is_err());
+    }
+
+    /// A file holds at most LOCKS_PER_FILE_MAX byte-range locks: one more is ENOLCK and
+    /// changes nothing; unlocks (even those that split a lock) and locks that merge pass.
+    #[test]
+    fn a_file_holds_a_bounded_number_of_locks() {
+        use brickfs_proto::meta::{LockKind, LockSpec};
+        let mut sm = Sm::new();
+        let v = sm.volume;
+        let s = SessionId(1);
+        let Ok(MetaReply::Attr(f)) =
+            sm.apply(s, MetaOp::create_file(v, ROOT_INO, "f", 0o644, true))
+        else {
+            panic!("create")
+        };
+        let lock = |start: u64, end: u64, kind| MetaOp::SetLock {
+            volume: v,
+            ino: f.ino,
+            lock: LockSpec {
+                owner: 1,
+                pid: 1,
+                start,
+                end,
+                kind,
+            },
+        };
+        let max = LOCKS_PER_FILE_MAX as u64;
+        for i in 0..max {
+            sm.apply(s, lock(i * 4, i * 4 + 1, LockKind::Write))
+                .unwrap();
+        }
+        let over = sm
+            .apply(s, lock(max * 4, max * 4 + 1, LockKind::Write))
+            .unwrap_err();
+        assert!(over.is(ErrorCode::TooManyLocks), "{over}");
+        // Merging into a neighbour adds none; an unlock that splits one still passes.
+        sm.apply(s, lock(1, 2, LockKind::Write)).unwrap();
+        sm.apply(s, lock(4 * 7, 4 * 7 + 1, LockKind::Unlock))
+            .unwrap();
+        sm.apply(s, lock(0, max * 4, LockKind::Unlock)).unwrap();
+        sm.apply(s, lock(max * 4, max * 4 + 1, LockKind::Write))
+            .unwrap();
     }
 
     /// A rotation lists the new credential alone and says which it revoked, in one command.

@@ -77,11 +77,13 @@ pub enum ErrorCode {
     Moved = 33,
     /// A directory's quota would be exceeded.
     QuotaExceeded = 34,
+    /// A file holds the most byte-range locks it may (`ENOLCK`).
+    TooManyLocks = 35,
 }
 
 impl ErrorCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 34] = [
+    pub const ALL: [ErrorCode; 35] = [
         ErrorCode::Malformed,
         ErrorCode::UnknownKind,
         ErrorCode::UnsupportedVersion,
@@ -116,6 +118,7 @@ impl ErrorCode {
         ErrorCode::NotSupported,
         ErrorCode::Moved,
         ErrorCode::QuotaExceeded,
+        ErrorCode::TooManyLocks,
     ];
 
     /// The code's wire number.
@@ -169,6 +172,7 @@ pub fn errno_for_code(raw: u16) -> i32 {
         ErrorCode::NotSupported => libc::EOPNOTSUPP,
         ErrorCode::Moved => libc::ESTALE,
         ErrorCode::QuotaExceeded => libc::EDQUOT,
+        ErrorCode::TooManyLocks => libc::ENOLCK,
     }
 }
 
