@@ -555,6 +555,36 @@ async fn http_endpoints_of_a_keyed_cluster_want_https_and_the_token() {
     assert_eq!(status, 404, "{out}");
     let (status, out) = call("POST", "/v1/volumes/nope/credentials", "").await;
     assert_eq!(status, 404, "{out}");
+    // A mistyped or misspelt field is refused, never read as the default (a rotation that
+    // would revoke nothing); so are names a mount source or a URL cannot carry, with 400.
+    for (body, why) in [
+        (
+            r#"{"label": "x", "replace": "yes"}"#,
+            "must be true or false",
+        ),
+        (r#"{"lable": "typo"}"#, "unknown field \"lable\""),
+        (r#"{"label": "bell\u0007"}"#, "no control characters"),
+        ("[]", "must be a JSON object"),
+    ] {
+        let (status, out) = call("POST", "/v1/volumes/pvc-1/credentials", body).await;
+        assert_eq!(status, 400, "{body}: {out}");
+        assert!(
+            out["error"].as_str().unwrap().contains(why),
+            "{body}: {out}"
+        );
+    }
+    for name in ["a b", "-rf", "a:b", "../pvc-1", ""] {
+        let body = serde_json::json!({"name": name, "size_bytes": 1, "class": "distribute"});
+        let (status, out) = call("POST", "/v1/volumes", &body.to_string()).await;
+        assert_eq!(status, 400, "{name:?}: {out}");
+    }
+    let (status, list) = call("GET", "/v1/volumes/pvc-1/credentials", "").await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(
+        list.as_array().unwrap().len(),
+        0,
+        "nothing was made: {list}"
+    );
 }
 
 /// What only nodes send is refused from any other address, with a logged reason: member
@@ -901,6 +931,18 @@ async fn each_role_reaches_what_it_may_and_nothing_else() {
     }
     om.write(MetaOp::KeepAlive).await.unwrap();
     assert_ne!(om.session_id(), Some(theirs));
+    // Each client reads its volume's record with its own credential alone in it.
+    for (meta, mine) in [(&cm, issued.id), (&om, other.id)] {
+        let reply = meta
+            .read(MetaRead::VolumeByName { name: "a".into() })
+            .await
+            .unwrap();
+        let brickfs_proto::meta::MetaReply::Volume(v) = reply else {
+            panic!("{reply:?}")
+        };
+        let ids: Vec<u64> = v.credentials.iter().map(|c| c.id).collect();
+        assert_eq!(ids, vec![mine]);
+    }
     cm.write(MetaOp::KeepAlive).await.unwrap();
     assert_eq!(
         cm.session_id(),

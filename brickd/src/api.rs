@@ -93,18 +93,70 @@ fn error(status: u16, msg: impl std::fmt::Display) -> (u16, Value) {
     (status, json!({ "error": msg.to_string() }))
 }
 
+/// The JSON type a request field must have.
+#[derive(Clone, Copy)]
+enum Field {
+    Str,
+    Bool,
+    Count,
+}
+
+/// Refuses (400) a body that is not an object, names a field not in `allowed`, or gives one
+/// of another type: a misspelt or mistyped field (`"replace": "yes"`) is an error, never
+/// quietly the default.
+fn check_fields(req: &Value, allowed: &[(&str, Field)]) -> Result<(), (u16, Value)> {
+    let Some(fields) = req.as_object() else {
+        return Err(error(400, "the body must be a JSON object"));
+    };
+    for (key, value) in fields {
+        let Some((_, kind)) = allowed.iter().find(|(name, _)| name == key) else {
+            let names: Vec<&str> = allowed.iter().map(|(n, _)| *n).collect();
+            return Err(error(
+                400,
+                format!(
+                    "unknown field {key:?} (this request takes {})",
+                    names.join(", ")
+                ),
+            ));
+        };
+        let fits = match kind {
+            Field::Str => value.is_string(),
+            Field::Bool => value.is_boolean(),
+            Field::Count => value.is_u64(),
+        };
+        if !fits {
+            let want = match kind {
+                Field::Str => "a string",
+                Field::Bool => "true or false",
+                Field::Count => "a whole number",
+            };
+            return Err(error(
+                400,
+                format!("field {key:?} must be {want}, not {value}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The HTTP status of a metadata refusal.
+fn status_of(code: Option<ErrorCode>) -> u16 {
+    match code {
+        Some(ErrorCode::NotFound) => 404,
+        Some(ErrorCode::Exists) => 409,
+        Some(ErrorCode::InvalidArgument | ErrorCode::InvalidPath | ErrorCode::NameTooLong) => 400,
+        Some(ErrorCode::PermissionDenied) => 403,
+        _ => 502,
+    }
+}
+
 /// An admin error as an HTTP status: what the group refused says why.
 fn from_admin(e: admin::AdminError) -> (u16, Value) {
     let code = match &e {
         admin::AdminError::Meta(m) => m.code(),
         admin::AdminError::Node { .. } => None,
     };
-    match code {
-        Some(ErrorCode::NotFound) => error(404, e),
-        Some(ErrorCode::Exists) => error(409, e),
-        Some(ErrorCode::InvalidArgument) => error(400, e),
-        _ => error(502, e),
-    }
+    error(status_of(code), e)
 }
 
 fn describe(v: &VolumeRecord, mount_from: SocketAddr) -> Value {
@@ -194,6 +246,11 @@ async fn route(
                     }
                 },
             };
+            if let Err(refused) =
+                check_fields(&req, &[("label", Field::Str), ("replace", Field::Bool)])
+            {
+                return refused;
+            }
             let label = req["label"].as_str().unwrap_or("");
             let replace = req["replace"].as_bool().unwrap_or(false);
             match issue(meta, name, label, replace).await {
@@ -210,7 +267,10 @@ async fn route(
         }
         ("DELETE", ["v1", "volumes", name, "credentials", id]) => {
             let Ok(raw) = u64::from_str_radix(id, 16) else {
-                return error(400, format!("credential id {id:?} is not hex"));
+                return error(
+                    400,
+                    format!("credential id {id:?} is not a 64-bit hex number"),
+                );
             };
             match meta
                 .write(MetaOp::RevokeCredential {
@@ -243,15 +303,7 @@ async fn issue(
     };
     crate::issue_credential(meta, &key, volume, label, replace)
         .await
-        .map_err(|body| {
-            if body.is(ErrorCode::NotFound) {
-                error(404, body.detail)
-            } else if body.is(ErrorCode::InvalidArgument) {
-                error(400, body.detail)
-            } else {
-                error(502, body.detail)
-            }
-        })
+        .map_err(|body| error(status_of(body.kind()), body.detail))
 }
 
 /// A durability class: the spec words before the bricks, bricks needed, and what fraction of
@@ -297,6 +349,16 @@ async fn create(meta: &MetaClient, mount_from: SocketAddr, body: &[u8]) -> (u16,
             "the body must be JSON: {\"name\", \"size_bytes\", \"class\"}",
         );
     };
+    if let Err(refused) = check_fields(
+        &req,
+        &[
+            ("name", Field::Str),
+            ("size_bytes", Field::Count),
+            ("class", Field::Str),
+        ],
+    ) {
+        return refused;
+    }
     let (Some(name), Some(size), Some(cls)) = (
         req["name"].as_str(),
         req["size_bytes"].as_u64(),
@@ -307,6 +369,9 @@ async fn create(meta: &MetaClient, mount_from: SocketAddr, body: &[u8]) -> (u16,
             "name (string), size_bytes (number) and class (string) are required",
         );
     };
+    if let Err(e) = brickfs_meta::sm::check_volume_name(name) {
+        return error(400, e.detail);
+    }
     let (mut spec, bricks_needed, data_share) = match class(cls) {
         Ok(c) => c,
         Err(e) => return error(400, e),

@@ -135,7 +135,22 @@ impl Handler for NodeHandler {
             }
             (msg, _) => msg,
         };
-        self.handle(msg, data).await
+        let reply = self.handle(msg, data).await;
+        // A client reads its volume's record (it opens the volume with it), but of the
+        // volume's credentials only its own.
+        match (reply, peer.role) {
+            (
+                Ok((Message::MetaOk(brickfs_proto::meta::MetaReply::Volume(mut v)), data)),
+                brickfs_proto::cred::Role::Client { id, .. },
+            ) => {
+                v.credentials.retain(|c| c.id == id);
+                Ok((
+                    Message::MetaOk(brickfs_proto::meta::MetaReply::Volume(v)),
+                    data,
+                ))
+            }
+            (reply, _) => reply,
+        }
     }
 
     async fn handle(&self, msg: Message, data: Bytes) -> Result<(Message, Bytes), ErrorBody> {

@@ -240,6 +240,29 @@ fn check_name(name: &str) -> Res<()> {
     Ok(())
 }
 
+/// A volume's name goes into mount sources (`HOST:PORT/NAME`), mount points, fstab lines and
+/// URL paths: letters, digits, `.`, `_` and `-`, starting with a letter or digit, at most 128
+/// bytes.
+pub fn check_volume_name(name: &str) -> Res<()> {
+    let ok = name.len() <= 128
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        return Ok(());
+    }
+    Err(err(
+        ErrorCode::InvalidArgument,
+        format!(
+            "volume name {name:?}: letters, digits, '.', '_' and '-', starting with a letter or digit, at most 128 bytes"
+        ),
+    ))
+}
+
 fn load_inode(kv: &impl KvRead, v: VolumeId, ino: Ino) -> Res<InodeV1> {
     match get::<InodeRecord>(kv, &keys::inode(v, ino))? {
         Some(InodeRecord::V1(i)) => Ok(i),
@@ -1721,6 +1744,7 @@ impl<'a, 'b, B: KvRead> Applier<'a, 'b, B> {
 
     fn create_volume(&mut self, name: &str, words: &[String]) -> Res<MetaReply> {
         check_name(name)?;
+        check_volume_name(name)?;
         if get::<u64>(self.kv, &keys::volume_name(name))?.is_some() {
             return Err(err(ErrorCode::Exists, format!("volume {name:?} exists")));
         }
@@ -1997,6 +2021,12 @@ fn check_label(credential: &brickfs_proto::meta::ClientCredential) -> Res<()> {
         return Err(err(
             ErrorCode::InvalidArgument,
             "a credential's label is at most 256 bytes",
+        ));
+    }
+    if credential.label.chars().any(char::is_control) {
+        return Err(err(
+            ErrorCode::InvalidArgument,
+            "a credential's label holds no control characters (it is printed as it is)",
         ));
     }
     Ok(())
@@ -2881,6 +2911,37 @@ mod tests {
             ..cred(10)
         };
         assert!(rotate(&mut sm, long).is_err());
+        let bell = ClientCredential {
+            label: "ring\u{7}\n\u{1b}[31m".into(),
+            ..cred(11)
+        };
+        assert!(
+            rotate(&mut sm, bell).is_err(),
+            "control characters in a label"
+        );
+        for good in ["pvc-1", "a.b_c", "V9"] {
+            assert!(check_volume_name(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "a b",
+            "-rf",
+            "a:b",
+            "név",
+            ".hidden",
+            "",
+            "a/b",
+            &"x".repeat(129),
+        ] {
+            assert!(check_volume_name(bad).is_err(), "{bad:?}");
+        }
+        let spaced = MetaOp::CreateVolume {
+            name: "a b".into(),
+            spec: vec!["h1:/b1".into()],
+        };
+        assert_eq!(
+            sm.apply(s, spaced).unwrap_err().kind(),
+            Some(ErrorCode::InvalidArgument)
+        );
         let MetaReply::Volume(v) =
             read(&sm.base, &MetaRead::VolumeByName { name: "v".into() }).unwrap()
         else {

@@ -113,7 +113,12 @@ pub fn authorize(
     let want = token(&key, endpoint);
     let given = req
         .header("authorization")
-        .and_then(|v| v.strip_prefix("Bearer "))
+        // The scheme's name is case-insensitive (RFC 7235).
+        .and_then(|v| {
+            v.get(..7)
+                .filter(|s| s.eq_ignore_ascii_case("bearer "))
+                .map(|_| &v[7..])
+        })
         .map(str::trim);
     match given {
         Some(t) if same(t.as_bytes(), want.as_bytes()) => {}
