@@ -29,7 +29,7 @@
 
 use brickfs_client::MetaClient;
 use brickfs_proto::cred::{Peer, Role};
-use brickfs_proto::meta::{MetaRead, MetaReply, SetState};
+use brickfs_proto::meta::{MetaRead, MetaReply, NodeRecord, SetState, VolumeRecord};
 use brickfs_proto::msg::{DisperseGeometry, MemberRef, SetRef};
 use brickfs_proto::{BrickId, ErrorBody, ErrorCode, Message, VolumeId};
 use std::collections::{HashMap, HashSet};
@@ -648,6 +648,13 @@ impl Access {
         ) else {
             return Ok(());
         };
+        self.install(volumes, nodes);
+        Ok(())
+    }
+
+    /// Replaces the rules with those of `volumes` and `nodes` (what `refresh` read), keeping
+    /// the refusals already logged.
+    pub fn install(&self, volumes: Vec<VolumeRecord>, nodes: Vec<NodeRecord>) {
         let mut fresh = Rules {
             known: true,
             ..Rules::default()
@@ -689,7 +696,6 @@ impl Access {
         fresh.generation = rules.generation + 1;
         fresh.unconfirmed = std::mem::take(&mut rules.unconfirmed);
         *rules = fresh;
-        Ok(())
     }
 }
 

@@ -174,7 +174,9 @@ fn describe(v: &VolumeRecord, mount_from: SocketAddr) -> Value {
     })
 }
 
-async fn route(
+/// Answers one API request in process, as the HTTP endpoint would (the CSI driver's
+/// controller provisions through this): the status code and the JSON body.
+pub async fn route(
     meta: &MetaClient,
     mount_from: SocketAddr,
     method: &str,
@@ -308,7 +310,7 @@ async fn issue(
 
 /// A durability class: the spec words before the bricks, bricks needed, and what fraction of
 /// the smallest brick's capacity times the brick count holds data.
-fn class(text: &str) -> Result<(Vec<String>, usize, usize), String> {
+pub fn class(text: &str) -> Result<(Vec<String>, usize, usize), String> {
     if text == "distribute" {
         return Ok((Vec::new(), 1, 1));
     }

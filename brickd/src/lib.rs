@@ -6,8 +6,8 @@
 //! and the daemon's life cycle: open bricks, listen, log readiness, serve, and on SIGTERM or
 //! Ctrl-C stop accepting, finish requests in flight, flush, exit.
 
-mod access;
-mod api;
+pub mod access;
+pub mod api;
 pub mod config;
 pub mod telemetry;
 
