@@ -157,6 +157,11 @@ impl MetaClient {
         }
     }
 
+    /// The members this client knows (those it was given and leaders it was sent to).
+    pub fn members(&self) -> Vec<SocketAddr> {
+        self.lock().members.clone()
+    }
+
     /// The leader this client talks to now, if it knows one.
     pub fn leader(&self) -> Option<SocketAddr> {
         self.lock().leader

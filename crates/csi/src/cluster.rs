@@ -1,0 +1,221 @@
+//! What the driver asks of the metadata group: volumes, claim directories, their quotas, and
+//! the removal of a directory claim's tree.
+
+use brickfs_client::MetaClient;
+use brickfs_proto::meta::{FileKind, MetaOp, MetaRead, MetaReply, QuotaInfo, VolumeRecord};
+use brickfs_proto::{ErrorCode, Ino, VolumeId};
+use tonic::Status;
+
+/// The root directory of every volume.
+pub const ROOT: Ino = Ino(1);
+
+/// A metadata failure as a gRPC status: what does not exist is NOT_FOUND, refusals are
+/// INVALID_ARGUMENT or FAILED_PRECONDITION, an unreachable group is UNAVAILABLE (the CO
+/// retries).
+pub fn status(what: &str, e: brickfs_client::MetaError) -> Status {
+    let msg = format!("{what}: {e}");
+    match e.code() {
+        Some(ErrorCode::NotFound) => Status::not_found(msg),
+        Some(ErrorCode::Exists) => Status::already_exists(msg),
+        Some(ErrorCode::InvalidArgument) => Status::invalid_argument(msg),
+        Some(ErrorCode::PermissionDenied) => Status::permission_denied(msg),
+        Some(ErrorCode::NoSpace) | Some(ErrorCode::QuotaExceeded) => {
+            Status::resource_exhausted(msg)
+        }
+        Some(ErrorCode::Busy) | None => Status::unavailable(msg),
+        Some(_) => Status::failed_precondition(msg),
+    }
+}
+
+/// The volume called `name`, `None` when there is none.
+pub async fn volume(meta: &MetaClient, name: &str) -> Result<Option<VolumeRecord>, Status> {
+    match meta
+        .read(MetaRead::VolumeByName {
+            name: name.to_string(),
+        })
+        .await
+    {
+        Ok(MetaReply::Volume(v)) => Ok(Some(v)),
+        Ok(other) => Err(Status::internal(format!(
+            "unexpected answer to VolumeByName: {other:?}"
+        ))),
+        Err(e) if e.code() == Some(ErrorCode::NotFound) => Ok(None),
+        Err(e) => Err(status(&format!("read volume {name}"), e)),
+    }
+}
+
+/// The quotas of a volume.
+pub async fn quotas(meta: &MetaClient, volume: VolumeId) -> Result<Vec<QuotaInfo>, Status> {
+    match meta.read(MetaRead::Quotas { volume }).await {
+        Ok(MetaReply::Quotas(q)) => Ok(q),
+        Ok(other) => Err(Status::internal(format!(
+            "unexpected answer to Quotas: {other:?}"
+        ))),
+        Err(e) => Err(status("read quotas", e)),
+    }
+}
+
+/// The quota on `path` of `volume`, if it has one.
+pub async fn quota_of(
+    meta: &MetaClient,
+    volume: VolumeId,
+    path: &str,
+) -> Result<Option<QuotaInfo>, Status> {
+    Ok(quotas(meta, volume)
+        .await?
+        .into_iter()
+        .find(|q| q.path == path))
+}
+
+/// Sets the quota of directory `dir` (at `path`) to `limit` bytes.
+pub async fn set_quota(
+    meta: &MetaClient,
+    volume: VolumeId,
+    dir: Ino,
+    path: &str,
+    limit: Option<u64>,
+) -> Result<(), Status> {
+    meta.write(MetaOp::SetQuota {
+        volume,
+        dir,
+        path: path.to_string(),
+        limit_bytes: limit,
+    })
+    .await
+    .map(|_| ())
+    .map_err(|e| status(&format!("set the quota of {path}"), e))
+}
+
+/// The directory `name` under the root, if there is one (`Err` when it is not a directory).
+pub async fn lookup_dir(
+    meta: &MetaClient,
+    volume: VolumeId,
+    name: &str,
+) -> Result<Option<Ino>, Status> {
+    match meta
+        .read(MetaRead::Lookup {
+            volume,
+            parent: ROOT,
+            name: name.to_string(),
+        })
+        .await
+    {
+        Ok(MetaReply::Attr(a)) if a.kind == FileKind::Dir => Ok(Some(a.ino)),
+        Ok(MetaReply::Attr(_)) => Err(Status::already_exists(format!(
+            "/{name} exists in the volume and is not a directory"
+        ))),
+        Ok(other) => Err(Status::internal(format!(
+            "unexpected answer to Lookup: {other:?}"
+        ))),
+        Err(e) if e.code() == Some(ErrorCode::NotFound) => Ok(None),
+        Err(e) => Err(status(&format!("look up /{name}"), e)),
+    }
+}
+
+/// Makes `/name` (mode 0777: pods run as any user; an existing one is returned).
+pub async fn make_dir(meta: &MetaClient, volume: VolumeId, name: &str) -> Result<Ino, Status> {
+    match meta
+        .write(MetaOp::Mkdir {
+            volume,
+            parent: ROOT,
+            name: name.to_string(),
+            mode: 0o777,
+            umask: 0,
+            uid: 0,
+            gid: 0,
+        })
+        .await
+    {
+        Ok(MetaReply::Attr(a)) => Ok(a.ino),
+        Ok(other) => Err(Status::internal(format!(
+            "unexpected answer to Mkdir: {other:?}"
+        ))),
+        Err(e) if e.code() == Some(ErrorCode::Exists) => lookup_dir(meta, volume, name)
+            .await?
+            .ok_or_else(|| Status::aborted(format!("/{name} came and went; try again"))),
+        Err(e) => Err(status(&format!("make /{name}"), e)),
+    }
+}
+
+/// Removes a directory claim: everything under `/name`, depth first, one page of entries at
+/// a time (deleted files' objects go with the GC, as for any unlink), then its quota, then
+/// the directory itself, so that a delete cut off half way is still listed and retried. Gone
+/// already is success.
+pub async fn remove_claim_dir(
+    meta: &MetaClient,
+    volume: VolumeId,
+    name: &str,
+) -> Result<u64, Status> {
+    const PAGE: u32 = 512;
+    let Some(top) = lookup_dir(meta, volume, name).await? else {
+        return Ok(0);
+    };
+    let mut removed = 0u64;
+    // (directory, its parent, its name): a directory is removed once it is empty.
+    let mut stack = vec![(top, ROOT, name.to_string())];
+    while let Some((dir, parent, dname)) = stack.last().cloned() {
+        let entries = match meta
+            .read(MetaRead::ReadDir {
+                volume,
+                ino: dir,
+                after: None,
+                limit: PAGE,
+            })
+            .await
+        {
+            Ok(MetaReply::Entries { entries, .. }) => entries,
+            Ok(other) => {
+                return Err(Status::internal(format!(
+                    "unexpected answer to ReadDir: {other:?}"
+                )));
+            }
+            Err(e) if e.code() == Some(ErrorCode::NotFound) => {
+                stack.pop();
+                continue;
+            }
+            Err(e) => return Err(status("list a claim directory", e)),
+        };
+        let entries: Vec<_> = entries
+            .into_iter()
+            .filter(|e| e.name != "." && e.name != "..")
+            .collect();
+        if entries.is_empty() {
+            if dir == top {
+                set_quota(meta, volume, top, &format!("/{name}"), None).await?;
+            }
+            match meta
+                .write(MetaOp::Rmdir {
+                    volume,
+                    parent,
+                    name: dname.clone(),
+                })
+                .await
+            {
+                Ok(_) => removed += 1,
+                Err(e) if e.code() == Some(ErrorCode::NotFound) => {}
+                Err(e) => return Err(status(&format!("remove directory {dname}"), e)),
+            }
+            stack.pop();
+            continue;
+        }
+        for e in entries {
+            if e.kind == FileKind::Dir {
+                stack.push((e.ino, dir, e.name));
+                continue;
+            }
+            match meta
+                .write(MetaOp::Unlink {
+                    volume,
+                    parent: dir,
+                    name: e.name.clone(),
+                })
+                .await
+            {
+                Ok(_) => removed += 1,
+                Err(err) if err.code() == Some(ErrorCode::NotFound) => {}
+                Err(err) => return Err(status(&format!("remove {}", e.name), err)),
+            }
+        }
+    }
+    Ok(removed)
+}

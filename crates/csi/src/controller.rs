@@ -1,0 +1,446 @@
+//! The Controller service: claims made, grown, listed and removed through the metadata group.
+
+use crate::cluster::{self, ROOT};
+use crate::pb;
+use crate::spec::{self, Provision, VolumeRef};
+use brickfs_client::MetaClient;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use tonic::{Request, Response, Status};
+
+pub struct Controller {
+    meta: MetaClient,
+    /// Serialises creates, expansions and deletes: two calls for the same claim (a CO's retry
+    /// while the first is still running) must not both make it.
+    busy: tokio::sync::Mutex<()>,
+}
+
+impl Controller {
+    pub fn new(meta: MetaClient) -> Controller {
+        Controller {
+            meta,
+            busy: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The provisioning API's answer to one request, in process.
+    async fn api(&self, method: &str, path: &str, body: Value) -> (u16, Value) {
+        let from = self
+            .meta
+            .leader()
+            .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+        let body = if body.is_null() {
+            Vec::new()
+        } else {
+            body.to_string().into_bytes()
+        };
+        brickd::api::route(&self.meta, from, method, path, &body).await
+    }
+}
+
+/// An API refusal as a gRPC status.
+fn api_status(code: u16, body: &Value) -> Status {
+    let msg = body["error"].as_str().unwrap_or("refused").to_string();
+    match code {
+        400 => Status::invalid_argument(msg),
+        404 => Status::not_found(msg),
+        409 => Status::already_exists(msg),
+        507 => Status::resource_exhausted(msg),
+        403 => Status::permission_denied(msg),
+        _ => Status::unavailable(msg),
+    }
+}
+
+fn volume_of(r: &VolumeRef, capacity: u64) -> pb::Volume {
+    let mut context = HashMap::new();
+    context.insert("volume".to_string(), r.volume().to_string());
+    match r {
+        VolumeRef::Whole { .. } => {
+            context.insert("mode".to_string(), "volume".to_string());
+        }
+        VolumeRef::Dir { dir, .. } => {
+            context.insert("mode".to_string(), "directory".to_string());
+            context.insert("dir".to_string(), dir.clone());
+        }
+    }
+    pb::Volume {
+        capacity_bytes: capacity as i64,
+        volume_id: r.id(),
+        volume_context: context,
+        content_source: None,
+        accessible_topology: Vec::new(),
+    }
+}
+
+/// The claim `r` and its capacity (its quota's limit), `None` when it does not exist.
+async fn existing(meta: &MetaClient, r: &VolumeRef) -> Result<Option<(u64, u64)>, Status> {
+    let Some(v) = cluster::volume(meta, r.volume()).await? else {
+        return Ok(None);
+    };
+    if let VolumeRef::Dir { dir, .. } = r
+        && cluster::lookup_dir(meta, v.id, dir).await?.is_none()
+    {
+        return Ok(None);
+    }
+    let q = cluster::quota_of(meta, v.id, &r.quota_path()).await?;
+    Ok(Some(q.map_or((0, 0), |q| (q.limit_bytes, q.used_bytes))))
+}
+
+#[tonic::async_trait]
+impl pb::controller_server::Controller for Controller {
+    async fn create_volume(
+        &self,
+        req: Request<pb::CreateVolumeRequest>,
+    ) -> Result<Response<pb::CreateVolumeResponse>, Status> {
+        let req = req.into_inner();
+        if req.name.is_empty() {
+            return Err(Status::invalid_argument("name is required"));
+        }
+        spec::check_capabilities(&req.volume_capabilities).map_err(Status::invalid_argument)?;
+        if req.volume_content_source.is_some() {
+            return Err(Status::invalid_argument(
+                "brickfs-csi makes empty volumes only (no snapshots or clones)",
+            ));
+        }
+        let size = spec::capacity(req.capacity_range.as_ref()).map_err(Status::out_of_range)?;
+        let how = spec::provision(&req.parameters).map_err(Status::invalid_argument)?;
+        let name = spec::claim_name(&req.name);
+        let r = match &how {
+            Provision::Volume { .. } => VolumeRef::Whole {
+                volume: name.clone(),
+            },
+            Provision::Directory { shared } => VolumeRef::Dir {
+                volume: shared.clone(),
+                dir: name.clone(),
+            },
+        };
+        let _one = self.busy.lock().await;
+        match existing(&self.meta, &r).await? {
+            // Made before: the same answer if it fits, ALREADY_EXISTS if not.
+            Some((limit, _)) if limit > 0 => {
+                if !spec::fits(limit, req.capacity_range.as_ref()) {
+                    return Err(Status::already_exists(format!(
+                        "{} exists with {limit} bytes, which does not fit the capacity asked",
+                        r.id()
+                    )));
+                }
+                return Ok(Response::new(pb::CreateVolumeResponse {
+                    volume: Some(volume_of(&r, limit)),
+                }));
+            }
+            // Made but its quota not set yet (a create cut off in between): finish it below.
+            Some(_) => {}
+            None => match &how {
+                Provision::Volume { class } => {
+                    let (code, body) = self
+                        .api(
+                            "POST",
+                            "/v1/volumes",
+                            json!({"name": name, "size_bytes": size, "class": class}),
+                        )
+                        .await;
+                    if code != 201 {
+                        return Err(api_status(code, &body));
+                    }
+                }
+                Provision::Directory { shared } => {
+                    let Some(v) = cluster::volume(&self.meta, shared).await? else {
+                        return Err(Status::invalid_argument(format!(
+                            "the StorageClass's shared volume {shared:?} does not exist (create it first)"
+                        )));
+                    };
+                    cluster::make_dir(&self.meta, v.id, &name).await?;
+                }
+            },
+        }
+        let v = cluster::volume(&self.meta, r.volume())
+            .await?
+            .ok_or_else(|| Status::aborted(format!("volume {} went away", r.volume())))?;
+        let dir = match &r {
+            VolumeRef::Whole { .. } => ROOT,
+            VolumeRef::Dir { dir, .. } => cluster::lookup_dir(&self.meta, v.id, dir)
+                .await?
+                .ok_or_else(|| Status::aborted(format!("{} went away", r.id())))?,
+        };
+        cluster::set_quota(&self.meta, v.id, dir, &r.quota_path(), Some(size)).await?;
+        tracing::info!(csi_name = %req.name, id = %r.id(), size, "claim created");
+        Ok(Response::new(pb::CreateVolumeResponse {
+            volume: Some(volume_of(&r, size)),
+        }))
+    }
+
+    async fn delete_volume(
+        &self,
+        req: Request<pb::DeleteVolumeRequest>,
+    ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
+        let req = req.into_inner();
+        if req.volume_id.is_empty() {
+            return Err(Status::invalid_argument("volume_id is required"));
+        }
+        // An id this driver never made names nothing: deleting it succeeds (the spec).
+        let Some(r) = VolumeRef::parse(&req.volume_id) else {
+            return Ok(Response::new(pb::DeleteVolumeResponse {}));
+        };
+        let _one = self.busy.lock().await;
+        match &r {
+            VolumeRef::Whole { volume } => {
+                let (code, body) = self
+                    .api("DELETE", &format!("/v1/volumes/{volume}"), Value::Null)
+                    .await;
+                if code != 200 && code != 404 {
+                    return Err(api_status(code, &body));
+                }
+            }
+            VolumeRef::Dir { volume, dir } => {
+                if let Some(v) = cluster::volume(&self.meta, volume).await? {
+                    let removed = cluster::remove_claim_dir(&self.meta, v.id, dir).await?;
+                    tracing::info!(id = %r.id(), removed, "claim directory removed");
+                }
+            }
+        }
+        tracing::info!(id = %r.id(), "claim deleted");
+        Ok(Response::new(pb::DeleteVolumeResponse {}))
+    }
+
+    async fn validate_volume_capabilities(
+        &self,
+        req: Request<pb::ValidateVolumeCapabilitiesRequest>,
+    ) -> Result<Response<pb::ValidateVolumeCapabilitiesResponse>, Status> {
+        let req = req.into_inner();
+        if req.volume_id.is_empty() {
+            return Err(Status::invalid_argument("volume_id is required"));
+        }
+        if req.volume_capabilities.is_empty() {
+            return Err(Status::invalid_argument("volume_capabilities is required"));
+        }
+        let r = VolumeRef::parse(&req.volume_id)
+            .ok_or_else(|| Status::not_found(format!("no volume {}", req.volume_id)))?;
+        if existing(&self.meta, &r).await?.is_none() {
+            return Err(Status::not_found(format!("no volume {}", req.volume_id)));
+        }
+        Ok(Response::new(
+            match spec::check_capabilities(&req.volume_capabilities) {
+                Ok(_) => pb::ValidateVolumeCapabilitiesResponse {
+                    confirmed: Some(pb::validate_volume_capabilities_response::Confirmed {
+                        volume_context: req.volume_context,
+                        volume_capabilities: req.volume_capabilities,
+                        parameters: req.parameters,
+                        mutable_parameters: req.mutable_parameters,
+                    }),
+                    message: String::new(),
+                },
+                Err(why) => pb::ValidateVolumeCapabilitiesResponse {
+                    confirmed: None,
+                    message: why,
+                },
+            },
+        ))
+    }
+
+    async fn list_volumes(
+        &self,
+        req: Request<pb::ListVolumesRequest>,
+    ) -> Result<Response<pb::ListVolumesResponse>, Status> {
+        let req = req.into_inner();
+        if req.max_entries < 0 {
+            return Err(Status::invalid_argument("max_entries must not be negative"));
+        }
+        // Claims are the quotas this driver sets: on a volume's root (a whole volume) or on a
+        // directory just under it (a directory claim).
+        let volumes = self
+            .meta
+            .list_volumes()
+            .await
+            .map_err(|e| cluster::status("list volumes", e))?;
+        let mut claims: Vec<(String, u64)> = Vec::new();
+        for v in volumes {
+            for q in cluster::quotas(&self.meta, v.id).await? {
+                let r = if q.path == "/" {
+                    Some(VolumeRef::Whole {
+                        volume: v.name.clone(),
+                    })
+                } else {
+                    q.path
+                        .strip_prefix('/')
+                        .filter(|d| spec::brickfs_meta_name_ok(d))
+                        .map(|d| VolumeRef::Dir {
+                            volume: v.name.clone(),
+                            dir: d.to_string(),
+                        })
+                };
+                if let Some(r) = r {
+                    claims.push((r.id(), q.limit_bytes));
+                }
+            }
+        }
+        claims.sort();
+        let ids: Vec<String> = claims.iter().map(|(id, _)| id.clone()).collect();
+        let (page, next_token) =
+            spec::page(&ids, &req.starting_token, req.max_entries).map_err(Status::aborted)?;
+        let entries = page
+            .into_iter()
+            .filter_map(|id| {
+                let cap = claims.iter().find(|(i, _)| *i == id)?.1;
+                let r = VolumeRef::parse(&id)?;
+                Some(pb::list_volumes_response::Entry {
+                    volume: Some(volume_of(&r, cap)),
+                    status: None,
+                })
+            })
+            .collect();
+        Ok(Response::new(pb::ListVolumesResponse {
+            entries,
+            next_token,
+        }))
+    }
+
+    async fn get_capacity(
+        &self,
+        req: Request<pb::GetCapacityRequest>,
+    ) -> Result<Response<pb::GetCapacityResponse>, Status> {
+        let req = req.into_inner();
+        if !req.volume_capabilities.is_empty()
+            && spec::check_capabilities(&req.volume_capabilities).is_err()
+        {
+            return Ok(Response::new(pb::GetCapacityResponse::default()));
+        }
+        let how = spec::provision(&req.parameters).map_err(Status::invalid_argument)?;
+        let map_err = |e| cluster::status("read the cluster map", e);
+        let available = match how {
+            // What free bricks would hold in that class: their capacity over the class's
+            // bricks per unit of data.
+            Provision::Volume { class } => {
+                let (_, bricks, share) =
+                    brickd::api::class(&class).map_err(Status::invalid_argument)?;
+                let all = match self
+                    .meta
+                    .read(brickfs_proto::meta::MetaRead::ListBricks)
+                    .await
+                {
+                    Ok(brickfs_proto::meta::MetaReply::Bricks(b)) => b,
+                    Ok(_) => return Err(Status::internal("unexpected answer to ListBricks")),
+                    Err(e) => return Err(map_err(e)),
+                };
+                let volumes = self.meta.list_volumes().await.map_err(map_err)?;
+                let free: u64 = all
+                    .iter()
+                    .filter(|b| {
+                        !volumes
+                            .iter()
+                            .any(|v| v.bricks.iter().any(|x| x.brick == b.id))
+                    })
+                    .map(|b| b.capacity_bytes)
+                    .sum();
+                free / bricks as u64 * share as u64
+            }
+            // The shared volume's free space, less what its claims were promised.
+            Provision::Directory { shared } => {
+                let v = cluster::volume(&self.meta, &shared)
+                    .await?
+                    .ok_or_else(|| Status::invalid_argument(format!("no volume {shared:?}")))?;
+                let promised: u64 = cluster::quotas(&self.meta, v.id)
+                    .await?
+                    .iter()
+                    .map(|q| q.limit_bytes)
+                    .sum();
+                let all = match self
+                    .meta
+                    .read(brickfs_proto::meta::MetaRead::ListBricks)
+                    .await
+                {
+                    Ok(brickfs_proto::meta::MetaReply::Bricks(b)) => b,
+                    Ok(_) => return Err(Status::internal("unexpected answer to ListBricks")),
+                    Err(e) => return Err(map_err(e)),
+                };
+                let raw: u64 = all
+                    .iter()
+                    .filter(|b| v.bricks.iter().any(|x| x.brick == b.id))
+                    .map(|b| b.capacity_bytes)
+                    .sum();
+                let share = u64::from(v.disperse_data.max(1));
+                (raw / v.set_width() as u64 * share).saturating_sub(promised)
+            }
+        };
+        Ok(Response::new(pb::GetCapacityResponse {
+            available_capacity: available as i64,
+            maximum_volume_size: None,
+            minimum_volume_size: None,
+        }))
+    }
+
+    async fn controller_get_capabilities(
+        &self,
+        _: Request<pb::ControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<pb::ControllerGetCapabilitiesResponse>, Status> {
+        use pb::controller_service_capability::{Rpc, Type, rpc};
+        let capabilities = [
+            rpc::Type::CreateDeleteVolume,
+            rpc::Type::ListVolumes,
+            rpc::Type::GetCapacity,
+            rpc::Type::ExpandVolume,
+        ]
+        .into_iter()
+        .map(|t| pb::ControllerServiceCapability {
+            r#type: Some(Type::Rpc(Rpc { r#type: t as i32 })),
+        })
+        .collect();
+        Ok(Response::new(pb::ControllerGetCapabilitiesResponse {
+            capabilities,
+        }))
+    }
+
+    async fn controller_expand_volume(
+        &self,
+        req: Request<pb::ControllerExpandVolumeRequest>,
+    ) -> Result<Response<pb::ControllerExpandVolumeResponse>, Status> {
+        let req = req.into_inner();
+        if req.volume_id.is_empty() {
+            return Err(Status::invalid_argument("volume_id is required"));
+        }
+        let Some(range) = req.capacity_range.as_ref() else {
+            return Err(Status::invalid_argument("capacity_range is required"));
+        };
+        let size = spec::capacity(Some(range)).map_err(Status::out_of_range)?;
+        let r = VolumeRef::parse(&req.volume_id)
+            .ok_or_else(|| Status::not_found(format!("no volume {}", req.volume_id)))?;
+        let _one = self.busy.lock().await;
+        let Some((limit, _)) = existing(&self.meta, &r).await? else {
+            return Err(Status::not_found(format!("no volume {}", req.volume_id)));
+        };
+        if limit >= size {
+            // Already that big: nothing to do (an expansion never shrinks).
+            return Ok(Response::new(pb::ControllerExpandVolumeResponse {
+                capacity_bytes: limit as i64,
+                node_expansion_required: false,
+            }));
+        }
+        if let VolumeRef::Whole { volume } = &r {
+            // More bricks when the volume's own cannot hold the new size.
+            let (code, body) = self
+                .api(
+                    "POST",
+                    &format!("/v1/volumes/{volume}/expand"),
+                    json!({ "size_bytes": size }),
+                )
+                .await;
+            if code != 200 {
+                return Err(api_status(code, &body));
+            }
+        }
+        let v = cluster::volume(&self.meta, r.volume())
+            .await?
+            .ok_or_else(|| Status::not_found(format!("no volume {}", req.volume_id)))?;
+        let dir = match &r {
+            VolumeRef::Whole { .. } => ROOT,
+            VolumeRef::Dir { dir, .. } => cluster::lookup_dir(&self.meta, v.id, dir)
+                .await?
+                .ok_or_else(|| Status::not_found(format!("no volume {}", req.volume_id)))?,
+        };
+        cluster::set_quota(&self.meta, v.id, dir, &r.quota_path(), Some(size)).await?;
+        tracing::info!(id = %r.id(), from = limit, to = size, "claim expanded");
+        Ok(Response::new(pb::ControllerExpandVolumeResponse {
+            capacity_bytes: size as i64,
+            node_expansion_required: false,
+        }))
+    }
+}

@@ -1,0 +1,581 @@
+//! The Node service. The mount table is its state: a staged claim is a `fuse.brickfs` mount at
+//! the staging path served by its own `mountd --daemon` process (not a child of the plugin, so
+//! a killed or upgraded plugin leaves it serving and the next one finds it there); a published
+//! claim is a bind mount of it (or of the claim's directory in it) at the pod's path.
+
+use crate::cluster;
+use crate::pb;
+use crate::spec::{self, VolumeRef};
+use brickfs_client::MetaClient;
+use brickfs_proto::cred::Credential;
+use std::path::{Path, PathBuf};
+use tonic::{Request, Response, Status};
+
+pub struct NodeService {
+    meta: MetaClient,
+    node_id: String,
+    state_dir: PathBuf,
+    mountd: PathBuf,
+    credential_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    /// One stage, publish or unpublish at a time on this node: they read and change the mount
+    /// table.
+    busy: tokio::sync::Mutex<()>,
+}
+
+/// One line of /proc/self/mountinfo.
+#[derive(Clone, Debug)]
+pub struct MountEntry {
+    /// `major:minor` of the filesystem: every bind mount of one FUSE mount shares it.
+    pub dev: String,
+    /// The directory of the filesystem this mount shows (`/` or a claim's `/DIR`).
+    pub root: String,
+    pub mount_point: PathBuf,
+    pub read_only: bool,
+    pub fs_type: String,
+    pub source: String,
+}
+
+/// Undoes mountinfo's octal escapes (`\040` is a space).
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Parses mountinfo text.
+pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
+    text.lines()
+        .filter_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let f: Vec<&str> = pre.split(' ').collect();
+            let g: Vec<&str> = post.split(' ').collect();
+            Some(MountEntry {
+                dev: f.get(2)?.to_string(),
+                root: unescape(f.get(3)?),
+                mount_point: PathBuf::from(unescape(f.get(4)?)),
+                read_only: f.get(5)?.split(',').any(|o| o == "ro"),
+                fs_type: g.first()?.to_string(),
+                source: unescape(g.get(1)?),
+            })
+        })
+        .collect()
+}
+
+fn mounts() -> Vec<MountEntry> {
+    parse_mountinfo(&std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default())
+}
+
+/// The last mount at `path` (the one a lookup of the path sees).
+fn mount_at(path: &Path) -> Option<MountEntry> {
+    mounts().into_iter().rev().find(|m| m.mount_point == path)
+}
+
+fn staged_source(volume: &str) -> String {
+    format!("brickfs:{volume}")
+}
+
+fn required<'a>(v: &'a str, what: &str) -> Result<&'a str, Status> {
+    if v.is_empty() {
+        Err(Status::invalid_argument(format!("{what} is required")))
+    } else {
+        Ok(v)
+    }
+}
+
+fn volume_ref(id: &str) -> Result<VolumeRef, Status> {
+    VolumeRef::parse(id).ok_or_else(|| Status::not_found(format!("no volume {id}")))
+}
+
+fn io_status(what: String, e: std::io::Error) -> Status {
+    Status::internal(format!("{what}: {e}"))
+}
+
+impl NodeService {
+    pub fn new(meta: MetaClient, node_id: String, cfg: &crate::Config) -> NodeService {
+        NodeService {
+            meta,
+            node_id,
+            state_dir: cfg.state_dir.clone(),
+            mountd: cfg.mountd.clone(),
+            credential_file: cfg.credential_file.clone(),
+            ca_file: cfg.ca_file.clone(),
+            busy: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Logs the staged mounts a previous plugin left: they keep serving, and the calls that
+    /// name them find them in the mount table.
+    pub fn adopt(&self) {
+        for m in mounts().iter().filter(|m| m.fs_type == "fuse.brickfs") {
+            tracing::info!(
+                at = %m.mount_point.display(),
+                source = %m.source,
+                root = %m.root,
+                "found a brickfs mount already serving"
+            );
+        }
+    }
+
+    /// The client credential file a mount of `volume` presents, or `None` in a cluster
+    /// without keys. A credential given in the stage call's secrets wins; otherwise a client
+    /// credential is issued for this node with the driver's admin credential (once, kept
+    /// 0600 in the state folder and reused while the volume lists it).
+    async fn credential_for(
+        &self,
+        volume: &brickfs_proto::meta::VolumeRecord,
+        secrets: &std::collections::HashMap<String, String>,
+    ) -> Result<Option<PathBuf>, Status> {
+        let dir = self.state_dir.join("credentials");
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| io_status(format!("make {}", dir.display()), e))?;
+        let write = |path: &Path, text: &str| -> Result<(), Status> {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let tmp = path.with_extension("tmp");
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(|e| io_status(format!("write {}", tmp.display()), e))?;
+            f.write_all(text.as_bytes())
+                .and_then(|()| f.sync_all())
+                .map_err(|e| io_status(format!("write {}", tmp.display()), e))?;
+            std::fs::rename(&tmp, path)
+                .map_err(|e| io_status(format!("rename to {}", path.display()), e))
+        };
+        if let Some(c) = secrets.get("credential") {
+            Credential::parse(c.as_bytes()).map_err(|e| {
+                Status::invalid_argument(format!("the stage secret's credential: {e}"))
+            })?;
+            let path = dir.join(format!("{}.secret", volume.name));
+            write(&path, c)?;
+            return Ok(Some(path));
+        }
+        match brickfs_proto::rpc::credential().as_deref() {
+            None => return Ok(None),
+            Some(Credential::Client { .. }) => return Ok(self.credential_file.clone()),
+            Some(_) => {}
+        }
+        let path = dir.join(format!("{}.cred", volume.name));
+        if let Ok(Credential::Client { volume: v, id, .. }) = Credential::load(&path)
+            && v == volume.id
+            && volume.credentials.iter().any(|c| c.id == id)
+        {
+            return Ok(Some(path));
+        }
+        let client = brickfs_client::BrickClient::new(brickfs_proto::rpc::ClientOptions {
+            peer_name: format!("brickfs-csi:{}", self.node_id),
+            conns_per_peer: 1,
+            ..Default::default()
+        });
+        let req = brickfs_proto::msg::IssueCredential {
+            volume: volume.name.clone(),
+            label: format!("csi node {}", self.node_id),
+            replace: false,
+        };
+        let mut last = String::from("no metadata member to ask");
+        for addr in self.meta_members() {
+            match client.issue_credential(addr, req.clone()).await {
+                Ok(c) => {
+                    write(&path, &c.credential)?;
+                    tracing::info!(volume = %volume.name, id = %format!("{:x}", c.id), "client credential issued for this node");
+                    return Ok(Some(path));
+                }
+                Err(e) => last = format!("{addr}: {e}"),
+            }
+        }
+        Err(Status::unavailable(format!(
+            "could not get a client credential of volume {}: {last}",
+            volume.name
+        )))
+    }
+
+    fn meta_members(&self) -> Vec<std::net::SocketAddr> {
+        let mut m = self.meta.members();
+        if let Some(l) = self.meta.leader() {
+            m.retain(|a| *a != l);
+            m.insert(0, l);
+        }
+        m
+    }
+
+    /// Starts `mountd --daemon` for `volume` at `staging` and waits until it is mounted.
+    async fn start_mount(
+        &self,
+        volume: &str,
+        staging: &Path,
+        credential: Option<PathBuf>,
+    ) -> Result<(), Status> {
+        std::fs::create_dir_all(staging)
+            .map_err(|e| io_status(format!("make {}", staging.display()), e))?;
+        let members: Vec<String> = self.meta_members().iter().map(|a| a.to_string()).collect();
+        let mut cmd = tokio::process::Command::new(&self.mountd);
+        cmd.arg(format!("{}/{volume}", members.join(",")))
+            .arg(staging)
+            .arg("--daemon")
+            .stdin(std::process::Stdio::null());
+        if let Some(c) = credential {
+            cmd.arg("--credential-file").arg(c);
+        }
+        if let Some(ca) = &self.ca_file {
+            cmd.arg("--ca-file").arg(ca);
+        }
+        let out = tokio::time::timeout(std::time::Duration::from_secs(60), cmd.output())
+            .await
+            .map_err(|_| Status::deadline_exceeded("mountd did not mount within 60 s"))?
+            .map_err(|e| io_status(format!("start {}", self.mountd.display()), e))?;
+        if !out.status.success() {
+            return Err(Status::internal(format!(
+                "mountd failed to mount {volume} at {}: {}",
+                staging.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        tracing::info!(
+            volume,
+            at = %staging.display(),
+            mountd = %String::from_utf8_lossy(&out.stdout).trim(),
+            "staged"
+        );
+        Ok(())
+    }
+
+    /// What the claim's quota says: (limit, used), when it has one.
+    async fn usage(&self, r: &VolumeRef) -> Result<Option<(u64, u64)>, Status> {
+        let Some(v) = cluster::volume(&self.meta, r.volume()).await? else {
+            return Err(Status::not_found(format!("no volume {}", r.id())));
+        };
+        Ok(cluster::quota_of(&self.meta, v.id, &r.quota_path())
+            .await?
+            .map(|q| (q.limit_bytes, q.used_bytes)))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::node_server::Node for NodeService {
+    async fn node_stage_volume(
+        &self,
+        req: Request<pb::NodeStageVolumeRequest>,
+    ) -> Result<Response<pb::NodeStageVolumeResponse>, Status> {
+        let req = req.into_inner();
+        let id = required(&req.volume_id, "volume_id")?;
+        let staging = PathBuf::from(required(&req.staging_target_path, "staging_target_path")?);
+        let cap = req
+            .volume_capability
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
+        spec::check_capability(cap).map_err(Status::invalid_argument)?;
+        let r = volume_ref(id)?;
+        let _one = self.busy.lock().await;
+        if let Some(m) = mount_at(&staging) {
+            if m.fs_type == "fuse.brickfs" && m.source == staged_source(r.volume()) {
+                // Staged before (perhaps by an earlier plugin): it is still serving.
+                return Ok(Response::new(pb::NodeStageVolumeResponse {}));
+            }
+            return Err(Status::already_exists(format!(
+                "{} is a mount of {} ({}), not of {}",
+                staging.display(),
+                m.source,
+                m.fs_type,
+                r.id()
+            )));
+        }
+        let Some(v) = cluster::volume(&self.meta, r.volume()).await? else {
+            return Err(Status::not_found(format!("no volume {id}")));
+        };
+        let credential = self.credential_for(&v, &req.secrets).await?;
+        self.start_mount(r.volume(), &staging, credential).await?;
+        Ok(Response::new(pb::NodeStageVolumeResponse {}))
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        req: Request<pb::NodeUnstageVolumeRequest>,
+    ) -> Result<Response<pb::NodeUnstageVolumeResponse>, Status> {
+        let req = req.into_inner();
+        required(&req.volume_id, "volume_id")?;
+        let staging = PathBuf::from(required(&req.staging_target_path, "staging_target_path")?);
+        let _one = self.busy.lock().await;
+        let Some(m) = mount_at(&staging) else {
+            return Ok(Response::new(pb::NodeUnstageVolumeResponse {}));
+        };
+        if m.fs_type != "fuse.brickfs" {
+            return Err(Status::failed_precondition(format!(
+                "{} is a {} mount, not a staged brickfs claim",
+                staging.display(),
+                m.fs_type
+            )));
+        }
+        // Pods still see it through these: unmounting now would cut them off.
+        let published: Vec<String> = mounts()
+            .into_iter()
+            .filter(|o| o.dev == m.dev && o.mount_point != staging)
+            .map(|o| o.mount_point.display().to_string())
+            .collect();
+        if !published.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "{} is still published at {}",
+                staging.display(),
+                published.join(", ")
+            )));
+        }
+        nix::mount::umount2(&staging, nix::mount::MntFlags::empty())
+            .map_err(|e| Status::internal(format!("unmount {}: {e}", staging.display())))?;
+        tracing::info!(at = %staging.display(), "unstaged");
+        Ok(Response::new(pb::NodeUnstageVolumeResponse {}))
+    }
+
+    async fn node_publish_volume(
+        &self,
+        req: Request<pb::NodePublishVolumeRequest>,
+    ) -> Result<Response<pb::NodePublishVolumeResponse>, Status> {
+        let req = req.into_inner();
+        let id = required(&req.volume_id, "volume_id")?;
+        let staging = PathBuf::from(required(&req.staging_target_path, "staging_target_path")?);
+        let target = PathBuf::from(required(&req.target_path, "target_path")?);
+        let cap = req
+            .volume_capability
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
+        let read_only =
+            spec::check_capability(cap).map_err(Status::invalid_argument)? || req.readonly;
+        let r = volume_ref(id)?;
+        let root = match &r {
+            VolumeRef::Whole { .. } => "/".to_string(),
+            VolumeRef::Dir { dir, .. } => format!("/{dir}"),
+        };
+        let _one = self.busy.lock().await;
+        match mount_at(&staging) {
+            Some(m) if m.fs_type == "fuse.brickfs" && m.source == staged_source(r.volume()) => {}
+            _ => {
+                return Err(Status::failed_precondition(format!(
+                    "{id} is not staged at {}",
+                    staging.display()
+                )));
+            }
+        }
+        if let Some(m) = mount_at(&target) {
+            if m.source == staged_source(r.volume()) && m.root == root && m.read_only == read_only {
+                return Ok(Response::new(pb::NodePublishVolumeResponse {}));
+            }
+            return Err(Status::already_exists(format!(
+                "{} is already a mount of {}{} ({})",
+                target.display(),
+                m.source,
+                m.root,
+                if m.read_only {
+                    "read-only"
+                } else {
+                    "read-write"
+                }
+            )));
+        }
+        let from = match &r {
+            VolumeRef::Whole { .. } => staging.clone(),
+            VolumeRef::Dir { dir, .. } => staging.join(dir),
+        };
+        if !from.is_dir() {
+            return Err(Status::not_found(format!(
+                "{id}: {} is not in the volume",
+                root
+            )));
+        }
+        std::fs::create_dir_all(&target)
+            .map_err(|e| io_status(format!("make {}", target.display()), e))?;
+        use nix::mount::{MsFlags, mount};
+        mount(
+            Some(&from),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| {
+            Status::internal(format!(
+                "bind {} at {}: {e}",
+                from.display(),
+                target.display()
+            ))
+        })?;
+        if read_only
+            && let Err(e) = mount(
+                None::<&str>,
+                &target,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                None::<&str>,
+            )
+        {
+            let _ = nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH);
+            return Err(Status::internal(format!(
+                "make {} read-only: {e}",
+                target.display()
+            )));
+        }
+        tracing::info!(id, at = %target.display(), read_only, "published");
+        Ok(Response::new(pb::NodePublishVolumeResponse {}))
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        req: Request<pb::NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<pb::NodeUnpublishVolumeResponse>, Status> {
+        let req = req.into_inner();
+        required(&req.volume_id, "volume_id")?;
+        let target = PathBuf::from(required(&req.target_path, "target_path")?);
+        let _one = self.busy.lock().await;
+        if let Some(m) = mount_at(&target) {
+            if m.fs_type != "fuse.brickfs" {
+                return Err(Status::failed_precondition(format!(
+                    "{} is a {} mount, not a published brickfs claim",
+                    target.display(),
+                    m.fs_type
+                )));
+            }
+            nix::mount::umount2(&target, nix::mount::MntFlags::empty())
+                .map_err(|e| Status::internal(format!("unmount {}: {e}", target.display())))?;
+        }
+        // The target folder is the plugin's to remove (the spec); gone already is fine.
+        match std::fs::remove_dir(&target) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_status(format!("remove {}", target.display()), e)),
+        }
+        tracing::info!(at = %target.display(), "unpublished");
+        Ok(Response::new(pb::NodeUnpublishVolumeResponse {}))
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        req: Request<pb::NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<pb::NodeGetVolumeStatsResponse>, Status> {
+        let req = req.into_inner();
+        let id = required(&req.volume_id, "volume_id")?;
+        let path = PathBuf::from(required(&req.volume_path, "volume_path")?);
+        let r = volume_ref(id)?;
+        if !path.exists() {
+            return Err(Status::not_found(format!(
+                "{} does not exist",
+                path.display()
+            )));
+        }
+        let fs = nix::sys::statvfs::statvfs(&path)
+            .map_err(|e| Status::internal(format!("statvfs {}: {e}", path.display())))?;
+        let frsize = fs.fragment_size();
+        let (total, used) = match self.usage(&r).await? {
+            Some((limit, used)) => (limit, used),
+            None => {
+                let total = fs.blocks() * frsize;
+                (total, total.saturating_sub(fs.blocks_free() * frsize))
+            }
+        };
+        let bytes = pb::VolumeUsage {
+            available: total.saturating_sub(used) as i64,
+            total: total as i64,
+            used: used as i64,
+            unit: pb::volume_usage::Unit::Bytes as i32,
+        };
+        let inodes = pb::VolumeUsage {
+            available: fs.files_available() as i64,
+            total: fs.files() as i64,
+            used: fs.files().saturating_sub(fs.files_free()) as i64,
+            unit: pb::volume_usage::Unit::Inodes as i32,
+        };
+        Ok(Response::new(pb::NodeGetVolumeStatsResponse {
+            usage: vec![bytes, inodes],
+            volume_condition: None,
+        }))
+    }
+
+    async fn node_expand_volume(
+        &self,
+        req: Request<pb::NodeExpandVolumeRequest>,
+    ) -> Result<Response<pb::NodeExpandVolumeResponse>, Status> {
+        let req = req.into_inner();
+        let id = required(&req.volume_id, "volume_id")?;
+        let path = PathBuf::from(required(&req.volume_path, "volume_path")?);
+        let r = volume_ref(id)?;
+        if !path.exists() {
+            return Err(Status::not_found(format!(
+                "{} does not exist",
+                path.display()
+            )));
+        }
+        // The capacity is a quota the controller already raised: nothing grows on the node.
+        let limit = self.usage(&r).await?.map_or(0, |(l, _)| l);
+        Ok(Response::new(pb::NodeExpandVolumeResponse {
+            capacity_bytes: limit as i64,
+        }))
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _: Request<pb::NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<pb::NodeGetCapabilitiesResponse>, Status> {
+        use pb::node_service_capability::{Rpc, Type, rpc};
+        let capabilities = [
+            rpc::Type::StageUnstageVolume,
+            rpc::Type::GetVolumeStats,
+            rpc::Type::ExpandVolume,
+        ]
+        .into_iter()
+        .map(|t| pb::NodeServiceCapability {
+            r#type: Some(Type::Rpc(Rpc { r#type: t as i32 })),
+        })
+        .collect();
+        Ok(Response::new(pb::NodeGetCapabilitiesResponse {
+            capabilities,
+        }))
+    }
+
+    async fn node_get_info(
+        &self,
+        _: Request<pb::NodeGetInfoRequest>,
+    ) -> Result<Response<pb::NodeGetInfoResponse>, Status> {
+        Ok(Response::new(pb::NodeGetInfoResponse {
+            node_id: self.node_id.clone(),
+            max_volumes_per_node: 0,
+            accessible_topology: None,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_lines_parse() {
+        let text = "36 35 0:52 / /var/lib/kubelet/plugins/kubernetes.io/csi/csi.brickfs.io/abc/globalmount rw,nosuid,nodev,relatime shared:1 - fuse.brickfs brickfs:pvc-1 rw,user_id=0\n\
+                    37 36 0:52 /pvc-2 /var/lib/kubelet/pods/p/volumes/x\\040y ro,relatime - fuse.brickfs brickfs:shared rw\n\
+                    38 1 8:1 / / rw - ext4 /dev/sda1 rw\n";
+        let m = parse_mountinfo(text);
+        assert_eq!(m.len(), 3);
+        assert_eq!(m[0].dev, "0:52");
+        assert_eq!(m[0].source, "brickfs:pvc-1");
+        assert!(!m[0].read_only);
+        assert_eq!(m[1].root, "/pvc-2");
+        assert_eq!(
+            m[1].mount_point,
+            PathBuf::from("/var/lib/kubelet/pods/p/volumes/x y")
+        );
+        assert!(m[1].read_only);
+        assert_eq!(m[2].fs_type, "ext4");
+    }
+}
