@@ -307,6 +307,7 @@ async fn controller_answers_as_the_spec_says() {
         .into_inner();
     assert_eq!(ccaps.capabilities.len(), 4);
 
+    must_shared_volume(&c, "shared").await;
     // A whole volume per claim: idempotent by name, refused when the size conflicts.
     let mib = 1i64 << 20;
     let made = ctl
@@ -377,8 +378,8 @@ async fn controller_answers_as_the_spec_says() {
         "a refused create made a volume"
     );
 
-    // A directory per claim in a shared volume, its quota the capacity.
-    must_shared_volume(&c, "shared").await;
+    // A directory per claim in a shared volume (made before any claim took its brick), its
+    // quota the capacity.
     let dp = [("mode", "directory"), ("volume", "shared")];
     let d = ctl
         .create_volume(create_req("pvc-d", 4 * mib, &dp))
@@ -653,6 +654,9 @@ async fn claims_are_staged_and_published_on_two_nodes() {
     // The capacity is a quota: stats show it, writes past it fail, expansion raises it.
     let (total, used) = stats(&mut n1, &id, &t1).await;
     assert_eq!(total, 4 * mib);
+    // `df` in the pod shows the claim, not the shared volume.
+    let fs = nix::sys::statvfs::statvfs(&t2).unwrap();
+    assert_eq!(fs.blocks() * fs.fragment_size(), 4 << 20, "df of the pod path");
     assert!(used >= mib, "used {used}");
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -690,6 +694,8 @@ async fn claims_are_staged_and_published_on_two_nodes() {
         .into_inner();
     assert_eq!(grown.capacity_bytes, 16 * mib);
     assert_eq!(stats(&mut n2, &id, &t2).await.0, 16 * mib);
+    let fs = nix::sys::statvfs::statvfs(&t1).unwrap();
+    assert_eq!(fs.blocks() * fs.fragment_size(), 16 << 20, "df after the expansion");
     assert_eq!(
         n2.node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
             volume_id: id.clone(),

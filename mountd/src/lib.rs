@@ -1055,11 +1055,12 @@ impl Filesystem for BrickFs {
         reply.ok();
     }
 
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+    fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
         let _op = self.fuse_op("statfs");
         // The bricks' real space, as the volume's layout lets files use it (a replica-3 set
-        // holds a third of its members' raw space, a 4+2 set two thirds).
-        let space = self.rt.block_on(self.vol.statfs());
+        // holds a third of its members' raw space, a 4+2 set two thirds); at a directory with
+        // a quota, the quota's (`df` in a pod shows its claim's size).
+        let space = self.rt.block_on(self.vol.statfs_at(Ino(ino.0)));
         let bsize = 4096u64;
         reply.statfs(
             space.total_bytes / bsize,

@@ -1184,6 +1184,36 @@ impl VolumeClient {
     /// has room for (a replica set one copy of it; a disperse set K fragments' worth), and the
     /// volume the sum over its sets. Members that do not answer are left out; a set none of
     /// whose members answers counts nothing.
+    /// The space `df` shows at directory `dir`: its quota's limit and what is left of it
+    /// (no more than the volume has left), when the directory has a quota; otherwise the
+    /// volume's (a claim of the CSI driver is such a directory, or a volume whose root has
+    /// one).
+    pub async fn statfs_at(&self, dir: Ino) -> VolumeSpace {
+        let space = self.statfs().await;
+        if !self.quota_on().await {
+            return space;
+        }
+        let Ok(MetaReply::Quotas(quotas)) = self
+            .meta
+            .read(MetaRead::Quotas {
+                volume: self.vol.id,
+            })
+            .await
+        else {
+            return space;
+        };
+        match quotas.iter().find(|q| q.dir == dir) {
+            Some(q) => VolumeSpace {
+                total_bytes: q.limit_bytes,
+                avail_bytes: q
+                    .limit_bytes
+                    .saturating_sub(q.used_bytes)
+                    .min(space.avail_bytes),
+            },
+            None => space,
+        }
+    }
+
     pub async fn statfs(&self) -> VolumeSpace {
         let sets = self.sets();
         let data_share = u64::from(self.vol.disperse_data.max(1));
