@@ -656,7 +656,11 @@ async fn claims_are_staged_and_published_on_two_nodes() {
     assert_eq!(total, 4 * mib);
     // `df` in the pod shows the claim, not the shared volume.
     let fs = nix::sys::statvfs::statvfs(&t2).unwrap();
-    assert_eq!(fs.blocks() * fs.fragment_size(), 4 << 20, "df of the pod path");
+    assert_eq!(
+        fs.blocks() * fs.fragment_size(),
+        4 << 20,
+        "df of the pod path"
+    );
     assert!(used >= mib, "used {used}");
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -695,7 +699,11 @@ async fn claims_are_staged_and_published_on_two_nodes() {
     assert_eq!(grown.capacity_bytes, 16 * mib);
     assert_eq!(stats(&mut n2, &id, &t2).await.0, 16 * mib);
     let fs = nix::sys::statvfs::statvfs(&t1).unwrap();
-    assert_eq!(fs.blocks() * fs.fragment_size(), 16 << 20, "df after the expansion");
+    assert_eq!(
+        fs.blocks() * fs.fragment_size(),
+        16 << 20,
+        "df after the expansion"
+    );
     assert_eq!(
         n2.node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
             volume_id: id.clone(),
@@ -931,4 +939,40 @@ async fn a_keyed_cluster_gives_each_node_a_client_credential() {
     assert_eq!(listed("pvc-k"), 1);
     unpublish(&mut n, &id, &target).await;
     unstage(&mut n, &id, &staging).await.unwrap();
+}
+
+/// The manifests in deploy/kubernetes name this driver and only flags the program has.
+#[test]
+fn the_manifests_match_the_program() {
+    let help = Command::new(env!("CARGO_BIN_EXE_brickfs-csi"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout).to_string();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes");
+    let mut flags = 0;
+    for f in ["controller.yaml", "node.yaml"] {
+        let text = std::fs::read_to_string(root.join(f)).unwrap();
+        let start = text
+            .find("args: [\"brickfs-csi\"")
+            .unwrap_or_else(|| panic!("{f} does not run brickfs-csi"));
+        let args = &text[start..start + text[start..].find(']').unwrap()];
+        for flag in args.split('"').filter(|t| t.starts_with("--")) {
+            assert!(
+                help.contains(flag),
+                "{f} passes {flag}, which brickfs-csi does not take"
+            );
+            flags += 1;
+        }
+    }
+    assert!(flags >= 8, "only {flags} flags found");
+    let driver = std::fs::read_to_string(root.join("csidriver.yaml")).unwrap();
+    assert!(driver.contains(&format!("name: {}", brickfs_csi::DRIVER_NAME)));
+    let classes = std::fs::read_to_string(root.join("storageclasses.yaml")).unwrap();
+    assert_eq!(
+        classes
+            .matches(&format!("provisioner: {}", brickfs_csi::DRIVER_NAME))
+            .count(),
+        3
+    );
 }

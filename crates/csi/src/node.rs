@@ -106,13 +106,25 @@ fn io_status(what: String, e: std::io::Error) -> Status {
 
 impl NodeService {
     pub fn new(meta: MetaClient, node_id: String, cfg: &crate::Config) -> NodeService {
+        // Mounts outlive the plugin (and, in a container, the secret volume the CA came
+        // from): they read a copy in the state folder.
+        let ca_file = cfg.ca_file.as_ref().map(|ca| {
+            let copy = cfg.state_dir.join("ca.pem");
+            match std::fs::copy(ca, &copy) {
+                Ok(_) => copy,
+                Err(e) => {
+                    tracing::warn!(error = %e, ca = %ca.display(), "cannot copy the CA to the state folder; mounts read it where it is");
+                    ca.clone()
+                }
+            }
+        });
         NodeService {
             meta,
             node_id,
             state_dir: cfg.state_dir.clone(),
             mountd: cfg.mountd.clone(),
             credential_file: cfg.credential_file.clone(),
-            ca_file: cfg.ca_file.clone(),
+            ca_file,
             busy: tokio::sync::Mutex::new(()),
         }
     }
