@@ -331,6 +331,22 @@ async fn controller_answers_as_the_spec_says() {
         .await
         .unwrap();
     assert_eq!((rec.replica, rec.bricks.len()), (3, 3));
+    // Striped: files cut across two sets.
+    let striped = ctl
+        .create_volume(create_req(
+            "pvc-s",
+            2 * mib,
+            &[("type", "distribute"), ("stripe", "2")],
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let rec = brickfs_client::admin::volume_info(&c.meta, "pvc-s")
+        .await
+        .unwrap();
+    assert_eq!((rec.stripe, rec.bricks.len()), (2, 2), "{}", rec.type_name);
     let mut bigger = create_req("pvc-a", 16 * mib, &[("type", "replicate-3")]);
     bigger.capacity_range = range(16 * mib, 16 * mib);
     assert_eq!(code(ctl.create_volume(bigger).await), Code::AlreadyExists);
@@ -530,6 +546,7 @@ async fn controller_answers_as_the_spec_says() {
         ("d/shared/pvc-d".to_string(), 6 * mib),
         (odd.volume_id.clone(), mib),
         ("v/pvc-a".to_string(), 8 * mib),
+        (striped.volume_id.clone(), 2 * mib),
     ];
     want.sort();
     assert_eq!(seen, want);
@@ -567,7 +584,12 @@ async fn controller_answers_as_the_spec_says() {
         code(ctl.delete_volume(delete("")).await),
         Code::InvalidArgument
     );
-    for v in ["v/pvc-a", "d/shared/pvc-d", odd.volume_id.as_str()] {
+    for v in [
+        "v/pvc-a",
+        "v/pvc-s",
+        "d/shared/pvc-d",
+        odd.volume_id.as_str(),
+    ] {
         ctl.delete_volume(delete(v)).await.unwrap();
         ctl.delete_volume(delete(v)).await.unwrap();
     }

@@ -6,7 +6,8 @@
 //! - `POST /v1/volumes` `{"name": "pvc-1", "size_bytes": 1073741824, "class": "replicate-3"}`:
 //!   picks free registered bricks (spread over nodes, most free space first) for the class —
 //!   `distribute`, `replicate-N` (2–5) or `disperse-K+M` — checks they hold `size_bytes`,
-//!   creates and starts the volume: 201 with the volume and its mount.
+//!   creates and starts the volume: 201 with the volume and its mount. `"stripe": S` (2–256,
+//!   not with disperse) makes it striped: S sets of the class per stripe group.
 //! - `GET /v1/volumes/NAME`: the volume and its mount; `DELETE /v1/volumes/NAME`: stops and
 //!   deletes it (its data goes).
 //! - `POST /v1/volumes/NAME/expand` `{"size_bytes": N}`: grows the volume to hold at least N
@@ -357,6 +358,7 @@ async fn create(meta: &MetaClient, mount_from: SocketAddr, body: &[u8]) -> (u16,
             ("name", Field::Str),
             ("size_bytes", Field::Count),
             ("class", Field::Str),
+            ("stripe", Field::Count),
         ],
     ) {
         return refused;
@@ -374,10 +376,24 @@ async fn create(meta: &MetaClient, mount_from: SocketAddr, body: &[u8]) -> (u16,
     if let Err(e) = brickfs_meta::sm::check_volume_name(name) {
         return error(400, e.detail);
     }
-    let (mut spec, bricks_needed, data_share) = match class(cls) {
+    let (mut spec, mut bricks_needed, mut data_share) = match class(cls) {
         Ok(c) => c,
         Err(e) => return error(400, e),
     };
+    // Striped: S sets of the class per stripe group, files cut across them.
+    let stripe = req["stripe"].as_u64().unwrap_or(1);
+    if stripe > 1 {
+        if cls.starts_with("disperse-") {
+            return error(400, "stripe and disperse cannot be combined");
+        }
+        let max = u64::from(brickfs_layout::spec::STRIPE_MAX);
+        if stripe > max {
+            return error(400, format!("stripe takes 2 to {max}, not {stripe}"));
+        }
+        spec.splice(0..0, ["stripe".to_string(), stripe.to_string()]);
+        bricks_needed *= stripe as usize;
+        data_share *= stripe as usize;
+    }
     if admin::volume_info(meta, name).await.is_ok() {
         return error(409, format!("volume {name:?} exists"));
     }

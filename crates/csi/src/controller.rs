@@ -131,14 +131,12 @@ impl pb::controller_server::Controller for Controller {
             // Made but its quota not set yet (a create cut off in between): finish it below.
             Some(_) => {}
             None => match &how {
-                Provision::Volume { class } => {
-                    let (code, body) = self
-                        .api(
-                            "POST",
-                            "/v1/volumes",
-                            json!({"name": name, "size_bytes": size, "class": class}),
-                        )
-                        .await;
+                Provision::Volume { class, stripe } => {
+                    let mut body = json!({"name": name, "size_bytes": size, "class": class});
+                    if *stripe > 1 {
+                        body["stripe"] = json!(stripe);
+                    }
+                    let (code, body) = self.api("POST", "/v1/volumes", body).await;
                     if code != 201 {
                         return Err(api_status(code, &body));
                     }
@@ -309,7 +307,7 @@ impl pb::controller_server::Controller for Controller {
         let available = match how {
             // What free bricks would hold in that class: their capacity over the class's
             // bricks per unit of data.
-            Provision::Volume { class } => {
+            Provision::Volume { class, .. } => {
                 let (_, bricks, share) =
                     brickd::api::class(&class).map_err(Status::invalid_argument)?;
                 let all = match self

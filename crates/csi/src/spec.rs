@@ -92,23 +92,25 @@ pub fn claim_name(csi_name: &str) -> String {
 /// How a StorageClass provisions its claims.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Provision {
-    /// A volume of a durability class (`type`: `distribute`, `replicate-N`, `disperse-K+M`).
-    Volume { class: String },
+    /// A volume of a durability class (`type`: `distribute`, `replicate-N`, `disperse-K+M`),
+    /// striped over `stripe` sets when more than 1.
+    Volume { class: String, stripe: u32 },
     /// A directory with a quota inside the existing volume `shared`.
     Directory { shared: String },
 }
 
 /// Reads a StorageClass's parameters: `mode` (`volume`, the default, or `directory`), `type`
-/// for volumes (default `replicate-3`), `volume` (the shared volume) for directories. Any
-/// other key is refused, so that a typo does not silently give another layout.
+/// (default `replicate-3`) and `stripe` (default 1) for volumes, `volume` (the shared volume)
+/// for directories. Any other key is refused, so that a typo does not silently give another
+/// layout.
 pub fn provision(params: &std::collections::HashMap<String, String>) -> Result<Provision, String> {
     for k in params.keys() {
         // Kubernetes' external-provisioner adds its own `csi.storage.k8s.io/...` keys.
-        if !matches!(k.as_str(), "mode" | "type" | "volume")
+        if !matches!(k.as_str(), "mode" | "type" | "stripe" | "volume")
             && !k.starts_with("csi.storage.k8s.io/")
         {
             return Err(format!(
-                "unknown StorageClass parameter {k:?} (mode, type, volume)"
+                "unknown StorageClass parameter {k:?} (mode, type, stripe, volume)"
             ));
         }
     }
@@ -117,17 +119,26 @@ pub fn provision(params: &std::collections::HashMap<String, String>) -> Result<P
             if params.contains_key("volume") {
                 return Err("parameter volume is for mode: directory".into());
             }
+            let stripe = match params.get("stripe") {
+                None => 1,
+                Some(s) => s
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|s| *s >= 1)
+                    .ok_or_else(|| format!("stripe {s:?} is not a count of sets"))?,
+            };
             Ok(Provision::Volume {
                 class: params
                     .get("type")
                     .cloned()
                     .unwrap_or_else(|| "replicate-3".into()),
+                stripe,
             })
         }
         "directory" => {
-            if params.contains_key("type") {
+            if params.contains_key("type") || params.contains_key("stripe") {
                 return Err(
-                    "parameter type is for mode: volume (a directory takes its shared volume's)"
+                    "parameters type and stripe are for mode: volume (a directory takes its shared volume's layout)"
                         .into(),
                 );
             }
@@ -307,15 +318,27 @@ mod tests {
         assert_eq!(
             p(&[]),
             Ok(Provision::Volume {
-                class: "replicate-3".into()
+                class: "replicate-3".into(),
+                stripe: 1
             })
         );
         assert_eq!(
             p(&[("type", "disperse-4+2")]),
             Ok(Provision::Volume {
-                class: "disperse-4+2".into()
+                class: "disperse-4+2".into(),
+                stripe: 1
             })
         );
+        assert_eq!(
+            p(&[("type", "distribute"), ("stripe", "4")]),
+            Ok(Provision::Volume {
+                class: "distribute".into(),
+                stripe: 4
+            })
+        );
+        assert!(p(&[("stripe", "0")]).is_err());
+        assert!(p(&[("stripe", "many")]).is_err());
+        assert!(p(&[("mode", "directory"), ("volume", "s"), ("stripe", "2")]).is_err());
         assert_eq!(
             p(&[("mode", "directory"), ("volume", "shared")]),
             Ok(Provision::Directory {
