@@ -347,6 +347,50 @@ async fn controller_answers_as_the_spec_says() {
         .await
         .unwrap();
     assert_eq!((rec.stripe, rec.bricks.len()), (2, 2), "{}", rec.type_name);
+    // The same name with other parameters is another claim: refused.
+    assert_eq!(
+        code(
+            ctl.create_volume(create_req("pvc-a", 8 * mib, &[("type", "distribute")]))
+                .await
+        ),
+        Code::AlreadyExists
+    );
+    // What the driver did not make is never taken over: not the shared volume, not a
+    // volume made by hand with files in it; deleting its id leaves it alone.
+    assert_eq!(
+        code(
+            ctl.create_volume(create_req("shared", mib, &[("type", "distribute")]))
+                .await
+        ),
+        Code::AlreadyExists
+    );
+    let shared_id = brickfs_client::admin::volume_info(&c.meta, "shared")
+        .await
+        .unwrap()
+        .id;
+    let root_quota = |q: Vec<brickfs_proto::meta::QuotaInfo>| q.iter().any(|q| q.path == "/");
+    let quotas = match c
+        .meta
+        .read(brickfs_proto::meta::MetaRead::Quotas { volume: shared_id })
+        .await
+        .unwrap()
+    {
+        brickfs_proto::meta::MetaReply::Quotas(q) => q,
+        other => panic!("{other:?}"),
+    };
+    assert!(!root_quota(quotas), "a quota was put on the shared volume");
+    ctl.delete_volume(pb::DeleteVolumeRequest {
+        volume_id: "v/shared".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(
+        brickfs_client::admin::volume_info(&c.meta, "shared")
+            .await
+            .is_ok(),
+        "deleting an id the driver never gave deleted a volume"
+    );
     let mut bigger = create_req("pvc-a", 16 * mib, &[("type", "replicate-3")]);
     bigger.capacity_range = range(16 * mib, 16 * mib);
     assert_eq!(code(ctl.create_volume(bigger).await), Code::AlreadyExists);
@@ -428,6 +472,75 @@ async fn controller_answers_as_the_spec_says() {
         ),
         Code::InvalidArgument
     );
+    // A directory made by hand (with a file) is not taken over either.
+    let user = brickfs_client::admin::volume_info(&c.meta, "shared")
+        .await
+        .unwrap();
+    let dir = match c
+        .meta
+        .write(brickfs_proto::meta::MetaOp::Mkdir {
+            volume: user.id,
+            parent: brickfs_proto::Ino(1),
+            name: "userdata".into(),
+            mode: 0o755,
+            umask: 0,
+            uid: 0,
+            gid: 0,
+        })
+        .await
+        .unwrap()
+    {
+        brickfs_proto::meta::MetaReply::Attr(a) => a.ino,
+        other => panic!("{other:?}"),
+    };
+    c.meta
+        .write(brickfs_proto::meta::MetaOp::Create {
+            volume: user.id,
+            parent: dir,
+            name: "keep".into(),
+            kind: brickfs_proto::meta::FileKind::File,
+            mode: 0o644,
+            umask: 0,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            exclusive: true,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        code(ctl.create_volume(create_req("userdata", mib, &dp)).await),
+        Code::AlreadyExists
+    );
+    ctl.delete_volume(pb::DeleteVolumeRequest {
+        volume_id: "d/shared/userdata".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(
+        c.meta
+            .read(brickfs_proto::meta::MetaRead::Lookup {
+                volume: user.id,
+                parent: dir,
+                name: "keep".into(),
+            })
+            .await
+            .is_ok(),
+        "deleting a directory the driver did not make removed its files"
+    );
+    // A claim's volume is no shared volume for directory claims.
+    assert_eq!(
+        code(
+            ctl.create_volume(create_req(
+                "pvc-in",
+                mib,
+                &[("mode", "directory"), ("volume", "pvc-a")]
+            ))
+            .await
+        ),
+        Code::InvalidArgument
+    );
     // A CO name that is no volume name maps to a stable one.
     let odd = ctl
         .create_volume(create_req("sanity test/Ü", mib, &dp))
@@ -478,6 +591,14 @@ async fn controller_answers_as_the_spec_says() {
         ),
         Code::NotFound
     );
+    let mut other_params = validate("d/shared/pvc-d", vec![rwx()]);
+    other_params.parameters = params(&[("type", "distribute")]);
+    let no = ctl
+        .validate_volume_capabilities(other_params)
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(no.confirmed.is_none(), "{no:?}");
     assert_eq!(
         code(
             ctl.validate_volume_capabilities(validate("v/pvc-a", vec![]))
@@ -560,6 +681,60 @@ async fn controller_answers_as_the_spec_says() {
         ),
         Code::Aborted
     );
+    // A claim deleted between pages shifts nothing: the next page starts after a name.
+    let first = ctl
+        .list_volumes(pb::ListVolumesRequest {
+            max_entries: 2,
+            starting_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let gone = first.entries[1].volume.as_ref().unwrap().volume_id.clone();
+    let extra = ctl
+        .create_volume(create_req("pvc-zz", mib, &dp))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    ctl.delete_volume(pb::DeleteVolumeRequest {
+        volume_id: gone.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let rest = ctl
+        .list_volumes(pb::ListVolumesRequest {
+            max_entries: 0,
+            starting_token: first.next_token.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut after: Vec<String> = first
+        .entries
+        .iter()
+        .chain(rest.entries.iter())
+        .map(|e| e.volume.as_ref().unwrap().volume_id.clone())
+        .filter(|i| *i != gone)
+        .collect();
+    after.sort();
+    let mut left: Vec<String> = want
+        .iter()
+        .map(|(i, _)| i.clone())
+        .filter(|i| *i != gone)
+        .chain([extra.clone()])
+        .collect();
+    left.sort();
+    assert_eq!(after, left);
+    ctl.delete_volume(pb::DeleteVolumeRequest {
+        volume_id: extra,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
 
     let cap_free = ctl
         .get_capacity(pb::GetCapacityRequest {
@@ -570,6 +745,15 @@ async fn controller_answers_as_the_spec_says() {
         .unwrap()
         .into_inner();
     assert!(cap_free.available_capacity > 0, "{cap_free:?}");
+    let cap_none = ctl
+        .get_capacity(pb::GetCapacityRequest {
+            parameters: params(&[("type", "disperse-8+4")]),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cap_none.available_capacity, 0, "12 bricks asked of 9");
 
     // Deletes: unknown ids succeed, a missing id does not; a deleted claim is gone.
     let delete = |id: &str| pb::DeleteVolumeRequest {
@@ -589,6 +773,7 @@ async fn controller_answers_as_the_spec_says() {
         "v/pvc-s",
         "d/shared/pvc-d",
         odd.volume_id.as_str(),
+        gone.as_str(),
     ] {
         ctl.delete_volume(delete(v)).await.unwrap();
         ctl.delete_volume(delete(v)).await.unwrap();
@@ -642,10 +827,14 @@ async fn claims_are_staged_and_published_on_two_nodes() {
         dir.path().join("pod-b/mnt"),
         dir.path().join("pod-c/mnt"),
     );
-    // Publishing before staging is refused.
+    // Publishing before staging is refused; publishing what does not exist is NOT_FOUND.
     assert_eq!(
         code(publish(&mut n1, &id, &s1, &t1, false).await),
         Code::FailedPrecondition
+    );
+    assert_eq!(
+        code(publish(&mut n1, "v/nosuch", &s1, &t1, false).await),
+        Code::NotFound
     );
     stage(&mut n1, &id, &s1).await;
     stage(&mut n1, &id, &s1).await; // idempotent
@@ -660,6 +849,66 @@ async fn claims_are_staged_and_published_on_two_nodes() {
     );
     publish(&mut n2, &id, &s2, &t2, false).await.unwrap();
     publish(&mut n2, &id, &s2, &t2ro, true).await.unwrap();
+
+    // Paths a mount must not be made at: through a symbolic link (it once covered /etc),
+    // a file, a relative path, inside the staging path, inside another claim's mount.
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    for bad in [
+        link.clone(),
+        link.join("below"),
+        file.clone(),
+        PathBuf::from("relative/path"),
+        s1.join("inner"),
+        t1.join("nested"),
+    ] {
+        assert_eq!(
+            code(publish(&mut n1, &id, &s1, &bad, false).await),
+            Code::InvalidArgument,
+            "{}",
+            bad.display()
+        );
+    }
+    assert!(mounts_under(&elsewhere).is_empty());
+    assert_eq!(std::fs::read(&file).unwrap(), b"x");
+    assert_eq!(
+        code(
+            n1.node_stage_volume(pb::NodeStageVolumeRequest {
+                volume_id: id.clone(),
+                staging_target_path: link.display().to_string(),
+                volume_capability: Some(rwx()),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    // Calls naming one claim do not act on another's mount, nor report a plain folder.
+    assert_eq!(
+        code(
+            n2.node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
+                volume_id: id.clone(),
+                volume_path: elsewhere.display().to_string(),
+                staging_target_path: String::new(),
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            n2.node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+                volume_id: "v/another".into(),
+                target_path: t2.display().to_string(),
+            })
+            .await
+        ),
+        Code::FailedPrecondition
+    );
 
     // A file written through one pod's path is there through the other node's.
     let data: Vec<u8> = (0..(1 << 20)).map(|i: u32| (i * 7 % 251) as u8).collect();
@@ -895,6 +1144,26 @@ async fn a_keyed_cluster_gives_each_node_a_client_credential() {
         .volume_id;
     let (staging, target) = (dir.path().join("staging"), dir.path().join("pod/mnt"));
     let mut n = p.node().await;
+    // A stage secret may hold the volume's client credential, never more.
+    for (what, text) in [
+        (
+            "the admin credential",
+            std::fs::read_to_string(&admin).unwrap(),
+        ),
+        ("the cluster key", std::fs::read_to_string(&key).unwrap()),
+    ] {
+        let r = n
+            .node_stage_volume(pb::NodeStageVolumeRequest {
+                volume_id: id.clone(),
+                staging_target_path: staging.display().to_string(),
+                volume_capability: Some(rwx()),
+                secrets: [("credential".to_string(), text)].into_iter().collect(),
+                ..Default::default()
+            })
+            .await;
+        assert_eq!(code(r), Code::InvalidArgument, "{what}");
+    }
+    assert!(mounts_under(dir.path()).is_empty());
     stage(&mut n, &id, &staging).await;
     publish(&mut n, &id, &staging, &target, false)
         .await

@@ -7,7 +7,8 @@
 //!   picks free registered bricks (spread over nodes, most free space first) for the class —
 //!   `distribute`, `replicate-N` (2–5) or `disperse-K+M` — checks they hold `size_bytes`,
 //!   creates and starts the volume: 201 with the volume and its mount. `"stripe": S` (2–256,
-//!   not with disperse) makes it striped: S sets of the class per stripe group.
+//!   not with disperse) makes it striped: S sets of the class per stripe group; `"start": false`
+//!   leaves it created but not started.
 //! - `GET /v1/volumes/NAME`: the volume and its mount; `DELETE /v1/volumes/NAME`: stops and
 //!   deletes it (its data goes).
 //! - `POST /v1/volumes/NAME/expand` `{"size_bytes": N}`: grows the volume to hold at least N
@@ -359,6 +360,7 @@ async fn create(meta: &MetaClient, mount_from: SocketAddr, body: &[u8]) -> (u16,
             ("size_bytes", Field::Count),
             ("class", Field::Str),
             ("stripe", Field::Count),
+            ("start", Field::Bool),
         ],
     ) {
         return refused;
@@ -427,11 +429,13 @@ async fn create(meta: &MetaClient, mount_from: SocketAddr, body: &[u8]) -> (u16,
         Ok(v) => v,
         Err(e) => return from_admin(e),
     };
-    if let Err(e) = meta
-        .write(MetaOp::StartVolume {
-            name: v.name.clone(),
-        })
-        .await
+    // `"start": false` leaves it created, not started (the CSI driver marks it first).
+    if req["start"].as_bool().unwrap_or(true)
+        && let Err(e) = meta
+            .write(MetaOp::StartVolume {
+                name: v.name.clone(),
+            })
+            .await
     {
         return from_admin(e.into());
     }
@@ -462,6 +466,21 @@ async fn create(meta: &MetaClient, mount_from: SocketAddr, body: &[u8]) -> (u16,
 }
 
 type Refusal = (u16, Value);
+
+/// The size of the largest volume of `class` (striped over `stripe` sets) that a create could
+/// make now from the free bricks, picked as `POST /v1/volumes` picks them (0 when there are
+/// not enough): what a CSI GetCapacity reports.
+pub async fn creatable(meta: &MetaClient, class_name: &str, stripe: u64) -> Result<u64, Refusal> {
+    let (_, needed, share) = class(class_name).map_err(|e| error(400, e))?;
+    let stripe = stripe.max(1) as usize;
+    let Bricks { free, .. } = free_bricks(meta).await?;
+    let picked = spread(free, needed * stripe);
+    if picked.len() < needed * stripe {
+        return Ok(0);
+    }
+    let smallest = picked.iter().map(|b| b.capacity_bytes).min().unwrap_or(0);
+    Ok(smallest.saturating_mul((share * stripe) as u64))
+}
 
 /// The cluster map's bricks and what is free of them.
 struct Bricks {

@@ -119,7 +119,11 @@ fn daemonize(flags: &Flags) -> std::process::ExitCode {
         eprintln!("mountd: cannot find its own executable");
         return std::process::ExitCode::FAILURE;
     };
-    let mountpoint = std::path::absolute(&flags.mountpoint).unwrap_or(flags.mountpoint.clone());
+    // The real path (links resolved): the daemon mounts there, and the wait below must look
+    // for the mount where the kernel lists it.
+    let mountpoint = std::fs::canonicalize(&flags.mountpoint)
+        .or_else(|_| std::path::absolute(&flags.mountpoint))
+        .unwrap_or(flags.mountpoint.clone());
     let mut cmd = std::process::Command::new(exe);
     cmd.arg(&flags.source)
         .arg(&mountpoint)
@@ -193,6 +197,10 @@ fn daemonize(flags: &Flags) -> std::process::ExitCode {
     } else {
         let _ = child.kill();
         let _ = child.wait();
+        // A mount the killed daemon made but was not seen serving would answer nothing.
+        if is_mounted(&mountpoint) {
+            let _ = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH);
+        }
         eprintln!(
             "mountd: {} was not mounted (see {DAEMON_LOG})",
             mountpoint.display()

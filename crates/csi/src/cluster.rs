@@ -219,3 +219,121 @@ pub async fn remove_claim_dir(
     }
     Ok(removed)
 }
+
+/// The extended attribute that marks a claim's directory (a whole volume's root, or a
+/// directory claim's directory) as made by this driver, with what it was made with (JSON:
+/// `csi_name`, `mode`, `type`, `stripe`). Only marked claims are listed, staged, grown or
+/// deleted: a volume or directory made by hand is never taken over.
+pub const MARK: &str = "trusted.brickfs.csi-claim";
+
+/// The claim mark of `ino`, if it has one.
+pub async fn mark_of(
+    meta: &MetaClient,
+    volume: VolumeId,
+    ino: Ino,
+) -> Result<Option<serde_json::Value>, Status> {
+    match meta
+        .read(MetaRead::GetXattr {
+            volume,
+            ino,
+            name: MARK.to_string(),
+        })
+        .await
+    {
+        Ok(MetaReply::Value(v)) => Ok(Some(
+            serde_json::from_slice(&v).unwrap_or(serde_json::Value::Null),
+        )),
+        Ok(other) => Err(Status::internal(format!(
+            "unexpected answer to GetXattr: {other:?}"
+        ))),
+        Err(e)
+            if matches!(
+                e.code(),
+                Some(ErrorCode::NoData) | Some(ErrorCode::NotFound)
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(status("read a claim's mark", e)),
+    }
+}
+
+/// Marks `ino` as a claim made with `mark`.
+pub async fn set_mark(
+    meta: &MetaClient,
+    volume: VolumeId,
+    ino: Ino,
+    mark: &serde_json::Value,
+) -> Result<(), Status> {
+    meta.write(MetaOp::SetXattr {
+        volume,
+        ino,
+        name: MARK.to_string(),
+        value: mark.to_string().into_bytes(),
+        create_only: false,
+        replace_only: false,
+    })
+    .await
+    .map(|_| ())
+    .map_err(|e| status("mark a claim", e))
+}
+
+/// Whether directory `ino` holds nothing.
+pub async fn is_empty(meta: &MetaClient, volume: VolumeId, ino: Ino) -> Result<bool, Status> {
+    match meta
+        .read(MetaRead::ReadDir {
+            volume,
+            ino,
+            after: None,
+            limit: 4,
+        })
+        .await
+    {
+        Ok(MetaReply::Entries { entries, .. }) => {
+            Ok(entries.iter().all(|e| e.name == "." || e.name == ".."))
+        }
+        Ok(other) => Err(Status::internal(format!(
+            "unexpected answer to ReadDir: {other:?}"
+        ))),
+        Err(e) => Err(status("list a directory", e)),
+    }
+}
+
+/// A claim as the metadata group holds it.
+pub struct Claim {
+    pub volume: VolumeRecord,
+    /// The claim's directory: the volume's root, or the claim's directory.
+    pub dir: Ino,
+    pub mark: serde_json::Value,
+    /// Its quota (limit, used); (0, 0) before the quota is set.
+    pub limit: u64,
+    pub used: u64,
+}
+
+/// The claim `r` names, when it exists and carries this driver's mark.
+pub async fn claim(meta: &MetaClient, r: &crate::spec::VolumeRef) -> Result<Option<Claim>, Status> {
+    use crate::spec::VolumeRef;
+    let Some(v) = volume(meta, r.volume()).await? else {
+        return Ok(None);
+    };
+    let dir = match r {
+        VolumeRef::Whole { .. } => ROOT,
+        VolumeRef::Dir { dir, .. } => match lookup_dir(meta, v.id, dir).await {
+            Ok(Some(ino)) => ino,
+            Ok(None) | Err(_) => return Ok(None),
+        },
+    };
+    let Some(mark) = mark_of(meta, v.id, dir).await? else {
+        return Ok(None);
+    };
+    let (limit, used) = quota_of(meta, v.id, &r.quota_path())
+        .await?
+        .map_or((0, 0), |q| (q.limit_bytes, q.used_bytes));
+    Ok(Some(Claim {
+        volume: v,
+        dir,
+        mark,
+        limit,
+        used,
+    }))
+}

@@ -72,20 +72,6 @@ fn volume_of(r: &VolumeRef, capacity: u64) -> pb::Volume {
     }
 }
 
-/// The claim `r` and its capacity (its quota's limit), `None` when it does not exist.
-async fn existing(meta: &MetaClient, r: &VolumeRef) -> Result<Option<(u64, u64)>, Status> {
-    let Some(v) = cluster::volume(meta, r.volume()).await? else {
-        return Ok(None);
-    };
-    if let VolumeRef::Dir { dir, .. } = r
-        && cluster::lookup_dir(meta, v.id, dir).await?.is_none()
-    {
-        return Ok(None);
-    }
-    let q = cluster::quota_of(meta, v.id, &r.quota_path()).await?;
-    Ok(Some(q.map_or((0, 0), |q| (q.limit_bytes, q.used_bytes))))
-}
-
 #[tonic::async_trait]
 impl pb::controller_server::Controller for Controller {
     async fn create_volume(
@@ -115,51 +101,100 @@ impl pb::controller_server::Controller for Controller {
             },
         };
         let _one = self.busy.lock().await;
-        match existing(&self.meta, &r).await? {
-            // Made before: the same answer if it fits, ALREADY_EXISTS if not.
-            Some((limit, _)) if limit > 0 => {
-                if !spec::fits(limit, req.capacity_range.as_ref()) {
-                    return Err(Status::already_exists(format!(
-                        "{} exists with {limit} bytes, which does not fit the capacity asked",
-                        r.id()
+        let mark = how.mark(&req.name);
+        let taken = |what: String| {
+            Status::already_exists(format!(
+                "{what} exists and was not made by brickfs-csi for this claim; it is left alone"
+            ))
+        };
+        // Find or make the claim's directory (a whole volume's root), marked as ours.
+        let (v, dir) = match &how {
+            Provision::Volume { class, stripe } => {
+                let v = match cluster::volume(&self.meta, &name).await? {
+                    Some(v) => v,
+                    None => {
+                        // Created, not started: it is marked as this driver's before anyone
+                        // can use it, so an unmarked started volume is never one of ours.
+                        let mut body = json!({"name": name, "size_bytes": size, "class": class, "start": false});
+                        if *stripe > 1 {
+                            body["stripe"] = json!(stripe);
+                        }
+                        let (code, body) = self.api("POST", "/v1/volumes", body).await;
+                        if code != 201 {
+                            return Err(api_status(code, &body));
+                        }
+                        cluster::volume(&self.meta, &name)
+                            .await?
+                            .ok_or_else(|| Status::aborted(format!("volume {name} went away")))?
+                    }
+                };
+                (v, ROOT)
+            }
+            Provision::Directory { shared } => {
+                let Some(v) = cluster::volume(&self.meta, shared).await? else {
+                    return Err(Status::invalid_argument(format!(
+                        "the StorageClass's shared volume {shared:?} does not exist (create it first)"
+                    )));
+                };
+                if cluster::mark_of(&self.meta, v.id, ROOT).await?.is_some() {
+                    return Err(Status::invalid_argument(format!(
+                        "volume {shared:?} is a claim of its own, not a shared volume"
                     )));
                 }
-                return Ok(Response::new(pb::CreateVolumeResponse {
-                    volume: Some(volume_of(&r, limit)),
-                }));
+                let dir = cluster::make_dir(&self.meta, v.id, &name).await?;
+                (v, dir)
             }
-            // Made but its quota not set yet (a create cut off in between): finish it below.
-            Some(_) => {}
-            None => match &how {
-                Provision::Volume { class, stripe } => {
-                    let mut body = json!({"name": name, "size_bytes": size, "class": class});
-                    if *stripe > 1 {
-                        body["stripe"] = json!(stripe);
-                    }
-                    let (code, body) = self.api("POST", "/v1/volumes", body).await;
-                    if code != 201 {
-                        return Err(api_status(code, &body));
-                    }
-                }
-                Provision::Directory { shared } => {
-                    let Some(v) = cluster::volume(&self.meta, shared).await? else {
-                        return Err(Status::invalid_argument(format!(
-                            "the StorageClass's shared volume {shared:?} does not exist (create it first)"
-                        )));
-                    };
-                    cluster::make_dir(&self.meta, v.id, &name).await?;
-                }
-            },
-        }
-        let v = cluster::volume(&self.meta, r.volume())
-            .await?
-            .ok_or_else(|| Status::aborted(format!("volume {} went away", r.volume())))?;
-        let dir = match &r {
-            VolumeRef::Whole { .. } => ROOT,
-            VolumeRef::Dir { dir, .. } => cluster::lookup_dir(&self.meta, v.id, dir)
-                .await?
-                .ok_or_else(|| Status::aborted(format!("{} went away", r.id())))?,
         };
+        match cluster::mark_of(&self.meta, v.id, dir).await? {
+            Some(m) if !how.matches(&m) => {
+                return Err(Status::already_exists(format!(
+                    "{} exists, made with other parameters ({m})",
+                    r.id()
+                )));
+            }
+            Some(_) => {}
+            // Unmarked: ours only if it is one a create cut off before marking it (a volume
+            // never started; a directory still empty).
+            None => {
+                let quota = cluster::quota_of(&self.meta, v.id, &r.quota_path()).await?;
+                let fresh = match &r {
+                    VolumeRef::Whole { .. } => {
+                        v.status == brickfs_proto::meta::VolumeStatus::Created
+                    }
+                    VolumeRef::Dir { .. } => true,
+                };
+                if !fresh || quota.is_some() || !cluster::is_empty(&self.meta, v.id, dir).await? {
+                    return Err(taken(match &r {
+                        VolumeRef::Whole { volume } => format!("volume {volume}"),
+                        VolumeRef::Dir { volume, dir } => format!("/{dir} of volume {volume}"),
+                    }));
+                }
+                cluster::set_mark(&self.meta, v.id, dir, &mark).await?;
+            }
+        }
+        if v.status == brickfs_proto::meta::VolumeStatus::Created {
+            self.meta
+                .write(brickfs_proto::meta::MetaOp::StartVolume {
+                    name: v.name.clone(),
+                })
+                .await
+                .map_err(|e| cluster::status(&format!("start volume {}", v.name), e))?;
+        }
+        let limit = cluster::quota_of(&self.meta, v.id, &r.quota_path())
+            .await?
+            .map_or(0, |q| q.limit_bytes);
+        if limit > 0 {
+            // Made before: the same answer if it fits, ALREADY_EXISTS if not.
+            if !spec::fits(limit, req.capacity_range.as_ref()) {
+                return Err(Status::already_exists(format!(
+                    "{} exists with {limit} bytes, which does not fit the capacity asked",
+                    r.id()
+                )));
+            }
+            return Ok(Response::new(pb::CreateVolumeResponse {
+                volume: Some(volume_of(&r, limit)),
+            }));
+        }
         cluster::set_quota(&self.meta, v.id, dir, &r.quota_path(), Some(size)).await?;
         tracing::info!(csi_name = %req.name, id = %r.id(), size, "claim created");
         Ok(Response::new(pb::CreateVolumeResponse {
@@ -180,6 +215,12 @@ impl pb::controller_server::Controller for Controller {
             return Ok(Response::new(pb::DeleteVolumeResponse {}));
         };
         let _one = self.busy.lock().await;
+        // Only what this driver made and marked is deleted; anything else is not one of its
+        // claims, so there is nothing to delete (and a volume made by hand stays).
+        let Some(c) = cluster::claim(&self.meta, &r).await? else {
+            tracing::info!(id = %r.id(), "delete of a claim that does not exist (or is not this driver's): nothing to do");
+            return Ok(Response::new(pb::DeleteVolumeResponse {}));
+        };
         match &r {
             VolumeRef::Whole { volume } => {
                 let (code, body) = self
@@ -189,11 +230,9 @@ impl pb::controller_server::Controller for Controller {
                     return Err(api_status(code, &body));
                 }
             }
-            VolumeRef::Dir { volume, dir } => {
-                if let Some(v) = cluster::volume(&self.meta, volume).await? {
-                    let removed = cluster::remove_claim_dir(&self.meta, v.id, dir).await?;
-                    tracing::info!(id = %r.id(), removed, "claim directory removed");
-                }
+            VolumeRef::Dir { dir, .. } => {
+                let removed = cluster::remove_claim_dir(&self.meta, c.volume.id, dir).await?;
+                tracing::info!(id = %r.id(), removed, "claim directory removed");
             }
         }
         tracing::info!(id = %r.id(), "claim deleted");
@@ -213,26 +252,35 @@ impl pb::controller_server::Controller for Controller {
         }
         let r = VolumeRef::parse(&req.volume_id)
             .ok_or_else(|| Status::not_found(format!("no volume {}", req.volume_id)))?;
-        if existing(&self.meta, &r).await?.is_none() {
+        let Some(c) = cluster::claim(&self.meta, &r).await? else {
             return Err(Status::not_found(format!("no volume {}", req.volume_id)));
-        }
-        Ok(Response::new(
-            match spec::check_capabilities(&req.volume_capabilities) {
-                Ok(_) => pb::ValidateVolumeCapabilitiesResponse {
-                    confirmed: Some(pb::validate_volume_capabilities_response::Confirmed {
-                        volume_context: req.volume_context,
-                        volume_capabilities: req.volume_capabilities,
-                        parameters: req.parameters,
-                        mutable_parameters: req.mutable_parameters,
-                    }),
-                    message: String::new(),
-                },
-                Err(why) => pb::ValidateVolumeCapabilitiesResponse {
-                    confirmed: None,
-                    message: why,
-                },
+        };
+        // Parameters, when given, must be those the claim was made with.
+        let params_ok = req.parameters.is_empty()
+            || spec::provision(&req.parameters).is_ok_and(|how| how.matches(&c.mark));
+        let verdict = if params_ok {
+            spec::check_capabilities(&req.volume_capabilities)
+        } else {
+            Err(format!(
+                "the claim was not made with these parameters (it was made with {})",
+                c.mark
+            ))
+        };
+        Ok(Response::new(match verdict {
+            Ok(_) => pb::ValidateVolumeCapabilitiesResponse {
+                confirmed: Some(pb::validate_volume_capabilities_response::Confirmed {
+                    volume_context: req.volume_context,
+                    volume_capabilities: req.volume_capabilities,
+                    parameters: req.parameters,
+                    mutable_parameters: req.mutable_parameters,
+                }),
+                message: String::new(),
             },
-        ))
+            Err(why) => pb::ValidateVolumeCapabilitiesResponse {
+                confirmed: None,
+                message: why,
+            },
+        }))
     }
 
     async fn list_volumes(
@@ -252,21 +300,34 @@ impl pb::controller_server::Controller for Controller {
             .map_err(|e| cluster::status("list volumes", e))?;
         let mut claims: Vec<(String, u64)> = Vec::new();
         for v in volumes {
-            for q in cluster::quotas(&self.meta, v.id).await? {
-                let r = if q.path == "/" {
-                    Some(VolumeRef::Whole {
+            let quotas = cluster::quotas(&self.meta, v.id).await?;
+            if cluster::mark_of(&self.meta, v.id, ROOT).await?.is_some() {
+                let limit = quotas
+                    .iter()
+                    .find(|q| q.path == "/")
+                    .map_or(0, |q| q.limit_bytes);
+                claims.push((
+                    VolumeRef::Whole {
                         volume: v.name.clone(),
-                    })
-                } else {
-                    q.path
-                        .strip_prefix('/')
-                        .filter(|d| spec::brickfs_meta_name_ok(d))
-                        .map(|d| VolumeRef::Dir {
-                            volume: v.name.clone(),
-                            dir: d.to_string(),
-                        })
+                    }
+                    .id(),
+                    limit,
+                ));
+                continue;
+            }
+            for q in quotas {
+                let Some(d) = q
+                    .path
+                    .strip_prefix('/')
+                    .filter(|d| spec::brickfs_meta_name_ok(d))
+                else {
+                    continue;
                 };
-                if let Some(r) = r {
+                if cluster::mark_of(&self.meta, v.id, q.dir).await?.is_some() {
+                    let r = VolumeRef::Dir {
+                        volume: v.name.clone(),
+                        dir: d.to_string(),
+                    };
                     claims.push((r.id(), q.limit_bytes));
                 }
             }
@@ -307,29 +368,10 @@ impl pb::controller_server::Controller for Controller {
         let available = match how {
             // What free bricks would hold in that class: their capacity over the class's
             // bricks per unit of data.
-            Provision::Volume { class, .. } => {
-                let (_, bricks, share) =
-                    brickd::api::class(&class).map_err(Status::invalid_argument)?;
-                let all = match self
-                    .meta
-                    .read(brickfs_proto::meta::MetaRead::ListBricks)
+            Provision::Volume { class, stripe } => {
+                brickd::api::creatable(&self.meta, &class, u64::from(stripe))
                     .await
-                {
-                    Ok(brickfs_proto::meta::MetaReply::Bricks(b)) => b,
-                    Ok(_) => return Err(Status::internal("unexpected answer to ListBricks")),
-                    Err(e) => return Err(map_err(e)),
-                };
-                let volumes = self.meta.list_volumes().await.map_err(map_err)?;
-                let free: u64 = all
-                    .iter()
-                    .filter(|b| {
-                        !volumes
-                            .iter()
-                            .any(|v| v.bricks.iter().any(|x| x.brick == b.id))
-                    })
-                    .map(|b| b.capacity_bytes)
-                    .sum();
-                free / bricks as u64 * share as u64
+                    .map_err(|(code, body)| api_status(code, &body))?
             }
             // The shared volume's free space, less what its claims were promised.
             Provision::Directory { shared } => {
@@ -402,9 +444,10 @@ impl pb::controller_server::Controller for Controller {
         let r = VolumeRef::parse(&req.volume_id)
             .ok_or_else(|| Status::not_found(format!("no volume {}", req.volume_id)))?;
         let _one = self.busy.lock().await;
-        let Some((limit, _)) = existing(&self.meta, &r).await? else {
+        let Some(c) = cluster::claim(&self.meta, &r).await? else {
             return Err(Status::not_found(format!("no volume {}", req.volume_id)));
         };
+        let limit = c.limit;
         if limit >= size {
             // Already that big: nothing to do (an expansion never shrinks).
             return Ok(Response::new(pb::ControllerExpandVolumeResponse {
@@ -425,15 +468,7 @@ impl pb::controller_server::Controller for Controller {
                 return Err(api_status(code, &body));
             }
         }
-        let v = cluster::volume(&self.meta, r.volume())
-            .await?
-            .ok_or_else(|| Status::not_found(format!("no volume {}", req.volume_id)))?;
-        let dir = match &r {
-            VolumeRef::Whole { .. } => ROOT,
-            VolumeRef::Dir { dir, .. } => cluster::lookup_dir(&self.meta, v.id, dir)
-                .await?
-                .ok_or_else(|| Status::not_found(format!("no volume {}", req.volume_id)))?,
-        };
+        let (v, dir) = (c.volume, c.dir);
         cluster::set_quota(&self.meta, v.id, dir, &r.quota_path(), Some(size)).await?;
         tracing::info!(id = %r.id(), from = limit, to = size, "claim expanded");
         Ok(Response::new(pb::ControllerExpandVolumeResponse {

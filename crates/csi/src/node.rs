@@ -104,6 +104,65 @@ fn io_status(what: String, e: std::io::Error) -> Status {
     Status::internal(format!("{what}: {e}"))
 }
 
+/// Refuses a staging or target path that is relative, has `.` or `..` in it, passes through a
+/// symbolic link, or exists as anything but a directory: a mount is made exactly there and
+/// nowhere a link would send it.
+fn check_path(p: &Path, what: &str) -> Result<(), Status> {
+    use std::path::Component;
+    if !p.is_absolute()
+        || p.components()
+            .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+    {
+        return Err(Status::invalid_argument(format!(
+            "{what} {} is not an absolute path without . or ..",
+            p.display()
+        )));
+    }
+    if let Ok(m) = std::fs::symlink_metadata(p) {
+        if m.file_type().is_symlink() {
+            return Err(Status::invalid_argument(format!(
+                "{what} {} is a symbolic link",
+                p.display()
+            )));
+        }
+        if !m.is_dir() {
+            return Err(Status::invalid_argument(format!(
+                "{what} {} exists and is not a directory",
+                p.display()
+            )));
+        }
+    }
+    let mut existing = p;
+    while std::fs::symlink_metadata(existing).is_err() {
+        existing = existing.parent().unwrap_or(Path::new("/"));
+    }
+    match std::fs::canonicalize(existing) {
+        Ok(real) if real == existing => Ok(()),
+        _ => Err(Status::invalid_argument(format!(
+            "{what} {} passes through a symbolic link",
+            p.display()
+        ))),
+    }
+}
+
+/// The mount that holds `path` (the last mount whose mount point is `path` or above it).
+fn mount_holding(path: &Path) -> Option<MountEntry> {
+    mounts()
+        .into_iter()
+        .filter(|m| path.starts_with(&m.mount_point))
+        .max_by_key(|m| m.mount_point.as_os_str().len())
+}
+
+/// Where the stage secret's credential of the claim staged at `staging` is kept.
+fn secret_file(state_dir: &Path, staging: &Path) -> PathBuf {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(staging.as_os_str().as_encoded_bytes());
+    let hex: String = d[..12].iter().map(|b| format!("{b:02x}")).collect();
+    state_dir
+        .join("credentials")
+        .join(format!("stage-{hex}.secret"))
+}
+
 impl NodeService {
     pub fn new(meta: MetaClient, node_id: String, cfg: &crate::Config) -> NodeService {
         // Mounts outlive the plugin (and, in a container, the secret volume the CA came
@@ -150,6 +209,7 @@ impl NodeService {
         &self,
         volume: &brickfs_proto::meta::VolumeRecord,
         secrets: &std::collections::HashMap<String, String>,
+        staging: &Path,
     ) -> Result<Option<PathBuf>, Status> {
         let dir = self.state_dir.join("credentials");
         std::fs::create_dir_all(&dir)
@@ -172,10 +232,27 @@ impl NodeService {
                 .map_err(|e| io_status(format!("rename to {}", path.display()), e))
         };
         if let Some(c) = secrets.get("credential") {
-            Credential::parse(c.as_bytes()).map_err(|e| {
-                Status::invalid_argument(format!("the stage secret's credential: {e}"))
-            })?;
-            let path = dir.join(format!("{}.secret", volume.name));
+            // Only a client credential of this very volume: a mount never holds more.
+            match Credential::parse(c.as_bytes()) {
+                Ok(Credential::Client { volume: v, .. }) if v == volume.id => {}
+                Ok(Credential::Client { .. }) => {
+                    return Err(Status::invalid_argument(format!(
+                        "the stage secret's credential is a client credential of another volume, not of {}",
+                        volume.name
+                    )));
+                }
+                Ok(_) => {
+                    return Err(Status::invalid_argument(
+                        "the stage secret's credential must be a client credential of the volume, not the admin credential or the cluster key",
+                    ));
+                }
+                Err(e) => {
+                    return Err(Status::invalid_argument(format!(
+                        "the stage secret's credential: {e}"
+                    )));
+                }
+            }
+            let path = secret_file(&self.state_dir, staging);
             write(&path, c)?;
             return Ok(Some(path));
         }
@@ -268,6 +345,28 @@ impl NodeService {
         Ok(())
     }
 
+    /// NOT_FOUND unless `path` is a staged or published mount of the claim `r`.
+    fn must_be_mount_of(&self, r: &VolumeRef, path: &Path) -> Result<(), Status> {
+        let root = match r {
+            VolumeRef::Whole { .. } => "/".to_string(),
+            VolumeRef::Dir { dir, .. } => format!("/{dir}"),
+        };
+        match mount_at(path) {
+            Some(m)
+                if m.fs_type == "fuse.brickfs"
+                    && m.source == staged_source(r.volume())
+                    && (m.root == root || m.root == "/") =>
+            {
+                Ok(())
+            }
+            _ => Err(Status::not_found(format!(
+                "{} is not a mount of {}",
+                path.display(),
+                r.id()
+            ))),
+        }
+    }
+
     /// What the claim's quota says: (limit, used), when it has one.
     async fn usage(&self, r: &VolumeRef) -> Result<Option<(u64, u64)>, Status> {
         let Some(v) = cluster::volume(&self.meta, r.volume()).await? else {
@@ -294,6 +393,7 @@ impl pb::node_server::Node for NodeService {
             .ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
         spec::check_capability(cap).map_err(Status::invalid_argument)?;
         let r = volume_ref(id)?;
+        check_path(&staging, "staging_target_path")?;
         let _one = self.busy.lock().await;
         if let Some(m) = mount_at(&staging) {
             if m.fs_type == "fuse.brickfs" && m.source == staged_source(r.volume()) {
@@ -308,11 +408,16 @@ impl pb::node_server::Node for NodeService {
                 r.id()
             )));
         }
-        let Some(v) = cluster::volume(&self.meta, r.volume()).await? else {
+        let Some(c) = cluster::claim(&self.meta, &r).await? else {
             return Err(Status::not_found(format!("no volume {id}")));
         };
-        let credential = self.credential_for(&v, &req.secrets).await?;
-        self.start_mount(r.volume(), &staging, credential).await?;
+        let credential = self
+            .credential_for(&c.volume, &req.secrets, &staging)
+            .await?;
+        if let Err(e) = self.start_mount(r.volume(), &staging, credential).await {
+            let _ = std::fs::remove_file(secret_file(&self.state_dir, &staging));
+            return Err(e);
+        }
         Ok(Response::new(pb::NodeStageVolumeResponse {}))
     }
 
@@ -321,17 +426,21 @@ impl pb::node_server::Node for NodeService {
         req: Request<pb::NodeUnstageVolumeRequest>,
     ) -> Result<Response<pb::NodeUnstageVolumeResponse>, Status> {
         let req = req.into_inner();
-        required(&req.volume_id, "volume_id")?;
+        let r = volume_ref(required(&req.volume_id, "volume_id")?)?;
         let staging = PathBuf::from(required(&req.staging_target_path, "staging_target_path")?);
+        check_path(&staging, "staging_target_path")?;
         let _one = self.busy.lock().await;
         let Some(m) = mount_at(&staging) else {
+            let _ = std::fs::remove_file(secret_file(&self.state_dir, &staging));
             return Ok(Response::new(pb::NodeUnstageVolumeResponse {}));
         };
-        if m.fs_type != "fuse.brickfs" {
+        if m.fs_type != "fuse.brickfs" || m.source != staged_source(r.volume()) {
             return Err(Status::failed_precondition(format!(
-                "{} is a {} mount, not a staged brickfs claim",
+                "{} is a mount of {} ({}), not of {}: left alone",
                 staging.display(),
-                m.fs_type
+                m.source,
+                m.fs_type,
+                r.id()
             )));
         }
         // Pods still see it through these: unmounting now would cut them off.
@@ -349,6 +458,7 @@ impl pb::node_server::Node for NodeService {
         }
         nix::mount::umount2(&staging, nix::mount::MntFlags::empty())
             .map_err(|e| Status::internal(format!("unmount {}: {e}", staging.display())))?;
+        let _ = std::fs::remove_file(secret_file(&self.state_dir, &staging));
         tracing::info!(at = %staging.display(), "unstaged");
         Ok(Response::new(pb::NodeUnstageVolumeResponse {}))
     }
@@ -372,10 +482,22 @@ impl pb::node_server::Node for NodeService {
             VolumeRef::Whole { .. } => "/".to_string(),
             VolumeRef::Dir { dir, .. } => format!("/{dir}"),
         };
+        check_path(&staging, "staging_target_path")?;
+        check_path(&target, "target_path")?;
+        if target.starts_with(&staging) || staging.starts_with(&target) {
+            return Err(Status::invalid_argument(format!(
+                "target_path {} and staging_target_path {} nest",
+                target.display(),
+                staging.display()
+            )));
+        }
         let _one = self.busy.lock().await;
         match mount_at(&staging) {
             Some(m) if m.fs_type == "fuse.brickfs" && m.source == staged_source(r.volume()) => {}
             _ => {
+                if cluster::volume(&self.meta, r.volume()).await?.is_none() {
+                    return Err(Status::not_found(format!("no volume {id}")));
+                }
                 return Err(Status::failed_precondition(format!(
                     "{id} is not staged at {}",
                     staging.display()
@@ -396,6 +518,18 @@ impl pb::node_server::Node for NodeService {
                 } else {
                     "read-write"
                 }
+            )));
+        }
+        // Not inside another brickfs mount (a pod's path in another claim): unmounting that
+        // claim would leave this one dead.
+        if let Some(parent) = target.parent()
+            && let Some(holder) = mount_holding(parent)
+            && holder.fs_type == "fuse.brickfs"
+        {
+            return Err(Status::invalid_argument(format!(
+                "target_path {} is inside the brickfs mount at {}",
+                target.display(),
+                holder.mount_point.display()
             )));
         }
         let from = match &r {
@@ -449,15 +583,18 @@ impl pb::node_server::Node for NodeService {
         req: Request<pb::NodeUnpublishVolumeRequest>,
     ) -> Result<Response<pb::NodeUnpublishVolumeResponse>, Status> {
         let req = req.into_inner();
-        required(&req.volume_id, "volume_id")?;
+        let r = volume_ref(required(&req.volume_id, "volume_id")?)?;
         let target = PathBuf::from(required(&req.target_path, "target_path")?);
+        check_path(&target, "target_path")?;
         let _one = self.busy.lock().await;
         if let Some(m) = mount_at(&target) {
-            if m.fs_type != "fuse.brickfs" {
+            if m.fs_type != "fuse.brickfs" || m.source != staged_source(r.volume()) {
                 return Err(Status::failed_precondition(format!(
-                    "{} is a {} mount, not a published brickfs claim",
+                    "{} is a mount of {} ({}), not of {}: left alone",
                     target.display(),
-                    m.fs_type
+                    m.source,
+                    m.fs_type,
+                    r.id()
                 )));
             }
             nix::mount::umount2(&target, nix::mount::MntFlags::empty())
@@ -487,9 +624,11 @@ impl pb::node_server::Node for NodeService {
                 path.display()
             )));
         }
+        self.must_be_mount_of(&r, &path)?;
         let fs = nix::sys::statvfs::statvfs(&path)
             .map_err(|e| Status::internal(format!("statvfs {}: {e}", path.display())))?;
         let frsize = fs.fragment_size();
+        let free = fs.blocks_available() * frsize;
         let (total, used) = match self.usage(&r).await? {
             Some((limit, used)) => (limit, used),
             None => {
@@ -498,7 +637,8 @@ impl pb::node_server::Node for NodeService {
             }
         };
         let bytes = pb::VolumeUsage {
-            available: total.saturating_sub(used) as i64,
+            // No more than the volume has left, whatever the quota allows.
+            available: total.saturating_sub(used).min(free) as i64,
             total: total as i64,
             used: used as i64,
             unit: pb::volume_usage::Unit::Bytes as i32,
@@ -529,6 +669,7 @@ impl pb::node_server::Node for NodeService {
                 path.display()
             )));
         }
+        self.must_be_mount_of(&r, &path)?;
         // The capacity is a quota the controller already raised: nothing grows on the node.
         let limit = self.usage(&r).await?.map_or(0, |(l, _)| l);
         Ok(Response::new(pb::NodeExpandVolumeResponse {

@@ -156,6 +156,29 @@ pub fn provision(params: &std::collections::HashMap<String, String>) -> Result<P
     }
 }
 
+impl Provision {
+    /// The mark a claim made this way carries (see `cluster::MARK`).
+    pub fn mark(&self, csi_name: &str) -> serde_json::Value {
+        match self {
+            Provision::Volume { class, stripe } => serde_json::json!({
+                "csi_name": csi_name, "mode": "volume", "type": class, "stripe": stripe,
+            }),
+            Provision::Directory { shared } => serde_json::json!({
+                "csi_name": csi_name, "mode": "directory", "volume": shared,
+            }),
+        }
+    }
+
+    /// Whether a claim marked `mark` was made this way (an idempotent create, or a
+    /// ValidateVolumeCapabilities with parameters).
+    pub fn matches(&self, mark: &serde_json::Value) -> bool {
+        let fresh = self.mark("");
+        ["mode", "type", "stripe", "volume"]
+            .iter()
+            .all(|k| fresh.get(*k) == mark.get(*k))
+    }
+}
+
 /// The bytes a claim gets for `range`: the required size, else the limit, else
 /// [`DEFAULT_BYTES`] (capped by the limit). Negative values or a limit below the required size
 /// are refused (OUT_OF_RANGE).
@@ -232,29 +255,32 @@ pub fn check_capabilities(caps: &[VolumeCapability]) -> Result<bool, String> {
     Ok(read_only)
 }
 
-/// One page of `ids` (sorted) for ListVolumes: from `token` (an index this driver gave;
-/// empty is the start), at most `max` (0: all). Returns the page and the next token (empty
-/// at the end). A token this driver did not give is refused (ABORTED in the spec).
+/// One page of `ids` (sorted) for ListVolumes: the ids after `token` (the last id of the
+/// page before; empty is the start), at most `max` (0: all). Returns the page and the next
+/// token (empty at the end). Claims deleted or made between pages shift nothing: a page
+/// starts after a name, not at a position. A token that is no id is refused (ABORTED in the
+/// spec).
 pub fn page(ids: &[String], token: &str, max: i32) -> Result<(Vec<String>, String), String> {
     if max < 0 {
         return Err(format!("max_entries {max} is negative"));
     }
+    if !token.is_empty() && VolumeRef::parse(token).is_none() {
+        return Err(format!(
+            "starting_token {token:?} was not given by this driver"
+        ));
+    }
     let start = if token.is_empty() {
         0
     } else {
-        token
-            .parse::<usize>()
-            .ok()
-            .filter(|s| *s <= ids.len())
-            .ok_or_else(|| format!("starting_token {token:?} was not given by this driver"))?
+        ids.partition_point(|i| i.as_str() <= token)
     };
     let end = if max == 0 {
         ids.len()
     } else {
         (start + max as usize).min(ids.len())
     };
-    let next = if end < ids.len() {
-        end.to_string()
+    let next = if end < ids.len() && end > start {
+        ids[end - 1].clone()
     } else {
         String::new()
     };
@@ -425,5 +451,25 @@ mod tests {
         assert!(page(&ids, "8", 1).is_err());
         assert!(page(&ids, "abc", 1).is_err());
         assert!(page(&ids, "", -1).is_err());
+        // A claim deleted between pages skips nothing that is left.
+        let (first, token) = page(&ids, "", 3).unwrap();
+        assert_eq!(token, "v/2");
+        let fewer: Vec<String> = ids.iter().filter(|i| *i != &first[2]).cloned().collect();
+        let (second, _) = page(&fewer, &token, 3).unwrap();
+        assert_eq!(second, vec!["v/3", "v/4", "v/5"]);
+        // A made mark says how the claim was made.
+        let how = Provision::Volume {
+            class: "replicate-3".into(),
+            stripe: 1,
+        };
+        assert!(how.matches(&how.mark("pvc-1")));
+        assert!(
+            !Provision::Volume {
+                class: "distribute".into(),
+                stripe: 1
+            }
+            .matches(&how.mark("pvc-1"))
+        );
+        assert!(!Provision::Directory { shared: "s".into() }.matches(&how.mark("pvc-1")));
     }
 }
