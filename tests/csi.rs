@@ -308,6 +308,18 @@ async fn controller_answers_as_the_spec_says() {
     assert_eq!(ccaps.capabilities.len(), 4);
 
     must_shared_volume(&c, "shared").await;
+    // A volume made by hand and never started, of another layout, is not adopted as a claim
+    // whose create was cut off.
+    brickfs_client::admin::volume_create(&c.meta, "pvc-hand", &[c.brick(2, 0)])
+        .await
+        .unwrap();
+    assert_eq!(
+        code(
+            ctl.create_volume(create_req("pvc-hand", 1 << 20, &[("type", "replicate-3")]))
+                .await
+        ),
+        Code::AlreadyExists
+    );
     // A whole volume per claim: idempotent by name, refused when the size conflicts.
     let mib = 1i64 << 20;
     let made = ctl
@@ -529,6 +541,31 @@ async fn controller_answers_as_the_spec_says() {
             .is_ok(),
         "deleting a directory the driver did not make removed its files"
     );
+    // Nor an empty one.
+    c.meta
+        .write(brickfs_proto::meta::MetaOp::Mkdir {
+            volume: user.id,
+            parent: brickfs_proto::Ino(1),
+            name: "emptydir".into(),
+            mode: 0o755,
+            umask: 0,
+            uid: 0,
+            gid: 0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        code(ctl.create_volume(create_req("emptydir", mib, &dp)).await),
+        Code::AlreadyExists
+    );
+    // A directory claim is no larger than its shared volume.
+    assert_eq!(
+        code(
+            ctl.create_volume(create_req("pvc-huge", i64::MAX / 2, &dp))
+                .await
+        ),
+        Code::OutOfRange
+    );
     // A claim's volume is no shared volume for directory claims.
     assert_eq!(
         code(
@@ -550,6 +587,12 @@ async fn controller_answers_as_the_spec_says() {
         .volume
         .unwrap();
     assert!(odd.volume_id.starts_with("d/shared/csi-"), "{odd:?}");
+    // Another CO name that is the digest's text is another claim, not this one.
+    let digest_name = odd.volume_id.trim_start_matches("d/shared/").to_string();
+    assert_eq!(
+        code(ctl.create_volume(create_req(&digest_name, mib, &dp)).await),
+        Code::AlreadyExists
+    );
 
     // Capabilities.
     let validate =
@@ -628,6 +671,17 @@ async fn controller_answers_as_the_spec_says() {
         .unwrap()
         .into_inner();
     assert_eq!(same.capacity_bytes, 6 * mib);
+    assert_eq!(
+        code(
+            ctl.controller_expand_volume(pb::ControllerExpandVolumeRequest {
+                volume_id: d.volume_id.clone(),
+                capacity_range: range(i64::MAX / 2, 0),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::OutOfRange
+    );
     assert_eq!(
         code(
             ctl.controller_expand_volume(pb::ControllerExpandVolumeRequest {
@@ -813,6 +867,18 @@ async fn claims_are_staged_and_published_on_two_nodes() {
         .volume
         .unwrap()
         .volume_id;
+    let other = ctl
+        .create_volume(create_req(
+            "pvc-other",
+            4 * mib,
+            &[("mode", "directory"), ("volume", "shared")],
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
     let (mut n1, mut n2) = (p1.node().await, p2.node().await);
     let info = n2
         .node_get_info(pb::NodeGetInfoRequest {})
@@ -887,6 +953,77 @@ async fn claims_are_staged_and_published_on_two_nodes() {
         ),
         Code::InvalidArgument
     );
+    // Not at a path with `.` in it, nor inside a brickfs mount (a claim's staging path).
+    for bad in [dir.path().join("st/./x"), s1.join("x")] {
+        assert_eq!(
+            code(
+                n1.node_stage_volume(pb::NodeStageVolumeRequest {
+                    volume_id: other.clone(),
+                    staging_target_path: bad.display().to_string(),
+                    volume_capability: Some(rwx()),
+                    ..Default::default()
+                })
+                .await
+            ),
+            Code::InvalidArgument,
+            "{}",
+            bad.display()
+        );
+    }
+    // Another claim of the same shared volume cannot use this claim's staging path, nor
+    // unstage, unpublish or read the stats of this claim's mounts.
+    assert_eq!(
+        code(publish(&mut n1, &other, &s1, &dir.path().join("pod-x/mnt"), false).await),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        code(
+            n1.node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+                volume_id: other.clone(),
+                target_path: t1.display().to_string(),
+            })
+            .await
+        ),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        code(unstage(&mut n1, &other, &s1).await),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        code(
+            n1.node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
+                volume_id: other.clone(),
+                volume_path: s1.display().to_string(),
+                staging_target_path: String::new(),
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    assert!(mountd::is_mounted(&t1) && mountd::is_mounted(&s1));
+    // A read-only mount flag publishes read-only too.
+    let t1ro = dir.path().join("pod-d/mnt");
+    n1.node_publish_volume(pb::NodePublishVolumeRequest {
+        volume_id: id.clone(),
+        staging_target_path: s1.display().to_string(),
+        target_path: t1ro.display().to_string(),
+        volume_capability: Some(pb::VolumeCapability {
+            access_type: Some(AccessType::Mount(MountVolume {
+                mount_flags: vec!["ro".into()],
+                ..Default::default()
+            })),
+            access_mode: Some(AccessMode {
+                mode: Mode::MultiNodeMultiWriter as i32,
+            }),
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let e = std::fs::write(t1ro.join("nope"), b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(nix::libc::EROFS), "{e}");
+    unpublish(&mut n1, &id, &t1ro).await;
     // Calls naming one claim do not act on another's mount, nor report a plain folder.
     assert_eq!(
         code(

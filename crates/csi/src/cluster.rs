@@ -137,6 +137,50 @@ pub async fn make_dir(meta: &MetaClient, volume: VolumeId, name: &str) -> Result
     }
 }
 
+/// Makes the directory claim `/name` marked with `mark`: made as `/.csi-making-NAME`,
+/// marked, then renamed into place (without replacing), so that an unmarked `/NAME` is never
+/// one of this driver's. A temporary one a cut-off create left is reused.
+pub async fn make_claim_dir(
+    meta: &MetaClient,
+    volume: VolumeId,
+    name: &str,
+    mark: &serde_json::Value,
+) -> Result<Ino, Status> {
+    let tmp = format!(".csi-making-{name}");
+    let ino = make_dir(meta, volume, &tmp).await?;
+    set_mark(meta, volume, ino, mark).await?;
+    match meta
+        .write(MetaOp::Rename {
+            volume,
+            parent: ROOT,
+            name: tmp.clone(),
+            new_parent: ROOT,
+            new_name: name.to_string(),
+            flags: brickfs_proto::meta::RenameFlags {
+                noreplace: true,
+                exchange: false,
+            },
+        })
+        .await
+    {
+        Ok(_) => Ok(ino),
+        Err(e) if e.code() == Some(ErrorCode::Exists) => {
+            // Someone else's `/NAME` appeared meanwhile: leave it, drop ours.
+            let _ = meta
+                .write(MetaOp::Rmdir {
+                    volume,
+                    parent: ROOT,
+                    name: tmp,
+                })
+                .await;
+            Err(Status::already_exists(format!(
+                "/{name} exists and was not made by brickfs-csi for this claim; it is left alone"
+            )))
+        }
+        Err(e) => Err(status(&format!("rename {tmp} to {name}"), e)),
+    }
+}
+
 /// Removes a directory claim: everything under `/name`, depth first, one page of entries at
 /// a time (deleted files' objects go with the GC, as for any unlink), then its quota, then
 /// the directory itself, so that a delete cut off half way is still listed and retried. Gone

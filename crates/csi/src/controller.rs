@@ -38,6 +38,37 @@ impl Controller {
     }
 }
 
+/// Whether `v` has the layout of `class` striped `stripe` ways (a cut-off create's volume).
+fn layout_is(v: &brickfs_proto::meta::VolumeRecord, class: &str, stripe: u32) -> bool {
+    let Ok((_, width, share)) = brickd::api::class(class) else {
+        return false;
+    };
+    let disperse = class.starts_with("disperse-");
+    v.set_width() == width
+        && (v.disperse_data as usize == if disperse { share } else { 0 })
+        && v.group_width() == stripe.max(1) as usize
+        && v.bricks.len() == width * stripe.max(1) as usize
+}
+
+/// What the shared volume `v` holds in all (its bricks' capacity over its layout) and what it
+/// has free now (as `df` on it shows).
+async fn shared_space(
+    meta: &MetaClient,
+    v: &brickfs_proto::meta::VolumeRecord,
+) -> Result<u64, Status> {
+    let all = match meta.read(brickfs_proto::meta::MetaRead::ListBricks).await {
+        Ok(brickfs_proto::meta::MetaReply::Bricks(b)) => b,
+        Ok(_) => return Err(Status::internal("unexpected answer to ListBricks")),
+        Err(e) => return Err(cluster::status("read the cluster map", e)),
+    };
+    let raw: u64 = all
+        .iter()
+        .filter(|b| v.bricks.iter().any(|x| x.brick == b.id))
+        .map(|b| b.capacity_bytes)
+        .sum();
+    Ok(raw / v.set_width().max(1) as u64 * u64::from(v.disperse_data.max(1)))
+}
+
 /// An API refusal as a gRPC status.
 fn api_status(code: u16, body: &Value) -> Status {
     let msg = body["error"].as_str().unwrap_or("refused").to_string();
@@ -90,6 +121,13 @@ impl pb::controller_server::Controller for Controller {
         }
         let size = spec::capacity(req.capacity_range.as_ref()).map_err(Status::out_of_range)?;
         let how = spec::provision(&req.parameters).map_err(Status::invalid_argument)?;
+        if let Some(fs) = req.parameters.get("csi.storage.k8s.io/fstype")
+            && !matches!(fs.as_str(), "" | "brickfs" | "fuse.brickfs")
+        {
+            return Err(Status::invalid_argument(format!(
+                "csi.storage.k8s.io/fstype {fs:?}: brickfs volumes are brickfs filesystems"
+            )));
+        }
         let name = spec::claim_name(&req.name);
         let r = match &how {
             Provision::Volume { .. } => VolumeRef::Whole {
@@ -141,11 +179,33 @@ impl pb::controller_server::Controller for Controller {
                         "volume {shared:?} is a claim of its own, not a shared volume"
                     )));
                 }
-                let dir = cluster::make_dir(&self.meta, v.id, &name).await?;
+                let total = shared_space(&self.meta, &v).await?;
+                if size > total {
+                    return Err(Status::out_of_range(format!(
+                        "{size} bytes asked; the shared volume {shared} holds {total} in all"
+                    )));
+                }
+                let dir = match cluster::lookup_dir(&self.meta, v.id, &name).await? {
+                    Some(d) => d,
+                    None => cluster::make_claim_dir(&self.meta, v.id, &name, &mark).await?,
+                };
                 (v, dir)
             }
         };
         match cluster::mark_of(&self.meta, v.id, dir).await? {
+            Some(m) if m.get("deleting").is_some() => {
+                return Err(Status::aborted(format!(
+                    "{} is being deleted; retry once its DeleteVolume is done",
+                    r.id()
+                )));
+            }
+            Some(m) if m.get("csi_name").and_then(|n| n.as_str()) != Some(req.name.as_str()) => {
+                return Err(Status::already_exists(format!(
+                    "{} belongs to another claim name ({})",
+                    r.id(),
+                    m.get("csi_name").cloned().unwrap_or_default()
+                )));
+            }
             Some(m) if !how.matches(&m) => {
                 return Err(Status::already_exists(format!(
                     "{} exists, made with other parameters ({m})",
@@ -157,11 +217,13 @@ impl pb::controller_server::Controller for Controller {
             // never started; a directory still empty).
             None => {
                 let quota = cluster::quota_of(&self.meta, v.id, &r.quota_path()).await?;
-                let fresh = match &r {
-                    VolumeRef::Whole { .. } => {
+                let fresh = match (&r, &how) {
+                    (VolumeRef::Whole { .. }, Provision::Volume { class, stripe }) => {
                         v.status == brickfs_proto::meta::VolumeStatus::Created
+                            && layout_is(&v, class, *stripe)
                     }
-                    VolumeRef::Dir { .. } => true,
+                    // Directories are made marked (see `make_claim_dir`).
+                    _ => false,
                 };
                 if !fresh || quota.is_some() || !cluster::is_empty(&self.meta, v.id, dir).await? {
                     return Err(taken(match &r {
@@ -231,6 +293,13 @@ impl pb::controller_server::Controller for Controller {
                 }
             }
             VolumeRef::Dir { dir, .. } => {
+                // Marked as going first: a delete cut off half way is not listed, and no
+                // create hands out what is left of it.
+                let mut mark = c.mark.clone();
+                if mark.get("deleting").is_none() {
+                    mark["deleting"] = json!(true);
+                    cluster::set_mark(&self.meta, c.volume.id, c.dir, &mark).await?;
+                }
                 let removed = cluster::remove_claim_dir(&self.meta, c.volume.id, dir).await?;
                 tracing::info!(id = %r.id(), removed, "claim directory removed");
             }
@@ -323,7 +392,10 @@ impl pb::controller_server::Controller for Controller {
                 else {
                     continue;
                 };
-                if cluster::mark_of(&self.meta, v.id, q.dir).await?.is_some() {
+                if cluster::mark_of(&self.meta, v.id, q.dir)
+                    .await?
+                    .is_some_and(|m| m.get("deleting").is_none())
+                {
                     let r = VolumeRef::Dir {
                         volume: v.name.clone(),
                         dir: d.to_string(),
@@ -364,7 +436,6 @@ impl pb::controller_server::Controller for Controller {
             return Ok(Response::new(pb::GetCapacityResponse::default()));
         }
         let how = spec::provision(&req.parameters).map_err(Status::invalid_argument)?;
-        let map_err = |e| cluster::status("read the cluster map", e);
         let available = match how {
             // What free bricks would hold in that class: their capacity over the class's
             // bricks per unit of data.
@@ -373,37 +444,28 @@ impl pb::controller_server::Controller for Controller {
                     .await
                     .map_err(|(code, body)| api_status(code, &body))?
             }
-            // The shared volume's free space, less what its claims were promised.
+            // A directory claim may be as large as the shared volume; what is free is what
+            // its claims have not used yet (claims may promise more than it holds).
             Provision::Directory { shared } => {
                 let v = cluster::volume(&self.meta, &shared)
                     .await?
                     .ok_or_else(|| Status::invalid_argument(format!("no volume {shared:?}")))?;
-                let promised: u64 = cluster::quotas(&self.meta, v.id)
+                let used: u64 = cluster::quotas(&self.meta, v.id)
                     .await?
                     .iter()
-                    .map(|q| q.limit_bytes)
+                    .map(|q| q.used_bytes)
                     .sum();
-                let all = match self
-                    .meta
-                    .read(brickfs_proto::meta::MetaRead::ListBricks)
-                    .await
-                {
-                    Ok(brickfs_proto::meta::MetaReply::Bricks(b)) => b,
-                    Ok(_) => return Err(Status::internal("unexpected answer to ListBricks")),
-                    Err(e) => return Err(map_err(e)),
-                };
-                let raw: u64 = all
-                    .iter()
-                    .filter(|b| v.bricks.iter().any(|x| x.brick == b.id))
-                    .map(|b| b.capacity_bytes)
-                    .sum();
-                let share = u64::from(v.disperse_data.max(1));
-                (raw / v.set_width() as u64 * share).saturating_sub(promised)
+                let total = shared_space(&self.meta, &v).await?;
+                return Ok(Response::new(pb::GetCapacityResponse {
+                    available_capacity: total.saturating_sub(used) as i64,
+                    maximum_volume_size: Some(total as i64),
+                    minimum_volume_size: None,
+                }));
             }
         };
         Ok(Response::new(pb::GetCapacityResponse {
             available_capacity: available as i64,
-            maximum_volume_size: None,
+            maximum_volume_size: (available > 0).then_some(available as i64),
             minimum_volume_size: None,
         }))
     }
@@ -454,6 +516,14 @@ impl pb::controller_server::Controller for Controller {
                 capacity_bytes: limit as i64,
                 node_expansion_required: false,
             }));
+        }
+        if let VolumeRef::Dir { volume, .. } = &r {
+            let total = shared_space(&self.meta, &c.volume).await?;
+            if size > total {
+                return Err(Status::out_of_range(format!(
+                    "{size} bytes asked; the shared volume {volume} holds {total} in all"
+                )));
+            }
         }
         if let VolumeRef::Whole { volume } = &r {
             // More bricks when the volume's own cannot hold the new size.

@@ -96,6 +96,14 @@ fn required<'a>(v: &'a str, what: &str) -> Result<&'a str, Status> {
     }
 }
 
+/// The directory of the volume a publish of `r` shows.
+fn claim_root(r: &VolumeRef) -> String {
+    match r {
+        VolumeRef::Whole { .. } => "/".to_string(),
+        VolumeRef::Dir { dir, .. } => format!("/{dir}"),
+    }
+}
+
 fn volume_ref(id: &str) -> Result<VolumeRef, Status> {
     VolumeRef::parse(id).ok_or_else(|| Status::not_found(format!("no volume {id}")))
 }
@@ -109,9 +117,12 @@ fn io_status(what: String, e: std::io::Error) -> Status {
 /// nowhere a link would send it.
 fn check_path(p: &Path, what: &str) -> Result<(), Status> {
     use std::path::Component;
+    let raw = p.as_os_str().as_encoded_bytes();
     if !p.is_absolute()
         || p.components()
             .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+        || raw.windows(3).any(|w| w == b"/./")
+        || raw.ends_with(b"/.")
     {
         return Err(Status::invalid_argument(format!(
             "{what} {} is not an absolute path without . or ..",
@@ -153,14 +164,45 @@ fn mount_holding(path: &Path) -> Option<MountEntry> {
         .max_by_key(|m| m.mount_point.as_os_str().len())
 }
 
+/// A short digest of a path, for file names in the state folder.
+fn path_digest(p: &Path) -> String {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(p.as_os_str().as_encoded_bytes());
+    d[..12].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Where the record of which claim is staged at `staging` is kept: every directory claim of
+/// one shared volume stages the same filesystem, so the mount table alone cannot tell them
+/// apart.
+fn stage_record(state_dir: &Path, staging: &Path) -> PathBuf {
+    state_dir
+        .join("staged")
+        .join(format!("{}.claim", path_digest(staging)))
+}
+
+/// The claim id recorded as staged at `staging`.
+fn staged_claim(state_dir: &Path, staging: &Path) -> Option<String> {
+    std::fs::read_to_string(stage_record(state_dir, staging))
+        .ok()
+        .map(|t| t.trim().to_string())
+}
+
+fn record_stage(state_dir: &Path, staging: &Path, id: &str) -> Result<(), Status> {
+    let path = stage_record(state_dir, staging);
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d).map_err(|e| io_status(format!("make {}", d.display()), e))?;
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, id)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|e| io_status(format!("write {}", path.display()), e))
+}
+
 /// Where the stage secret's credential of the claim staged at `staging` is kept.
 fn secret_file(state_dir: &Path, staging: &Path) -> PathBuf {
-    use sha2::Digest;
-    let d = sha2::Sha256::digest(staging.as_os_str().as_encoded_bytes());
-    let hex: String = d[..12].iter().map(|b| format!("{b:02x}")).collect();
     state_dir
         .join("credentials")
-        .join(format!("stage-{hex}.secret"))
+        .join(format!("stage-{}.secret", path_digest(staging)))
 }
 
 impl NodeService {
@@ -217,7 +259,7 @@ impl NodeService {
         let write = |path: &Path, text: &str| -> Result<(), Status> {
             use std::io::Write;
             use std::os::unix::fs::OpenOptionsExt;
-            let tmp = path.with_extension("tmp");
+            let tmp = path.with_extension(format!("tmp{}", std::process::id()));
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
                 .create(true)
@@ -355,7 +397,10 @@ impl NodeService {
             Some(m)
                 if m.fs_type == "fuse.brickfs"
                     && m.source == staged_source(r.volume())
-                    && (m.root == root || m.root == "/") =>
+                    && (m.root == root
+                        || m.root == "/"
+                            && staged_claim(&self.state_dir, path).as_deref()
+                                == Some(r.id().as_str())) =>
             {
                 Ok(())
             }
@@ -397,8 +442,25 @@ impl pb::node_server::Node for NodeService {
         let _one = self.busy.lock().await;
         if let Some(m) = mount_at(&staging) {
             if m.fs_type == "fuse.brickfs" && m.source == staged_source(r.volume()) {
-                // Staged before (perhaps by an earlier plugin): it is still serving.
-                return Ok(Response::new(pb::NodeStageVolumeResponse {}));
+                match staged_claim(&self.state_dir, &staging) {
+                    // Staged before (perhaps by an earlier plugin): it is still serving.
+                    Some(other) if other == r.id() => {
+                        return Ok(Response::new(pb::NodeStageVolumeResponse {}));
+                    }
+                    // A mount of this volume that no record names: one an earlier plugin
+                    // made before it could write the record.
+                    None => {
+                        record_stage(&self.state_dir, &staging, &r.id())?;
+                        return Ok(Response::new(pb::NodeStageVolumeResponse {}));
+                    }
+                    Some(other) => {
+                        return Err(Status::already_exists(format!(
+                            "{} stages {other}, not {}",
+                            staging.display(),
+                            r.id()
+                        )));
+                    }
+                }
             }
             return Err(Status::already_exists(format!(
                 "{} is a mount of {} ({}), not of {}",
@@ -406,6 +468,16 @@ impl pb::node_server::Node for NodeService {
                 m.source,
                 m.fs_type,
                 r.id()
+            )));
+        }
+        if let Some(parent) = staging.parent()
+            && let Some(holder) = mount_holding(parent)
+            && holder.fs_type == "fuse.brickfs"
+        {
+            return Err(Status::invalid_argument(format!(
+                "staging_target_path {} is inside the brickfs mount at {}",
+                staging.display(),
+                holder.mount_point.display()
             )));
         }
         let Some(c) = cluster::claim(&self.meta, &r).await? else {
@@ -418,6 +490,7 @@ impl pb::node_server::Node for NodeService {
             let _ = std::fs::remove_file(secret_file(&self.state_dir, &staging));
             return Err(e);
         }
+        record_stage(&self.state_dir, &staging, &r.id())?;
         Ok(Response::new(pb::NodeStageVolumeResponse {}))
     }
 
@@ -434,12 +507,17 @@ impl pb::node_server::Node for NodeService {
             let _ = std::fs::remove_file(secret_file(&self.state_dir, &staging));
             return Ok(Response::new(pb::NodeUnstageVolumeResponse {}));
         };
-        if m.fs_type != "fuse.brickfs" || m.source != staged_source(r.volume()) {
+        let recorded = staged_claim(&self.state_dir, &staging);
+        if m.fs_type != "fuse.brickfs"
+            || m.source != staged_source(r.volume())
+            || recorded.as_ref().is_some_and(|c| *c != r.id())
+        {
             return Err(Status::failed_precondition(format!(
-                "{} is a mount of {} ({}), not of {}: left alone",
+                "{} is a mount of {} ({}{}), not of {}: left alone",
                 staging.display(),
                 m.source,
                 m.fs_type,
+                recorded.map_or(String::new(), |c| format!(", staging {c}")),
                 r.id()
             )));
         }
@@ -459,6 +537,7 @@ impl pb::node_server::Node for NodeService {
         nix::mount::umount2(&staging, nix::mount::MntFlags::empty())
             .map_err(|e| Status::internal(format!("unmount {}: {e}", staging.display())))?;
         let _ = std::fs::remove_file(secret_file(&self.state_dir, &staging));
+        let _ = std::fs::remove_file(stage_record(&self.state_dir, &staging));
         tracing::info!(at = %staging.display(), "unstaged");
         Ok(Response::new(pb::NodeUnstageVolumeResponse {}))
     }
@@ -475,8 +554,13 @@ impl pb::node_server::Node for NodeService {
             .volume_capability
             .as_ref()
             .ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
-        let read_only =
-            spec::check_capability(cap).map_err(Status::invalid_argument)? || req.readonly;
+        let flags_ro = matches!(
+            &cap.access_type,
+            Some(pb::volume_capability::AccessType::Mount(m)) if m.mount_flags.iter().any(|f| f == "ro")
+        );
+        let read_only = spec::check_capability(cap).map_err(Status::invalid_argument)?
+            || req.readonly
+            || flags_ro;
         let r = volume_ref(id)?;
         let root = match &r {
             VolumeRef::Whole { .. } => "/".to_string(),
@@ -493,7 +577,10 @@ impl pb::node_server::Node for NodeService {
         }
         let _one = self.busy.lock().await;
         match mount_at(&staging) {
-            Some(m) if m.fs_type == "fuse.brickfs" && m.source == staged_source(r.volume()) => {}
+            Some(m)
+                if m.fs_type == "fuse.brickfs"
+                    && m.source == staged_source(r.volume())
+                    && staged_claim(&self.state_dir, &staging).is_none_or(|c| c == r.id()) => {}
             _ => {
                 if cluster::volume(&self.meta, r.volume()).await?.is_none() {
                     return Err(Status::not_found(format!("no volume {id}")));
@@ -588,11 +675,15 @@ impl pb::node_server::Node for NodeService {
         check_path(&target, "target_path")?;
         let _one = self.busy.lock().await;
         if let Some(m) = mount_at(&target) {
-            if m.fs_type != "fuse.brickfs" || m.source != staged_source(r.volume()) {
+            if m.fs_type != "fuse.brickfs"
+                || m.source != staged_source(r.volume())
+                || m.root != claim_root(&r)
+            {
                 return Err(Status::failed_precondition(format!(
-                    "{} is a mount of {} ({}), not of {}: left alone",
+                    "{} is a mount of {}{} ({}), not of {}: left alone",
                     target.display(),
                     m.source,
+                    m.root,
                     m.fs_type,
                     r.id()
                 )));
