@@ -1223,6 +1223,36 @@ async fn staged_mounts_outlive_a_killed_plugin() {
     })
     .await;
     assert!(mounts_under(dir.path()).is_empty());
+
+    // A mountd killed under a staged claim: staging again replaces the dead mount.
+    stage(&mut n, &id, &staging).await;
+    let first = mountd_pids(&staging);
+    assert_eq!(first.len(), 1);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    must_wait_for(
+        "the killed mountd to be gone",
+        Duration::from_secs(30),
+        || async { mountd_pids(&staging).is_empty().then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        nix::sys::statvfs::statvfs(&staging).map(|_| ()),
+        Err(nix::errno::Errno::ENOTCONN)
+    );
+    stage(&mut n, &id, &staging).await;
+    let second = mountd_pids(&staging);
+    assert_eq!(second.len(), 1);
+    assert_ne!(second, first);
+    assert_eq!(
+        std::fs::read(staging.join("new")).unwrap(),
+        b"made while the plugin is gone"
+    );
+    unstage(&mut n, &id, &staging).await.unwrap();
+    assert!(mounts_under(dir.path()).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -440,6 +440,18 @@ impl pb::node_server::Node for NodeService {
         let r = volume_ref(id)?;
         check_path(&staging, "staging_target_path")?;
         let _one = self.busy.lock().await;
+        // A staged mount whose mountd died answers nothing (ENOTCONN): it goes, and the
+        // claim is staged again below (pods that still see the old one through a publish
+        // need it published again).
+        if mount_at(&staging).is_some_and(|m| m.fs_type == "fuse.brickfs")
+            && matches!(
+                nix::sys::statvfs::statvfs(&staging),
+                Err(nix::errno::Errno::ENOTCONN)
+            )
+        {
+            tracing::warn!(at = %staging.display(), "the staged mount's mountd is gone; staging again");
+            let _ = nix::mount::umount2(&staging, nix::mount::MntFlags::MNT_DETACH);
+        }
         if let Some(m) = mount_at(&staging) {
             if m.fs_type == "fuse.brickfs" && m.source == staged_source(r.volume()) {
                 match staged_claim(&self.state_dir, &staging) {
