@@ -1387,6 +1387,22 @@ async fn a_mount_with_a_client_credential_serves_its_volume_until_revoked() {
     .await;
     std::fs::write(mnt.join("f"), b"through the mount").unwrap();
     assert_eq!(std::fs::read(mnt.join("f")).unwrap(), b"through the mount");
+    // A client asking what only administrators may see is told it was refused, not that
+    // the bricks are offline.
+    let (_, out, err) = brickfs(&[
+        "--credential-file",
+        cred_a,
+        "--meta",
+        at.as_str(),
+        "volume",
+        "bitrot",
+        "a",
+        "status",
+    ]);
+    assert!(
+        out.contains("refused:") && !out.contains("offline"),
+        "{out}{err}"
+    );
 
     // ...and not another volume: mountd says why and exits.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_mountd"))

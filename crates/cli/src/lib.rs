@@ -210,6 +210,9 @@ struct BitrotRow {
     online: bool,
     #[serde(flatten)]
     report: Option<brickfs_proto::msg::ScrubReport>,
+    /// Why the brick's node refused to tell (a credential without the right), if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refused: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -1015,15 +1018,25 @@ async fn volume(verb: VolumeVerb, meta: &[SocketAddr], json: bool) -> anyhow::Re
             let bricks = status_bricks();
             let mut rows = Vec::new();
             for b in &v.bricks {
-                let report = match brickfs_client::volume::brick_addr(b) {
-                    Ok(a) => bricks.scrub_status(a, b.brick).await.ok(),
-                    Err(_) => None,
+                // A refusal is not an outage: say which it is.
+                let (report, refused) = match brickfs_client::volume::brick_addr(b) {
+                    Ok(a) => match bricks.scrub_status(a, b.brick).await {
+                        Ok(r) => (Some(r), None),
+                        Err(brickfs_proto::rpc::RpcError::Remote(body))
+                            if body.is(brickfs_proto::ErrorCode::PermissionDenied) =>
+                        {
+                            (None, Some(body.detail))
+                        }
+                        Err(_) => (None, None),
+                    },
+                    Err(_) => (None, None),
                 };
                 rows.push(BitrotRow {
                     brick: b.addr.clone(),
                     id: b.brick.to_string(),
-                    online: report.is_some(),
+                    online: report.is_some() || refused.is_some(),
                     report,
+                    refused,
                 });
             }
             if json {
@@ -1057,7 +1070,10 @@ async fn volume(verb: VolumeVerb, meta: &[SocketAddr], json: bool) -> anyhow::Re
                             )
                         }
                     ),
-                    None => println!("{:<48} offline", r.brick),
+                    None => match &r.refused {
+                        Some(why) => println!("{:<48} refused: {why}", r.brick),
+                        None => println!("{:<48} offline", r.brick),
+                    },
                 }
             }
         }
