@@ -1251,6 +1251,52 @@ async fn staged_mounts_outlive_a_killed_plugin() {
         std::fs::read(staging.join("new")).unwrap(),
         b"made while the plugin is gone"
     );
+    // Published, its mountd killed: publishing again (all the kubelet does for a pod that
+    // restarts) stages it again and replaces the dead bind.
+    publish(&mut n, &id, &staging, &target, false)
+        .await
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(second[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    must_wait_for(
+        "the killed mountd to be gone",
+        Duration::from_secs(30),
+        || async { mountd_pids(&staging).is_empty().then_some(()) },
+    )
+    .await;
+    publish(&mut n, &id, &staging, &target, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(target.join("new")).unwrap(),
+        b"made while the plugin is gone"
+    );
+    unpublish(&mut n, &id, &target).await;
+    // Unstaged and staged again at once (a pod restarting on the node): the old mountd
+    // leaves, the new mount is the only one, and it serves.
+    let before = mountd_pids(&staging);
+    unstage(&mut n, &id, &staging).await.unwrap();
+    stage(&mut n, &id, &staging).await;
+    let after = mountd_pids(&staging);
+    let fresh: Vec<i32> = after
+        .iter()
+        .filter(|p| !before.contains(p))
+        .copied()
+        .collect();
+    assert_eq!(fresh.len(), 1, "before {before:?}, after {after:?}");
+    must_wait_for(
+        "the unstaged mountd to leave",
+        Duration::from_secs(30),
+        || async { (mountd_pids(&staging) == fresh).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        std::fs::read(staging.join("new")).unwrap(),
+        b"made while the plugin is gone"
+    );
     unstage(&mut n, &id, &staging).await.unwrap();
     assert!(mounts_under(dir.path()).is_empty());
 }

@@ -198,12 +198,26 @@ pub fn run(
     if opts.readahead_kb > 0 {
         set_readahead(mountpoint, opts.readahead_kb);
     }
+    // This mount's device: once it is unmounted, another mount may come at the same path
+    // (a claim staged again), and that one is not this daemon's to watch or unmount.
+    let ours = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(mountpoint)
+            .map(|m| {
+                (
+                    nix::sys::stat::major(m.dev()),
+                    nix::sys::stat::minor(m.dev()),
+                )
+            })
+            .ok()
+    };
     tracing::info!(mountpoint = %mountpoint.display(), volume = %source.volume, "mounted");
     // Serve until told to stop, or until someone else unmounts (umount(8)).
     let mountpoint_abs = std::path::absolute(mountpoint).unwrap_or(mountpoint.to_path_buf());
     loop {
         match stop.recv_timeout(Duration::from_secs(1)) {
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) if is_mounted(&mountpoint_abs) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                if is_mounted_as(&mountpoint_abs, ours) => {}
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 tracing::info!(mountpoint = %mountpoint.display(), "unmounted from outside; exiting");
                 drop(session);
@@ -211,6 +225,13 @@ pub fn run(
             }
             _ => break,
         }
+    }
+    if !is_mounted_as(&mountpoint_abs, ours) {
+        tracing::info!(mountpoint = %mountpoint.display(), "unmounted from outside meanwhile; exiting");
+        drop(session);
+        flusher.abort();
+        rt.block_on(flush_holds(&holds, &vol));
+        return Ok(());
     }
     tracing::info!(mountpoint = %mountpoint.display(), "unmounting");
     if let Err(e) = nix::mount::umount2(mountpoint, nix::mount::MntFlags::empty()) {
@@ -251,6 +272,21 @@ async fn flush_holds(holds: &holds::Holds, vol: &VolumeClient) {
             }
         }
     }
+}
+
+/// Whether the last mount at `path` is the one of device `dev` (major, minor); with `None`,
+/// whether anything is mounted there.
+fn is_mounted_as(path: &Path, dev: Option<(u64, u64)>) -> bool {
+    let Some((major, minor)) = dev else {
+        return is_mounted(path);
+    };
+    let p = path.to_string_lossy().replace(' ', "\\040");
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter(|l| l.split(' ').nth(4) == Some(&*p))
+        .last()
+        .and_then(|l| l.split(' ').nth(2))
+        == Some(format!("{major}:{minor}").as_str())
 }
 
 /// Whether `path` is a mount point in /proc/mounts (which escapes spaces as `\040`).

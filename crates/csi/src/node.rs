@@ -164,6 +164,14 @@ fn mount_holding(path: &Path) -> Option<MountEntry> {
         .max_by_key(|m| m.mount_point.as_os_str().len())
 }
 
+/// Whether the FUSE mount at `path` has lost its daemon (ENOTCONN).
+fn dead(path: &Path) -> bool {
+    matches!(
+        nix::sys::statvfs::statvfs(path),
+        Err(nix::errno::Errno::ENOTCONN)
+    )
+}
+
 /// A short digest of a path, for file names in the state folder.
 fn path_digest(p: &Path) -> String {
     use sha2::Digest;
@@ -443,12 +451,7 @@ impl pb::node_server::Node for NodeService {
         // A staged mount whose mountd died answers nothing (ENOTCONN): it goes, and the
         // claim is staged again below (pods that still see the old one through a publish
         // need it published again).
-        if mount_at(&staging).is_some_and(|m| m.fs_type == "fuse.brickfs")
-            && matches!(
-                nix::sys::statvfs::statvfs(&staging),
-                Err(nix::errno::Errno::ENOTCONN)
-            )
-        {
+        if mount_at(&staging).is_some_and(|m| m.fs_type == "fuse.brickfs") && dead(&staging) {
             tracing::warn!(at = %staging.display(), "the staged mount's mountd is gone; staging again");
             let _ = nix::mount::umount2(&staging, nix::mount::MntFlags::MNT_DETACH);
         }
@@ -588,6 +591,30 @@ impl pb::node_server::Node for NodeService {
             )));
         }
         let _one = self.busy.lock().await;
+        // A staged mount whose mountd died is staged again here (the kubelet does not stage
+        // a claim it thinks staged), and a dead publish at the target is replaced.
+        if mount_at(&staging)
+            .is_some_and(|m| m.fs_type == "fuse.brickfs" && m.source == staged_source(r.volume()))
+            && dead(&staging)
+            && staged_claim(&self.state_dir, &staging).is_none_or(|c| c == r.id())
+        {
+            tracing::warn!(at = %staging.display(), "the staged mount's mountd is gone; staging again");
+            let _ = nix::mount::umount2(&staging, nix::mount::MntFlags::MNT_DETACH);
+            let Some(c) = cluster::claim(&self.meta, &r).await? else {
+                return Err(Status::not_found(format!("no volume {id}")));
+            };
+            let secret = secret_file(&self.state_dir, &staging);
+            let credential = if secret.exists() {
+                Some(secret)
+            } else {
+                self.credential_for(&c.volume, &Default::default(), &staging)
+                    .await?
+            };
+            self.start_mount(r.volume(), &staging, credential).await?;
+        }
+        if mount_at(&target).is_some_and(|m| m.fs_type == "fuse.brickfs") && dead(&target) {
+            let _ = nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH);
+        }
         match mount_at(&staging) {
             Some(m)
                 if m.fs_type == "fuse.brickfs"
