@@ -1084,10 +1084,40 @@ async fn claims_are_staged_and_published_on_two_nodes() {
             break;
         }
     }
-    drop(f);
     let refused = refused.expect("writes past the claim's 4 MiB quota were all accepted");
     assert_eq!(refused.raw_os_error(), Some(nix::libc::EDQUOT), "{refused}");
+    // The bytes under the limit are kept, and the file is usable again: it can be shrunk.
+    let kept = std::fs::metadata(t1.join("big")).unwrap().len();
+    assert!(kept >= 2 << 20, "kept {kept}");
+    f.set_len(1 << 20).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let back = std::fs::read(t1.join("big")).unwrap();
+    assert!(back.len() == 1 << 20 && back.iter().all(|b| *b == 1));
     std::fs::remove_file(t1.join("big")).unwrap();
+    // Many small appends past the limit, none synced (write-behind holds them): the close
+    // tells EDQUOT, and what fit is there, whole.
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(t1.join("appended"))
+        .unwrap();
+    let piece = vec![2u8; 64 << 10];
+    let mut told = None;
+    for _ in 0..200 {
+        if let Err(e) = f.write_all(&piece) {
+            told = Some(e);
+            break;
+        }
+    }
+    let told = told.or_else(|| f.sync_all().err());
+    drop(f);
+    let told = told.expect("appends past the claim's quota were all accepted");
+    assert_eq!(told.raw_os_error(), Some(nix::libc::EDQUOT), "{told}");
+    let back = std::fs::read(t1.join("appended")).unwrap();
+    assert!(back.len() >= 2 << 20, "kept {}", back.len());
+    assert!(back.iter().all(|b| *b == 2));
+    std::fs::remove_file(t1.join("appended")).unwrap();
     ctl.controller_expand_volume(pb::ControllerExpandVolumeRequest {
         volume_id: id.clone(),
         capacity_range: range(16 * mib, 0),

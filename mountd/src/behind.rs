@@ -4,7 +4,10 @@
 //! never in flight together, so writes land in the order they were made.
 //!
 //! A write that fails in the background fails every later write, flush, fsync and close of
-//! the file with its errno (as NFS does). Flush, fsync, close, reads, truncates and locks
+//! the file with its errno (as NFS does); EDQUOT and ENOSPC are told once, by the next such
+//! call, and then the file is usable again (a program that hit its quota can shrink the file
+//! or write inside it). A run refused for the quota lands in pieces up to the limit: the
+//! bytes that fit are kept. Flush, fsync, close, reads, truncates and locks
 //! drain first, so close-to-open, read-your-writes and lock hand-over see every byte. Files
 //! opened O_SYNC or O_DSYNC write through.
 
@@ -51,6 +54,7 @@ impl<T> Default for Runs<T> {
 
 impl<T> Runs<T> {
     /// The first failure, if any.
+    #[cfg(test)]
     pub fn error(&self) -> Option<Errno> {
         self.error
     }
@@ -58,6 +62,16 @@ impl<T> Runs<T> {
     /// Keeps a failure (the first one stays).
     pub fn fail(&mut self, e: Errno) {
         self.error.get_or_insert(e);
+    }
+
+    /// The failure to tell the caller, if any: EDQUOT and ENOSPC are told once (the bytes
+    /// past the limit are gone, the file is fine), every other failure stays.
+    pub fn report(&mut self) -> Option<Errno> {
+        let e = self.error?;
+        if e == Errno::EDQUOT || e == Errno::ENOSPC {
+            self.error = None;
+        }
+        Some(e)
     }
 
     /// Whether bytes are waiting or on the wire.
@@ -204,7 +218,7 @@ impl Open {
         data: &[u8],
     ) -> Result<(), Errno> {
         let mut b = self.lock();
-        if let Some(e) = b.error() {
+        if let Some(e) = b.report() {
             return Err(e);
         }
         if !b.extends(offset) {
@@ -250,16 +264,25 @@ impl Open {
     ) -> Result<(), Errno> {
         self.send(rt, vol, b, None)?;
         while let Some(s) = b.oldest() {
-            Self::reap(rt, b, s);
+            self.reap(rt, b, s);
         }
-        b.error().map_or(Ok(()), Err)
+        b.report().map_or(Ok(()), Err)
     }
 
     /// Waits for one sent run and keeps its failure.
-    fn reap(rt: &tokio::runtime::Handle, b: &mut Runs<Task>, (start, end, task): (u64, u64, Task)) {
+    fn reap(
+        &self,
+        rt: &tokio::runtime::Handle,
+        b: &mut Runs<Task>,
+        (start, end, task): (u64, u64, Task),
+    ) {
         let r = rt.block_on(task).unwrap_or(Err(Errno::EIO)).err();
         if let Some(e) = r {
             tracing::warn!(start, end, errno = ?e, "a write-behind run failed");
+            if e == Errno::EDQUOT || e == Errno::ENOSPC {
+                // What did not land is not the file's: its size is what did.
+                self.accepted_end.store(self.h.size(), Ordering::SeqCst);
+            }
             b.fail(e);
         }
     }
@@ -278,16 +301,31 @@ impl Open {
         };
         let end = start + data.len() as u64;
         while let Some(s) = b.before_send(start, end) {
-            Self::reap(rt, b, s);
+            self.reap(rt, b, s);
         }
-        if let Some(e) = b.error() {
+        if let Some(e) = b.report() {
             return Err(e);
         }
         let (vol, h) = (vol.clone(), self.h.clone());
         let task = rt.spawn(async move {
-            vol.write(&h, start, data)
-                .await
-                .map_err(|e| crate::errno_of(&e))
+            match vol.write(&h, start, data.clone()).await {
+                Ok(()) => Ok(()),
+                Err(e) if crate::errno_of(&e) == Errno::EDQUOT => {
+                    // Nothing of a run refused for the quota landed (the size is committed
+                    // first): land it in pieces, in order, up to the first one refused.
+                    const PIECE: usize = 64 << 10;
+                    let mut at = 0;
+                    while at < data.len() {
+                        let n = PIECE.min(data.len() - at);
+                        vol.write(&h, start + at as u64, data.slice(at..at + n))
+                            .await
+                            .map_err(|e| crate::errno_of(&e))?;
+                        at += n;
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(crate::errno_of(&e)),
+            }
         });
         b.sent(start, end, task);
         Ok(())
@@ -312,6 +350,20 @@ mod tests {
         fn below(&mut self, n: u64) -> u64 {
             self.next() % n
         }
+    }
+
+    #[test]
+    fn quota_and_space_failures_are_told_once_others_stay() {
+        let mut r = Runs::<u32>::default();
+        r.fail(Errno::EDQUOT);
+        assert_eq!(r.report(), Some(Errno::EDQUOT));
+        assert_eq!(r.report(), None);
+        r.fail(Errno::ENOSPC);
+        assert_eq!(r.report(), Some(Errno::ENOSPC));
+        assert_eq!(r.report(), None);
+        r.fail(Errno::EIO);
+        assert_eq!(r.report(), Some(Errno::EIO));
+        assert_eq!(r.report(), Some(Errno::EIO));
     }
 
     #[test]
