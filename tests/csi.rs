@@ -1447,8 +1447,6 @@ async fn a_keyed_cluster_gives_each_node_a_client_credential() {
     assert_eq!(listed("pvc-k"), 1);
 
     // A restarted plugin stages again with the credential it was given: no second one.
-    unpublish(&mut n, &id, &target).await;
-    unstage(&mut n, &id, &staging).await.unwrap();
     drop(n);
     p.kill();
     let p = Plugin::start_with(
@@ -1460,19 +1458,35 @@ async fn a_keyed_cluster_gives_each_node_a_client_credential() {
     )
     .await;
     let mut n = p.node().await;
-    must_wait_for("mountd to exit", Duration::from_secs(30), || async {
-        mountd_pids(&staging).is_empty().then_some(())
-    })
-    .await;
     stage(&mut n, &id, &staging).await;
-    publish(&mut n, &id, &staging, &target, true).await.unwrap();
+    let target_ro = dir.path().join("pod-ro/mnt");
+    publish(&mut n, &id, &staging, &target_ro, true)
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(target_ro.join("f")).unwrap(),
+        b"through a client credential"
+    );
+    assert_eq!(listed("pvc-k"), 1);
+    // Unstaged and staged again after a restart: the kept credential is used again.
+    unpublish(&mut n, &id, &target).await;
+    unpublish(&mut n, &id, &target_ro).await;
+    unstage(&mut n, &id, &staging).await.unwrap();
+    assert_eq!(listed("pvc-k"), 0, "revoked once nothing of it is staged");
+    stage(&mut n, &id, &staging).await;
+    assert_eq!(listed("pvc-k"), 1, "a new one for the new stage");
+    publish(&mut n, &id, &staging, &target, false)
+        .await
+        .unwrap();
     assert_eq!(
         std::fs::read(target.join("f")).unwrap(),
         b"through a client credential"
     );
-    assert_eq!(listed("pvc-k"), 1);
     unpublish(&mut n, &id, &target).await;
     unstage(&mut n, &id, &staging).await.unwrap();
+    // Nothing of the volume staged here any more: the node's credential is revoked.
+    assert_eq!(listed("pvc-k"), 0);
+    assert!(!cred.exists());
 }
 
 /// The manifests in deploy/kubernetes name this driver and only flags the program has.

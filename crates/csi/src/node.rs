@@ -395,6 +395,46 @@ impl NodeService {
         Ok(())
     }
 
+    /// Revokes and forgets the client credential this node was issued for `volume` once no
+    /// claim of that volume is staged here any more: a credential nobody holds for a reason
+    /// is not left valid. A failure is logged; the next stage reuses or replaces it.
+    async fn retire_credential(&self, volume: &str) {
+        let still_staged = std::fs::read_dir(self.state_dir.join("staged"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .filter_map(|id| VolumeRef::parse(id.trim()))
+            .any(|r| r.volume() == volume);
+        if still_staged {
+            return;
+        }
+        let path = self
+            .state_dir
+            .join("credentials")
+            .join(format!("{volume}.cred"));
+        let Ok(Credential::Client { id, .. }) = Credential::load(&path) else {
+            return;
+        };
+        match self
+            .meta
+            .write(brickfs_proto::meta::MetaOp::RevokeCredential {
+                name: volume.to_string(),
+                id,
+            })
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if e.code() == Some(brickfs_proto::ErrorCode::NotFound) => {}
+            Err(e) => {
+                tracing::warn!(volume, error = %e, "could not revoke this node's client credential; it stays until the next unstage");
+                return;
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+        tracing::info!(volume, id = %format!("{id:x}"), "this node's client credential revoked: no claim of the volume is staged here");
+    }
+
     /// NOT_FOUND unless `path` is a staged or published mount of the claim `r`.
     fn must_be_mount_of(&self, r: &VolumeRef, path: &Path) -> Result<(), Status> {
         let root = match r {
@@ -553,6 +593,7 @@ impl pb::node_server::Node for NodeService {
             .map_err(|e| Status::internal(format!("unmount {}: {e}", staging.display())))?;
         let _ = std::fs::remove_file(secret_file(&self.state_dir, &staging));
         let _ = std::fs::remove_file(stage_record(&self.state_dir, &staging));
+        self.retire_credential(r.volume()).await;
         tracing::info!(at = %staging.display(), "unstaged");
         Ok(Response::new(pb::NodeUnstageVolumeResponse {}))
     }
