@@ -283,8 +283,8 @@ fn is_mounted_as(path: &Path, dev: Option<(u64, u64)>) -> bool {
     let p = path.to_string_lossy().replace(' ', "\\040");
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     text.lines()
-        .filter(|l| l.split(' ').nth(4) == Some(&*p))
-        .last()
+        .rev()
+        .find(|l| l.split(' ').nth(4) == Some(&*p))
         .and_then(|l| l.split(' ').nth(2))
         == Some(format!("{major}:{minor}").as_str())
 }
