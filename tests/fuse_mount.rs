@@ -1407,3 +1407,120 @@ async fn directory_quotas_refuse_writes_past_their_limit() {
     cli(&["remove", "/q"]);
     std::fs::write(b.path.join("q/big"), pattern(5, 0, 2 << 20)).unwrap();
 }
+
+/// At a quota, with write-behind: a write across the limit keeps its bytes up to the limit
+/// (in-place bytes too); a shrinking truncate works while an EDQUOT is pending; the handle
+/// whose bytes were dropped is told, whoever else syncs the file first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_edges_keep_every_byte_that_fits_and_tell_who_lost_bytes() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (node, source) = must_volume_here(dir.path()).await;
+    let meta = node.addr().to_string();
+    let m = Mount::start(&source, &dir.path().join("mnt")).await;
+    const LIM: u64 = 1 << 20;
+    for d in ["q1", "q2", "q3"] {
+        std::fs::create_dir(m.path.join(d)).unwrap();
+        must_ok(&[
+            "--meta",
+            meta.as_str(),
+            "volume",
+            "quota",
+            "vol",
+            "limit-usage",
+            &format!("/{d}"),
+            "1MiB",
+        ]);
+    }
+    // A mount made after the quotas knows them from the start (one made before notices
+    // within 5 s).
+    drop(m);
+    let m = Mount::start(&source, &dir.path().join("mnt2")).await;
+    // Across the limit: 'S' lands up to the limit, over 'A' as well.
+    let f = std::fs::File::create(m.path.join("q1/straddle")).unwrap();
+    f.write_all_at(&vec![b'A'; (LIM - 1000) as usize], 0)
+        .unwrap();
+    f.sync_all().unwrap();
+    let wrote = f.write_all_at(&[b'S'; 3000], LIM - 2000);
+    let told = wrote.err().or_else(|| f.sync_all().err()).expect("EDQUOT");
+    assert_eq!(told.raw_os_error(), Some(nix::libc::EDQUOT), "{told}");
+    drop(f);
+    let back = std::fs::read(m.path.join("q1/straddle")).unwrap();
+    assert_eq!(back.len() as u64, LIM, "kept up to the limit");
+    assert!(back[..(LIM - 2000) as usize].iter().all(|b| *b == b'A'));
+    assert!(back[(LIM - 2000) as usize..].iter().all(|b| *b == b'S'));
+
+    // A shrinking truncate is not blocked by an EDQUOT still to be told.
+    let mut f = std::fs::File::create(m.path.join("q2/shrink")).unwrap();
+    let _ = f.write_all(&vec![7u8; 2 << 20]);
+    f.set_len(256 << 10).unwrap();
+    let _ = f.sync_all();
+    drop(f);
+    assert_eq!(
+        std::fs::metadata(m.path.join("q2/shrink")).unwrap().len(),
+        256 << 10
+    );
+
+    // Two descriptors: the one whose bytes were dropped is told, even when the other
+    // syncs the file first.
+    let path = m.path.join("q3/two");
+    let a = std::fs::File::create(&path).unwrap();
+    let b = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    a.write_all_at(&vec![1u8; 600 << 10], 0).unwrap();
+    let _ = b.write_all_at(&vec![2u8; 600 << 10], 600 << 10);
+    let _ = a.sync_all();
+    let told_b = b.sync_all().err();
+    let closed_b = nix::unistd::close(std::os::fd::IntoRawFd::into_raw_fd(b)).err();
+    assert!(
+        told_b.is_some() || closed_b.is_some(),
+        "the descriptor whose bytes past the limit were dropped was told nothing"
+    );
+    drop(a);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), LIM);
+}
+
+/// A mountd ends when every mount of its filesystem is gone, not when its mount point is
+/// unmounted: a bind mount elsewhere keeps it serving; a new mount at the same path is not
+/// its own (it neither waits for it nor unmounts it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mountd_serves_its_own_mounts_until_the_last_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, source) = must_volume_here(dir.path()).await;
+    let p = dir.path().join("p");
+    let q = dir.path().join("q");
+    let mut first = Mount::start(&source, &p).await;
+    std::fs::write(p.join("f"), b"kept").unwrap();
+    std::fs::create_dir_all(&q).unwrap();
+    nix::mount::mount(
+        Some(&p),
+        &q,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .unwrap();
+    nix::mount::umount2(&p, nix::mount::MntFlags::empty()).unwrap();
+    // The bind at q still reaches the filesystem: the daemon keeps serving it.
+    for _ in 0..3 {
+        assert_eq!(std::fs::read(q.join("f")).unwrap(), b"kept");
+    }
+    assert!(first.child.as_mut().unwrap().try_wait().unwrap().is_none());
+    // A second mount at p, by another daemon.
+    let second = Mount::start(&source, &p).await;
+    nix::mount::umount2(&q, nix::mount::MntFlags::empty()).unwrap();
+    let pid = first.child.as_ref().unwrap().id() as i32;
+    must_wait_for(
+        "the first mountd to exit",
+        Duration::from_secs(20),
+        || async move {
+            // An exited child stays a zombie until the guard reaps it.
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            (stat.is_empty() || stat.contains(") Z ")).then_some(())
+        },
+    )
+    .await;
+    assert!(first.child.as_mut().unwrap().try_wait().unwrap().is_some());
+    // Its end took nothing of the second's.
+    assert_eq!(std::fs::read(p.join("f")).unwrap(), b"kept");
+    assert!(is_mounted(&second.path));
+}

@@ -40,6 +40,9 @@ pub struct Runs<T> {
     run: Option<(u64, BytesMut)>,
     sent: VecDeque<Sent<T>>,
     error: Option<Errno>,
+    /// Runs on the wire at once (`INFLIGHT`; 1 on a volume with quotas, so that a run refused
+    /// for the quota is never followed by a later one that lands past a hole).
+    pub max_inflight: usize,
 }
 
 impl<T> Default for Runs<T> {
@@ -48,13 +51,13 @@ impl<T> Default for Runs<T> {
             run: None,
             sent: VecDeque::new(),
             error: None,
+            max_inflight: INFLIGHT,
         }
     }
 }
 
 impl<T> Runs<T> {
     /// The first failure, if any.
-    #[cfg(test)]
     pub fn error(&self) -> Option<Errno> {
         self.error
     }
@@ -68,7 +71,7 @@ impl<T> Runs<T> {
     /// past the limit are gone, the file is fine), every other failure stays.
     pub fn report(&mut self) -> Option<Errno> {
         let e = self.error?;
-        if e == Errno::EDQUOT || e == Errno::ENOSPC {
+        if space_error(e) {
             self.error = None;
         }
         Some(e)
@@ -125,7 +128,7 @@ impl<T> Runs<T> {
     /// keeps its failure), then asks again.
     pub fn before_send(&mut self, start: u64, end: u64) -> Option<(u64, u64, T)> {
         let overlaps = self.sent.iter().any(|s| s.start < end && start < s.end);
-        if overlaps || self.sent.len() >= INFLIGHT {
+        if overlaps || self.sent.len() >= self.max_inflight.max(1) {
             let s = self.sent.pop_front()?;
             return Some((s.start, s.end, s.task));
         }
@@ -144,6 +147,21 @@ impl<T> Runs<T> {
 }
 
 type Task = JoinHandle<Result<(), Errno>>;
+
+/// Who is asking, when a drain or publish finds a failure: the handle's own call (EDQUOT and
+/// ENOSPC are told to it once, then forgotten), another handle's fsync of the same file (told
+/// too, Linux tells every descriptor, but kept for the owner), or a read, truncate or lock
+/// that the quota must not block (only other failures are told).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tell {
+    Owner,
+    Other,
+    Quiet,
+}
+
+fn space_error(e: Errno) -> bool {
+    e == Errno::EDQUOT || e == Errno::ENOSPC
+}
 
 /// An open file on this mount: the client library's handle and its write-behind.
 pub struct Open {
@@ -221,8 +239,11 @@ impl Open {
         if let Some(e) = b.report() {
             return Err(e);
         }
-        if !b.extends(offset) {
-            self.send(rt, vol, &mut b, None)?;
+        if !b.extends(offset)
+            && let Err(e) = self.send(rt, vol, &mut b, None)
+        {
+            b.report();
+            return Err(e);
         }
         b.append(offset, data);
         self.accepted_end
@@ -231,10 +252,13 @@ impl Open {
         // fsync or close makes it the file's).
         self.h.modified(brickfs_client::volume::now_ns());
         if self.write_through {
-            return self.drain_locked(rt, vol, &mut b);
+            return self.drain_locked(rt, vol, &mut b, Tell::Owner);
         }
-        if b.full() {
-            self.send(rt, vol, &mut b, Some(self.stripe_bytes))?;
+        if b.full()
+            && let Err(e) = self.send(rt, vol, &mut b, Some(self.stripe_bytes))
+        {
+            b.report();
+            return Err(e);
         }
         Ok(())
     }
@@ -244,16 +268,22 @@ impl Open {
         &self,
         rt: &tokio::runtime::Handle,
         vol: &Arc<VolumeClient>,
+        tell: Tell,
     ) -> Result<(), Errno> {
-        self.drain(rt, vol)?;
+        self.drain(rt, vol, tell)?;
         rt.block_on(vol.commit_size(&self.h))
             .map_err(|e| crate::errno_of(&e))
     }
 
     /// Sends what is waiting and waits for everything on the wire; the first failure, if any.
-    pub fn drain(&self, rt: &tokio::runtime::Handle, vol: &Arc<VolumeClient>) -> Result<(), Errno> {
+    pub fn drain(
+        &self,
+        rt: &tokio::runtime::Handle,
+        vol: &Arc<VolumeClient>,
+        tell: Tell,
+    ) -> Result<(), Errno> {
         let mut b = self.lock();
-        self.drain_locked(rt, vol, &mut b)
+        self.drain_locked(rt, vol, &mut b, tell)
     }
 
     fn drain_locked(
@@ -261,12 +291,19 @@ impl Open {
         rt: &tokio::runtime::Handle,
         vol: &Arc<VolumeClient>,
         b: &mut Runs<Task>,
+        tell: Tell,
     ) -> Result<(), Errno> {
-        self.send(rt, vol, b, None)?;
+        // A failure already kept stops the send; it is told below as `tell` says.
+        let _ = self.send(rt, vol, b, None);
         while let Some(s) = b.oldest() {
             self.reap(rt, b, s);
         }
-        b.report().map_or(Ok(()), Err)
+        let e = match tell {
+            Tell::Owner => b.report(),
+            Tell::Other => b.error(),
+            Tell::Quiet => b.error().filter(|e| !space_error(*e)),
+        };
+        e.map_or(Ok(()), Err)
     }
 
     /// Waits for one sent run and keeps its failure.
@@ -303,9 +340,10 @@ impl Open {
         while let Some(s) = b.before_send(start, end) {
             self.reap(rt, b, s);
         }
-        if let Some(e) = b.report() {
+        if let Some(e) = b.error() {
             return Err(e);
         }
+        b.max_inflight = if vol.quota_known() { 1 } else { INFLIGHT };
         let (vol, h) = (vol.clone(), self.h.clone());
         let task = rt.spawn(async move {
             match vol.write(&h, start, data.clone()).await {
@@ -313,16 +351,22 @@ impl Open {
                 Err(e) if crate::errno_of(&e) == Errno::EDQUOT => {
                     // Nothing of a run refused for the quota landed (the size is committed
                     // first): land it in pieces, in order, up to the first one refused.
-                    const PIECE: usize = 64 << 10;
-                    let mut at = 0;
-                    while at < data.len() {
-                        let n = PIECE.min(data.len() - at);
-                        vol.write(&h, start + at as u64, data.slice(at..at + n))
-                            .await
-                            .map_err(|e| crate::errno_of(&e))?;
-                        at += n;
+                    // The longest prefix that fits, found by halving: what lies inside the
+                    // file or under the limit lands, to the byte.
+                    let (mut lo, mut hi) = (0usize, data.len());
+                    while hi - lo > 1 {
+                        let mid = lo + (hi - lo) / 2;
+                        match vol.write(&h, start + lo as u64, data.slice(lo..mid)).await {
+                            Ok(()) => lo = mid,
+                            Err(e) if crate::errno_of(&e) == Errno::EDQUOT => hi = mid,
+                            Err(e) => return Err(crate::errno_of(&e)),
+                        }
                     }
-                    Ok(())
+                    if lo == data.len() {
+                        Ok(())
+                    } else {
+                        Err(Errno::EDQUOT)
+                    }
                 }
                 Err(e) => Err(crate::errno_of(&e)),
             }

@@ -66,6 +66,15 @@ pub const MAX_WRITE_BYTES: u32 = 1 << 20;
 /// Per open handle, the readahead state its reads share.
 type Windows = Arc<Mutex<HashMap<u64, Arc<Mutex<Readahead<Ahead>>>>>>;
 
+/// How a drain on behalf of `own`'s call tells `o`'s failures (see `behind::Tell`).
+fn tell_for(o: &Arc<Open>, own: Option<&Arc<Open>>) -> behind::Tell {
+    match own {
+        Some(own) if Arc::ptr_eq(o, own) => behind::Tell::Owner,
+        Some(_) => behind::Tell::Other,
+        None => behind::Tell::Quiet,
+    }
+}
+
 /// The mounted filesystem.
 pub struct BrickFs {
     rt: tokio::runtime::Handle,
@@ -333,10 +342,11 @@ impl BrickFs {
 
     /// Sends every write of `ino` still behind on this mount and waits for them. A failed
     /// write stays with its own handle too (its next write, fsync or close reports it).
-    fn drain_ino(&self, ino: u64) -> Result<(), Errno> {
+    /// `own` is the handle whose call this is (see `Tell`), `None` for a read.
+    fn drain_ino(&self, ino: u64, own: Option<&Arc<Open>>) -> Result<(), Errno> {
         let mut first = Ok(());
         for o in self.opens_of(ino) {
-            if let Err(e) = o.drain(&self.rt, &self.vol) {
+            if let Err(e) = o.drain(&self.rt, &self.vol, tell_for(&o, own)) {
                 tracing::debug!(ino, errno = ?e, "a handle's write-behind failed");
                 first = first.and(Err(e));
             }
@@ -347,10 +357,12 @@ impl BrickFs {
     /// Publishes what this mount wrote to `ino`: every handle's write-behind is sent and its
     /// size and mtime committed, so that another mount that opens the file or takes a lock
     /// next sees all of it. The first failure, if any.
-    fn publish_ino(&self, ino: u64) -> Result<(), Errno> {
+    /// `own` is the handle whose call this is (see `Tell`), `None` for a truncate, a lock or
+    /// a setattr, which a quota must not block.
+    fn publish_ino(&self, ino: u64, own: Option<&Arc<Open>>) -> Result<(), Errno> {
         let mut first = Ok(());
         for o in self.opens_of(ino) {
-            if let Err(e) = o.publish(&self.rt, &self.vol) {
+            if let Err(e) = o.publish(&self.rt, &self.vol, tell_for(&o, own)) {
                 tracing::debug!(ino, errno = ?e, "publishing a handle's writes failed");
                 first = first.and(Err(e));
             }
@@ -461,7 +473,7 @@ impl Filesystem for BrickFs {
         // What this mount wrote goes first: its commit must not land after (and undo) the
         // times or size set here.
         if (size.is_some() || atime.is_some() || mtime.is_some())
-            && let Err(e) = self.publish_ino(ino.0)
+            && let Err(e) = self.publish_ino(ino.0, None)
         {
             return reply.error(e);
         }
@@ -779,7 +791,7 @@ impl Filesystem for BrickFs {
         // a window fetched before that write reached the bricks is not kept.
         let epoch = self.ra_epoch.load(Ordering::SeqCst);
         // Read-your-writes: what this mount wrote to the file is sent first.
-        or_reply!(self.drain_ino(o.h.attr.ino.0), reply);
+        or_reply!(self.drain_ino(o.h.attr.ino.0, None), reply);
         self.touch_atime(&o);
         let h = o.h.clone();
         let size = u64::from(size);
@@ -891,7 +903,7 @@ impl Filesystem for BrickFs {
         // closes, before its locks go, so the next holder of a lock sees them.
         let published = self
             .handle(fh.0)
-            .and_then(|o| o.publish(&self.rt, &self.vol));
+            .and_then(|o| o.publish(&self.rt, &self.vol, behind::Tell::Owner));
         // A close drops the closing process's POSIX locks on the file (fcntl(2)), whatever
         // became of its writes.
         if self
@@ -932,9 +944,9 @@ impl Filesystem for BrickFs {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&fh.0);
         // What the handle wrote is published before its flock goes.
-        let committed = h
-            .as_ref()
-            .map_or(Ok(()), |o| o.publish(&self.rt, &self.vol));
+        let committed = h.as_ref().map_or(Ok(()), |o| {
+            o.publish(&self.rt, &self.vol, behind::Tell::Owner)
+        });
         // The last close of an open file drops the flock(2) lock it holds (the kernel names
         // the lock's owner only when there is one).
         if let Some(owner) = lock_owner {
@@ -969,12 +981,12 @@ impl Filesystem for BrickFs {
         let o = or_reply!(self.handle(fh.0), reply);
         // Every write any descriptor of this mount accepted for the file is made durable,
         // not only this one's: send them all, sync the file's objects, commit every handle.
-        let drained = self.drain_ino(o.h.attr.ino.0);
+        let drained = self.drain_ino(o.h.attr.ino.0, Some(&o));
         let synced = self
             .rt
             .block_on(self.vol.fsync(&o.h))
             .map_err(|e| errno_of(&e));
-        let committed = self.publish_ino(o.h.attr.ino.0);
+        let committed = self.publish_ino(o.h.attr.ino.0, Some(&o));
         match drained.and(synced).and(committed) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
@@ -1209,7 +1221,7 @@ impl Filesystem for BrickFs {
         let spec = or_reply!(lock_spec(lock_owner.0, pid, start, end, typ), reply);
         // Whoever takes the lock next, on any mount, sees what was written under it: the
         // file's writes, size and mtime are published before any lock changes.
-        if let Err(e) = self.publish_ino(ino.0) {
+        if let Err(e) = self.publish_ino(ino.0, None) {
             tracing::debug!(ino = ino.0, errno = ?e, "publishing before a lock change failed");
         }
         if spec.kind == LockKind::Unlock {
@@ -1405,7 +1417,7 @@ impl BrickFs {
         if length == 0 {
             return Err(Errno::EINVAL);
         }
-        self.publish_ino(ino)?;
+        self.publish_ino(ino, None)?;
         self.drop_readahead(ino);
         let size = self.getattr_ino(ino)?.size_bytes;
         let grow = mode & keep == 0 && end > size;

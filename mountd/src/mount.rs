@@ -198,45 +198,42 @@ pub fn run(
     if opts.readahead_kb > 0 {
         set_readahead(mountpoint, opts.readahead_kb);
     }
-    // This mount's device: once it is unmounted, another mount may come at the same path
-    // (a claim staged again), and that one is not this daemon's to watch or unmount.
-    let ours = {
-        use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(mountpoint)
-            .map(|m| {
-                (
-                    nix::sys::stat::major(m.dev()),
-                    nix::sys::stat::minor(m.dev()),
-                )
-            })
-            .ok()
-    };
-    tracing::info!(mountpoint = %mountpoint.display(), volume = %source.volume, "mounted");
-    // Serve until told to stop, or until someone else unmounts (umount(8)).
+    // This mount's id in the mount table: once it is unmounted another mount may come at the
+    // same path (a claim staged again, with the same device number reused), and that one is
+    // not this daemon's to unmount.
     let mountpoint_abs = std::path::absolute(mountpoint).unwrap_or(mountpoint.to_path_buf());
+    let ours = mount_id_at(&mountpoint_abs);
+    tracing::info!(mountpoint = %mountpoint.display(), volume = %source.volume, "mounted");
+    // Serve until told to stop, or until the kernel ends the session: every mount of this
+    // filesystem is gone (unmounted here, bind mounts elsewhere too, lazily unmounted ones
+    // once their last open file closes).
     loop {
         match stop.recv_timeout(Duration::from_secs(1)) {
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
-                if is_mounted_as(&mountpoint_abs, ours) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) if !session.guard.is_finished() => {}
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                tracing::info!(mountpoint = %mountpoint.display(), "unmounted from outside; exiting");
+                tracing::info!(mountpoint = %mountpoint.display(), "every mount of it is gone; exiting");
                 drop(session);
+                flusher.abort();
+                rt.block_on(flush_holds(&holds, &vol));
                 return Ok(());
             }
             _ => break,
         }
     }
-    if !is_mounted_as(&mountpoint_abs, ours) {
-        tracing::info!(mountpoint = %mountpoint.display(), "unmounted from outside meanwhile; exiting");
-        drop(session);
-        flusher.abort();
-        rt.block_on(flush_holds(&holds, &vol));
-        return Ok(());
-    }
-    tracing::info!(mountpoint = %mountpoint.display(), "unmounting");
-    if let Err(e) = nix::mount::umount2(mountpoint, nix::mount::MntFlags::empty()) {
-        tracing::warn!(error = %e, "unmount busy, detaching instead");
-        let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
+    if ours.is_none() || mount_id_at(&mountpoint_abs) != ours {
+        tracing::info!(mountpoint = %mountpoint.display(), "not mounted here any more; stopping without unmounting");
+    } else {
+        tracing::info!(mountpoint = %mountpoint.display(), "unmounting");
+        if let Err(e) = nix::mount::umount2(mountpoint, nix::mount::MntFlags::empty()) {
+            // Detaching would take mounts made inside this one with it: only without those.
+            let inside = mounts_inside(&mountpoint_abs);
+            if inside.is_empty() {
+                tracing::warn!(error = %e, "unmount busy, detaching instead");
+                let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
+            } else {
+                tracing::warn!(error = %e, inside = ?inside, "unmount busy and other mounts are inside it: left mounted (it answers ENOTCONN once this daemon is gone)");
+            }
+        }
     }
     drop(session);
     flusher.abort();
@@ -274,19 +271,24 @@ async fn flush_holds(holds: &holds::Holds, vol: &VolumeClient) {
     }
 }
 
-/// Whether the last mount at `path` is the one of device `dev` (major, minor); with `None`,
-/// whether anything is mounted there.
-fn is_mounted_as(path: &Path, dev: Option<(u64, u64)>) -> bool {
-    let Some((major, minor)) = dev else {
-        return is_mounted(path);
-    };
+/// The id (mountinfo's first field) of the last mount at `path`, if any.
+fn mount_id_at(path: &Path) -> Option<u64> {
     let p = path.to_string_lossy().replace(' ', "\\040");
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     text.lines()
         .rev()
         .find(|l| l.split(' ').nth(4) == Some(&*p))
-        .and_then(|l| l.split(' ').nth(2))
-        == Some(format!("{major}:{minor}").as_str())
+        .and_then(|l| l.split(' ').next()?.parse().ok())
+}
+
+/// Mount points strictly below `path`.
+fn mounts_inside(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| m.replace("\\040", " "))
+        .filter(|m| Path::new(m) != path && Path::new(m).starts_with(path))
+        .collect()
 }
 
 /// Whether `path` is a mount point in /proc/mounts (which escapes spaces as `\040`).

@@ -341,6 +341,11 @@ impl VolumeClient {
         Ok(())
     }
 
+    /// Whether the volume had quotas when last looked at (no look now).
+    pub fn quota_known(&self) -> bool {
+        self.quota.load(Ordering::Relaxed)
+    }
+
     /// Whether the volume has quotas, read again when the last look is old.
     async fn quota_on(&self) -> bool {
         let age = self
