@@ -1450,6 +1450,23 @@ async fn quota_edges_keep_every_byte_that_fits_and_tell_who_lost_bytes() {
     assert!(back[..(LIM - 2000) as usize].iter().all(|b| *b == b'A'));
     assert!(back[(LIM - 2000) as usize..].iter().all(|b| *b == b'S'));
 
+    // An overwrite inside the file, behind a refused append, still lands.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.path.join("q1/straddle"))
+        .unwrap();
+    let _ = f
+        .seek(SeekFrom::End(0))
+        .and_then(|_| f.write_all(&vec![b'Z'; 512 << 10]));
+    f.write_all_at(&[b'x'; 4096], 0).unwrap();
+    let _ = f.sync_all();
+    drop(f);
+    let back = std::fs::read(m.path.join("q1/straddle")).unwrap();
+    assert_eq!(back.len() as u64, LIM);
+    assert!(
+        back[..4096].iter().all(|b| *b == b'x'),
+        "the overwrite was dropped"
+    );
     // A shrinking truncate is not blocked by an EDQUOT still to be told.
     let mut f = std::fs::File::create(m.path.join("q2/shrink")).unwrap();
     let _ = f.write_all(&vec![7u8; 2 << 20]);

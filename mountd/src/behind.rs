@@ -340,7 +340,11 @@ impl Open {
         while let Some(s) = b.before_send(start, end) {
             self.reap(rt, b, s);
         }
-        if let Some(e) = b.error() {
+        // After a failure nothing more goes, but for a run inside the file after a quota or
+        // space failure: it grows nothing, so it cannot be refused for room.
+        if let Some(e) = b.error()
+            && !(space_error(e) && end <= self.h.size())
+        {
             return Err(e);
         }
         b.max_inflight = if vol.quota_known() { 1 } else { INFLIGHT };

@@ -220,7 +220,9 @@ pub fn run(
             _ => break,
         }
     }
-    if ours.is_none() || mount_id_at(&mountpoint_abs) != ours {
+    // Gone already if the kernel ended the session (mount ids are reused at once, so the
+    // id alone could name a newer mount at the path).
+    if session.guard.is_finished() || ours.is_none() || mount_id_at(&mountpoint_abs) != ours {
         tracing::info!(mountpoint = %mountpoint.display(), "not mounted here any more; stopping without unmounting");
     } else {
         tracing::info!(mountpoint = %mountpoint.display(), "unmounting");
