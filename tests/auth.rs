@@ -1320,23 +1320,11 @@ async fn each_role_reaches_what_it_may_and_nothing_else() {
 async fn a_mount_with_a_client_credential_serves_its_volume_until_revoked() {
     use common::mount::Mount;
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("cluster.key");
-    std::fs::write(&key, "bW91bnQtY3JlZGVudGlhbC10ZXN0LWtleS0xMg==\n").unwrap();
+    let (node, key, admin) =
+        must_keyed_node(dir.path(), "bW91bnQtY3JlZGVudGlhbC10ZXN0LWtleS0xMg==\n");
     let d = dir.path().join("n");
-    let node = Brickd::start(
-        &brickd_bin(),
-        &d,
-        &[d.join("b0"), d.join("b1")],
-        &["--meta", "--cluster-key-file", key.to_str().unwrap()],
-    )
-    .unwrap();
     let at = node.addr().to_string();
     let k = key.to_str().unwrap();
-    must_ok(&["--credential-file", k, "cluster", "init", &at]);
-    let admin_text = must_ok(&["--credential-file", k, "cluster", "credential", "admin"]);
-    assert!(admin_text.starts_with("brickfs-admin-1:"), "{admin_text}");
-    let admin = dir.path().join("admin.cred");
-    std::fs::write(&admin, &admin_text).unwrap();
     let a = admin.to_str().unwrap();
     let as_admin = |args: &[&str]| {
         let mut v = vec!["--credential-file", a, "--meta", at.as_str()];

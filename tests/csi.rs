@@ -1336,25 +1336,10 @@ async fn a_keyed_cluster_gives_each_node_a_client_credential() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let _mounts = Mounts(dir.path().to_path_buf());
-    let key = dir.path().join("cluster.key");
-    std::fs::write(&key, "Y3NpLWRyaXZlci10ZXN0LWtleS0xMjM0NTY3OA==\n").unwrap();
-    let d = dir.path().join("n");
-    let node = brickfs_testkit::Brickd::start(
-        &brickd_bin(),
-        &d,
-        &[d.join("b0"), d.join("b1")],
-        &["--meta", "--cluster-key-file", key.to_str().unwrap()],
-    )
-    .unwrap();
+    let (node, key, admin) =
+        must_keyed_node(dir.path(), "Y3NpLWRyaXZlci10ZXN0LWtleS0xMjM0NTY3OA==\n");
     let at = node.addr().to_string();
     let k = key.to_str().unwrap();
-    must_ok(&["--credential-file", k, "cluster", "init", &at]);
-    let admin = dir.path().join("admin.cred");
-    std::fs::write(
-        &admin,
-        must_ok(&["--credential-file", k, "cluster", "credential", "admin"]),
-    )
-    .unwrap();
     let a = admin.to_str().unwrap();
     must_ok(&["--credential-file", a, "--meta", &at, "peer", "add", &at]);
     let ca = dir.path().join("ca.pem");

@@ -344,3 +344,30 @@ pub async fn must_read_object(
         out.extend_from_slice(&bytes);
     }
 }
+
+/// A keyed single-node cluster with the metadata group and two bricks under `dir/n`,
+/// initialised: the node, its key file and an admin credential file (`dir/admin.cred`).
+#[allow(dead_code)]
+pub fn must_keyed_node(
+    dir: &std::path::Path,
+    key_text: &str,
+) -> (Brickd, std::path::PathBuf, std::path::PathBuf) {
+    let key = dir.join("cluster.key");
+    std::fs::write(&key, key_text).unwrap();
+    let d = dir.join("n");
+    let node = Brickd::start(
+        &brickd_bin(),
+        &d,
+        &[d.join("b0"), d.join("b1")],
+        &["--meta", "--cluster-key-file", key.to_str().unwrap()],
+    )
+    .unwrap();
+    let at = node.addr().to_string();
+    let k = key.to_str().unwrap();
+    must_ok(&["--credential-file", k, "cluster", "init", &at]);
+    let admin_text = must_ok(&["--credential-file", k, "cluster", "credential", "admin"]);
+    assert!(admin_text.starts_with("brickfs-admin-1:"), "{admin_text}");
+    let admin = dir.join("admin.cred");
+    std::fs::write(&admin, &admin_text).unwrap();
+    (node, key, admin)
+}

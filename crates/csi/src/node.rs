@@ -96,14 +96,6 @@ fn required<'a>(v: &'a str, what: &str) -> Result<&'a str, Status> {
     }
 }
 
-/// The directory of the volume a publish of `r` shows.
-fn claim_root(r: &VolumeRef) -> String {
-    match r {
-        VolumeRef::Whole { .. } => "/".to_string(),
-        VolumeRef::Dir { dir, .. } => format!("/{dir}"),
-    }
-}
-
 fn volume_ref(id: &str) -> Result<VolumeRef, Status> {
     VolumeRef::parse(id).ok_or_else(|| Status::not_found(format!("no volume {id}")))
 }
@@ -437,10 +429,7 @@ impl NodeService {
 
     /// NOT_FOUND unless `path` is a staged or published mount of the claim `r`.
     fn must_be_mount_of(&self, r: &VolumeRef, path: &Path) -> Result<(), Status> {
-        let root = match r {
-            VolumeRef::Whole { .. } => "/".to_string(),
-            VolumeRef::Dir { dir, .. } => format!("/{dir}"),
-        };
+        let root = r.quota_path();
         match mount_at(path) {
             Some(m)
                 if m.fs_type == "fuse.brickfs"
@@ -618,10 +607,7 @@ impl pb::node_server::Node for NodeService {
             || req.readonly
             || flags_ro;
         let r = volume_ref(id)?;
-        let root = match &r {
-            VolumeRef::Whole { .. } => "/".to_string(),
-            VolumeRef::Dir { dir, .. } => format!("/{dir}"),
-        };
+        let root = r.quota_path();
         check_path(&staging, "staging_target_path")?;
         check_path(&target, "target_path")?;
         if target.starts_with(&staging) || staging.starts_with(&target) {
@@ -757,7 +743,7 @@ impl pb::node_server::Node for NodeService {
         if let Some(m) = mount_at(&target) {
             if m.fs_type != "fuse.brickfs"
                 || m.source != staged_source(r.volume())
-                || m.root != claim_root(&r)
+                || m.root != r.quota_path()
             {
                 return Err(Status::failed_precondition(format!(
                     "{} is a mount of {}{} ({}), not of {}: left alone",

@@ -55,7 +55,8 @@ impl VolumeRef {
         }
     }
 
-    /// The path in the volume whose quota is the claim's capacity.
+    /// The path in the volume whose quota is the claim's capacity: also the directory a
+    /// publish of the claim shows (mountinfo's root field).
     pub fn quota_path(&self) -> String {
         match self {
             VolumeRef::Whole { .. } => "/".to_string(),
@@ -64,17 +65,10 @@ impl VolumeRef {
     }
 }
 
-/// The same rule as the metadata group's for volume names (letters, digits, `.`, `_`, `-`,
-/// starting with a letter or digit, at most 128 bytes); directory names of claims follow it too.
+/// The metadata group's rule for volume names (`check_volume_name`); claim directories
+/// follow it too.
 pub fn brickfs_meta_name_ok(name: &str) -> bool {
-    name.len() <= 128
-        && name
-            .bytes()
-            .next()
-            .is_some_and(|b| b.is_ascii_alphanumeric())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    brickfs_meta::sm::check_volume_name(name).is_ok()
 }
 
 /// The brickfs name of a claim the CO calls `csi_name`: the name itself when it is a valid
