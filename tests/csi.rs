@@ -1221,9 +1221,31 @@ async fn staged_mounts_outlive_a_killed_plugin() {
         .open(target.join("log"))
         .unwrap();
     f.write_all(b"before\n").unwrap();
+    // And another writes a file larger than every buffer and frame (40 MiB against 8 MiB
+    // write-behind runs and 16 MiB frames), across the kill.
+    let big = target.join("big");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let writer = std::thread::spawn(move || {
+        let mut g = std::fs::File::create(&big).unwrap();
+        for i in 0..40u64 {
+            g.write_all(&pattern(9, i << 20, 1 << 20)).unwrap();
+            if i == 8 {
+                tx.send(()).unwrap();
+            }
+        }
+        g.sync_all().unwrap();
+    });
+    rx.recv_timeout(Duration::from_secs(60)).unwrap();
     drop(n);
     drop(ctl);
-    p.kill(); // SIGKILL
+    p.kill(); // SIGKILL, the big write half done
+    writer.join().unwrap();
+    let back = std::fs::read(target.join("big")).unwrap();
+    assert_eq!(back.len(), 40 << 20);
+    assert!(
+        back.as_slice() == &pattern(9, 0, 40 << 20)[..],
+        "the big file's bytes differ"
+    );
     f.write_all(b"while the plugin is gone\n").unwrap();
     f.sync_all().unwrap();
     std::fs::write(target.join("new"), b"made while the plugin is gone").unwrap();
