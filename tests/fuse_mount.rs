@@ -1516,7 +1516,12 @@ async fn a_mountd_serves_its_own_mounts_until_the_last_goes() {
         None::<&str>,
     )
     .unwrap();
-    nix::mount::umount2(&p, nix::mount::MntFlags::empty()).unwrap();
+    // The kernel may hold the mount busy a moment after the write's close (its release
+    // is asynchronous): bounded retries.
+    must_wait_for("p to unmount", Duration::from_secs(20), || async {
+        nix::mount::umount2(&p, nix::mount::MntFlags::empty()).ok()
+    })
+    .await;
     // The bind at q still reaches the filesystem: the daemon keeps serving it.
     for _ in 0..3 {
         assert_eq!(std::fs::read(q.join("f")).unwrap(), b"kept");
@@ -1524,7 +1529,10 @@ async fn a_mountd_serves_its_own_mounts_until_the_last_goes() {
     assert!(first.child.as_mut().unwrap().try_wait().unwrap().is_none());
     // A second mount at p, by another daemon.
     let second = Mount::start(&source, &p).await;
-    nix::mount::umount2(&q, nix::mount::MntFlags::empty()).unwrap();
+    must_wait_for("q to unmount", Duration::from_secs(20), || async {
+        nix::mount::umount2(&q, nix::mount::MntFlags::empty()).ok()
+    })
+    .await;
     let pid = first.child.as_ref().unwrap().id() as i32;
     must_wait_for(
         "the first mountd to exit",
