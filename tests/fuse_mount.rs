@@ -1508,6 +1508,16 @@ async fn a_mountd_serves_its_own_mounts_until_the_last_goes() {
     let mut first = Mount::start(&source, &p).await;
     std::fs::write(p.join("f"), b"kept").unwrap();
     std::fs::create_dir_all(&q).unwrap();
+    // The bind is undone on failure too.
+    struct Unbind(PathBuf);
+    impl Drop for Unbind {
+        fn drop(&mut self) {
+            if is_mounted(&self.0) {
+                let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+    let _unbind = Unbind(q.clone());
     nix::mount::mount(
         Some(&p),
         &q,
