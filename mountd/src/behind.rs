@@ -175,6 +175,9 @@ pub struct Open {
     stripe_bytes: u64,
     /// Whether a read through this handle already considered updating atime (relatime).
     pub atime_checked: std::sync::atomic::AtomicBool,
+    /// Whether the keeper was told this handle has writes that are not durable (see
+    /// `journal`); held while a write is taken in.
+    pub noted_dirty: Mutex<bool>,
 }
 
 impl Open {
@@ -186,6 +189,7 @@ impl Open {
             write_through,
             stripe_bytes: stripe_bytes.max(1),
             atime_checked: std::sync::atomic::AtomicBool::new(false),
+            noted_dirty: Mutex::new(false),
         }
     }
 

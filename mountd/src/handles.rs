@@ -3,6 +3,7 @@
 //! its size and mtime.
 
 use crate::behind::Open;
+use crate::journal::{Journal, Note};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,14 +12,18 @@ use std::sync::{Arc, Mutex};
 pub struct Handles {
     map: Mutex<HashMap<u64, Arc<Open>>>,
     next: AtomicU64,
+    /// Every id handed out lies below this, as noted to the keeper (a later worker starts
+    /// here, so that no id the kernel still holds is handed out again).
+    below: AtomicU64,
+    journal: Arc<Journal>,
 }
+
+/// Handle ids noted to the keeper at a time.
+const FH_BLOCK: u64 = 1 << 12;
 
 impl Default for Handles {
     fn default() -> Self {
-        Handles {
-            map: Mutex::new(HashMap::new()),
-            next: AtomicU64::new(1),
-        }
+        Handles::new(Arc::new(Journal::new(None)))
     }
 }
 
@@ -36,9 +41,49 @@ impl Handles {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    pub fn new(journal: Arc<Journal>) -> Handles {
+        Handles {
+            map: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(1),
+            below: AtomicU64::new(0),
+            journal,
+        }
+    }
+
+    /// Ids start at `first` (what an earlier worker noted as its bound).
+    pub fn start_at(&self, first: u64) {
+        self.next.fetch_max(first.max(1), Ordering::SeqCst);
+    }
+
     /// A fresh handle number (files and directories).
     pub fn next_id(&self) -> u64 {
-        self.next.fetch_add(1, Ordering::Relaxed)
+        let id = self.next.fetch_add(1, Ordering::SeqCst);
+        if id >= self.below.load(Ordering::SeqCst) {
+            // Noted before the bound moves: an id below a bound read here was noted.
+            let bound = id + FH_BLOCK;
+            self.journal.note(&Note::FhBelow(bound));
+            self.below.fetch_max(bound, Ordering::SeqCst);
+        }
+        id
+    }
+
+    /// Takes a handle an earlier worker opened, under its id.
+    pub fn insert_at(&self, fh: u64, open: Open) {
+        self.lock().insert(fh, Arc::new(open));
+    }
+
+    /// Every open handle.
+    pub fn all(&self) -> Vec<(u64, Arc<Open>)> {
+        self.lock().iter().map(|(&fh, o)| (fh, o.clone())).collect()
+    }
+
+    /// The open handles of `ino`, with their ids.
+    pub fn of_ino_fh(&self, ino: u64) -> Vec<(u64, Arc<Open>)> {
+        self.lock()
+            .iter()
+            .filter(|(_, o)| o.h.attr.ino.0 == ino)
+            .map(|(&fh, o)| (fh, o.clone()))
+            .collect()
     }
 
     /// Adds an open file; its handle number.

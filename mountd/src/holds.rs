@@ -80,6 +80,15 @@ impl Holds {
     }
 
     /// Up to `max` releases to send (the caller holds `gate` until they are applied).
+    /// A file held by the session with no descriptor here (an earlier worker's release that
+    /// never went out): released in the next batch.
+    pub fn release_later(&self, ino: u64) {
+        let mut g = self.lock();
+        if !g.open.contains_key(&ino) {
+            g.closing.insert(ino);
+        }
+    }
+
     pub fn take_closing(&self, max: usize) -> Vec<u64> {
         let mut g = self.lock();
         let take: Vec<u64> = g.closing.iter().take(max).copied().collect();

@@ -17,11 +17,15 @@ mod convert;
 mod dirs;
 mod handles;
 mod holds;
+pub mod journal;
+pub mod keeper;
 mod locks;
 mod mount;
 mod readahead;
 
-pub use mount::{Options, READAHEAD_KB, Source, is_mounted, run};
+use journal::{Carried, Journal, Note};
+pub use keeper::{Launch, keep, socket_path};
+pub use mount::{Options, READAHEAD_KB, Source, is_mounted, kernel_resends, worker_main};
 
 use behind::Open;
 use brickfs_client::{FileHandle, MetaClient, VolumeClient, VolumeError};
@@ -99,6 +103,11 @@ pub struct BrickFs {
     fuse: Arc<OpMetrics>,
     /// Files known lately to have no `security.capability`.
     no_caps: NoCaps,
+    /// Notes to the keeper (see `journal`).
+    journal: Arc<Journal>,
+    /// Handles whose acknowledged writes a dead worker may have lost: their next fsync or
+    /// flush fails with EIO (once).
+    lost: Mutex<std::collections::HashSet<u64>>,
 }
 
 /// The xattr the kernel reads before every write to a file (to drop file capabilities).
@@ -162,11 +171,15 @@ macro_rules! or_reply {
 }
 
 impl BrickFs {
-    pub fn new(rt: tokio::runtime::Handle, vol: Arc<VolumeClient>) -> BrickFs {
+    pub fn new(
+        rt: tokio::runtime::Handle,
+        vol: Arc<VolumeClient>,
+        journal: Arc<Journal>,
+    ) -> BrickFs {
         BrickFs {
             rt,
             vol,
-            handles: Arc::new(Handles::default()),
+            handles: Arc::new(Handles::new(journal.clone())),
             readahead: Arc::new(Mutex::new(HashMap::new())),
             ra_epoch: Arc::new(AtomicU64::new(0)),
             locked: Mutex::new(std::collections::HashSet::new()),
@@ -176,6 +189,90 @@ impl BrickFs {
             notifier: Arc::new(std::sync::OnceLock::new()),
             fuse: Arc::new(OpMetrics::default()),
             no_caps: NoCaps::default(),
+            journal,
+            lost: Mutex::new(std::collections::HashSet::new()),
+        }
+    }
+
+    /// Takes over what an earlier worker of this mount left: its handles (attributes read
+    /// again), the files held open in the metadata group and those with POSIX locks. The
+    /// session itself was adopted by the metadata client.
+    pub fn adopt(&self, c: &Carried) {
+        self.handles.start_at(c.fh_below);
+        for (&fh, h) in &c.handles {
+            match self.getattr_ino(h.ino) {
+                Ok(attr) => {
+                    let sync = h.flags & (libc::O_SYNC | libc::O_DSYNC) != 0;
+                    let stripe = self.vol.stripe_bytes(&attr);
+                    self.handles
+                        .insert_at(fh, Open::new(FileHandle::new(attr), sync, stripe));
+                    self.holds.open(h.ino);
+                    if h.lost {
+                        self.lost_lock().insert(fh);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(fh, ino = h.ino, errno = ?e, "an open file of the last worker is gone: its descriptor answers EBADF");
+                    self.journal.note(&Note::Closed { fh });
+                }
+            }
+        }
+        for ino in c.unheld() {
+            self.holds.release_later(ino);
+        }
+        self.locked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(c.locked.iter().copied());
+        let lost = self.lost_lock().len();
+        tracing::info!(
+            handles = c.handles.len(),
+            lost,
+            "took over the last worker's open files"
+        );
+    }
+
+    fn lost_lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<u64>> {
+        self.lost.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A dead worker's lost writes, reported once to `fh`'s fsync or flush; `any_of`: also
+    /// when another handle of that file lost them (an fsync covers every handle's writes).
+    fn take_lost(&self, fh: u64, any_of: Option<u64>) -> Result<(), Errno> {
+        let mut lost = self.lost_lock();
+        if lost.remove(&fh) {
+            drop(lost);
+            self.journal.note(&Note::Reported { fh });
+            return Err(Errno::EIO);
+        }
+        if let Some(ino) = any_of
+            && lost.iter().any(|&l| self.handles.is_of(l, ino))
+        {
+            return Err(Errno::EIO);
+        }
+        Ok(())
+    }
+
+    /// Notes handles of `ino` whose writes are all durable and committed now.
+    fn note_clean(&self, ino: u64) {
+        for (fh, o) in self.handles.of_ino_fh(ino) {
+            let mut noted = o.noted_dirty.lock().unwrap_or_else(|p| p.into_inner());
+            if *noted && !o.pending_or_dirty() {
+                self.journal.note(&Note::Clean { fh });
+                *noted = false;
+            }
+        }
+    }
+
+    /// What a hand-over needs after the readers stopped.
+    pub fn quiescer(&self) -> Quiesce {
+        Quiesce {
+            rt: self.rt.clone(),
+            vol: self.vol.clone(),
+            handles: self.handles.clone(),
+            holds: self.holds.clone(),
+            waiters: self.waiters.clone(),
+            journal: self.journal.clone(),
         }
     }
 
@@ -331,8 +428,12 @@ impl BrickFs {
     fn open_handle(&self, attr: Attr, flags: i32) -> u64 {
         let sync = flags & (libc::O_SYNC | libc::O_DSYNC) != 0;
         let stripe = self.vol.stripe_bytes(&attr);
-        self.handles
-            .insert(Open::new(FileHandle::new(attr), sync, stripe))
+        let ino = attr.ino.0;
+        let fh = self
+            .handles
+            .insert(Open::new(FileHandle::new(attr), sync, stripe));
+        self.journal.note(&Note::Opened { fh, ino, flags });
+        fh
     }
 
     /// The open handles of `ino` on this mount.
@@ -882,7 +983,17 @@ impl Filesystem for BrickFs {
         };
         // Accepted first, then the windows go (see `read`): a read that loaded the epoch
         // before this write either finds the bytes in the drain or loses its window.
-        let r = o.write(&self.rt, &self.vol, offset, data);
+        // Noted dirty before the write is acknowledged (a worker dying after the answer must
+        // not leave the loss untold); held while the write is taken in, so that a concurrent
+        // `note_clean` cannot see the handle clean in between.
+        let r = {
+            let mut noted = o.noted_dirty.lock().unwrap_or_else(|p| p.into_inner());
+            if !*noted {
+                self.journal.note(&Note::Dirty { fh: fh.0 });
+                *noted = true;
+            }
+            o.write(&self.rt, &self.vol, offset, data)
+        };
         self.drop_readahead(ino);
         match r {
             Ok(()) => reply.written(data.len() as u32),
@@ -903,7 +1014,11 @@ impl Filesystem for BrickFs {
         // closes, before its locks go, so the next holder of a lock sees them.
         let published = self
             .handle(fh.0)
-            .and_then(|o| o.publish(&self.rt, &self.vol, behind::Tell::Owner));
+            .and_then(|o| o.publish(&self.rt, &self.vol, behind::Tell::Owner))
+            .and_then(|()| {
+                self.note_clean(ino.0);
+                self.take_lost(fh.0, None)
+            });
         // A close drops the closing process's POSIX locks on the file (fcntl(2)), whatever
         // became of its writes.
         if self
@@ -939,6 +1054,10 @@ impl Filesystem for BrickFs {
     ) {
         let _op = self.fuse_op("release");
         let h = self.handles.remove(fh.0);
+        if h.is_some() {
+            self.journal.note(&Note::Closed { fh: fh.0 });
+        }
+        self.lost_lock().remove(&fh.0);
         self.readahead
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -987,7 +1106,11 @@ impl Filesystem for BrickFs {
             .block_on(self.vol.fsync(&o.h))
             .map_err(|e| errno_of(&e));
         let committed = self.publish_ino(o.h.attr.ino.0, Some(&o));
-        match drained.and(synced).and(committed) {
+        if committed.is_ok() {
+            self.note_clean(o.h.attr.ino.0);
+        }
+        let lost = self.take_lost(fh.0, Some(o.h.attr.ino.0));
+        match drained.and(synced).and(committed).and(lost) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
@@ -1221,8 +1344,11 @@ impl Filesystem for BrickFs {
         let spec = or_reply!(lock_spec(lock_owner.0, pid, start, end, typ), reply);
         // Whoever takes the lock next, on any mount, sees what was written under it: the
         // file's writes, size and mtime are published before any lock changes.
-        if let Err(e) = self.publish_ino(ino.0, None) {
-            tracing::debug!(ino = ino.0, errno = ?e, "publishing before a lock change failed");
+        match self.publish_ino(ino.0, None) {
+            Ok(()) => self.note_clean(ino.0),
+            Err(e) => {
+                tracing::debug!(ino = ino.0, errno = ?e, "publishing before a lock change failed")
+            }
         }
         if spec.kind == LockKind::Unlock {
             return match self.lock_once(ino.0, spec) {
@@ -1230,10 +1356,14 @@ impl Filesystem for BrickFs {
                 Err(e) => reply.error(e),
             };
         }
-        self.locked
+        if self
+            .locked
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(ino.0);
+            .insert(ino.0)
+        {
+            self.journal.note(&Note::Locked { ino: ino.0 });
+        }
         match self.lock_once(ino.0, spec.clone()) {
             Ok(()) => {
                 self.forget_cached(ino.0);
@@ -1466,6 +1596,42 @@ impl BrickFs {
             lock: spec,
         })
         .map(|_| ())
+    }
+}
+
+/// A hand-over's last steps, once the readers stopped: lock waits are abandoned (the kernel
+/// sends them to the next worker; on kernels that cannot, they are interrupted), every
+/// handle's writes made durable and committed, and the holds of closed files released.
+pub struct Quiesce {
+    rt: tokio::runtime::Handle,
+    vol: Arc<VolumeClient>,
+    handles: Arc<Handles>,
+    holds: Arc<holds::Holds>,
+    waiters: Arc<locks::Waiters>,
+    journal: Arc<Journal>,
+}
+
+impl Quiesce {
+    pub fn run(&self, kernel_resends: bool) {
+        if !kernel_resends {
+            self.waiters.interrupt_all();
+        }
+        for (fh, o) in self.handles.all() {
+            match o.publish(&self.rt, &self.vol, behind::Tell::Quiet) {
+                Ok(()) => {
+                    let mut noted = o.noted_dirty.lock().unwrap_or_else(|p| p.into_inner());
+                    if *noted && !o.pending_or_dirty() {
+                        self.journal.note(&Note::Clean { fh });
+                        *noted = false;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(fh, errno = ?e, "a handle's writes could not be made durable before the hand-over: its next fsync or close fails")
+                }
+            }
+        }
+        self.rt
+            .block_on(mount::flush_holds(&self.holds, &self.vol, &self.journal));
     }
 }
 

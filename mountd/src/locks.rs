@@ -53,6 +53,13 @@ impl Waiters {
     }
 
     /// The kernel interrupts request `unique`.
+    /// Interrupts every wait (EINTR to each).
+    pub fn interrupt_all(&self) {
+        for n in self.lock().waiting.values() {
+            n.notify_one();
+        }
+    }
+
     pub fn interrupt(&self, unique: u64) {
         let mut g = self.lock();
         match g.waiting.get(&unique) {

@@ -1,12 +1,15 @@
-//! The mount itself: the source and options, mount(2) of a `fuse.brickfs` filesystem over
-//! /dev/fuse, the FUSE session, the session keepalive, the batched release of open-file
-//! holds, and the unmount.
+//! The mount's serving side (the worker, see `keeper`): the source and options, the FUSE
+//! session on the keeper's /dev/fuse descriptor, the session keepalive, the batched release
+//! of open-file holds, the hand-over's quiesce, and the unmount.
 
+use crate::journal::{Carried, Journal, Note};
 use crate::{BrickFs, holds};
 use brickfs_client::{MetaClient, MetaClientOptions, VolumeClient};
 use brickfs_proto::Ino;
 use brickfs_proto::meta::MetaOp;
+use std::os::fd::AsFd;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// What to mount: `HOST:PORT[,HOST:PORT...]/VOLUME`.
@@ -39,7 +42,7 @@ impl Source {
 }
 
 /// How a mount behaves.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Options {
     /// FUSE dispatch threads.
     pub threads: usize,
@@ -80,13 +83,40 @@ fn set_readahead(mountpoint: &Path, kb: u64) {
     }
 }
 
-/// Mounts `source` at `mountpoint` and serves it until the mount goes away or `stop` fires.
-pub fn run(
+/// Why a worker stops serving.
+pub enum Stop {
+    /// SIGTERM or Ctrl-C: unmount (this mount only) and exit.
+    Term,
+    /// A new mountd takes the mount over: quiesce and exit with `keeper::HANDED_OVER`.
+    HandOver,
+}
+
+/// Whether this kernel sends requests again when asked (FUSE_NOTIFY_RESEND, Linux 6.9).
+pub fn kernel_resends() -> bool {
+    let Ok(u) = nix::sys::utsname::uname() else {
+        return false;
+    };
+    let release = u.release().to_string_lossy().into_owned();
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse::<u32>().ok());
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (6, 9)
+}
+
+/// Serves the mount whose /dev/fuse descriptor is `dev` (a worker, under its keeper) until
+/// the kernel ends the session or `stop` says otherwise. `carried` is what an earlier worker
+/// of the same connection left (none on a new mount: this worker answers FUSE INIT). The
+/// exit code.
+pub fn serve(
     source: Source,
     mountpoint: &Path,
     opts: &Options,
-    stop: std::sync::mpsc::Receiver<()>,
-) -> anyhow::Result<()> {
+    dev: std::os::fd::OwnedFd,
+    journal: Arc<Journal>,
+    carried: Option<Carried>,
+    stop: std::sync::mpsc::Receiver<Stop>,
+) -> anyhow::Result<i32> {
     // The lines this function logs carry the volume (FUSE worker threads log `ino`).
     let _span = tracing::info_span!("mountd", volume = %source.volume).entered();
     let (threads, lease) = (opts.threads, opts.lease);
@@ -104,6 +134,19 @@ pub fn run(
             ..MetaClientOptions::default()
         },
     );
+    // The session continues across workers: its locks and holds are this mount's.
+    if let Some((id, seq)) = carried.as_ref().and_then(|c| c.session) {
+        meta.adopt_session(brickfs_proto::meta::SessionId(id), seq);
+    }
+    {
+        let j = journal.clone();
+        meta.set_session_journal(Arc::new(move |id, below| {
+            j.note(&Note::Session {
+                id: id.0,
+                seq_below: below,
+            })
+        }));
+    }
     let bricks = brickfs_client::BrickClient::new(brickfs_proto::rpc::ClientOptions {
         peer_name: "mountd".into(),
         request_timeout: opts.timeout,
@@ -126,8 +169,12 @@ pub fn run(
         let _guard = rt.enter();
         vol.meta().spawn_keepalive(lease / 3)
     };
-    let fs = BrickFs::new(rt.handle().clone(), vol.clone());
+    let fs = BrickFs::new(rt.handle().clone(), vol.clone(), journal.clone());
+    if let Some(c) = &carried {
+        fs.adopt(c);
+    }
     let notifier = fs.notifier.clone();
+    let quiesce = fs.quiescer();
     if let Some(at) = opts.metrics_listen {
         let l = rt
             .block_on(tokio::net::TcpListener::bind(at))
@@ -149,53 +196,46 @@ pub fn run(
     // Releases of open-file holds go out in batches (see `holds`).
     let holds = fs.holds.clone();
     let flusher = {
-        let (holds, vol) = (holds.clone(), vol.clone());
+        let (holds, vol, journal) = (holds.clone(), vol.clone(), journal.clone());
         rt.spawn(async move {
             loop {
                 tokio::time::sleep(HOLD_FLUSH_EVERY).await;
-                flush_holds(&holds, &vol).await;
+                flush_holds(&holds, &vol, &journal).await;
             }
         })
     };
     let mut config = fuser::Config::default();
     config.acl = fuser::SessionACL::All;
     config.n_threads = Some(threads.max(1));
-    // Mount through mount(2) ourselves, so that the mount shows as type `fuse.brickfs` with
-    // source `brickfs:VOLUME` (fuser would mount it as plain `fuse`).
-    let dev = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/fuse")
-        .map_err(|e| anyhow::anyhow!("open /dev/fuse: {e} (is the fuse module loaded?)"))?;
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&dev);
-    let data =
-        format!("fd={fd},rootmode=40000,user_id=0,group_id=0,default_permissions,allow_other");
-    nix::mount::mount(
-        Some(format!("brickfs:{}", source.volume).as_str()),
-        mountpoint,
-        Some("fuse.brickfs"),
-        nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
-        Some(data.as_str()),
-    )
-    .map_err(|e| anyhow::anyhow!("mount {}: {e}", mountpoint.display()))?;
-    let session = fuser::Session::from_fd(
-        fs,
-        std::os::fd::OwnedFd::from(dev),
-        fuser::SessionACL::All,
-        config,
-    )
-    .and_then(|s| {
-        let _ = notifier.set(s.notifier());
-        s.spawn()
-    });
-    let session = match session {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
-            anyhow::bail!("serve {}: {e}", mountpoint.display());
+    let resumed = carried.is_some();
+    let session = if resumed {
+        nonblocking(dev.as_fd())?;
+        let s = fuser::Session::from_initialized_fd(fs, dev, fuser::SessionACL::All, config);
+        // What the dead or quiesced worker took and did not answer comes again (before this
+        // one reads, or it would come twice).
+        match s.notifier().resend() {
+            Ok(()) => tracing::info!("asked the kernel to send again what was in flight"),
+            Err(e) => {
+                tracing::warn!(error = %e, "this kernel cannot send requests again (Linux 6.9 and later can): requests the last worker took unanswered stay unanswered")
+            }
         }
+        Ok(s)
+    } else {
+        fuser::Session::from_fd(fs, dev, fuser::SessionACL::All, config).and_then(|s| {
+            nonblocking(s.as_fd())?;
+            Ok(s)
+        })
     };
-    if opts.readahead_kb > 0 {
+    let session = session.and_then(|s| {
+        let _ = notifier.set(s.notifier());
+        let flag = s.stop_flag();
+        s.spawn().map(|b| (b, flag))
+    });
+    let (session, readers_stop) = match session {
+        Ok(s) => s,
+        Err(e) => anyhow::bail!("serve {}: {e}", mountpoint.display()),
+    };
+    if opts.readahead_kb > 0 && !resumed {
         set_readahead(mountpoint, opts.readahead_kb);
     }
     // This mount's id in the mount table: once it is unmounted another mount may come at the
@@ -203,7 +243,8 @@ pub fn run(
     // not this daemon's to unmount.
     let mountpoint_abs = std::path::absolute(mountpoint).unwrap_or(mountpoint.to_path_buf());
     let ours = mount_id_at(&mountpoint_abs);
-    tracing::info!(mountpoint = %mountpoint.display(), volume = %source.volume, "mounted");
+    journal.note(&Note::Serving);
+    tracing::info!(mountpoint = %mountpoint.display(), volume = %source.volume, resumed, "mounted");
     // Serve until told to stop, or until the kernel ends the session: every mount of this
     // filesystem is gone (unmounted here, bind mounts elsewhere too, lazily unmounted ones
     // once their last open file closes).
@@ -214,8 +255,23 @@ pub fn run(
                 tracing::info!(mountpoint = %mountpoint.display(), "every mount of it is gone; exiting");
                 drop(session);
                 flusher.abort();
-                rt.block_on(flush_holds(&holds, &vol));
-                return Ok(());
+                rt.block_on(flush_holds(&holds, &vol, &journal));
+                return Ok(0);
+            }
+            Ok(Stop::HandOver) => {
+                tracing::info!("handing the mount over: no more requests taken here");
+                readers_stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                // Each reader finishes the request it dispatches.
+                if session.join().is_err() {
+                    tracing::warn!("a reader ended badly while stopping");
+                }
+                flusher.abort();
+                quiesce.run(kernel_resends());
+                journal.note(&Note::Quiesced);
+                tracing::info!("quiesced; the new mountd serves on");
+                // Exit at once: dropping the runtime would answer the lock waits it holds
+                // (EIO); unanswered, the kernel sends them to the next worker.
+                std::process::exit(crate::keeper::HANDED_OVER);
             }
             _ => break,
         }
@@ -239,7 +295,124 @@ pub fn run(
     }
     drop(session);
     flusher.abort();
-    rt.block_on(flush_holds(&holds, &vol));
+    rt.block_on(flush_holds(&holds, &vol, &journal));
+    Ok(0)
+}
+
+/// `mountd --serve DEV SOCK`: a worker, started by its keeper with the mount's /dev/fuse
+/// descriptor and its end of the notes socket. The exit code.
+pub fn worker_main(dev: std::os::fd::RawFd, sock: std::os::fd::RawFd) -> i32 {
+    use std::io::BufRead;
+    // A worker dies with its keeper (which holds the mount): no worker serves on alone.
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL) {
+        tracing::warn!(error = %e, "cannot tie the worker to its keeper");
+    }
+    let (dev, sock) = (
+        crate::keeper::owned(dev),
+        std::os::unix::net::UnixStream::from(crate::keeper::owned(sock)),
+    );
+    let mut orders = match sock.try_clone() {
+        Ok(s) => std::io::BufReader::new(s),
+        Err(e) => {
+            eprintln!("mountd worker: {e}");
+            return 1;
+        }
+    };
+    let mut line = String::new();
+    if orders.read_line(&mut line).unwrap_or(0) == 0 {
+        eprintln!("mountd worker: the keeper sent no config");
+        return 1;
+    }
+    let config: crate::keeper::WorkerConfig = match serde_json::from_str(&line) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mountd worker: bad config from the keeper: {e}");
+            return 1;
+        }
+    };
+    let launch = config.launch;
+    if let Err(e) = brickfs_proto::rpc::use_credential_file(launch.credential_file.as_deref())
+        .and_then(|()| brickfs_proto::tls::use_ca_file(launch.ca_file.as_deref()))
+    {
+        eprintln!("mountd: {e}");
+        return 2;
+    }
+    let source = match Source::parse(&launch.source) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("mountd: {e:#}");
+            return 2;
+        }
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            loop {
+                line.clear();
+                match orders.read_line(&mut line) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {
+                        if serde_json::from_str::<crate::keeper::Order>(&line).ok()
+                            == Some(crate::keeper::Order::HandOver)
+                        {
+                            let _ = tx.send(Stop::HandOver);
+                        }
+                    }
+                }
+            }
+        });
+    }
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(signals) => {
+            std::thread::spawn(move || {
+                signals.block_on(async {
+                    use tokio::signal::unix::{SignalKind, signal};
+                    if let Ok(mut term) = signal(SignalKind::terminate()) {
+                        tokio::select! {
+                            _ = term.recv() => {}
+                            _ = tokio::signal::ctrl_c() => {}
+                        }
+                    } else {
+                        let _ = tokio::signal::ctrl_c().await;
+                    }
+                });
+                let _ = tx.send(Stop::Term);
+            });
+        }
+        Err(e) => {
+            eprintln!("mountd worker: signal runtime: {e}");
+            return 1;
+        }
+    }
+    let journal = Arc::new(Journal::new(Some(sock)));
+    match serve(
+        source,
+        &launch.mountpoint,
+        &launch.opts,
+        dev,
+        journal,
+        config.carried,
+        rx,
+    ) {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("failed to serve the mount: {e:#}");
+            eprintln!("mountd: {e:#}");
+            1
+        }
+    }
+}
+
+/// Makes the /dev/fuse descriptor non-blocking (its readers poll; see fuser's `stop_flag`).
+fn nonblocking(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
     Ok(())
 }
 
@@ -249,7 +422,7 @@ const HOLD_FLUSH_EVERY: Duration = Duration::from_millis(500);
 const HOLD_BATCH_MAX: usize = 1024;
 
 /// Sends the releases of files closed here (see `holds`).
-async fn flush_holds(holds: &holds::Holds, vol: &VolumeClient) {
+pub(crate) async fn flush_holds(holds: &holds::Holds, vol: &VolumeClient, journal: &Journal) {
     loop {
         let _gate = holds.gate.lock().await;
         let inos = holds.take_closing(HOLD_BATCH_MAX);
@@ -261,9 +434,11 @@ async fn flush_holds(holds: &holds::Holds, vol: &VolumeClient) {
             inos: inos.iter().map(|&i| Ino(i)).collect(),
         };
         match vol.meta().write(op).await {
-            Ok(_) => {}
+            Ok(_) => journal.note(&Note::Released { inos }),
             // The session is gone, and its holds with it.
-            Err(e) if e.code() == Some(brickfs_proto::ErrorCode::SessionExpired) => {}
+            Err(e) if e.code() == Some(brickfs_proto::ErrorCode::SessionExpired) => {
+                journal.note(&Note::Released { inos })
+            }
             Err(e) => {
                 tracing::warn!(files = inos.len(), error = %e, "failed to release open files; will retry");
                 holds.retry_closing(inos);
@@ -274,7 +449,7 @@ async fn flush_holds(holds: &holds::Holds, vol: &VolumeClient) {
 }
 
 /// The id (mountinfo's first field) of the last mount at `path`, if any.
-fn mount_id_at(path: &Path) -> Option<u64> {
+pub(crate) fn mount_id_at(path: &Path) -> Option<u64> {
     let p = path.to_string_lossy().replace(' ', "\\040");
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     text.lines()
@@ -284,7 +459,7 @@ fn mount_id_at(path: &Path) -> Option<u64> {
 }
 
 /// Mount points strictly below `path`.
-fn mounts_inside(path: &Path) -> Vec<String> {
+pub(crate) fn mounts_inside(path: &Path) -> Vec<String> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     text.lines()
         .filter_map(|l| l.split(' ').nth(4))

@@ -71,6 +71,9 @@ struct Flags {
     /// Implied when called as `mount.brickfs` or `mount.fuse.brickfs` (by mount(8)).
     #[arg(long)]
     daemon: bool,
+    /// (Set by --daemon for its child: a pipe told once the mount is served.)
+    #[arg(long, hide = true)]
+    ready_fd: Option<i32>,
 }
 
 /// Where a daemonized mountd logs.
@@ -124,6 +127,7 @@ fn daemonize(flags: &Flags) -> std::process::ExitCode {
     let mountpoint = std::fs::canonicalize(&flags.mountpoint)
         .or_else(|_| std::path::absolute(&flags.mountpoint))
         .unwrap_or(flags.mountpoint.clone());
+    let was_mounted = is_mounted(&mountpoint);
     let mut cmd = std::process::Command::new(exe);
     cmd.arg(&flags.source)
         .arg(&mountpoint)
@@ -165,13 +169,42 @@ fn daemonize(flags: &Flags) -> std::process::ExitCode {
         cmd.arg("--ca-file").arg(k);
     }
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    let mut child = match cmd.spawn() {
+    // The daemon says on this pipe when it serves the mount (a new one, or one it took over
+    // from an older mountd: that one is mounted already).
+    let (ready_rd, ready_wr) = match nix::unistd::pipe() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("mountd: pipe: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    cmd.arg("--ready-fd")
+        .arg(std::os::fd::AsRawFd::as_raw_fd(&ready_wr).to_string());
+    if nix::fcntl::fcntl(
+        &ready_wr,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )
+    .is_err()
+    {
+        return std::process::ExitCode::FAILURE;
+    }
+    let spawned = cmd.spawn();
+    drop(ready_wr);
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
             eprintln!("mountd: failed to start the daemon: {e}");
             return std::process::ExitCode::FAILURE;
         }
     };
+    let ready = std::fs::File::from(ready_rd);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(ready).read_line(&mut line);
+        let _ = ready_tx.send(line.trim() == "serving");
+    });
     let Ok(rt) = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()
@@ -180,10 +213,12 @@ fn daemonize(flags: &Flags) -> std::process::ExitCode {
     };
     let mounted = rt.block_on(async {
         let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));
-        for _ in 0..600 {
+        for _ in 0..1200 {
             tick.tick().await;
-            if is_mounted(&mountpoint) {
-                return true;
+            match ready_rx.try_recv() {
+                Ok(serving) => return serving,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => return false,
+                Err(std::sync::mpsc::TryRecvError::Empty) => {}
             }
             if let Ok(Some(_)) = child.try_wait() {
                 return false;
@@ -197,8 +232,9 @@ fn daemonize(flags: &Flags) -> std::process::ExitCode {
     } else {
         let _ = child.kill();
         let _ = child.wait();
-        // A mount the killed daemon made but was not seen serving would answer nothing.
-        if is_mounted(&mountpoint) {
+        // A mount the killed daemon made but was not seen serving would answer nothing (one
+        // it was taking over from another mountd is that one's still).
+        if !was_mounted && is_mounted(&mountpoint) {
             let _ = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH);
         }
         eprintln!(
@@ -210,6 +246,19 @@ fn daemonize(flags: &Flags) -> std::process::ExitCode {
 }
 
 fn main() -> std::process::ExitCode {
+    // `mountd --serve DEV SOCK`: the worker its keeper starts (see mountd::keeper).
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--serve") {
+        brickd::telemetry::init_tracing("info", None);
+        brickd::telemetry::install_panic_hook();
+        let fd = |i: usize| args.get(i).and_then(|a| a.parse::<i32>().ok());
+        let (Some(dev), Some(sock)) = (fd(2), fd(3)) else {
+            eprintln!("mountd: --serve takes the /dev/fuse and keeper descriptors");
+            return std::process::ExitCode::from(2);
+        };
+        let code = mountd::worker_main(dev, sock);
+        return std::process::ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     let mut flags = Flags::parse();
     if let Err(e) = apply_options(&mut flags) {
         eprintln!("mountd: {e}");
@@ -226,54 +275,38 @@ fn main() -> std::process::ExitCode {
     }
     brickd::telemetry::init_tracing("info", flags.log.as_deref());
     brickd::telemetry::install_panic_hook();
-    let source = match mountd::Source::parse(&flags.source) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("mountd: {e:#}");
-            return std::process::ExitCode::from(2);
-        }
-    };
-    let (stop_tx, stop_rx) = std::sync::mpsc::channel();
-    let signals = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build();
-    let Ok(signals) = signals else {
-        eprintln!("mountd: failed to start the signal runtime");
-        return std::process::ExitCode::FAILURE;
-    };
-    std::thread::spawn(move || {
-        signals.block_on(async {
-            use tokio::signal::unix::{SignalKind, signal};
-            if let Ok(mut term) = signal(SignalKind::terminate()) {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            } else {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        });
-        let _ = stop_tx.send(());
-    });
-    let file = flags.credential_file.clone().or_else(|| {
+    if let Err(e) = mountd::Source::parse(&flags.source) {
+        eprintln!("mountd: {e:#}");
+        return std::process::ExitCode::from(2);
+    }
+    let credential_file = flags.credential_file.clone().or_else(|| {
         // The flag's older name's variable.
         std::env::var_os("BRICKFS_CLUSTER_KEY_FILE").map(Into::into)
     });
-    if let Err(e) = brickfs_proto::rpc::use_credential_file(file.as_deref())
+    // Refused here, before anything is mounted, when unreadable.
+    if let Err(e) = brickfs_proto::rpc::use_credential_file(credential_file.as_deref())
         .and_then(|()| brickfs_proto::tls::use_ca_file(flags.ca_file.as_deref()))
     {
         eprintln!("mountd: {e}");
         return std::process::ExitCode::from(2);
     }
-    let opts = mountd::Options {
-        threads: flags.threads.max(1),
-        lease: std::time::Duration::from_secs(flags.lease_secs.max(1)),
-        timeout: std::time::Duration::from_secs(flags.timeout_secs.max(1)),
-        metrics_listen: flags.metrics_listen,
-        readahead_kb: flags.readahead_kb,
+    let launch = mountd::Launch {
+        source: flags.source.clone(),
+        mountpoint: flags.mountpoint.clone(),
+        opts: mountd::Options {
+            threads: flags.threads.max(1),
+            lease: std::time::Duration::from_secs(flags.lease_secs.max(1)),
+            timeout: std::time::Duration::from_secs(flags.timeout_secs.max(1)),
+            metrics_listen: flags.metrics_listen,
+            readahead_kb: flags.readahead_kb,
+        },
+        credential_file,
+        ca_file: flags.ca_file.clone(),
+        log: flags.log.clone(),
     };
-    match mountd::run(source, &flags.mountpoint, &opts, stop_rx) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    let ready = flags.ready_fd.and_then(mountd::keeper::inherited_fd);
+    match mountd::keep(launch, ready) {
+        Ok(code) => std::process::ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {
             tracing::error!("failed to mount: {e:#}");
             eprintln!("mountd: {e:#}");

@@ -74,6 +74,8 @@ impl Default for MetaClientOptions {
 struct SessionState {
     id: SessionId,
     next_seq: u64,
+    /// Sequence numbers below this were announced to the session journal, if there is one.
+    reserved: u64,
     /// Sequence numbers sent whose answer has not arrived.
     outstanding: BTreeSet<u64>,
 }
@@ -83,7 +85,15 @@ struct State {
     leader: Option<SocketAddr>,
     next_member: usize,
     session: Option<SessionState>,
+    journal: Option<SessionJournal>,
 }
+
+/// Told, before the session uses them, the session's id and the sequence number below which
+/// every number it sends lies (`MetaClient::set_session_journal`).
+pub type SessionJournal = Arc<dyn Fn(SessionId, u64) + Send + Sync>;
+
+/// Sequence numbers announced to a session journal at a time.
+const SEQ_BLOCK: u64 = 1 << 16;
 
 /// A client of the metadata group. Cheap to clone; clones share the session.
 #[derive(Clone)]
@@ -125,6 +135,7 @@ impl MetaClient {
                 leader: None,
                 next_member: 0,
                 session: None,
+                journal: None,
             })),
             session_open: Arc::new(tokio::sync::Mutex::new(())),
         }
@@ -297,11 +308,14 @@ impl MetaClient {
         });
         match self.finish(self.call(msg).await?)? {
             MetaReply::Session(info) => {
-                self.lock().session = Some(SessionState {
+                let mut s = self.lock();
+                s.session = Some(SessionState {
                     id: info.id,
                     next_seq: 1,
+                    reserved: 1,
                     outstanding: BTreeSet::new(),
                 });
+                Self::reserve(&mut s);
                 Ok(info)
             }
             other => Err(MetaError::Rejected(ErrorBody::new(
@@ -380,6 +394,9 @@ impl MetaClient {
             st.next_seq += 1;
             st.outstanding.insert(seq);
             let acked_below = st.outstanding.first().copied().unwrap_or(seq);
+            if seq >= st.reserved {
+                Self::reserve(&mut s);
+            }
             (seq, acked_below)
         };
         let msg = Message::MetaWrite(MetaWrite {
@@ -475,5 +492,44 @@ impl MetaClient {
     /// The session id, once opened.
     pub fn session_id(&self) -> Option<SessionId> {
         self.lock().session.as_ref().map(|s| s.id)
+    }
+
+    /// Announces the next block of sequence numbers to the journal (before they are used).
+    fn reserve(s: &mut State) {
+        let Some(st) = s.session.as_mut() else { return };
+        st.reserved = st.next_seq.max(st.reserved) + SEQ_BLOCK;
+        if let Some(j) = &s.journal {
+            j(st.id, st.reserved);
+        }
+    }
+
+    /// Tells `journal` the session's id and a bound on its sequence numbers whenever the
+    /// session opens and before each block of numbers is used, so that a process taking the
+    /// session over after this one died (`adopt_session`) starts above every number this one
+    /// sent: a number sent twice would be answered from the group's reply cache.
+    pub fn set_session_journal(&self, journal: SessionJournal) {
+        let mut s = self.lock();
+        s.journal = Some(journal);
+        Self::reserve(&mut s);
+    }
+
+    /// Continues session `id`, opened by another client (a mount's earlier process), at
+    /// sequence number `next_seq`, which must lie above every number that client sent: its
+    /// locks and open-file holds stay this client's. If the session expired meanwhile, the
+    /// first write opens a new one (as after any expiry).
+    pub fn adopt_session(&self, id: SessionId, next_seq: u64) {
+        let mut s = self.lock();
+        s.session = Some(SessionState {
+            id,
+            next_seq,
+            reserved: next_seq,
+            outstanding: BTreeSet::new(),
+        });
+        Self::reserve(&mut s);
+    }
+
+    /// The session's id and the sequence number this client sends next.
+    pub fn session_position(&self) -> Option<(SessionId, u64)> {
+        self.lock().session.as_ref().map(|s| (s.id, s.next_seq))
     }
 }

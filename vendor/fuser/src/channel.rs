@@ -47,6 +47,37 @@ impl Channel {
         }
     }
 
+    /// As `receive_retrying`, but waits in poll(2) and gives up (`None`) once `stop` is set:
+    /// a stopped reader holds no request the kernel sent it. The descriptor must be
+    /// non-blocking (O_NONBLOCK): readers woken together for one request find EAGAIN and poll
+    /// again instead of blocking in read(2) past a stop.
+    pub(crate) fn receive_until(
+        &self,
+        buffer: &mut [u8],
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> nix::Result<Option<usize>> {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        loop {
+            if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                return Ok(None);
+            }
+            let mut fds = [PollFd::new(self.0.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::from(100u16)) {
+                Ok(0) | Err(Errno::EINTR) => continue,
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+            if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                return Ok(None);
+            }
+            match self.receive(buffer) {
+                Ok(size) => return Ok(Some(size)),
+                Err(Errno::ENOENT | Errno::EINTR | Errno::EAGAIN) => continue,
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
     /// Returns a sender object for this channel. The sender object can be
     /// used to send to the channel. Multiple sender objects can be used
     /// and they can safely be sent to other threads.

@@ -104,6 +104,20 @@ impl Notifier {
         self.send_inval(notify_code::FUSE_NOTIFY_DELETE, &notif)
     }
 
+    /// FUSE_NOTIFY_RESEND (Linux 6.9 and later): the kernel sends again every request it sent
+    /// that has no answer yet (a daemon that took them died or stopped), with
+    /// `FUSE_UNIQUE_RESEND` set in their ids. Older kernels refuse it (an error here).
+    /// # Errors
+    /// Returns an error if the kernel rejects the notification.
+    pub fn resend(&self) -> io::Result<()> {
+        /// The notification's code (fuse_notify_code: FUSE_NOTIFY_RESEND).
+        const FUSE_NOTIFY_RESEND: i32 = 7;
+        let mut header = [0u8; 16];
+        header[0..4].copy_from_slice(&16u32.to_ne_bytes());
+        header[4..8].copy_from_slice(&FUSE_NOTIFY_RESEND.to_ne_bytes());
+        self.0.send(&[io::IoSlice::new(&header)])
+    }
+
     #[allow(unused)]
     fn send_inval(&self, code: notify_code, notification: &Notification<'_>) -> io::Result<()> {
         match self.send(code, notification) {

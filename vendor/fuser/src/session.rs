@@ -139,6 +139,8 @@ pub struct Session<FS: Filesystem> {
     /// The field is set to `Some` when the init message is received.
     pub(crate) proto_version: Option<Version>,
     pub(crate) config: Config,
+    /// Set to stop the readers (see `stop_flag`).
+    pub(crate) stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -186,6 +188,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config: options.clone(),
+            stop: Arc::default(),
         };
 
         session.handshake()?;
@@ -214,11 +217,46 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config,
+            stop: Arc::default(),
         };
 
         session.handshake()?;
 
         Ok(session)
+    }
+
+    /// Wrap a /dev/fuse file descriptor whose connection another process already
+    /// initialised (FUSE INIT was answered there): no handshake, requests are served at once.
+    /// The descriptor is shared with that process (handed over, or inherited).
+    pub fn from_initialized_fd(
+        filesystem: FS,
+        fd: OwnedFd,
+        acl: SessionACL,
+        config: Config,
+    ) -> Self {
+        let ch = Channel::new(Arc::new(DevFuse(File::from(fd))));
+        Session {
+            filesystem: FilesystemHolder {
+                fs: Some(filesystem),
+            },
+            ch,
+            mount: UmountOnDrop {
+                mount: Arc::new(Mutex::new(None)),
+            },
+            allowed: acl,
+            session_owner: geteuid(),
+            proto_version: Some(Version(abi::FUSE_KERNEL_VERSION, abi::FUSE_KERNEL_MINOR_VERSION)),
+            config,
+            stop: Arc::default(),
+        }
+    }
+
+    /// Once set, the readers take no more requests from the kernel: each finishes the
+    /// request it is dispatching and returns, and the session's `run` ends (without
+    /// `destroy`). Requests the kernel sent after that stay queued in the kernel for whoever
+    /// reads the descriptor next. Needs a non-blocking descriptor (O_NONBLOCK).
+    pub fn stop_flag(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.stop.clone()
     }
 
     /// Run the session loop in a background thread. If the returned handle is dropped,
@@ -252,6 +290,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner,
             proto_version: _,
             config,
+            stop,
         } = self;
 
         let n_threads = config.n_threads.unwrap_or(1);
@@ -298,6 +337,7 @@ impl<FS: Filesystem> Session<FS> {
                 ch,
                 allowed,
                 session_owner,
+                stop: stop.clone(),
             };
             threads.push(
                 thread::Builder::new()
@@ -319,6 +359,13 @@ impl<FS: Filesystem> Session<FS> {
                     reply = Err(e);
                 }
             }
+        }
+
+        // Stopped to hand the connection to another process: that one serves on, so this
+        // filesystem is not destroyed (that would answer the kernel's DESTROY semantics).
+        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+            std::mem::forget(filesystem);
+            return reply;
         }
 
         let Some(filesystem) = Arc::get_mut(&mut filesystem) else {
@@ -518,6 +565,7 @@ pub(crate) struct SessionEventLoop<FS: Filesystem> {
     pub(crate) filesystem: Arc<FilesystemHolder<FS>>,
     pub(crate) allowed: SessionACL,
     pub(crate) session_owner: Uid,
+    pub(crate) stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl<FS: Filesystem> SessionEventLoop<FS> {
@@ -529,8 +577,9 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
         loop {
             // Read the next request from the given channel to kernel driver
             // The kernel driver makes sure that we get exactly one request per read
-            match self.ch.receive_retrying(buf) {
-                Ok(size) => match RequestWithSender::new(self.ch.sender(), &buf[..size]) {
+            match self.ch.receive_until(buf, &self.stop) {
+                Ok(None) => return Ok(()),
+                Ok(Some(size)) => match RequestWithSender::new(self.ch.sender(), &buf[..size]) {
                     // Dispatch request
                     Some(req) => {
                         if let Ok(Operation::Destroy(_)) = req.request.operation() {
