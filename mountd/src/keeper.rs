@@ -82,9 +82,43 @@ pub fn keep(launch: Launch, ready: Option<OwnedFd>) -> anyhow::Result<i32> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    // A new mount: the volume must be reachable and started before anything is mounted
+    // (bad input gets its error and leaves nothing behind).
+    if !crate::is_mounted(&launch.mountpoint) {
+        rt.block_on(check_volume(&launch))?;
+    }
     // Workers are started from this thread alone: a worker dies with the thread that
     // started it (PR_SET_PDEATHSIG), and this one lives as long as the keeper.
     rt.block_on(Keeper::start(launch, ready)?.run())
+}
+
+/// Opens `launch`'s volume as the worker will, and refuses one that is not started.
+async fn check_volume(launch: &Launch) -> anyhow::Result<()> {
+    let source = crate::Source::parse(&launch.source)?;
+    let meta = brickfs_client::MetaClient::new(
+        source.members.clone(),
+        brickfs_client::MetaClientOptions {
+            client_name: format!("mountd {}", launch.mountpoint.display()),
+            deadline: launch.opts.timeout,
+            ..brickfs_client::MetaClientOptions::default()
+        },
+    );
+    let bricks = brickfs_client::BrickClient::new(brickfs_proto::rpc::ClientOptions {
+        peer_name: "mountd".into(),
+        request_timeout: launch.opts.timeout,
+        ..Default::default()
+    });
+    let vol = brickfs_client::VolumeClient::open(meta, bricks, &source.volume)
+        .await
+        .map_err(|e| anyhow::anyhow!("open volume {}: {e}", source.volume))?;
+    if vol.record().status != brickfs_proto::meta::VolumeStatus::Started {
+        anyhow::bail!(
+            "volume {} is not started (brickfs volume start {})",
+            source.volume,
+            source.volume
+        );
+    }
+    Ok(())
 }
 
 struct Keeper {
