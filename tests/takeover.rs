@@ -120,14 +120,19 @@ const CH: u64 = 1 << 20;
 /// would expire (and its lock with it) within the test.
 const LEASE_SECS: u64 = 2;
 
-/// Waits out two leases, then checks that the holder's lock is still held: an earlier
-/// process's session, had it been abandoned rather than taken over, has expired by then.
+/// Checks, every 100 ms for two leases and a second, that the holder's lock is still held:
+/// an earlier process's session, had it been abandoned rather than taken over, expires
+/// within that time and its lock with it.
 async fn lock_outlives_the_lease(lockf: &std::fs::File) {
-    tokio::time::sleep(Duration::from_secs(2 * LEASE_SECS + 1)).await;
-    assert!(
-        lock_is_held(lockf),
-        "the lock went with an old session's lease"
-    );
+    let until = tokio::time::Instant::now() + Duration::from_secs(2 * LEASE_SECS + 1);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    while tokio::time::Instant::now() < until {
+        tick.tick().await;
+        assert!(
+            lock_is_held(lockf),
+            "the lock went with an old session's lease"
+        );
+    }
 }
 
 fn chunk(i: u64, seed: u64) -> Vec<u8> {
